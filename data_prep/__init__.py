@@ -1,0 +1,1 @@
+"""Tokenizer training and the jsonl-to-shard pipeline (installed as `llmcore.data_prep`)."""

@@ -1,0 +1,48 @@
+"""The `llmcore` command: a thin Typer layer; each group lives beside the library code it calls."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from llmcore.errors import LLMCoreError
+
+app = typer.Typer(
+    name="llmcore",
+    help="llmcore: tokenizer, data prep, model, pretrain/SFT/DPO training, chat and export.\n\n"
+    "Example: llmcore prep stats dataset/pretrain_hq.jsonl --plot stats.png",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register_all() -> None:
+    from llmcore.data_prep import cli as data_cli
+    from llmcore import cli_model, cli_train
+
+    data_cli.register(app)
+    cli_model.register(app)
+    cli_train.register(app)
+
+
+_register_all()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for `llmcore` and `python -m llmcore`: user errors become one line and exit 2."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except LLMCoreError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as err:
+        if os.environ.get("LLMCORE_DEBUG"):
+            raise
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
