@@ -1,7 +1,206 @@
-"""CLI commands for this part; filled in by its owner."""
+"""CLI for the data pipeline: `llmcore tokenizer train` and `llmcore prep stats|download|pretrain|sft|dpo|inspect`.
+
+Commands only parse flags and call one library function; errors are LLMCoreError/DataError,
+which the root CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from llmcore.errors import LLMCoreError
+
+tokenizer_app = typer.Typer(help="Train a byte-level BPE tokenizer.\n\nExample: llmcore tokenizer train --input data.jsonl --vocab-size 6400 --out tok/", no_args_is_help=True)
+prep_app = typer.Typer(
+    help="Look at jsonl data, download it, and tokenize it into shard dirs.\n\n"
+    "Example: llmcore prep pretrain --input data.jsonl --tokenizer tok/ --out shards/pretrain",
+    no_args_is_help=True,
+)
+
+InputOpt = typer.Option(..., "--input", "-i", help="jsonl file (repeat for several)")
+TokOpt = typer.Option(..., "--tokenizer", "-t", help="tokenizer dir (ours or MiniMind's)")
+OutShardOpt = typer.Option(..., "--out", "-o", help="shard dir to create")
+WorkersOpt = typer.Option(None, "--workers", "-w", help="worker processes (default: CPU count)")
+BadLineOpt = typer.Option("fail", "--on-bad-line", help="fail: stop at the first bad line; skip: drop and count bad lines")
+OverwriteOpt = typer.Option(False, "--overwrite", help="replace an existing non-empty output dir")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    input: list[Path] = InputOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="output tokenizer dir"),
+    vocab_size: int = typer.Option(6400, "--vocab-size", help="vocabulary size incl. 3 special tokens"),
+    field: str = typer.Option("text", "--field", help="jsonl field with the text"),
+) -> None:
+    """Train byte-level BPE (specials <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2, ChatML template).
+
+    The result loads with transformers.AutoTokenizer.from_pretrained(OUT).
+
+    Example: llmcore tokenizer train --input dataset/pretrain_hq.jsonl --vocab-size 6400 --out tok/
+    """
+    from llmcore.data_prep.tokenizer import load_tokenizer, train_tokenizer
+
+    path = train_tokenizer(input, out, vocab_size=vocab_size, field=field, show_progress=True)
+    tok = load_tokenizer(path)
+    typer.echo(f"wrote {path} (vocab {tok.vocab_size}, fingerprint {tok.fingerprint[:12]})")
+
+
+@prep_app.command("stats")
+def prep_stats(
+    file: Path = typer.Argument(..., help="jsonl file (pretrain, sft or dpo format)"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="also count tokens per row"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a length histogram PNG"),
+    field: str = typer.Option("text", "--field", help="text field for pretrain files"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
+) -> None:
+    """Rows, characters per row (mean/min/max/percentiles), bad lines by reason, tokens per row.
+
+    Example: llmcore prep stats dataset/pretrain_hq.jsonl --tokenizer tok/ --plot stats.png
+    """
+    from llmcore.data_prep.stats import compute_stats, format_stats
+
+    s = compute_stats(file, tokenizer_dir=tokenizer, field=field, plot=plot, progress=not as_json)
+    typer.echo(json.dumps(s, ensure_ascii=False) if as_json else format_stats(s))
+
+
+@prep_app.command("download")
+def prep_download(
+    dataset: str = typer.Option("gongjy/minimind_dataset", "--dataset", help="ModelScope dataset repo"),
+    file: str = typer.Option(..., "--file", help="file inside the repo"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory to put the file in"),
+    timeout: float = typer.Option(30.0, "--timeout", help="give up after this many seconds without data"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing file"),
+) -> None:
+    """Download one file of a ModelScope dataset (needs the `download` extra: modelscope).
+
+    Offline it fails within about TIMEOUT seconds; a partial file never gets the final name.
+
+    Example: llmcore prep download --dataset gongjy/minimind_dataset --file pretrain_hq.jsonl --out dataset/
+    """
+    from llmcore.data_prep.download import download
+
+    path = download(dataset, file, out, timeout=timeout, overwrite=overwrite, progress=True)
+    typer.echo(f"wrote {path} ({path.stat().st_size} bytes)")
+
+
+def _run_prep(kind: str, input: list[Path], tokenizer: Path, out: Path, workers, on_bad_line: str, overwrite: bool, field: str = "text") -> None:
+    from llmcore.data_prep.prep import prep
+
+    m = prep(kind, input, tokenizer, out, workers=workers, on_bad_line=on_bad_line, overwrite=overwrite, field=field, progress=True)
+    typer.echo(f"wrote {out}: {m['num_docs']} documents, {m['num_tokens']} tokens in {len(m['shards'])} shard(s), {m['seconds']} s")
+    if m["lines_skipped"]:
+        typer.echo(f"skipped {m['lines_skipped']} bad lines:")
+        for reason, n in sorted(m["skipped_by_reason"].items()):
+            typer.echo(f"  {reason}: {n}")
+
+
+@prep_app.command("pretrain")
+def prep_pretrain(
+    input: list[Path] = InputOpt,
+    tokenizer: Path = TokOpt,
+    out: Path = OutShardOpt,
+    workers: Optional[int] = WorkersOpt,
+    on_bad_line: str = BadLineOpt,
+    overwrite: bool = OverwriteOpt,
+    field: str = typer.Option("text", "--field", help="jsonl field with the text"),
+) -> None:
+    """Tokenize {"text": ...} lines into a pretrain shard dir: tokens are bos, encode(text), eos.
+
+    Example: llmcore prep pretrain --input dataset/pretrain_hq.jsonl --tokenizer tok/ --out shards/pretrain
+    """
+    _run_prep("pretrain", input, tokenizer, out, workers, on_bad_line, overwrite, field)
+
+
+@prep_app.command("sft")
+def prep_sft(
+    input: list[Path] = InputOpt,
+    tokenizer: Path = TokOpt,
+    out: Path = OutShardOpt,
+    workers: Optional[int] = WorkersOpt,
+    on_bad_line: str = BadLineOpt,
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """Tokenize {"conversations": [...]} lines with the chat template; loss_mask = assistant content + <|im_end|>.
+
+    Example: llmcore prep sft --input dataset/sft_mini_512.jsonl --tokenizer tok/ --out shards/sft
+    """
+    _run_prep("sft", input, tokenizer, out, workers, on_bad_line, overwrite)
+
+
+@prep_app.command("dpo")
+def prep_dpo(
+    input: list[Path] = InputOpt,
+    tokenizer: Path = TokOpt,
+    out: Path = OutShardOpt,
+    workers: Optional[int] = WorkersOpt,
+    on_bad_line: str = BadLineOpt,
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """Tokenize {"chosen": [...], "rejected": [...]} lines; masks mark only the final assistant reply.
+
+    Example: llmcore prep dpo --input dataset/dpo.jsonl --tokenizer tok/ --out shards/dpo
+    """
+    _run_prep("dpo", input, tokenizer, out, workers, on_bad_line, overwrite)
+
+
+def _marked(tok, tokens, mask) -> str:
+    """Decode with the loss-carrying spans wrapped in double square brackets."""
+    parts, start = [], 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or mask[i] != mask[start]:
+            text = tok.decode(tokens[start:i])
+            parts.append(f"[[{text}]]" if mask[start] else text)
+            start = i
+    return "".join(parts)
+
+
+@prep_app.command("inspect")
+def prep_inspect(
+    shard_dir: Path = typer.Argument(..., help="shard dir made by `llmcore prep`"),
+    start: int = typer.Option(0, "--start", help="first document index"),
+    count: int = typer.Option(3, "--count", "-n", help="number of documents"),
+    decode: bool = typer.Option(False, "--decode", help="add the text; spans that carry loss are wrapped in double square brackets"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="tokenizer for --decode (default: the one in the manifest)"),
+) -> None:
+    """Print documents of a shard dir as JSON lines (token ids, masks; with --decode the text).
+
+    Example: llmcore prep inspect shards/sft --start 0 --count 2 --decode
+    """
+    from llmcore.data_prep.shards import ShardReader
+
+    reader = ShardReader(shard_dir)
+    tok = None
+    if decode:
+        from llmcore.data_prep.tokenizer import load_tokenizer
+
+        tok_path = tokenizer or reader.manifest["tokenizer"].get("path")
+        if not tok_path or not Path(tok_path).is_dir():
+            raise LLMCoreError(f"--decode needs the tokenizer; {tok_path} is not there, pass --tokenizer DIR")
+        tok = load_tokenizer(tok_path)
+        reader.check_tokenizer(tok)
+    if start < 0 or start >= len(reader):
+        raise LLMCoreError(f"--start {start} is out of range: {shard_dir} has {len(reader)} documents")
+    for i in range(start, min(len(reader), start + max(0, count))):
+        doc = reader.doc(i)
+        row: dict = {"index": i}
+        for name, arr in doc.items():
+            row[name] = arr.tolist()
+        if tok is not None:
+            if reader.kind == "pretrain":
+                row["text"] = tok.decode(row["tokens"])
+            elif reader.kind == "sft":
+                row["text"] = _marked(tok, row["tokens"], row["loss_mask"])
+            else:
+                row["chosen_text"] = _marked(tok, row["chosen"], row["chosen_mask"])
+                row["rejected_text"] = _marked(tok, row["rejected"], row["rejected_mask"])
+        typer.echo(json.dumps(row, ensure_ascii=False))
+
 
 def register(app: typer.Typer) -> None:
-    """Add this part's command groups to the root app."""
+    """Add the `tokenizer` and `prep` groups to the root app."""
+    app.add_typer(tokenizer_app, name="tokenizer")
+    app.add_typer(prep_app, name="prep")

@@ -1,0 +1,244 @@
+"""Batches for training from a shard dir: packed, padded and DPO pairs (contract in docs/INTERNALS.md).
+
+Each epoch has a plan fixed by (seed, epoch): a permutation of the documents and, for packed
+mode, the cumulative token offsets of the concatenated stream. A global row r is then a pure
+function of the plan, so rank r of W takes rows r, r+W, ... and a resumed loader rebuilds the
+plan and continues at exactly the next batch. The last global batch of an epoch is filled up by
+wrapping to the epoch's first rows (as torch's DistributedSampler pads), so every rank runs the
+same number of steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from llmcore.data_prep.shards import ShardReader
+from llmcore.errors import LLMCoreError
+
+IGNORE_INDEX = -100
+MODES = ("packed", "padded", "pairs")
+STATE_VERSION = 1
+
+
+def train_eval_split(n_docs: int, eval_docs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint sorted doc indices: `eval_docs` chosen at random (by seed) for eval, the rest for training."""
+    if not 0 <= eval_docs < n_docs:
+        raise LLMCoreError(f"eval_docs must be in [0, {n_docs}) for {n_docs} documents, got {eval_docs}")
+    perm = np.random.default_rng([seed, 0x5E1]).permutation(n_docs)
+    return np.sort(perm[eval_docs:]), np.sort(perm[:eval_docs])
+
+
+class Loader:
+    """Iterator of batches (dicts of CPU torch.long tensors); see `make_loader`."""
+
+    def __init__(
+        self,
+        reader: ShardReader,
+        mode: str,
+        seq_len: int,
+        micro_batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        doc_indices: Sequence[int] | np.ndarray | None = None,
+        shuffle: bool = True,
+        epochs: int | None = None,
+    ):
+        if mode not in MODES:
+            raise LLMCoreError(f"unknown loader mode {mode!r}; expected one of {', '.join(MODES)}")
+        if (mode == "pairs") != (reader.kind == "dpo"):
+            raise LLMCoreError(f"loader mode {mode!r} does not fit a {reader.kind} shard dir ({reader.path})")
+        if seq_len < 1 or micro_batch_size < 1:
+            raise LLMCoreError("seq_len and micro_batch_size must be positive")
+        if not 0 <= rank < world_size:
+            raise LLMCoreError(f"rank {rank} is not in [0, {world_size})")
+        self.reader = reader
+        self.mode = mode
+        self.seq_len = int(seq_len)
+        self.micro_batch_size = int(micro_batch_size)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.shuffle = shuffle
+        self.epochs = epochs
+        self.docs = np.arange(len(reader), dtype=np.int64) if doc_indices is None else np.asarray(doc_indices, dtype=np.int64)
+        if len(self.docs) == 0:
+            raise LLMCoreError(f"{reader.path}: no documents to load")
+        self.pad_id = int(reader.special_ids.get("pad", 0))
+        self._has_mask = reader.kind == "sft"
+        self._doc_lengths = reader.lengths()[self.docs]
+        self.epoch = 0
+        self.step = 0  # batches already yielded in this epoch
+        self._plan_epoch = -1
+        rows = self._rows_in_epoch()
+        self.steps_per_epoch = math.ceil(rows / (self.world_size * self.micro_batch_size))
+
+    # -- plan -------------------------------------------------------------------------------
+    def _rows_in_epoch(self) -> int:
+        if self.mode == "packed":
+            return math.ceil(int(self._doc_lengths.sum()) / (self.seq_len + 1))
+        return len(self.docs)
+
+    def _plan(self) -> None:
+        if self._plan_epoch == self.epoch:
+            return
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.docs))
+        else:
+            order = np.arange(len(self.docs))
+        self._order = self.docs[order]
+        if self.mode == "packed":
+            self._stream_starts = np.concatenate([[0], np.cumsum(self._doc_lengths[order])])
+        self._n_rows = self._rows_in_epoch()
+        self._plan_epoch = self.epoch
+
+    def _global_rows(self, step: int) -> np.ndarray:
+        """Indices of the epoch's rows that this rank gets at `step` (wrapping past the last row)."""
+        per_step = self.world_size * self.micro_batch_size
+        slots = step * per_step + self.rank + self.world_size * np.arange(self.micro_batch_size)
+        return slots % self._n_rows
+
+    # -- rows -------------------------------------------------------------------------------
+    def _tokens(self, doc: int) -> tuple[np.ndarray, np.ndarray | None]:
+        d = self.reader.doc(doc)
+        return d["tokens"], d.get("loss_mask")
+
+    def _packed_row(self, r: int, ids: np.ndarray, labels: np.ndarray, pos: np.ndarray) -> None:
+        width = self.seq_len + 1
+        lo, hi = r * width, min((r + 1) * width, int(self._stream_starts[-1]))
+        row = np.full(width, self.pad_id, dtype=np.int64)
+        keep = np.zeros(width, dtype=bool)  # may position t be a label target?
+        positions = np.zeros(width, dtype=np.int64)
+        first = int(np.searchsorted(self._stream_starts, lo, side="right")) - 1
+        at = lo
+        j = first
+        while at < hi:
+            d_start, d_end = int(self._stream_starts[j]), int(self._stream_starts[j + 1])
+            take_lo, take_hi = at - d_start, min(hi, d_end) - d_start
+            tokens, mask = self._tokens(int(self._order[j]))
+            dst = slice(at - lo, at - lo + (take_hi - take_lo))
+            row[dst] = tokens[take_lo:take_hi]
+            keep[dst] = True if mask is None else mask[take_lo:take_hi].astype(bool)
+            # A document's first token is never a target: its label would cross from the previous document.
+            if take_lo == 0:
+                keep[dst.start] = False
+            # Positions restart at each document start and at the row start.
+            positions[dst] = np.arange(take_hi - take_lo)
+            at += take_hi - take_lo
+            j += 1
+        ids[:] = row[:-1]
+        pos[:] = positions[:-1]
+        labels[:] = np.where(keep[1:], row[1:], IGNORE_INDEX)
+
+    def _padded_row(self, doc: int, width: int, ids: np.ndarray, labels: np.ndarray, tokens_mask=None) -> None:
+        tokens, mask = tokens_mask if tokens_mask is not None else self._tokens(doc)
+        n = min(len(tokens), width + 1)
+        row = np.full(width + 1, self.pad_id, dtype=np.int64)
+        row[:n] = tokens[:n]
+        keep = np.zeros(width + 1, dtype=bool)
+        keep[:n] = True if mask is None else mask[:n].astype(bool)
+        ids[:] = row[:-1]
+        labels[:] = np.where(keep[1:], row[1:], IGNORE_INDEX)
+
+    def _batch(self, step: int) -> dict:
+        rows = self._global_rows(step)
+        B, T = self.micro_batch_size, self.seq_len
+        if self.mode == "pairs":
+            return self._pairs_batch(rows)
+        ids = np.empty((B, T), dtype=np.int64)
+        labels = np.empty((B, T), dtype=np.int64)
+        pos = np.empty((B, T), dtype=np.int64)
+        for b, r in enumerate(rows):
+            if self.mode == "packed":
+                self._packed_row(int(r), ids[b], labels[b], pos[b])
+            else:
+                self._padded_row(int(self._order[r]), T, ids[b], labels[b])
+                pos[b] = np.arange(T)
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "position_ids": torch.from_numpy(pos)}
+
+    def _pairs_batch(self, rows: np.ndarray) -> dict:
+        docs = [self.reader.doc(int(self._order[r])) for r in rows]
+        sides = [(d["chosen"], d["chosen_mask"]) for d in docs] + [(d["rejected"], d["rejected_mask"]) for d in docs]
+        width = max(min(len(t), self.seq_len + 1) for t, _ in sides) - 1  # longest in the batch, capped at T
+        width = max(width, 1)
+        n = len(sides)
+        ids = np.empty((n, width), dtype=np.int64)
+        labels = np.empty((n, width), dtype=np.int64)
+        for b, tm in enumerate(sides):
+            self._padded_row(-1, width, ids[b], labels[b], tokens_mask=tm)
+        pos = np.broadcast_to(np.arange(width, dtype=np.int64), (n, width)).copy()
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(pos),
+            "num_pairs": len(docs),
+        }
+
+    # -- iteration and state ----------------------------------------------------------------
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> dict:
+        if self.step >= self.steps_per_epoch:
+            self.epoch += 1
+            self.step = 0
+        if self.epochs is not None and self.epoch >= self.epochs:
+            raise StopIteration
+        self._plan()
+        batch = self._batch(self.step)
+        self.step += 1
+        return batch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _config(self) -> dict:
+        return {
+            "mode": self.mode,
+            "seq_len": self.seq_len,
+            "micro_batch_size": self.micro_batch_size,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "shuffle": self.shuffle,
+            "num_docs": len(self.docs),
+            "fingerprint": self.reader.fingerprint,
+        }
+
+    def state_dict(self) -> dict:
+        """JSON-able position: loading it into an equally configured loader yields exactly the next batch."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "step": self.step, **self._config()}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self._config()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if k != "rank" and state.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise LLMCoreError(f"loader state does not match this loader ({detail})")
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+
+
+def make_loader(
+    reader: ShardReader,
+    mode: str,
+    seq_len: int,
+    micro_batch_size: int,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    doc_indices: Sequence[int] | np.ndarray | None = None,
+    shuffle: bool = True,
+    epochs: int | None = None,
+) -> Loader:
+    """A batch iterator over `reader` (infinite unless `epochs` is given).
+
+    mode "packed" (pretrain/sft: documents concatenated, cut into rows of seq_len+1), "padded"
+    (one document per row, MiniMind's semantics) or "pairs" (dpo). `shuffle=False` keeps document
+    order (e.g. for eval).
+    """
+    return Loader(reader, mode, seq_len, micro_batch_size, seed, rank, world_size, doc_indices, shuffle, epochs)

@@ -1,0 +1,418 @@
+"""jsonl -> shard dir: streaming, multi-process tokenization into Arrow IPC files plus a manifest.
+
+The main process reads each input in blocks of whole lines (256 KiB: small enough that the last
+blocks spread evenly over the workers) and hands them to a pool of workers
+(at most a few blocks in flight, so memory stays flat whatever the input size). A worker decodes
+and validates the lines, tokenizes them with the tokenizer's batch encoder and returns flat numpy
+arrays (values + lengths), which the main process appends to the current shard file as one Arrow
+record batch, in input order. Everything is written into a temp dir beside the output and renamed
+into place only when complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from llmcore.data_prep.jsonl import KINDS, REASONS, BadLine, check_record, open_input, parse_line
+from llmcore.data_prep.tokenizer import Tokenizer, load_tokenizer, spans_to_mask
+from llmcore.errors import DataError, LLMCoreError
+
+FORMAT = "llmcore-shards"
+FORMAT_VERSION = 1
+UINT16_LIMIT = 1 << 16
+
+COLUMNS = {
+    "pretrain": {"tokens": pa.uint16()},
+    "sft": {"tokens": pa.uint16(), "loss_mask": pa.uint8()},
+    "dpo": {"chosen": pa.uint16(), "chosen_mask": pa.uint8(), "rejected": pa.uint16(), "rejected_mask": pa.uint8()},
+}
+TOKEN_COLUMNS = {"pretrain": ("tokens",), "sft": ("tokens",), "dpo": ("chosen", "rejected")}
+
+
+def schema(kind: str) -> pa.Schema:
+    return pa.schema([pa.field(name, pa.list_(t)) for name, t in COLUMNS[kind].items()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: one block of lines in, flat arrays out.
+
+@dataclass
+class Chunk:
+    source: int  # index into the input list
+    first_line: int  # 1-based line number of the block's first line
+    data: bytes  # whole lines
+
+
+@dataclass
+class ChunkResult:
+    source: int
+    lines: int = 0
+    blank: int = 0
+    docs: int = 0
+    columns: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # name -> (values, lengths)
+    bad: list[tuple[int, str, str]] = field(default_factory=list)  # (line, reason, message), in line order
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer_dir: str, kind: str, field_name: str, single_thread: bool) -> None:
+    if single_thread:
+        # Each pool process is one core's worth; the Rust thread pool would only oversubscribe.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(tok=load_tokenizer(tokenizer_dir), kind=kind, field=field_name)
+
+
+def _flatten(id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
+    values = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
+    return values, lengths
+
+
+def _with_bos_eos(values: np.ndarray, lengths: np.ndarray, bos: int, eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """[bos] + ids + [eos] for every document, done on the flat arrays in one pass."""
+    out_len = lengths + 2
+    ends = np.cumsum(out_len)
+    starts = ends - out_len
+    out = np.empty(int(out_len.sum()), dtype=np.int64)
+    inner = np.ones(len(out), dtype=bool)
+    inner[starts] = False
+    inner[ends - 1] = False
+    out[inner] = values
+    out[starts] = bos
+    out[ends - 1] = eos
+    return out, out_len
+
+
+def _encode_chats(tok: Tokenizer, conversations: list[list[dict]], only_last: bool) -> tuple[list[list[int]], list[np.ndarray]]:
+    rendered = [tok.chat_spans(msgs, only_last=only_last) for msgs in conversations]
+    encs = tok.backend.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+    ids = [e.ids for e in encs]
+    masks = [spans_to_mask(np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2), spans) for e, (_, spans) in zip(encs, rendered)]
+    return ids, masks
+
+
+def process_chunk(chunk: Chunk) -> ChunkResult:
+    """Validate and tokenize one block of lines (runs in a worker, or in-process with one worker)."""
+    tok: Tokenizer = _WORKER["tok"]
+    kind: str = _WORKER["kind"]
+    res = ChunkResult(source=chunk.source)
+    raw_lines = chunk.data.split(b"\n")
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()  # the block ends with a newline
+    res.lines = len(raw_lines)
+    line_nos: list[int] = []
+    payloads: list = []
+    for offset, raw in enumerate(raw_lines):
+        line_no = chunk.first_line + offset
+        rec = parse_line(raw)
+        if rec is None:
+            res.blank += 1
+            continue
+        if not isinstance(rec, BadLine):
+            rec = check_record(rec, kind, _WORKER["field"])
+        if isinstance(rec, BadLine):
+            res.bad.append((line_no, rec.reason, rec.message))
+            continue
+        line_nos.append(line_no)
+        payloads.append(rec)
+
+    columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if kind == "pretrain":
+        encode = getattr(tok.backend, "encode_batch_fast", tok.backend.encode_batch)
+        ids = [e.ids for e in encode(payloads, add_special_tokens=False)]
+        values, lengths = _flatten(ids)
+        columns["tokens"] = _with_bos_eos(values, lengths, tok.bos_id, tok.eos_id)
+    elif kind == "sft":
+        ids, masks = _encode_chats(tok, payloads, only_last=False)
+        columns["tokens"] = _flatten(ids)
+        columns["loss_mask"] = (np.concatenate(masks) if masks else np.zeros(0, np.uint8), columns["tokens"][1])
+    else:
+        for side, idx in (("chosen", 0), ("rejected", 1)):
+            ids, masks = _encode_chats(tok, [p[idx] for p in payloads], only_last=True)
+            columns[side] = _flatten(ids)
+            columns[side + "_mask"] = (np.concatenate(masks) if masks else np.zeros(0, np.uint8), columns[side][1])
+
+    keep = np.ones(len(payloads), dtype=bool)
+    if tok.vocab_size > UINT16_LIMIT:  # only then can an id overflow the uint16 columns
+        for name in TOKEN_COLUMNS[kind]:
+            values, lengths = columns[name]
+            doc_max = _per_doc_max(values, lengths)
+            for j in np.nonzero(doc_max >= UINT16_LIMIT)[0]:
+                if keep[j]:
+                    keep[j] = False
+                    res.bad.append((line_nos[j], "token_id_overflow",
+                                    f"token id {int(doc_max[j])} does not fit uint16 (vocab size {tok.vocab_size} > {UINT16_LIMIT})"))
+        res.bad.sort()
+        if not keep.all():
+            columns = {name: _select_docs(v, l, keep) for name, (v, l) in columns.items()}
+
+    res.docs = int(keep.sum())
+    res.columns = {
+        name: (values.astype(COLUMNS[kind][name].to_pandas_dtype(), copy=False), lengths)
+        for name, (values, lengths) in columns.items()
+    }
+    return res
+
+
+def _per_doc_max(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    out = np.full(len(lengths), -1, dtype=np.int64)
+    nonempty = lengths > 0
+    if nonempty.any():
+        starts = (np.cumsum(lengths) - lengths)[nonempty]
+        out[nonempty] = np.maximum.reduceat(values, starts)
+    return out
+
+
+def _select_docs(values: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return values[np.repeat(keep, lengths)], lengths[keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# Main side: reading blocks, ordering results, writing shards atomically.
+
+def _read_chunks(paths: list[Path], block_bytes: int, progress) -> "collections.abc.Iterator[Chunk]":
+    """Blocks of whole lines from each file in turn (a line longer than a block makes a longer block)."""
+    for source, path in enumerate(paths):
+        with open_input(path) as f:
+            line_no = 1
+            pending = b""
+            while True:
+                try:
+                    block = f.read(block_bytes)
+                except OSError as err:
+                    raise DataError(f"read error: {err.strerror or err}", str(path), line_no, "unreadable_file") from err
+                if progress is not None:
+                    progress.update(len(block))
+                if not block:
+                    if pending:
+                        yield Chunk(source, line_no, pending)
+                    break
+                data = pending + block
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:
+                    pending = data
+                    continue
+                whole, pending = data[:cut], data[cut:]
+                yield Chunk(source, line_no, whole)
+                line_no += whole.count(b"\n")
+
+
+class _ShardWriter:
+    """Appends record batches to shard-NNNNN.arrow files of at most `shard_docs` documents."""
+
+    def __init__(self, out_dir: Path, kind: str, shard_docs: int):
+        self.out_dir, self.kind, self.shard_docs = out_dir, kind, shard_docs
+        self.schema = schema(kind)
+        self.shards: list[dict] = []
+        self._writer = None
+        self._sink = None
+        self._docs = 0
+        self._tokens = 0
+
+    def _open(self) -> None:
+        name = f"shard-{len(self.shards):05d}.arrow"
+        self._sink = pa.OSFile(str(self.out_dir / name), "wb")
+        self._writer = pa.ipc.new_file(self._sink, self.schema)
+        self.shards.append({"file": name})
+        self._docs = self._tokens = 0
+
+    def _close(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._sink.close()
+        entry = self.shards[-1]
+        path = self.out_dir / entry["file"]
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        entry.update(num_docs=self._docs, num_tokens=self._tokens, bytes=path.stat().st_size, sha256=digest.hexdigest())
+        self._writer = self._sink = None
+
+    def write(self, columns: dict[str, tuple[np.ndarray, np.ndarray]], n_docs: int) -> None:
+        arrays = []
+        for name, t in COLUMNS[self.kind].items():
+            values, lengths = columns[name]
+            offsets = np.zeros(len(lengths) + 1, dtype=np.int32)  # one block is far below 2**31 tokens
+            np.cumsum(lengths, out=offsets[1:])
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=t)))
+        batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+        lengths_by_col = {name: columns[name][1] for name in TOKEN_COLUMNS[self.kind]}
+        start = 0
+        while start < n_docs:
+            if self._writer is None or self._docs >= self.shard_docs:
+                self._close()
+                self._open()
+            take = min(n_docs - start, self.shard_docs - self._docs)
+            self._writer.write_batch(batch.slice(start, take))
+            self._docs += take
+            self._tokens += int(sum(l[start:start + take].sum() for l in lengths_by_col.values()))
+            start += take
+
+    def finish(self) -> list[dict]:
+        self._close()
+        return self.shards
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise LLMCoreError(f"{out}: output path exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LLMCoreError(f"{out}: output dir exists and is not empty (pass --overwrite to replace it)")
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished temp dir to `out`, replacing an old one only after the new one is complete."""
+    trash = None
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(trash)
+    tmp.rename(out)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def prep(
+    kind: str,
+    inputs: list[str | Path],
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    workers: int | None = None,
+    on_bad_line: str = "fail",
+    overwrite: bool = False,
+    shard_docs: int = 200_000,
+    field: str = "text",
+    block_bytes: int = 1 << 18,
+    progress: bool = False,
+) -> dict:
+    """Tokenize jsonl `inputs` into a shard dir at `out_dir`; returns the manifest.
+
+    kind: "pretrain" (field `field`, default text), "sft" (`conversations`) or "dpo" (`chosen`,
+    `rejected`). on_bad_line: "fail" raises DataError naming file and line and leaves nothing at
+    `out_dir`; "skip" drops bad lines and counts them per reason in the manifest.
+    """
+    if kind not in KINDS:
+        raise LLMCoreError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    if on_bad_line not in ("fail", "skip"):
+        raise LLMCoreError(f"--on-bad-line must be fail or skip, not {on_bad_line!r}")
+    if shard_docs < 1:
+        raise LLMCoreError("shard_docs must be at least 1")
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise LLMCoreError("no input files given")
+    for p in paths:
+        if not p.is_file():
+            raise DataError("cannot read input file (missing or not a file)", str(p), reason="unreadable_file")
+        open_input(p).close()  # fail on permission problems before any work
+    out = Path(out_dir)
+    _check_out_dir(out, overwrite)
+    tok_dir = str(Path(tokenizer_dir))
+    tok = load_tokenizer(tok_dir)
+    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    sources = [{"path": str(p), "lines_read": 0, "blank_lines": 0, "docs": 0, "lines_skipped": 0, "skipped_by_reason": {}} for p in paths]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc=f"prep {kind}", file=sys.stderr)
+    started = time.perf_counter()
+    pool = None
+    try:
+        writer = _ShardWriter(tmp, kind, shard_docs)
+
+        def consume(res: ChunkResult) -> None:
+            src = sources[res.source]
+            src["lines_read"] += res.lines
+            src["blank_lines"] += res.blank
+            src["docs"] += res.docs
+            for line_no, reason, message in res.bad:
+                if on_bad_line == "fail":
+                    raise DataError(message, src["path"], line_no, reason)
+                src["lines_skipped"] += 1
+                src["skipped_by_reason"][reason] = src["skipped_by_reason"].get(reason, 0) + 1
+            if res.docs:
+                writer.write(res.columns, res.docs)
+
+        chunks = _read_chunks(paths, block_bytes, bar)
+        if workers == 1:
+            _init_worker(tok_dir, kind, field, single_thread=False)
+            for chunk in chunks:
+                consume(process_chunk(chunk))
+        else:
+            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok_dir, kind, field, True))
+            in_flight: collections.deque = collections.deque()
+            for chunk in chunks:
+                in_flight.append(pool.apply_async(process_chunk, (chunk,)))
+                if len(in_flight) >= 2 * workers:  # bounded: memory does not grow with the input
+                    consume(in_flight.popleft().get())
+            while in_flight:
+                consume(in_flight.popleft().get())
+            pool.close()
+            pool.join()
+            pool = None
+        shards = writer.finish()
+        manifest = _manifest(kind, tok, sources, shards, on_bad_line, field)
+        if manifest["num_docs"] == 0:
+            raise DataError("no valid documents in the inputs", str(paths[0]), reason="empty_text")
+        manifest["seconds"] = round(time.perf_counter() - started, 3)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        _install(tmp, out)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return manifest
+
+
+def _manifest(kind: str, tok: Tokenizer, sources: list[dict], shards: list[dict], on_bad_line: str, field_name: str) -> dict:
+    skipped: dict[str, int] = {}
+    for s in sources:
+        for reason, n in s["skipped_by_reason"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "columns": {name: f"list<{t}>" for name, t in COLUMNS[kind].items()},
+        "text_field": field_name if kind == "pretrain" else None,
+        "tokenizer": {
+            "fingerprint": tok.fingerprint,
+            "vocab_size": tok.vocab_size,
+            "path": str(tok.path.resolve()),  # absolute, so `prep inspect --decode` works from any cwd
+            "special_ids": {"pad": tok.pad_id, "bos": tok.bos_id, "eos": tok.eos_id},
+        },
+        "num_docs": sum(s.get("num_docs", 0) for s in shards),
+        "num_tokens": sum(s.get("num_tokens", 0) for s in shards),
+        "shards": shards,
+        "sources": sources,
+        "on_bad_line": on_bad_line,
+        "lines_skipped": sum(skipped.values()),
+        "skipped_by_reason": skipped,
+        "reasons": {k: REASONS[k] for k in skipped},
+    }

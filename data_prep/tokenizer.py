@@ -1,0 +1,302 @@
+"""Byte-level BPE tokenizer: training, loading (ours and MiniMind's), chat rendering and SFT masks.
+
+A tokenizer dir holds `tokenizer.json` (the `tokenizers` model) and `tokenizer_config.json`
+(special tokens and the ChatML chat template) and loads with `transformers.AutoTokenizer`.
+The `Tokenizer` wrapper below talks to the fast Rust tokenizer directly and renders the chat
+template with the same Jinja settings transformers uses, so strings and ids match it exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from llmcore.errors import DataError, LLMCoreError
+
+PAD_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|im_start|>"
+EOS_TOKEN = "<|im_end|>"
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2 in this order
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
+CHAT_ROLES = ("system", "user", "assistant")
+
+# ChatML. For system/user/assistant messages it renders character for character like MiniMind's
+# template (including its default system prompt), so a model trained with either tokenizer sees
+# the same conversation layout.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}\n"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "{%- else -%}\n"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' }}\n"
+    "{%- endif -%}\n"
+    "{%- for message in messages -%}\n"
+    "{%- if not (loop.first and message['role'] == 'system') -%}\n"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "{{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif -%}"
+)
+
+
+def _jinja_environment():
+    """The sandboxed environment transformers renders chat templates in (same flags and helpers)."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+def _fingerprint(tok: tokenizers.Tokenizer) -> str:
+    """sha256 over the vocab (sorted by id) and merges: equal for byte-identical models, whatever the file path."""
+    model = json.loads(tok.to_str())["model"]
+    vocab = sorted(model.get("vocab", {}).items(), key=lambda kv: kv[1])
+    # `tokenizers` has stored merges both as "a b" strings and as [a, b] pairs; hash one form.
+    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+    payload = json.dumps({"vocab": vocab, "merges": merges}, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class Tokenizer:
+    """A loaded tokenizer dir: encode/decode, chat rendering and loss masks (see docs/INTERNALS.md)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        tok_file = self.path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise LLMCoreError(f"{self.path}: not a tokenizer dir (no tokenizer.json)")
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(tok_file))
+        except Exception as err:  # the Rust side raises plain Exception on bad JSON
+            raise LLMCoreError(f"{tok_file}: cannot load tokenizer: {err}") from err
+        config_file = self.path / "tokenizer_config.json"
+        self.config: dict = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        template_file = self.path / "chat_template.jinja"  # newer transformers saves the template here
+        if template_file.is_file():
+            self.chat_template: str = template_file.read_text(encoding="utf-8")
+        else:
+            self.chat_template = self.config.get("chat_template") or CHAT_TEMPLATE
+
+        def special(key: str, default: str) -> tuple[str, int]:
+            value = self.config.get(key) or default
+            if isinstance(value, dict):  # AddedToken serialised as a dict
+                value = value.get("content", default)
+            token_id = self._tok.token_to_id(value)
+            if token_id is None:
+                raise LLMCoreError(f"{self.path}: special token {value!r} ({key}) is not in the vocab")
+            return value, token_id
+
+        self.pad_token, self.pad_id = special("pad_token", PAD_TOKEN)
+        self.bos_token, self.bos_id = special("bos_token", BOS_TOKEN)
+        self.eos_token, self.eos_id = special("eos_token", EOS_TOKEN)
+        # max id + 1, not the entry count: ids with holes still need that many embedding rows
+        self.vocab_size: int = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+        self._template = None
+        self._fingerprint: str | None = None
+
+    # -- plain text -------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = _fingerprint(self._tok)
+        return self._fingerprint
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The underlying `tokenizers.Tokenizer` (for batch work that needs offsets)."""
+        return self._tok
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, no special tokens added (special-token strings in it are still matched)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # no offsets needed here
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    # -- chat -------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation as text, the same string `transformers` renders for this tokenizer dir."""
+        if self._template is None:
+            self._template = _jinja_environment().from_string(self.chat_template)
+        return self._template.render(
+            messages=[dict(m) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            pad_token=self.pad_token,
+            unk_token=self.config.get("unk_token", self.pad_token),
+        )
+
+    def chat_spans(self, messages: Sequence[dict], only_last: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """Render `messages`; return the text and the character spans that carry loss.
+
+        Each span is one assistant message's content plus the `<|im_end|>` that closes it (only the
+        final assistant message with `only_last`, as DPO scores it). The spans come from rendering
+        the conversation one message longer at a time: the text a message adds is located inside
+        what it appended, so a template that adds headers, default system prompts or extra
+        whitespace cannot shift the mask.
+        """
+        if not messages:
+            raise LLMCoreError("empty conversation")
+        assistant = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        if not assistant:
+            raise LLMCoreError("conversation has no assistant turn")
+        wanted = assistant[-1:] if only_last else assistant
+        full = self.apply_chat_template(messages)
+        spans = []
+        for i in wanted:
+            before = self.apply_chat_template(messages[:i]) if i > 0 else ""
+            upto = self.apply_chat_template(messages[: i + 1]) if i + 1 < len(messages) else full
+            if not (upto.startswith(before) and full.startswith(upto)):
+                raise LLMCoreError("chat template does not render conversations incrementally; cannot place loss mask")
+            target = messages[i]["content"] + self.eos_token
+            pos = upto.rfind(target, len(before))
+            if pos < 0:
+                raise LLMCoreError("chat template does not render assistant content verbatim; cannot place loss mask")
+            spans.append((pos, pos + len(target)))
+        return full, spans
+
+    def encode_chat(self, messages: Sequence[dict], only_last: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids of the rendered conversation and its loss mask (1 on assistant content + `<|im_end|>`)."""
+        text, spans = self.chat_spans(messages, only_last=only_last)
+        enc = self._tok.encode(text, add_special_tokens=False)
+        mask = spans_to_mask(np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2), spans)
+        return enc.ids, mask.tolist()
+
+    # -- files ------------------------------------------------------------------------------
+    def save(self, out_dir: str | Path) -> Path:
+        """Copy the tokenizer files into `out_dir` (e.g. a run dir's `tokenizer/`)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+            src = self.path / name
+            if src.is_file() and src.resolve() != (out / name).resolve():
+                shutil.copyfile(src, out / name)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def spans_to_mask(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """uint8 mask over tokens: 1 where a token's character span overlaps any loss span.
+
+    Overlap (not containment) decides, because byte-level BPE can fuse the header's newline with
+    leading whitespace of the content into one token; that token carries content, so it is learned.
+    """
+    mask = np.zeros(len(offsets), dtype=np.uint8)
+    if len(offsets) == 0:
+        return mask
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    for lo, hi in spans:
+        mask[(ends > lo) & (starts < hi)] = 1
+    return mask
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer dir: ours (from `train_tokenizer`) or MiniMind's."""
+    return Tokenizer(path)
+
+
+def _iter_training_texts(inputs: Sequence[Path], field: str, counts: dict) -> Iterator[str]:
+    """Stream `field` strings from jsonl files; lines without a usable string are counted and skipped."""
+    from llmcore.data_prep.jsonl import BadLine, iter_records
+
+    for path in inputs:
+        for _line_no, record in iter_records(path):
+            if isinstance(record, BadLine):
+                counts["skipped"] += 1
+                continue
+            value = record.get(field)
+            if isinstance(value, list):  # a conversation: train on its message contents
+                value = "\n".join(m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str))
+            if not isinstance(value, str) or not value:
+                counts["skipped"] += 1
+                continue
+            counts["used"] += 1
+            yield value
+
+
+def train_tokenizer(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    vocab_size: int = 6400,
+    field: str = "text",
+    show_progress: bool = False,
+) -> Path:
+    """Train byte-level BPE on the `field` of jsonl `inputs` (streamed) and write an HF-loadable dir."""
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise LLMCoreError("no input files given")
+    for p in paths:
+        if not p.is_file():
+            raise DataError("cannot read input file (missing or not a file)", str(p), reason="unreadable_file")
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise LLMCoreError(f"vocab size {vocab_size} is too small: byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)}")
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    counts = {"used": 0, "skipped": 0}
+    tok.train_from_iterator(_iter_training_texts(paths, field, counts), trainer=trainer)
+    if counts["used"] == 0:
+        raise DataError(f'no usable "{field}" strings in the inputs', str(paths[0]), reason="empty_text")
+    if counts["skipped"]:
+        print(f"tokenizer: skipped {counts['skipped']} lines without a usable {field!r} string", file=sys.stderr)
+    for i, token in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(token) == i, "special tokens must take ids 0, 1, 2"
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    added = {
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        for i, t in enumerate(SPECIAL_TOKENS)
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": [],
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "unk_token": PAD_TOKEN,
+        "clean_up_tokenization_spaces": False,
+        "spaces_between_special_tokens": False,
+        "model_max_length": 32768,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return out
