@@ -1,0 +1,675 @@
+"""FlashAttention-2 in Triton: causal / non-causal, GQA, packed documents, forward and backward.
+
+Layout: q ``(B, T, H, D)``, k/v ``(B, T, Hkv, D)`` with ``H % Hkv == 0``; query head ``h`` reads
+KV head ``h // (H // Hkv)`` through pointer arithmetic, so K/V are never repeated in memory.
+
+Forward (grid: query blocks x batch*heads). Each program keeps its query tile in registers and
+streams key/value tiles, maintaining the running row max ``m``, the running denominator ``l``
+and the unnormalised output (online softmax); scores are scaled by ``softmax_scale * log2(e)``
+so the exponentials are ``exp2``. It stores O and the log-sum-exp ``lse = m + log2(l)`` (base 2,
+fp32, shape ``(B, H, T)``), which is all the backward needs.
+
+Backward (recompute, no ``T x T`` matrix stored):
+1. ``delta = rowsum(dO * O)`` per query (a small kernel).
+2. dK/dV (grid: key blocks x batch*kv_heads). A program owns one key tile of one KV head and
+   loops over every query head of its group and over the query tiles that can see the key
+   tile, recomputing ``P^T = exp2(K Q^T * scale - lse)``, accumulating ``dV += P^T dO`` and
+   ``dK += dS^T Q`` with ``dS = P * (dO V^T - delta)``. Owning the KV head's tile means the
+   group's contributions are summed in registers: no atomics, no repeated K/V.
+3. dQ (grid: query blocks x batch*heads): the forward's loop again, accumulating ``dQ += dS K``.
+
+Masking. Causal: key ``j`` is visible to query ``i`` when ``j <= i``. Documents: ``cu_seqlens``
+(int32 offsets into the flattened ``B*T`` tokens, 0..B*T, containing every row start) are turned
+into per-token ``[doc_start, doc_end)`` positions within the row; a query sees only keys of its
+own document. Each program visits only the key (or query) range spanned by its tile's documents
+and, when causal, below (above) the diagonal, so fully masked blocks are skipped. Blocks that are
+known to be fully visible (below the diagonal, inside the sequence, no documents) run without
+any mask arithmetic; the rest apply the element masks. Masked scores are a large finite negative
+rather than -inf, so a row whose visible keys all lie in later tiles never produces NaN.
+
+Numerics: fp32 accumulation always. On CUDA, bf16/fp16 tiles feed the tensor cores directly
+(P and dS are rounded to the input dtype for their matmuls, as FlashAttention does); fp32
+inputs use IEEE fp32 dots (no TF32), so fp32 results match the reference to ~1e-5. In the
+interpreter every tile is converted to fp32 before ``tl.dot`` (its bf16 dot is not reliable).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from llmcore.kernels._runtime import cast_rtne, check_device, is_interpreted, needs_bf16_fix
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    """Matmul with fp32 accumulation; F32 = exact fp32 inputs (no TF32 shortcut)."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
+    start, end, offs_m, q_lo, q_hi, seq_len, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
+):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seq_len
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), F32) * qk_scale
+        if MASKED:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            if HAS_SEG:
+                keep = keep & (offs_n[None, :] >= q_lo[:, None]) & (offs_n[None, :] < q_hi[:, None])
+            # Finite "minus infinity": exp2(-1e30 - m) == 0, and a row masked in this whole tile
+            # gives exp2(-1e30 - (-1e30)) = 1 instead of NaN; its later rescale factor is 0.
+            s = tl.where(keep, s, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if F32:
+            acc += _dot(p, v, F32)
+        else:
+            acc += _dot(p.to(v.dtype), v, F32)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, SEG_START, SEG_END,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    seq_len, n_heads, group, qk_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
+    FIX_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Last query tiles first: under a causal mask they do the most work, so they should not start last.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = pid_bh % n_heads
+    hk = h // group
+    m_start = pid_m * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < seq_len
+    last_m = tl.minimum(m_start + BLOCK_M, seq_len) - 1
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0)
+    if F32:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if HAS_SEG:
+        # Documents are contiguous, so the tile's first query has the smallest document start and
+        # its last query the largest end: keys outside [lo, hi) are masked for every row.
+        seg = SEG_START + b * seq_len
+        q_lo = tl.load(seg + offs_m, mask=m_ok, other=0)
+        q_hi = tl.load(SEG_END + b * seq_len + offs_m, mask=m_ok, other=0)
+        lo = tl.load(seg + m_start)
+        hi = tl.load(SEG_END + b * seq_len + last_m)
+        if CAUSAL:
+            hi = tl.minimum(hi, last_m + 1)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
+                                   lo, hi, offs_m, q_lo, q_hi, seq_len, qk_scale,
+                                   HEAD_DIM, BLOCK_N, True, CAUSAL, True, F32)
+    else:
+        if CAUSAL:
+            # Keys before m_start (a multiple of BLOCK_N) are visible to the whole tile.
+            full_end = m_start
+            tail_end = last_m + 1
+        else:
+            full_end = (seq_len // BLOCK_N) * BLOCK_N
+            tail_end = seq_len
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
+                                   0, full_end, offs_m, offs_m, offs_m, seq_len, qk_scale,
+                                   HEAD_DIM, BLOCK_N, False, CAUSAL, False, F32)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
+                                   full_end, tail_end, offs_m, offs_m, offs_m, seq_len, qk_scale,
+                                   HEAD_DIM, BLOCK_N, True, CAUSAL, False, F32)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             cast_rtne(out, O.dtype.element_ty, FIX_BF16), mask=m_ok[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * seq_len + offs_m, m_i + tl.log2(l_safe), mask=m_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_ot, stride_oh,
+    stride_db, stride_dt, stride_dh,
+    seq_len, n_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < seq_len
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
+                 mask=m_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * seq_len + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
+
+
+@triton.jit
+def _bwd_dkdv_tiles(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+    stride_qt, stride_dot, start, end, offs_n, k_lo, k_hi, seq_len, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
+):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < seq_len
+        # Rows past the sequence load as zeros (q = dO = 0, lse = delta = 0): they add exactly 0.
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        if F32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        # Transposed scores (keys x queries) so dK and dV come out in their stored orientation.
+        s_t = _dot(k, tl.trans(q), F32) * qk_scale
+        p_t = tl.exp2(s_t - lse[None, :])
+        if MASKED:
+            keep = m_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            if HAS_SEG:
+                keep = keep & (offs_m[None, :] >= k_lo[:, None]) & (offs_m[None, :] < k_hi[:, None])
+            p_t = tl.where(keep, p_t, 0.0)
+        dp_t = _dot(v, tl.trans(do), F32)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if F32:
+            dv += _dot(p_t, do, F32)
+            dk += _dot(ds_t, q, F32)
+        else:
+            dv += _dot(p_t.to(do.dtype), do, F32)
+            dk += _dot(ds_t.to(q.dtype), q, F32)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, SEG_END,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    seq_len, n_heads, n_kv_heads, group, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
+    FIX_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = (pid_bk // n_kv_heads).to(tl.int64)
+    hk = pid_bk % n_kv_heads
+    n_start = pid_n * BLOCK_N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_ok = offs_n < seq_len
+    last_n = tl.minimum(n_start + BLOCK_N, seq_len) - 1
+
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=n_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=n_ok[:, None], other=0.0)
+    if F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    if HAS_SEG:
+        k_lo = tl.load(SEG_START + b * seq_len + offs_n, mask=n_ok, other=0)
+        k_hi = tl.load(SEG_END + b * seq_len + offs_n, mask=n_ok, other=0)
+        lo = tl.load(SEG_START + b * seq_len + n_start)
+        hi = tl.load(SEG_END + b * seq_len + last_n)
+        if CAUSAL:
+            lo = tl.maximum(lo, n_start)
+    else:
+        k_lo = offs_n
+        k_hi = offs_n
+        lo = 0
+        hi = seq_len
+    # Queries of a full causal tile start past this key tile (n_start + BLOCK_N is a multiple of
+    # BLOCK_M); complete query tiles need no mask, the diagonal and the ragged tail do.
+    diag_end = tl.minimum(n_start + BLOCK_N, seq_len)
+    full_end = (seq_len // BLOCK_M) * BLOCK_M
+    full_start = n_start * 0
+    if CAUSAL:
+        full_start = n_start + BLOCK_N
+    tail_start = tl.maximum(full_start, full_end)
+
+    for g in range(group):
+        h = hk * group + g
+        bh = b * n_heads + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        lse_base = LSE + bh * seq_len
+        delta_base = DELTA + bh * seq_len
+        if HAS_SEG:
+            dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                     stride_qt, stride_dot, lo, hi, offs_n, k_lo, k_hi, seq_len, qk_scale,
+                                     HEAD_DIM, BLOCK_M, True, CAUSAL, True, F32)
+        else:
+            if CAUSAL:
+                dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                         stride_qt, stride_dot, n_start, diag_end, offs_n, k_lo, k_hi,
+                                         seq_len, qk_scale, HEAD_DIM, BLOCK_M, True, CAUSAL, False, F32)
+            dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                     stride_qt, stride_dot, full_start, full_end, offs_n, k_lo, k_hi,
+                                     seq_len, qk_scale, HEAD_DIM, BLOCK_M, False, CAUSAL, False, F32)
+            dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                                     stride_qt, stride_dot, tail_start, seq_len, offs_n, k_lo, k_hi,
+                                     seq_len, qk_scale, HEAD_DIM, BLOCK_M, True, CAUSAL, False, F32)
+
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             cast_rtne(dk, DK.dtype.element_ty, FIX_BF16), mask=n_ok[:, None])
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             cast_rtne(dv, DV.dtype.element_ty, FIX_BF16), mask=n_ok[:, None])
+
+
+@triton.jit
+def _bwd_dq_tiles(
+    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+    start, end, offs_m, q_lo, q_hi, seq_len, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
+):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < seq_len
+        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        if F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        p = tl.exp2(_dot(q, tl.trans(k), F32) * qk_scale - lse[:, None])
+        if MASKED:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            if HAS_SEG:
+                keep = keep & (offs_n[None, :] >= q_lo[:, None]) & (offs_n[None, :] < q_hi[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = _dot(do, tl.trans(v), F32)
+        ds = p * (dp - delta[:, None])
+        if F32:
+            dq += _dot(ds, k, F32)
+        else:
+            dq += _dot(ds.to(k.dtype), k, F32)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, SEG_START, SEG_END,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    seq_len, n_heads, group, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
+    FIX_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Last query tiles first: under a causal mask they do the most work, so they should not start last.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = pid_bh % n_heads
+    hk = h // group
+    m_start = pid_m * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < seq_len
+    last_m = tl.minimum(m_start + BLOCK_M, seq_len) - 1
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=m_ok[:, None], other=0.0)
+    if F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * seq_len + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * seq_len + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if HAS_SEG:
+        q_lo = tl.load(SEG_START + b * seq_len + offs_m, mask=m_ok, other=0)
+        q_hi = tl.load(SEG_END + b * seq_len + offs_m, mask=m_ok, other=0)
+        lo = tl.load(SEG_START + b * seq_len + m_start)
+        hi = tl.load(SEG_END + b * seq_len + last_m)
+        if CAUSAL:
+            hi = tl.minimum(hi, last_m + 1)
+        dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                           lo, hi, offs_m, q_lo, q_hi, seq_len, qk_scale,
+                           HEAD_DIM, BLOCK_N, True, CAUSAL, True, F32)
+    else:
+        if CAUSAL:
+            full_end = m_start
+            tail_end = last_m + 1
+        else:
+            full_end = (seq_len // BLOCK_N) * BLOCK_N
+            tail_end = seq_len
+        dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                           0, full_end, offs_m, offs_m, offs_m, seq_len, qk_scale,
+                           HEAD_DIM, BLOCK_N, False, CAUSAL, False, F32)
+        dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                           full_end, tail_end, offs_m, offs_m, offs_m, seq_len, qk_scale,
+                           HEAD_DIM, BLOCK_N, True, CAUSAL, False, F32)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             cast_rtne(dq, DQ.dtype.element_ty, FIX_BF16), mask=m_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configuration
+# ----------------------------------------------------------------------------------------------
+
+# Interpreter: small tiles so short test sequences still span several tiles (ragged tails,
+# diagonal and off-diagonal paths all run), with BLOCK_M != BLOCK_N to exercise the alignment
+# rules: forward/dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0.
+_INTERP = {
+    "fwd": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4),
+    "dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4),
+    "dq": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4),
+}
+
+# CUDA candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the fixed
+# choice when autotuning is off (LLMCORE_KERNELS_AUTOTUNE=0). Head dim 128 keeps smaller tiles:
+# the dK/dV accumulators alone are 2 * BLOCK_N * 128 fp32 values.
+_CUDA = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 4)],
+    "dkdv": [(32, 128, 4, 3), (32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (16, 64, 4, 3)],
+    "dq": [(128, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 16, 4, 4)],
+}
+_CUDA_D128 = {"fwd": (128, 64, 8, 3), "dkdv": (32, 64, 4, 3), "dq": (64, 32, 4, 3)}
+# fp32 inputs (IEEE dots, twice the bytes per tile): small tiles that fit shared memory at head dim 128.
+_CUDA_F32 = {"fwd": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dq": (64, 32, 4, 2)}
+
+# Autotuning keys on what changes the best tile (not on seq_len: one tuning per model setup,
+# not per batch shape); Triton adds the tensors' dtypes to the key itself.
+_AUTOTUNE_KEY = ["HEAD_DIM", "CAUSAL", "HAS_SEG", "F32"]
+_AUTOTUNE = os.environ.get("LLMCORE_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def _cuda_configs(pairs) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+
+
+def _prune_head_dim(configs, named_args, **kwargs):
+    """Drop tiles too big for the registers at head dim 128 (they only spill)."""
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+    kept = [c for c in configs if head_dim < 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
+    return kept or configs
+
+
+_PLAIN = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
+
+
+def _build_launchers() -> dict:
+    """Autotuned kernels on CUDA; plain ones in the interpreter (it cannot autotune several configs)."""
+    if is_interpreted(_fwd_kernel) or not _AUTOTUNE:
+        return dict(_PLAIN)
+    return {
+        kind: triton.autotune(configs=_cuda_configs(_CUDA[kind]), key=_AUTOTUNE_KEY,
+                              prune_configs_by={"early_config_prune": _prune_head_dim})(kernel)
+        for kind, kernel in _PLAIN.items()
+    }
+
+
+_LAUNCH = _build_launchers()
+
+
+def _tiles(kind: str, head_dim: int, interpreted: bool, f32: bool) -> dict:
+    """Launch meta-parameters: none for an autotuned kernel (it picks its own), else a fixed tile."""
+    if _LAUNCH[kind] is not _PLAIN[kind]:
+        return {}
+    if interpreted:
+        return dict(_INTERP[kind])
+    if f32:
+        m, n, w, st = _CUDA_F32[kind]
+        w = 8 if head_dim >= 128 else w
+    else:
+        m, n, w, st = _CUDA_D128[kind] if head_dim >= 128 else _CUDA[kind][0]
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """Kernels index the head dim with stride 1; other strides are passed through as they are."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _segments(cu_seqlens: torch.Tensor, batch: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``[doc_start, doc_end)`` positions inside its row, flattened to ``(B*T,)`` int32.
+
+    Documents are also cut at row boundaries, so a ``cu_seqlens`` that omits a row start still
+    never lets attention cross rows.
+    """
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    total = batch * seq_len
+    tok = torch.arange(total, device=device)
+    doc = (torch.searchsorted(cu, tok, right=True) - 1).clamp(0, cu.numel() - 2)
+    row_start = (tok // seq_len) * seq_len
+    start = torch.maximum(cu[doc], row_start) - row_start
+    end = torch.minimum(cu[doc + 1], row_start + seq_len) - row_start
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"flash_attention: cu_seqlens must be 1-D with at least 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"flash_attention: cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
+    ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+    if cu_seqlens.device.type == "cuda":
+        # No host sync in the training step: the check fails the stream asynchronously instead.
+        torch._assert_async(ok, "flash_attention: cu_seqlens must rise from 0 to batch*seq")
+    elif not bool(ok):
+        raise ValueError(f"flash_attention: cu_seqlens must be non-decreasing from 0 to batch*seq={total}, got {cu_seqlens.tolist()}")
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper: forward stores O and LSE; backward recomputes the attention tiles."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, cu_seqlens, softmax_scale):  # type: ignore[override]
+        interpreted = check_device(_fwd_kernel, q, k, v)
+        batch, seq_len, n_heads, head_dim = q.shape
+        n_kv = k.shape[2]
+        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        has_seg = cu_seqlens is not None
+        if has_seg:
+            seg_start, seg_end = _segments(cu_seqlens, batch, seq_len, q.device)
+        else:
+            seg_start = seg_end = torch.empty(1, dtype=torch.int32, device=q.device)
+        f32 = interpreted or q.dtype == torch.float32
+        o = torch.empty((batch, seq_len, n_heads, head_dim), dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch, n_heads, seq_len), dtype=torch.float32, device=q.device)
+        qk_scale = softmax_scale * _LOG2E
+        grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+        _LAUNCH["fwd"][grid](
+            q, k, v, o, lse, seg_start, seg_end,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            seq_len, n_heads, n_heads // n_kv, qk_scale,
+            HEAD_DIM=head_dim, CAUSAL=causal, HAS_SEG=has_seg, F32=f32, FIX_BF16=needs_bf16_fix(interpreted, q.dtype),
+            **_tiles("fwd", head_dim, interpreted, f32),
+        )
+        ctx.save_for_backward(q, k, v, o, lse, seg_start, seg_end)
+        ctx.causal, ctx.has_seg, ctx.f32, ctx.scale = causal, has_seg, f32, softmax_scale
+        ctx.fix_bf16 = needs_bf16_fix(interpreted, q.dtype)
+        ctx.interpreted = interpreted
+        return o
+
+    @staticmethod
+    def backward(ctx, do):  # type: ignore[override]
+        q, k, v, o, lse, seg_start, seg_end = ctx.saved_tensors
+        batch, seq_len, n_heads, head_dim = q.shape
+        n_kv = k.shape[2]
+        do = _unit_last(do)
+        delta = torch.empty_like(lse)
+        block = 64
+        _bwd_delta_kernel[(triton.cdiv(seq_len, block), batch * n_heads)](
+            o, do, delta, *_strides(o), *_strides(do), seq_len, n_heads,
+            HEAD_DIM=head_dim, BLOCK_M=block, num_warps=4,
+        )
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        qk_scale = ctx.scale * _LOG2E
+        group = n_heads // n_kv
+        common = dict(HEAD_DIM=head_dim, CAUSAL=ctx.causal, HAS_SEG=ctx.has_seg, F32=ctx.f32, FIX_BF16=ctx.fix_bf16)
+        grid_kv = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * n_kv)  # noqa: E731
+        _LAUNCH["dkdv"][grid_kv](
+            q, k, v, do, lse, delta, dk, dv, seg_start, seg_end,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+            seq_len, n_heads, n_kv, group, qk_scale, ctx.scale,
+            **common, **_tiles("dkdv", head_dim, ctx.interpreted, ctx.f32),
+        )
+        grid_q = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+        _LAUNCH["dq"][grid_q](
+            q, k, v, do, lse, delta, dq, seg_start, seg_end,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            seq_len, n_heads, group, qk_scale, ctx.scale,
+            **common, **_tiles("dq", head_dim, ctx.interpreted, ctx.f32),
+        )
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Exact attention, FlashAttention-2 style (Triton; differentiable in q, k and v).
+
+    q ``(B, T, H, D)``, k/v ``(B, T, Hkv, D)`` with ``H % Hkv == 0`` (GQA, K/V not copied);
+    ``D`` a power of two in 16..256 (32/64/128 in practice); fp32/bf16/fp16; q and k of the
+    same length (self-attention, as in training). ``cu_seqlens``: int32 document offsets into
+    the flattened ``B*T`` tokens from 0 to ``B*T`` containing every row start; a token then
+    attends only within its document (causally when ``causal``). ``softmax_scale`` defaults to
+    ``1/sqrt(D)``. Returns ``(B, T, H, D)`` in q's dtype.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("flash_attention: q, k, v must be (batch, seq, heads, head_dim)")
+    batch, seq_len, n_heads, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[1] != seq_len or k.shape[3] != head_dim:
+        raise ValueError(f"flash_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if n_heads % k.shape[2]:
+        raise ValueError(f"flash_attention: {n_heads} query heads are not a multiple of {k.shape[2]} KV heads")
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"flash_attention: head_dim must be a power of two in [16, 256], got {head_dim}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"flash_attention: q, k, v must share one of fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, batch * seq_len)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    if batch * seq_len == 0:
+        return torch.zeros_like(q)
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), cu_seqlens, scale)
+
+
+def flash_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch attention in fp32 with the same masking rules; output in q's dtype."""
+    batch, seq_len, n_heads, head_dim = q.shape
+    group = n_heads // k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    qf = q.float().transpose(1, 2)  # (B, H, T, D)
+    kf = k.float().repeat_interleave(group, dim=2).transpose(1, 2)
+    vf = v.float().repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = (qf @ kf.transpose(-1, -2)) * scale
+    idx = torch.arange(seq_len, device=q.device)
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = idx[None, :] <= idx[:, None]
+    allowed = allowed.expand(batch, seq_len, seq_len)
+    if cu_seqlens is not None:
+        # Document id of every flattened token; equal ids (and the same row) may attend.
+        tok = torch.arange(batch * seq_len, device=q.device)
+        doc = torch.searchsorted(cu_seqlens.to(q.device, torch.int64), tok, right=True).view(batch, seq_len)
+        allowed = allowed & (doc[:, :, None] == doc[:, None, :])
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vf
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """int32 ``cu_seqlens`` for packed rows: a document starts wherever ``position_ids == 0`` and at every row start.
+
+    ``position_ids`` ``(B, T)`` as the packed loader yields them. The result has a data-dependent
+    length, so on CUDA this synchronises once; compute it once per batch and share it across layers.
+    """
+    batch, seq_len = position_ids.shape
+    starts = position_ids == 0
+    starts[:, 0] = True
+    offsets = torch.nonzero(starts.reshape(-1), as_tuple=False).flatten()
+    end = torch.tensor([batch * seq_len], device=position_ids.device, dtype=offsets.dtype)
+    return torch.cat((offsets, end)).to(torch.int32)

@@ -1,0 +1,185 @@
+"""Fused rotary position embedding (rotate-half layout of HF Llama / MiniMind), forward and backward.
+
+For a head vector ``x = [x1, x2]`` (halves of ``head_dim``) at position ``p`` with table rows
+``cos[p] = [c1, c2]`` and ``sin[p] = [s1, s2]`` the eager formula
+``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]`` is
+``y1 = x1*c1 - x2*s1`` and ``y2 = x2*c2 + x1*s2``. The backward is the transposed map
+(a rotation by the opposite angle when the halves of the tables are equal):
+``dx1 = dy1*c1 + dy2*s2`` and ``dx2 = dy2*c2 - dy1*s1``. Both halves of the tables are read,
+so the kernel equals the eager formula for any table, not only ones with repeated halves.
+
+One program handles a block of tokens and all heads of q (or k), so each table row is loaded
+once per token and reused across heads (GQA: q and k simply have different head counts).
+Math in fp32; outputs keep the inputs' dtypes. ``cos``/``sin`` are constants (no gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmcore.kernels._runtime import cast_rtne, check_device, needs_bf16_fix, next_pow2
+
+
+@triton.jit
+def _rope_kernel(
+    X, Y, COS, SIN, POS,
+    n_tokens, seq_len, n_heads, half_dim, stride_table,
+    HAS_POS: tl.constexpr, BACKWARD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, FIX_BF16: tl.constexpr,
+):
+    # X and Y are contiguous (tokens, heads, head_dim) with head_dim = 2 * half_dim.
+    pid = tl.program_id(0)
+    tok = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    tok_ok = tok < n_tokens
+    if HAS_POS:
+        pos = tl.load(POS + tok, mask=tok_ok, other=0).to(tl.int64)
+    else:
+        pos = tok % seq_len
+    d = tl.arange(0, BLOCK_HALF)
+    d_ok = d < half_dim
+    tab_mask = tok_ok[:, None] & d_ok[None, :]
+    tab = pos[:, None] * stride_table + d[None, :]
+    c1 = tl.load(COS + tab, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
+    c2 = tl.load(COS + tab + half_dim, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
+    s1 = tl.load(SIN + tab, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
+    s2 = tl.load(SIN + tab + half_dim, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
+
+    h = tl.arange(0, BLOCK_H)
+    head_dim = 2 * half_dim
+    offs = tok[:, None, None] * (n_heads * head_dim) + h[None, :, None] * head_dim + d[None, None, :]
+    mask = tok_ok[:, None, None] & (h < n_heads)[None, :, None] & d_ok[None, None, :]
+    x1 = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + offs + half_dim, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
+    else:
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    tl.store(Y + offs, cast_rtne(y1, Y.dtype.element_ty, FIX_BF16), mask=mask)
+    tl.store(Y + offs + half_dim, cast_rtne(y2, Y.dtype.element_ty, FIX_BF16), mask=mask)
+
+
+def _rope_launch(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None,
+    seq_len: int, backward: bool, interpreted: bool,
+) -> torch.Tensor:
+    """Rotate a contiguous (B, T, heads, D) tensor; returns a new tensor of the same dtype."""
+    batch, _, n_heads, head_dim = x.shape
+    n_tokens = batch * seq_len
+    y = torch.empty_like(x)
+    if n_tokens == 0:
+        return y
+    half = head_dim // 2
+    block_h = next_pow2(n_heads)
+    block_half = next_pow2(half)
+    # ~4K elements per half-tile on the GPU (enough bytes in flight per program); bigger in the interpreter.
+    per_token = block_h * block_half
+    block_t = max(1, min(256, (16384 if interpreted else 4096) // per_token))
+    grid = (triton.cdiv(n_tokens, block_t),)
+    _rope_kernel[grid](
+        x, y, cos, sin, pos if pos is not None else x,
+        n_tokens, seq_len, n_heads, half, cos.stride(0),
+        HAS_POS=pos is not None, BACKWARD=backward,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, FIX_BF16=needs_bf16_fix(interpreted, x.dtype),
+        num_warps=4,
+    )
+    return y
+
+
+class RoPEFunction(torch.autograd.Function):
+    """Autograd wrapper: gradients for q and k; the tables and positions are constants."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, position_ids):  # type: ignore[override]
+        interpreted = check_device(_rope_kernel, q, k, cos, sin)
+        seq_len = q.shape[1]
+        q_out = _rope_launch(q, cos, sin, position_ids, seq_len, False, interpreted)
+        k_out = _rope_launch(k, cos, sin, position_ids, seq_len, False, interpreted)
+        ctx.save_for_backward(cos, sin, position_ids if position_ids is not None else torch.empty(0))
+        ctx.has_pos = position_ids is not None
+        ctx.interpreted = interpreted
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, dq, dk):  # type: ignore[override]
+        cos, sin, pos = ctx.saved_tensors
+        pos = pos if ctx.has_pos else None
+        seq_len = dq.shape[1]
+        dq_in = _rope_launch(dq.contiguous(), cos, sin, pos, seq_len, True, ctx.interpreted)
+        dk_in = _rope_launch(dk.contiguous(), cos, sin, pos, seq_len, True, ctx.interpreted)
+        return dq_in, dk_in, None, None, None
+
+
+def apply_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q ``(B, T, H, D)`` and k ``(B, T, Hkv, D)`` by RoPE (Triton; differentiable in q and k).
+
+    ``cos``/``sin``: ``(max_positions, D)`` rotate-half tables; row ``p`` serves a token at
+    position ``p``, taken from ``position_ids`` ``(B, T)`` (per-document positions of packed
+    rows) or ``arange(T)``. Positions must lie in ``[0, max_positions)`` (checked off-GPU; on
+    CUDA an out-of-range position reads outside the table, as an index would). Any input
+    strides are accepted (copied to contiguous when needed). Returns new tensors in q's and
+    k's dtypes.
+    """
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"apply_rope: q and k must be (batch, seq, heads, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}")
+    batch, seq_len, _, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[1] != seq_len or k.shape[3] != head_dim:
+        raise ValueError(f"apply_rope: k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, seq or head_dim")
+    if head_dim % 2:
+        raise ValueError(f"apply_rope: head_dim must be even, got {head_dim}")
+    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != head_dim:
+        raise ValueError(f"apply_rope: cos/sin must both be (max_positions, {head_dim}), got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    cos = cos.contiguous()
+    sin = sin.contiguous()
+    pos = None
+    if position_ids is not None:
+        if position_ids.shape != (batch, seq_len):
+            raise ValueError(f"apply_rope: position_ids must be ({batch}, {seq_len}), got {tuple(position_ids.shape)}")
+        pos = position_ids.to(device=q.device, dtype=torch.int64).contiguous()
+        if pos.device.type != "cuda" and pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= cos.shape[0]):
+            raise ValueError(f"apply_rope: position_ids must lie in [0, {cos.shape[0]})")
+    elif seq_len > cos.shape[0]:
+        raise ValueError(f"apply_rope: seq {seq_len} exceeds the tables' {cos.shape[0]} positions")
+    return RoPEFunction.apply(q.contiguous(), k.contiguous(), cos, sin, pos)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dim (HF Llama's helper)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch RoPE in fp32: ``x * cos[p] + rotate_half(x) * sin[p]``, cast back to x's dtype."""
+    seq_len = q.shape[1]
+    if position_ids is None:
+        position_ids = torch.arange(seq_len, device=q.device).unsqueeze(0).expand(q.shape[0], seq_len)
+    c = cos.float()[position_ids].unsqueeze(2)  # (B, T, 1, D): broadcast over heads
+    s = sin.float()[position_ids].unsqueeze(2)
+    qf, kf = q.float(), k.float()
+    q_out = qf * c + rotate_half(qf) * s
+    k_out = kf * c + rotate_half(kf) * s
+    return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+def rope_tables(max_positions: int, head_dim: int, theta: float = 1e6, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(cos, sin)`` tables of shape ``(max_positions, head_dim)`` with each half repeated."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device=device), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().float(), angles.sin().float()
