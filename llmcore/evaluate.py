@@ -1,0 +1,83 @@
+"""`llmcore eval`: loss and perplexity of a trained model on a shard dir, over loss tokens only
+(every next token for pretrain shards, the assistant tokens for SFT shards)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmcore.errors import LLMCoreError
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean cross-entropy (nats) over the loss tokens
+    perplexity: float
+    tokens: int  # loss tokens scored
+    batches: int
+
+    def line(self) -> str:
+        return f"loss {self.loss:.4f}  perplexity {self.perplexity:.2f}  ({self.tokens:,} tokens, {self.batches} batches)"
+
+
+def _run_seq_len(ckpt: Path) -> int | None:
+    for cand in (ckpt / "config.json", ckpt.parent.parent / "config.json"):
+        if cand.is_file():
+            try:
+                return int(json.loads(cand.read_text())["train"]["seq_len"])
+            except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+                return None
+    return None
+
+
+@torch.no_grad()
+def evaluate(ckpt: str | Path, data: str | Path, batch_size: int = 8, seq_len: int | None = None,
+             packing: str = "packed", attn_backend: str | None = None, max_batches: int | None = None) -> EvalResult:
+    """Mean masked next-token cross-entropy of the model at `ckpt` (run dir, checkpoint dir or HF
+    folder) over one pass of the pretrain or SFT shards at `data`."""
+    from llmcore.checkpoint import load_model, resolve_checkpoint
+    from llmcore.data_prep.loaders import make_loader
+    from llmcore.data_prep.shards import ShardReader
+    from llmcore.train.objectives import masked_ce_sum
+    from llmcore.train.trainer import epoch_rows, only_rows, valid_rows
+
+    if batch_size < 1:
+        raise LLMCoreError(f"--batch-size must be >= 1, got {batch_size}")
+    if packing not in ("packed", "padded"):
+        raise LLMCoreError(f"packing must be packed or padded, got {packing!r}")
+    reader = ShardReader(data)
+    if reader.kind not in ("pretrain", "sft"):
+        raise LLMCoreError(f"--data {data} holds {reader.kind} shards; eval scores pretrain or sft shards")
+    ckpt_dir = resolve_checkpoint(ckpt)
+    model, tok = load_model(ckpt, attn_backend=attn_backend)
+    if tok is not None:
+        reader.check_tokenizer(tok)
+    vocab = int(reader.manifest.get("tokenizer", {}).get("vocab_size", 0))
+    if vocab > model.config.vocab_size:
+        raise LLMCoreError(f"the shards' vocab ({vocab}) is larger than the model's ({model.config.vocab_size})")
+    if seq_len is None:
+        seq_len = _run_seq_len(ckpt_dir) or 512
+    if seq_len < 1 or seq_len > model.config.max_position_embeddings:
+        raise LLMCoreError(f"--seq-len must be in 1..{model.config.max_position_embeddings}, got {seq_len}")
+    model.float().eval()
+    loader = make_loader(reader, packing, seq_len, batch_size, seed=0, rank=0, world_size=1, shuffle=False)
+    n = loader.steps_per_epoch if max_batches is None else min(loader.steps_per_epoch, max_batches)
+    n_rows = epoch_rows(reader, None, packing, seq_len)
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    for step in range(n):
+        batch = only_rows(next(loader), valid_rows(step, 0, 1, batch_size, n_rows))
+        if batch is None:
+            continue
+        out = model(batch["input_ids"], position_ids=batch["position_ids"])
+        s, c = masked_ce_sum(out.logits, batch["labels"])
+        total += s.double()
+        count += int(c)
+    if count == 0:
+        raise LLMCoreError(f"{data}: no loss tokens to score")
+    loss = float(total) / count
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count, batches=n)

@@ -1,0 +1,182 @@
+"""Observability for rank 0: metrics.jsonl, loss.png, a progress bar, optional wandb."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from llmcore.errors import LLMCoreError
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All JSON lines of a metrics.jsonl (a torn last line from a kill is skipped)."""
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        return out
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _fmt_tokens(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+class MetricsLogger:
+    """Writes metrics on rank 0 only; every other rank gets a logger whose methods do nothing."""
+
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, quiet: bool,
+                 wandb_cfg: dict[str, Any] | None = None) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.plot_path = Path(run_dir) / "loss.png"
+        self.total = total_steps
+        self.quiet = quiet
+        self.bar = None
+        self.wandb = None
+        self._file = None
+        if not enabled:
+            return
+        self._file = open(self.path, "a")
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            desc="train", leave=True)
+        if wandb_cfg is not None:
+            self._init_wandb(run_dir, wandb_cfg)
+
+    def _init_wandb(self, run_dir: Path, wcfg: dict[str, Any]) -> None:
+        try:
+            import wandb
+        except ImportError as err:
+            raise LLMCoreError("--wandb needs the wandb package: pip install 'llmcore[wandb]'") from err
+        # Offline unless the user configured wandb for online use: a run must never wait on the network.
+        if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+            os.environ["WANDB_MODE"] = "offline"
+        id_file = Path(run_dir) / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id + "\n")
+        self.wandb = wandb.init(project=wcfg["project"], id=run_id, resume="allow", dir=str(run_dir),
+                                config=wcfg.get("config"), name=Path(run_dir).name)
+
+    @staticmethod
+    def truncate(run_dir: Path, after_step: int) -> None:
+        """Drop lines logged after the checkpoint a resumed run restarts from, so the resumed run's
+        metrics.jsonl reads exactly like one uninterrupted run's."""
+        path = Path(run_dir) / "metrics.jsonl"
+        keep = [r for r in read_metrics(path) if int(r.get("step", 0)) <= after_step]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        with open(tmp, "w") as f:
+            for r in keep:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        assert self._file is not None
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
+
+    def progress(self, step: int, loss: float, lr: float, tokens_per_s: float, elapsed: float,
+                 steps_done: int, start_step: int) -> None:
+        if not self.enabled or self.quiet:
+            return
+        remaining = self.total - step
+        rate = elapsed / max(steps_done, 1)
+        eta = rate * remaining
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s", refresh=False)
+            self.bar.refresh()
+        else:
+            print(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s "
+                  f"eta {eta / 60:.1f} min", flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def plot(self) -> None:
+        """loss.png: training and eval loss against tokens seen."""
+        if not self.enabled:
+            return
+        plot_losses(self.path, self.plot_path)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def plot_losses(metrics_path: Path, out_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r and "eval_loss" not in r
+             and math.isfinite(r["loss"])]
+    evals = [(r["tokens"], r["eval_loss"]) for r in rows if "eval_loss" in r and math.isfinite(r["eval_loss"])]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if train or evals:
+        ax.legend()
+    fig.tight_layout()
+    tmp = out_path.with_name(".loss.png.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+
+
+class Throughput:
+    """Tokens per second over the interval since the last log line."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def take(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.t0, 1e-9)
+        self.t0, self.tokens = now, 0
+        return rate
