@@ -1,7 +1,164 @@
-"""CLI commands for this part; filled in by its owner."""
+"""CLI for the model part: `model info`, `generate`, `chat`, `export hf`. Each command parses flags and
+calls one library function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
+from llmcore.errors import LLMCoreError
+
+model_app = typer.Typer(help="Model presets and parameter counts.\n\nExample: llmcore model info minimind2-small",
+                        no_args_is_help=True)
+export_app = typer.Typer(help="Export a checkpoint to other formats.\n\nExample: llmcore export hf --ckpt runs/dpo --out hf/",
+                         no_args_is_help=True)
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load(ckpt: Path, device: str, tokenizer: Optional[Path]) -> tuple[Any, Any]:
+    from llmcore.checkpoint import load_model
+
+    model, tok = load_model(ckpt, device=_device(device), with_tokenizer=tokenizer is None)
+    if tokenizer is not None:
+        from llmcore.data_prep.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    if tok is None:
+        raise LLMCoreError(f"{ckpt}: no tokenizer found (looked for tokenizer.json beside the weights and in the "
+                           "run dir's tokenizer/); pass --tokenizer DIR")
+    return model, tok
+
+
+@model_app.command("info")
+def info(name: str = typer.Argument(..., help="preset: tiny, minimind2-small, minimind2, minimind2-moe"),
+         as_json: bool = typer.Option(False, "--json", help="print the counts as JSON")) -> None:
+    """Parameter counts of a preset: total, embedding, per block, and active per token for MoE.
+
+    Example: llmcore model info minimind2-moe
+    """
+    from llmcore.model import ModelConfig, param_report
+
+    cfg = ModelConfig.from_preset(name)
+    r = param_report(cfg)
+    if as_json:
+        typer.echo(json.dumps({"preset": name, "config": cfg.to_dict(), **r}, indent=2))
+        return
+
+    def m(n: int) -> str:
+        return f"{n:,} ({n / 1e6:.2f}M)"
+
+    lines = [
+        f"preset              {name}",
+        f"shape               d={cfg.hidden_size} layers={cfg.num_hidden_layers} heads={cfg.num_attention_heads} "
+        f"kv_heads={cfg.num_key_value_heads} head_dim={cfg.head_dim} mlp={cfg.intermediate_size} vocab={cfg.vocab_size}",
+        f"total               {m(r['total'])}",
+        f"embedding (tied)    {m(r['embedding'])}",
+        f"per block           {m(r['per_block'])}  = attention {r['attention_per_block']:,} + mlp {r['mlp_per_block']:,}"
+        f" + norms {r['norms_per_block']:,}",
+        f"blocks              {r['blocks']} x {r['per_block']:,} = {r['blocks'] * r['per_block']:,}",
+        f"final norm          {r['final_norm']:,}",
+    ]
+    if cfg.use_moe:
+        lines += [
+            f"experts             {cfg.num_experts} routed (top-{cfg.num_experts_per_tok}) + {cfg.num_shared_experts} "
+            f"shared, {r['expert']:,} each; router {r['router']:,}",
+            f"active per token    {m(r['active_per_token'])}",
+        ]
+    typer.echo("\n".join(lines))
+
+
+def generate_cmd(
+    ckpt: Path = typer.Option(..., "--ckpt", help="run dir, checkpoint dir or exported HF folder"),
+    prompt: str = typer.Option(..., "--prompt", help="text to continue"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
+    top_k: int = typer.Option(0, "--top-k", help="0 = off"),
+    top_p: float = typer.Option(1.0, "--top-p", help="1 = off"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the chat template as a user message"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed for sampling"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the checkpoint's)"),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto"),
+) -> None:
+    """Continue a prompt and print the continuation as it is generated.
+
+    Example: llmcore generate --ckpt runs/pre --prompt "The capital of China is" --max-new-tokens 50 --temperature 0
+    """
+    import torch
+
+    from llmcore.chat import chat_prompt_ids, stream_text
+    from llmcore.generate import stream_generate
+
+    model, tok = _load(ckpt, device, tokenizer)
+    # Pretraining documents start with bos (`<|im_start|>`), so a plain prompt does too; the chat
+    # template already opens with it.
+    ids = chat_prompt_ids(tok, prompt) if chat else [tok.bos_id] + tok.encode(prompt)
+    gen = torch.Generator(device=model.embed_tokens.weight.device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    tokens = stream_generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, repetition_penalty=repetition_penalty, eos_id=tok.eos_id, generator=gen)
+    for piece in stream_text(tok, tokens):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def chat_cmd(
+    ckpt: Path = typer.Option(..., "--ckpt", help="run dir, checkpoint dir or exported HF folder"),
+    system: Optional[str] = typer.Option(None, "--system", help="system message"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.85, "--temperature", help="0 = greedy"),
+    top_k: int = typer.Option(0, "--top-k", help="0 = off"),
+    top_p: float = typer.Option(0.85, "--top-p", help="1 = off"),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed for sampling"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the checkpoint's)"),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto"),
+) -> None:
+    """Multi-turn chat REPL through the chat template; answers stream as they are generated.
+
+    Reads one message per line from stdin; `/reset` clears the history, `/exit` (or EOF) quits.
+
+    Example: llmcore chat --ckpt runs/sft      (or: echo "你好" | llmcore chat --ckpt runs/sft)
+    """
+    from llmcore.chat import ChatSession, run_repl
+
+    model, tok = _load(ckpt, device, tokenizer)
+    session = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+    run_repl(session, sys.stdin, sys.stdout)
+
+
+@export_app.command("hf")
+def export_hf_cmd(
+    ckpt: Path = typer.Option(..., "--ckpt", help="run dir or checkpoint dir"),
+    out: Path = typer.Option(..., "--out", help="output folder (LlamaForCausalLM)"),
+) -> None:
+    """Export a dense checkpoint to a Hugging Face LlamaForCausalLM folder (MoE is refused).
+
+    Example: llmcore export hf --ckpt runs/dpo --out hf/   then   AutoModelForCausalLM.from_pretrained("hf/")
+    """
+    from llmcore.hf_export import export_hf
+
+    path = export_hf(ckpt, out)
+    typer.echo(f"exported {path}")
+
 
 def register(app: typer.Typer) -> None:
-    """Add this part's command groups to the root app."""
+    """Add `model`, `generate`, `chat` and `export` to the root app."""
+    app.add_typer(model_app, name="model")
+    app.command("generate")(generate_cmd)
+    app.command("chat")(chat_cmd)
+    app.add_typer(export_app, name="export")

@@ -1,0 +1,114 @@
+"""Multi-turn chat through the tokenizer's chat template, with streamed output.
+
+Each turn re-renders the whole conversation with the chat template (the same string
+transformers would build) and continues it; the oldest turns are dropped when the prompt would
+not leave room for the reply. Text is streamed as soon as it decodes to complete characters
+(byte-level BPE can split a multi-byte character across tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, TextIO
+
+import torch
+
+from llmcore.errors import LLMCoreError
+from llmcore.generate import stream_generate
+from llmcore.model import LLM
+
+
+def stream_text(tokenizer: Any, token_iter: Iterator[int]) -> Iterator[str]:
+    """Turn a token stream into text pieces, holding back incomplete UTF-8 sequences."""
+    ids: list[int] = []
+    emitted = ""
+    for tok in token_iter:
+        ids.append(tok)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue  # the last character is not complete yet
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+        emitted = text
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if len(text) > len(emitted):
+        yield text[len(emitted):]
+
+
+class ChatSession:
+    """A conversation with one model; `reply()` appends the user message and the model's answer."""
+
+    def __init__(self, model: LLM, tokenizer: Any, system: str | None = None, max_new_tokens: int = 512,
+                 temperature: float = 0.85, top_k: int = 0, top_p: float = 0.85, repetition_penalty: float = 1.0,
+                 seed: int | None = None) -> None:
+        self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.gen_kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               repetition_penalty=repetition_penalty, eos_id=tokenizer.eos_id)
+        self.generator = torch.Generator(device=model.embed_tokens.weight.device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        self.messages: list[dict[str, str]] = []
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def _prompt_ids(self) -> list[int]:
+        limit = self.model.config.max_position_embeddings - int(self.gen_kwargs["max_new_tokens"])
+        history = list(self.messages)
+        while True:
+            msgs = ([{"role": "system", "content": self.system}] if self.system else []) + history
+            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+            if len(ids) <= limit:
+                return ids
+            if len(history) <= 1:
+                raise LLMCoreError(f"message too long: {len(ids)} tokens, the model takes {limit} before the reply")
+            history = history[2:]  # drop the oldest user/assistant exchange
+
+    def reply_stream(self, user_text: str) -> Iterator[str]:
+        """Yield the answer piece by piece; the full answer is added to the history at the end."""
+        self.messages.append({"role": "user", "content": user_text})
+        tokens = stream_generate(self.model, self._prompt_ids(), generator=self.generator, **self.gen_kwargs)
+        pieces: list[str] = []
+        for piece in stream_text(self.tokenizer, tokens):
+            pieces.append(piece)
+            yield piece
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    def reply(self, user_text: str, on_text: Callable[[str], None] | None = None) -> str:
+        parts = []
+        for piece in self.reply_stream(user_text):
+            parts.append(piece)
+            if on_text is not None:
+                on_text(piece)
+        return "".join(parts)
+
+
+def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, prompt: str = "> ") -> None:
+    """Read user lines until EOF or `/exit`; `/reset` clears the history. Answers stream to stdout."""
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            stdout.write(prompt)
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            stdout.write("(history cleared)\n")
+            continue
+        for piece in session.reply_stream(text):
+            stdout.write(piece)
+            stdout.flush()
+        stdout.write("\n")
+        stdout.flush()
+
+
+def chat_prompt_ids(tokenizer: Any, text: str, system: str | None = None) -> list[int]:
+    """Prompt ids for a single-turn chat (used by `llmcore generate --chat`)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))

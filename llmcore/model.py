@@ -1,0 +1,521 @@
+"""The llmcore model: a Llama-style pre-norm decoder (dense or MoE) in one readable file.
+
+Layout of one block (MiniMind2 / Llama):  x + Attn(RMSNorm(x))  ->  h + MLP(RMSNorm(h)).
+Attention is grouped-query with rotary embeddings (theta 1e6, optional YaRN), the MLP is SwiGLU
+(or a mixture of SwiGLU experts), and the output projection is tied to the token embedding.
+
+Packed rows: a new document begins wherever `position_ids == 0` (and at every row start). Tokens
+attend only inside their own document, causally. The eager and sdpa backends turn that rule into
+a block-diagonal causal mask; the triton backend turns it into `cu_seqlens` for the varlen flash
+attention kernel. The KV cache remembers each cached token's document id, so the same rule holds
+while decoding (generation uses it to hide left padding: each pad token is its own document).
+
+Parameter names follow Hugging Face Llama (`layers.N.self_attn.q_proj.weight`, ...) so export to
+`LlamaForCausalLM` is a prefix change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmcore.errors import LLMCoreError
+
+BACKENDS = ("eager", "sdpa", "triton")
+
+
+def _mlp_hidden(hidden_size: int) -> int:
+    # SwiGLU keeps the parameter count of a 4d MLP with 8d/3, rounded up to a multiple of 64.
+    return 64 * math.ceil(8 * hidden_size / 3 / 64)
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes the architecture (and the attention backend, which does not change weights)."""
+
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    intermediate_size: int | None = None  # None: 64 * ceil(8 * hidden_size / 3 / 64)
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1e6
+    # YaRN, as MiniMind's `rope_scaling`: {"type": "yarn", "factor", "original_max_position_embeddings",
+    # "beta_fast", "beta_slow", "attention_factor"}; None = plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_word_embeddings: bool = True
+    attn_backend: str = "sdpa"
+    initializer_range: float = 0.02
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    # Mixture of experts (ignored unless use_moe).
+    use_moe: bool = False
+    num_experts: int = 4
+    num_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None  # None: intermediate_size
+    norm_topk_prob: bool = True
+    aux_loss_coef: float = 0.1
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. where a config came from)
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = _mlp_hidden(self.hidden_size)
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        if self.attn_backend not in BACKENDS:
+            raise LLMCoreError(f"attn_backend must be one of {', '.join(BACKENDS)}, got {self.attn_backend!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise LLMCoreError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.head_dim % 2:
+            raise LLMCoreError("head_dim must be even for rotary embeddings")
+        if not self.tie_word_embeddings:
+            raise LLMCoreError("only tied input/output embeddings are supported (tie_word_embeddings=True)")
+        if self.use_moe and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise LLMCoreError("num_experts_per_tok must be between 1 and num_experts")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named preset (`tiny`, `minimind2-small`, `minimind2`, `minimind2-moe`) with fields overridden."""
+        if name not in PRESETS:
+            raise LLMCoreError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict; `from_dict(to_dict())` gives an equal config."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from `to_dict()` output; unknown keys are refused so a typo never silently changes a model."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LLMCoreError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=1024),
+    "minimind2-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2),
+    "minimind2": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2),
+    "minimind2-moe": dict(hidden_size=640, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                          use_moe=True, num_experts=4, num_shared_experts=1, num_experts_per_tok=2),
+}
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V), float
+    aux_loss: torch.Tensor  # scalar; MoE load-balancing loss already scaled by aux_loss_coef, 0 for dense
+    kv_cache: "KVCache | None"
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables `(max_positions, head_dim)`, each half repeated (rotate-half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    attn_factor = 1.0
+    if scaling is not None:
+        # YaRN: low-frequency dims (long wavelengths) are interpolated by `factor`, high-frequency
+        # dims are kept, with a linear ramp between the two correction dims.
+        orig = scaling.get("original_max_position_embeddings", 2048)
+        factor = scaling.get("factor", 16)
+        beta_fast, beta_slow = scaling.get("beta_fast", 32.0), scaling.get("beta_slow", 1.0)
+        attn_factor = scaling.get("attention_factor", 1.0)
+        if max_positions > orig:
+            def corr_dim(n_rot: float) -> float:
+                return head_dim * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+            low = max(math.floor(corr_dim(beta_fast)), 0)
+            high = min(math.ceil(corr_dim(beta_slow)), head_dim // 2 - 1)
+            ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+            inv_freq = inv_freq * (1 - ramp + ramp / factor)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return (angles.cos() * attn_factor).float(), (angles.sin() * attn_factor).float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B,T,H,D), k (B,T,Hkv,D); cos/sin already gathered per token: (B,T,D)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    q_out = (q.float() * cos + rotate_half(q.float()) * sin).to(q.dtype)
+    k_out = (k.float() * cos + rotate_half(k.float()) * sin).to(k.dtype)
+    return q_out, k_out
+
+
+# ----------------------------------------------------------------------------------------------
+# Document structure from position_ids
+
+
+def document_ids(position_ids: torch.Tensor, first_is_start: bool = True) -> torch.Tensor:
+    """Per-token document index within its row (B, T): +1 at every `position_ids == 0` and at the row start."""
+    starts = position_ids == 0
+    if first_is_start:
+        starts = starts.clone()
+        starts[:, 0] = True
+    return starts.long().cumsum(dim=1)
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """int32 document offsets into the flattened B*T tokens (FlashAttention varlen layout)."""
+    b, t = position_ids.shape
+    starts = position_ids == 0
+    starts = starts.clone()
+    starts[:, 0] = True
+    idx = starts.reshape(-1).nonzero().flatten()
+    end = torch.tensor([b * t], device=idx.device, dtype=idx.dtype)
+    return torch.cat([idx, end]).to(torch.int32)
+
+
+class KVCache:
+    """Preallocated per-layer K/V (B, max_len, Hkv, D) plus each cached token's document id and position.
+
+    Filled in place by `LLM.forward`; `length` counts the cached tokens (same for every row).
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.doc = torch.zeros(batch_size, max_len, device=device, dtype=torch.long)
+        self.next_pos = torch.zeros(batch_size, device=device, dtype=torch.long)
+        self.length = 0
+        self.max_len = max_len
+
+    def reset(self) -> None:
+        self.length = 0
+        self.next_pos.zero_()
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, backend: str) -> None:
+        super().__init__()
+        self.eps = eps
+        self.backend = backend
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            from llmcore.kernels import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
+        # Normalise in fp32 so bf16 activations keep their precision (as Llama/MiniMind do).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.backend = cfg.attn_backend
+        self.dropout = cfg.dropout
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: dict[str, Any], attn: dict[str, Any], layer: int,
+                kv_cache: KVCache | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        if rope["kernel"]:
+            from llmcore.kernels import apply_rope
+
+            q, k = apply_rope(q, k, rope["cos_table"], rope["sin_table"], rope["position_ids"])
+        else:
+            q, k = apply_rope_ref(q, k, rope["cos"], rope["sin"])
+
+        if kv_cache is not None:
+            start = kv_cache.length
+            kv_cache.k[layer][:, start:start + t] = k
+            kv_cache.v[layer][:, start:start + t] = v
+            k = kv_cache.k[layer][:, :start + t]
+            v = kv_cache.v[layer][:, :start + t]
+
+        p = self.dropout if self.training else 0.0
+        mode = attn["mode"]
+        if mode == "flash":
+            from llmcore.kernels import flash_attention
+
+            out = flash_attention(q, k, v, causal=True, cu_seqlens=attn["cu_seqlens"])
+        elif mode == "eager":
+            out = self._eager(q, k, v, attn["mask"], p)
+        else:
+            # (B, H, T, D) layout for SDPA; enable_gqa lets it broadcast K/V heads without a copy.
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=attn["mask"], is_causal=attn["mask"] is None, dropout_p=p,
+                enable_gqa=self.n_kv != self.n_heads,
+            ).transpose(1, 2)
+        out = out.reshape(b, t, self.n_heads * self.head_dim)
+        return self.o_proj(out)
+
+    def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               p: float) -> torch.Tensor:
+        """Reference attention: explicit scores, mask, fp32 softmax."""
+        rep = self.n_heads // self.n_kv
+        q = q.transpose(1, 2)  # B,H,T,D
+        k = k.repeat_interleave(rep, dim=2).transpose(1, 2)
+        v = v.repeat_interleave(rep, dim=2).transpose(1, 2)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        if mask is None:
+            tq, tk = scores.shape[-2:]
+            mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
+        probs = F.dropout(probs, p=p, training=p > 0)
+        return (probs @ v).transpose(1, 2)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Routed top-k SwiGLU experts plus always-on shared experts, with a load-balancing loss.
+
+    Tokens are sorted by their assigned expert so each expert runs once on one contiguous slice
+    (a loop over experts, never over tokens). The aux loss is the Switch-Transformer form
+    E * sum_i f_i * P_i (f_i: share of routed assignments to expert i, P_i: mean router probability),
+    which equals 1 when routing is uniform and grows as it concentrates; scaled by aux_loss_coef.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
+        self.norm_topk, self.coef = cfg.norm_topk_prob, cfg.aux_loss_coef
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        self.shared_experts = nn.ModuleList(
+            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_shared_experts))
+
+    def route(self, x_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router probabilities (N, E), top-k weights (N, k) and expert ids (N, k)."""
+        probs = F.softmax(self.gate(x_flat).float(), dim=-1)
+        weights, idx = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return probs, weights, idx
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, d = x.shape
+        x_flat = x.reshape(-1, d)
+        probs, weights, idx = self.route(x_flat)
+
+        flat_idx = idx.reshape(-1)  # (N*k,) expert of each assignment
+        order = flat_idx.argsort(stable=True)
+        token_of = order // self.top_k  # token index of each sorted assignment
+        counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
+        xs = x_flat.index_select(0, token_of)
+        outs = []
+        for expert, chunk in zip(self.experts, xs.split(counts, dim=0)):
+            outs.append(expert(chunk))
+        ys = torch.cat(outs, dim=0) * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
+        y = torch.zeros_like(x_flat).index_add(0, token_of, ys)
+        for shared in self.shared_experts:
+            y = y + shared(x_flat)
+
+        share = F.one_hot(flat_idx, self.n_experts).float().mean(0)  # f_i (sums to 1)
+        aux = self.n_experts * (share * probs.mean(0)).sum() * self.coef
+        return y.view(b, t, d), aux
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        norm_backend = cfg.attn_backend
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, norm_backend)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, norm_backend)
+        self.mlp: nn.Module = MoE(cfg) if cfg.use_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: dict[str, Any], attn: dict[str, Any], layer: int,
+                kv_cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, attn, layer, kv_cache))
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            m, aux = self.mlp(h)
+        else:
+            m, aux = self.mlp(h), None
+        return x + self.dropout(m), aux
+
+
+class LLM(nn.Module):
+    """Decoder-only language model; see the module docstring for the packing and cache rules."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.attn_backend)
+        cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 style: shrink the residual-branch outputs so the residual stream does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.num_hidden_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "LLM":
+        # Keep the RoPE tables in fp32 when the weights are cast to bf16/fp16: positions up to 32k
+        # need the precision, and the rotation itself runs in fp32.
+        cos, sin = self.rope_cos, self.rope_sin
+        super()._apply(fn, *args, **kwargs)
+        if self.rope_cos.dtype != torch.float32:
+            self.rope_cos = cos.to(self.rope_cos.device, torch.float32)
+            self.rope_sin = sin.to(self.rope_sin.device, torch.float32)
+        return self
+
+    def set_attn_backend(self, backend: str) -> "LLM":
+        """Switch eager/sdpa/triton in place (weights are the same for all three)."""
+        if backend not in BACKENDS:
+            raise LLMCoreError(f"attn_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.config.attn_backend = backend
+        for module in self.modules():
+            if isinstance(module, (Attention, RMSNorm)):
+                module.backend = backend
+        return self
+
+    def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache on the model's device and dtype."""
+        w = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, device=w.device, dtype=w.dtype)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> ModelOutput:
+        b, t = input_ids.shape
+        backend = self.config.attn_backend
+        start = kv_cache.length if kv_cache is not None else 0
+        if kv_cache is not None and start + t > kv_cache.max_len:
+            raise LLMCoreError(f"KV cache full: {start} cached + {t} new tokens > max_len {kv_cache.max_len}")
+
+        explicit_positions = position_ids is not None
+        if position_ids is None:
+            if kv_cache is not None and start > 0:
+                position_ids = kv_cache.next_pos.unsqueeze(1) + torch.arange(t, device=input_ids.device)
+            else:
+                position_ids = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
+        position_ids = position_ids.to(input_ids.device)
+
+        # Attention plan: which implementation and what mask, computed once for all layers.
+        attn: dict[str, Any] = {"mode": "sdpa" if backend == "triton" else backend, "mask": None}
+        if kv_cache is not None:
+            # Documents continue across calls: the first new token starts a document only if its position is 0.
+            prev = kv_cache.doc[:, start - 1:start] if start > 0 else torch.zeros(b, 1, dtype=torch.long,
+                                                                                  device=input_ids.device)
+            doc = prev + document_ids(position_ids, first_is_start=start == 0)
+            kv_cache.doc[:, start:start + t] = doc
+            kdoc = kv_cache.doc[:, :start + t]
+            causal = torch.ones(t, start + t, dtype=torch.bool, device=input_ids.device).tril(start)
+            attn["mask"] = ((doc.unsqueeze(2) == kdoc.unsqueeze(1)) & causal).unsqueeze(1)
+            kv_cache.next_pos = position_ids[:, -1] + 1
+        elif backend == "triton":
+            attn["mode"] = "flash"
+            attn["cu_seqlens"] = cu_seqlens_from_position_ids(position_ids)
+        elif explicit_positions:
+            doc = document_ids(position_ids)
+            causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+            attn["mask"] = ((doc.unsqueeze(2) == doc.unsqueeze(1)) & causal).unsqueeze(1)
+        elif backend == "sdpa" and input_ids.device.type == "cpu":
+            # On CPU, SDPA's is_causal path with enable_gqa is ~3x slower in backward than the same
+            # attention with an explicit causal mask (torch 2.13), so give it the mask.
+            attn["mask"] = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+        # else: plain causal rows (mask None -> is_causal fast path / tril in eager)
+
+        rope: dict[str, Any] = {"kernel": backend == "triton"}
+        if rope["kernel"]:
+            rope.update(cos_table=self.rope_cos, sin_table=self.rope_sin, position_ids=position_ids)
+        else:
+            rope.update(cos=self.rope_cos[position_ids], sin=self.rope_sin[position_ids])
+
+        h = self.dropout(self.embed_tokens(input_ids))
+        aux_total = h.new_zeros((), dtype=torch.float32)
+        for i, block in enumerate(self.layers):
+            h, aux = block(h, rope, attn, i, kv_cache)
+            if aux is not None:
+                aux_total = aux_total + aux
+        if kv_cache is not None:
+            kv_cache.length = start + t
+        h = self.norm(h)
+        logits = F.linear(h, self.embed_tokens.weight).float()
+        return ModelOutput(logits=logits, aux_loss=aux_total, kv_cache=kv_cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter accounting (for `llmcore model info`)
+
+
+def param_report(config: ModelConfig) -> dict[str, Any]:
+    """Total, embedding, per-block, and (MoE) active-per-token parameter counts, without allocating weights."""
+    with torch.device("meta"):
+        model = LLM(config)
+    total = model.num_params()
+    embedding = model.embed_tokens.weight.numel()
+    block = model.layers[0]
+    per_block = sum(p.numel() for p in block.parameters())
+    attn = sum(p.numel() for p in block.self_attn.parameters())
+    mlp = sum(p.numel() for p in block.mlp.parameters())
+    norms = per_block - attn - mlp
+    report: dict[str, Any] = {
+        "total": total, "embedding": embedding, "per_block": per_block, "attention_per_block": attn,
+        "mlp_per_block": mlp, "norms_per_block": norms, "final_norm": model.norm.weight.numel(),
+        "blocks": config.num_hidden_layers,
+    }
+    if config.use_moe:
+        expert = sum(p.numel() for p in block.mlp.experts[0].parameters())
+        inactive = (config.num_experts - config.num_experts_per_tok) * expert * config.num_hidden_layers
+        report.update(expert=expert, router=block.mlp.gate.weight.numel(), active_per_token=total - inactive)
+    else:
+        report["active_per_token"] = total
+    return report
