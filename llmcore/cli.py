@@ -31,6 +31,19 @@ def _register_all() -> None:
 _register_all()
 
 
+@app.command("demo")
+def demo_command(
+    out: str = typer.Option("demo_out", "--out", help="Folder for the demo's data, tokenizer, shards and runs."),
+) -> None:
+    """Run the whole pipeline on built-in real text: corpus, stats, tokenizer, shards, pretrain, SFT, DPO.
+
+    Example: llmcore demo --out demo_out
+    """
+    from llmcore.demo import run_demo
+
+    run_demo(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point for `llmcore` and `python -m llmcore`: user errors become one line and exit 2."""
     try:
