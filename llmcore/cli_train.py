@@ -145,7 +145,7 @@ def eval_command(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run dir, checkpoint dir or exported HF folder."),
     data: Path = typer.Option(..., "--data", help="Pretrain or SFT shard dir."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward pass."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default: the run's)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default: the run's training seq len; 512 for an exported HF folder)."),
     packed: bool = typer.Option(True, "--packed/--padded", help="Pack documents into rows or pad one per row."),
     max_batches: Optional[int] = typer.Option(None, "--max-batches", help="Stop after N batches."),
 ) -> None:

@@ -19,9 +19,11 @@ class EvalResult:
     perplexity: float
     tokens: int  # loss tokens scored
     batches: int
+    seq_len: int = 0  # tokens per row used (the run's training seq len, or 512 for a folder without one)
 
     def line(self) -> str:
-        return f"loss {self.loss:.4f}  perplexity {self.perplexity:.2f}  ({self.tokens:,} tokens, {self.batches} batches)"
+        return (f"loss {self.loss:.4f}  perplexity {self.perplexity:.2f}  "
+                f"({self.tokens:,} tokens, {self.batches} batches, seq len {self.seq_len})")
 
 
 def _run_seq_len(ckpt: Path) -> int | None:
@@ -80,4 +82,4 @@ def evaluate(ckpt: str | Path, data: str | Path, batch_size: int = 8, seq_len: i
     if count == 0:
         raise LLMCoreError(f"{data}: no loss tokens to score")
     loss = float(total) / count
-    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count, batches=n)
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count, batches=n, seq_len=seq_len)

@@ -397,6 +397,10 @@ class LLM(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if self.embed_tokens.weight.is_meta:
+            # Built on the meta device to receive loaded weights: random init would be thrown away,
+            # and nn.init on meta tensors costs seconds of torch._dynamo import.
+            return
         self.apply(self._init_weights)
         # GPT-2 style: shrink the residual-branch outputs so the residual stream does not grow with depth.
         for name, p in self.named_parameters():

@@ -12,6 +12,7 @@ batch whenever micro batches hold different numbers of loss tokens).
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -112,6 +113,7 @@ class DPOObjective:
         self.ref_model = ref_model
         self.ref_cache = ref_cache
         self.autocast = autocast
+        self._warned_empty = False
 
     def count(self, batch: dict[str, Any]) -> int:
         return int(batch["num_pairs"])
@@ -133,6 +135,15 @@ class DPOObjective:
     def __call__(self, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any], denom: float,
                  n_micro: int, world: int) -> StepTerms:
         b = int(batch["num_pairs"])
+        has_response = (batch["labels"] != -100).any(dim=1)
+        empty = ~(has_response[:b] & has_response[b:])
+        if bool(empty.any()) and not self._warned_empty:
+            # A response cut off entirely by --seq-len gives pi == ref, loss ln 2 and no gradient:
+            # the pair silently teaches nothing, so say so once.
+            self._warned_empty = True
+            print(f"warning: {int(empty.sum())} of {b} DPO pairs in a batch have no response tokens within the "
+                  "sequence length (prompt too long); they contribute no gradient. Raise --seq-len.",
+                  file=sys.stderr, flush=True)
         ref = self.reference_logps(batch)
         out = forward(batch)
         pi = sequence_logps(out.logits, batch["labels"], self.average)
@@ -147,6 +158,7 @@ class DPOObjective:
             "rewards/rejected": rejected_r.sum() / denom,
             "rewards/accuracy": (chosen_r > rejected_r).float().sum() / denom,
             "rewards/margin": (chosen_r - rejected_r).sum() / denom,
+            "pairs_without_response": empty.float().sum() / denom,
         }
         return StepTerms(loss, terms)
 
