@@ -6,6 +6,7 @@ which the root CLI prints as one line.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Optional
@@ -98,53 +99,47 @@ def _run_prep(kind: str, input: list[Path], tokenizer: Path, out: Path, workers,
             typer.echo(f"  {reason}: {n}")
 
 
-@prep_app.command("pretrain")
-def prep_pretrain(
-    input: list[Path] = InputOpt,
-    tokenizer: Path = TokOpt,
-    out: Path = OutShardOpt,
-    workers: Optional[int] = WorkersOpt,
-    on_bad_line: str = BadLineOpt,
-    overwrite: bool = OverwriteOpt,
-    field: str = typer.Option("text", "--field", help="jsonl field with the text"),
-) -> None:
-    """Tokenize {"text": ...} lines into a pretrain shard dir: tokens are bos, encode(text), eos.
+# The flags of every `prep pretrain|sft|dpo` command, in help order: (parameter, type, option).
+_PREP_OPTIONS = [
+    ("input", list[Path], InputOpt),
+    ("tokenizer", Path, TokOpt),
+    ("out", Path, OutShardOpt),
+    ("workers", Optional[int], WorkersOpt),
+    ("on_bad_line", str, BadLineOpt),
+    ("overwrite", bool, OverwriteOpt),
+]
+FieldOpt = typer.Option("text", "--field", help="jsonl field with the text")
+
+
+def _prep_command(kind: str, doc: str, text_field: bool = False):
+    """Register `llmcore prep KIND`: the shared flags (plus --field when ``text_field``), running ``_run_prep``."""
+    options = _PREP_OPTIONS + ([("field", str, FieldOpt)] if text_field else [])
+
+    def command(**flags) -> None:
+        _run_prep(kind, **flags)
+
+    command.__name__ = command.__qualname__ = f"prep_{kind}"
+    command.__doc__ = doc
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann) for name, ann, opt in options]
+    )
+    return prep_app.command(kind)(command)
+
+
+prep_pretrain = _prep_command("pretrain", """Tokenize {"text": ...} lines into a pretrain shard dir: tokens are bos, encode(text), eos.
 
     Example: llmcore prep pretrain --input dataset/pretrain_hq.jsonl --tokenizer tok/ --out shards/pretrain
-    """
-    _run_prep("pretrain", input, tokenizer, out, workers, on_bad_line, overwrite, field)
+    """, text_field=True)
 
-
-@prep_app.command("sft")
-def prep_sft(
-    input: list[Path] = InputOpt,
-    tokenizer: Path = TokOpt,
-    out: Path = OutShardOpt,
-    workers: Optional[int] = WorkersOpt,
-    on_bad_line: str = BadLineOpt,
-    overwrite: bool = OverwriteOpt,
-) -> None:
-    """Tokenize {"conversations": [...]} lines with the chat template; loss_mask = assistant content + <|im_end|>.
+prep_sft = _prep_command("sft", """Tokenize {"conversations": [...]} lines with the chat template; loss_mask = assistant content + <|im_end|>.
 
     Example: llmcore prep sft --input dataset/sft_mini_512.jsonl --tokenizer tok/ --out shards/sft
-    """
-    _run_prep("sft", input, tokenizer, out, workers, on_bad_line, overwrite)
+    """)
 
-
-@prep_app.command("dpo")
-def prep_dpo(
-    input: list[Path] = InputOpt,
-    tokenizer: Path = TokOpt,
-    out: Path = OutShardOpt,
-    workers: Optional[int] = WorkersOpt,
-    on_bad_line: str = BadLineOpt,
-    overwrite: bool = OverwriteOpt,
-) -> None:
-    """Tokenize {"chosen": [...], "rejected": [...]} lines; masks mark only the final assistant reply.
+prep_dpo = _prep_command("dpo", """Tokenize {"chosen": [...], "rejected": [...]} lines; masks mark only the final assistant reply.
 
     Example: llmcore prep dpo --input dataset/dpo.jsonl --tokenizer tok/ --out shards/dpo
-    """
-    _run_prep("dpo", input, tokenizer, out, workers, on_bad_line, overwrite)
+    """)
 
 
 def _marked(tok, tokens, mask) -> str:

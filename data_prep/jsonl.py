@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmcore.errors import DataError
+from llmcore.errors import DataError, LLMCoreError
 
 REASONS = {
     "invalid_utf8": "line is not valid UTF-8",
@@ -44,6 +44,22 @@ def open_input(path: str | Path):
         return open(p, "rb")
     except OSError as err:
         raise DataError(f"cannot read input file: {err.strerror or err}", str(p), reason="unreadable_file") from err
+
+
+def input_files(inputs, try_open: bool = False) -> list[Path]:
+    """The jsonl `inputs` as Paths; no inputs, or one that is missing or not a file, is an error.
+
+    ``try_open`` also opens each file, so permission problems fail before any work.
+    """
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise LLMCoreError("no input files given")
+    for p in paths:
+        if not p.is_file():
+            raise DataError("cannot read input file (missing or not a file)", str(p), reason="unreadable_file")
+        if try_open:
+            open_input(p).close()
+    return paths
 
 
 def parse_line(raw: bytes) -> dict | BadLine | None:

@@ -33,7 +33,12 @@ def train_eval_split(n_docs: int, eval_docs: int, seed: int = 0) -> tuple[np.nda
 
 
 class Loader:
-    """Iterator of batches (dicts of CPU torch.long tensors); see `make_loader`."""
+    """Iterator of batches (dicts of CPU torch.long tensors) over `reader` (infinite unless `epochs` is given).
+
+    mode "packed" (pretrain/sft: documents concatenated, cut into rows of seq_len+1), "padded"
+    (one document per row, MiniMind's semantics) or "pairs" (dpo). `shuffle=False` keeps document
+    order (e.g. for eval). Built through its public name `make_loader`.
+    """
 
     def __init__(
         self,
@@ -223,22 +228,5 @@ class Loader:
         self.step = int(state["step"])
 
 
-def make_loader(
-    reader: ShardReader,
-    mode: str,
-    seq_len: int,
-    micro_batch_size: int,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    doc_indices: Sequence[int] | np.ndarray | None = None,
-    shuffle: bool = True,
-    epochs: int | None = None,
-) -> Loader:
-    """A batch iterator over `reader` (infinite unless `epochs` is given).
-
-    mode "packed" (pretrain/sft: documents concatenated, cut into rows of seq_len+1), "padded"
-    (one document per row, MiniMind's semantics) or "pairs" (dpo). `shuffle=False` keeps document
-    order (e.g. for eval).
-    """
-    return Loader(reader, mode, seq_len, micro_batch_size, seed, rank, world_size, doc_indices, shuffle, epochs)
+# The public constructor: same arguments as `Loader` (documented there).
+make_loader = Loader

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from llmcore.data_prep.jsonl import KINDS, REASONS, BadLine, check_record, open_input, parse_line
+from llmcore.data_prep.jsonl import KINDS, REASONS, BadLine, check_record, input_files, open_input, parse_line
 from llmcore.data_prep.tokenizer import Tokenizer, load_tokenizer, spans_to_mask
 from llmcore.errors import DataError, LLMCoreError
 
@@ -313,13 +313,7 @@ def prep(
         raise LLMCoreError(f"--on-bad-line must be fail or skip, not {on_bad_line!r}")
     if shard_docs < 1:
         raise LLMCoreError("shard_docs must be at least 1")
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise LLMCoreError("no input files given")
-    for p in paths:
-        if not p.is_file():
-            raise DataError("cannot read input file (missing or not a file)", str(p), reason="unreadable_file")
-        open_input(p).close()  # fail on permission problems before any work
+    paths = input_files(inputs, try_open=True)  # fail on permission problems before any work
     out = Path(out_dir)
     _check_out_dir(out, overwrite)
     tok_dir = str(Path(tokenizer_dir))

@@ -248,12 +248,9 @@ def train_tokenizer(
     show_progress: bool = False,
 ) -> Path:
     """Train byte-level BPE on the `field` of jsonl `inputs` (streamed) and write an HF-loadable dir."""
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise LLMCoreError("no input files given")
-    for p in paths:
-        if not p.is_file():
-            raise DataError("cannot read input file (missing or not a file)", str(p), reason="unreadable_file")
+    from llmcore.data_prep.jsonl import input_files
+
+    paths = input_files(inputs)
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise LLMCoreError(f"vocab size {vocab_size} is too small: byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)}")
 

@@ -57,6 +57,100 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------------------------
+# shared by the kernels (Triton inlines these)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(base, offs, stride, ok, HEAD_DIM: tl.constexpr):
+    """Rows ``offs`` (row stride ``stride``) of one head's ``(seq, HEAD_DIM)`` slice; rows not ``ok`` load as zeros."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(base + offs[:, None] * stride + offs_d[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _store_tile(base, offs, stride, ok, value, HEAD_DIM: tl.constexpr):
+    """Store ``value`` into rows ``offs`` of one head's slice (the rows that are ``ok``)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(base + offs[:, None] * stride + offs_d[None, :], value, mask=ok[:, None])
+
+
+@triton.jit
+def _kv_tile(k_base, v_base, stride_kt, stride_vt, n0, seq_len, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key tile starting at ``n0`` (forward / dQ loops): its positions, which are inside the
+    sequence, and its K and V rows (zeros past the sequence)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < seq_len
+    return offs_n, n_ok, _load_tile(k_base, offs_n, stride_kt, n_ok, HEAD_DIM), _load_tile(v_base, offs_n, stride_vt, n_ok, HEAD_DIM)
+
+
+@triton.jit
+def _visible(rows, cols, cols_ok, row_lo, row_hi,
+             CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, KEY_ROWS: tl.constexpr):
+    """Element mask of a score tile: ``cols`` inside the sequence, in causal order, and inside the
+    row's document ``[row_lo, row_hi)``. Rows are queries and columns keys, or (KEY_ROWS, the
+    transposed dK/dV tiles) rows are keys and columns queries."""
+    keep = cols_ok[None, :]
+    if CAUSAL:
+        if KEY_ROWS:
+            keep = keep & (cols[None, :] >= rows[:, None])
+        else:
+            keep = keep & (cols[None, :] <= rows[:, None])
+    if HAS_SEG:
+        keep = keep & (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+    return keep
+
+
+@triton.jit
+def _doc_bounds(SEG_START, SEG_END, b, seq_len, offs, ok, first, last):
+    """Per-token document bounds ``[lo, hi)`` of a tile's positions, and the span of the tile's
+    documents: documents are contiguous, so the first position has the smallest document start
+    and the last position the largest end."""
+    seg_start = SEG_START + b * seq_len
+    seg_end = SEG_END + b * seq_len
+    tok_lo = tl.load(seg_start + offs, mask=ok, other=0)
+    tok_hi = tl.load(seg_end + offs, mask=ok, other=0)
+    return tok_lo, tok_hi, tl.load(seg_start + first), tl.load(seg_end + last)
+
+
+@triton.jit
+def _query_tile(seq_len, n_heads, group, BLOCK_M: tl.constexpr):
+    """Forward / dQ program: its (batch, head, KV head) and query tile."""
+    # Last query tiles first: under a causal mask they do the most work, so they should not start last.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = pid_bh % n_heads
+    m_start = pid_m * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    last_m = tl.minimum(m_start + BLOCK_M, seq_len) - 1
+    return pid_bh, b, h, h // group, m_start, offs_m, offs_m < seq_len, last_m
+
+
+@triton.jit
+def _query_tile_keys(SEG_START, SEG_END, b, seq_len, m_start, offs_m, m_ok, last_m,
+                     CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key ranges a query tile visits (forward / dQ): ``[0, full_end)`` needs no element mask,
+    ``[full_end, tail_end)`` does. With documents only the masked range is visited: it spans the
+    tile's documents, and ``q_lo``/``q_hi`` are each query's document bounds (without documents
+    the query positions stand in for them, unused)."""
+    if HAS_SEG:
+        q_lo, q_hi, lo, hi = _doc_bounds(SEG_START, SEG_END, b, seq_len, offs_m, m_ok, m_start, last_m)
+        if CAUSAL:
+            hi = tl.minimum(hi, last_m + 1)
+        return q_lo, q_hi, lo, hi
+    else:
+        if CAUSAL:
+            # Keys before m_start (a multiple of BLOCK_N) are visible to the whole tile.
+            full_end = m_start
+            tail_end = last_m + 1
+        else:
+            full_end = (seq_len // BLOCK_N) * BLOCK_N
+            tail_end = seq_len
+        return offs_m, offs_m, full_end, tail_end
+
+
+# ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
 
@@ -68,22 +162,13 @@ def _fwd_tiles(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
 ):
-    offs_d = tl.arange(0, HEAD_DIM)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < seq_len
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        offs_n, n_ok, k, v = _kv_tile(k_base, v_base, stride_kt, stride_vt, n0, seq_len, HEAD_DIM, BLOCK_N)
         s = _dot(q, tl.trans(k), F32) * qk_scale
         if MASKED:
-            keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            if HAS_SEG:
-                keep = keep & (offs_n[None, :] >= q_lo[:, None]) & (offs_n[None, :] < q_hi[:, None])
             # Finite "minus infinity": exp2(-1e30 - m) == 0, and a row masked in this whole tile
             # gives exp2(-1e30 - (-1e30)) = 1 instead of NaN; its later rescale factor is 0.
-            s = tl.where(keep, s, -1.0e30)
+            s = tl.where(_visible(offs_m, offs_n, n_ok, q_lo, q_hi, CAUSAL, HAS_SEG, False), s, -1.0e30)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -108,20 +193,8 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
     FIX_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Last query tiles first: under a causal mask they do the most work, so they should not start last.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = pid_bh % n_heads
-    hk = h // group
-    m_start = pid_m * BLOCK_M
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_ok = offs_m < seq_len
-    last_m = tl.minimum(m_start + BLOCK_M, seq_len) - 1
-
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=m_ok[:, None], other=0.0)
+    pid_bh, b, h, hk, m_start, offs_m, m_ok, last_m = _query_tile(seq_len, n_heads, group, BLOCK_M)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, m_ok, HEAD_DIM)
     if F32:
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + hk * stride_kh
@@ -131,38 +204,20 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    if HAS_SEG:
-        # Documents are contiguous, so the tile's first query has the smallest document start and
-        # its last query the largest end: keys outside [lo, hi) are masked for every row.
-        seg = SEG_START + b * seq_len
-        q_lo = tl.load(seg + offs_m, mask=m_ok, other=0)
-        q_hi = tl.load(SEG_END + b * seq_len + offs_m, mask=m_ok, other=0)
-        lo = tl.load(seg + m_start)
-        hi = tl.load(SEG_END + b * seq_len + last_m)
-        if CAUSAL:
-            hi = tl.minimum(hi, last_m + 1)
+    q_lo, q_hi, full_end, tail_end = _query_tile_keys(SEG_START, SEG_END, b, seq_len, m_start, offs_m, m_ok,
+                                                     last_m, CAUSAL, HAS_SEG, BLOCK_N)
+    if not HAS_SEG:
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   lo, hi, offs_m, q_lo, q_hi, seq_len, qk_scale,
-                                   HEAD_DIM, BLOCK_N, True, CAUSAL, True, F32)
-    else:
-        if CAUSAL:
-            # Keys before m_start (a multiple of BLOCK_N) are visible to the whole tile.
-            full_end = m_start
-            tail_end = last_m + 1
-        else:
-            full_end = (seq_len // BLOCK_N) * BLOCK_N
-            tail_end = seq_len
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   0, full_end, offs_m, offs_m, offs_m, seq_len, qk_scale,
-                                   HEAD_DIM, BLOCK_N, False, CAUSAL, False, F32)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   full_end, tail_end, offs_m, offs_m, offs_m, seq_len, qk_scale,
-                                   HEAD_DIM, BLOCK_N, True, CAUSAL, False, F32)
+                                   0, full_end, offs_m, q_lo, q_hi, seq_len, qk_scale,
+                                   HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_SEG, F32)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
+                               full_end, tail_end, offs_m, q_lo, q_hi, seq_len, qk_scale,
+                               HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_SEG, F32)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-             cast_rtne(out, O.dtype.element_ty, FIX_BF16), mask=m_ok[:, None])
+    _store_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_ot, m_ok,
+                cast_rtne(out, O.dtype.element_ty, FIX_BF16), HEAD_DIM)
     tl.store(LSE + pid_bh.to(tl.int64) * seq_len + offs_m, m_i + tl.log2(l_safe), mask=m_ok)
 
 
@@ -184,12 +239,9 @@ def _bwd_delta_kernel(
     b = (pid_bh // n_heads).to(tl.int64)
     h = pid_bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < seq_len
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-                mask=m_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :],
-                 mask=m_ok[:, None], other=0.0).to(tl.float32)
+    o = _load_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_ot, m_ok, HEAD_DIM).to(tl.float32)
+    do = _load_tile(DO + b * stride_db + h * stride_dh, offs_m, stride_dt, m_ok, HEAD_DIM).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * seq_len + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
 
 
@@ -200,13 +252,12 @@ def _bwd_dkdv_tiles(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
 ):
-    offs_d = tl.arange(0, HEAD_DIM)
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seq_len
         # Rows past the sequence load as zeros (q = dO = 0, lse = delta = 0): they add exactly 0.
-        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        q = _load_tile(q_base, offs_m, stride_qt, m_ok, HEAD_DIM)
+        do = _load_tile(do_base, offs_m, stride_dot, m_ok, HEAD_DIM)
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
         if F32:
@@ -216,12 +267,7 @@ def _bwd_dkdv_tiles(
         s_t = _dot(k, tl.trans(q), F32) * qk_scale
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:
-            keep = m_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[None, :] >= offs_n[:, None])
-            if HAS_SEG:
-                keep = keep & (offs_m[None, :] >= k_lo[:, None]) & (offs_m[None, :] < k_hi[:, None])
-            p_t = tl.where(keep, p_t, 0.0)
+            p_t = tl.where(_visible(offs_n, offs_m, m_ok, k_lo, k_hi, CAUSAL, HAS_SEG, True), p_t, 0.0)
         dp_t = _dot(v, tl.trans(do), F32)
         ds_t = p_t * (dp_t - delta[None, :])
         if F32:
@@ -252,14 +298,11 @@ def _bwd_dkdv_kernel(
     hk = pid_bk % n_kv_heads
     n_start = pid_n * BLOCK_N
     offs_n = n_start + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     n_ok = offs_n < seq_len
     last_n = tl.minimum(n_start + BLOCK_N, seq_len) - 1
 
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=n_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=n_ok[:, None], other=0.0)
+    k = _load_tile(K + b * stride_kb + hk * stride_kh, offs_n, stride_kt, n_ok, HEAD_DIM)
+    v = _load_tile(V + b * stride_vb + hk * stride_vh, offs_n, stride_vt, n_ok, HEAD_DIM)
     if F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -267,10 +310,7 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
     if HAS_SEG:
-        k_lo = tl.load(SEG_START + b * seq_len + offs_n, mask=n_ok, other=0)
-        k_hi = tl.load(SEG_END + b * seq_len + offs_n, mask=n_ok, other=0)
-        lo = tl.load(SEG_START + b * seq_len + n_start)
-        hi = tl.load(SEG_END + b * seq_len + last_n)
+        k_lo, k_hi, lo, hi = _doc_bounds(SEG_START, SEG_END, b, seq_len, offs_n, n_ok, n_start, last_n)
         if CAUSAL:
             lo = tl.maximum(lo, n_start)
     else:
@@ -311,10 +351,10 @@ def _bwd_dkdv_kernel(
                                      seq_len, qk_scale, HEAD_DIM, BLOCK_M, True, CAUSAL, False, F32)
 
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
-             cast_rtne(dk, DK.dtype.element_ty, FIX_BF16), mask=n_ok[:, None])
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
-             cast_rtne(dv, DV.dtype.element_ty, FIX_BF16), mask=n_ok[:, None])
+    _store_tile(DK + b * stride_dkb + hk * stride_dkh, offs_n, stride_dkt, n_ok,
+                cast_rtne(dk, DK.dtype.element_ty, FIX_BF16), HEAD_DIM)
+    _store_tile(DV + b * stride_dvb + hk * stride_dvh, offs_n, stride_dvt, n_ok,
+                cast_rtne(dv, DV.dtype.element_ty, FIX_BF16), HEAD_DIM)
 
 
 @triton.jit
@@ -324,23 +364,14 @@ def _bwd_dq_tiles(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
 ):
-    offs_d = tl.arange(0, HEAD_DIM)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < seq_len
-        k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        offs_n, n_ok, k, v = _kv_tile(k_base, v_base, stride_kt, stride_vt, n0, seq_len, HEAD_DIM, BLOCK_N)
         if F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         p = tl.exp2(_dot(q, tl.trans(k), F32) * qk_scale - lse[:, None])
         if MASKED:
-            keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            if HAS_SEG:
-                keep = keep & (offs_n[None, :] >= q_lo[:, None]) & (offs_n[None, :] < q_hi[:, None])
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_visible(offs_m, offs_n, n_ok, q_lo, q_hi, CAUSAL, HAS_SEG, False), p, 0.0)
         dp = _dot(do, tl.trans(v), F32)
         ds = p * (dp - delta[:, None])
         if F32:
@@ -362,22 +393,9 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
     FIX_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Last query tiles first: under a causal mask they do the most work, so they should not start last.
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = pid_bh % n_heads
-    hk = h // group
-    m_start = pid_m * BLOCK_M
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    m_ok = offs_m < seq_len
-    last_m = tl.minimum(m_start + BLOCK_M, seq_len) - 1
-
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=m_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
-                 mask=m_ok[:, None], other=0.0)
+    pid_bh, b, h, hk, m_start, offs_m, m_ok, last_m = _query_tile(seq_len, n_heads, group, BLOCK_M)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, m_ok, HEAD_DIM)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, stride_dot, m_ok, HEAD_DIM)
     if F32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -387,33 +405,19 @@ def _bwd_dq_kernel(
     v_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    if HAS_SEG:
-        q_lo = tl.load(SEG_START + b * seq_len + offs_m, mask=m_ok, other=0)
-        q_hi = tl.load(SEG_END + b * seq_len + offs_m, mask=m_ok, other=0)
-        lo = tl.load(SEG_START + b * seq_len + m_start)
-        hi = tl.load(SEG_END + b * seq_len + last_m)
-        if CAUSAL:
-            hi = tl.minimum(hi, last_m + 1)
+    q_lo, q_hi, full_end, tail_end = _query_tile_keys(SEG_START, SEG_END, b, seq_len, m_start, offs_m, m_ok,
+                                                     last_m, CAUSAL, HAS_SEG, BLOCK_N)
+    if not HAS_SEG:
         dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                           lo, hi, offs_m, q_lo, q_hi, seq_len, qk_scale,
-                           HEAD_DIM, BLOCK_N, True, CAUSAL, True, F32)
-    else:
-        if CAUSAL:
-            full_end = m_start
-            tail_end = last_m + 1
-        else:
-            full_end = (seq_len // BLOCK_N) * BLOCK_N
-            tail_end = seq_len
-        dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                           0, full_end, offs_m, offs_m, offs_m, seq_len, qk_scale,
-                           HEAD_DIM, BLOCK_N, False, CAUSAL, False, F32)
-        dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                           full_end, tail_end, offs_m, offs_m, offs_m, seq_len, qk_scale,
-                           HEAD_DIM, BLOCK_N, True, CAUSAL, False, F32)
+                           0, full_end, offs_m, q_lo, q_hi, seq_len, qk_scale,
+                           HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_SEG, F32)
+    dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+                       full_end, tail_end, offs_m, q_lo, q_hi, seq_len, qk_scale,
+                       HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_SEG, F32)
 
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
-             cast_rtne(dq, DQ.dtype.element_ty, FIX_BF16), mask=m_ok[:, None])
+    _store_tile(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqt, m_ok,
+                cast_rtne(dq, DQ.dtype.element_ty, FIX_BF16), HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
 
+from _kernel_helpers import DEVICE, assert_compiles_for_sm90, assert_refuses_cpu_tensors, cpu_only, needs_ptxas
 from llmcore.kernels import cu_seqlens_from_position_ids, flash_attention, flash_attention_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_TRITON_PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 LOW_PRECISION = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.bfloat16]
 # fp32 to 1e-4; half precision: P and dS are rounded for their matmuls, so a few ulps of O(1) values.
 TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (4e-2, 4e-2), torch.float16: (1e-2, 1e-2)}
@@ -173,31 +165,17 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     torch.testing.assert_close(flash_attention(q, k, v), flash_attention(q, k, v, softmax_scale=1 / math.sqrt(32)))
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA the compiled kernels run; the error is for CPU tensors")
+@cpu_only
 def test_flash_attention_cpu_without_interpreter_raises_clearly():
-    # Compiled (non-interpreted) kernels must refuse CPU tensors with a clear error, never compute garbage.
-    code = (
-        "import torch\n"
-        "from llmcore.kernels import KernelDeviceError, flash_attention\n"
-        "try:\n"
-        "    flash_attention(torch.randn(1, 4, 2, 16), torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16))\n"
-        "except KernelDeviceError as e:\n"
-        "    print('REFUSED', e)\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert "REFUSED" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+    assert_refuses_cpu_tensors(
+        "flash_attention", "flash_attention(torch.randn(1, 4, 2, 16), torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16))")
 
 
-@pytest.mark.skipif(shutil.which("ptxas") is None and not _TRITON_PTXAS.exists(), reason="Triton's bundled ptxas not found")
+@needs_ptxas
 def test_flash_attention_compiles_for_sm90():
-    # The CPU suite runs the interpreter, which accepts code the real compiler rejects: build the
-    # kernels for an H100 (sm_90) here too, without a GPU, in a process without TRITON_INTERPRET.
-    code = textwrap.dedent("""
+    assert_compiles_for_sm90("""
         import sys
         import llmcore.kernels.flash_attention
-        from llmcore.kernels._runtime import compile_for_cuda
         fa = sys.modules["llmcore.kernels.flash_attention"]  # the package re-exports a function of this name
         dt = "*bf16"
         strides = lambda *names: {f"stride_{n}{a}": 4096 for n in names for a in "bth"}
@@ -215,8 +193,4 @@ def test_flash_attention_compiles_for_sm90():
                                                             num_warps=warps, num_stages=stages))
         delta = dict(O=dt, DO=dt, DELTA="*fp32", seq_len=1000, n_heads=8, **strides("o", "d"))
         print(compile_for_cuda(fa._bwd_delta_kernel, delta, dict(HEAD_DIM=64, BLOCK_M=64)))
-        print("COMPILED")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "COMPILED" in out.stdout, out.stdout + out.stderr[-3000:]

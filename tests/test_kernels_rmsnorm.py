@@ -6,21 +6,13 @@ Runs on CUDA when present (bf16/fp16 too), else on CPU through Triton's interpre
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-import triton
 
+from _kernel_helpers import DEVICE, assert_compiles_for_sm90, assert_refuses_cpu_tensors, cpu_only, needs_ptxas
 from llmcore.kernels import rms_norm, rms_norm_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_TRITON_PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 LOW_PRECISION = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.bfloat16]
 # (abs, rel) tolerances: fp32 to ~1e-5; half precision to a couple of ulps of the output.
 TOL = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
@@ -106,29 +98,14 @@ def test_rms_norm_rejects_bad_weight():
         rms_norm(x, w[:8], 1e-5)
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA the compiled kernels run; the error is for CPU tensors")
+@cpu_only
 def test_rms_norm_cpu_without_interpreter_raises_clearly():
-    # Compiled (non-interpreted) kernels must refuse CPU tensors with a clear error, never compute garbage.
-    code = (
-        "import torch\n"
-        "from llmcore.kernels import KernelDeviceError, rms_norm\n"
-        "try:\n"
-        "    rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5)\n"
-        "except KernelDeviceError as e:\n"
-        "    print('REFUSED', e)\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert "REFUSED" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+    assert_refuses_cpu_tensors("rms_norm", "rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5)")
 
 
-@pytest.mark.skipif(shutil.which("ptxas") is None and not _TRITON_PTXAS.exists(), reason="Triton's bundled ptxas not found")
+@needs_ptxas
 def test_rms_norm_compiles_for_sm90():
-    # The CPU suite runs the interpreter, which accepts code the real compiler rejects: build the
-    # kernels for an H100 (sm_90) here too, without a GPU, in a process without TRITON_INTERPRET.
-    code = textwrap.dedent("""
-        from llmcore.kernels._runtime import compile_for_cuda
+    assert_compiles_for_sm90("""
         from llmcore.kernels.rmsnorm import _rms_norm_bwd_kernel, _rms_norm_fwd_kernel
         common = dict(n_rows=1000, n_cols=768)
         fwd = dict(X="*bf16", W="*bf16", Y="*bf16", RSTD="*fp32", stride_x=768, stride_y=768, eps=1e-5, **common)
@@ -137,8 +114,4 @@ def test_rms_norm_compiles_for_sm90():
         tiles = dict(BLOCK_ROWS=4, BLOCK_N=1024, FIX_BF16=False)
         print(compile_for_cuda(_rms_norm_fwd_kernel, fwd, tiles, num_warps=8))
         print(compile_for_cuda(_rms_norm_bwd_kernel, bwd, tiles, num_warps=8))
-        print("COMPILED")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "COMPILED" in out.stdout, out.stdout + out.stderr[-3000:]

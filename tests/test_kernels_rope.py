@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-import triton
 
+from _kernel_helpers import DEVICE, assert_compiles_for_sm90, assert_refuses_cpu_tensors, cpu_only, needs_ptxas
 from llmcore.kernels import apply_rope, apply_rope_reference, rope_tables
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_TRITON_PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 LOW_PRECISION = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.bfloat16]
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1.6e-2), torch.float16: (2e-3, 2e-3)}
 
@@ -146,37 +138,19 @@ def test_rope_rejects_out_of_range_positions_off_gpu():
         apply_rope(q, k, cos, sin, torch.tensor([[0, 1, 2, 8]]))
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA the compiled kernels run; the error is for CPU tensors")
+@cpu_only
 def test_rope_cpu_without_interpreter_raises_clearly():
-    # Compiled (non-interpreted) kernels must refuse CPU tensors with a clear error, never compute garbage.
-    code = (
-        "import torch\n"
-        "from llmcore.kernels import KernelDeviceError, apply_rope, rope_tables\n"
-        "try:\n"
-        "    apply_rope(torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8), *rope_tables(8, 8))\n"
-        "except KernelDeviceError as e:\n"
-        "    print('REFUSED', e)\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert "REFUSED" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+    assert_refuses_cpu_tensors(
+        "apply_rope, rope_tables", "apply_rope(torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8), *rope_tables(8, 8))")
 
 
-@pytest.mark.skipif(shutil.which("ptxas") is None and not _TRITON_PTXAS.exists(), reason="Triton's bundled ptxas not found")
+@needs_ptxas
 def test_rope_compiles_for_sm90():
-    # The CPU suite runs the interpreter, which accepts code the real compiler rejects: build the
-    # kernels for an H100 (sm_90) here too, without a GPU, in a process without TRITON_INTERPRET.
-    code = textwrap.dedent("""
-        from llmcore.kernels._runtime import compile_for_cuda
+    assert_compiles_for_sm90("""
         from llmcore.kernels.rope import _rope_kernel
         args = dict(X="*bf16", Y="*bf16", COS="*fp32", SIN="*fp32", POS="*i64", n_tokens=4096, seq_len=512,
                     n_heads=8, half_dim=32, stride_table=64)
         for backward in (False, True):
             tiles = dict(HAS_POS=True, BACKWARD=backward, BLOCK_T=16, BLOCK_H=8, BLOCK_HALF=32, FIX_BF16=False)
             print(compile_for_cuda(_rope_kernel, args, tiles))
-        print("COMPILED")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "COMPILED" in out.stdout, out.stdout + out.stderr[-3000:]
