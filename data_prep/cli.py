@@ -159,7 +159,7 @@ def prep_inspect(
     start: int = typer.Option(0, "--start", help="first document index"),
     count: int = typer.Option(3, "--count", "-n", help="number of documents"),
     decode: bool = typer.Option(False, "--decode", help="add the text; spans that carry loss are wrapped in double square brackets"),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="tokenizer for --decode (default: the one in the manifest)"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="tokenizer for --decode (default: the one in the manifest); refused when it is not the shards' tokenizer"),
 ) -> None:
     """Print documents of a shard dir as JSON lines (token ids, masks; with --decode the text).
 
@@ -169,7 +169,7 @@ def prep_inspect(
 
     reader = ShardReader(shard_dir)
     tok = None
-    if decode:
+    if decode or tokenizer is not None:  # a named tokenizer is always checked against the manifest
         from llmcore.data_prep.tokenizer import load_tokenizer
 
         tok_path = tokenizer or reader.manifest["tokenizer"].get("path")

@@ -98,7 +98,7 @@ def download(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(unit="B", unit_scale=True, desc=f"download {Path(file).name}", file=sys.stderr)
+        bar = tqdm(unit="B", unit_scale=True, desc=f"download {Path(file).name}", file=sys.stderr, disable=None)
     try:
         seen, last_change = 0, time.monotonic()
         while child.poll() is None:

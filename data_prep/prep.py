@@ -328,7 +328,7 @@ def prep(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc=f"prep {kind}", file=sys.stderr)
+        bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc=f"prep {kind}", file=sys.stderr, disable=None)
     started = time.perf_counter()
     pool = None
     try:

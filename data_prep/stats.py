@@ -61,7 +61,7 @@ def compute_stats(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(unit=" rows", unit_scale=True, desc="stats", file=sys.stderr)
+        bar = tqdm(unit=" rows", unit_scale=True, desc="stats", file=sys.stderr, disable=None)
 
     def flush() -> None:
         if tok is None or not pending:

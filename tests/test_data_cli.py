@@ -75,6 +75,15 @@ def test_prep_dpo_inspect_marks_only_final_reply(tmp_path, tok):
     assert "[[bad<|im_end|>]]" in row["rejected_text"] and "assistant\na<|im_end|>" in row["rejected_text"]
 
 
+def test_inspect_refuses_another_tokenizer_even_without_decode(tmp_path, tok, shared_data):
+    src = _write(tmp_path / "s.jsonl", [{"conversations": _conv("q", "a")}])
+    assert invoke("prep", "sft", "-i", src, "-t", tok, "-o", tmp_path / "sh", "-w", "1").exit_code == 0
+    res = invoke("prep", "inspect", tmp_path / "sh", "--tokenizer", shared_data / "minimind_tokenizer")
+    assert res.exit_code != 0 and isinstance(res.exception, LLMCoreError)
+    assert "tokenizer" in str(res.exception)
+    assert invoke("prep", "inspect", tmp_path / "sh", "--tokenizer", tok).exit_code == 0
+
+
 def test_cli_errors_are_one_line(tmp_path, tok):
     src = _write(tmp_path / "p.jsonl", [{"text": "ok"}], raw={1: b"{not json"})
     env = dict(os.environ, PYTHONPATH=str(ROOT))
