@@ -38,7 +38,7 @@ class DemoSettings:
     dpo_docs: int = 1000
     model: str = "demo"
     seq_len: int = 256
-    pretrain_steps: int = 300
+    pretrain_steps: int = 420
     sft_steps: int = 150
     dpo_steps: int = 40
     micro_batch_size: int = 16
@@ -58,6 +58,22 @@ def unigram_entropy(shard_dir: str | Path) -> float:
         counts[: tokens.max() + 1] += np.bincount(tokens, minlength=int(tokens.max()) + 1)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def _tokenizer_corpus(corpus: dict[str, Path], out: Path) -> Path:
+    """Pretraining text plus the SFT messages as `{"text"}` lines: the chat stages answer in English
+    too, and a tokenizer that never saw English would spell it out byte by byte."""
+    import json
+
+    with open(out, "w", encoding="utf-8") as dst:
+        for kind in ("pretrain", "sft"):
+            with open(corpus[kind], encoding="utf-8") as src:
+                for line in src:
+                    row = json.loads(line)
+                    texts = [row["text"]] if kind == "pretrain" else [m["content"] for m in row["conversations"]]
+                    for text in texts:
+                        dst.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return out
 
 
 def _samples(run_dir: Path, prompts: list[str], chat: bool, max_new_tokens: int) -> list[tuple[str, str]]:
@@ -114,7 +130,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     print(format_stats(stats))
 
     _banner(f"3/7 tokenizer (byte-level BPE, vocab {s.vocab_size})")
-    tok_dir = train_tokenizer([corpus["pretrain"]], out / "tokenizer", vocab_size=s.vocab_size)
+    tok_dir = train_tokenizer([_tokenizer_corpus(corpus, out / "data" / "tokenizer_corpus.jsonl")], out / "tokenizer",
+                              vocab_size=s.vocab_size)
     print(f"tokenizer -> {tok_dir}")
 
     _banner("4/7 shards")
@@ -140,7 +157,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     _print_samples("SFT model answers", _samples(runs["sft"], CHAT_PROMPTS, True, s.max_new_tokens))
 
     _banner(f"7/7 DPO ({s.dpo_steps} steps)")
-    dpo_common = {**common, "micro_batch_size": 8, "global_batch_size": 8}
+    # Longer rows than the other stages: a pair whose reply falls past seq_len teaches nothing.
+    dpo_common = {**common, "seq_len": 512, "micro_batch_size": 8, "global_batch_size": 8}
     dpo = train("dpo", TrainConfig(data=str(shards["dpo"]), out=str(runs["dpo"]), init=str(runs["sft"]),
                                    max_steps=s.dpo_steps, lr=2e-5, beta=0.1, eval_every=0, **dpo_common))
     _print_samples("DPO model answers", _samples(runs["dpo"], CHAT_PROMPTS, True, s.max_new_tokens))
