@@ -76,6 +76,15 @@ def _tokenizer_corpus(corpus: dict[str, Path], out: Path) -> Path:
     return out
 
 
+def _last_eval(run_dir: Path) -> dict:
+    """The newest eval line of a run's metrics.jsonl (empty when the run logged none)."""
+    import json
+
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in lines if "eval_loss" in r]
+    return evals[-1] if evals else {}
+
+
 def _samples(run_dir: Path, prompts: list[str], chat: bool, max_new_tokens: int) -> list[tuple[str, str]]:
     from llmcore.checkpoint import load_model
     from llmcore.generate import generate
@@ -171,7 +180,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
         "pretrain_eval_loss": held_out,
         "nats_below_unigram": entropy - held_out,
         "sft_eval_loss": sft.eval_loss,
-        "dpo_reward_accuracy": dpo.last_record.get("rewards/accuracy"),
+        "dpo_reward_accuracy": _last_eval(runs["dpo"]).get("eval_rewards/accuracy"),
+        "dpo_reward_margin": _last_eval(runs["dpo"]).get("eval_rewards/margin"),
         "elapsed_s": elapsed,
     }
     _banner("summary")
@@ -182,7 +192,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     if sft.eval_loss is not None:
         print(f"SFT held-out loss on assistant tokens:     {sft.eval_loss:.3f}")
     if summary["dpo_reward_accuracy"] is not None:
-        print(f"DPO reward accuracy (last step):           {summary['dpo_reward_accuracy']:.2f}")
+        print(f"DPO held-out reward accuracy:              {summary['dpo_reward_accuracy']:.2f} "
+              f"(0.50 = chance), margin {summary['dpo_reward_margin']:+.4f}")
     print(f"plots: {out / 'pretrain_lengths.png'}, " + ", ".join(str(r / "loss.png") for r in runs.values()))
     print(f"runs:  {', '.join(str(r) for r in runs.values())}   (try: llmcore chat --ckpt {runs['dpo']})")
     print(f"total time {elapsed / 60:.1f} min")

@@ -45,4 +45,5 @@ def test_demo_runs_every_stage_and_learns(tmp_path: Path, capsys: pytest.Capture
     # 30 tiny steps already beat a uniform guess on held-out text by a wide margin (the full-size
     # demo goes on to beat the unigram entropy, which is what its summary reports).
     assert summary["pretrain_eval_loss"] < math.log(512) - 0.5
+    assert 0.0 <= summary["dpo_reward_accuracy"] <= 1.0 and "held-out reward accuracy" in out
     assert summary["nats_below_unigram"] == pytest.approx(summary["unigram_entropy"] - summary["pretrain_eval_loss"])
