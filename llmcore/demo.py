@@ -169,7 +169,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     # Longer rows than the other stages: a pair whose reply falls past seq_len teaches nothing.
     dpo_common = {**common, "seq_len": 512, "micro_batch_size": 8, "global_batch_size": 8}
     dpo = train("dpo", TrainConfig(data=str(shards["dpo"]), out=str(runs["dpo"]), init=str(runs["sft"]),
-                                   max_steps=s.dpo_steps, lr=2e-5, beta=0.1, eval_every=0, **dpo_common))
+                                   max_steps=s.dpo_steps, lr=1e-4, beta=0.1, eval_every=0, **dpo_common))
     _print_samples("DPO model answers", _samples(runs["dpo"], CHAT_PROMPTS, True, s.max_new_tokens))
 
     entropy = unigram_entropy(shards["pretrain"])
