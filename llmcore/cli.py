@@ -44,10 +44,28 @@ def demo_command(
     run_demo(out)
 
 
+def without_launcher_local_rank(args: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` that the DeepSpeed launcher puts before our subcommand (the root
+    app would reject it); LOCAL_RANK in the environment carries the same value."""
+    keep: list[str] = []
+    it = iter(args)
+    for a in it:
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank"):
+            value = next(it, None)
+            if value is not None:
+                os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            keep.append(a)
+    return keep
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point for `llmcore` and `python -m llmcore`: user errors become one line and exit 2."""
+    args = without_launcher_local_rank(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, standalone_mode=True)
+        app(args=args, standalone_mode=True)
     except LLMCoreError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)

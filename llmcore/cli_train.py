@@ -19,25 +19,6 @@ EXAMPLES = {
 }
 
 
-def _strip_launcher_local_rank() -> None:
-    """The DeepSpeed launcher appends `--local_rank=N` right after `-m llmcore`, before our subcommand;
-    it also exports LOCAL_RANK, so the argument carries nothing we need and would break parsing."""
-    keep, skip = [], False
-    for i, a in enumerate(sys.argv):
-        if skip:
-            skip = False
-            continue
-        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
-            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
-            continue
-        if a in ("--local_rank", "--local-rank") and i + 1 < len(sys.argv):
-            os.environ.setdefault("LOCAL_RANK", sys.argv[i + 1])
-            skip = True
-            continue
-        keep.append(a)
-    sys.argv[:] = keep
-
-
 def _distributed_up() -> bool:
     import torch.distributed as dist
 
@@ -162,7 +143,6 @@ def eval_command(
 
 def register(app: typer.Typer) -> None:
     """Add `train pretrain|sft|dpo` and `eval` to the root app."""
-    _strip_launcher_local_rank()
     group = typer.Typer(help="Train a model: pretrain, sft, dpo.\n\nExample: " + EXAMPLES["pretrain"],
                         no_args_is_help=True)
     for stage in ("pretrain", "sft", "dpo"):

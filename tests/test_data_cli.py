@@ -84,6 +84,16 @@ def test_inspect_refuses_another_tokenizer_even_without_decode(tmp_path, tok, sh
     assert invoke("prep", "inspect", tmp_path / "sh", "--tokenizer", tok).exit_code == 0
 
 
+def test_deepspeed_launcher_local_rank_is_dropped_before_parsing(monkeypatch):
+    from llmcore.cli import without_launcher_local_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert without_launcher_local_rank(["--local_rank=1", "train", "pretrain", "--seed", "3"]) == \
+        ["train", "pretrain", "--seed", "3"]
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert without_launcher_local_rank(["--local-rank", "0", "eval", "--help"]) == ["eval", "--help"]
+
+
 def test_cli_errors_are_one_line(tmp_path, tok):
     src = _write(tmp_path / "p.jsonl", [{"text": "ok"}], raw={1: b"{not json"})
     env = dict(os.environ, PYTHONPATH=str(ROOT))
