@@ -73,7 +73,7 @@ def real_token_share(reader, mode: str, seq_len: int, batch: int = 16) -> float:
     for step, b in enumerate(loader):
         rows = b["input_ids"]
         if step == loader.steps_per_epoch - 1:  # leave out the wrapped repeats that fill the last batch
-            rows = rows[: loader._n_rows - step * batch]
+            rows = rows[: loader.rows_per_epoch - step * batch]
         real += int((rows != reader.special_ids["pad"]).sum())
         total += rows.numel()
     return real / total

@@ -79,15 +79,14 @@ class Loader:
         self.epoch = 0
         self.step = 0  # batches already yielded in this epoch
         self._plan_epoch = -1
-        rows = self._rows_in_epoch()
-        self.steps_per_epoch = math.ceil(rows / (self.world_size * self.micro_batch_size))
+        # Rows in one epoch: one per document (padded, pairs) or the packed stream cut into seq_len+1.
+        if mode == "packed":
+            self.rows_per_epoch = math.ceil(int(self._doc_lengths.sum()) / (self.seq_len + 1))
+        else:
+            self.rows_per_epoch = len(self.docs)
+        self.steps_per_epoch = math.ceil(self.rows_per_epoch / (self.world_size * self.micro_batch_size))
 
     # -- plan -------------------------------------------------------------------------------
-    def _rows_in_epoch(self) -> int:
-        if self.mode == "packed":
-            return math.ceil(int(self._doc_lengths.sum()) / (self.seq_len + 1))
-        return len(self.docs)
-
     def _plan(self) -> None:
         if self._plan_epoch == self.epoch:
             return
@@ -98,14 +97,20 @@ class Loader:
         self._order = self.docs[order]
         if self.mode == "packed":
             self._stream_starts = np.concatenate([[0], np.cumsum(self._doc_lengths[order])])
-        self._n_rows = self._rows_in_epoch()
         self._plan_epoch = self.epoch
+
+    def _slots(self, step: int) -> np.ndarray:
+        per_step = self.world_size * self.micro_batch_size
+        return step * per_step + self.rank + self.world_size * np.arange(self.micro_batch_size)
 
     def _global_rows(self, step: int) -> np.ndarray:
         """Indices of the epoch's rows that this rank gets at `step` (wrapping past the last row)."""
-        per_step = self.world_size * self.micro_batch_size
-        slots = step * per_step + self.rank + self.world_size * np.arange(self.micro_batch_size)
-        return slots % self._n_rows
+        return self._slots(step) % self.rows_per_epoch
+
+    def unwrapped_rows(self, step: int) -> int:
+        """How many of this rank's rows at `step` lie inside the epoch; the rest of the batch wraps
+        to the epoch's first rows, which a one-pass evaluation must not count twice."""
+        return int((self._slots(step) < self.rows_per_epoch).sum())
 
     # -- rows -------------------------------------------------------------------------------
     def _tokens(self, doc: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -45,7 +45,7 @@ def evaluate(ckpt: str | Path, data: str | Path, batch_size: int = 8, seq_len: i
     from llmcore.data_prep.loaders import make_loader
     from llmcore.data_prep.shards import ShardReader
     from llmcore.train.objectives import masked_ce_sum
-    from llmcore.train.trainer import epoch_rows, only_rows, valid_rows
+    from llmcore.train.trainer import only_rows
 
     if batch_size < 1:
         raise LLMCoreError(f"--batch-size must be >= 1, got {batch_size}")
@@ -68,11 +68,10 @@ def evaluate(ckpt: str | Path, data: str | Path, batch_size: int = 8, seq_len: i
     model.float().eval()
     loader = make_loader(reader, packing, seq_len, batch_size, seed=0, rank=0, world_size=1, shuffle=False)
     n = loader.steps_per_epoch if max_batches is None else min(loader.steps_per_epoch, max_batches)
-    n_rows = epoch_rows(reader, None, packing, seq_len)
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     for step in range(n):
-        batch = only_rows(next(loader), valid_rows(step, 0, 1, batch_size, n_rows))
+        batch = only_rows(next(loader), loader.unwrapped_rows(step))
         if batch is None:
             continue
         out = model(batch["input_ids"], position_ids=batch["position_ids"])

@@ -182,7 +182,7 @@ def test_rank_split(shards, mode, kind):
     assert len({ld.steps_per_epoch for ld in ranks}) == 1 and ranks[0].steps_per_epoch == single.steps_per_epoch
     per_rank = [[k for b in ld for k in _row_keys(b)] for ld in ranks]
     global_rows = [k for b in single for k in _row_keys(b)]
-    n_rows = ranks[0]._n_rows
+    n_rows = ranks[0].rows_per_epoch
     slots = ranks[0].steps_per_epoch * B * W
     assert all(len(rows) == slots // W for rows in per_rank)
     # Rank r holds global rows r, r+W, r+2W, ...: interleaving the ranks restores the one-process order.
@@ -194,6 +194,9 @@ def test_rank_split(shards, mode, kind):
     assert global_rows[n_rows:] == global_rows[: slots - n_rows]
     if mode != "packed":
         assert n_rows == len(reader)
+    # unwrapped_rows counts exactly the first-pass rows each rank holds at each step.
+    assert sum(ld.unwrapped_rows(step) for ld in ranks for step in range(ld.steps_per_epoch)) == n_rows
+    assert all(ld.unwrapped_rows(0) == B for ld in ranks)
 
 
 @pytest.mark.parametrize("mode,kind", [("packed", "pretrain"), ("padded", "sft"), ("pairs", "dpo")])
@@ -259,7 +262,7 @@ def test_real_token_share_on_shared_sample(tmp_path, shared_data):
         for step, b in enumerate(loader):
             rows = b["input_ids"]
             if step == loader.steps_per_epoch - 1:  # drop the wrapped repeats of the last global batch
-                rows = rows[: loader._n_rows - step * 16]
+                rows = rows[: loader.rows_per_epoch - step * 16]
             real += int((rows != 0).sum())
             total += rows.numel()
         return real / total

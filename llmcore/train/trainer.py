@@ -104,22 +104,6 @@ def barrier() -> None:
 # first rows (so ranks stay in step); evaluation must not count those rows twice.
 
 
-def epoch_rows(reader: Any, doc_indices: Any, mode: str, seq_len: int) -> int:
-    """Rows in one epoch: one per document (padded, pairs) or the packed stream cut into seq_len+1."""
-    lengths = reader.lengths()
-    if doc_indices is not None:
-        lengths = lengths[doc_indices]
-    if mode == "packed":
-        return math.ceil(int(lengths.sum()) / (seq_len + 1))
-    return len(lengths)
-
-
-def valid_rows(step: int, rank: int, world: int, micro: int, n_rows: int) -> int:
-    """How many of this rank's rows at `step` are inside the epoch (rank r takes rows r, r+W, ...)."""
-    slots = step * world * micro + rank + world * torch.arange(micro)
-    return int((slots < n_rows).sum())
-
-
 def only_rows(batch: dict[str, Any], n: int) -> dict[str, Any] | None:
     """The first `n` rows (pairs for DPO batches) of a batch; None when n is 0."""
     if n <= 0:
@@ -424,11 +408,10 @@ class Trainer:
         self.engine.train(False)
         try:
             ld = self._make_loader(self.eval_idx, self.rank, self.world, shuffle=False)
-            n_rows = epoch_rows(self.reader, self.eval_idx, self.mode, self.cfg.seq_len)
             sums: dict[str, torch.Tensor] = {}
             count = 0
             for step in range(ld.steps_per_epoch):
-                batch = only_rows(next(ld), valid_rows(step, self.rank, self.world, self.cfg.micro_batch_size, n_rows))
+                batch = only_rows(next(ld), ld.unwrapped_rows(step))
                 if batch is None:
                     continue
                 count += self.objective.count(batch)
