@@ -1,0 +1,69 @@
+"""Device and process-group setup: the one place llmcore decides where a model runs.
+
+Invariants:
+- `resolve_device("auto")` is the local rank's GPU under a launcher (LOCAL_RANK set), else `cuda:0`
+  when CUDA is there, else the CPU. An explicit `cuda`/`cuda:N` without CUDA (or past the device
+  count) is an LLMCoreError naming the flag, never a traceback.
+- Every command that runs a model (train, eval, generate, chat, serve, rag --answer, bench) resolves
+  its `--device` here, so they all agree on what `auto` means.
+- `default_attn_backend(device)` is `triton` on CUDA (our kernels) and `sdpa` elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llmcore.errors import LLMCoreError
+
+DEVICE_HELP = "auto (the local rank's GPU, else cuda:0 when CUDA is there, else cpu), cpu, cuda or cuda:N."
+
+
+def local_rank() -> int:
+    """This process's rank on its node (0 without a launcher)."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise LLMCoreError(f"LOCAL_RANK={os.environ['LOCAL_RANK']!r} is not an integer") from None
+
+
+def resolve_device(spec: str | torch.device | None = "auto", flag: str = "--device") -> torch.device:
+    """The torch.device a command runs on; raises LLMCoreError for a device that is not there."""
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    text = (spec or "auto").strip().lower()
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank() % max(torch.cuda.device_count(), 1))
+        return torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "cuda" or text.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise LLMCoreError(f"{flag} {spec}: CUDA is not available on this machine (use --device cpu or auto)")
+        if text == "cuda":
+            return torch.device("cuda", local_rank() % torch.cuda.device_count())
+        index_text = text.split(":", 1)[1]
+        if not index_text.isdigit():
+            raise LLMCoreError(f"{flag} {spec}: expected cuda:N with N a GPU index")
+        index = int(index_text)
+        if index >= torch.cuda.device_count():
+            raise LLMCoreError(f"{flag} {spec}: this machine has {torch.cuda.device_count()} GPU(s)")
+        return torch.device("cuda", index)
+    raise LLMCoreError(f"{flag} {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def default_attn_backend(device: torch.device) -> str:
+    """The attention backend `auto` means on a device: our Triton kernels on CUDA, SDPA elsewhere."""
+    return "triton" if device.type == "cuda" else "sdpa"
+
+
+def device_name(device: torch.device) -> str:
+    """A human name for reports: the GPU's name, or `cpu`."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+__all__ = ["DEVICE_HELP", "local_rank", "resolve_device", "default_attn_backend", "device_name"]
