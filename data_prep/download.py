@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from llmcore.errors import LLMCoreError
+from llmcore.io import install_file
 
 DEFAULT_ENDPOINT = "https://www.modelscope.cn"
 
@@ -119,7 +120,7 @@ def download(
         got = tmp / "files" / file
         if not got.is_file():
             raise LLMCoreError(f"download of {dataset}/{file} finished but the file is missing")
-        os.replace(got, final)
+        install_file(got, final)
     finally:
         if child.poll() is None:
             child.kill()

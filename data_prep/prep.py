@@ -14,13 +14,11 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
-import json
 import multiprocessing
 import os
 import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import pyarrow as pa
 from llmcore.data_prep.jsonl import KINDS, REASONS, BadLine, check_record, input_files, open_input, parse_line
 from llmcore.data_prep.tokenizer import Tokenizer, load_tokenizer, spans_to_mask
 from llmcore.errors import DataError, LLMCoreError
+from llmcore.io import install_dir, temp_dir_for, write_json
 
 FORMAT = "llmcore-shards"
 FORMAT_VERSION = 1
@@ -277,17 +276,6 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
         raise LLMCoreError(f"{out}: output dir exists and is not empty (pass --overwrite to replace it)")
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished temp dir to `out`, replacing an old one only after the new one is complete."""
-    trash = None
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(trash)
-    tmp.rename(out)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def prep(
     kind: str,
     inputs: list[str | Path],
@@ -320,9 +308,7 @@ def prep(
     tok = load_tokenizer(tok_dir)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = temp_dir_for(out)
     sources = [{"path": str(p), "lines_read": 0, "blank_lines": 0, "docs": 0, "lines_skipped": 0, "skipped_by_reason": {}} for p in paths]
     bar = None
     if progress:
@@ -370,8 +356,8 @@ def prep(
         if manifest["num_docs"] == 0:
             raise DataError("no valid documents in the inputs", str(paths[0]), reason="empty_text")
         manifest["seconds"] = round(time.perf_counter() - started, 3)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        _install(tmp, out)
+        write_json(tmp / "manifest.json", manifest)
+        install_dir(tmp, out)  # fsynced, then renamed over any old shard dir
     except BaseException:
         if pool is not None:
             pool.terminate()

@@ -9,6 +9,7 @@ import numpy as np
 
 from llmcore.data_prep.jsonl import BadLine, check_record, detect_kind, iter_records
 from llmcore.errors import DataError
+from llmcore.io import atomic_write
 
 PERCENTILES = (50, 90, 99)
 
@@ -136,8 +137,10 @@ def write_histogram(chars: np.ndarray, tokens: np.ndarray | None, out: str | Pat
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -20,6 +20,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmcore.errors import DataError, LLMCoreError
+from llmcore.io import atomic_write, write_json
 
 PAD_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|im_start|>"
@@ -194,7 +195,7 @@ class Tokenizer:
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
             src = self.path / name
             if src.is_file() and src.resolve() != (out / name).resolve():
-                shutil.copyfile(src, out / name)
+                atomic_write(out / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
         return out
 
     def __repr__(self) -> str:
@@ -274,7 +275,7 @@ def train_tokenizer(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
+    atomic_write(out / "tokenizer.json", lambda tmp: tok.save(str(tmp)))
     added = {
         str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
         for i, t in enumerate(SPECIAL_TOKENS)
@@ -295,5 +296,5 @@ def train_tokenizer(
         "model_max_length": 32768,
         "chat_template": CHAT_TEMPLATE,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "tokenizer_config.json", config)
     return out

@@ -6,8 +6,6 @@ points at — a run dir (follows `checkpoints/latest`), a checkpoint dir, or an 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +14,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmcore.errors import LLMCoreError
+from llmcore.io import atomic_write, write_text
 from llmcore.model import LLM, ModelConfig
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.json"
 HF_CONFIG = "config.json"
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same dir, then rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def model_state_dict(model: LLM) -> dict[str, torch.Tensor]:
@@ -49,9 +36,8 @@ def save_model(model: LLM, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     inner = getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
     state = model_state_dict(model)
-    _atomic_write(out / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "llmcore": "1"}))
-    cfg = json.dumps(inner.config.to_dict(), indent=2)
-    _atomic_write(out / CONFIG, lambda tmp: Path(tmp).write_text(cfg + "\n"))
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "llmcore": "1"}))
+    write_text(out / CONFIG, json.dumps(inner.config.to_dict(), indent=2) + "\n")
     return out
 
 

@@ -15,8 +15,9 @@ from typing import Any
 
 from safetensors.torch import save_file
 
-from llmcore.checkpoint import _atomic_write, find_tokenizer_dir, load_model, model_state_dict, resolve_checkpoint
+from llmcore.checkpoint import find_tokenizer_dir, load_model, model_state_dict, resolve_checkpoint
 from llmcore.errors import LLMCoreError
+from llmcore.io import atomic_write, write_json
 from llmcore.model import LLM, ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -81,12 +82,12 @@ def export_model_hf(model: LLM, out_dir: str | Path, tokenizer_dir: str | Path |
     state = {"model." + k: v for k, v in model_state_dict(model).items()}
     cfg = hf_config(config)
     cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    _atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    write_json(out / "config.json", cfg, ensure_ascii=True)
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
            "pad_token_id": config.pad_token_id, "do_sample": True, "temperature": 0.85, "top_p": 0.85,
            "max_new_tokens": 512}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_json(out / "generation_config.json", gen, ensure_ascii=True)
     if tokenizer_dir is not None:
         copy_tokenizer_files(Path(tokenizer_dir), out)
     return out
@@ -96,7 +97,7 @@ def copy_tokenizer_files(src: Path, out: Path) -> None:
     """Copy the tokenizer files; make sure tokenizer_config.json has a chat template and the special tokens."""
     for name in TOKENIZER_FILES:
         if (src / name).is_file() and (src / name).resolve() != (out / name).resolve():
-            shutil.copyfile(src / name, out / name)
+            atomic_write(out / name, lambda tmp, s=src / name: shutil.copyfile(s, tmp))
     tc_path = out / "tokenizer_config.json"
     tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
     tc.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
@@ -106,7 +107,7 @@ def copy_tokenizer_files(src: Path, out: Path) -> None:
     tc.setdefault("unk_token", "<|endoftext|>")
     if not tc.get("chat_template"):
         tc["chat_template"] = CHATML_TEMPLATE
-    tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
+    write_json(tc_path, tc)
 
 
 def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:

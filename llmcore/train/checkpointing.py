@@ -1,7 +1,8 @@
 """Run-dir checkpoints: `RUN/checkpoints/step-N/`, written complete or not at all.
 
-A save writes everything into `checkpoints/.step-N.tmp/`, then renames it to `step-N` (atomic on
-one filesystem), then rewrites `checkpoints/latest` through a temp file and os.replace. A kill at
+A save writes everything into `checkpoints/.step-N.tmp/`, then `llmcore.io.install_dir` fsyncs it
+and renames it to `step-N` (atomic on one filesystem), then `llmcore.io.write_text` rewrites
+`checkpoints/latest`. A kill at
 any moment therefore leaves either the old `latest` pointing at an old complete dir, or the new one
 pointing at a new complete dir; leftover `.tmp` dirs are removed on the next start.
 """
@@ -9,7 +10,6 @@ pointing at a new complete dir; leftover `.tmp` dirs are removed on the next sta
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -20,41 +20,14 @@ import numpy as np
 import torch
 
 from llmcore.errors import LLMCoreError
+from llmcore.io import install_dir, write_json, write_text
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Deprecated alias kept while trainer.py moves over: use `llmcore.io.write_json`."""
+    write_json(path, obj, ensure_ascii=True)
 
 
 def rank_suffix(rank: int) -> str:
@@ -151,27 +124,19 @@ class CheckpointManager:
         write_engine(tmp)
         notify(tmp)
         sfx = rank_suffix(self.rank)
-        write_json_atomic(tmp / f"loader_state{sfx}.json", loader_state)
+        write_json(tmp / f"loader_state{sfx}.json", loader_state, ensure_ascii=True)
         notify(tmp / f"loader_state{sfx}.json")
         torch.save(rng_state(), tmp / f"rng_state{sfx}.pt")
         notify(tmp / f"rng_state{sfx}.pt")
         self.barrier()
         if self.rank == 0:
             # trainer_state.json is the last file: a dir with it is complete even before the rename.
-            write_json_atomic(tmp / "trainer_state.json", {**trainer_state, "world_size": self.world})
+            write_json(tmp / "trainer_state.json", {**trainer_state, "world_size": self.world}, ensure_ascii=True)
             notify(tmp / "trainer_state.json")
-            _fsync_dir(tmp)
-            if final.exists():
-                # Same step saved again (e.g. a resumed run re-saving its end): replace it as a whole.
-                old = self.root / f".step-{step}.old.tmp"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(self.root)
-            write_text_atomic(self.root / "latest", f"step-{step}\n")
+            # fsync everything, rename into place; the same step saved again (e.g. a resumed run
+            # re-saving its end) replaces the old dir as a whole.
+            install_dir(tmp, final)
+            write_text(self.root / "latest", f"step-{step}\n")
             notify(self.root / "latest")
             for old_step in self.steps()[:-keep_last]:
                 if old_step != step:

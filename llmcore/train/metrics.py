@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmcore.errors import LLMCoreError
+from llmcore.io import atomic_write, write_text
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -72,7 +73,7 @@ class MetricsLogger:
             os.environ["WANDB_MODE"] = "offline"
         id_file = Path(run_dir) / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id + "\n")
+        write_text(id_file, run_id + "\n")
         self.wandb = wandb.init(project=wcfg["project"], id=run_id, resume="allow", dir=str(run_dir),
                                 config=wcfg.get("config"), name=Path(run_dir).name)
 
@@ -82,11 +83,7 @@ class MetricsLogger:
         metrics.jsonl reads exactly like one uninterrupted run's."""
         path = Path(run_dir) / "metrics.jsonl"
         keep = [r for r in read_metrics(path) if int(r.get("step", 0)) <= after_step]
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        with open(tmp, "w") as f:
-            for r in keep:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, path)
+        write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -159,10 +156,10 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
     if train or evals:
         ax.legend()
     fig.tight_layout()
-    tmp = out_path.with_name(".loss.png.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_path)
+    try:
+        atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)
 
 
 class Throughput:
