@@ -4,6 +4,10 @@ Layout of one block (MiniMind2 / Llama):  x + Attn(RMSNorm(x))  ->  h + MLP(RMSN
 Attention is grouped-query with rotary embeddings (theta 1e6, optional YaRN), the MLP is SwiGLU
 (or a mixture of SwiGLU experts), and the output projection is tied to the token embedding.
 
+Backends: `eager` runs the plain-PyTorch ops of `llmcore.reference` (the same functions the
+Triton kernels are tested against), `sdpa` the same with PyTorch's fused attention, and `triton`
+the kernels of `llmcore.kernels` (imported only when that backend runs).
+
 Packed rows: a new document begins wherever `position_ids == 0` (and at every row start). Tokens
 attend only inside their own document, causally. The eager and sdpa backends turn that rule into
 a block-diagonal causal mask; the triton backend turns it into `cu_seqlens` for the varlen flash
@@ -17,7 +21,7 @@ Parameter names follow Hugging Face Llama (`layers.N.self_attn.q_proj.weight`, .
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -25,6 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcore.errors import LLMCoreError
+from llmcore.reference import (apply_rope_rows, attention_mask, attention_reference, causal_mask,
+                               cu_seqlens_from_position_ids, document_ids, rms_norm_reference, rope_rows,
+                               rope_tables)
 
 BACKENDS = ("eager", "sdpa", "triton")
 
@@ -66,7 +73,6 @@ class ModelConfig:
     moe_intermediate_size: int | None = None  # None: intermediate_size
     norm_topk_prob: bool = True
     aux_loss_coef: float = 0.1
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. where a config came from)
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -99,13 +105,20 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Build from `to_dict()` output; unknown keys are refused so a typo never silently changes a model."""
+        """Build from `to_dict()` output; unknown keys are refused so a typo never silently changes a model.
+
+        Keys that older versions wrote and that no longer mean anything (`extra`) are dropped.
+        """
+        d = {k: v for k, v in d.items() if k not in _RETIRED_KEYS}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise LLMCoreError(f"unknown model config keys: {', '.join(unknown)}")
         return cls(**d)
 
+
+# Config keys written by older versions, ignored on load: `extra` (free-form notes, never read).
+_RETIRED_KEYS = frozenset({"extra"})
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -125,73 +138,6 @@ class ModelOutput:
     logits: torch.Tensor  # (B, T, V), float
     aux_loss: torch.Tensor  # scalar; MoE load-balancing loss already scaled by aux_loss_coef, 0 for dense
     kv_cache: "KVCache | None"
-
-
-# ----------------------------------------------------------------------------------------------
-# RoPE
-
-
-def rope_tables(head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables `(max_positions, head_dim)`, each half repeated (rotate-half layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    attn_factor = 1.0
-    if scaling is not None:
-        # YaRN: low-frequency dims (long wavelengths) are interpolated by `factor`, high-frequency
-        # dims are kept, with a linear ramp between the two correction dims.
-        orig = scaling.get("original_max_position_embeddings", 2048)
-        factor = scaling.get("factor", 16)
-        beta_fast, beta_slow = scaling.get("beta_fast", 32.0), scaling.get("beta_slow", 1.0)
-        attn_factor = scaling.get("attention_factor", 1.0)
-        if max_positions > orig:
-            def corr_dim(n_rot: float) -> float:
-                return head_dim * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
-
-            low = max(math.floor(corr_dim(beta_fast)), 0)
-            high = min(math.ceil(corr_dim(beta_slow)), head_dim // 2 - 1)
-            ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
-            inv_freq = inv_freq * (1 - ramp + ramp / factor)
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return (angles.cos() * attn_factor).float(), (angles.sin() * attn_factor).float()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B,T,H,D), k (B,T,Hkv,D); cos/sin already gathered per token: (B,T,D)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    q_out = (q.float() * cos + rotate_half(q.float()) * sin).to(q.dtype)
-    k_out = (k.float() * cos + rotate_half(k.float()) * sin).to(k.dtype)
-    return q_out, k_out
-
-
-# ----------------------------------------------------------------------------------------------
-# Document structure from position_ids
-
-
-def document_ids(position_ids: torch.Tensor, first_is_start: bool = True) -> torch.Tensor:
-    """Per-token document index within its row (B, T): +1 at every `position_ids == 0` and at the row start."""
-    starts = position_ids == 0
-    if first_is_start:
-        starts = starts.clone()
-        starts[:, 0] = True
-    return starts.long().cumsum(dim=1)
-
-
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """int32 document offsets into the flattened B*T tokens (FlashAttention varlen layout)."""
-    b, t = position_ids.shape
-    starts = position_ids == 0
-    starts = starts.clone()
-    starts[:, 0] = True
-    idx = starts.reshape(-1).nonzero().flatten()
-    end = torch.tensor([b * t], device=idx.device, dtype=idx.dtype)
-    return torch.cat([idx, end]).to(torch.int32)
 
 
 class KVCache:
@@ -231,10 +177,8 @@ class RMSNorm(nn.Module):
             from llmcore.kernels import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
-        # Normalise in fp32 so bf16 activations keep their precision (as Llama/MiniMind do).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalised in fp32 so bf16 activations keep their precision (as Llama/MiniMind do).
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -259,7 +203,7 @@ class Attention(nn.Module):
 
             q, k = apply_rope(q, k, rope["cos_table"], rope["sin_table"], rope["position_ids"])
         else:
-            q, k = apply_rope_ref(q, k, rope["cos"], rope["sin"])
+            q, k = apply_rope_rows(q, k, rope["cos_rows"], rope["sin_rows"])
 
         if kv_cache is not None:
             start = kv_cache.length
@@ -275,7 +219,8 @@ class Attention(nn.Module):
 
             out = flash_attention(q, k, v, causal=True, cu_seqlens=attn["cu_seqlens"])
         elif mode == "eager":
-            out = self._eager(q, k, v, attn["mask"], p)
+            mask = attn["mask"]  # None: plain causal rows
+            out = attention_reference(q, k, v, causal=mask is None, mask=mask, dropout_p=p)
         else:
             # (B, H, T, D) layout for SDPA; enable_gqa lets it broadcast K/V heads without a copy.
             out = F.scaled_dot_product_attention(
@@ -285,22 +230,6 @@ class Attention(nn.Module):
             ).transpose(1, 2)
         out = out.reshape(b, t, self.n_heads * self.head_dim)
         return self.o_proj(out)
-
-    def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-               p: float) -> torch.Tensor:
-        """Reference attention: explicit scores, mask, fp32 softmax."""
-        rep = self.n_heads // self.n_kv
-        q = q.transpose(1, 2)  # B,H,T,D
-        k = k.repeat_interleave(rep, dim=2).transpose(1, 2)
-        v = v.repeat_interleave(rep, dim=2).transpose(1, 2)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        if mask is None:
-            tq, tk = scores.shape[-2:]
-            mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
-        probs = F.dropout(probs, p=p, training=p > 0)
-        return (probs @ v).transpose(1, 2)
 
 
 class SwiGLU(nn.Module):
@@ -463,28 +392,27 @@ class LLM(nn.Module):
                                                                                   device=input_ids.device)
             doc = prev + document_ids(position_ids, first_is_start=start == 0)
             kv_cache.doc[:, start:start + t] = doc
-            kdoc = kv_cache.doc[:, :start + t]
-            causal = torch.ones(t, start + t, dtype=torch.bool, device=input_ids.device).tril(start)
-            attn["mask"] = ((doc.unsqueeze(2) == kdoc.unsqueeze(1)) & causal).unsqueeze(1)
+            attn["mask"] = attention_mask(doc, kv_cache.doc[:, :start + t])
             kv_cache.next_pos = position_ids[:, -1] + 1
         elif backend == "triton":
             attn["mode"] = "flash"
             attn["cu_seqlens"] = cu_seqlens_from_position_ids(position_ids)
         elif explicit_positions:
             doc = document_ids(position_ids)
-            causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
-            attn["mask"] = ((doc.unsqueeze(2) == doc.unsqueeze(1)) & causal).unsqueeze(1)
+            attn["mask"] = attention_mask(doc, doc)
         elif backend == "sdpa" and input_ids.device.type == "cpu":
             # On CPU, SDPA's is_causal path with enable_gqa is ~3x slower in backward than the same
             # attention with an explicit causal mask (torch 2.13), so give it the mask.
-            attn["mask"] = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+            attn["mask"] = causal_mask(t, t, input_ids.device)
         # else: plain causal rows (mask None -> is_causal fast path / tril in eager)
 
         rope: dict[str, Any] = {"kernel": backend == "triton"}
         if rope["kernel"]:
             rope.update(cos_table=self.rope_cos, sin_table=self.rope_sin, position_ids=position_ids)
         else:
-            rope.update(cos=self.rope_cos[position_ids], sin=self.rope_sin[position_ids])
+            # Table rows gathered once per forward, shared by all layers.
+            cos_rows, sin_rows = rope_rows(self.rope_cos, self.rope_sin, position_ids)
+            rope.update(cos_rows=cos_rows, sin_rows=sin_rows)
 
         h = self.dropout(self.embed_tokens(input_ids))
         aux_total = h.new_zeros((), dtype=torch.float32)
@@ -497,6 +425,20 @@ class LLM(nn.Module):
         h = self.norm(h)
         logits = F.linear(h, self.embed_tokens.weight).float()
         return ModelOutput(logits=logits, aux_loss=aux_total, kv_cache=kv_cache)
+
+
+def unwrap_model(model: nn.Module) -> LLM:
+    """The `LLM` inside any nesting of wrappers: torch.compile (`_orig_mod`), DDP and DeepSpeed (`.module`)."""
+    inner = model
+    while not isinstance(inner, LLM):
+        wrapped = getattr(inner, "_orig_mod", None)
+        if wrapped is None:
+            wrapped = getattr(inner, "module", None)
+        if not isinstance(wrapped, nn.Module):
+            raise TypeError(f"unwrap_model: {type(model).__name__} holds no llmcore LLM "
+                            f"(stopped at {type(inner).__name__})")
+        inner = wrapped
+    return inner
 
 
 # ----------------------------------------------------------------------------------------------
