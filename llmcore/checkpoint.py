@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from llmcore.errors import LLMCoreError
 from llmcore.io import atomic_write, write_text
-from llmcore.model import LLM, ModelConfig
+from llmcore.model import LLM, ModelConfig, unwrap_model
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.json"
@@ -24,17 +24,15 @@ HF_CONFIG = "config.json"
 
 def model_state_dict(model: LLM) -> dict[str, torch.Tensor]:
     """Contiguous CPU copies of the weights, keyed by parameter name (no tied duplicates: the LM head is the embedding)."""
-    # Unwrap torch.compile / DDP wrappers so keys carry no `_orig_mod.` or `module.` prefix.
-    inner = getattr(model, "_orig_mod", model)
-    inner = getattr(inner, "module", inner)
-    return {k: v.detach().to("cpu").contiguous() for k, v in inner.state_dict().items()}
+    # Unwrap torch.compile / DDP / DeepSpeed wrappers so keys carry no `_orig_mod.` or `module.` prefix.
+    return {k: v.detach().to("cpu").contiguous() for k, v in unwrap_model(model).state_dict().items()}
 
 
 def save_model(model: LLM, out_dir: str | Path) -> Path:
     """Write `model.safetensors` and `model_config.json` into `out_dir` (created if needed); returns it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    inner = getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
+    inner = unwrap_model(model)
     state = model_state_dict(model)
     atomic_write(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "llmcore": "1"}))
     write_text(out / CONFIG, json.dumps(inner.config.to_dict(), indent=2) + "\n")

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from llmcore.checkpoint import find_tokenizer_dir, load_model, model_state_dict, resolve_checkpoint
 from llmcore.errors import LLMCoreError
 from llmcore.io import atomic_write, write_json
-from llmcore.model import LLM, ModelConfig
+from llmcore.model import LLM, ModelConfig, unwrap_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -73,7 +73,7 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
 
 def export_model_hf(model: LLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """Write config.json, model.safetensors, generation_config.json and (if given) tokenizer files."""
-    config = getattr(model, "_orig_mod", model).config
+    config = unwrap_model(model).config
     if config.use_moe:
         raise LLMCoreError("Hugging Face export supports dense models only: transformers' Llama has no "
                            "shared+routed expert MLP, so an MoE checkpoint cannot be exported as LlamaForCausalLM")
