@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from llmcore.data_prep.kinds import KINDS, ShardKind
 from llmcore.errors import LLMCoreError
 
 tokenizer_app = typer.Typer(help="Train a byte-level BPE tokenizer.\n\nExample: llmcore tokenizer train --input data.jsonl --vocab-size 6400 --out tok/", no_args_is_help=True)
@@ -52,7 +53,7 @@ def tokenizer_train(
 
 @prep_app.command("stats")
 def prep_stats(
-    file: Path = typer.Argument(..., help="jsonl file (pretrain, sft or dpo format)"),
+    file: Path = typer.Argument(..., help=f"jsonl file ({', '.join(KINDS)} format)"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="also count tokens per row"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a length histogram PNG"),
     field: str = typer.Option("text", "--field", help="text field for pretrain files"),
@@ -99,7 +100,7 @@ def _run_prep(kind: str, input: list[Path], tokenizer: Path, out: Path, workers,
             typer.echo(f"  {reason}: {n}")
 
 
-# The flags of every `prep pretrain|sft|dpo` command, in help order: (parameter, type, option).
+# The flags of every `prep KIND` command, in help order: (parameter, type, option).
 _PREP_OPTIONS = [
     ("input", list[Path], InputOpt),
     ("tokenizer", Path, TokOpt),
@@ -111,46 +112,24 @@ _PREP_OPTIONS = [
 FieldOpt = typer.Option("text", "--field", help="jsonl field with the text")
 
 
-def _prep_command(kind: str, doc: str, text_field: bool = False):
-    """Register `llmcore prep KIND`: the shared flags (plus --field when ``text_field``), running ``_run_prep``."""
-    options = _PREP_OPTIONS + ([("field", str, FieldOpt)] if text_field else [])
+def _prep_command(kind: ShardKind):
+    """Register `llmcore prep KIND` from the kind: its help, the shared flags (plus --field when the
+    kind reads a named text field), running ``_run_prep``."""
+    options = _PREP_OPTIONS + ([("field", str, FieldOpt)] if kind.text_field else [])
 
     def command(**flags) -> None:
-        _run_prep(kind, **flags)
+        _run_prep(kind.name, **flags)
 
-    command.__name__ = command.__qualname__ = f"prep_{kind}"
-    command.__doc__ = doc
+    command.__name__ = command.__qualname__ = f"prep_{kind.name}"
+    command.__doc__ = kind.help
     command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann) for name, ann, opt in options]
     )
-    return prep_app.command(kind)(command)
+    return prep_app.command(kind.name)(command)
 
 
-prep_pretrain = _prep_command("pretrain", """Tokenize {"text": ...} lines into a pretrain shard dir: tokens are bos, encode(text), eos.
-
-    Example: llmcore prep pretrain --input dataset/pretrain_hq.jsonl --tokenizer tok/ --out shards/pretrain
-    """, text_field=True)
-
-prep_sft = _prep_command("sft", """Tokenize {"conversations": [...]} lines with the chat template; loss_mask = assistant content + <|im_end|>.
-
-    Example: llmcore prep sft --input dataset/sft_mini_512.jsonl --tokenizer tok/ --out shards/sft
-    """)
-
-prep_dpo = _prep_command("dpo", """Tokenize {"chosen": [...], "rejected": [...]} lines; masks mark only the final assistant reply.
-
-    Example: llmcore prep dpo --input dataset/dpo.jsonl --tokenizer tok/ --out shards/dpo
-    """)
-
-
-def _marked(tok, tokens, mask) -> str:
-    """Decode with the loss-carrying spans wrapped in double square brackets."""
-    parts, start = [], 0
-    for i in range(1, len(tokens) + 1):
-        if i == len(tokens) or mask[i] != mask[start]:
-            text = tok.decode(tokens[start:i])
-            parts.append(f"[[{text}]]" if mask[start] else text)
-            start = i
-    return "".join(parts)
+for _kind in KINDS.values():
+    _prep_command(_kind)
 
 
 @prep_app.command("inspect")
@@ -185,13 +164,7 @@ def prep_inspect(
         for name, arr in doc.items():
             row[name] = arr.tolist()
         if tok is not None:
-            if reader.kind == "pretrain":
-                row["text"] = tok.decode(row["tokens"])
-            elif reader.kind == "sft":
-                row["text"] = _marked(tok, row["tokens"], row["loss_mask"])
-            else:
-                row["chosen_text"] = _marked(tok, row["chosen"], row["chosen_mask"])
-                row["rejected_text"] = _marked(tok, row["rejected"], row["rejected_mask"])
+            row.update(reader.shard_kind.render(tok, row))
         typer.echo(json.dumps(row, ensure_ascii=False))
 
 

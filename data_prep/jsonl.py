@@ -1,7 +1,8 @@
 """Streaming jsonl input: read line by line as bytes, decode and validate each line, classify bad ones.
 
 Every bad line gets one of the `REASONS` keys, so skip mode can count them and fail mode can
-say exactly what is wrong and where (file and 1-based line number).
+say exactly what is wrong and where (file and 1-based line number). Which checks a record of a
+given kind must pass is the kind's business (`kinds.py`); this module has the building blocks.
 """
 
 from __future__ import annotations
@@ -23,18 +24,12 @@ REASONS = {
     "token_id_overflow": "token id does not fit uint16",
 }
 
-KINDS = ("pretrain", "sft", "dpo")
-
-
 @dataclass
 class BadLine:
     """A line that cannot become a document; `reason` is a key of REASONS."""
 
     reason: str
     message: str
-
-    def error(self, path: str | Path, line: int) -> DataError:
-        return DataError(self.message, str(path), line, self.reason)
 
 
 def open_input(path: str | Path):
@@ -137,29 +132,3 @@ def check_messages(obj: dict, field: str, final_assistant: bool = False) -> list
     if not any(m["content"].strip() for m in messages):
         return BadLine("empty_text", f'field "{field}": every message is empty')
     return messages
-
-
-def check_record(obj: dict, kind: str, field: str = "text") -> str | list[dict] | tuple[list[dict], list[dict]] | BadLine:
-    """The validated payload of one record for `kind`: text, messages, or (chosen, rejected)."""
-    if kind == "pretrain":
-        return check_text(obj, field)
-    if kind == "sft":
-        return check_messages(obj, "conversations")
-    if kind == "dpo":
-        chosen = check_messages(obj, "chosen", final_assistant=True)
-        if isinstance(chosen, BadLine):
-            return chosen
-        rejected = check_messages(obj, "rejected", final_assistant=True)
-        if isinstance(rejected, BadLine):
-            return rejected
-        return chosen, rejected
-    raise ValueError(f"unknown kind {kind!r}")
-
-
-def detect_kind(obj: dict) -> str:
-    """Guess the dataset kind from a record's keys (for `prep stats`)."""
-    if "conversations" in obj:
-        return "sft"
-    if "chosen" in obj or "rejected" in obj:
-        return "dpo"
-    return "pretrain"

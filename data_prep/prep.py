@@ -3,8 +3,8 @@
 The main process reads each input in blocks of whole lines (256 KiB: small enough that the last
 blocks spread evenly over the workers) and hands them to a pool of workers
 (at most a few blocks in flight, so memory stays flat whatever the input size). A worker decodes
-and validates the lines, tokenizes them with the tokenizer's batch encoder and returns flat numpy
-arrays (values + lengths), which the main process appends to the current shard file as one Arrow
+the lines, has the shard kind (`kinds.py`) check each record and encode the block with the
+tokenizer's batch encoder, and returns flat numpy arrays (values + lengths), which the main process appends to the current shard file as one Arrow
 record batch, in input order. Everything is written into a temp dir beside the output and renamed
 into place only when complete.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import itertools
 import multiprocessing
 import os
 import shutil
@@ -25,25 +24,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from llmcore.data_prep.jsonl import KINDS, REASONS, BadLine, check_record, input_files, open_input, parse_line
-from llmcore.data_prep.tokenizer import Tokenizer, load_tokenizer, spans_to_mask
+from llmcore.data_prep.format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, UINT16_LIMIT, shard_file_name
+from llmcore.data_prep.jsonl import REASONS, BadLine, input_files, open_input, parse_line
+from llmcore.data_prep.kinds import ShardKind, get_kind
+from llmcore.data_prep.tokenizer import Tokenizer, load_tokenizer
 from llmcore.errors import DataError, LLMCoreError
 from llmcore.io import install_dir, temp_dir_for, write_json
-
-FORMAT = "llmcore-shards"
-FORMAT_VERSION = 1
-UINT16_LIMIT = 1 << 16
-
-COLUMNS = {
-    "pretrain": {"tokens": pa.uint16()},
-    "sft": {"tokens": pa.uint16(), "loss_mask": pa.uint8()},
-    "dpo": {"chosen": pa.uint16(), "chosen_mask": pa.uint8(), "rejected": pa.uint16(), "rejected_mask": pa.uint8()},
-}
-TOKEN_COLUMNS = {"pretrain": ("tokens",), "sft": ("tokens",), "dpo": ("chosen", "rejected")}
-
-
-def schema(kind: str) -> pa.Schema:
-    return pa.schema([pa.field(name, pa.list_(t)) for name, t in COLUMNS[kind].items()])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,46 +55,17 @@ class ChunkResult:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_dir: str, kind: str, field_name: str, single_thread: bool) -> None:
+def _init_worker(tokenizer_dir: str, kind: str | ShardKind, field_name: str, single_thread: bool) -> None:
     if single_thread:
         # Each pool process is one core's worth; the Rust thread pool would only oversubscribe.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(tok=load_tokenizer(tokenizer_dir), kind=kind, field=field_name)
-
-
-def _flatten(id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
-    values = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
-    return values, lengths
-
-
-def _with_bos_eos(values: np.ndarray, lengths: np.ndarray, bos: int, eos: int) -> tuple[np.ndarray, np.ndarray]:
-    """[bos] + ids + [eos] for every document, done on the flat arrays in one pass."""
-    out_len = lengths + 2
-    ends = np.cumsum(out_len)
-    starts = ends - out_len
-    out = np.empty(int(out_len.sum()), dtype=np.int64)
-    inner = np.ones(len(out), dtype=bool)
-    inner[starts] = False
-    inner[ends - 1] = False
-    out[inner] = values
-    out[starts] = bos
-    out[ends - 1] = eos
-    return out, out_len
-
-
-def _encode_chats(tok: Tokenizer, conversations: list[list[dict]], only_last: bool) -> tuple[list[list[int]], list[np.ndarray]]:
-    rendered = [tok.chat_spans(msgs, only_last=only_last) for msgs in conversations]
-    encs = tok.backend.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-    ids = [e.ids for e in encs]
-    masks = [spans_to_mask(np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2), spans) for e, (_, spans) in zip(encs, rendered)]
-    return ids, masks
+    _WORKER.update(tok=load_tokenizer(tokenizer_dir), kind=get_kind(kind), field=field_name)
 
 
 def process_chunk(chunk: Chunk) -> ChunkResult:
     """Validate and tokenize one block of lines (runs in a worker, or in-process with one worker)."""
     tok: Tokenizer = _WORKER["tok"]
-    kind: str = _WORKER["kind"]
+    kind: ShardKind = _WORKER["kind"]
     res = ChunkResult(source=chunk.source)
     raw_lines = chunk.data.split(b"\n")
     if raw_lines and raw_lines[-1] == b"":
@@ -123,32 +80,18 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
             res.blank += 1
             continue
         if not isinstance(rec, BadLine):
-            rec = check_record(rec, kind, _WORKER["field"])
+            rec = kind.check(rec, _WORKER["field"])
         if isinstance(rec, BadLine):
             res.bad.append((line_no, rec.reason, rec.message))
             continue
         line_nos.append(line_no)
         payloads.append(rec)
 
-    columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if kind == "pretrain":
-        encode = getattr(tok.backend, "encode_batch_fast", tok.backend.encode_batch)
-        ids = [e.ids for e in encode(payloads, add_special_tokens=False)]
-        values, lengths = _flatten(ids)
-        columns["tokens"] = _with_bos_eos(values, lengths, tok.bos_id, tok.eos_id)
-    elif kind == "sft":
-        ids, masks = _encode_chats(tok, payloads, only_last=False)
-        columns["tokens"] = _flatten(ids)
-        columns["loss_mask"] = (np.concatenate(masks) if masks else np.zeros(0, np.uint8), columns["tokens"][1])
-    else:
-        for side, idx in (("chosen", 0), ("rejected", 1)):
-            ids, masks = _encode_chats(tok, [p[idx] for p in payloads], only_last=True)
-            columns[side] = _flatten(ids)
-            columns[side + "_mask"] = (np.concatenate(masks) if masks else np.zeros(0, np.uint8), columns[side][1])
+    columns = kind.encode(tok, payloads)
 
     keep = np.ones(len(payloads), dtype=bool)
     if tok.vocab_size > UINT16_LIMIT:  # only then can an id overflow the uint16 columns
-        for name in TOKEN_COLUMNS[kind]:
+        for name in kind.token_columns:
             values, lengths = columns[name]
             doc_max = _per_doc_max(values, lengths)
             for j in np.nonzero(doc_max >= UINT16_LIMIT)[0]:
@@ -162,7 +105,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
 
     res.docs = int(keep.sum())
     res.columns = {
-        name: (values.astype(COLUMNS[kind][name].to_pandas_dtype(), copy=False), lengths)
+        name: (values.astype(kind.columns[name], copy=False), lengths)
         for name, (values, lengths) in columns.items()
     }
     return res
@@ -214,9 +157,9 @@ def _read_chunks(paths: list[Path], block_bytes: int, progress) -> "collections.
 class _ShardWriter:
     """Appends record batches to shard-NNNNN.arrow files of at most `shard_docs` documents."""
 
-    def __init__(self, out_dir: Path, kind: str, shard_docs: int):
+    def __init__(self, out_dir: Path, kind: ShardKind, shard_docs: int):
         self.out_dir, self.kind, self.shard_docs = out_dir, kind, shard_docs
-        self.schema = schema(kind)
+        self.schema = kind.schema()
         self.shards: list[dict] = []
         self._writer = None
         self._sink = None
@@ -224,7 +167,7 @@ class _ShardWriter:
         self._tokens = 0
 
     def _open(self) -> None:
-        name = f"shard-{len(self.shards):05d}.arrow"
+        name = shard_file_name(len(self.shards))
         self._sink = pa.OSFile(str(self.out_dir / name), "wb")
         self._writer = pa.ipc.new_file(self._sink, self.schema)
         self.shards.append({"file": name})
@@ -246,13 +189,13 @@ class _ShardWriter:
 
     def write(self, columns: dict[str, tuple[np.ndarray, np.ndarray]], n_docs: int) -> None:
         arrays = []
-        for name, t in COLUMNS[self.kind].items():
+        for name, col in zip(self.schema.names, self.schema):
             values, lengths = columns[name]
             offsets = np.zeros(len(lengths) + 1, dtype=np.int32)  # one block is far below 2**31 tokens
             np.cumsum(lengths, out=offsets[1:])
-            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=t)))
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=col.type.value_type)))
         batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
-        lengths_by_col = {name: columns[name][1] for name in TOKEN_COLUMNS[self.kind]}
+        lengths_by_col = {name: columns[name][1] for name in self.kind.token_columns}
         start = 0
         while start < n_docs:
             if self._writer is None or self._docs >= self.shard_docs:
@@ -277,7 +220,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def prep(
-    kind: str,
+    kind: str | ShardKind,
     inputs: list[str | Path],
     tokenizer_dir: str | Path,
     out_dir: str | Path,
@@ -291,12 +234,11 @@ def prep(
 ) -> dict:
     """Tokenize jsonl `inputs` into a shard dir at `out_dir`; returns the manifest.
 
-    kind: "pretrain" (field `field`, default text), "sft" (`conversations`) or "dpo" (`chosen`,
-    `rejected`). on_bad_line: "fail" raises DataError naming file and line and leaves nothing at
+    kind: a name in `kinds.KINDS` (or the kind itself): "pretrain" (field `field`, default text),
+    "sft" (`conversations`) or "dpo" (`chosen`, `rejected`). on_bad_line: "fail" raises DataError naming file and line and leaves nothing at
     `out_dir`; "skip" drops bad lines and counts them per reason in the manifest.
     """
-    if kind not in KINDS:
-        raise LLMCoreError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    kind = get_kind(kind)
     if on_bad_line not in ("fail", "skip"):
         raise LLMCoreError(f"--on-bad-line must be fail or skip, not {on_bad_line!r}")
     if shard_docs < 1:
@@ -314,7 +256,7 @@ def prep(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc=f"prep {kind}", file=sys.stderr, disable=None)
+        bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc=f"prep {kind.name}", file=sys.stderr, disable=None)
     started = time.perf_counter()
     pool = None
     try:
@@ -356,7 +298,7 @@ def prep(
         if manifest["num_docs"] == 0:
             raise DataError("no valid documents in the inputs", str(paths[0]), reason="empty_text")
         manifest["seconds"] = round(time.perf_counter() - started, 3)
-        write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / MANIFEST_FILE, manifest)
         install_dir(tmp, out)  # fsynced, then renamed over any old shard dir
     except BaseException:
         if pool is not None:
@@ -370,7 +312,7 @@ def prep(
     return manifest
 
 
-def _manifest(kind: str, tok: Tokenizer, sources: list[dict], shards: list[dict], on_bad_line: str, field_name: str) -> dict:
+def _manifest(kind: ShardKind, tok: Tokenizer, sources: list[dict], shards: list[dict], on_bad_line: str, field_name: str) -> dict:
     skipped: dict[str, int] = {}
     for s in sources:
         for reason, n in s["skipped_by_reason"].items():
@@ -378,9 +320,9 @@ def _manifest(kind: str, tok: Tokenizer, sources: list[dict], shards: list[dict]
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "kind": kind,
-        "columns": {name: f"list<{t}>" for name, t in COLUMNS[kind].items()},
-        "text_field": field_name if kind == "pretrain" else None,
+        "kind": kind.name,
+        "columns": kind.manifest_columns(),
+        "text_field": field_name if kind.text_field else None,
         "tokenizer": {
             "fingerprint": tok.fingerprint,
             "vocab_size": tok.vocab_size,

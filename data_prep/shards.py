@@ -1,4 +1,8 @@
-"""Reading a shard dir: memory-mapped Arrow IPC files, per-document zero-copy numpy views."""
+"""Reading a shard dir: memory-mapped Arrow IPC files, per-document zero-copy numpy views.
+
+The reader imports neither the tokenizer nor the writer (prep.py): the format constants come
+from `format.py` and the columns from the shard kind (`kinds.py`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from llmcore.data_prep.prep import COLUMNS, FORMAT, FORMAT_VERSION, TOKEN_COLUMNS
+from llmcore.data_prep.format import FORMAT, FORMAT_VERSION, MANIFEST_FILE
+from llmcore.data_prep.kinds import ShardKind, get_kind
 from llmcore.errors import LLMCoreError
 
 
@@ -21,7 +26,7 @@ class ShardReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        manifest_file = self.path / "manifest.json"
+        manifest_file = self.path / MANIFEST_FILE
         if not manifest_file.is_file():
             raise LLMCoreError(f"{self.path}: not a shard dir (no manifest.json); make one with `llmcore prep`")
         try:
@@ -33,8 +38,12 @@ class ShardReader:
                 f"{self.path}: shard format {self.manifest.get('format')!r} v{self.manifest.get('format_version')} "
                 f"is not {FORMAT} v{FORMAT_VERSION}; re-run `llmcore prep`"
             )
-        self.kind: str = self.manifest["kind"]
-        self.columns = list(COLUMNS[self.kind])
+        try:
+            self.shard_kind: ShardKind = get_kind(self.manifest["kind"])
+        except (KeyError, LLMCoreError) as err:
+            raise LLMCoreError(f"{self.path}: manifest names no known shard kind ({err})") from None
+        self.kind: str = self.shard_kind.name
+        self.columns = list(self.shard_kind.columns)
         self._views: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {c: [] for c in self.columns}
         batch_sizes = []
         self._maps = []  # keep the memory maps alive as long as the views
@@ -90,13 +99,9 @@ class ShardReader:
         return np.concatenate([np.diff(off).astype(np.int64) for _, off in self._views[column]]) if self._n else np.zeros(0, np.int64)
 
     def lengths(self) -> np.ndarray:
-        """Tokens per document (int64); for dpo the longer of chosen and rejected."""
+        """Tokens per document (int64), as the kind defines it (for dpo the longer of chosen and rejected)."""
         if self._lengths is None:
-            cols = TOKEN_COLUMNS[self.kind]
-            lens = self.column_lengths(cols[0])
-            for c in cols[1:]:
-                lens = np.maximum(lens, self.column_lengths(c))
-            self._lengths = lens
+            self._lengths = self.shard_kind.doc_lengths(self.column_lengths)
         return self._lengths
 
     def check_tokenizer(self, tok) -> None:

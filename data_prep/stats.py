@@ -7,19 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from llmcore.data_prep.jsonl import BadLine, check_record, detect_kind, iter_records
+from llmcore.data_prep.jsonl import BadLine, iter_records
+from llmcore.data_prep.kinds import ShardKind, default_kind, detect_kind, get_kind
 from llmcore.errors import DataError
 from llmcore.io import atomic_write
 
 PERCENTILES = (50, 90, 99)
-
-
-def _row_text(payload, kind: str) -> str:
-    """The characters a row contributes: the text, or message contents joined (dpo: the chosen side)."""
-    if kind == "pretrain":
-        return payload
-    messages = payload if kind == "sft" else payload[0]
-    return "\n".join(m["content"] for m in messages)
 
 
 def _summary(values: np.ndarray) -> dict:
@@ -34,7 +27,7 @@ def _summary(values: np.ndarray) -> dict:
 def compute_stats(
     path: str | Path,
     tokenizer_dir: str | Path | None = None,
-    kind: str | None = None,
+    kind: str | ShardKind | None = None,
     field: str = "text",
     plot: str | Path | None = None,
     progress: bool = False,
@@ -42,10 +35,11 @@ def compute_stats(
 ) -> dict:
     """Stream `path` once; return rows, chars per row, bad lines by reason and (with a tokenizer) tokens per row.
 
-    kind is detected from the first valid record when not given (text -> pretrain,
-    conversations -> sft, chosen/rejected -> dpo). With `plot`, writes a length histogram PNG.
+    kind is detected from the first valid record when not given (`kinds.detect_kind`: text ->
+    pretrain, conversations -> sft, chosen/rejected -> dpo). With `plot`, writes a length histogram PNG.
     """
     path = Path(path)
+    shard_kind = get_kind(kind) if kind is not None else None
     if not path.is_file():
         raise DataError("cannot read input file (missing or not a file)", str(path), reason="unreadable_file")
     tok = None
@@ -68,26 +62,21 @@ def compute_stats(
         if tok is None or not pending:
             pending.clear()
             return
-        if kind == "pretrain":
-            tokens.extend(len(ids) + 2 for ids in tok.encode_batch(pending))  # + bos/eos as prep stores them
-        else:
-            msgs = pending if kind == "sft" else [p[0] for p in pending]
-            texts = [tok.apply_chat_template(m) for m in msgs]
-            tokens.extend(map(len, tok.encode_batch(texts)))
+        tokens.extend(shard_kind.count_tokens(tok, pending))
         pending.clear()
 
     for line_no, rec in iter_records(path):
         if bar is not None:
             bar.update(1)
         if not isinstance(rec, BadLine):
-            if kind is None:
-                kind = detect_kind(rec)
-            rec = check_record(rec, kind, field)
+            if shard_kind is None:
+                shard_kind = detect_kind(rec)
+            rec = shard_kind.check(rec, field)
         if isinstance(rec, BadLine):
             bad[rec.reason] = bad.get(rec.reason, 0) + 1
             first_bad.setdefault(rec.reason, line_no)
             continue
-        chars.append(len(_row_text(rec, kind)))
+        chars.append(len(shard_kind.row_text(rec)))
         if tok is not None:
             pending.append(rec)
             if len(pending) >= batch:
@@ -99,7 +88,7 @@ def compute_stats(
     char_arr = np.asarray(chars, dtype=np.int64)
     result = {
         "path": str(path),
-        "kind": kind or "pretrain",
+        "kind": (shard_kind or default_kind()).name,
         "rows": len(chars),
         "bad_lines": sum(bad.values()),
         "bad_by_reason": bad,
