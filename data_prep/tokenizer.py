@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmcore.errors import DataError, LLMCoreError
 from llmcore.io import atomic_write, write_json
+
+log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|im_start|>"
@@ -269,7 +271,7 @@ def train_tokenizer(
     if counts["used"] == 0:
         raise DataError(f'no usable "{field}" strings in the inputs', str(paths[0]), reason="empty_text")
     if counts["skipped"]:
-        print(f"tokenizer: skipped {counts['skipped']} lines without a usable {field!r} string", file=sys.stderr)
+        log.warning("tokenizer: skipped %d lines without a usable %r string", counts["skipped"], field)
     for i, token in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(token) == i, "special tokens must take ids 0, 1, 2"
 

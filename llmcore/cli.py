@@ -63,6 +63,9 @@ def without_launcher_local_rank(args: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point for `llmcore` and `python -m llmcore`: user errors become one line and exit 2."""
+    from llmcore.log import setup_cli_logging
+
+    setup_cli_logging()  # library messages (progress lines, warnings) reach the terminal as plain lines
     args = without_launcher_local_rank(sys.argv[1:] if argv is None else argv)
     try:
         app(args=args, standalone_mode=True)

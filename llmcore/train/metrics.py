@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -13,6 +14,8 @@ from typing import Any
 
 from llmcore.errors import LLMCoreError
 from llmcore.io import atomic_write, write_text
+
+log = logging.getLogger(__name__)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -95,7 +98,11 @@ class MetricsLogger:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
 
     def progress(self, step: int, loss: float, lr: float, tokens_per_s: float, elapsed: float,
-                 steps_done: int, start_step: int) -> None:
+                 steps_done: int, start_step: int | None = None) -> None:
+        """The bar's postfix, or (no bar) one INFO line `step N/T loss ... eta ... min`.
+
+        `start_step` is deprecated and ignored (the ETA needs only `elapsed` and `steps_done`); it
+        stays accepted until trainer.py stops passing it."""
         if not self.enabled or self.quiet:
             return
         remaining = self.total - step
@@ -106,16 +113,14 @@ class MetricsLogger:
             self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s", refresh=False)
             self.bar.refresh()
         else:
-            print(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s "
-                  f"eta {eta / 60:.1f} min", flush=True)
+            log.info(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s "
+                     f"eta {eta / 60:.1f} min")
 
     def message(self, text: str) -> None:
+        """One INFO line on the `llmcore.train.metrics` logger (rank 0 only)."""
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
+        log.info(text)
 
     def plot(self) -> None:
         """loss.png: training and eval loss against tokens seen."""

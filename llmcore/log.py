@@ -1,0 +1,44 @@
+"""Logging for the `llmcore` command: each record of an `llmcore.*` logger becomes one plain line.
+
+Library modules log to `logging.getLogger(__name__)` and never print; only the CLI entry point
+(`llmcore.cli.main`) calls `setup_cli_logging`. Library users configure logging as they like.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+LOGGER = "llmcore"  # the parent of every module logger in the package (llmcore.train.*, llmcore.data_prep.*, ...)
+
+
+class PlainHandler(logging.Handler):
+    """The message alone, one line: INFO and below to stdout, WARNING and above to stderr.
+
+    The streams are looked up at each record (so redirections and test capture work), and when
+    tqdm is loaded the line goes through `tqdm.write`, which clears and redraws any progress bar.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+            tqdm_module = sys.modules.get("tqdm")
+            if tqdm_module is not None and hasattr(tqdm_module, "tqdm"):
+                tqdm_module.tqdm.write(msg, file=stream)
+            else:
+                stream.write(msg + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+
+def setup_cli_logging(level: int = logging.INFO) -> logging.Logger:
+    """Route `llmcore.*` records at `level` and above to the terminal as plain lines (idempotent)."""
+    logger = logging.getLogger(LOGGER)
+    logger.setLevel(level)
+    if not any(isinstance(h, PlainHandler) for h in logger.handlers):
+        handler = PlainHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    return logger

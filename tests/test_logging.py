@@ -1,0 +1,65 @@
+"""Library code logs instead of printing; the CLI turns `llmcore.*` records into plain lines."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from llmcore.log import PlainHandler, setup_cli_logging
+from llmcore.train.metrics import MetricsLogger
+
+ROOT = Path(__file__).resolve().parents[1]
+# Modules whose job is talking to the terminal.
+CLI_MODULES = {"llmcore/cli.py", "llmcore/cli_model.py", "llmcore/cli_train.py", "llmcore/demo.py", "llmcore/chat.py",
+               "llmcore/rag/cli.py", "data_prep/cli.py"}
+
+
+@pytest.fixture
+def cli_logging():
+    logger = setup_cli_logging()
+    yield logger
+    for h in [h for h in logger.handlers if isinstance(h, PlainHandler)]:
+        logger.removeHandler(h)
+    logger.setLevel(logging.NOTSET)
+
+
+def test_cli_logging_prints_the_plain_message(cli_logging, capsys):
+    setup_cli_logging()  # idempotent: still one line per record
+    logging.getLogger("llmcore.train.metrics").info("step 3/10 loss 1.2345")
+    logging.getLogger("llmcore.data_prep.tokenizer").warning("tokenizer: skipped 2 lines")
+    logging.getLogger("llmcore.something").debug("not shown at INFO")
+    out, err = capsys.readouterr()
+    assert out == "step 3/10 loss 1.2345\n"
+    assert err == "tokenizer: skipped 2 lines\n"  # no "INFO:root:"-style prefix
+
+
+def test_metrics_progress_and_messages_keep_their_text(tmp_path, caplog):
+    log = MetricsLogger(tmp_path, enabled=True, total_steps=10, start_step=0, quiet=False)
+    try:
+        with caplog.at_level(logging.INFO, logger="llmcore"):
+            log.progress(4, 1.5, 3e-4, 12345.0, elapsed=8.0, steps_done=4)
+            log.progress(5, 1.25, 3e-4, 999.0, 10.0, 5, 0)  # the deprecated positional start_step still works
+            log.message("step 5: eval_loss 1.2000")
+    finally:
+        log.close()
+    assert [r.name for r in caplog.records] == ["llmcore.train.metrics"] * 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "step 4/10 loss 1.5000 lr 3.00e-04 12.35k tok/s eta 0.2 min",
+        "step 5/10 loss 1.2500 lr 3.00e-04 999 tok/s eta 0.2 min",
+        "step 5: eval_loss 1.2000",
+    ]
+
+
+def test_no_print_in_library_modules():
+    offenders = []
+    for path in sorted([*ROOT.glob("llmcore/**/*.py"), *ROOT.glob("data_prep/*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in CLI_MODULES:
+            continue
+        for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if re.search(r"(?<![\w.])print\(", line):
+                offenders.append(f"{rel}:{no}: {line.strip()}")
+    assert not offenders, "library code should log (logging.getLogger(__name__)), not print:\n" + "\n".join(offenders)
