@@ -13,6 +13,7 @@ import pytest
 from test_train_common import one_thread, shards  # noqa: F401  (fixtures)
 from test_train_common import ROOT, losses, tiny_cfg
 
+from llmcore.launch import deepspeed_config_path
 from llmcore.train import train
 from llmcore.train.engine import free_port
 
@@ -41,7 +42,7 @@ def test_two_process_zero_matches_one_process(shards, tmp_path, reference, stage
         head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(free_port()), "-m", "llmcore"]
     cmd = head + ["train", "pretrain",
-                      "--deepspeed", str(ROOT / "launch" / f"ds_zero{stage}.json"), "--data", str(shards["pretrain"]),
+                      "--deepspeed", str(deepspeed_config_path(f"zero{stage}")), "--data", str(shards["pretrain"]),
                       "--out", str(out), "--micro-batch-size", "1", *COMMON]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),

@@ -17,6 +17,7 @@ from test_train_common import one_thread, shards  # noqa: F401  (fixtures)
 from test_train_common import ROOT, assert_same_weights, losses, pretrained_run, tiny_cfg
 
 from llmcore.checkpoint import load_model
+from llmcore.launch import deepspeed_config_path
 from llmcore.train import TrainHooks, train
 
 
@@ -41,7 +42,7 @@ def _interrupt_at(step: int) -> TrainHooks:
 
 
 ENGINES = [pytest.param(None, id="plain"),
-           pytest.param("ds_zero0.json", id="deepspeed-zero0",
+           pytest.param("zero0", id="deepspeed-zero0",
                         marks=pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed"))]
 
 
@@ -50,7 +51,7 @@ ENGINES = [pytest.param(None, id="plain"),
 def test_resume_equals_uninterrupted_run(shards, tmp_path, stage, engine):
     extra = {"init": str(pretrained_run())} if stage == "sft" else {}
     if engine:
-        extra["deepspeed"] = str(ROOT / "launch" / engine)
+        extra["deepspeed"] = str(deepspeed_config_path(engine))
     # Steps cross an epoch boundary of the SFT data, and the interrupt falls between checkpoints.
     kw = dict(max_steps=7, save_every=2, keep_last=2, eval_docs=6, eval_every=3, **extra)
     full = train(stage, tiny_cfg(stage, shards, tmp_path / "full", **kw))
@@ -78,7 +79,7 @@ def test_resume_equals_uninterrupted_run(shards, tmp_path, stage, engine):
 def test_one_process_deepspeed_matches_plain_engine(shards, tmp_path):
     kw = dict(max_steps=4)
     plain = train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "plain", **kw))
-    ds = train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "ds", deepspeed=str(ROOT / "launch" / "ds_zero1.json"),
+    ds = train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "ds", deepspeed=str(deepspeed_config_path("zero1")),
                                     **kw))
     assert plain.steps == ds.steps == 4
     for (s1, a), (s2, b) in zip(losses(tmp_path / "plain"), losses(tmp_path / "ds")):
