@@ -1,0 +1,894 @@
+"""`llmcore serve`: an OpenAI-compatible HTTP server (FastAPI on uvicorn) for one checkpoint.
+
+Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models` (and
+`GET /v1/models/{id}`), with OpenAI's request fields, response objects, server-sent-event chunks
+(ending with `data: [DONE]`) and `{"error": {...}}` bodies.
+
+Invariants:
+- Tokens come only from `llmcore.generate.generate_steps`, the function under `llmcore generate`:
+  a request is rendered to prompt ids exactly as `llmcore generate` does (`[bos] + encode(prompt)`
+  for completions, the tokenizer's chat template with the generation prompt for chat), so a greedy
+  request (temperature 0) served on its own gives the same tokens and text as `llmcore generate`.
+- One worker thread owns the model. Requests wait in a bounded FIFO queue; the worker takes the
+  oldest one and, up to `max_batch`, later ones with the same sampling settings, and runs them as
+  one left-padded batch with the KV cache (generate.py's padding keeps every row's positions and
+  attention exactly those it has alone). A request with a `seed` and temperature > 0 always runs
+  alone with its own `torch.Generator`, so its output does not depend on other traffic. Each row
+  has its own text, stop strings, token budget and event queue: outputs never mix.
+- A client that goes away (closed stream, dropped connection) marks its request cancelled: a queued
+  one is dropped, a running row stops, and a batch whose rows are all finished or cancelled stops
+  at once, freeing the worker for the next request.
+- Text is emitted only once it decodes to whole characters and cannot be the start of a stop
+  string; the streamed pieces join to exactly the non-streamed text. `usage.completion_tokens`
+  counts every token the model produced for the request, the end-of-text token included.
+- Bad requests (malformed or oversized body, unknown model, empty messages, a prompt plus
+  `max_tokens` past the model's context, out-of-range or unsupported fields, a wrong or missing API
+  key) get an OpenAI-style JSON error with a 4xx status; no traceback ever reaches a client.
+- The server binds 127.0.0.1 unless told otherwise; with an API key, every request without
+  `Authorization: Bearer KEY` is refused with 401 before its body is read.
+- Importing this module needs neither torch nor FastAPI; both are imported when a server is built.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route functions' annotations (Request)
+# as objects, and those classes are imported inside create_app.
+import asyncio
+import hmac
+import json
+import logging
+import math
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional
+
+from llmcore.errors import LLMCoreError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from llmcore.model import LLM
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_STOP_STRINGS = 4
+CHAT_ROLES = {"system", "user", "assistant", "developer"}
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """A request the server refuses: turned into `{"error": {...}}` with `status`."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# -- request parsing ------------------------------------------------------------------------------
+
+@dataclass
+class SamplingParams:
+    """What one request asks of the generator (validated)."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+
+    def batch_key(self) -> tuple[Any, ...] | None:
+        """Requests with equal keys may share a batch; None = must run alone (seeded sampling)."""
+        if self.temperature <= 0:
+            return ("greedy", self.repetition_penalty)
+        if self.seed is not None:
+            return None
+        return ("sample", self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+
+
+def _number(body: dict[str, Any], name: str, default: Any, lo: float, hi: float, integer: bool = False,
+            lo_open: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise ApiError(400, f"'{name}' must be {'an integer' if integer else 'a number'}, got {value!r}", param=name)
+    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
+        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise ApiError(400, f"'{name}' must be in {bound}, got {value!r}", param=name)
+    return int(value) if integer else float(value)
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be true or false, got {value!r}", param=name)
+    return value
+
+
+def parse_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
+    """Sampling fields of a chat or completion request; raises ApiError(400) for a bad or unsupported one."""
+    p = SamplingParams()
+    name = "max_tokens"
+    if chat and body.get("max_completion_tokens") is not None:
+        name = "max_completion_tokens"
+    p.max_tokens = _number(body, name, None, 1, 1 << 31, integer=True)
+    p.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    p.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    p.top_k = _number(body, "top_k", 0, 0, 1 << 31, integer=True)  # extension (vLLM); 0 = off
+    p.repetition_penalty = _number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)  # extension
+    p.seed = _number(body, "seed", None, -(1 << 63), (1 << 64) - 1, integer=True)
+    if p.seed is not None and p.seed < 0:
+        p.seed &= (1 << 64) - 1  # torch seeds are unsigned 64-bit
+    if _number(body, "n", 1, 1, 1 << 31, integer=True) != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if _number(body, penalty, 0.0, -2.0, 2.0) != 0.0:
+            raise ApiError(400, f"'{penalty}' is not supported (use 0, or the 'repetition_penalty' extension)",
+                           param=penalty)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop")
+        p.stop = [s for s in stop if s]
+    p.stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+        if not p.stream:
+            raise ApiError(400, "'stream_options' is only allowed with stream: true", param="stream_options")
+        p.include_usage = _flag(options, "include_usage")
+    if chat:
+        if body.get("logprobs") or body.get("top_logprobs"):
+            raise ApiError(400, "'logprobs' is not supported", param="logprobs")
+        if body.get("tools") or body.get("functions"):
+            raise ApiError(400, "tools and function calling are not supported", param="tools")
+        fmt = body.get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            raise ApiError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+    else:
+        if body.get("logprobs") is not None:
+            raise ApiError(400, "'logprobs' is not supported", param="logprobs")
+        if _flag(body, "echo"):
+            raise ApiError(400, "'echo' is not supported", param="echo")
+        if body.get("suffix"):
+            raise ApiError(400, "'suffix' is not supported", param="suffix")
+        if _number(body, "best_of", 1, 1, 1 << 31, integer=True) != 1:
+            raise ApiError(400, "only best_of=1 is supported", param="best_of")
+    return p
+
+
+def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    """`messages` as plain `{"role", "content"}` strings (text content parts are joined)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise ApiError(400, "'messages' is required and must be a list", param="messages")
+    if not messages:
+        raise ApiError(400, "'messages' must contain at least one message", param="messages")
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"{where} must be an object with 'role' and 'content'", param=where)
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise ApiError(400, f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {role!r}", param=f"{where}.role")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ApiError(400, f"{where}.content: only text parts are supported", param=f"{where}.content")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise ApiError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def parse_prompt(body: dict[str, Any]) -> str | list[int]:
+    """The completion prompt: a string, a one-string list, or a list of token ids."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise ApiError(400, "only one prompt per request is supported", param="prompt")
+    raise ApiError(400, "'prompt' is required: a string or a non-empty list of token ids", param="prompt")
+
+
+# -- generation -----------------------------------------------------------------------------------
+
+Event = tuple[Any, ...]  # ("text", str) | ("done", finish_reason, completion_tokens) | ("error", message)
+
+
+@dataclass
+class Job:
+    """One request's work: prompt ids, resolved sampling settings and where its events go."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def max_tokens(self) -> int:
+        assert self.params.max_tokens is not None
+        return self.params.max_tokens
+
+
+def _holdback(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class _Row:
+    """Per-request decoding state: tokens so far, text sent, stop strings, budget."""
+
+    def __init__(self, job: Job, tokenizer: Any) -> None:
+        self.job, self.tokenizer = job, tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+        self.produced = 0
+        self.done = False
+
+    def _send_upto(self, text: str) -> None:
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.job.emit(("text", text[len(self.sent):]))
+            self.sent = text
+
+    def _first_stop(self, text: str) -> int:
+        hits = [i for i in (text.find(s) for s in self.job.params.stop) if i >= 0]
+        return min(hits) if hits else -1
+
+    def push(self, token: int, eos_id: int | None) -> None:
+        """Take the next token; finishes the row on eos, a stop string or the token budget."""
+        self.produced += 1
+        if eos_id is not None and token == eos_id:
+            self.finish("stop")
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # hold back a character that is not complete yet
+            cut = self._first_stop(text)
+            if cut >= 0:
+                self._send_upto(text[:cut])
+                self._end("stop")
+                return
+            self._send_upto(text[:len(text) - _holdback(text, self.job.params.stop)])
+        if self.produced >= self.job.max_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        """Send the rest of the text (cut at a stop string) and end the row."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = self._first_stop(text)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        self._send_upto(text)
+        self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        self.done = True
+        self.job.emit(("done", reason, self.produced))
+
+
+class Engine:
+    """The model behind a worker thread: `submit(job)` queues a request; events flow back through `job.emit`."""
+
+    def __init__(self, model: "LLM", tokenizer: Any, max_batch: int = 8, max_queue: int = 256) -> None:
+        if max_batch < 1:
+            raise LLMCoreError(f"--max-batch must be at least 1, got {max_batch}")
+        if max_queue < 1:
+            raise LLMCoreError(f"--max-queue must be at least 1, got {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.context = int(model.config.max_position_embeddings)
+        self.eos_id = tokenizer.eos_id
+        self._pending: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="llmcore-serve-worker", daemon=True)
+        self.batches_run = 0  # counters for tests, benchmarks and logs
+        self.max_batch_seen = 0
+        self.tokens_produced = 0  # tokens handed to rows that were still listening
+        self.busy = False  # a batch is running
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop taking work; queued requests get an error event; waits for the running batch."""
+        with self._cv:
+            self._closed = True
+            pending, self._pending = list(self._pending), deque()
+            self._cv.notify_all()
+        for job in pending:
+            job.emit(("error", "the server is shutting down"))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def queued(self) -> int:
+        with self._cv:
+            return len(self._pending)
+
+    def submit(self, job: Job) -> None:
+        if job.params.max_tokens is None or len(job.prompt_ids) + job.max_tokens > self.context:
+            raise ValueError("job.params.max_tokens must be resolved against the context before submit")
+        with self._cv:
+            if self._closed:
+                raise ApiError(503, "the server is shutting down", type_="server_error")
+            if len(self._pending) >= self.max_queue:
+                raise ApiError(429, f"too many requests waiting ({self.max_queue}); retry later",
+                               type_="rate_limit_error", code="queue_full")
+            self._pending.append(job)
+            self._cv.notify()
+
+    def _take_batch(self) -> list[Job] | None:
+        with self._cv:
+            while True:
+                while self._pending and self._pending[0].cancelled.is_set():
+                    self._pending.popleft()
+                if self._pending:
+                    break
+                if self._closed:
+                    return None
+                self._cv.wait()
+            first = self._pending.popleft()
+            batch = [first]
+            key = first.params.batch_key()
+            if key is None or self.max_batch == 1:
+                return batch
+            longest, budget = len(first.prompt_ids), first.max_tokens
+            keep: deque[Job] = deque()
+            while self._pending:
+                job = self._pending.popleft()
+                fits = max(longest, len(job.prompt_ids)) + max(budget, job.max_tokens) <= self.context
+                if (len(batch) < self.max_batch and not job.cancelled.is_set() and fits
+                        and job.params.batch_key() == key):
+                    batch.append(job)
+                    longest, budget = max(longest, len(job.prompt_ids)), max(budget, job.max_tokens)
+                elif not job.cancelled.is_set():
+                    keep.append(job)
+            self._pending = keep
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            self.busy = True
+            try:
+                self._generate(batch)
+            except Exception as err:  # the worker must survive anything one batch does
+                log.exception("generation failed for a batch of %d", len(batch))
+                for job in batch:
+                    job.emit(("error", f"generation failed: {type(err).__name__}"))
+            finally:
+                self.busy = False
+
+    def _generate(self, batch: list[Job]) -> None:
+        import torch
+
+        from llmcore.generate import generate_steps
+
+        p = batch[0].params
+        self.batches_run += 1
+        self.max_batch_seen = max(self.max_batch_seen, len(batch))
+        generator = torch.Generator(device=self.model.embed_tokens.weight.device)
+        if p.seed is not None:
+            generator.manual_seed(p.seed)
+        else:
+            generator.seed()
+        rows = [_Row(job, self.tokenizer) for job in batch]
+        steps = generate_steps(self.model, [job.prompt_ids for job in batch],
+                               max_new_tokens=max(job.max_tokens for job in batch), temperature=p.temperature,
+                               top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty,
+                               eos_id=self.eos_id, generator=generator)
+        try:
+            for tokens, _active in steps:
+                for row, token in zip(rows, tokens.tolist()):
+                    if row.done:
+                        continue
+                    if row.job.cancelled.is_set():
+                        row.done = True  # nobody is listening; nothing to send
+                        continue
+                    row.push(int(token), self.eos_id)
+                    self.tokens_produced += 1
+                if all(row.done for row in rows):
+                    break
+        finally:
+            steps.close()
+        for row in rows:
+            if not row.done:  # generate_steps ended without this row's end (cannot happen; be safe)
+                row.finish("length")
+
+
+# -- the HTTP app ---------------------------------------------------------------------------------
+
+@dataclass
+class ServerOptions:
+    """What the app needs besides the engine."""
+
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    retriever: Any = None  # llmcore.rag.Retriever when --rag is given
+    rag_k: int = 3
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _AuthMiddleware:
+    """Pure ASGI: refuse every HTTP request without `Authorization: Bearer KEY` (401), before any body is read."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            auth = headers.get(b"authorization", b"")
+            given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+            if not hmac.compare_digest(given, self.key):
+                from starlette.responses import JSONResponse
+
+                err = ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer KEY'",
+                               code="invalid_api_key")
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: Engine, options: ServerOptions) -> Any:
+    """The FastAPI app for one engine (the engine's worker must be started by the caller)."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
+        from starlette.concurrency import run_in_threadpool
+        from starlette.exceptions import HTTPException as StarletteHTTPException
+        from starlette.responses import JSONResponse, StreamingResponse
+    except ImportError as err:
+        raise LLMCoreError(f"llmcore serve needs FastAPI and uvicorn: pip install 'llmcore[serve]' ({err})") from err
+
+    app = FastAPI(title="llmcore", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+    tokenizer = engine.tokenizer
+    rag_lock = threading.Lock()
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse(ApiError(400, f"invalid request: {err.errors()[:1]}").body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if err.status_code == 404 else None
+        body = ApiError(err.status_code, str(err.detail), code=code).body()
+        return JSONResponse(body, status_code=err.status_code, headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(_request: Request, err: Exception) -> JSONResponse:
+        log.error("internal error: %s: %s", type(err).__name__, err)
+        return JSONResponse(ApiError(500, "internal server error", type_="server_error").body(), status_code=500)
+
+    async def read_json(request: Request) -> dict[str, Any]:
+        limit = options.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"request body is {int(length)} bytes; the limit is {limit}", code="body_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is over the {limit}-byte limit", code="body_too_large")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (ValueError, RecursionError) as err:
+            raise ApiError(400, f"request body is not valid JSON ({str(err)[:200]})", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return body
+
+    def check_model(body: dict[str, Any]) -> None:
+        model = body.get("model")
+        if model is None:
+            return  # lenient: the one model served
+        if model != options.model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; this server has {options.model_name!r}",
+                           param="model", code="model_not_found")
+
+    def resolve_max_tokens(prompt_ids: list[int], params: SamplingParams, default: int | None) -> None:
+        room = engine.context - len(prompt_ids)
+        if room < 1:
+            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this model's context is {engine.context} "
+                                "tokens, which leaves no room for a reply", param="messages", code="context_length_exceeded")
+        if params.max_tokens is None:
+            params.max_tokens = room if default is None else min(default, room)
+        elif params.max_tokens > room:
+            raise ApiError(400, f"max_tokens ({params.max_tokens}) + the prompt ({len(prompt_ids)} tokens) is more "
+                                f"than this model's context of {engine.context} tokens; use max_tokens <= {room}",
+                           param="max_tokens", code="context_length_exceeded")
+
+    def rag_messages(messages: list[dict[str, str]], params: SamplingParams) -> list[dict[str, str]]:
+        """The conversation with its last user message asked as `rag query --answer` asks it: the top passages
+        (fitted to the context left after the reply and the earlier turns) in `answer_messages`' prompt."""
+        from llmcore.rag import answer_messages, fit_passages
+
+        last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if last is None:
+            raise ApiError(400, "with retrieval on, the messages need a user message (the question)", param="messages")
+        question = messages[last]["content"]
+        if not question.strip():
+            raise ApiError(400, "the last user message (the question) is empty", param="messages")
+        system = next((m["content"] for m in messages if m["role"] == "system"), None)
+        history = [m for m in messages[:last] if m["role"] != "system"]
+        with rag_lock:  # one search at a time: the embedder and index are shared
+            passages = options.retriever.search(question, options.rag_k)
+        reserve = params.max_tokens if params.max_tokens is not None else min(256, engine.context // 4)
+        history_tokens = len(chat_ids(history)) if history else 0
+        try:
+            context = fit_passages(tokenizer, question, passages, engine.context - reserve - history_tokens, system)
+        except LLMCoreError as err:
+            raise ApiError(400, str(err), param="messages", code="context_length_exceeded") from None
+        grounded = answer_messages(question, context, system)
+        return grounded[:-1] + history + grounded[-1:] + messages[last + 1:]
+
+    def chat_ids(messages: list[dict[str, str]]) -> list[int]:
+        import jinja2
+
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except jinja2.TemplateError as err:
+            raise ApiError(400, f"the chat template refused these messages: {err}", param="messages") from None
+        return tokenizer.encode(text)
+
+    def start(prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop
+              ) -> tuple[Job, "asyncio.Queue[Event]"]:
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop is gone (server stopped)
+                pass
+
+        job = Job(prompt_ids, params, emit)
+        engine.submit(job)
+        return job, events
+
+    async def collect(request: Request, job: Job, events: "asyncio.Queue[Event]") -> tuple[str, str, int]:
+        """Wait for the whole answer, polling for a client that went away."""
+        parts: list[str] = []
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancelled.set()
+                        raise ApiError(499, "client closed the request") from None
+                    continue
+                if event[0] == "text":
+                    parts.append(event[1])
+                elif event[0] == "done":
+                    return "".join(parts), event[1], event[2]
+                else:
+                    raise ApiError(503, event[1], type_="server_error")
+        finally:
+            job.cancelled.set()  # a no-op once done; frees the row if this handler is cancelled
+
+    async def stream(job: Job, events: "asyncio.Queue[Event]", make_chunk: Callable[[str | None, str | None], dict],
+                     n_prompt: int, include_usage: bool, first: dict | None) -> AsyncIterator[bytes]:
+        t0 = time.perf_counter()
+        try:
+            if first is not None:
+                yield _sse(first)
+            while True:
+                event = await events.get()
+                if event[0] == "text":
+                    yield _sse(make_chunk(event[1], None))
+                elif event[0] == "done":
+                    final = make_chunk(None, event[1])
+                    usage = _usage(n_prompt, event[2])
+                    if not include_usage:
+                        final["usage"] = usage
+                    yield _sse(final)
+                    if include_usage:
+                        yield _sse({**make_chunk(None, None), "choices": [], "usage": usage})
+                    log.info("%s: %d prompt + %d completion tokens in %.2fs (%s)", final["id"], n_prompt, event[2],
+                             time.perf_counter() - t0, event[1])
+                    break
+                else:
+                    yield _sse(ApiError(503, event[1], type_="server_error").body())
+                    break
+            yield b"data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()  # client gone (generator closed) or done: free the row
+
+    sse_headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    def model_card() -> dict[str, Any]:
+        return {"id": options.model_name, "object": "model", "created": created, "owned_by": "llmcore",
+                "context_length": engine.context}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != options.model_name:
+            raise ApiError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body = await read_json(request)
+        check_model(body)
+        messages = parse_messages(body)
+        params = parse_sampling(body, chat=True)
+        if options.retriever is not None:
+            messages = await run_in_threadpool(rag_messages, messages, params)
+        prompt_ids = chat_ids(messages)
+        resolve_max_tokens(prompt_ids, params, None)
+        job, events = start(prompt_ids, params, asyncio.get_running_loop())
+        rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if params.stream:
+            def chunk(text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
+                    {"content": text} if text is not None else {})
+                return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": options.model_name,
+                        "system_fingerprint": None,
+                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+            return StreamingResponse(stream(job, events, chunk, len(prompt_ids), params.include_usage,
+                                            chunk(None, None, role=True)),
+                                     media_type="text/event-stream", headers=sse_headers)
+        text, finish, n = await collect(request, job, events)
+        log.info("%s: %d prompt + %d completion tokens (%s)", rid, len(prompt_ids), n, finish)
+        return {"id": rid, "object": "chat.completion", "created": now, "model": options.model_name,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": finish}],
+                "usage": _usage(len(prompt_ids), n)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await read_json(request)
+        check_model(body)
+        prompt = parse_prompt(body)
+        params = parse_sampling(body, chat=False)
+        if isinstance(prompt, str):
+            prompt_ids = [tokenizer.bos_id] + tokenizer.encode(prompt)  # as `llmcore generate`
+        else:
+            bad = next((t for t in prompt if not 0 <= t < engine.model.config.vocab_size), None)
+            if bad is not None:
+                raise ApiError(400, f"token id {bad} is outside the vocabulary", param="prompt")
+            prompt_ids = prompt
+        resolve_max_tokens(prompt_ids, params, DEFAULT_COMPLETION_MAX_TOKENS)
+        job, events = start(prompt_ids, params, asyncio.get_running_loop())
+        rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if params.stream:
+            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+                return {"id": rid, "object": "text_completion", "created": now, "model": options.model_name,
+                        "system_fingerprint": None,
+                        "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+
+            return StreamingResponse(stream(job, events, chunk, len(prompt_ids), params.include_usage, None),
+                                     media_type="text/event-stream", headers=sse_headers)
+        text, finish, n = await collect(request, job, events)
+        log.info("%s: %d prompt + %d completion tokens (%s)", rid, len(prompt_ids), n, finish)
+        return {"id": rid, "object": "text_completion", "created": now, "model": options.model_name,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                "usage": _usage(len(prompt_ids), n)}
+
+    if options.api_key:
+        return _AuthMiddleware(app, options.api_key)
+    return app
+
+
+# -- running --------------------------------------------------------------------------------------
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0 = a free one); LLMCoreError when it cannot bind."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise LLMCoreError(f"--host {host}: cannot resolve ({err})") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        raise LLMCoreError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+class RunningServer:
+    """A uvicorn server on its own thread (for tests and benchmarks): `.url`, `.stop()`."""
+
+    def __init__(self, app: Any, sock: socket.socket, engine: Engine | None = None, log_level: str = "warning") -> None:
+        import uvicorn
+
+        self.sock, self.engine = sock, engine
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2,
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True,
+                                       name="llmcore-serve-http")
+
+    def start(self, timeout: float = 30.0) -> "RunningServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise LLMCoreError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        if self.engine is not None:
+            self.engine.close()
+        self.sock.close()
+
+
+def open_retriever(index_dir: str | Path) -> Any:
+    """`llmcore.rag.Retriever.open(index_dir)`, or a clear error when RAG is not installed."""
+    try:
+        from llmcore.rag import Retriever
+    except ImportError as err:
+        raise LLMCoreError(f"--rag needs llmcore's RAG part (llmcore.rag and its extra: pip install "
+                           f"'llmcore[rag]'): {err}") from None
+    return Retriever.open(index_dir)
+
+
+def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+          api_key: str | None = None, model_name: str | None = None, tokenizer_dir: str | Path | None = None,
+          rag: str | Path | None = None, rag_k: int = 3, max_batch: int = 8, max_queue: int = 256,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
+          on_ready: Callable[[str], None] | None = None) -> None:
+    """Load the checkpoint and serve it until interrupted (Ctrl-C / SIGTERM)."""
+    try:
+        import uvicorn
+    except ImportError as err:
+        raise LLMCoreError(f"llmcore serve needs FastAPI and uvicorn: pip install 'llmcore[serve]' ({err})") from None
+    from llmcore.checkpoint import load_model
+    from llmcore.common import default_attn_backend, resolve_device
+
+    if rag_k < 1:
+        raise LLMCoreError(f"--rag-k must be at least 1, got {rag_k}")
+    if max_body_bytes < 1024:
+        raise LLMCoreError(f"--max-body-bytes must be at least 1024, got {max_body_bytes}")
+    if max_batch < 1 or max_queue < 1:
+        raise LLMCoreError(f"--max-batch and --max-queue must be at least 1, got {max_batch} and {max_queue}")
+    dev = resolve_device(device)
+    sock = bind_socket(host, port)  # before the slow loads: a taken port or bad host fails at once
+    try:
+        retriever = open_retriever(rag) if rag is not None else None
+        model, tok = load_model(ckpt, device=dev, attn_backend=default_attn_backend(dev),
+                                with_tokenizer=tokenizer_dir is None)
+        if tokenizer_dir is not None:
+            from llmcore.data_prep.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(tokenizer_dir)
+        if tok is None:
+            raise LLMCoreError(f"{ckpt}: no tokenizer found (looked beside the weights and in the run dir's "
+                               "tokenizer/); pass --tokenizer DIR")
+    except BaseException:
+        sock.close()
+        raise
+    name = model_name or Path(ckpt).expanduser().resolve().name
+    engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue).start()
+    app = create_app(engine, ServerOptions(model_name=name, api_key=api_key, max_body_bytes=max_body_bytes,
+                                           retriever=retriever, rag_k=rag_k))
+    bound_host, bound_port = sock.getsockname()[:2]
+    if not api_key and bound_host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("listening on %s without --api-key: anyone who can reach this address can use the model",
+                    bound_host)
+    url = f"http://{host}:{bound_port}/v1"
+    if on_ready is not None:
+        on_ready(f"serving {name!r} on {dev} at {url} (batch up to {max_batch}, queue {max_queue}"
+                 f"{', API key required' if api_key else ''}{', RAG ' + str(rag) if rag else ''})")
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.close()
+        sock.close()
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+def register(app: Any) -> None:
+    """Add `serve` to the root Typer app."""
+    import typer
+
+    from llmcore.common import DEVICE_HELP
+
+    @app.command("serve")
+    def serve_cmd(
+        ckpt: Path = typer.Option(..., "--ckpt", help="run dir, checkpoint dir or exported HF folder"),
+        host: str = typer.Option("127.0.0.1", "--host", help="address to bind; anything but 127.0.0.1 is reachable "
+                                 "from other machines"),
+        port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0 = any free one)"),
+        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLMCORE_API_KEY",
+                                              help="require 'Authorization: Bearer KEY' on every request"),
+        model_name: Optional[str] = typer.Option(None, "--model-name", help="model id clients use "
+                                                 "(default: the --ckpt folder's name)"),
+        tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the checkpoint's)"),
+        rag: Optional[Path] = typer.Option(None, "--rag", help="index dir from `llmcore rag index`: chat answers "
+                                           "get the top passages as context, as `rag query --answer`"),
+        rag_k: int = typer.Option(3, "--rag-k", help="passages retrieved per question with --rag"),
+        max_batch: int = typer.Option(8, "--max-batch", help="requests with the same sampling settings that run "
+                                      "together as one batch (1 = strictly one at a time)"),
+        max_queue: int = typer.Option(256, "--max-queue", help="requests that may wait; more get 429"),
+        max_body_bytes: int = typer.Option(DEFAULT_MAX_BODY_BYTES, "--max-body-bytes",
+                                           help="larger request bodies get 413"),
+        log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: debug, info, warning, error"),
+    ) -> None:
+        """Serve a checkpoint over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models.
+
+        Example: llmcore serve --ckpt runs/dpo --port 8000   then
+        curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json'
+        -d '{"model": "dpo", "messages": [{"role": "user", "content": "你好"}]}'
+        """
+        if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+            raise LLMCoreError(f"--log-level {log_level!r}: expected debug, info, warning or error")
+        log.setLevel(logging.DEBUG if log_level == "trace" else getattr(logging, log_level.upper()))
+        serve(ckpt, host=host, port=port, device=device, api_key=api_key, model_name=model_name,
+              tokenizer_dir=tokenizer, rag=rag, rag_k=rag_k, max_batch=max_batch, max_queue=max_queue,
+              max_body_bytes=max_body_bytes, log_level=log_level,
+              on_ready=lambda line: typer.echo(line, err=True))

@@ -1,0 +1,477 @@
+"""`llmcore serve`: a tiny model behind the real server on 127.0.0.1, called with the official `openai` client.
+
+Greedy answers are compared with `llmcore.generate` on the same prompt ids (what `llmcore generate`
+prints); streamed chunks must join to the non-streamed text; bad requests must be 4xx JSON errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai", reason="the serve tests need the `openai` client (pip install 'llmcore[test]')")
+httpx = pytest.importorskip("httpx", reason="the serve tests need httpx")
+pytest.importorskip("fastapi", reason="llmcore serve needs fastapi (pip install 'llmcore[serve]')")
+pytest.importorskip("uvicorn", reason="llmcore serve needs uvicorn (pip install 'llmcore[serve]')")
+
+from llmcore.chat import chat_prompt_ids  # noqa: E402
+from llmcore.checkpoint import load_model, save_model  # noqa: E402
+from llmcore.errors import LLMCoreError  # noqa: E402
+from llmcore.generate import generate  # noqa: E402
+from llmcore.model import LLM, ModelConfig  # noqa: E402
+from llmcore.serve import (ApiError, Engine, Job, RunningServer, SamplingParams, ServerOptions,  # noqa: E402
+                           bind_socket, create_app)
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "tiny-run"
+CHAT_PROMPTS = ["你好", "今天天气怎么样？", "写一首诗", "1+1=?", "Tell me a story.", "为什么天是蓝的", "hello there",
+                "介绍一下北京"]
+
+
+def _tokenizer_dir(tmp: Path) -> Path:
+    """MiniMind's tokenizer from ../shared/data when present, else a small one trained here."""
+    from conftest import shared_data_dir
+
+    shared = shared_data_dir() / "minimind_tokenizer"
+    if (shared / "tokenizer.json").is_file():
+        return shared
+    from llmcore.data_prep.tokenizer import train_tokenizer
+
+    lines = [f"第{i}天，我们学习了{i * 7 % 13}个新的词语。Day {i}: the quick brown fox jumps over {i} lazy dogs."
+             for i in range(400)]
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines))
+    return train_tokenizer([corpus], tmp / "tok", vocab_size=600)
+
+
+def _make_run(root: Path) -> Path:
+    """A run dir as training writes it: checkpoints/step-1 + latest + tokenizer/."""
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.from_preset("tiny", initializer_range=0.2)).eval()
+    run = root / MODEL
+    save_model(model, run / "checkpoints" / "step-1")
+    (run / "checkpoints" / "latest").write_text("step-1\n")
+    shutil.copytree(_tokenizer_dir(root), run / "tokenizer")
+    return run
+
+
+class Served:
+    """A started server plus the model and tokenizer it serves (for reference generations)."""
+
+    def __init__(self, run: Path, api_key: str | None = None, max_batch: int = 8, max_body_bytes: int = 1 << 16,
+                 retriever: Any = None) -> None:
+        self.run = run
+        self.model, self.tok = load_model(run)
+        self.engine = Engine(self.model, self.tok, max_batch=max_batch).start()
+        app = create_app(self.engine, ServerOptions(model_name=MODEL, api_key=api_key, max_body_bytes=max_body_bytes,
+                                                    retriever=retriever))
+        self.server = RunningServer(app, bind_socket("127.0.0.1", 0), self.engine).start()
+        self.url = self.server.url
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "unused", max_retries=0,
+                                    timeout=60)
+
+    def greedy(self, ids: list[int], max_new_tokens: int) -> tuple[str, int]:
+        """What `llmcore generate --temperature 0` prints for these prompt ids, and tokens produced (eos counted)."""
+        out = generate(self.model, [ids], max_new_tokens=max_new_tokens, temperature=0, eos_id=self.tok.eos_id)[0]
+        produced = len(out) + (1 if len(out) < max_new_tokens else 0)
+        return self.tok.decode(out, skip_special_tokens=True), produced
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _make_run(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def served(run_dir: Path) -> Iterator[Served]:
+    s = Served(run_dir)
+    yield s
+    s.stop()
+
+
+def _text_ids(s: Served, prompt: str) -> list[int]:
+    return [s.tok.bos_id] + s.tok.encode(prompt)  # as `llmcore generate` without --chat
+
+
+# -- answers --------------------------------------------------------------------------------------
+
+def test_models_list(served: Served) -> None:
+    models = served.client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert served.client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        served.client.models.retrieve("nope")
+
+
+def test_chat_completion_is_greedy_generate(served: Served) -> None:
+    r = served.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "你好"}],
+                                              max_tokens=24, temperature=0)
+    ids = chat_prompt_ids(served.tok, "你好")  # `llmcore generate --chat`
+    text, produced = served.greedy(ids, 24)
+    assert text.strip(), "the tiny model should say something; an empty answer makes this test vacuous"
+    assert r.choices[0].message.content == text
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == ("length" if produced == 24 else "stop")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        len(ids), produced, len(ids) + produced)
+    assert r.model == MODEL and r.id.startswith("chatcmpl-")
+
+
+def test_completion_and_stream_join_to_the_greedy_text(served: Served) -> None:
+    prompt = "The capital of China is"
+    text, produced = served.greedy(_text_ids(served, prompt), 30)
+    r = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0)
+    assert r.choices[0].text == text and len(text) > 5
+    assert r.usage.prompt_tokens == len(_text_ids(served, prompt)) and r.usage.completion_tokens == produced
+    chunks = list(served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert len([p for p in pieces if p]) > 3, "the answer should arrive in several chunks"
+    assert "".join(pieces) == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == produced
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+
+
+def test_chat_stream_joins_to_the_non_streamed_answer(served: Served) -> None:
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "写一首诗"}]
+    full = served.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=0)
+    chunks = list(served.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=0,
+                                                        stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens  # usage rides on the last chunk
+    assert len({c.id for c in chunks}) == 1
+    ids = served.tok.encode(served.tok.apply_chat_template(msgs, add_generation_prompt=True))
+    assert full.choices[0].message.content == served.greedy(ids, 40)[0]
+
+
+def test_raw_sse_ends_with_done(served: Served) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_stop_strings_cut_the_text_streamed_or_not(served: Served) -> None:
+    prompt = "Once upon a time"
+    text, _ = served.greedy(_text_ids(served, prompt), 40)
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert len(stop) == 2 and stop.strip(), f"need a stop string from the middle of {text!r}"
+    expected = text[:text.find(stop)]
+    r = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0,
+                                         stop=[stop, "never-there"])
+    assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
+    chunks = list(served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0,
+                                                   stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 40
+
+
+def test_max_tokens_gives_length_and_exact_count(served: Served) -> None:
+    r = served.client.completions.create(model=MODEL, prompt="A", max_tokens=3, temperature=0)
+    text, produced = served.greedy(_text_ids(served, "A"), 3)
+    assert r.choices[0].text == text
+    assert r.usage.completion_tokens == produced
+    if produced == 3:
+        assert r.choices[0].finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_and_equals_generate(served: Served) -> None:
+    def ask(seed: int) -> str:
+        return served.client.completions.create(model=MODEL, prompt="Hello", max_tokens=20, temperature=1.0,
+                                                top_p=0.9, seed=seed).choices[0].text
+
+    a, b, c = ask(7), ask(7), ask(8)
+    assert a == b and a != c
+    gen = torch.Generator().manual_seed(7)  # `llmcore generate --temperature 1 --top-p 0.9 --seed 7`
+    out = generate(served.model, [_text_ids(served, "Hello")], max_new_tokens=20, temperature=1.0, top_p=0.9,
+                   eos_id=served.tok.eos_id, generator=gen)[0]
+    assert a == served.tok.decode(out, skip_special_tokens=True)
+
+
+def test_eight_concurrent_streams_each_get_their_own_answer(served: Served) -> None:
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(CHAT_PROMPTS))
+    max_tokens = [12 + 3 * i for i in range(len(CHAT_PROMPTS))]
+
+    def worker(i: int) -> None:
+        try:
+            client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            barrier.wait(timeout=30)
+            stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": CHAT_PROMPTS[i]}],
+                                                    max_tokens=max_tokens[i], temperature=0, stream=True)
+            results[i] = "".join(c.choices[0].delta.content or "" for c in stream)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    batches_before = served.engine.batches_run
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(CHAT_PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    expected = {i: served.greedy(chat_prompt_ids(served.tok, p), max_tokens[i])[0] for i, p in enumerate(CHAT_PROMPTS)}
+    assert results == expected
+    assert len(set(expected.values())) > 4, "prompts should give different answers, or mixing would go unseen"
+    assert served.engine.batches_run - batches_before < len(CHAT_PROMPTS), "concurrent requests should share batches"
+
+
+# -- the engine on its own: batching and cancellation ---------------------------------------------
+
+def _job(ids: list[int], max_tokens: int, **kw: Any) -> tuple[Job, list[Any]]:
+    events: list[Any] = []
+    return Job(ids, SamplingParams(max_tokens=max_tokens, temperature=kw.pop("temperature", 0.0), **kw),
+               events.append), events
+
+
+def test_engine_batches_waiting_requests_and_keeps_rows_apart(served: Served) -> None:
+    engine = Engine(served.model, served.tok, max_batch=8)  # not started: the jobs queue up first
+    ids = [chat_prompt_ids(served.tok, p) for p in CHAT_PROMPTS[:6]]
+    jobs = [_job(p, 10 + 4 * i) for i, p in enumerate(ids)]
+    seeded = _job(ids[0], 10, temperature=1.0, seed=3)  # seeded sampling runs alone
+    for job, _ in jobs + [seeded]:
+        engine.submit(job)
+    engine.start()
+    deadline = time.monotonic() + 60
+    while any(not ev or ev[-1][0] != "done" for _, ev in jobs + [seeded]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.close()
+    assert engine.batches_run == 2 and engine.max_batch_seen == 6
+    for (job, events), p in zip(jobs, ids):
+        text, produced = served.greedy(p, job.max_tokens)
+        assert "".join(e[1] for e in events if e[0] == "text") == text
+        assert events[-1][0] == "done" and events[-1][2] == produced
+
+
+def test_engine_rejects_a_full_queue(served: Served) -> None:
+    engine = Engine(served.model, served.tok, max_batch=1, max_queue=2)
+    for _ in range(2):
+        engine.submit(_job([1, 5], 2)[0])
+    with pytest.raises(ApiError) as err:
+        engine.submit(_job([1, 5], 2)[0])
+    assert err.value.status == 429
+    engine.close()
+    with pytest.raises(LLMCoreError):
+        Engine(served.model, served.tok, max_batch=0)
+
+
+def test_client_that_disconnects_mid_stream_frees_its_slot(served: Served) -> None:
+    engine = served.engine
+    body = {"model": MODEL, "prompt": "Once upon a time there was", "max_tokens": 1000, "temperature": 0,
+            "stream": True}
+    produced_before = engine.tokens_produced
+    t0 = time.perf_counter()
+    with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+    # The connection is closed: the worker must drop the row long before 1000 tokens.
+    deadline = time.monotonic() + 20
+    while engine.busy and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not engine.busy, "the worker is still generating for a client that left"
+    produced = engine.tokens_produced - produced_before
+    assert produced < 1000, produced
+    # And the next client is served at once.
+    r2 = served.client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0.5, seed=1)
+    assert r2.usage.completion_tokens >= 1
+    assert time.perf_counter() - t0 < 30
+
+
+def test_disconnected_request_still_queued_is_dropped(served: Served) -> None:
+    engine = Engine(served.model, served.tok, max_batch=1)
+    a, ev_a = _job([1, 5, 6], 3)
+    b, ev_b = _job([1, 7, 8], 3)
+    engine.submit(a)
+    engine.submit(b)
+    b.cancelled.set()
+    engine.start()
+    deadline = time.monotonic() + 30
+    while (not ev_a or ev_a[-1][0] != "done") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.close()
+    assert ev_a[-1][0] == "done" and ev_b == [] and engine.batches_run == 1
+
+
+# -- refusals -------------------------------------------------------------------------------------
+
+def _raw(s: Served, path: str, content: bytes | str | None = None, method: str = "POST",
+         headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.request(method, s.url + path, content=content, timeout=30,
+                         headers={"Content-Type": "application/json", **(headers or {})})
+
+
+def _assert_error(r: httpx.Response, status: int, needle: str = "") -> dict[str, Any]:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    assert "Traceback" not in r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"} and err["message"]
+    assert needle.lower() in err["message"].lower(), err
+    return err
+
+
+BAD_BODIES = {
+    "unknown model": ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
+    "empty messages": ({"model": MODEL, "messages": []}, 400, "at least one message"),
+    "no messages": ({"model": MODEL}, 400, "messages"),
+    "bad role": ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    "bad content": ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "content"),
+    "max_tokens past the context": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                     "max_tokens": 1024}, 400, "context"),
+    "max_tokens zero": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400,
+                        "max_tokens"),
+    "temperature string": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+                           400, "temperature"),
+    "temperature too high": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3},
+                             400, "temperature"),
+    "top_p zero": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
+    "n=2": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n=1"),
+    "stop not strings": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": [1]}, 400, "stop"),
+    "five stops": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": list("abcde")}, 400,
+                   "stop"),
+    "stream not bool": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400,
+                        "stream"),
+    "body not an object": ([1, 2], 400, "object"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_bad_chat_requests_are_4xx_json(served: Served, case: str) -> None:
+    body, status, needle = BAD_BODIES[case]
+    _assert_error(_raw(served, "/v1/chat/completions", json.dumps(body)), status, needle)
+
+
+def test_bad_requests_through_the_openai_client(served: Served) -> None:
+    c = served.client
+    with pytest.raises(openai.NotFoundError) as nf:
+        c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert nf.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=MODEL, messages=[])
+    with pytest.raises(openai.BadRequestError) as ctx:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5000)
+    assert ctx.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=MODEL, prompt="x" * 3000, max_tokens=1)  # the prompt alone fills the context
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=MODEL, prompt="x", max_tokens=1, echo=True)
+
+
+@pytest.mark.parametrize("raw", [b"{", b"not json", b"", b"\xff\xfe", b"[" * 100_00, b'{"max_tokens": NaN}'])
+def test_malformed_json_is_400(served: Served, raw: bytes) -> None:
+    r = _raw(served, "/v1/chat/completions", raw)
+    assert r.status_code == 400, r.text
+    _assert_error(r, 400)
+
+
+def test_oversized_body_is_413(served: Served) -> None:
+    big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * (1 << 17)}]})
+    _assert_error(_raw(served, "/v1/chat/completions", big), 413, "limit")
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the limit holds while reading
+        yield b'{"model": "tiny-run", "messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"x" * 4096
+        yield b'"}]}'
+
+    r = httpx.post(served.url + "/v1/completions", content=chunked(), timeout=30,
+                   headers={"Content-Type": "application/json"})
+    _assert_error(r, 413, "limit")
+
+
+def test_bad_completion_prompts(served: Served) -> None:
+    for body, needle in [({"model": MODEL}, "prompt"), ({"model": MODEL, "prompt": ["a", "b"]}, "one prompt"),
+                         ({"model": MODEL, "prompt": [1, 999999]}, "vocabulary"), ({"model": MODEL, "prompt": 3}, "prompt")]:
+        _assert_error(_raw(served, "/v1/completions", json.dumps(body)), 400, needle)
+
+
+def test_unknown_route_and_method(served: Served) -> None:
+    _assert_error(_raw(served, "/v1/embeddings", "{}"), 404)
+    _assert_error(_raw(served, "/v1/chat/completions", method="GET"), 405)
+
+
+def test_api_key_is_required(run_dir: Path) -> None:
+    s = Served(run_dir, api_key="sekret", max_batch=1)
+    try:
+        bad = openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            bad.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            _assert_error(_raw(s, "/v1/models", method="GET", headers=headers), 401, "API key")
+            _assert_error(_raw(s, "/v1/completions", "{", headers=headers), 401)  # refused before the body is read
+            _assert_error(_raw(s, "/nothing", method="GET", headers=headers), 401)
+        assert [m.id for m in s.client.models.list().data] == [MODEL]
+        r = s.client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
+        assert r.choices[0].text == s.greedy(_text_ids(s, "Hi"), 3)[0]
+    finally:
+        s.stop()
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmcore.cli import main
+
+    for argv, needle in [(["serve", "--ckpt", str(tmp_path / "missing")], "no such checkpoint"),
+                         (["serve", "--ckpt", str(tmp_path), "--device", "cuda:7"], "--device"),
+                         (["serve", "--ckpt", str(tmp_path), "--host", "256.1.1.1"], "--host"),
+                         (["serve", "--ckpt", str(tmp_path), "--rag-k", "0"], "--rag-k")]:
+        if "cuda:7" in argv and torch.cuda.device_count() > 7:
+            continue
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and needle in err and "\n" not in err, err
+
+
+def test_cli_serves_on_a_free_port_and_stops_on_sigint(run_dir: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LLMCORE_API_KEY": "k1"}
+    proc = subprocess.Popen([sys.executable, "-m", "llmcore", "serve", "--ckpt", str(run_dir), "--port", "0",
+                             "--device", "cpu", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        line = proc.stderr.readline()  # "serving 'tiny-run' on cpu at http://127.0.0.1:PORT/v1 (...)"
+        assert "serving" in line and "http://127.0.0.1:" in line, line + (proc.stderr.read() if proc.poll() else "")
+        base = line.split(" at ", 1)[1].split()[0]
+        client = openai.OpenAI(base_url=base, api_key="k1", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == [MODEL]
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "你好"}], max_tokens=5,
+                                           temperature=0)
+        assert r.usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base, api_key="k2", max_retries=0).models.list()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert proc.returncode in (0, 130) and "Traceback" not in err, err  # 130: the CLI's "interrupted"
