@@ -227,7 +227,7 @@ def run_gpu(args) -> list[dict]:
                    {"fwd": 2 * elem, "bwd": 3 * elem, "fwd+bwd": 5 * elem}, peaks["copy_gbs"])
             del x, w, g
 
-    cos, sin = rope_tables(max(args.seqs), head_dim, device=dev)
+    cos, sin = rope_tables(head_dim, max(args.seqs), device=dev)
     for seq in args.seqs:
         q = torch.randn(batch, seq, heads, head_dim, device=dev, dtype=dt, requires_grad=True)
         k = torch.randn(batch, seq, kv_heads, head_dim, device=dev, dtype=dt, requires_grad=True)

@@ -31,6 +31,9 @@ Numerics: fp32 accumulation always. On CUDA, bf16/fp16 tiles feed the tensor cor
 (P and dS are rounded to the input dtype for their matmuls, as FlashAttention does); fp32
 inputs use IEEE fp32 dots (no TF32), so fp32 results match the reference to ~1e-5. In the
 interpreter every tile is converted to fp32 before ``tl.dot`` (its bf16 dot is not reliable).
+
+The reference (``flash_attention_reference``, i.e. ``llmcore.reference.attention_reference``)
+and ``cu_seqlens_from_position_ids`` are re-exported from ``llmcore.reference``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ import triton
 import triton.language as tl
 
 from llmcore.kernels._runtime import cast_rtne, check_device, is_interpreted, needs_bf16_fix
+# The plain-PyTorch side lives in llmcore.reference (one copy, shared with the model's eager path).
+from llmcore.reference import attention_reference as flash_attention_reference
+from llmcore.reference import cu_seqlens_from_position_ids
+
+__all__ = ["FlashAttentionFunction", "cu_seqlens_from_position_ids", "flash_attention", "flash_attention_reference"]
 
 _LOG2E = 1.4426950408889634
 
@@ -632,48 +640,3 @@ def flash_attention(
     if batch * seq_len == 0:
         return torch.zeros_like(q)
     return FlashAttentionFunction.apply(q, k, v, bool(causal), cu_seqlens, scale)
-
-
-def flash_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool = True,
-    cu_seqlens: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
-) -> torch.Tensor:
-    """Plain-PyTorch attention in fp32 with the same masking rules; output in q's dtype."""
-    batch, seq_len, n_heads, head_dim = q.shape
-    group = n_heads // k.shape[2]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    qf = q.float().transpose(1, 2)  # (B, H, T, D)
-    kf = k.float().repeat_interleave(group, dim=2).transpose(1, 2)
-    vf = v.float().repeat_interleave(group, dim=2).transpose(1, 2)
-    scores = (qf @ kf.transpose(-1, -2)) * scale
-    idx = torch.arange(seq_len, device=q.device)
-    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = idx[None, :] <= idx[:, None]
-    allowed = allowed.expand(batch, seq_len, seq_len)
-    if cu_seqlens is not None:
-        # Document id of every flattened token; equal ids (and the same row) may attend.
-        tok = torch.arange(batch * seq_len, device=q.device)
-        doc = torch.searchsorted(cu_seqlens.to(q.device, torch.int64), tok, right=True).view(batch, seq_len)
-        allowed = allowed & (doc[:, :, None] == doc[:, None, :])
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ vf
-    return out.transpose(1, 2).to(q.dtype)
-
-
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """int32 ``cu_seqlens`` for packed rows: a document starts wherever ``position_ids == 0`` and at every row start.
-
-    ``position_ids`` ``(B, T)`` as the packed loader yields them. The result has a data-dependent
-    length, so on CUDA this synchronises once; compute it once per batch and share it across layers.
-    """
-    batch, seq_len = position_ids.shape
-    starts = position_ids == 0
-    starts[:, 0] = True
-    offsets = torch.nonzero(starts.reshape(-1), as_tuple=False).flatten()
-    end = torch.tensor([batch * seq_len], device=position_ids.device, dtype=offsets.dtype)
-    return torch.cat((offsets, end)).to(torch.int32)

@@ -10,6 +10,7 @@ Backward: with ``xhat = x * rstd`` and ``g = dy * weight``,
 ``dx = rstd * (g - xhat * mean(g * xhat))`` and ``dweight = sum_rows(dy * round(xhat))``. dW is
 reduced without atomics: each program owns a contiguous slice of rows and writes one fp32
 partial row; torch sums the few partial rows in fp32 afterwards, deterministically.
+The reference (``rms_norm_reference``) is re-exported from ``llmcore.reference``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import triton
 import triton.language as tl
 
 from llmcore.kernels._runtime import cast_rtne, check_device, needs_bf16_fix, next_pow2
+# The plain-PyTorch formula lives in llmcore.reference (one copy, shared with the model's eager path).
+from llmcore.reference import rms_norm_reference
+
+__all__ = ["RMSNormFunction", "rms_norm", "rms_norm_reference"]
 
 
 @triton.jit
@@ -167,10 +172,3 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
     ``TRITON_INTERPRET=1`` was set before import (otherwise ``KernelDeviceError``).
     """
     return RMSNormFunction.apply(x, weight, eps)
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Plain-PyTorch RMSNorm, the HF Llama formula with fp32 statistics; output in ``x``'s dtype."""
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (weight * normed.to(x.dtype)).to(x.dtype)

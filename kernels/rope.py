@@ -11,6 +11,8 @@ so the kernel equals the eager formula for any table, not only ones with repeate
 One program handles a block of tokens and all heads of q (or k), so each table row is loaded
 once per token and reused across heads (GQA: q and k simply have different head counts).
 Math in fp32; outputs keep the inputs' dtypes. ``cos``/``sin`` are constants (no gradient).
+The tables (``rope_tables``) and the reference (``apply_rope_reference``) are re-exported from
+``llmcore.reference``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ import triton
 import triton.language as tl
 
 from llmcore.kernels._runtime import cast_rtne, check_device, needs_bf16_fix, next_pow2
+# The plain-PyTorch side lives in llmcore.reference (one copy, shared with the model's eager path).
+from llmcore.reference import apply_rope_reference, rope_tables, rotate_half
+
+__all__ = ["RoPEFunction", "apply_rope", "apply_rope_reference", "rope_tables", "rotate_half"]
 
 
 @triton.jit
@@ -150,36 +156,3 @@ def apply_rope(
     elif seq_len > cos.shape[0]:
         raise ValueError(f"apply_rope: seq {seq_len} exceeds the tables' {cos.shape[0]} positions")
     return RoPEFunction.apply(q.contiguous(), k.contiguous(), cos, sin, pos)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``[x1, x2] -> [-x2, x1]`` over the last dim (HF Llama's helper)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    position_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch RoPE in fp32: ``x * cos[p] + rotate_half(x) * sin[p]``, cast back to x's dtype."""
-    seq_len = q.shape[1]
-    if position_ids is None:
-        position_ids = torch.arange(seq_len, device=q.device).unsqueeze(0).expand(q.shape[0], seq_len)
-    c = cos.float()[position_ids].unsqueeze(2)  # (B, T, 1, D): broadcast over heads
-    s = sin.float()[position_ids].unsqueeze(2)
-    qf, kf = q.float(), k.float()
-    q_out = qf * c + rotate_half(qf) * s
-    k_out = kf * c + rotate_half(kf) * s
-    return q_out.to(q.dtype), k_out.to(k.dtype)
-
-
-def rope_tables(max_positions: int, head_dim: int, theta: float = 1e6, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 ``(cos, sin)`` tables of shape ``(max_positions, head_dim)`` with each half repeated."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
-    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device=device), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().float(), angles.sin().float()

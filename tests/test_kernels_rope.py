@@ -53,7 +53,7 @@ def _close(actual, expected, dtype, what):
 @pytest.mark.parametrize("packed", [False, True])
 def test_rope_matches_reference(dtype, heads, kv_heads, packed):
     batch, seq, head_dim = 3, 37, 64
-    cos, sin = rope_tables(128, head_dim, theta=1e6, device=DEVICE)
+    cos, sin = rope_tables(head_dim, max_positions=128, theta=1e6, device=DEVICE)
     q, k, dq, dk = _qk(batch, seq, heads, kv_heads, head_dim, dtype)
     pos = _packed_positions(batch, seq, [5, 20, 3]) if packed else None
     got = _run(apply_rope, q, k, dq, dk, cos, sin, pos)
@@ -73,7 +73,7 @@ def test_rope_matches_reference(dtype, heads, kv_heads, packed):
 
 def test_rope_position_ids_select_table_rows():
     # Explicit positions equal to arange must give the default; shifted positions must differ.
-    cos, sin = rope_tables(64, 32, device=DEVICE)
+    cos, sin = rope_tables(32, max_positions=64, device=DEVICE)
     q, k, _, _ = _qk(2, 11, 2, 1, 32, torch.float32, seed=4)
     default = apply_rope(q, k, cos, sin)
     explicit = apply_rope(q, k, cos, sin, torch.arange(11, device=DEVICE).expand(2, 11))
@@ -105,7 +105,7 @@ def test_rope_reference_equals_explicit_rotation():
     batch, seq, heads, head_dim, theta = 2, 9, 3, 16, 1e6
     q, k, _, _ = _qk(batch, seq, heads, 1, head_dim, torch.float32, seed=6)
     pos = _packed_positions(batch, seq, [4])
-    cos, sin = rope_tables(32, head_dim, theta=theta, device=DEVICE)
+    cos, sin = rope_tables(head_dim, max_positions=32, theta=theta, device=DEVICE)
     half = head_dim // 2
     freqs = torch.tensor([theta ** (-2.0 * i / head_dim) for i in range(half)], dtype=torch.float64, device=DEVICE)
     angle = pos.double()[..., None, None] * freqs  # (B, T, 1, half)
@@ -119,7 +119,7 @@ def test_rope_reference_equals_explicit_rotation():
 def test_rope_backward_is_inverse_rotation():
     # With half-repeated tables the backward map is the rotation by -angle: applying it to the
     # forward output gives the input back.
-    cos, sin = rope_tables(64, 32, device=DEVICE)
+    cos, sin = rope_tables(32, max_positions=64, device=DEVICE)
     q, k, _, _ = _qk(2, 21, 2, 2, 32, torch.float32, seed=7)
     q.requires_grad_(True)
     k.requires_grad_(True)
@@ -132,7 +132,7 @@ def test_rope_backward_is_inverse_rotation():
 def test_rope_rejects_out_of_range_positions_off_gpu():
     if DEVICE == "cuda":
         pytest.skip("the range check runs only off-GPU (it would synchronise the device)")
-    cos, sin = rope_tables(8, 16)
+    cos, sin = rope_tables(16, max_positions=8)
     q, k, _, _ = _qk(1, 4, 1, 1, 16, torch.float32)
     with pytest.raises(ValueError, match="position_ids"):
         apply_rope(q, k, cos, sin, torch.tensor([[0, 1, 2, 8]]))
