@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llmcore.errors import LLMCoreError
-from llmcore.model import (LLM, ModelConfig, MoE, cu_seqlens_from_position_ids, document_ids, param_report,
-                           rope_tables)
+from llmcore.model import LLM, ModelConfig, MoE, param_report, unwrap_model
+from llmcore.reference import cu_seqlens_from_position_ids, document_ids, rope_tables
 
 
 def tiny(seed: int = 0, **overrides) -> LLM:
@@ -55,6 +55,29 @@ def test_config_roundtrip_and_validation() -> None:
         ModelConfig.from_dict({**cfg.to_dict(), "hiden_size": 3})
     with pytest.raises(LLMCoreError):
         ModelConfig.from_preset("tiny", attn_backend="flash")
+
+
+def test_old_config_with_retired_extra_key_loads() -> None:
+    # Configs written before `extra` was removed carry it (empty or with notes); they still load.
+    cfg = ModelConfig.from_preset("tiny")
+    assert "extra" not in cfg.to_dict()
+    assert ModelConfig.from_dict({**cfg.to_dict(), "extra": {"source": "minimind"}}) == cfg
+
+
+def test_unwrap_model_through_compile_and_module_wrappers() -> None:
+    model = tiny()
+
+    class Wrapper(torch.nn.Module):  # DDP / DeepSpeed engine: the model is `.module`
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    assert unwrap_model(model) is model
+    assert unwrap_model(torch.compile(model)) is model
+    assert unwrap_model(Wrapper(model)) is model
+    assert unwrap_model(torch.compile(Wrapper(torch.compile(model)))) is model
+    with pytest.raises(TypeError, match="no llmcore LLM"):
+        unwrap_model(Wrapper(torch.nn.Linear(2, 2)))
 
 
 def test_yarn_scales_only_low_frequencies() -> None:
