@@ -23,6 +23,7 @@ rag_app = typer.Typer(
 
 
 def _log_to_stderr() -> None:
+    """RAG notes go to stderr, so stdout holds only results (`--json` prints exactly one object)."""
     logger = logging.getLogger("llmcore.rag")
     if not logger.handlers:
         h = logging.StreamHandler(sys.stderr)
@@ -118,6 +119,7 @@ def query_cmd(
     from llmcore.rag.answer import answer_messages, answer_stream, fit_passages
     from llmcore.rag.index import Retriever
 
+    _log_to_stderr()
     if answer and ckpt is None:
         raise LLMCoreError("--answer needs --ckpt RUN_DIR")
     if not question.strip():
