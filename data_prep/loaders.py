@@ -32,6 +32,26 @@ def train_eval_split(n_docs: int, eval_docs: int, seed: int = 0) -> tuple[np.nda
     return np.sort(perm[eval_docs:]), np.sort(perm[:eval_docs])
 
 
+def first_rows(batch: dict, n: int) -> dict | None:
+    """The first `n` rows (pairs for DPO batches) of a batch; None when n is 0.
+
+    A loader fills an epoch's last global batch by wrapping to the epoch's first rows (so ranks
+    stay in step); a one-pass evaluation keeps only `unwrapped_rows(step)` rows so none counts twice."""
+    if n <= 0:
+        return None
+    if "num_pairs" in batch:
+        b = int(batch["num_pairs"])
+        if n >= b:
+            return batch
+        pick = torch.cat([torch.arange(n), b + torch.arange(n)])
+        out = {k: v[pick] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        out["num_pairs"] = n
+        return out
+    if n >= batch["input_ids"].shape[0]:
+        return batch
+    return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
 class Loader:
     """Iterator of batches (dicts of CPU torch.long tensors) over `reader` (infinite unless `epochs` is given).
 

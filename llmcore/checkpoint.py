@@ -173,8 +173,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     else:
         config = config_from_hf(_read_json(ckpt / HF_CONFIG))
         state = _hf_to_ours(_hf_weights(ckpt))
-    if attn_backend is not None:
-        config.attn_backend = attn_backend
+    config.attn_backend = runnable_backend(attn_backend or config.attn_backend, torch.device(device))
     with torch.device("meta"):
         model = LLM(config)
     try:
@@ -189,6 +188,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     model.eval()
     tokenizer = load_tokenizer_for(ckpt) if with_tokenizer else None
     return model, tokenizer
+
+
+def runnable_backend(backend: str, device: torch.device) -> str:
+    """The attention backend to run a checkpoint with on `device`: `auto` is triton on CUDA and
+    sdpa elsewhere; a checkpoint trained with triton on a GPU runs with sdpa on a CPU (the backend
+    is how the math runs, not part of the weights), unless the Triton interpreter is on."""
+    import os
+
+    from llmcore.common import default_attn_backend
+
+    if backend == "auto":
+        return default_attn_backend(device)
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "sdpa"
+    return backend
 
 
 def _rope_for(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import typer
 
+from llmcore.common import DEVICE_HELP
 from llmcore.errors import LLMCoreError
 
 model_app = typer.Typer(help="Model presets and parameter counts.\n\nExample: llmcore model info minimind2-small",
@@ -18,18 +19,12 @@ export_app = typer.Typer(help="Export a checkpoint to other formats.\n\nExample:
                          no_args_is_help=True)
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _load(ckpt: Path, device: str, tokenizer: Optional[Path]) -> tuple[Any, Any]:
     from llmcore.checkpoint import load_model
 
-    model, tok = load_model(ckpt, device=_device(device), with_tokenizer=tokenizer is None)
+    from llmcore.common import resolve_device
+
+    model, tok = load_model(ckpt, device=resolve_device(device), with_tokenizer=tokenizer is None)
     if tokenizer is not None:
         from llmcore.data_prep.tokenizer import load_tokenizer
 
@@ -89,7 +84,7 @@ def generate_cmd(
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the chat template as a user message"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for sampling"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the checkpoint's)"),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Continue a prompt and print the continuation as it is generated.
 
@@ -125,7 +120,7 @@ def chat_cmd(
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for sampling"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the checkpoint's)"),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Multi-turn chat REPL through the chat template; answers stream as they are generated.
 

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llmcore.data_prep.loaders import IGNORE_INDEX
 from llmcore.errors import LLMCoreError
 
 
@@ -38,24 +38,29 @@ def _run_seq_len(ckpt: Path) -> int | None:
 
 @torch.no_grad()
 def evaluate(ckpt: str | Path, data: str | Path, batch_size: int = 8, seq_len: int | None = None,
-             packing: str = "packed", attn_backend: str | None = None, max_batches: int | None = None) -> EvalResult:
+             packing: str = "packed", attn_backend: str | None = None, max_batches: int | None = None,
+             device: str = "auto") -> EvalResult:
     """Mean masked next-token cross-entropy of the model at `ckpt` (run dir, checkpoint dir or HF
-    folder) over one pass of the pretrain or SFT shards at `data`."""
+    folder) over one pass of the shards at `data` (a kind some language-model stage trains on),
+    on `device` (auto: the GPU when there is one)."""
     from llmcore.checkpoint import load_model, resolve_checkpoint
-    from llmcore.data_prep.loaders import make_loader
+    from llmcore.common import resolve_device
+    from llmcore.data_prep.loaders import first_rows, make_loader
     from llmcore.data_prep.shards import ShardReader
-    from llmcore.train.objectives import masked_ce_sum
-    from llmcore.train.trainer import only_rows
+    from llmcore.train.objectives import masked_ce_sum, perplexity
+    from llmcore.train.stages import LanguageModelStage, all_stages
 
     if batch_size < 1:
         raise LLMCoreError(f"--batch-size must be >= 1, got {batch_size}")
     if packing not in ("packed", "padded"):
         raise LLMCoreError(f"packing must be packed or padded, got {packing!r}")
+    dev = resolve_device(device)
     reader = ShardReader(data)
-    if reader.kind not in ("pretrain", "sft"):
-        raise LLMCoreError(f"--data {data} holds {reader.kind} shards; eval scores pretrain or sft shards")
+    lm_kinds = [st.shard_kind for st in all_stages() if isinstance(st, LanguageModelStage)]
+    if reader.kind not in lm_kinds:
+        raise LLMCoreError(f"--data {data} holds {reader.kind} shards; eval scores {' or '.join(lm_kinds)} shards")
     ckpt_dir = resolve_checkpoint(ckpt)
-    model, tok = load_model(ckpt, attn_backend=attn_backend)
+    model, tok = load_model(ckpt, device=dev, attn_backend=attn_backend)
     if tok is not None:
         reader.check_tokenizer(tok)
     vocab = int(reader.manifest.get("tokenizer", {}).get("vocab_size", 0))
@@ -68,17 +73,17 @@ def evaluate(ckpt: str | Path, data: str | Path, batch_size: int = 8, seq_len: i
     model.float().eval()
     loader = make_loader(reader, packing, seq_len, batch_size, seed=0, rank=0, world_size=1, shuffle=False)
     n = loader.steps_per_epoch if max_batches is None else min(loader.steps_per_epoch, max_batches)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=dev)
     count = 0
     for step in range(n):
-        batch = only_rows(next(loader), loader.unwrapped_rows(step))
+        batch = first_rows(next(loader), loader.unwrapped_rows(step))
         if batch is None:
             continue
-        out = model(batch["input_ids"], position_ids=batch["position_ids"])
-        s, c = masked_ce_sum(out.logits, batch["labels"])
+        count += int((batch["labels"] != IGNORE_INDEX).sum())
+        out = model(batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev))
+        s, _ = masked_ce_sum(out.logits, batch["labels"].to(dev))
         total += s.double()
-        count += int(c)
     if count == 0:
         raise LLMCoreError(f"{data}: no loss tokens to score")
     loss = float(total) / count
-    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=count, batches=n, seq_len=seq_len)
+    return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=count, batches=n, seq_len=seq_len)

@@ -90,13 +90,24 @@ def test_existing_run_needs_resume_and_dpo_needs_init(shards, tmp_path):
 
 def test_toml_config_file_and_flag_precedence(shards, tmp_path):
     toml = tmp_path / "c.toml"
-    toml.write_text('[train]\nlr = 0.002\nseq-len = 40\nwarmup_steps = 3\npadded = true\n')
+    toml.write_text('[train]\nlr = 0.002\nseq-len = 40\nwarmup_steps = 3\npacking = "padded"\n')
     cfg = build_config("pretrain", {"data": str(shards["pretrain"]), "out": str(tmp_path / "o"), "lr": 0.001}, toml)
     assert cfg.lr == 0.001 and cfg.seq_len == 40 and cfg.warmup_steps == 3 and cfg.packing == "padded"
     assert cfg.min_lr == pytest.approx(0.0001) and cfg.micro_batch_size == 32  # stage defaults fill the rest
     toml.write_text("learning_rate = 1\n")
     with pytest.raises(LLMCoreError, match="unknown training setting"):
         build_config("pretrain", {"data": str(shards["pretrain"]), "out": "o"}, toml)
+    # Values in files are type-checked against the setting's declared type, never coerced from strings.
+    for text, message in (('lr = "1e-3"', "lr must be a number"), ('compile = "no"', "compile must be true or false"),
+                          ("seq_len = 1.5", "seq_len must be an integer"), ("epochs = nan", "--epochs must be a finite"),
+                          ('dtype = "fp8"', "--dtype must be one of")):
+        toml.write_text(text + "\n")
+        with pytest.raises(LLMCoreError, match=message):
+            build_config("pretrain", {"data": str(shards["pretrain"]), "out": "o"}, toml)
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("train:\n  lr: 0.004\n  packing: padded\n")
+    cfg = build_config("pretrain", {"data": str(shards["pretrain"]), "out": "o"}, yaml_file)
+    assert cfg.lr == 0.004 and cfg.packing == "padded"
     sft = TrainConfig(data=str(shards["sft"]), out="o", init=str(pretrained_run())).resolved("sft")
     assert sft.lr == 1e-5 and sft.epochs == 2
     dpo = TrainConfig(data=str(shards["dpo"]), out="o", init=str(pretrained_run())).resolved("dpo")
@@ -121,3 +132,35 @@ def test_nan_loss_stops_cleanly_keeping_last_good_checkpoint(shards, tmp_path, c
             "--grad-clip", "0", "--max-steps", "5", "--save-every", "1", "--quiet"]
     code, err = run_cli(args, capsys)
     assert code == 2 and "error: " in err and "step 2" in err
+
+
+def test_cli_is_derived_from_the_config_per_stage(shards, tmp_path):
+    """Every setting has one option; each stage's --help shows its own defaults and only its own
+    stage-specific settings; --print-config prints TOML that --config reads back to the same config."""
+    from dataclasses import fields
+
+    from typer.testing import CliRunner
+
+    from llmcore.cli import app
+    from llmcore.train.config import TrainConfig, flag_name
+
+    runner = CliRunner()
+    dpo_help = runner.invoke(app, ["train", "dpo", "--help"], terminal_width=200).output
+    pre_help = runner.invoke(app, ["train", "pretrain", "--help"], terminal_width=200).output
+    for f in fields(TrainConfig):
+        if f.name not in ("beta", "dpo_logp", "ref_logps", "packing"):
+            assert flag_name(f.name) in dpo_help and flag_name(f.name) in pre_help, f.name
+    assert "--beta" in dpo_help and "--beta" not in pre_help
+    assert "--packing" in pre_help and "--packing" not in dpo_help
+    assert "4e-08" in dpo_help and "0.0005" in pre_help  # each stage's own default lr
+
+    args = ["train", "pretrain", "--data", str(shards["pretrain"]), "--out", str(tmp_path / "o"), "--lr", "0.003",
+            "--no-compile", "--print-config"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "lr = 0.003" in res.output and "micro_batch_size = 32" in res.output
+    saved = tmp_path / "effective.toml"
+    saved.write_text(res.output)
+    again = build_config("pretrain", {}, saved)
+    assert again == build_config("pretrain", {"data": str(shards["pretrain"]), "out": str(tmp_path / "o"),
+                                             "lr": 0.003})
+    assert not (tmp_path / "o").exists()  # --print-config trains nothing

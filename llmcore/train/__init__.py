@@ -1,10 +1,14 @@
-"""Training: one Trainer loop for pretrain, SFT and DPO; plain PyTorch or DeepSpeed engine.
+"""Training: one Trainer loop for every registered stage (pretrain, sft, dpo); plain PyTorch or
+DeepSpeed engine, on the CPU or a GPU.
 
 Importing this package never imports deepspeed; only a run with `--deepspeed` does.
 """
 
-from llmcore.train.config import STAGE_DEFAULTS, STAGES, TrainConfig, build_config, load_toml
-from llmcore.train.trainer import RunSummary, TrainHooks, TrainingDiverged, lr_at, shutdown_distributed, train
+from llmcore.train.config import TrainConfig, build_config, load_config_file, load_toml
+from llmcore.train.engine import shutdown_distributed
+from llmcore.train.stages import STAGES, Stage, all_stages, get_stage, register_stage
+from llmcore.train.trainer import RunSummary, Trainer, TrainHooks, TrainingDiverged, lr_at, train
 
-__all__ = ["TrainConfig", "STAGES", "STAGE_DEFAULTS", "build_config", "load_toml", "train", "RunSummary",
-           "TrainHooks", "TrainingDiverged", "lr_at", "shutdown_distributed"]
+__all__ = ["TrainConfig", "STAGES", "Stage", "all_stages", "get_stage", "register_stage", "build_config",
+           "load_config_file", "load_toml", "train", "Trainer", "RunSummary", "TrainHooks", "TrainingDiverged",
+           "lr_at", "shutdown_distributed"]

@@ -1,9 +1,20 @@
-"""Two engines behind one interface: plain PyTorch (AdamW, one process) and DeepSpeed (ZeRO 0-3).
+"""Two engines behind one interface (`llmcore.train.protocols.Engine`): plain PyTorch (AdamW, one
+process) and DeepSpeed (ZeRO 0-3, any number of processes and nodes).
+
+An engine owns three things nothing else decides:
+- the device (`--device`, resolved by `llmcore.common.resolve_device`): the model, the batches it is
+  handed and the loss live there; batches move from pinned memory without blocking;
+- the process group: joined when the engine is made (DeepSpeed), left by `close()` /
+  `shutdown_distributed()` (torch 2.13's gloo teardown at interpreter exit can abort a finished
+  process, so the group is destroyed while the interpreter is healthy);
+- the precision: `--dtype auto` is bf16 autocast over fp32 master weights on CUDA and fp32 on CPU;
+  on CUDA TF32 matmuls are allowed and AdamW is the fused kernel.
 
 The Trainer calls, per micro batch: `forward(batch)`, `backward(loss)`, then `micro_step_end(boundary,
 lr)`; on the last micro batch of a global batch (`boundary`) the engine clips, applies the optimizer
-with `lr` and returns the gradient norm. The LR schedule lives in the Trainer, so both engines get
-exactly the same rates. DeepSpeed is imported only when a DeepSpeed engine is built.
+with `lr` and returns the gradient norm as a device tensor (no host sync). The LR schedule lives in
+the Trainer, so both engines get exactly the same rates. DeepSpeed is imported only when a DeepSpeed
+engine is built.
 """
 
 from __future__ import annotations
@@ -18,8 +29,10 @@ from typing import Any, Iterator
 
 import torch
 
+from llmcore.common import resolve_device
 from llmcore.errors import LLMCoreError
 from llmcore.train.config import TrainConfig
+from llmcore.train.stages import to_device
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -37,36 +50,104 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def autocast_ctx(dtype: str, device: str = "cpu") -> contextlib.AbstractContextManager:
-    """bf16 autocast where the device supports it; fp32 runs with autocast off."""
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """`auto` is bf16 on CUDA (where bf16 tensor cores are the fast path) and fp32 on CPU."""
+    if dtype == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return dtype
+
+
+def autocast_ctx(dtype: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+    """bf16 autocast on the device; fp32 runs with autocast off."""
+    device_type = torch.device(device).type
     if dtype == "bf16":
-        if device == "cuda" and not torch.cuda.is_bf16_supported():
-            raise LLMCoreError("--dtype bf16: this GPU does not support bfloat16")
-        return torch.autocast(device, dtype=torch.bfloat16)
+        if device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise LLMCoreError("--dtype bf16: this GPU does not support bfloat16; use --dtype fp32")
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-class PlainEngine:
-    """One process, torch.optim.AdamW, optional torch.compile."""
+def deepspeed_config_path(spec: str) -> Path:
+    """A named DeepSpeed config shipped with llmcore (zero0 ... zero3-offload) or a JSON file."""
+    try:
+        from llmcore.launch import deepspeed_config_path as packaged
+    except ImportError:
+        packaged = None
+    if packaged is not None:
+        return packaged(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise LLMCoreError(f"--deepspeed {spec}: no such DeepSpeed config file")
+    return path
+
+
+class _EngineBase:
+    """Device, precision and collectives shared by both engines."""
+
+    kind = "base"
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, rank: int, world: int) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.rank, self.world = rank, world
+        self.dtype = resolve_dtype(cfg.dtype, device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            # TF32 for the fp32 matmuls autocast leaves (and fp32 runs); bf16 ones are unaffected.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.module: torch.nn.Module = torch.nn.Identity()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast_ctx(self.dtype, self.device)
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return to_device(batch, self.device)
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        d = _dist()
+        if d is not None and d.get_world_size() > 1:
+            t = t.clone()
+            d.all_reduce(t, op=d.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        d = _dist()
+        if d is not None and d.get_world_size() > 1:
+            d.barrier()
+
+    def close(self) -> None:
+        """Leave the process group if this engine's run joined one (a no-op in one plain process)."""
+
+
+class PlainEngine(_EngineBase):
+    """One process, torch.optim.AdamW (fused on CUDA), optional torch.compile."""
 
     kind = "plain"
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig) -> None:
-        self.module = model
-        self.cfg = cfg
-        self.rank, self.world = 0, 1
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-        self._fwd = torch.compile(model) if cfg.compile else model
+    def __init__(self, model: torch.nn.Module | None, cfg: TrainConfig, device: torch.device | None = None) -> None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise LLMCoreError("more than one process needs DeepSpeed: add --deepspeed zero2")
+        super().__init__(cfg, device if device is not None else resolve_device(cfg.device), 0, 1)
+        if model is not None:
+            self.prepare(model, 1)
+
+    def prepare(self, model: torch.nn.Module, accum: int) -> None:
+        self.module = model.to(self.device)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr,
+                                           betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), eps=self.cfg.adam_eps,
+                                           fused=fused or None)
+        self._fwd = torch.compile(model) if self.cfg.compile else model
 
     def forward(self, batch: dict[str, Any]) -> Any:
-        with autocast_ctx(self.cfg.dtype):
+        with self.autocast():
             return self._fwd(batch["input_ids"], position_ids=batch["position_ids"])
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def micro_step_end(self, boundary: bool, lr: float) -> float | None:
+    def micro_step_end(self, boundary: bool, lr: float) -> torch.Tensor | None:
         if not boundary:
             return None
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -78,7 +159,7 @@ class PlainEngine:
             g["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -88,14 +169,19 @@ class PlainEngine:
         yield self.module
 
     def save_state(self, step_dir: Path) -> None:
-        # Plain tensors and Python scalars only, so torch.load(weights_only=True) can read it back.
-        torch.save(self.optimizer.state_dict(), step_dir / "optimizer.pt")
+        # Plain tensors and Python scalars only, so torch.load(weights_only=True) can read it back;
+        # moved to the CPU so a checkpoint written on a GPU resumes anywhere.
+        state = self.optimizer.state_dict()
+        state = {"state": {k: {n: (t.to("cpu") if torch.is_tensor(t) else t) for n, t in v.items()}
+                           for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
+        torch.save(state, step_dir / "optimizer.pt")
 
     def load_state(self, step_dir: Path) -> None:
         path = step_dir / "optimizer.pt"
         if not path.is_file():
             raise LLMCoreError(f"{step_dir}: no optimizer.pt; was this checkpoint written by a DeepSpeed run? "
                                "resume it with the same --deepspeed config")
+        # load_state_dict casts and moves the state to each parameter's device and dtype.
         self.optimizer.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
 
     def train(self, mode: bool = True) -> None:
@@ -103,7 +189,13 @@ class PlainEngine:
 
 
 # ----------------------------------------------------------------------------------------------
-# DeepSpeed
+# process group
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def free_port() -> int:
@@ -115,8 +207,9 @@ def free_port() -> int:
 _STANDALONE_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def init_distributed() -> tuple[int, int, bool]:
-    """Join torch.distributed through DeepSpeed (gloo on CPU); returns (rank, world_size, standalone).
+def init_distributed(device: torch.device) -> tuple[int, int, bool]:
+    """Join torch.distributed through DeepSpeed (NCCL on CUDA, gloo on CPU); returns (rank,
+    world_size, standalone).
 
     Under a launcher (deepspeed, torchrun) the rendezvous env is set. A one-process run started
     without one still needs it: then this process sets it (with a free port) and destroys the
@@ -124,12 +217,14 @@ def init_distributed() -> tuple[int, int, bool]:
     try:
         import deepspeed
     except ImportError as err:
-        raise LLMCoreError("--deepspeed needs the deepspeed package: pip install 'llmcore[deepspeed]'") from err
+        raise LLMCoreError("--deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'") from err
     import torch.distributed as dist
 
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         # Without CUDA DeepSpeed would probe for other accelerators; on CPU it uses gloo + shared memory.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    else:
+        torch.cuda.set_device(device)
     standalone = False
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
@@ -137,8 +232,7 @@ def init_distributed() -> tuple[int, int, bool]:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(free_port()))
             atexit.register(release_standalone)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return dist.get_rank(), dist.get_world_size(), standalone
 
 
@@ -153,7 +247,18 @@ def release_standalone() -> None:
         os.environ.pop(k, None)
 
 
-def build_ds_config(path: str | Path, cfg: TrainConfig, world: int, accum: int) -> dict[str, Any]:
+def shutdown_distributed() -> None:
+    """Destroy the process group if one is up (call before exiting a DeepSpeed run)."""
+    d = _dist()
+    if d is not None:
+        try:
+            d.barrier()
+        except Exception:  # a peer already gone: tearing down is all that is left to do
+            pass
+        d.destroy_process_group()
+
+
+def build_ds_config(path: str | Path, cfg: TrainConfig, world: int, accum: int, dtype: str) -> dict[str, Any]:
     """The JSON config with our batch sizes, optimizer settings, clipping and precision filled in, so
     the file only needs to say which ZeRO stage (and any DeepSpeed tuning) to use."""
     try:
@@ -175,7 +280,7 @@ def build_ds_config(path: str | Path, cfg: TrainConfig, world: int, accum: int) 
     ds.pop("scheduler", None)  # the Trainer sets the LR every step
     ds["gradient_clipping"] = cfg.grad_clip
     ds.pop("fp16", None)
-    if cfg.dtype == "bf16":
+    if dtype == "bf16":
         ds["bf16"] = {"enabled": True}
     else:
         ds.pop("bf16", None)
@@ -184,35 +289,39 @@ def build_ds_config(path: str | Path, cfg: TrainConfig, world: int, accum: int) 
     return ds
 
 
-class DeepSpeedEngine:
-    """deepspeed.initialize around the model; ZeRO stage from the JSON config."""
+class DeepSpeedEngine(_EngineBase):
+    """deepspeed.initialize around the model; ZeRO stage from the JSON config. Making the engine joins
+    the process group, so rank and world size are known before data and model are built."""
 
     kind = "deepspeed"
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, accum: int) -> None:
-        import deepspeed
-        import torch.distributed as dist
+    def __init__(self, cfg: TrainConfig) -> None:
+        device = resolve_device(cfg.device)
+        rank, world, self.standalone = init_distributed(device)
+        super().__init__(cfg, device, rank, world)
+        self.config_path = deepspeed_config_path(cfg.deepspeed)  # type: ignore[arg-type]
 
-        self.cfg = cfg
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.ds_config = build_ds_config(cfg.deepspeed, cfg, self.world, accum)  # type: ignore[arg-type]
+    def prepare(self, model: torch.nn.Module, accum: int) -> None:
+        import deepspeed
+
+        self.ds_config = build_ds_config(self.config_path, self.cfg, self.world, accum, self.dtype)
         self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.weight_decay), config=self.ds_config)
+            model=model, model_parameters=param_groups(model, self.cfg.weight_decay), config=self.ds_config)
         self.module = self.engine.module
-        if cfg.compile:
+        if self.cfg.compile:
             self.engine.compile()
 
     def forward(self, batch: dict[str, Any]) -> Any:
         # With a bf16 section DeepSpeed holds bf16 weights itself; autocast covers fp32 inputs to them.
-        with autocast_ctx(self.cfg.dtype):
+        with self.autocast():
             return self.engine(batch["input_ids"], position_ids=batch["position_ids"])
 
     def backward(self, loss: torch.Tensor) -> None:
         # The objective already divides by the global batch's loss-token count, so no extra 1/accum.
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def micro_step_end(self, boundary: bool, lr: float) -> float | None:
+    def micro_step_end(self, boundary: bool, lr: float) -> torch.Tensor | None:
         if boundary != self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed's gradient accumulation count is out of step with the Trainer")
         norm: Any = None
@@ -230,7 +339,9 @@ class DeepSpeedEngine:
             return None
         if norm is None:
             norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if norm is None:
+            return torch.tensor(float("nan"))
+        return norm.detach() if torch.is_tensor(norm) else torch.tensor(float(norm))
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
@@ -261,3 +372,19 @@ class DeepSpeedEngine:
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
+
+    def close(self) -> None:
+        # A group this process made for itself is released at exit (release_standalone); under a
+        # launcher the CLI ends it with shutdown_distributed() and os._exit.
+        pass
+
+
+def make_engine(cfg: TrainConfig) -> PlainEngine | DeepSpeedEngine:
+    """The engine a resolved config asks for; joins the process group for DeepSpeed runs."""
+    if cfg.deepspeed is not None:
+        return DeepSpeedEngine(cfg)
+    return PlainEngine(None, cfg)
+
+
+__all__ = ["PlainEngine", "DeepSpeedEngine", "make_engine", "param_groups", "autocast_ctx", "resolve_dtype",
+           "init_distributed", "shutdown_distributed", "free_port", "build_ds_config", "deepspeed_config_path"]

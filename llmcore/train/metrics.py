@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -165,20 +164,3 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
         atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=100))
     finally:
         plt.close(fig)
-
-
-class Throughput:
-    """Tokens per second over the interval since the last log line."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.tokens = 0
-
-    def add(self, tokens: int) -> None:
-        self.tokens += tokens
-
-    def take(self) -> float:
-        now = time.perf_counter()
-        rate = self.tokens / max(now - self.t0, 1e-9)
-        self.t0, self.tokens = now, 0
-        return rate

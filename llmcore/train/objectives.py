@@ -11,15 +11,24 @@ batch whenever micro batches hold different numbers of loss tokens).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import sys
-from dataclasses import dataclass
+import logging
+import math
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from llmcore.data_prep.loaders import IGNORE_INDEX as IGNORE
+from llmcore.train.protocols import StepTerms
+
+log = logging.getLogger("llmcore.train")
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), clamped so a diverged loss reads as a huge number instead of overflowing."""
+    return math.exp(min(loss, 50.0))
 
 
 def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,22 +55,11 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool) ->
     return lp
 
 
-@dataclass
-class StepTerms:
-    """One micro batch's contribution: `loss` for backward (already scaled for the global batch and
-    for the data-parallel gradient average) and detached `terms` whose sum over all micro batches and
-    processes is the global-batch value of each metric (e.g. terms["loss"] sums to the step loss)."""
-
-    loss: torch.Tensor
-    terms: dict[str, torch.Tensor]
-
-
 class LMObjective:
     """Pretrain and SFT: masked next-token cross-entropy, mean over every loss token of the global
     batch, plus the MoE load-balancing loss (averaged over micro batches and processes)."""
 
     name = "lm"
-    loss_keys = ("loss",)
 
     def count(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"] != IGNORE).sum())
@@ -87,8 +85,8 @@ def row_key(input_ids: torch.Tensor, labels: torch.Tensor) -> bytes:
     idx = (labels != IGNORE).nonzero()
     end = int(idx[-1]) + 1 if len(idx) else 0
     h = hashlib.blake2b(digest_size=16)
-    h.update(input_ids[:end].numpy().astype("int64").tobytes())
-    h.update(labels[:end].numpy().astype("int64").tobytes())
+    h.update(input_ids[:end].cpu().numpy().astype("int64").tobytes())
+    h.update(labels[:end].cpu().numpy().astype("int64").tobytes())
     return h.digest()
 
 
@@ -101,7 +99,6 @@ class DPOObjective:
     """
 
     name = "dpo"
-    loss_keys = ("loss",)
 
     def __init__(self, beta: float, average_logp: bool, ref_model: torch.nn.Module | None = None,
                  ref_cache: dict[bytes, float] | None = None,
@@ -125,9 +122,10 @@ class DPOObjective:
             missing = [k for k in keys if k not in self.ref_cache]
             if missing:
                 raise RuntimeError(f"{len(missing)} rows have no precomputed reference log-prob")
-            return torch.tensor([self.ref_cache[k] for k in keys], dtype=torch.float32)
+            return torch.tensor([self.ref_cache[k] for k in keys], dtype=torch.float32,
+                                device=batch["input_ids"].device)
         assert self.ref_model is not None
-        ctx = self.autocast() if self.autocast is not None else torch.autocast("cpu", enabled=False)
+        ctx = self.autocast() if self.autocast is not None else contextlib.nullcontext()
         with ctx:
             out = self.ref_model(batch["input_ids"], position_ids=batch["position_ids"])
         return sequence_logps(out.logits, batch["labels"], self.average)
@@ -135,15 +133,14 @@ class DPOObjective:
     def __call__(self, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any], denom: float,
                  n_micro: int, world: int) -> StepTerms:
         b = int(batch["num_pairs"])
-        has_response = (batch["labels"] != -100).any(dim=1)
+        has_response = (batch["labels"] != IGNORE).any(dim=1)
         empty = ~(has_response[:b] & has_response[b:])
         if bool(empty.any()) and not self._warned_empty:
             # A response cut off entirely by --seq-len gives pi == ref, loss ln 2 and no gradient:
             # the pair silently teaches nothing, so say so once.
             self._warned_empty = True
-            print(f"warning: {int(empty.sum())} of {b} DPO pairs in a batch have no response tokens within the "
-                  "sequence length (prompt too long); they contribute no gradient. Raise --seq-len.",
-                  file=sys.stderr, flush=True)
+            log.warning(f"warning: {int(empty.sum())} of {b} DPO pairs in a batch have no response tokens within "
+                        "the sequence length (prompt too long); they contribute no gradient. Raise --seq-len.")
         ref = self.reference_logps(batch)
         out = forward(batch)
         pi = sequence_logps(out.logits, batch["labels"], self.average)
@@ -180,7 +177,7 @@ def precompute_reference(ref_model: torch.nn.Module, batches: Any, average: bool
     the reference model after one pass over the data."""
     cache: dict[bytes, float] = {}
     for batch in batches:
-        ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
+        ctx = autocast() if autocast is not None else contextlib.nullcontext()
         with ctx:
             out = ref_model(batch["input_ids"], position_ids=batch["position_ids"])
         lp = sequence_logps(out.logits, batch["labels"], average)

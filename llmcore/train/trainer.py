@@ -1,33 +1,46 @@
-"""The one training loop. Pretrain, SFT and DPO differ only in the objective and the loader mode.
+"""The one training loop. Stages differ only in what their registry object says (objective, shard
+kind, loader mode); the loop never asks a stage its name.
 
-A step: take `accum` micro batches from the loader, count the loss items of the whole global batch
-(all processes), run forward/backward per micro batch with the loss normalised by that global count,
-check the loss is finite, then let the engine clip and step with the scheduled LR. Logging, eval and
-checkpoints happen between steps, so a checkpoint always holds a state between two global batches
-and `--resume` continues with exactly the next one.
+Building a run is one straight sequence of named steps (`Trainer.from_config`):
+engine (device, process group, precision) -> run dir -> shards -> tokenizer -> model -> data ->
+objective -> engine.prepare(model) -> restore -> run files.
+
+A step: take `accum` micro batches from the device feed, count the loss items of the whole global
+batch (all processes; counted on the host copies, so no device sync), run forward/backward per
+micro batch with the loss normalised by that global count, check the loss is finite, then let the
+engine clip and step with the scheduled LR. Logging, eval and checkpoints happen between steps, so
+a checkpoint always holds a state between two global batches and `--resume` continues with
+exactly the next one.
+
+Host syncs: on CPU every step's loss is read at once (it costs nothing), so a NaN stops the run
+before its optimizer step. On CUDA the step's values stay on the device until the next log point
+(`--log-every`), where they are read, checked and logged together; a non-finite loss then stops
+the run naming the first bad step, and nothing from that state is ever saved (every save and eval
+is preceded by a read).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from llmcore.errors import LLMCoreError
-from llmcore.train.checkpointing import CheckpointManager, set_rng_state, write_json_atomic
+from llmcore.data_prep.loaders import first_rows
+from llmcore.io import write_json
+from llmcore.train.checkpointing import CheckpointManager, set_rng_state
 from llmcore.train.config import TrainConfig
-from llmcore.train.engine import PlainEngine, autocast_ctx
-from llmcore.train.metrics import MetricsLogger, Throughput
-from llmcore.train.objectives import DPOObjective, LMObjective, precompute_reference
-
-KIND_FOR_STAGE = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo"}
-
+from llmcore.train.engine import make_engine
+from llmcore.train.feed import DeviceFeed
+from llmcore.train.metrics import MetricsLogger
+from llmcore.train.objectives import perplexity
+from llmcore.train.protocols import Engine, Objective
+from llmcore.train.speed import Throughput, flops_per_token, peak_memory_gb, peak_tflops
+from llmcore.train.stages import ObjectiveContext, Stage, get_stage
 
 class TrainingDiverged(LLMCoreError):
     """The loss (or gradient norm) became NaN/Inf; the run stopped without saving the bad state."""
@@ -37,7 +50,7 @@ class TrainingDiverged(LLMCoreError):
 class TrainHooks:
     """Callbacks for tests and embedding programs (the demo)."""
 
-    on_step: Callable[[int, dict[str, Any]], None] | None = None  # after each optimizer step (step, record)
+    on_step: Callable[[int, dict[str, Any]], None] | None = None  # after each logged step (step, record)
     on_save_file: Callable[[Path], None] | None = None  # after each file a checkpoint save writes
 
 
@@ -53,14 +66,14 @@ class RunSummary:
     tokens_per_s: float  # over this invocation
     elapsed_s: float
     checkpoint: Path | None  # newest complete checkpoint
-    last_record: dict[str, Any] = field(default_factory=dict)
+    reports_perplexity: bool = True
 
     def line(self) -> str:
         ev = ""
         if self.eval_loss is not None:
             ev = f" eval_loss {self.eval_loss:.4f}"
-            if self.stage != "dpo":
-                ev += f" (ppl {math.exp(min(self.eval_loss, 50)):.2f})"
+            if self.reports_perplexity:
+                ev += f" (ppl {perplexity(self.eval_loss):.2f})"
         return (f"done: {self.stage} {self.steps}/{self.total_steps} steps, {self.tokens:,} tokens, "
                 f"loss {self.loss:.4f}{ev}, {self.tokens_per_s:,.0f} tok/s, {self.elapsed_s:.1f}s -> {self.run_dir}")
 
@@ -76,72 +89,42 @@ def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: i
 
 
 # ----------------------------------------------------------------------------------------------
-# distributed helpers (no-ops in one process)
+# the named build steps, in the order Trainer.from_config runs them
 
 
-def _dist() -> Any:
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    d = _dist()
-    if d is not None and d.get_world_size() > 1:
-        t = t.clone()
-        d.all_reduce(t, op=d.ReduceOp.SUM)
-    return t
+def find_resume_point(cfg: TrainConfig, ckpts: CheckpointManager, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from (with --resume), or None for a fresh run; a fresh run into a
+    run dir that already holds checkpoints is refused."""
+    existing = ckpts.latest() if ckpts.root.is_dir() and (ckpts.root / "latest").exists() else None
+    if existing is not None and not cfg.resume:
+        raise LLMCoreError(f"--out {run_dir} already holds checkpoints ({existing.name}); "
+                           "pass --resume to continue it or choose another --out")
+    return existing if cfg.resume else None
 
 
-def barrier() -> None:
-    d = _dist()
-    if d is not None and d.get_world_size() > 1:
-        d.barrier()
+def open_shards(cfg: TrainConfig, stage: Stage) -> Any:
+    """The shard reader of --data, which must hold the stage's shard kind."""
+    from llmcore.data_prep.shards import ShardReader
 
-
-# ----------------------------------------------------------------------------------------------
-# one exact pass over a split: the loader fills an epoch's last global batch by wrapping to its
-# first rows (so ranks stay in step); evaluation must not count those rows twice.
-
-
-def only_rows(batch: dict[str, Any], n: int) -> dict[str, Any] | None:
-    """The first `n` rows (pairs for DPO batches) of a batch; None when n is 0."""
-    if n <= 0:
-        return None
-    if "num_pairs" in batch:
-        b = int(batch["num_pairs"])
-        if n >= b:
-            return batch
-        pick = torch.cat([torch.arange(n), b + torch.arange(n)])
-        out = {k: v[pick] for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        out["num_pairs"] = n
-        return out
-    if n >= batch["input_ids"].shape[0]:
-        return batch
-    return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# setup helpers
-
-
-def _load_tokenizer(path: str | Path) -> Any:
-    from llmcore.data_prep.tokenizer import load_tokenizer
-
-    return load_tokenizer(path)
+    reader = ShardReader(cfg.data)
+    if reader.kind != stage.shard_kind:
+        raise LLMCoreError(f"--data {cfg.data} holds {reader.kind} shards, but `train {stage.name}` needs "
+                           f"{stage.shard_kind} shards (make them with `llmcore prep {stage.shard_kind}`)")
+    return reader
 
 
 def resolve_tokenizer(cfg: TrainConfig, reader: Any, run_dir: Path, resuming: bool) -> Any:
     """The run's tokenizer: --tokenizer, else the resumed run's or --init run's copy, else the path the
     shard manifest records. It must be the one the shards were made with."""
+    from llmcore.checkpoint import find_tokenizer_dir, resolve_checkpoint
+    from llmcore.data_prep.tokenizer import load_tokenizer
+
     candidates: list[tuple[str, Path]] = []
     if cfg.tokenizer:
         candidates.append(("--tokenizer", Path(cfg.tokenizer)))
     if resuming and (run_dir / "tokenizer" / "tokenizer.json").is_file():
         candidates.append(("the run dir", run_dir / "tokenizer"))
     if cfg.init:
-        from llmcore.checkpoint import find_tokenizer_dir, resolve_checkpoint
-
         tok_dir = find_tokenizer_dir(resolve_checkpoint(cfg.init))
         if tok_dir is None and (Path(cfg.init) / "tokenizer" / "tokenizer.json").is_file():
             tok_dir = Path(cfg.init) / "tokenizer"
@@ -152,7 +135,7 @@ def resolve_tokenizer(cfg: TrainConfig, reader: Any, run_dir: Path, resuming: bo
         candidates.append(("the shard manifest", Path(manifest_path)))
     for source, path in candidates:
         if (path / "tokenizer.json").is_file():
-            tok = _load_tokenizer(path)
+            tok = load_tokenizer(path)
             try:
                 reader.check_tokenizer(tok)
             except LLMCoreError as err:
@@ -164,164 +147,195 @@ def resolve_tokenizer(cfg: TrainConfig, reader: Any, run_dir: Path, resuming: bo
                        "pass --tokenizer DIR")
 
 
+def build_model(cfg: TrainConfig, reader: Any, resume_from: Path | None) -> torch.nn.Module:
+    """Fresh weights from a preset, the --init run's, or (resuming) the checkpoint's; fp32 master
+    weights on the CPU (the engine moves them to its device)."""
+    from llmcore.checkpoint import load_model
+    from llmcore.model import LLM, ModelConfig
+
+    shard_vocab = int(reader.manifest.get("tokenizer", {}).get("vocab_size", 0))
+    if resume_from is not None:
+        # The weights come from the checkpoint (and the engine state for DeepSpeed).
+        model, _ = load_model(resume_from, attn_backend=cfg.attn_backend, with_tokenizer=False)
+    elif cfg.init:
+        model, init_tok = load_model(cfg.init, attn_backend=cfg.attn_backend, with_tokenizer=True)
+        if init_tok is not None:
+            try:
+                reader.check_tokenizer(init_tok)
+            except LLMCoreError as err:
+                raise LLMCoreError(f"--init {cfg.init} was trained with another tokenizer than --data: {err}") \
+                    from None
+    else:
+        special = reader.manifest.get("tokenizer", {}).get("special_ids", {})
+        mcfg = ModelConfig.from_preset(
+            cfg.model, attn_backend=cfg.attn_backend, vocab_size=shard_vocab,
+            pad_token_id=int(special.get("pad", 0)), bos_token_id=int(special.get("bos", 1)),
+            eos_token_id=int(special.get("eos", 2)))
+        # Same seed on every process: ZeRO partitions one identical initial model.
+        torch.manual_seed(cfg.seed)
+        model = LLM(mcfg)
+    if model.config.vocab_size < shard_vocab:
+        raise LLMCoreError(f"model vocab size {model.config.vocab_size} is smaller than the shards' "
+                           f"tokenizer vocab {shard_vocab}; use a model made for this tokenizer")
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise LLMCoreError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                           f"{model.config.max_position_embeddings}")
+    model = model.float()
+    model.train()
+    return model
+
+
+@dataclass
+class RunData:
+    """The run's split and loaders: `make_loader(doc_indices, rank, world, shuffle=True)`."""
+
+    train_idx: Any
+    eval_idx: Any
+    make_loader: Callable[..., Any]
+    loader: Any  # this rank's training loader
+    accum: int
+    steps_per_epoch: int  # optimizer steps
+    total_steps: int
+
+
+def build_data(cfg: TrainConfig, stage: Stage, reader: Any, rank: int, world: int) -> RunData:
+    """Batch arithmetic, the held-out split and this rank's loader; the run's length in steps."""
+    from llmcore.data_prep.loaders import make_loader, train_eval_split
+
+    if cfg.global_batch_size % (cfg.micro_batch_size * world):
+        raise LLMCoreError(
+            f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
+            f"{cfg.micro_batch_size} x {world} process(es) = {cfg.micro_batch_size * world}")
+    accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
+    n_docs = len(reader)
+    if cfg.eval_docs >= n_docs:
+        raise LLMCoreError(f"--eval-docs {cfg.eval_docs} leaves no training documents (the shards hold {n_docs})")
+    train_idx, eval_idx = train_eval_split(n_docs, cfg.eval_docs, cfg.seed) if cfg.eval_docs > 0 else (None, None)
+    mode = stage.loader_mode(cfg)
+
+    def loader_for(idx: Any, r: int, w: int, shuffle: bool = True) -> Any:
+        return make_loader(reader, mode, cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed,
+                           rank=r, world_size=w, doc_indices=idx, shuffle=shuffle)
+
+    loader = loader_for(train_idx, rank, world)
+    steps_per_epoch = loader.steps_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise LLMCoreError(
+            f"--data gives only {loader.steps_per_epoch} micro batches per process per epoch, fewer than "
+            f"the {accum} one global batch needs; lower --global-batch-size or --seq-len")
+    if cfg.max_steps is not None:
+        total = cfg.max_steps
+    else:
+        total = max(1, int(math.floor(float(cfg.epochs or 1) * steps_per_epoch)))
+    return RunData(train_idx, eval_idx, loader_for, loader, accum, steps_per_epoch, total)
+
+
+def build_objective(stage: Stage, cfg: TrainConfig, engine: Engine, data: RunData) -> Objective:
+    return stage.build_objective(ObjectiveContext(cfg=cfg, autocast=engine.autocast, device=engine.device,
+                                                  make_loader=data.make_loader, train_idx=data.train_idx,
+                                                  eval_idx=data.eval_idx))
+
+
+def write_run_files(run_dir: Path, stage: Stage, cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
+                    engine: Engine, data: RunData) -> None:
+    """config.json (what this run is) and the tokenizer copy, so the run dir alone serves generate,
+    chat, eval and export."""
+    from llmcore.io import atomic_dir
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", {
+        "stage": stage.name,
+        "model": model.config.to_dict(),
+        "train": cfg.to_dict(),
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "engine": engine.kind,
+        "device": str(engine.device),
+        "world_size": engine.world,
+        "accumulation": data.accum,
+        "total_steps": data.total_steps,
+    })
+    tok_dir = run_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        with atomic_dir(tok_dir) as tmp:
+            tokenizer.save(tmp)
+
+
+def resolve_backend(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """`--attn-backend auto` made concrete for the engine's device; triton needs CUDA or the
+    Triton interpreter (TRITON_INTERPRET=1, tests only)."""
+    import dataclasses
+    import os
+
+    from llmcore.common import default_attn_backend
+
+    backend = cfg.attn_backend
+    if backend == "auto":
+        backend = default_attn_backend(device)
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise LLMCoreError(f"--attn-backend triton runs our Triton kernels, which need a CUDA device (this run is on "
+                           f"{device}); use --attn-backend sdpa or --device cuda")
+    return dataclasses.replace(cfg, attn_backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
 class Trainer:
-    """Builds data, model, objective and engine from a resolved TrainConfig; `run()` trains."""
+    """A built run: `Trainer.from_config(stage, cfg)` makes it, `run()` trains."""
 
-    def __init__(self, stage: str, cfg: TrainConfig, hooks: TrainHooks | None = None) -> None:
-        from llmcore.data_prep.loaders import make_loader, train_eval_split
-        from llmcore.data_prep.shards import ShardReader
-
-        self.stage, self.cfg = stage, cfg
-        self.hooks = hooks or TrainHooks()
-        self.run_dir = Path(cfg.out)
-        self.distributed = cfg.deepspeed is not None
-        if self.distributed:
-            from llmcore.train.engine import init_distributed
-
-            self.rank, self.world, _ = init_distributed()
-        else:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise LLMCoreError("more than one process needs DeepSpeed: add --deepspeed launch/ds_zero2.json")
-            self.rank, self.world = 0, 1
-        if cfg.global_batch_size % (cfg.micro_batch_size * self.world):
-            raise LLMCoreError(
-                f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
-                f"{cfg.micro_batch_size} x {self.world} process(es) = {cfg.micro_batch_size * self.world}")
-        self.accum = cfg.global_batch_size // (cfg.micro_batch_size * self.world)
-
-        # -- data --------------------------------------------------------------------------------
-        self.reader = ShardReader(cfg.data)
-        want = KIND_FOR_STAGE[stage]
-        if self.reader.kind != want:
-            raise LLMCoreError(f"--data {cfg.data} holds {self.reader.kind} shards, but `train {stage}` needs "
-                               f"{want} shards (make them with `llmcore prep {want}`)")
-        self.ckpts = CheckpointManager(self.run_dir, self.rank, self.world, barrier)
-        existing = self.ckpts.latest() if self.ckpts.root.is_dir() and (self.ckpts.root / "latest").exists() else None
-        if existing is not None and not cfg.resume:
-            raise LLMCoreError(f"--out {self.run_dir} already holds checkpoints ({existing.name}); "
-                               "pass --resume to continue it or choose another --out")
-        self.resume_from = existing if cfg.resume else None
-        self.tokenizer = resolve_tokenizer(cfg, self.reader, self.run_dir, self.resume_from is not None)
-        shard_vocab = int(self.reader.manifest.get("tokenizer", {}).get("vocab_size", self.tokenizer.vocab_size))
-        self.pad_id = int(self.tokenizer.pad_id)
-
-        # -- model ---------------------------------------------------------------------------------
-        self.model = self._build_model(shard_vocab)
-        if self.model.config.vocab_size < shard_vocab:
-            raise LLMCoreError(f"model vocab size {self.model.config.vocab_size} is smaller than the shards' "
-                               f"tokenizer vocab {shard_vocab}; use a model made for this tokenizer")
-        if cfg.seq_len > self.model.config.max_position_embeddings:
-            raise LLMCoreError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
-                               f"{self.model.config.max_position_embeddings}")
-
-        mode = "pairs" if stage == "dpo" else cfg.packing
-        n_docs = len(self.reader)
-        if cfg.eval_docs >= n_docs:
-            raise LLMCoreError(f"--eval-docs {cfg.eval_docs} leaves no training documents (the shards hold {n_docs})")
-        if cfg.eval_docs > 0:
-            train_idx, eval_idx = train_eval_split(n_docs, cfg.eval_docs, cfg.seed)
-        else:
-            train_idx, eval_idx = None, None
-        self.mode, self.eval_idx = mode, eval_idx
-
-        def loader(idx: Any, rank: int, world: int, shuffle: bool = True) -> Any:
-            return make_loader(self.reader, mode, cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed,
-                               rank=rank, world_size=world, doc_indices=idx, shuffle=shuffle)
-
-        self._make_loader = loader
-        self.loader = loader(train_idx, self.rank, self.world)
-        steps_per_epoch = self.loader.steps_per_epoch // self.accum
-        if steps_per_epoch < 1:
-            raise LLMCoreError(
-                f"--data gives only {self.loader.steps_per_epoch} micro batches per process per epoch, fewer than "
-                f"the {self.accum} one global batch needs; lower --global-batch-size or --seq-len")
-        self.steps_per_epoch = steps_per_epoch
-        if cfg.max_steps is not None:
-            self.total_steps = cfg.max_steps
-        else:
-            self.total_steps = max(1, int(math.floor(float(cfg.epochs or 1) * steps_per_epoch)))
-
-        # -- objective -------------------------------------------------------------------------
-        if stage == "dpo":
-            self.objective: Any = self._dpo_objective(train_idx)
-        else:
-            self.objective = LMObjective()
-
-        # -- engine --------------------------------------------------------------------------------
-        if self.distributed:
-            from llmcore.train.engine import DeepSpeedEngine
-
-            self.engine: Any = DeepSpeedEngine(self.model, cfg, self.accum)
-        else:
-            self.engine = PlainEngine(self.model, cfg)
-
+    def __init__(self, stage: Stage, cfg: TrainConfig, engine: Engine, run_dir: Path, ckpts: CheckpointManager,
+                 resume_from: Path | None, reader: Any, tokenizer: Any, model: torch.nn.Module, data: RunData,
+                 objective: Objective, hooks: TrainHooks) -> None:
+        self.stage, self.cfg, self.engine = stage, cfg, engine
+        self.run_dir, self.ckpts, self.resume_from = run_dir, ckpts, resume_from
+        self.reader, self.tokenizer, self.model = reader, tokenizer, model
+        self.data, self.objective, self.hooks = data, objective, hooks
+        self.rank, self.world, self.accum = engine.rank, engine.world, data.accum
+        self.total_steps, self.steps_per_epoch = data.total_steps, data.steps_per_epoch
+        self.eval_idx = data.eval_idx
+        self.pad_id = int(tokenizer.pad_id)
+        self.feed = DeviceFeed(data.loader, engine.device, self._host_stats)
         self.step, self.tokens = 0, 0
         self.last_eval: float | None = None
-        if self.resume_from is not None:
-            self._restore(self.resume_from)
-        elif self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        barrier()
-        self.ckpts.clean_partial()
-        if self.rank == 0:
-            self._write_run_files()
+        # CPU: read every step (free); CUDA: keep values on the device until a log point.
+        self.sync_every = 1 if engine.device.type == "cpu" else cfg.log_every
+        self._pending: list[dict[str, Any]] = []
+        self.flops_per_token = flops_per_token(model.config, cfg.seq_len)
+        self.peak_tflops, self.device_name = peak_tflops(engine.device, cfg.peak_tflops)
+
+    @classmethod
+    def from_config(cls, stage: str | Stage, cfg: TrainConfig, hooks: TrainHooks | None = None) -> "Trainer":
+        st = get_stage(stage) if isinstance(stage, str) else stage
+        engine = make_engine(cfg)
+        cfg = resolve_backend(cfg, engine.device)
+        engine.cfg = cfg
+        run_dir = Path(cfg.out)
+        ckpts = CheckpointManager(run_dir, engine.rank, engine.world, engine.barrier)
+        resume_from = find_resume_point(cfg, ckpts, run_dir)
+        reader = open_shards(cfg, st)
+        tokenizer = resolve_tokenizer(cfg, reader, run_dir, resume_from is not None)
+        model = build_model(cfg, reader, resume_from)
+        data = build_data(cfg, st, reader, engine.rank, engine.world)
+        objective = build_objective(st, cfg, engine, data)
+        engine.prepare(model, data.accum)
+        trainer = cls(st, cfg, engine, run_dir, ckpts, resume_from, reader, tokenizer, model, data, objective,
+                      hooks or TrainHooks())
+        if resume_from is not None:
+            trainer.restore(resume_from)
+        elif engine.rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        engine.barrier()
+        ckpts.clean_partial()
+        if engine.rank == 0:
+            write_run_files(run_dir, st, cfg, model, tokenizer, engine, data)
+        return trainer
 
     # ------------------------------------------------------------------------------------------
-    def _build_model(self, shard_vocab: int) -> torch.nn.Module:
-        from llmcore.checkpoint import load_model
-        from llmcore.model import LLM, ModelConfig
-
-        cfg = self.cfg
-        if self.resume_from is not None:
-            # The weights come from the checkpoint (and the engine state for DeepSpeed).
-            model, _ = load_model(self.resume_from, attn_backend=cfg.attn_backend, with_tokenizer=False)
-        elif cfg.init:
-            model, init_tok = load_model(cfg.init, attn_backend=cfg.attn_backend, with_tokenizer=True)
-            if init_tok is not None:
-                try:
-                    self.reader.check_tokenizer(init_tok)
-                except LLMCoreError as err:
-                    raise LLMCoreError(f"--init {cfg.init} was trained with another tokenizer than --data: {err}") \
-                        from None
-        else:
-            special = self.reader.manifest.get("tokenizer", {}).get("special_ids", {})
-            mcfg = ModelConfig.from_preset(
-                cfg.model, attn_backend=cfg.attn_backend, vocab_size=shard_vocab,
-                pad_token_id=int(special.get("pad", 0)), bos_token_id=int(special.get("bos", 1)),
-                eos_token_id=int(special.get("eos", 2)))
-            # Same seed on every process: ZeRO partitions one identical initial model.
-            torch.manual_seed(cfg.seed)
-            model = LLM(mcfg)
-        model = model.float()
-        model.train()
-        return model
-
-    def _dpo_objective(self, train_idx: Any) -> DPOObjective:
-        from llmcore.checkpoint import load_model
-
-        cfg = self.cfg
-        ref, _ = load_model(cfg.init, attn_backend=cfg.attn_backend, with_tokenizer=False)  # type: ignore[arg-type]
-        ref = ref.float().eval()
-        ref.requires_grad_(False)
-        average = cfg.dpo_logp == "mean"
-        autocast = lambda: autocast_ctx(cfg.dtype)  # noqa: E731
-        if cfg.ref_logps == "model":
-            return DPOObjective(cfg.beta, average, ref_model=ref, autocast=autocast)
-        # One pass over every row this run can see (all ranks' rows: shuffling moves rows between ranks
-        # from epoch to epoch), then the reference model is dropped.
-        cache: dict[bytes, float] = {}
-        for idx in [train_idx] + ([self.eval_idx] if self.eval_idx is not None else []):
-            ld = self._make_loader(idx, 0, 1, shuffle=False)
-            batches = (next(ld) for _ in range(ld.steps_per_epoch))
-            cache.update(precompute_reference(ref, batches, average, autocast))
-        del ref
-        return DPOObjective(cfg.beta, average, ref_cache=cache)
-
-    def _restore(self, step_dir: Path) -> None:
+    def restore(self, step_dir: Path) -> None:
         trainer_state, loader_state, rng = self.ckpts.load_side_state(step_dir)
         self.engine.load_state(step_dir)
-        self.loader.load_state_dict(loader_state)
+        self.feed.load_state_dict(loader_state)
         set_rng_state(rng)
         self.step = int(trainer_state["step"])
         self.tokens = int(trainer_state["tokens"])
@@ -329,47 +343,29 @@ class Trainer:
         if self.rank == 0:
             MetricsLogger.truncate(self.run_dir, self.step)
 
-    def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / "config.json", {
-            "stage": self.stage,
-            "model": self.model.config.to_dict(),
-            "train": self.cfg.to_dict(),
-            "tokenizer_fingerprint": self.tokenizer.fingerprint,
-            "engine": self.engine.kind,
-            "world_size": self.world,
-            "accumulation": self.accum,
-            "total_steps": self.total_steps,
-        })
-        tok_dir = self.run_dir / "tokenizer"
-        if not (tok_dir / "tokenizer.json").is_file():
-            tmp = self.run_dir / ".tokenizer.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.tokenizer.save(tmp)
-            os.replace(tmp, tok_dir)
+    def _host_stats(self, batch: dict[str, Any]) -> dict[str, int]:
+        # Documents are [bos] ... [eos]; the pad id only fills padding (and a packed epoch's last row).
+        return {"count": self.objective.count(batch), "real": int((batch["input_ids"] != self.pad_id).sum())}
 
-    # ------------------------------------------------------------------------------------------
-    def _global_sums(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _global_sums(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each value summed over processes, as float64 device tensors (no host read)."""
         keys = sorted(values)
         if not keys:
             return {}
         stacked = torch.stack([values[k].detach().double().reshape(()) for k in keys])
-        stacked = all_sum(stacked)
-        return {k: float(v) for k, v in zip(keys, stacked.tolist())}
-
-    def _real_tokens(self, batch: dict[str, Any]) -> int:
-        # Documents are [bos] ... [eos]; the pad id only fills padding (and a packed epoch's last row).
-        return int((batch["input_ids"] != self.pad_id).sum())
+        stacked = self.engine.all_sum(stacked)
+        return dict(zip(keys, stacked.unbind()))
 
     def train_step(self) -> dict[str, Any]:
-        micro = [next(self.loader) for _ in range(self.accum)]
-        counts = torch.tensor([sum(self.objective.count(b) for b in micro),
-                               sum(self._real_tokens(b) for b in micro)], dtype=torch.float64)
-        counts = all_sum(counts)
+        """One optimizer step; returns its record (values may still be device tensors, see `_read`)."""
+        micro = [next(self.feed) for _ in range(self.accum)]
+        counts = torch.tensor([sum(s["count"] for _, s in micro), sum(s["real"] for _, s in micro)],
+                              dtype=torch.float64)
+        counts = self.engine.all_sum(counts.to(self.engine.device)).cpu() if self.world > 1 else counts
         denom = max(float(counts[0]), 1.0)
         lr = lr_at(self.step, self.total_steps, self.cfg.lr, self.cfg.min_lr, self.cfg.warmup_steps)
         sums: dict[str, torch.Tensor] = {}
-        for i, batch in enumerate(micro):
+        for i, (batch, _) in enumerate(micro):
             out = self.objective(self.engine.forward, batch, denom, self.accum, self.world)
             self.engine.backward(out.loss)
             for k, v in out.terms.items():
@@ -377,29 +373,41 @@ class Trainer:
             if i < self.accum - 1:
                 self.engine.micro_step_end(False, lr)
         terms = self._global_sums(sums)
-        loss = terms["loss"]
-        if not math.isfinite(loss):
-            self.engine.zero_grad()
-            raise TrainingDiverged(self._diverged_msg("loss", loss))
-        grad_norm = self.engine.micro_step_end(True, lr)
-        if grad_norm is not None and not math.isfinite(grad_norm):
-            raise TrainingDiverged(self._diverged_msg("gradient norm", grad_norm))
+        record: dict[str, Any] = {"step": self.step + 1, "loss": terms.pop("loss"), "lr": lr,
+                                  "tokens": self.tokens + int(counts[1]), "grad_norm": None,
+                                  "epoch": self.feed.epoch, **terms}
+        if self.sync_every == 1:
+            # Read before the optimizer step: a non-finite loss stops the run with the weights untouched.
+            self._check_finite("loss", float(record["loss"]), record["step"], zero_grad=True)
+        record["grad_norm"] = self.engine.micro_step_end(True, lr)
         self.step += 1
-        self.tokens += int(counts[1])
-        record: dict[str, Any] = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens,
-                                  "grad_norm": grad_norm, "epoch": int(getattr(self.loader, "epoch", 0))}
-        record.update({k: v for k, v in terms.items() if k != "loss"})
+        self.tokens = record["tokens"]
         return record
 
-    def _diverged_msg(self, what: str, value: float) -> str:
+    def _check_finite(self, what: str, value: float, step: int, zero_grad: bool = False) -> None:
+        if math.isfinite(value):
+            return
+        if zero_grad:
+            self.engine.zero_grad()
         last = None
         try:
             last = self.ckpts.latest()
         except LLMCoreError:
             pass
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
-        return (f"{what} is {value} at step {self.step + 1}; training stopped and nothing was saved from this "
-                f"state ({where}). Lower --lr or check the data.")
+        raise TrainingDiverged(f"{what} is {value} at step {step}; training stopped and nothing was saved from this "
+                               f"state ({where}). Lower --lr or check the data.")
+
+    def _read(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Device values of pending records as Python floats, checked in step order."""
+        out = []
+        for rec in records:
+            plain = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in rec.items()}
+            self._check_finite("loss", plain["loss"], plain["step"])
+            if plain["grad_norm"] is not None:
+                self._check_finite("gradient norm", plain["grad_norm"], plain["step"])
+            out.append(plain)
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -407,29 +415,28 @@ class Trainer:
         assert self.eval_idx is not None
         self.engine.train(False)
         try:
-            ld = self._make_loader(self.eval_idx, self.rank, self.world, shuffle=False)
+            ld = self.data.make_loader(self.eval_idx, self.rank, self.world, shuffle=False)
             sums: dict[str, torch.Tensor] = {}
             count = 0
             for step in range(ld.steps_per_epoch):
-                batch = only_rows(next(ld), ld.unwrapped_rows(step))
+                batch = first_rows(next(ld), ld.unwrapped_rows(step))
                 if batch is None:
                     continue
                 count += self.objective.count(batch)
-                out = self.objective(self.engine.forward, batch, 1.0, 1, 1)
+                out = self.objective(self.engine.forward, self.engine.to_device(batch), 1.0, 1, 1)
                 for k, v in out.terms.items():
                     if k not in ("loss", "aux_loss"):
                         sums[k] = sums.get(k, 0) + v.double()
-            sums["_count"] = torch.tensor(float(count), dtype=torch.float64)
-            totals = self._global_sums(sums)
+            sums["_count"] = torch.tensor(float(count), dtype=torch.float64, device=self.engine.device)
+            totals = {k: float(v) for k, v in self._global_sums(sums).items()}
         finally:
             self.engine.train(True)
         n = max(totals.pop("_count"), 1.0)
-        main_key = "dpo_loss" if self.stage == "dpo" else "ce_loss"
-        res = {"eval_loss": totals.pop(main_key) / n}
+        res = {"eval_loss": totals.pop(self.stage.eval_key) / n}
         for k, v in totals.items():
             res[f"eval_{k}"] = v / n
-        if self.stage != "dpo":
-            res["eval_ppl"] = math.exp(min(res["eval_loss"], 50.0))
+        if self.stage.reports_perplexity:
+            res["eval_ppl"] = perplexity(res["eval_loss"])
         return res
 
     def save(self) -> Path:
@@ -442,59 +449,77 @@ class Trainer:
                 if self.rank == 0:
                     save_model(module, d)
 
-        state = {"step": self.step, "tokens": self.tokens, "epoch": int(getattr(self.loader, "epoch", 0)),
-                 "stage": self.stage, "total_steps": self.total_steps, "eval_loss": self.last_eval}
-        return self.ckpts.save(self.step, write_model, eng.save_state, self.loader.state_dict(), state,
+        state = {"step": self.step, "tokens": self.tokens, "epoch": self.feed.epoch,
+                 "stage": self.stage.name, "total_steps": self.total_steps, "eval_loss": self.last_eval}
+        return self.ckpts.save(self.step, write_model, eng.save_state, self.feed.state_dict(), state,
                                self.cfg.keep_last, on_file=self.hooks.on_save_file)
+
+    def _speed_fields(self, tokens_per_s: float, step_s: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"tokens_per_s": tokens_per_s, "step_s": step_s,
+                               "peak_mem_gb": round(peak_memory_gb(self.engine.device), 3)}
+        if self.peak_tflops:
+            # Per process: each rank's tokens on its own device.
+            out["mfu"] = tokens_per_s / max(self.world, 1) * self.flops_per_token / (self.peak_tflops * 1e12)
+        return out
 
     def run(self) -> RunSummary:
         cfg = self.cfg
-        wandb_cfg = {"project": cfg.wandb_project, "config": {"stage": self.stage, **cfg.to_dict()}} \
+        wandb_cfg = {"project": cfg.wandb_project, "config": {"stage": self.stage.name, **cfg.to_dict()}} \
             if cfg.wandb else None
-        log = MetricsLogger(self.run_dir, self.rank == 0, self.total_steps, self.step, cfg.quiet, wandb_cfg)
+        metrics = MetricsLogger(self.run_dir, self.rank == 0, self.total_steps, self.step, cfg.quiet, wandb_cfg)
         start_step, t_start = self.step, time.perf_counter()
-        thr = Throughput()
+        thr = Throughput(self.engine.device)
         run_tokens0 = self.tokens
-        record: dict[str, Any] = {}
+        last_loss = float("nan")
         last_ckpt: Path | None = self.resume_from
         if self.step >= self.total_steps:
-            log.message(f"{self.run_dir} is already at step {self.step} of {self.total_steps}; nothing to do")
+            metrics.message(f"{self.run_dir} is already at step {self.step} of {self.total_steps}; nothing to do")
+        if self.peak_tflops is None and self.engine.device.type == "cuda":
+            metrics.message(f"mfu: the bf16 peak of {self.device_name} is not known; pass --peak-tflops to log it")
         try:
             while self.step < self.total_steps:
                 tokens_before = self.tokens
-                record = self.train_step()
+                self._pending.append(self.train_step())
                 thr.add(self.tokens - tokens_before)
                 last = self.step == self.total_steps
                 stop_now = cfg.stop_after is not None and self.step - start_step >= cfg.stop_after
-                if self.step % cfg.log_every == 0 or last or stop_now:
-                    record["tokens_per_s"] = thr.take()
-                    log.log(record)
-                    log.progress(self.step, record["loss"], record["lr"], record["tokens_per_s"],
-                                 time.perf_counter() - t_start, self.step - start_step, start_step)
-                if self.eval_idx is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last):
+                log_now = self.step % cfg.log_every == 0 or last or stop_now
+                eval_now = self.eval_idx is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last)
+                save_now = bool(cfg.save_every and self.step % cfg.save_every == 0) or last or stop_now
+                if not (log_now or eval_now or save_now or self.step % self.sync_every == 0):
+                    continue
+                records = self._read(self._pending)
+                self._pending.clear()
+                record = records[-1]
+                last_loss = record["loss"]
+                if log_now:
+                    record.update(self._speed_fields(*thr.take()))
+                    metrics.log(record)
+                    metrics.progress(self.step, record["loss"], record["lr"], record["tokens_per_s"],
+                                     time.perf_counter() - t_start, self.step - start_step, start_step)
+                if eval_now:
                     ev = self.evaluate()
                     self.last_eval = ev["eval_loss"]
-                    log.log({"step": self.step, "tokens": self.tokens, **ev})
-                    log.message(f"step {self.step}: eval_loss {ev['eval_loss']:.4f}")
-                    log.plot()
-                if (cfg.save_every and self.step % cfg.save_every == 0) or last or stop_now:
+                    metrics.log({"step": self.step, "tokens": self.tokens, **ev})
+                    metrics.message(f"step {self.step}: eval_loss {ev['eval_loss']:.4f}")
+                    metrics.plot()
+                if save_now:
                     last_ckpt = self.save()
-                    log.plot()
+                    metrics.plot()
                 if self.hooks.on_step is not None:
                     self.hooks.on_step(self.step, record)
                 if stop_now:
                     break
         finally:
-            log.plot()
-            log.close()
+            self.feed.close()
+            metrics.plot()
+            metrics.close()
         elapsed = time.perf_counter() - t_start
         summary = RunSummary(
-            stage=self.stage, run_dir=self.run_dir, steps=self.step, total_steps=self.total_steps,
-            tokens=self.tokens, loss=float(record.get("loss", float("nan"))), eval_loss=self.last_eval,
+            stage=self.stage.name, run_dir=self.run_dir, steps=self.step, total_steps=self.total_steps,
+            tokens=self.tokens, loss=last_loss, eval_loss=self.last_eval,
             tokens_per_s=(self.tokens - run_tokens0) / max(elapsed, 1e-9), elapsed_s=elapsed,
-            checkpoint=last_ckpt, last_record=record)
-        if self.rank == 0:
-            print(summary.line(), flush=True)
+            checkpoint=last_ckpt, reports_perplexity=self.stage.reports_perplexity)
         return summary
 
 
@@ -506,17 +531,6 @@ def train(stage: str, cfg: TrainConfig, hooks: TrainHooks | None = None) -> RunS
     can run several stages (DeepSpeed caches its groups; it cannot re-create them in a process). A
     group this process made for itself (no launcher) is destroyed at interpreter exit; under a
     launcher the CLI ends it with `shutdown_distributed()` and os._exit."""
-    cfg = cfg.resolved(stage)
-    trainer = Trainer(stage, cfg, hooks)
-    return trainer.run()
-
-
-def shutdown_distributed() -> None:
-    """Destroy the process group if one is up (call before exiting a DeepSpeed run)."""
-    d = _dist()
-    if d is not None:
-        try:
-            d.barrier()
-        except Exception:
-            pass
-        d.destroy_process_group()
+    st = get_stage(stage)
+    cfg = cfg.resolved(st)
+    return Trainer.from_config(st, cfg, hooks).run()

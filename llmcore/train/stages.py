@@ -1,0 +1,181 @@
+"""The stage registry: each training stage (pretrain, sft, dpo) is one object.
+
+A stage names the shard kind it trains on, how its loader lays out rows, its objective, the
+settings only it has and its defaults, what it validates, and which metrics it reports. The
+trainer, the CLI and `llmcore eval` ask the stage; none of them compares a stage's name.
+
+Adding an objective (ORPO, KTO): write its Objective class in `objectives.py`, a Stage subclass
+(or instance) here and `register_stage(...)` it; add its own settings as fields of `TrainConfig`
+(`config.py`, one `setting(...)` line each) and name them in the stage's `settings`. The CLI
+command `llmcore train NAME`, its `--help` defaults, config-file keys and validation follow.
+A new shard layout (KTO's unpaired rows) is also a shard kind in `llmcore.data_prep`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from llmcore.errors import LLMCoreError
+
+if TYPE_CHECKING:
+    from llmcore.train.config import TrainConfig
+    from llmcore.train.protocols import Objective
+
+
+@dataclass(frozen=True)
+class ObjectiveContext:
+    """What a stage may use to build its objective: the resolved config, the engine's autocast,
+    a loader factory `(doc_indices, rank, world, shuffle) -> loader` and the held-out split."""
+
+    cfg: "TrainConfig"
+    autocast: Callable[[], Any]
+    device: Any
+    make_loader: Callable[..., Any]
+    train_idx: Any
+    eval_idx: Any
+
+
+@dataclass(frozen=True)
+class Stage(ABC):
+    """One training stage. Subclasses choose the objective; instances choose defaults and texts."""
+
+    name: str
+    shard_kind: str  # the `llmcore prep KIND` shard dirs this stage trains on
+    summary: str  # first line of `llmcore train NAME --help`
+    example: str
+    defaults: Mapping[str, Any]  # values for settings left unset (None) by file and flags
+    settings: tuple[str, ...] = ()  # settings only this stage has (shown only in its --help)
+    needs_init: str | None = None  # why --init is required, or None when a fresh --model is fine
+    needs_init_or_model: bool = False
+    default_model: str | None = None  # preset when neither --model nor --init is given
+    eval_key: str = "ce_loss"  # the objective term whose mean is `eval_loss`
+    reports_perplexity: bool = True
+    plot_panels: tuple[tuple[str, ...], ...] = ()  # extra metric groups for loss.png
+
+    def loader_mode(self, cfg: "TrainConfig") -> str:
+        return str(cfg.packing)
+
+    @abstractmethod
+    def build_objective(self, ctx: ObjectiveContext) -> "Objective":
+        """The objective this stage minimises, built once per run."""
+
+    def validate(self, cfg: "TrainConfig") -> None:
+        if self.needs_init and not cfg.init:
+            raise LLMCoreError(f"{self.name} needs --init RUN_DIR: {self.needs_init}")
+        if self.needs_init_or_model and not cfg.init and not cfg.model:
+            raise LLMCoreError(f"{self.name} starts from a trained model: pass --init RUN_DIR "
+                               "(or --model PRESET for fresh weights)")
+
+
+@dataclass(frozen=True)
+class LanguageModelStage(Stage):
+    """Masked next-token cross-entropy over the rows' label tokens (pretrain: all; SFT: assistant)."""
+
+    def build_objective(self, ctx: ObjectiveContext) -> "Objective":
+        from llmcore.train.objectives import LMObjective
+
+        return LMObjective()
+
+
+@dataclass(frozen=True)
+class PreferenceStage(Stage):
+    """DPO against a frozen reference model (the --init run), or its log-probs computed once."""
+
+    def loader_mode(self, cfg: "TrainConfig") -> str:
+        return "pairs"
+
+    def build_objective(self, ctx: ObjectiveContext) -> "Objective":
+        from llmcore.checkpoint import load_model
+        from llmcore.train.objectives import DPOObjective, precompute_reference
+
+        cfg = ctx.cfg
+        ref, _ = load_model(cfg.init, device=ctx.device, attn_backend=cfg.attn_backend,  # type: ignore[arg-type]
+                            with_tokenizer=False)
+        ref = ref.float().eval()
+        ref.requires_grad_(False)
+        average = cfg.dpo_logp == "mean"
+        if cfg.ref_logps == "model":
+            return DPOObjective(cfg.beta, average, ref_model=ref, autocast=ctx.autocast)
+        # One pass over every row this run can see (all ranks' rows: shuffling moves rows between ranks
+        # from epoch to epoch), then the reference model is dropped.
+        cache: dict[bytes, float] = {}
+        for idx in [ctx.train_idx] + ([ctx.eval_idx] if ctx.eval_idx is not None else []):
+            ld = ctx.make_loader(idx, 0, 1, shuffle=False)
+            batches = (to_device(next(ld), ctx.device) for _ in range(ld.steps_per_epoch))
+            cache.update(precompute_reference(ref, batches, average, ctx.autocast))
+        del ref
+        return DPOObjective(cfg.beta, average, ref_cache=cache)
+
+
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """The batch's tensors on `device` (non-blocking from pinned memory); other entries as they are."""
+    if device is None or str(device) == "cpu":
+        return batch
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+# MiniMind's published recipes (jingyaogong/minimind trainer/train_pretrain.py, train_full_sft.py,
+# train_dpo.py): pretrain lr 5e-4 with batch 32 x accumulation 8; full SFT lr 1e-5, batch 16, no
+# accumulation; DPO lr in the 1e-8..5e-7 range (their latest default is 4e-8, "<=5e-8 avoids
+# forgetting"), batch 4. Their cosine schedule ends at lr/10, which is our min_lr default. Sequence
+# lengths: pretrain 512 (the design's benchmark length), SFT 768 and DPO 1024 as MiniMind.
+_REGISTRY: dict[str, Stage] = {}
+
+
+def register_stage(stage: Stage) -> Stage:
+    if stage.name in _REGISTRY:
+        raise ValueError(f"stage {stage.name!r} is already registered")
+    _REGISTRY[stage.name] = stage
+    return stage
+
+
+def get_stage(name: str) -> Stage:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise LLMCoreError(f"unknown stage {name!r}; expected one of {', '.join(_REGISTRY)}") from None
+
+
+def all_stages() -> list[Stage]:
+    return list(_REGISTRY.values())
+
+
+def stage_only_settings() -> set[str]:
+    """Settings some stage claims as its own: the other stages' commands do not show them."""
+    return {name for st in _REGISTRY.values() for name in st.settings}
+
+
+def _defaults(**kw: Any) -> Mapping[str, Any]:
+    return MappingProxyType(kw)
+
+
+PRETRAIN = register_stage(LanguageModelStage(
+    name="pretrain", shard_kind="pretrain", summary="Pretraining: next-token loss on every token.",
+    example="llmcore train pretrain --data shards/pretrain --model minimind2-small --out runs/pre",
+    defaults=_defaults(lr=5e-4, micro_batch_size=32, global_batch_size=256, seq_len=512, epochs=1.0,
+                       packing="packed"),
+    settings=("packing",), default_model="minimind2-small"))
+
+SFT = register_stage(LanguageModelStage(
+    name="sft", shard_kind="sft", summary="Supervised fine-tuning: loss on the assistant's tokens only.",
+    example="llmcore train sft --data shards/sft --init runs/pre --out runs/sft",
+    defaults=_defaults(lr=1e-5, micro_batch_size=16, global_batch_size=16, seq_len=768, epochs=2.0,
+                       packing="packed"),
+    settings=("packing",), needs_init_or_model=True))
+
+DPO = register_stage(PreferenceStage(
+    name="dpo", shard_kind="dpo", summary="DPO: preference pairs against a frozen reference model.",
+    example="llmcore train dpo --data shards/dpo --init runs/sft --out runs/dpo --beta 0.1",
+    defaults=_defaults(lr=4e-8, micro_batch_size=4, global_batch_size=4, seq_len=1024, epochs=1.0),
+    settings=("beta", "dpo_logp", "ref_logps"),
+    needs_init="the policy starts from it and it is the frozen reference model",
+    eval_key="dpo_loss", reports_perplexity=False,
+    plot_panels=(("rewards/accuracy",), ("rewards/margin", "rewards/chosen", "rewards/rejected"))))
+
+STAGES = tuple(_REGISTRY)
+
+__all__ = ["Stage", "LanguageModelStage", "PreferenceStage", "ObjectiveContext", "register_stage", "get_stage",
+           "all_stages", "stage_only_settings", "to_device", "STAGES", "PRETRAIN", "SFT", "DPO"]
