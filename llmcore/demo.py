@@ -65,15 +65,19 @@ def _tokenizer_corpus(corpus: dict[str, Path], out: Path) -> Path:
     too, and a tokenizer that never saw English would spell it out byte by byte."""
     import json
 
-    with open(out, "w", encoding="utf-8") as dst:
-        for kind in ("pretrain", "sft"):
-            with open(corpus[kind], encoding="utf-8") as src:
-                for line in src:
-                    row = json.loads(line)
-                    texts = [row["text"]] if kind == "pretrain" else [m["content"] for m in row["conversations"]]
-                    for text in texts:
-                        dst.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    return out
+    from llmcore.io import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as dst:
+            for kind in ("pretrain", "sft"):
+                with open(corpus[kind], encoding="utf-8") as src:
+                    for line in src:
+                        row = json.loads(line)
+                        texts = [row["text"]] if kind == "pretrain" else [m["content"] for m in row["conversations"]]
+                        for text in texts:
+                            dst.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+
+    return atomic_write(out, write)
 
 
 def _last_eval(run_dir: Path) -> dict:
