@@ -13,6 +13,9 @@ attend only inside their own document, causally. The eager and sdpa backends tur
 a block-diagonal causal mask; the triton backend turns it into `cu_seqlens` for the varlen flash
 attention kernel. The KV cache remembers each cached token's document id, so the same rule holds
 while decoding (generation uses it to hide left padding: each pad token is its own document).
+With a KV cache (generation) the triton backend keeps its RMSNorm and RoPE kernels but runs
+attention through SDPA with the cache's document mask: our flash-attention kernel has no decode
+(KV-cache) variant, and one query token per step is not where flash attention pays.
 
 Parameter names follow Hugging Face Llama (`layers.N.self_attn.q_proj.weight`, ...) so export to
 `LlamaForCausalLM` is a prefix change.
