@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -51,3 +53,18 @@ def test_configs_are_package_data():
     assert {"llmcore.launch", "llmcore.launch.configs"} <= set(setuptools["packages"])
     assert "*.json" in setuptools["package-data"]["llmcore.launch.configs"]
     assert sorted(p.stem for p in CONFIG_DIR.glob("*.json")) == sorted(DEEPSPEED_CONFIGS)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+def test_zero3_offload_by_name_trains_like_the_plain_engine(tmp_path, monkeypatch):
+    from test_train_common import build_shards, losses, tiny_cfg
+
+    from llmcore.train import train
+
+    monkeypatch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
+    shards = build_shards()
+    plain = train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "plain", max_steps=3))
+    off = train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "off", deepspeed="zero3-offload", max_steps=3))
+    assert plain.steps == off.steps == 3
+    for (s1, a), (s2, b) in zip(losses(tmp_path / "plain"), losses(tmp_path / "off")):
+        assert s1 == s2 and a == pytest.approx(b, abs=1e-5)
