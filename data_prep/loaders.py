@@ -1,7 +1,17 @@
-"""Batches for training from a shard dir: packed, padded and DPO pairs (contract in docs/INTERNALS.md).
+"""Batches for training from a shard dir: packed, bestfit, padded and DPO pairs (contract in docs/INTERNALS.md).
+
+Row layouts (every row holds seq_len+1 tokens: inputs row[:-1], labels row[1:]):
+- packed: the shuffled document stream cut into rows; a document may continue in the next row.
+- bestfit: whole documents placed into rows by best-fit decreasing, so no document that fits a
+  row is ever cut. A longer one is split into row-sized pieces (no loss mask: pretraining) or,
+  for masked kinds (SFT), truncated at the end and counted (`on_long="fail"` refuses it), so an
+  assistant token always has its whole prompt in the same row.
+- padded: one document per row, right-padded (MiniMind's layout); pairs: DPO chosen/rejected.
+In every layout positions restart at 0 at each document (or piece) start, and no label crosses
+from one document into the next.
 
 Each epoch has a plan fixed by (seed, epoch): a permutation of the documents and, for packed
-mode, the cumulative token offsets of the concatenated stream. A global row r is then a pure
+mode, the cumulative token offsets of the concatenated stream (for bestfit, the rows' pieces). A global row r is then a pure
 function of the plan, so rank r of W takes rows r, r+W, ... and a resumed loader rebuilds the
 plan and continues at exactly the next batch. The last global batch of an epoch is filled up by
 wrapping to the epoch's first rows (as torch's DistributedSampler pads), so every rank runs the
@@ -10,6 +20,7 @@ same number of steps.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 
@@ -20,7 +31,8 @@ from llmcore.data_prep.shards import ShardReader
 from llmcore.errors import LLMCoreError
 
 IGNORE_INDEX = -100
-MODES = ("packed", "padded", "pairs")
+MODES = ("packed", "bestfit", "padded", "pairs")
+ON_LONG = ("truncate", "fail")
 STATE_VERSION = 1
 
 
@@ -52,6 +64,41 @@ def first_rows(batch: dict, n: int) -> dict | None:
     return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
+    """Assign items to bins of `capacity` by best-fit decreasing; returns (bin of each item, bins).
+
+    Items are taken longest first (ties in the given order) and each goes into the open bin whose
+    free space is the smallest that still fits it, else into a new bin. The number of bins depends
+    only on the multiset of lengths. Every length must be in 1..capacity."""
+    order = np.argsort(-lengths, kind="stable")
+    free: dict[int, list[int]] = {}  # free space -> bins with exactly that much left
+    spaces: list[int] = []  # sorted distinct free spaces that some bin has
+    bin_of = np.empty(len(lengths), dtype=np.int64)
+    n_bins = 0
+    for i in order.tolist():
+        need = int(lengths[i])
+        j = bisect.bisect_left(spaces, need)
+        if j < len(spaces):
+            space = spaces[j]
+            stack = free[space]
+            b = stack.pop()
+            if not stack:
+                del free[space]
+                spaces.pop(j)
+            left = space - need
+        else:
+            b, n_bins = n_bins, n_bins + 1
+            left = capacity - need
+        bin_of[i] = b
+        if left > 0:
+            if left in free:
+                free[left].append(b)
+            else:
+                free[left] = [b]
+                bisect.insort(spaces, left)
+    return bin_of, n_bins
+
+
 class Loader:
     """Iterator of batches (dicts of CPU torch.long tensors) over `reader` (infinite unless `epochs` is given).
 
@@ -72,11 +119,15 @@ class Loader:
         doc_indices: Sequence[int] | np.ndarray | None = None,
         shuffle: bool = True,
         epochs: int | None = None,
+        on_long: str = "truncate",
     ):
         if mode not in MODES:
             raise LLMCoreError(f"unknown loader mode {mode!r}; expected one of {', '.join(MODES)}")
-        if (mode == "pairs") != (reader.kind == "dpo"):
+        paired = "chosen" in reader.columns
+        if (mode == "pairs") != paired:
             raise LLMCoreError(f"loader mode {mode!r} does not fit a {reader.kind} shard dir ({reader.path})")
+        if on_long not in ON_LONG:
+            raise LLMCoreError(f"on_long must be one of {', '.join(ON_LONG)}, got {on_long!r}")
         if seq_len < 1 or micro_batch_size < 1:
             raise LLMCoreError("seq_len and micro_batch_size must be positive")
         if not 0 <= rank < world_size:
@@ -94,14 +145,37 @@ class Loader:
         if len(self.docs) == 0:
             raise LLMCoreError(f"{reader.path}: no documents to load")
         self.pad_id = int(reader.special_ids.get("pad", 0))
-        self._has_mask = reader.kind == "sft"
+        self._has_mask = "loss_mask" in reader.columns
         self._doc_lengths = reader.lengths()[self.docs]
+        self.on_long = on_long
         self.epoch = 0
         self.step = 0  # batches already yielded in this epoch
         self._plan_epoch = -1
-        # Rows in one epoch: one per document (padded, pairs) or the packed stream cut into seq_len+1.
+        width = self.seq_len + 1
+        # Documents longer than a row: masked ones are truncated (bestfit, padded, pairs), counted here.
+        long_docs = self._doc_lengths > width
+        self.long_docs = int(long_docs.sum())
+        if self.long_docs and self._has_mask and on_long == "fail" and mode != "packed":
+            first = int(np.flatnonzero(long_docs)[0])
+            raise LLMCoreError(
+                f"{reader.path}: {self.long_docs} conversation(s) are longer than --seq-len {self.seq_len} + 1 tokens "
+                f"(the first is document {int(self.docs[first])}, {int(self._doc_lengths[first])} tokens); raise "
+                "--seq-len, or drop --on-long fail to truncate them at the end")
+        # Truncated conversations whose assistant tokens all lie past the cut teach nothing.
+        self.docs_without_loss = 0
+        if self.long_docs and self._has_mask and mode != "packed":
+            for j in np.flatnonzero(long_docs).tolist():
+                self.docs_without_loss += int(not self._tokens(int(self.docs[j]))[1][1:width].any())
+            if self.docs_without_loss == len(self.docs):
+                raise LLMCoreError(f"{reader.path}: no conversation has an assistant token within --seq-len "
+                                   f"{self.seq_len}; raise --seq-len")
+        self.tokens_per_epoch = int(self._doc_lengths.sum())  # tokens in the documents (before any cut)
+        # Rows in one epoch: one per document (padded, pairs), the packed stream cut into seq_len+1,
+        # or the best-fit rows (their count does not depend on the epoch's order).
         if mode == "packed":
-            self.rows_per_epoch = math.ceil(int(self._doc_lengths.sum()) / (self.seq_len + 1))
+            self.rows_per_epoch = math.ceil(self.tokens_per_epoch / width)
+        elif mode == "bestfit":
+            self.rows_per_epoch = self._bestfit_plan(np.arange(len(self.docs)))[0]
         else:
             self.rows_per_epoch = len(self.docs)
         self.steps_per_epoch = math.ceil(self.rows_per_epoch / (self.world_size * self.micro_batch_size))
@@ -117,7 +191,42 @@ class Loader:
         self._order = self.docs[order]
         if self.mode == "packed":
             self._stream_starts = np.concatenate([[0], np.cumsum(self._doc_lengths[order])])
+        if self.mode == "bestfit":
+            n_rows, self._row_ptr, self._pieces = self._bestfit_plan(order)
+            if n_rows != self.rows_per_epoch:  # cannot happen: the count depends only on the lengths
+                raise RuntimeError("best-fit row count changed between epochs")
+            if self.shuffle:
+                # Rows come out of best-fit roughly longest-first; shuffle them so batches mix.
+                row_order = np.random.default_rng([self.seed, self.epoch, 1]).permutation(n_rows)
+                self._row_order = row_order
+            else:
+                self._row_order = np.arange(n_rows)
         self._plan_epoch = self.epoch
+
+    def _bestfit_plan(self, order: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """(rows, row start offsets into pieces, pieces as (doc, start, end) rows) for the documents
+        in `order` (positions into self.docs)."""
+        width = self.seq_len + 1
+        lengths = self._doc_lengths[order]
+        docs = self.docs[order]
+        if self._has_mask:
+            # Conversations: at most one piece each, truncated at the end.
+            pieces = np.stack([docs, np.zeros_like(docs), np.minimum(lengths, width)], axis=1)
+        else:
+            # Plain text: full row-sized pieces of long documents, then the remainder.
+            n_pieces = np.maximum(1, -(-lengths // width))
+            piece_doc = np.repeat(docs, n_pieces)
+            piece_len = np.repeat(lengths, n_pieces)
+            k = np.arange(len(piece_doc)) - np.repeat(np.cumsum(n_pieces) - n_pieces, n_pieces)
+            start = k * width
+            pieces = np.stack([piece_doc, start, np.minimum(start + width, piece_len)], axis=1)
+        sizes = pieces[:, 2] - pieces[:, 1]
+        bin_of, n_rows = best_fit_decreasing(sizes, width)
+        # Pieces grouped by row, in the order best-fit placed them (longest first within a row).
+        placed = np.argsort(np.argsort(-sizes, kind="stable"), kind="stable")
+        by_row = np.lexsort((placed, bin_of))
+        row_ptr = np.concatenate([[0], np.cumsum(np.bincount(bin_of, minlength=n_rows))])
+        return n_rows, row_ptr, pieces[by_row]
 
     def _slots(self, step: int) -> np.ndarray:
         per_step = self.world_size * self.micro_batch_size
@@ -164,6 +273,32 @@ class Loader:
         pos[:] = positions[:-1]
         labels[:] = np.where(keep[1:], row[1:], IGNORE_INDEX)
 
+    def row_pieces(self, r: int) -> np.ndarray:
+        """bestfit mode: the (doc, start, end) token ranges that make row `r` of the current epoch."""
+        if self.mode != "bestfit":
+            raise LLMCoreError(f"row_pieces is for bestfit rows, not {self.mode}")
+        self._plan()
+        rr = int(self._row_order[r])
+        return self._pieces[self._row_ptr[rr]:self._row_ptr[rr + 1]]
+
+    def _bestfit_row(self, r: int, ids: np.ndarray, labels: np.ndarray, pos: np.ndarray) -> None:
+        width = self.seq_len + 1
+        row = np.full(width, self.pad_id, dtype=np.int64)
+        keep = np.zeros(width, dtype=bool)
+        positions = np.zeros(width, dtype=np.int64)
+        at = 0
+        for doc, start, end in self.row_pieces(r).tolist():
+            tokens, mask = self._tokens(doc)
+            n = end - start
+            row[at:at + n] = tokens[start:end]
+            keep[at:at + n] = True if mask is None else mask[start:end].astype(bool)
+            keep[at] = False  # a piece's first token is no target: its label would cross from the previous piece
+            positions[at:at + n] = np.arange(n)
+            at += n
+        ids[:] = row[:-1]
+        pos[:] = positions[:-1]
+        labels[:] = np.where(keep[1:], row[1:], IGNORE_INDEX)
+
     def _padded_row(self, doc: int, width: int, ids: np.ndarray, labels: np.ndarray, tokens_mask=None) -> None:
         tokens, mask = tokens_mask if tokens_mask is not None else self._tokens(doc)
         n = min(len(tokens), width + 1)
@@ -185,6 +320,8 @@ class Loader:
         for b, r in enumerate(rows):
             if self.mode == "packed":
                 self._packed_row(int(r), ids[b], labels[b], pos[b])
+            elif self.mode == "bestfit":
+                self._bestfit_row(int(r), ids[b], labels[b], pos[b])
             else:
                 self._padded_row(int(self._order[r]), T, ids[b], labels[b])
                 pos[b] = np.arange(T)

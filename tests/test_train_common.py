@@ -111,7 +111,7 @@ def tiny_cfg(stage: str, shards: dict[str, Path], out: Path, **kw: Any) -> Any:
     if stage == "pretrain":
         base.update(model="tiny", lr=3e-3)
     elif stage == "sft":
-        base.update(lr=1e-3)
+        base.update(lr=1e-3, seq_len=128)  # whole conversations per row (best-fit): room for the longest
     else:
         base.update(lr=1e-3, seq_len=96)
     base.update(kw)

@@ -144,13 +144,17 @@ def test_cli_is_derived_from_the_config_per_stage(shards, tmp_path):
     from llmcore.cli import app
     from llmcore.train.config import TrainConfig, flag_name
 
+    from llmcore.train.stages import all_stages, stage_only_settings
+
     runner = CliRunner()
-    dpo_help = runner.invoke(app, ["train", "dpo", "--help"], terminal_width=200).output
-    pre_help = runner.invoke(app, ["train", "pretrain", "--help"], terminal_width=200).output
-    for f in fields(TrainConfig):
-        if f.name not in ("beta", "dpo_logp", "ref_logps", "packing"):
-            assert flag_name(f.name) in dpo_help and flag_name(f.name) in pre_help, f.name
-    assert "--beta" in dpo_help and "--beta" not in pre_help
+    helps = {st.name: runner.invoke(app, ["train", st.name, "--help"], terminal_width=200).output
+             for st in all_stages()}
+    for st in all_stages():
+        others = stage_only_settings() - set(st.settings)
+        for f in fields(TrainConfig):
+            assert (flag_name(f.name) in helps[st.name]) == (f.name not in others), (st.name, f.name)
+    dpo_help, pre_help = helps["dpo"], helps["pretrain"]
+    assert "--beta" in dpo_help and "--beta" not in pre_help and "--on-long" in helps["sft"]
     assert "--packing" in pre_help and "--packing" not in dpo_help
     assert "4e-08" in dpo_help and "0.0005" in pre_help  # each stage's own default lr
 

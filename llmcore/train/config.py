@@ -28,7 +28,7 @@ from llmcore.errors import LLMCoreError
 from llmcore.model import BACKENDS
 
 DTYPES = ("auto", "fp32", "bf16")
-PACKINGS = ("packed", "padded")
+PACKINGS = ("packed", "bestfit", "padded")
 DPO_LOGP = ("sum", "mean")
 REF_LOGPS = ("model", "precompute")
 
@@ -71,8 +71,11 @@ class TrainConfig:
                                   "cuda or cuda:N.")
     dtype: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16 (autocast, fp32 master "
                                  "weights).", choices=DTYPES)
-    packing: str | None = setting(None, "packed (documents concatenated into full rows) or padded (one per row).",
-                                  choices=PACKINGS)
+    packing: str | None = setting(None, "packed (the document stream cut into full rows), bestfit (whole documents "
+                                        "placed into rows by best-fit decreasing; no document that fits a row is "
+                                        "cut) or padded (one per row, MiniMind's layout).", choices=PACKINGS)
+    on_long: str = setting("truncate", "SFT: a conversation longer than a row is truncated at the end and counted "
+                                       "(truncate) or refused (fail).", choices=("truncate", "fail"))
     attn_backend: str = setting("auto", "auto (triton on CUDA, sdpa on CPU), eager, sdpa or triton.",
                                 choices=("auto", *BACKENDS))
     compile: bool = setting(False, "torch.compile the model.")
@@ -87,6 +90,8 @@ class TrainConfig:
     deepspeed: str | None = setting(None, "DeepSpeed config: a name (zero0, zero1, zero2, zero3, zero3-offload) or a "
                                           "JSON file.")
     log_every: int = setting(10, "Write metrics every N steps.", positive=True)
+    repeat_warning: float = setting(4.0, "Warn at the start when the run passes over its data more than this many "
+                                         "times.", positive=True)
     peak_tflops: float | None = setting(None, "The device's dense bf16 peak in TFLOP/s for the `mfu` metric "
                                               "(default: known for common GPUs).", positive=True)
     # DPO (the stage registry shows these only for the stages that name them)

@@ -72,7 +72,18 @@ class Stage(ABC):
 
 @dataclass(frozen=True)
 class LanguageModelStage(Stage):
-    """Masked next-token cross-entropy over the rows' label tokens (pretrain: all; SFT: assistant)."""
+    """Masked next-token cross-entropy over the rows' label tokens (pretrain: all; SFT: assistant).
+
+    `packings`: the row layouts this stage accepts (a masked stage never cuts a conversation
+    across rows, so it has no stream packing)."""
+
+    packings: tuple[str, ...] = ("packed", "bestfit", "padded")
+
+    def validate(self, cfg: "TrainConfig") -> None:
+        super().validate(cfg)
+        if cfg.packing not in self.packings:
+            raise LLMCoreError(f"--packing {cfg.packing}: {self.name} rows are {' or '.join(self.packings)} "
+                               "(a conversation is never split across rows)")
 
     def build_objective(self, ctx: ObjectiveContext) -> "Objective":
         from llmcore.train.objectives import LMObjective
@@ -163,8 +174,8 @@ SFT = register_stage(LanguageModelStage(
     name="sft", shard_kind="sft", summary="Supervised fine-tuning: loss on the assistant's tokens only.",
     example="llmcore train sft --data shards/sft --init runs/pre --out runs/sft",
     defaults=_defaults(lr=1e-5, micro_batch_size=16, global_batch_size=16, seq_len=768, epochs=2.0,
-                       packing="packed"),
-    settings=("packing",), needs_init_or_model=True))
+                       packing="bestfit"),
+    settings=("packing", "on_long"), needs_init_or_model=True, packings=("bestfit", "padded")))
 
 DPO = register_stage(PreferenceStage(
     name="dpo", shard_kind="dpo", summary="DPO: preference pairs against a frozen reference model.",

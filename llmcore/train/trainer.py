@@ -67,6 +67,7 @@ class RunSummary:
     elapsed_s: float
     checkpoint: Path | None  # newest complete checkpoint
     reports_perplexity: bool = True
+    vocab_size: int | None = None  # for the reference point: a uniform guess over the vocab scores ln(V)
 
     def line(self) -> str:
         ev = ""
@@ -74,8 +75,20 @@ class RunSummary:
             ev = f" eval_loss {self.eval_loss:.4f}"
             if self.reports_perplexity:
                 ev += f" (ppl {perplexity(self.eval_loss):.2f})"
+        ref = ""
+        if self.reports_perplexity and self.vocab_size:
+            ref = f" (a uniform guess scores ln {self.vocab_size} = {math.log(self.vocab_size):.2f})"
         return (f"done: {self.stage} {self.steps}/{self.total_steps} steps, {self.tokens:,} tokens, "
-                f"loss {self.loss:.4f}{ev}, {self.tokens_per_s:,.0f} tok/s, {self.elapsed_s:.1f}s -> {self.run_dir}")
+                f"loss {self.loss:.4f}{ev}{ref}, {self.tokens_per_s:,.0f} tok/s, {format_duration(self.elapsed_s)} "
+                f"-> {self.run_dir}")
+
+
+def format_duration(seconds: float) -> str:
+    """h:mm:ss (m:ss under an hour), for logs read in pipes and job files."""
+    seconds = max(int(round(seconds)), 0)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
@@ -93,13 +106,26 @@ def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: i
 
 
 def find_resume_point(cfg: TrainConfig, ckpts: CheckpointManager, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from (with --resume), or None for a fresh run; a fresh run into a
-    run dir that already holds checkpoints is refused."""
-    existing = ckpts.latest() if ckpts.root.is_dir() and (ckpts.root / "latest").exists() else None
-    if existing is not None and not cfg.resume:
-        raise LLMCoreError(f"--out {run_dir} already holds checkpoints ({existing.name}); "
+    """The checkpoint to continue from (with --resume): the newest step dir whose manifest
+    verifies, with or without `latest` naming it; newer ones that do not verify are reported and
+    left alone. None for a fresh run. A fresh run into a run dir that holds any checkpoint is
+    refused, and so is --resume when checkpoints exist but none is intact."""
+    import logging
+
+    if not ckpts.has_checkpoints():
+        return None
+    if not cfg.resume:
+        names = ", ".join(f"step-{s}" for s in ckpts.steps()) or "checkpoints/latest"
+        raise LLMCoreError(f"--out {run_dir} already holds checkpoints ({names}); "
                            "pass --resume to continue it or choose another --out")
-    return existing if cfg.resume else None
+    found, skipped = ckpts.resume_point()
+    if ckpts.rank == 0:
+        for name, why in skipped:
+            logging.getLogger(__name__).warning("resume: skipping checkpoints/%s: %s", name, why)
+    if found is None:
+        detail = "; ".join(f"{n}: {w}" for n, w in skipped) or "no step dirs"
+        raise LLMCoreError(f"--resume: {run_dir} has no intact checkpoint ({detail}); nothing was changed")
+    return found
 
 
 def open_shards(cfg: TrainConfig, stage: Stage) -> Any:
@@ -215,7 +241,7 @@ def build_data(cfg: TrainConfig, stage: Stage, reader: Any, rank: int, world: in
 
     def loader_for(idx: Any, r: int, w: int, shuffle: bool = True) -> Any:
         return make_loader(reader, mode, cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed,
-                           rank=r, world_size=w, doc_indices=idx, shuffle=shuffle)
+                           rank=r, world_size=w, doc_indices=idx, shuffle=shuffle, on_long=cfg.on_long)
 
     loader = loader_for(train_idx, rank, world)
     steps_per_epoch = loader.steps_per_epoch // accum
@@ -333,7 +359,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def restore(self, step_dir: Path) -> None:
-        trainer_state, loader_state, rng = self.ckpts.load_side_state(step_dir)
+        trainer_state, loader_state, rng = self.ckpts.load_side_state(step_dir, self.data.loader)
         self.engine.load_state(step_dir)
         self.feed.load_state_dict(loader_state)
         set_rng_state(rng)
@@ -454,6 +480,30 @@ class Trainer:
         return self.ckpts.save(self.step, write_model, eng.save_state, self.feed.state_dict(), state,
                                self.cfg.keep_last, on_file=self.hooks.on_save_file)
 
+    def plan_lines(self) -> list[str]:
+        """What the run will do, said once at the start: steps, tokens per step, tokens in the data and
+        the epochs that makes (plus a warning when that repeats the data many times)."""
+        loader = self.data.loader
+        rows_per_step = self.cfg.global_batch_size
+        epochs = self.total_steps / self.steps_per_epoch
+        lines = [f"{self.stage.name}: {self.total_steps:,} steps x {rows_per_step} rows of {self.cfg.seq_len} tokens "
+                 f"({rows_per_step * self.cfg.seq_len:,} token slots per step) on {self.engine.device}; the training "
+                 f"data holds {loader.tokens_per_epoch:,} tokens in {len(loader.docs):,} documents = "
+                 f"{self.steps_per_epoch:,} steps per epoch, so this run makes {epochs:.2f} epochs"]
+        if getattr(loader, "long_docs", 0) and loader.mode != "packed":
+            lines.append(f"note: {loader.long_docs:,} documents are longer than a row of {self.cfg.seq_len + 1} tokens "
+                         "and are cut (conversations: truncated at the end; --on-long fail refuses them)")
+        if getattr(loader, "docs_without_loss", 0):
+            lines.append(f"warning: {loader.docs_without_loss:,} conversations keep no assistant token after the cut "
+                         "and teach nothing; raise --seq-len")
+        if self.step:
+            lines.append(f"resumed from step {self.step} (checkpoint {self.resume_from})")
+        if epochs > self.cfg.repeat_warning:
+            lines.append(f"warning: the run passes over its data {epochs:.1f} times (more than --repeat-warning "
+                         f"{self.cfg.repeat_warning:g}); a small model memorises repeated data: lower --max-steps or "
+                         "--epochs, or add data")
+        return lines
+
     def _speed_fields(self, tokens_per_s: float, step_s: float) -> dict[str, Any]:
         out: dict[str, Any] = {"tokens_per_s": tokens_per_s, "step_s": step_s,
                                "peak_mem_gb": round(peak_memory_gb(self.engine.device), 3)}
@@ -474,6 +524,9 @@ class Trainer:
         last_ckpt: Path | None = self.resume_from
         if self.step >= self.total_steps:
             metrics.message(f"{self.run_dir} is already at step {self.step} of {self.total_steps}; nothing to do")
+        else:
+            for line in self.plan_lines():
+                metrics.message(line)
         if self.peak_tflops is None and self.engine.device.type == "cuda":
             metrics.message(f"mfu: the bf16 peak of {self.device_name} is not known; pass --peak-tflops to log it")
         try:
@@ -519,7 +572,8 @@ class Trainer:
             stage=self.stage.name, run_dir=self.run_dir, steps=self.step, total_steps=self.total_steps,
             tokens=self.tokens, loss=last_loss, eval_loss=self.last_eval,
             tokens_per_s=(self.tokens - run_tokens0) / max(elapsed, 1e-9), elapsed_s=elapsed,
-            checkpoint=last_ckpt, reports_perplexity=self.stage.reports_perplexity)
+            checkpoint=last_ckpt, reports_perplexity=self.stage.reports_perplexity,
+            vocab_size=int(self.model.config.vocab_size))
         return summary
 
 
