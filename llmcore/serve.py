@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy
 CHAT_ROLES = {"system", "user", "assistant", "developer"}
 
 
@@ -128,6 +129,8 @@ def parse_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
         name = "max_completion_tokens"
     p.max_tokens = _number(body, name, None, 1, 1 << 31, integer=True)
     p.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if p.temperature < GREEDY_BELOW:
+        p.temperature = 0.0  # dividing logits by ~0 would overflow; this close to 0 is greedy anyway
     p.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     p.top_k = _number(body, "top_k", 0, 0, 1 << 31, integer=True)  # extension (vLLM); 0 = off
     p.repetition_penalty = _number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)  # extension
@@ -448,6 +451,7 @@ class ServerOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     retriever: Any = None  # llmcore.rag.Retriever when --rag is given
     rag_k: int = 3
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
 
 
 def _sse(obj: Any) -> bytes:
@@ -486,6 +490,7 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         from fastapi.exceptions import RequestValidationError
         from starlette.concurrency import run_in_threadpool
         from starlette.exceptions import HTTPException as StarletteHTTPException
+        from starlette.requests import ClientDisconnect
         from starlette.responses import JSONResponse, StreamingResponse
     except ImportError as err:
         raise LLMCoreError(f"llmcore serve needs FastAPI and uvicorn: pip install 'llmcore[serve]' ({err})") from err
@@ -520,11 +525,14 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         if length is not None and length.isdigit() and int(length) > limit:
             raise ApiError(413, f"request body is {int(length)} bytes; the limit is {limit}", code="body_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"request body is over the {limit}-byte limit", code="body_too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body is over the {limit}-byte limit", code="body_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ApiError(400, "the client closed the connection before the body was complete") from None
         try:
             body = json.loads(b"".join(chunks))
         except (ValueError, RecursionError) as err:
@@ -673,7 +681,7 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         params = parse_sampling(body, chat=True)
         if options.retriever is not None:
             messages = await run_in_threadpool(rag_messages, messages, params)
-        prompt_ids = chat_ids(messages)
+        prompt_ids = await run_in_threadpool(chat_ids, messages)  # a long prompt must not stall other clients
         resolve_max_tokens(prompt_ids, params, None)
         job, events = start(prompt_ids, params, asyncio.get_running_loop())
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -703,7 +711,7 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         prompt = parse_prompt(body)
         params = parse_sampling(body, chat=False)
         if isinstance(prompt, str):
-            prompt_ids = [tokenizer.bos_id] + tokenizer.encode(prompt)  # as `llmcore generate`
+            prompt_ids = [tokenizer.bos_id] + await run_in_threadpool(tokenizer.encode, prompt)  # as `llmcore generate`
         else:
             bad = next((t for t in prompt if not 0 <= t < engine.model.config.vocab_size), None)
             if bad is not None:
@@ -727,9 +735,14 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
                 "usage": _usage(len(prompt_ids), n)}
 
-    if options.api_key:
-        return _AuthMiddleware(app, options.api_key)
-    return app
+    asgi: Any = _AuthMiddleware(app, options.api_key) if options.api_key else app
+    if options.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        # Outermost, so a browser's preflight (which never carries the key) is answered here.
+        asgi = CORSMiddleware(asgi, allow_origins=options.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
+                              allow_headers=["Authorization", "Content-Type"])
+    return asgi
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -798,7 +811,7 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
           api_key: str | None = None, model_name: str | None = None, tokenizer_dir: str | Path | None = None,
           rag: str | Path | None = None, rag_k: int = 3, max_batch: int = 8, max_queue: int = 256,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
-          on_ready: Callable[[str], None] | None = None) -> None:
+          cors_origins: list[str] | None = None, on_ready: Callable[[str], None] | None = None) -> None:
     """Load the checkpoint and serve it until interrupted (Ctrl-C / SIGTERM)."""
     try:
         import uvicorn
@@ -832,7 +845,7 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
     name = model_name or Path(ckpt).expanduser().resolve().name
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue).start()
     app = create_app(engine, ServerOptions(model_name=name, api_key=api_key, max_body_bytes=max_body_bytes,
-                                           retriever=retriever, rag_k=rag_k))
+                                           retriever=retriever, rag_k=rag_k, cors_origins=list(cors_origins or [])))
     bound_host, bound_port = sock.getsockname()[:2]
     if not api_key and bound_host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model",
@@ -878,6 +891,8 @@ def register(app: Any) -> None:
         max_body_bytes: int = typer.Option(DEFAULT_MAX_BODY_BYTES, "--max-body-bytes",
                                            help="larger request bodies get 413"),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: debug, info, warning, error"),
+        cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", help="a web page origin allowed to "
+                                                        "call the API from a browser (repeatable; '*' = any)"),
     ) -> None:
         """Serve a checkpoint over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models.
 
@@ -890,5 +905,5 @@ def register(app: Any) -> None:
         log.setLevel(logging.DEBUG if log_level == "trace" else getattr(logging, log_level.upper()))
         serve(ckpt, host=host, port=port, device=device, api_key=api_key, model_name=model_name,
               tokenizer_dir=tokenizer, rag=rag, rag_k=rag_k, max_batch=max_batch, max_queue=max_queue,
-              max_body_bytes=max_body_bytes, log_level=log_level,
+              max_body_bytes=max_body_bytes, log_level=log_level, cors_origins=cors_origin,
               on_ready=lambda line: typer.echo(line, err=True))

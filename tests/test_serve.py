@@ -70,12 +70,12 @@ class Served:
     """A started server plus the model and tokenizer it serves (for reference generations)."""
 
     def __init__(self, run: Path, api_key: str | None = None, max_batch: int = 8, max_body_bytes: int = 1 << 16,
-                 retriever: Any = None) -> None:
+                 retriever: Any = None, cors_origins: list[str] | None = None) -> None:
         self.run = run
         self.model, self.tok = load_model(run)
         self.engine = Engine(self.model, self.tok, max_batch=max_batch).start()
         app = create_app(self.engine, ServerOptions(model_name=MODEL, api_key=api_key, max_body_bytes=max_body_bytes,
-                                                    retriever=retriever))
+                                                    retriever=retriever, cors_origins=cors_origins or []))
         self.server = RunningServer(app, bind_socket("127.0.0.1", 0), self.engine).start()
         self.url = self.server.url
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "unused", max_retries=0,
@@ -412,7 +412,7 @@ def test_unknown_route_and_method(served: Served) -> None:
 
 
 def test_api_key_is_required(run_dir: Path) -> None:
-    s = Served(run_dir, api_key="sekret", max_batch=1)
+    s = Served(run_dir, api_key="sekret", max_batch=1, cors_origins=["http://ui.localhost:3000"])
     try:
         bad = openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
@@ -424,6 +424,15 @@ def test_api_key_is_required(run_dir: Path) -> None:
             _assert_error(_raw(s, "/v1/completions", "{", headers=headers), 401)  # refused before the body is read
             _assert_error(_raw(s, "/nothing", method="GET", headers=headers), 401)
         assert [m.id for m in s.client.models.list().data] == [MODEL]
+        # A browser UI on an allowed origin: the preflight (never carrying the key) passes, the call needs the key.
+        origin = {"Origin": "http://ui.localhost:3000"}
+        pre = _raw(s, "/v1/chat/completions", method="OPTIONS",
+                   headers={**origin, "Access-Control-Request-Method": "POST",
+                            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin["Origin"]
+        _assert_error(_raw(s, "/v1/models", method="GET", headers=origin), 401)
+        ok = _raw(s, "/v1/models", method="GET", headers={**origin, "Authorization": "Bearer sekret"})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == origin["Origin"]
         r = s.client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
         assert r.choices[0].text == s.greedy(_text_ids(s, "Hi"), 3)[0]
     finally:
