@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional
 
-from llmcore.errors import LLMCoreError
+from llmcore.errors import LLMCoreError, install_hint
 
 if TYPE_CHECKING:  # pragma: no cover
     from llmcore.model import LLM
@@ -54,7 +54,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_CHAT_MAX_TOKENS = 512  # as `llmcore chat`; capped by the room left in the context
 MAX_STOP_STRINGS = 4
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy
 CHAT_ROLES = {"system", "user", "assistant", "developer"}
 
@@ -423,6 +425,12 @@ class Engine:
                                eos_id=self.eos_id, generator=generator)
         try:
             for tokens, _active in steps:
+                if self._closed:  # shutting down: end the running rows now rather than at their budget
+                    for row in rows:
+                        if not row.done:
+                            row.done = True
+                            row.job.emit(("error", "the server is shutting down"))
+                    break
                 for row, token in zip(rows, tokens.tolist()):
                     if row.done:
                         continue
@@ -451,6 +459,7 @@ class ServerOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     retriever: Any = None  # llmcore.rag.Retriever when --rag is given
     rag_k: int = 3
+    default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS  # chat requests without max_tokens
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
 
 
@@ -493,7 +502,7 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         from starlette.requests import ClientDisconnect
         from starlette.responses import JSONResponse, StreamingResponse
     except ImportError as err:
-        raise LLMCoreError(f"llmcore serve needs FastAPI and uvicorn: pip install 'llmcore[serve]' ({err})") from err
+        raise LLMCoreError(f"llmcore serve needs FastAPI and uvicorn: {install_hint('serve')} ({err})") from err
 
     app = FastAPI(title="llmcore", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
@@ -549,13 +558,13 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
             raise ApiError(404, f"the model {model!r} does not exist; this server has {options.model_name!r}",
                            param="model", code="model_not_found")
 
-    def resolve_max_tokens(prompt_ids: list[int], params: SamplingParams, default: int | None) -> None:
+    def resolve_max_tokens(prompt_ids: list[int], params: SamplingParams, default: int) -> None:
         room = engine.context - len(prompt_ids)
         if room < 1:
             raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this model's context is {engine.context} "
                                 "tokens, which leaves no room for a reply", param="messages", code="context_length_exceeded")
         if params.max_tokens is None:
-            params.max_tokens = room if default is None else min(default, room)
+            params.max_tokens = min(default, room)
         elif params.max_tokens > room:
             raise ApiError(400, f"max_tokens ({params.max_tokens}) + the prompt ({len(prompt_ids)} tokens) is more "
                                 f"than this model's context of {engine.context} tokens; use max_tokens <= {room}",
@@ -576,7 +585,8 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         history = [m for m in messages[:last] if m["role"] != "system"]
         with rag_lock:  # one search at a time: the embedder and index are shared
             passages = options.retriever.search(question, options.rag_k)
-        reserve = params.max_tokens if params.max_tokens is not None else min(256, engine.context // 4)
+        reserve = params.max_tokens if params.max_tokens is not None else min(options.default_max_tokens,
+                                                                              engine.context // 2)
         history_tokens = len(chat_ids(history)) if history else 0
         try:
             context = fit_passages(tokenizer, question, passages, engine.context - reserve - history_tokens, system)
@@ -611,14 +621,19 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
     async def collect(request: Request, job: Job, events: "asyncio.Queue[Event]") -> tuple[str, str, int]:
         """Wait for the whole answer, polling for a client that went away."""
         parts: list[str] = []
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         try:
             while True:
                 try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.5)
+                    event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
                     if await request.is_disconnected():
                         job.cancelled.set()
-                        raise ApiError(499, "client closed the request") from None
+                        raise ApiError(499, "client closed the request")
+                if event is None:
                     continue
                 if event[0] == "text":
                     parts.append(event[1])
@@ -682,7 +697,7 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         if options.retriever is not None:
             messages = await run_in_threadpool(rag_messages, messages, params)
         prompt_ids = await run_in_threadpool(chat_ids, messages)  # a long prompt must not stall other clients
-        resolve_max_tokens(prompt_ids, params, None)
+        resolve_max_tokens(prompt_ids, params, options.default_max_tokens)
         job, events = start(prompt_ids, params, asyncio.get_running_loop())
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if params.stream:
@@ -811,12 +826,13 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
           api_key: str | None = None, model_name: str | None = None, tokenizer_dir: str | Path | None = None,
           rag: str | Path | None = None, rag_k: int = 3, max_batch: int = 8, max_queue: int = 256,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
-          cors_origins: list[str] | None = None, on_ready: Callable[[str], None] | None = None) -> None:
+          cors_origins: list[str] | None = None, default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS,
+          on_ready: Callable[[str], None] | None = None) -> None:
     """Load the checkpoint and serve it until interrupted (Ctrl-C / SIGTERM)."""
     try:
         import uvicorn
     except ImportError as err:
-        raise LLMCoreError(f"llmcore serve needs FastAPI and uvicorn: pip install 'llmcore[serve]' ({err})") from None
+        raise LLMCoreError(f"llmcore serve needs FastAPI and uvicorn: {install_hint('serve')} ({err})") from None
     from llmcore.checkpoint import load_model
     from llmcore.common import default_attn_backend, resolve_device
 
@@ -824,6 +840,8 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
         raise LLMCoreError(f"--rag-k must be at least 1, got {rag_k}")
     if max_body_bytes < 1024:
         raise LLMCoreError(f"--max-body-bytes must be at least 1024, got {max_body_bytes}")
+    if default_max_tokens < 1:
+        raise LLMCoreError(f"--default-max-tokens must be at least 1, got {default_max_tokens}")
     if max_batch < 1 or max_queue < 1:
         raise LLMCoreError(f"--max-batch and --max-queue must be at least 1, got {max_batch} and {max_queue}")
     dev = resolve_device(device)
@@ -845,7 +863,8 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
     name = model_name or Path(ckpt).expanduser().resolve().name
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue).start()
     app = create_app(engine, ServerOptions(model_name=name, api_key=api_key, max_body_bytes=max_body_bytes,
-                                           retriever=retriever, rag_k=rag_k, cors_origins=list(cors_origins or [])))
+                                           retriever=retriever, rag_k=rag_k, cors_origins=list(cors_origins or []),
+                                           default_max_tokens=default_max_tokens))
     bound_host, bound_port = sock.getsockname()[:2]
     if not api_key and bound_host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model",
@@ -887,6 +906,9 @@ def register(app: Any) -> None:
         rag_k: int = typer.Option(3, "--rag-k", help="passages retrieved per question with --rag"),
         max_batch: int = typer.Option(8, "--max-batch", help="requests with the same sampling settings that run "
                                       "together as one batch (1 = strictly one at a time)"),
+        default_max_tokens: int = typer.Option(DEFAULT_CHAT_MAX_TOKENS, "--default-max-tokens",
+                                               help="reply length of a chat request that sets no max_tokens "
+                                                    "(capped by the context left)"),
         max_queue: int = typer.Option(256, "--max-queue", help="requests that may wait; more get 429"),
         max_body_bytes: int = typer.Option(DEFAULT_MAX_BODY_BYTES, "--max-body-bytes",
                                            help="larger request bodies get 413"),
@@ -906,4 +928,5 @@ def register(app: Any) -> None:
         serve(ckpt, host=host, port=port, device=device, api_key=api_key, model_name=model_name,
               tokenizer_dir=tokenizer, rag=rag, rag_k=rag_k, max_batch=max_batch, max_queue=max_queue,
               max_body_bytes=max_body_bytes, log_level=log_level, cors_origins=cors_origin,
+              default_max_tokens=default_max_tokens,
               on_ready=lambda line: typer.echo(line, err=True))

@@ -298,6 +298,48 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(served: Served) -> No
     assert time.perf_counter() - t0 < 30
 
 
+def test_client_that_gives_up_on_a_non_streamed_request_frees_its_slot(served: Served) -> None:
+    engine = served.engine
+    produced_before = engine.tokens_produced
+    body = {"model": MODEL, "prompt": "Once upon a time there was", "max_tokens": 1000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+    deadline = time.monotonic() + 20
+    time.sleep(0.2)
+    while engine.busy and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not engine.busy, "the worker is still generating for a client that left"
+    assert engine.tokens_produced - produced_before < 1000
+
+
+def test_chat_without_max_tokens_gets_the_default_budget(served: Served) -> None:
+    engine = Engine(served.model, served.tok)
+    app_options = ServerOptions(model_name=MODEL, default_max_tokens=7)
+    server = RunningServer(create_app(engine.start(), app_options), bind_socket("127.0.0.1", 0), engine).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello there"}],
+                                           temperature=0)
+        text, produced = served.greedy(chat_prompt_ids(served.tok, "hello there"), 7)
+        assert r.choices[0].message.content == text and r.usage.completion_tokens == produced
+    finally:
+        server.stop()
+
+
+def test_engine_close_ends_a_running_batch(served: Served) -> None:
+    engine = Engine(served.model, served.tok).start()
+    job, events = _job([1, 5, 6, 7], 1000)
+    engine.submit(job)
+    deadline = time.monotonic() + 20
+    while not events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    engine.close()
+    assert time.monotonic() - t0 < 5
+    assert events[-1] == ("error", "the server is shutting down")
+    assert engine.tokens_produced < 1000
+
+
 def test_disconnected_request_still_queued_is_dropped(served: Served) -> None:
     engine = Engine(served.model, served.tok, max_batch=1)
     a, ev_a = _job([1, 5, 6], 3)
