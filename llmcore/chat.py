@@ -8,6 +8,10 @@ not leave room for the reply. Text is streamed as soon as it decodes to complete
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
+from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 import torch
@@ -82,17 +86,91 @@ class ChatSession:
         return "".join(parts)
 
 
-def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, prompt: str = "> ") -> None:
-    """Read user lines until EOF or `/exit`; `/reset` clears the history. Answers stream to stdout."""
-    interactive = stdin.isatty()
-    while True:
-        if interactive:
-            stdout.write(prompt)
-            stdout.flush()
-        line = stdin.readline()
-        if not line:
+HELP = ('type a message and Enter; end a line with \\ to continue it, or put """ on a line to start and end a '
+        "block; /reset clears the history, /exit or Ctrl-D quits")
+
+
+def enable_line_editing(history_file: Path | None = None) -> None:
+    """Arrow-key editing and a persistent history through GNU readline, when it is there (a
+    terminal session; piped input never comes here)."""
+    try:
+        import readline
+    except ImportError:  # a Python without readline: plain input() still works
+        return
+    path = history_file or default_history_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            readline.read_history_file(path)
+    except OSError:
+        return
+    readline.set_history_length(1000)
+    atexit.register(_save_history, readline, path)
+
+
+def default_history_file() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "llmcore" / "chat_history"
+
+
+def _save_history(readline: Any, path: Path) -> None:
+    try:
+        readline.write_history_file(path)
+    except OSError:
+        pass
+
+
+def read_message(read_line: Callable[[str], str | None], prompt: str = "> ", more: str = ". ") -> str | None:
+    """One user message from `read_line(prompt)` (None at EOF): a line; a line ending in a backslash
+    continues on the next; a line that is just three double quotes opens a block that the next such
+    line closes."""
+    line = read_line(prompt)
+    if line is None:
+        return None
+    if line.strip() == '"""':
+        block: list[str] = []
+        while True:
+            nxt = read_line(more)
+            if nxt is None or nxt.strip() == '"""':
+                return "\n".join(block)
+            block.append(nxt)
+    parts = []
+    while line.endswith("\\"):
+        parts.append(line[:-1])
+        nxt = read_line(more)
+        if nxt is None:
+            line = ""
             break
-        text = line.strip()
+        line = nxt
+    parts.append(line)
+    return "\n".join(parts)
+
+
+def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, prompt: str = "> ",
+             labels: bool | None = None) -> None:
+    """Read user messages until EOF or `/exit`; `/reset` clears the history. Answers stream to stdout.
+
+    In a terminal the prompt is shown and lines are edited with readline (history kept across
+    sessions); when stdout is not a terminal (a pipe, a file) each turn is written with role labels
+    (`user: ...`, `assistant: ...`) so the transcript reads on its own."""
+    interactive = stdin.isatty() and stdin is sys.stdin
+    if labels is None:
+        labels = not stdout.isatty()
+
+    def read_line(p: str) -> str | None:
+        if interactive:
+            try:
+                return input(p)
+            except EOFError:
+                return None
+        line = stdin.readline()
+        return None if not line else line.rstrip("\n")
+
+    while True:
+        message = read_message(read_line, prompt)
+        if message is None:
+            break
+        text = message.strip()
         if not text:
             continue
         if text == "/exit":
@@ -101,6 +179,8 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, prompt: str = 
             session.reset()
             stdout.write("(history cleared)\n")
             continue
+        if labels:
+            stdout.write(f"user: {text}\nassistant: ")
         for piece in session.reply_stream(text):
             stdout.write(piece)
             stdout.flush()

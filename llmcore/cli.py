@@ -19,6 +19,24 @@ app = typer.Typer(
 )
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        import platform
+
+        import torch
+
+        from llmcore import __version__
+
+        typer.echo(f"llmcore {__version__} (python {platform.python_version()}, torch {torch.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                      callback=_show_version, is_eager=True)) -> None:
+    """llmcore: tokenizer, data prep, model, pretrain/SFT/DPO training, chat and export."""
+
+
 def _register_all() -> None:
     from llmcore.data_prep import cli as data_cli
     from llmcore import cli_model, cli_train
@@ -30,6 +48,8 @@ def _register_all() -> None:
 
     serve_cli.register(app)
     __import__("llmcore.rag.cli", fromlist=["register"]).register(app)
+    __import__("llmcore.launch.cli", fromlist=["register"]).register(app)
+    __import__("llmcore.bench.cli", fromlist=["register"]).register(app)
 
 
 _register_all()

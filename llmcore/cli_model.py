@@ -35,8 +35,26 @@ def _load(ckpt: Path, device: str, tokenizer: Optional[Path]) -> tuple[Any, Any]
     return model, tok
 
 
+@model_app.command("list")
+def list_presets() -> None:
+    """The model presets with their shape and parameter count.
+
+    Example: llmcore model list
+    """
+    from llmcore.model import PRESETS, ModelConfig, param_report
+
+    typer.echo(f"{'preset':16s} {'params':>9s}  {'d':>4s} {'layers':>6s} {'heads':>5s} {'kv':>3s} {'vocab':>6s}  notes")
+    for name in PRESETS:
+        cfg = ModelConfig.from_preset(name)
+        r = param_report(cfg)
+        note = (f"MoE {cfg.num_experts}x top-{cfg.num_experts_per_tok}, {r['active_per_token'] / 1e6:.1f}M active"
+                if cfg.use_moe else "")
+        typer.echo(f"{name:16s} {r['total'] / 1e6:8.2f}M  {cfg.hidden_size:4d} {cfg.num_hidden_layers:6d} "
+                   f"{cfg.num_attention_heads:5d} {cfg.num_key_value_heads:3d} {cfg.vocab_size:6d}  {note}")
+
+
 @model_app.command("info")
-def info(name: str = typer.Argument(..., help="preset: tiny, minimind2-small, minimind2, minimind2-moe"),
+def info(name: str = typer.Argument(..., help="a preset (`llmcore model list`)"),
          as_json: bool = typer.Option(False, "--json", help="print the counts as JSON")) -> None:
     """Parameter counts of a preset: total, embedding, per block, and active per token for MoE.
 
@@ -124,15 +142,24 @@ def chat_cmd(
 ) -> None:
     """Multi-turn chat REPL through the chat template; answers stream as they are generated.
 
-    Reads one message per line from stdin; `/reset` clears the history, `/exit` (or EOF) quits.
+    One message per line (end a line with a backslash to continue it, or put three double quotes on a line to open
+    and close a multi-line block); `/reset` clears the history, `/exit` (or EOF) quits. In a terminal
+    lines are edited with readline and the history is kept in ~/.local/state/llmcore/chat_history;
+    when stdout is not a terminal each turn is labelled `user:` / `assistant:`.
 
     Example: llmcore chat --ckpt runs/sft      (or: echo "你好" | llmcore chat --ckpt runs/sft)
     """
-    from llmcore.chat import ChatSession, run_repl
+    from llmcore.chat import HELP, ChatSession, enable_line_editing, run_repl
 
     model, tok = _load(ckpt, device, tokenizer)
     session = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    # The banner goes to stderr: a piped transcript on stdout stays just the conversation.
+    typer.echo(f"llmcore chat: {ckpt} ({n_params / 1e6:.1f}M parameters) on {model.embed_tokens.weight.device}; "
+               f"{HELP}", err=True)
+    if sys.stdin.isatty():
+        enable_line_editing()
     run_repl(session, sys.stdin, sys.stdout)
 
 

@@ -16,3 +16,9 @@ class DataError(LLMCoreError):
         self.path = path
         self.line = line
         self.reason = reason
+
+
+def install_hint(extra: str) -> str:
+    """How to get an optional dependency group. From a checkout: `pip install -e '.[extra]'`; the
+    published distribution is `llmcore-train` (PyPI's `llmcore` is an unrelated project)."""
+    return f"pip install -e '.[{extra}]' in the llmcore checkout (or pip install 'llmcore-train[{extra}]')"

@@ -7,6 +7,7 @@ Library modules log to `logging.getLogger(__name__)` and never print; only the C
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 LOGGER = "llmcore"  # the parent of every module logger in the package (llmcore.train.*, llmcore.data_prep.*, ...)
@@ -33,6 +34,14 @@ class PlainHandler(logging.Handler):
             self.handleError(record)
 
 
+class RankZeroOnly(logging.Filter):
+    """Under a launcher (RANK set), only rank 0 shows INFO and WARNING records, so a note is said
+    once per run and not once per process; errors still come from every rank."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or os.environ.get("RANK", "0") == "0"
+
+
 def setup_cli_logging(level: int = logging.INFO) -> logging.Logger:
     """Route `llmcore.*` records at `level` and above to the terminal as plain lines (idempotent)."""
     logger = logging.getLogger(LOGGER)
@@ -40,5 +49,6 @@ def setup_cli_logging(level: int = logging.INFO) -> logging.Logger:
     if not any(isinstance(h, PlainHandler) for h in logger.handlers):
         handler = PlainHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(RankZeroOnly())
         logger.addHandler(handler)
     return logger

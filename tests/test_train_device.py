@@ -179,6 +179,9 @@ def test_checkpoint_trained_with_triton_loads_on_cpu(shards, tmp_path):  # noqa:
     cfg = json.loads((step / "model_config.json").read_text())
     cfg["attn_backend"] = "triton"
     (step / "model_config.json").write_text(json.dumps(cfg))
+    from llmcore.checkpoint import write_manifest
+
+    write_manifest(step)
     model, _ = load_model(run, device="cpu")
     assert model.config.attn_backend == runnable_backend("triton", torch.device("cpu"))
     reference, _ = load_model(pretrained_run(), device="cpu")

@@ -76,6 +76,9 @@ def test_model_vocab_smaller_than_shard_vocab_is_refused(shards, tmp_path):
     w = load_file(str(step / "model.safetensors"))
     w["embed_tokens.weight"] = w["embed_tokens.weight"][:100].contiguous()
     save_file(w, str(step / "model.safetensors"))
+    from llmcore.checkpoint import write_manifest
+
+    write_manifest(step)  # an intact checkpoint of a model made for a 100-token vocab
     with pytest.raises(LLMCoreError, match="model vocab size 100 is smaller"):
         train("sft", tiny_cfg("sft", shards, tmp_path / "sft", init=str(run)))
 

@@ -31,9 +31,10 @@ def test_pretrain_run_dir_contents_and_learning(shards, tmp_path):
     assert cfg["tokenizer_fingerprint"] and (out / "tokenizer" / "tokenizer.json").is_file()
     rows = read_metrics(out / "metrics.jsonl")
     train_rows = [r for r in rows if "eval_loss" not in r]
-    assert [r["step"] for r in train_rows] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in train_rows] == [1, 2, 4, 6, 8, 10, 12]  # step 1 is always logged
     for r in train_rows:
-        assert {"step", "loss", "lr", "tokens", "tokens_per_s", "grad_norm"} <= r.keys()
+        assert {"step", "loss", "lr", "tokens", "tokens_per_s", "step_s", "peak_mem_gb", "grad_norm",
+                "epoch"} <= r.keys()
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [6, 12] and all("eval_ppl" in r for r in evals)
     assert (out / "loss.png").stat().st_size > 1000

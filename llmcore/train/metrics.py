@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from llmcore.errors import LLMCoreError
+from llmcore.errors import LLMCoreError, install_hint
 from llmcore.io import atomic_write, write_text
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def format_duration(seconds: float) -> str:
+    """h:mm:ss (m:ss under an hour), for logs read in pipes and job files."""
+    seconds = max(int(round(seconds)), 0)
+    h, rest = divmod(seconds, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
 def _fmt_tokens(n: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= div:
@@ -45,10 +53,14 @@ class MetricsLogger:
     """Writes metrics on rank 0 only; every other rank gets a logger whose methods do nothing."""
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, quiet: bool,
-                 wandb_cfg: dict[str, Any] | None = None) -> None:
+                 wandb_cfg: dict[str, Any] | None = None, title: str = "",
+                 panels: tuple[tuple[str, ...], ...] = (), loss_unit: str = "nats/token") -> None:
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.plot_path = Path(run_dir) / "loss.png"
+        self.title = title or Path(run_dir).name
+        self.panels = panels
+        self.loss_unit = loss_unit
         self.total = total_steps
         self.quiet = quiet
         self.bar = None
@@ -69,7 +81,7 @@ class MetricsLogger:
         try:
             import wandb
         except ImportError as err:
-            raise LLMCoreError("--wandb needs the wandb package: pip install 'llmcore[wandb]'") from err
+            raise LLMCoreError("--wandb needs the wandb package: " + install_hint("wandb")) from err
         # Offline unless the user configured wandb for online use: a run must never wait on the network.
         if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
             os.environ["WANDB_MODE"] = "offline"
@@ -97,35 +109,37 @@ class MetricsLogger:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
 
     def progress(self, step: int, loss: float, lr: float, tokens_per_s: float, elapsed: float,
-                 steps_done: int, start_step: int | None = None) -> None:
-        """The bar's postfix, or (no bar) one INFO line `step N/T loss ... eta ... min`.
-
-        `start_step` is deprecated and ignored (the ETA needs only `elapsed` and `steps_done`); it
-        stays accepted until trainer.py stops passing it."""
+                 steps_done: int) -> None:
+        """The bar's postfix, or (no bar: a pipe, a job log) one INFO line
+        `step N/T loss ... lr ... tok/s elapsed h:mm:ss eta h:mm:ss`."""
         if not self.enabled or self.quiet:
             return
         remaining = self.total - step
-        rate = elapsed / max(steps_done, 1)
-        eta = rate * remaining
+        eta = elapsed / max(steps_done, 1) * remaining
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s", refresh=False)
             self.bar.refresh()
         else:
             log.info(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s "
-                     f"eta {eta / 60:.1f} min")
+                     f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}")
 
     def message(self, text: str) -> None:
-        """One INFO line on the `llmcore.train.metrics` logger (rank 0 only)."""
-        if not self.enabled:
+        """One INFO line on the `llmcore.train.metrics` logger (rank 0 only; not with --quiet)."""
+        if not self.enabled or self.quiet:
             return
         log.info(text)
 
+    def warning(self, text: str) -> None:
+        """One WARNING line (rank 0 only; shown even with --quiet)."""
+        if self.enabled:
+            log.warning(text)
+
     def plot(self) -> None:
-        """loss.png: training and eval loss against tokens seen."""
+        """loss.png: loss, learning rate and the stage's own metrics against tokens seen."""
         if not self.enabled:
             return
-        plot_losses(self.path, self.plot_path)
+        plot_losses(self.path, self.plot_path, title=self.title, panels=self.panels, loss_unit=self.loss_unit)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -139,26 +153,49 @@ class MetricsLogger:
             self.wandb = None
 
 
-def plot_losses(metrics_path: Path, out_path: Path) -> None:
+def plot_losses(metrics_path: Path, out_path: Path, title: str = "",
+                panels: tuple[tuple[str, ...], ...] = (), loss_unit: str = "nats/token") -> None:
+    """One PNG, panels sharing the x axis (tokens seen): train and eval loss (nats/token), the
+    learning rate, then one panel per group of stage metrics (DPO: reward accuracy; margins)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, FuncFormatter
 
     rows = read_metrics(metrics_path)
-    train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r and "eval_loss" not in r
-             and math.isfinite(r["loss"])]
-    evals = [(r["tokens"], r["eval_loss"]) for r in rows if "eval_loss" in r and math.isfinite(r["eval_loss"])]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
+    steps = [r for r in rows if "loss" in r and "eval_loss" not in r and math.isfinite(r["loss"])]
+    evals = [r for r in rows if "eval_loss" in r and math.isfinite(r["eval_loss"])]
+    n = 2 + len(panels)
+    fig, axes = plt.subplots(n, 1, figsize=(8, 2.2 + 1.9 * n), sharex=True,
+                             gridspec_kw={"height_ratios": [2.2] + [1] * (n - 1)})
+    loss_ax, lr_ax = axes[0], axes[1]
+    if steps:
+        loss_ax.plot([r["tokens"] for r in steps], [r["loss"] for r in steps], lw=1, label="train loss")
+        lr_ax.plot([r["tokens"] for r in steps], [r["lr"] for r in steps], lw=1, color="tab:gray")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    if train or evals:
-        ax.legend()
+        loss_ax.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "o-", lw=1.5, label="eval loss")
+    loss_ax.set_ylabel(f"loss ({loss_unit})")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}" if v else "0"))
+    for ax, keys in zip(axes[2:], panels):
+        for key in keys:
+            pts = [(r["tokens"], r[key]) for r in steps if key in r]
+            if pts:
+                ax.plot(*zip(*pts), lw=1, label=key)
+            epts = [(r["tokens"], r[f"eval_{key}"]) for r in evals if f"eval_{key}" in r]
+            if epts:
+                ax.plot(*zip(*epts), "o", ms=4, label=f"eval {key}")
+        ax.set_ylabel(keys[0].split("/")[-1] if len(keys) == 1 else "reward (nats)")
+        if ax.lines:
+            ax.legend(fontsize=8, loc="best")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if loss_ax.lines:
+        loss_ax.legend(loc="best")
+    axes[-1].xaxis.set_major_formatter(EngFormatter(unit=""))
+    axes[-1].set_xlabel("tokens seen")
+    fig.suptitle(title or Path(metrics_path).parent.name, fontsize=11)
     fig.tight_layout()
     try:
         atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=100))

@@ -54,6 +54,7 @@ class Stage(ABC):
     eval_key: str = "ce_loss"  # the objective term whose mean is `eval_loss`
     reports_perplexity: bool = True
     plot_panels: tuple[tuple[str, ...], ...] = ()  # extra metric groups for loss.png
+    loss_unit: str = "nats/token"  # what one unit of the logged loss is an average over
 
     def loader_mode(self, cfg: "TrainConfig") -> str:
         return str(cfg.packing)
@@ -183,7 +184,7 @@ DPO = register_stage(PreferenceStage(
     defaults=_defaults(lr=4e-8, micro_batch_size=4, global_batch_size=4, seq_len=1024, epochs=1.0),
     settings=("beta", "dpo_logp", "ref_logps"),
     needs_init="the policy starts from it and it is the frozen reference model",
-    eval_key="dpo_loss", reports_perplexity=False,
+    eval_key="dpo_loss", reports_perplexity=False, loss_unit="nats/pair",
     plot_panels=(("rewards/accuracy",), ("rewards/margin", "rewards/chosen", "rewards/rejected"))))
 
 STAGES = tuple(_REGISTRY)

@@ -36,7 +36,7 @@ from llmcore.train.checkpointing import CheckpointManager, set_rng_state
 from llmcore.train.config import TrainConfig
 from llmcore.train.engine import make_engine
 from llmcore.train.feed import DeviceFeed
-from llmcore.train.metrics import MetricsLogger
+from llmcore.train.metrics import MetricsLogger, format_duration
 from llmcore.train.objectives import perplexity
 from llmcore.train.protocols import Engine, Objective
 from llmcore.train.speed import Throughput, flops_per_token, peak_memory_gb, peak_tflops
@@ -81,14 +81,6 @@ class RunSummary:
         return (f"done: {self.stage} {self.steps}/{self.total_steps} steps, {self.tokens:,} tokens, "
                 f"loss {self.loss:.4f}{ev}{ref}, {self.tokens_per_s:,.0f} tok/s, {format_duration(self.elapsed_s)} "
                 f"-> {self.run_dir}")
-
-
-def format_duration(seconds: float) -> str:
-    """h:mm:ss (m:ss under an hour), for logs read in pipes and job files."""
-    seconds = max(int(round(seconds)), 0)
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
@@ -516,7 +508,12 @@ class Trainer:
         cfg = self.cfg
         wandb_cfg = {"project": cfg.wandb_project, "config": {"stage": self.stage.name, **cfg.to_dict()}} \
             if cfg.wandb else None
-        metrics = MetricsLogger(self.run_dir, self.rank == 0, self.total_steps, self.step, cfg.quiet, wandb_cfg)
+        mc = self.model.config
+        n_params = sum(p.numel() for p in self.model.parameters())
+        title = (f"{self.run_dir.name}: {self.stage.name}, {n_params / 1e6:.1f}M-parameter model "
+                 f"(d{mc.hidden_size} x {mc.num_hidden_layers} layers), {self.device_name}")
+        metrics = MetricsLogger(self.run_dir, self.rank == 0, self.total_steps, self.step, cfg.quiet, wandb_cfg,
+                                title=title, panels=self.stage.plot_panels, loss_unit=self.stage.loss_unit)
         start_step, t_start = self.step, time.perf_counter()
         thr = Throughput(self.engine.device)
         run_tokens0 = self.tokens
@@ -526,9 +523,9 @@ class Trainer:
             metrics.message(f"{self.run_dir} is already at step {self.step} of {self.total_steps}; nothing to do")
         else:
             for line in self.plan_lines():
-                metrics.message(line)
+                (metrics.warning if line.startswith("warning:") else metrics.message)(line)
         if self.peak_tflops is None and self.engine.device.type == "cuda":
-            metrics.message(f"mfu: the bf16 peak of {self.device_name} is not known; pass --peak-tflops to log it")
+            metrics.warning(f"mfu: the bf16 peak of {self.device_name} is not known; pass --peak-tflops to log it")
         try:
             while self.step < self.total_steps:
                 tokens_before = self.tokens
@@ -536,7 +533,7 @@ class Trainer:
                 thr.add(self.tokens - tokens_before)
                 last = self.step == self.total_steps
                 stop_now = cfg.stop_after is not None and self.step - start_step >= cfg.stop_after
-                log_now = self.step % cfg.log_every == 0 or last or stop_now
+                log_now = self.step % cfg.log_every == 0 or self.step == 1 or last or stop_now
                 eval_now = self.eval_idx is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last)
                 save_now = bool(cfg.save_every and self.step % cfg.save_every == 0) or last or stop_now
                 if not (log_now or eval_now or save_now or self.step % self.sync_every == 0):
@@ -549,8 +546,9 @@ class Trainer:
                     record.update(self._speed_fields(*thr.take()))
                     metrics.log(record)
                     metrics.progress(self.step, record["loss"], record["lr"], record["tokens_per_s"],
-                                     time.perf_counter() - t_start, self.step - start_step, start_step)
+                                     time.perf_counter() - t_start, self.step - start_step)
                 if eval_now:
+                    metrics.message(f"step {self.step}: evaluating on {len(self.eval_idx):,} held-out documents ...")
                     ev = self.evaluate()
                     self.last_eval = ev["eval_loss"]
                     metrics.log({"step": self.step, "tokens": self.tokens, **ev})

@@ -1,0 +1,53 @@
+"""Chat input handling (multi-line messages, role labels in pipes) and the small CLI papercuts:
+`--version`, `model list`."""
+
+from __future__ import annotations
+
+import io
+
+from typer.testing import CliRunner
+
+from llmcore.chat import ChatSession, read_message, run_repl
+from llmcore.checkpoint import load_model
+from llmcore.cli import app
+from test_train_common import one_thread, pretrained_run  # noqa: F401
+
+
+def reader(lines: list[str]):
+    it = iter(lines)
+    return lambda prompt: next(it, None)
+
+
+def test_read_message_continuations_and_blocks():
+    rl = reader(["hello \\", "world", '"""', "a", "", "b", '"""', "plain", "cut \\"])
+    assert read_message(rl) == "hello \nworld"
+    assert read_message(rl) == "a\n\nb"
+    assert read_message(rl) == "plain"
+    assert read_message(rl) == "cut \n"  # EOF inside a continuation ends the message
+    assert read_message(rl) is None
+
+
+def test_piped_chat_labels_turns_and_handles_blocks():
+    model, tok = load_model(pretrained_run())
+    session = ChatSession(model, tok, max_new_tokens=4, temperature=0.0)
+    stdin = io.StringIO('hi\n"""\nfirst line\nsecond line\n"""\n/reset\n/exit\nnever\n')
+    out = io.StringIO()
+    run_repl(session, stdin, out)
+    text = out.getvalue()
+    assert text.startswith("user: hi\nassistant: ")
+    assert "user: first line\nsecond line\nassistant: " in text
+    assert text.count("user: ") == 2 and "never" not in text and "(history cleared)" in text
+    plain = io.StringIO()
+    run_repl(ChatSession(model, tok, max_new_tokens=4, temperature=0.0), io.StringIO("hi\n"), plain, labels=False)
+    assert "user:" not in plain.getvalue() and plain.getvalue().endswith("\n")
+
+
+def test_version_and_model_list():
+    runner = CliRunner()
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.startswith("llmcore 0.1.0 (python ")
+    res = runner.invoke(app, ["model", "list"])
+    assert res.exit_code == 0
+    names = [line.split()[0] for line in res.output.splitlines()[1:]]
+    assert names == ["tiny", "demo", "minimind2-small", "minimind2", "minimind2-moe"]
+    assert "25.83M" in res.output and "MoE 4x top-2" in res.output

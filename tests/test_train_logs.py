@@ -1,0 +1,65 @@
+"""What a training run tells a person reading its log in a pipe (Slurm, CI, `| tee`): the plan
+line with epochs, a repeat warning, a progress line at step 1 with elapsed/ETA as h:mm:ss, the
+eval notice, the resumed-from line, and a summary with the uniform-guess reference loss."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+
+from llmcore.cli import main
+from llmcore.log import PlainHandler
+from test_train_common import one_thread, shards  # noqa: F401
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_handlers():
+    yield
+    logger = logging.getLogger("llmcore")
+    for h in [h for h in logger.handlers if isinstance(h, PlainHandler)]:
+        logger.removeHandler(h)
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_piped_training_log(shards, tmp_path, capsys):  # noqa: F811
+    base = ["train", "pretrain", "--data", str(shards["pretrain"]), "--out", str(tmp_path / "r"), "--model", "tiny",
+            "--seq-len", "48", "--micro-batch-size", "2", "--global-batch-size", "4", "--max-steps", "8",
+            "--log-every", "5", "--eval-docs", "10", "--save-every", "4", "--attn-backend", "sdpa"]
+    code, out, err = run(base + ["--stop-after", "4"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    plan = lines[0]
+    assert re.match(r"pretrain: 8 steps x 4 rows of 48 tokens \(192 token slots per step\) on cpu; the training data "
+                    r"holds [\d,]+ tokens in 290 documents = \d+ steps per epoch, so this run makes 0\.\d\d epochs",
+                    plan), plan
+    step_lines = [ln for ln in lines if ln.startswith("step ") and "loss" in ln and "eval" not in ln]
+    assert step_lines[0].startswith("step 1/8 loss ")  # a line at step 1 even with --log-every 5
+    assert all(re.search(r"elapsed \d+:\d\d eta \d+:\d\d$", ln) for ln in step_lines), step_lines
+    assert "eta 0.0 min" not in out
+    assert lines[-1].startswith("done: pretrain 4/8 steps") and "a uniform guess scores ln 400 = 5.99" in lines[-1]
+
+    code, out, err = run(base + ["--resume"], capsys)
+    assert code == 0, err
+    assert "resumed from step 4 (checkpoint " in out and "step-4" in out
+    assert "step 8: evaluating on 10 held-out documents" in out
+    assert "eval_loss" in out
+
+
+def test_repeat_warning_shows_even_with_quiet(shards, tmp_path, capsys):  # noqa: F811
+    args = ["train", "pretrain", "--data", str(shards["pretrain"]), "--out", str(tmp_path / "r"), "--model", "tiny",
+            "--seq-len", "48", "--micro-batch-size", "2", "--global-batch-size", "4", "--max-steps", "400",
+            "--stop-after", "1", "--repeat-warning", "2", "--attn-backend", "sdpa", "--quiet"]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    assert re.search(r"warning: the run passes over its data 5\.\d times \(more than --repeat-warning 2\)", err), err
