@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from llmcore.data_prep.loaders import IGNORE_INDEX as IGNORE
+from llmcore.data_prep.loaders import IGNORE_INDEX
 from llmcore.train.protocols import StepTerms
 
 log = logging.getLogger("llmcore.train")
@@ -36,14 +36,16 @@ def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 
     `labels` are already shifted by the loader (label t is the token after input t)."""
     v = logits.shape[-1]
-    total = F.cross_entropy(logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return total, (labels != IGNORE).sum()
+    total = F.cross_entropy(logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total, (labels != IGNORE_INDEX).sum()
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(label) per position, 0 where the label is -100; shape (rows, T)."""
     v = logits.shape[-1]
-    nll = F.cross_entropy(logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=IGNORE, reduction="none")
+    nll = F.cross_entropy(logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                          reduction="none")
     return -nll.view(labels.shape)
 
 
@@ -51,7 +53,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool) ->
     """Per-row log-probability of the labelled tokens: their sum, or their mean when `average`."""
     lp = token_logps(logits, labels).sum(-1)
     if average:
-        lp = lp / (labels != IGNORE).sum(-1).clamp(min=1)
+        lp = lp / (labels != IGNORE_INDEX).sum(-1).clamp(min=1)
     return lp
 
 
@@ -62,7 +64,7 @@ class LMObjective:
     name = "lm"
 
     def count(self, batch: dict[str, Any]) -> int:
-        return int((batch["labels"] != IGNORE).sum())
+        return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def __call__(self, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any], denom: float,
                  n_micro: int, world: int) -> StepTerms:
@@ -82,7 +84,7 @@ class LMObjective:
 def row_key(input_ids: torch.Tensor, labels: torch.Tensor) -> bytes:
     """A key for one padded row that ignores its padding: a causal model's log-probs of the labelled
     tokens depend only on the inputs up to the last labelled position."""
-    idx = (labels != IGNORE).nonzero()
+    idx = (labels != IGNORE_INDEX).nonzero()
     end = int(idx[-1]) + 1 if len(idx) else 0
     h = hashlib.blake2b(digest_size=16)
     h.update(input_ids[:end].cpu().numpy().astype("int64").tobytes())
@@ -133,7 +135,7 @@ class DPOObjective:
     def __call__(self, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any], denom: float,
                  n_micro: int, world: int) -> StepTerms:
         b = int(batch["num_pairs"])
-        has_response = (batch["labels"] != IGNORE).any(dim=1)
+        has_response = (batch["labels"] != IGNORE_INDEX).any(dim=1)
         empty = ~(has_response[:b] & has_response[b:])
         if bool(empty.any()) and not self._warned_empty:
             # A response cut off entirely by --seq-len gives pi == ref, loss ln 2 and no gradient:
