@@ -817,8 +817,7 @@ def open_retriever(index_dir: str | Path) -> Any:
     try:
         from llmcore.rag import Retriever
     except ImportError as err:
-        raise LLMCoreError(f"--rag needs llmcore's RAG part (llmcore.rag and its extra: pip install "
-                           f"'llmcore[rag]'): {err}") from None
+        raise LLMCoreError(f"--rag needs llmcore's RAG part and its extra: {install_hint('rag')} ({err})") from None
     return Retriever.open(index_dir)
 
 

@@ -20,10 +20,10 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-openai = pytest.importorskip("openai", reason="the serve tests need the `openai` client (pip install 'llmcore[test]')")
+openai = pytest.importorskip("openai", reason="the serve tests need the `openai` client (pip install -e '.[test]')")
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx")
-pytest.importorskip("fastapi", reason="llmcore serve needs fastapi (pip install 'llmcore[serve]')")
-pytest.importorskip("uvicorn", reason="llmcore serve needs uvicorn (pip install 'llmcore[serve]')")
+pytest.importorskip("fastapi", reason="llmcore serve needs fastapi (pip install -e '.[serve]')")
+pytest.importorskip("uvicorn", reason="llmcore serve needs uvicorn (pip install -e '.[serve]')")
 
 from llmcore.chat import chat_prompt_ids  # noqa: E402
 from llmcore.checkpoint import load_model, save_model  # noqa: E402

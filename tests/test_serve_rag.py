@@ -9,9 +9,9 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-pytest.importorskip("hnswlib", reason="--rag needs hnswlib (pip install 'llmcore[rag]')")
-pytest.importorskip("openai", reason="the serve tests need the `openai` client (pip install 'llmcore[test]')")
-pytest.importorskip("fastapi", reason="llmcore serve needs fastapi (pip install 'llmcore[serve]')")
+pytest.importorskip("hnswlib", reason="--rag needs hnswlib (pip install -e '.[rag]')")
+pytest.importorskip("openai", reason="the serve tests need the `openai` client (pip install -e '.[test]')")
+pytest.importorskip("fastapi", reason="llmcore serve needs fastapi (pip install -e '.[serve]')")
 
 from llmcore.rag import Embedder, answer_messages, build_index, register_embedder  # noqa: E402
 from llmcore.rag.answer import prompt_ids  # noqa: E402
