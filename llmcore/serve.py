@@ -196,7 +196,8 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
             raise ApiError(400, f"{where} must be an object with 'role' and 'content'", param=where)
         role = m.get("role")
         if role not in CHAT_ROLES:
-            raise ApiError(400, f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {role!r}", param=f"{where}.role")
+            raise ApiError(400, f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {role!r}",
+                           param=f"{where}.role")
         content = m.get("content")
         if isinstance(content, list):
             parts = []
@@ -562,7 +563,8 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         room = engine.context - len(prompt_ids)
         if room < 1:
             raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this model's context is {engine.context} "
-                                "tokens, which leaves no room for a reply", param="messages", code="context_length_exceeded")
+                                "tokens, which leaves no room for a reply", param="messages",
+                           code="context_length_exceeded")
         if params.max_tokens is None:
             params.max_tokens = min(default, room)
         elif params.max_tokens > room:
@@ -645,8 +647,7 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
             job.cancelled.set()  # a no-op once done; frees the row if this handler is cancelled
 
     async def stream(job: Job, events: "asyncio.Queue[Event]", make_chunk: Callable[[str | None, str | None], dict],
-                     n_prompt: int, include_usage: bool, first: dict | None) -> AsyncIterator[bytes]:
-        t0 = time.perf_counter()
+                     n_prompt: int, include_usage: bool, first: dict | None, t0: float) -> AsyncIterator[bytes]:
         try:
             if first is not None:
                 yield _sse(first)
@@ -690,6 +691,7 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
+        t0 = time.perf_counter()
         body = await read_json(request)
         check_model(body)
         messages = parse_messages(body)
@@ -709,10 +711,11 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
                         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
             return StreamingResponse(stream(job, events, chunk, len(prompt_ids), params.include_usage,
-                                            chunk(None, None, role=True)),
+                                            chunk(None, None, role=True), t0),
                                      media_type="text/event-stream", headers=sse_headers)
         text, finish, n = await collect(request, job, events)
-        log.info("%s: %d prompt + %d completion tokens (%s)", rid, len(prompt_ids), n, finish)
+        log.info("%s: %d prompt + %d completion tokens in %.2fs (%s)", rid, len(prompt_ids), n,
+                 time.perf_counter() - t0, finish)
         return {"id": rid, "object": "chat.completion", "created": now, "model": options.model_name,
                 "system_fingerprint": None,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -721,6 +724,7 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
+        t0 = time.perf_counter()
         body = await read_json(request)
         check_model(body)
         prompt = parse_prompt(body)
@@ -741,10 +745,11 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
                         "system_fingerprint": None,
                         "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
 
-            return StreamingResponse(stream(job, events, chunk, len(prompt_ids), params.include_usage, None),
+            return StreamingResponse(stream(job, events, chunk, len(prompt_ids), params.include_usage, None, t0),
                                      media_type="text/event-stream", headers=sse_headers)
         text, finish, n = await collect(request, job, events)
-        log.info("%s: %d prompt + %d completion tokens (%s)", rid, len(prompt_ids), n, finish)
+        log.info("%s: %d prompt + %d completion tokens in %.2fs (%s)", rid, len(prompt_ids), n,
+                 time.perf_counter() - t0, finish)
         return {"id": rid, "object": "text_completion", "created": now, "model": options.model_name,
                 "system_fingerprint": None,
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
