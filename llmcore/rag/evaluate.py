@@ -73,8 +73,8 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[dict[str,
 
 
 def doc_rankings(r: Retriever, pids: np.ndarray, depth_docs: int = 10) -> list[list[str]]:
-    doc_col = r._table.column("doc_id").to_pylist()
-    rows = np.searchsorted(r._pids, pids)
+    doc_col = r.doc_ids()
+    rows = np.searchsorted(r.pids, pids)
     out = []
     for row in rows:
         seen: list[str] = []
@@ -112,7 +112,7 @@ def evaluate(index_dir: str | Path, questions_path: str | Path, *, ef: int = 64,
     qs = read_questions(questions_path, limit)
     n_pass = len(r)
     k_search = max(1, min(k_search, n_pass))
-    known = set(r._table.column("doc_id").to_pylist())
+    known = set(r.doc_ids())
     missing = sum(q["doc_id"] not in known for q in qs)
     if missing == len(qs):
         raise LLMCoreError(f"--questions {questions_path}: none of the gold doc ids is in the index {index_dir}")
@@ -205,7 +205,8 @@ def evaluate(index_dir: str | Path, questions_path: str | Path, *, ef: int = 64,
     res["hnsw"] = r.manifest["hnsw"]
     res["chunking"] = r.manifest["chunking"]
     res["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
-                      "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+                      "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+                      "loadavg_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     res["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     res["index"] = str(index_dir)
     res["questions"] = str(questions_path)
@@ -231,14 +232,14 @@ def evaluate(index_dir: str | Path, questions_path: str | Path, *, ef: int = 64,
 
 
 def _rank_lists(r: Retriever, pid_lists: list[list[int]]) -> list[list[str]]:
-    doc_col = r._table.column("doc_id").to_pylist()
+    doc_col = r.doc_ids()
     out = []
     for pl in pid_lists:
         seen: list[str] = []
         for p in pl:
             if p < 0:
                 continue
-            d = doc_col[int(np.searchsorted(r._pids, p))]
+            d = doc_col[int(np.searchsorted(r.pids, p))]
             if d not in seen:
                 seen.append(d)
                 if len(seen) >= 10:
@@ -263,7 +264,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"(chunks of {res['chunking']['chunk_chars']} chars, overlap {res['chunking']['overlap']}); "
              f"embedder `{res['embedder']['name']}` ({res['embedder'].get('model', '')}, dim {res['embedder']['dim']}); "
              f"HNSW M={res['hnsw']['m']}, ef_construction={res['hnsw']['ef_construction']}, ef={res['ef']}. "
-             f"{res['date']}, {res['machine']['cpus']} CPUs.", "",
+             f"{res['date']}, {res['machine']['cpus']} CPUs, load average {res['machine'].get('loadavg_1m_at_end') or 0:.1f} "
+             "when the latency was measured.", "",
              "| retrieval | recall@1 | recall@5 | recall@10 | MRR@10 |", "|---|---:|---:|---:|---:|"]
     rows = [("dense, HNSW", res), ("dense, exact search", res["exact"])]
     if "hybrid" in res:

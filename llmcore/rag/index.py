@@ -41,7 +41,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 import llmcore
-from llmcore.errors import DataError, LLMCoreError
+from llmcore.errors import DataError, LLMCoreError, install_hint
 from llmcore.rag.chunking import check_chunking, chunk_spans
 from llmcore.rag.embedders import DEFAULT_EMBEDDER, Embedder, get_embedder
 
@@ -83,7 +83,7 @@ def _hnswlib() -> Any:
     try:
         import hnswlib
     except ImportError as err:
-        raise LLMCoreError("the RAG index needs hnswlib: pip install 'llmcore[rag]'") from err
+        raise LLMCoreError("the RAG index needs hnswlib: " + install_hint("rag")) from err
     return hnswlib
 
 
@@ -538,6 +538,15 @@ class Retriever:
 
     def __len__(self) -> int:
         return int(self._table.num_rows)
+
+    @property
+    def pids(self) -> np.ndarray:
+        """Passage ids of the live passages, ascending (row order of the passages file)."""
+        return self._pids
+
+    def doc_ids(self) -> list[str]:
+        """The doc id of every live passage, in row order."""
+        return self._table.column("doc_id").to_pylist()
 
     @property
     def dim(self) -> int:
