@@ -1,11 +1,18 @@
 """Model weights on disk: save/load with safetensors (never pickles), and resolution of what a user
 points at — a run dir (follows `checkpoints/latest`), a checkpoint dir, or an exported Hugging Face
 `LlamaForCausalLM` folder (imported back by renaming its weights).
+
+A training checkpoint dir also holds `manifest.json`, written last: the size and SHA-256 of every
+other file in it. `verify_checkpoint` checks a dir against it; `load_model` verifies the weights
+and config of a checkpoint that has one, so flipped or truncated bytes are an error, not a model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,85 @@ from llmcore.model import LLM, ModelConfig, unwrap_model
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.json"
 HF_CONFIG = "config.json"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------
+# manifests
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files_of(directory: Path) -> list[str]:
+    out = []
+    for dirpath, _dirs, files in os.walk(directory):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), directory)
+            if rel != MANIFEST:
+                out.append(rel.replace(os.sep, "/"))
+    return sorted(out)
+
+
+def write_manifest(directory: str | Path) -> Path:
+    """Write `manifest.json` (size and SHA-256 of every other file) into a finished checkpoint dir;
+    it is the last file a save writes, so a dir with a manifest that verifies is complete."""
+    directory = Path(directory)
+    files = {rel: {"size": (directory / rel).stat().st_size, "sha256": _sha256(directory / rel)}
+             for rel in _files_of(directory)}
+    return write_text(directory / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1) + "\n")
+
+
+def checkpoint_problem(directory: str | Path, only: tuple[str, ...] | None = None) -> str | None:
+    """Why `directory` is not an intact checkpoint (None when its manifest verifies). `only`: check
+    just these files (they must be listed). Files not in the manifest are not allowed either."""
+    directory = Path(directory)
+    mpath = directory / MANIFEST
+    if not mpath.is_file():
+        return f"no {MANIFEST} (the save did not finish)"
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except (ValueError, KeyError, AssertionError, UnicodeDecodeError) as err:
+        return f"{MANIFEST} is unreadable ({type(err).__name__})"
+    names = only if only is not None else tuple(sorted(set(files) | set(_files_of(directory))))
+    for rel in names:
+        path = directory / rel
+        entry = files.get(rel)
+        if entry is None:
+            return f"{rel} is not in the manifest"
+        if not path.is_file():
+            return f"{rel} is missing"
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            return f"{rel} has {size} bytes, the manifest says {entry.get('size')} (truncated or overwritten)"
+        if _sha256(path) != entry.get("sha256"):
+            return f"{rel} does not match its checksum (corrupted)"
+    return None
+
+
+def verify_checkpoint(directory: str | Path, only: tuple[str, ...] | None = None) -> None:
+    """Raise LLMCoreError naming the file when `directory` does not match its manifest."""
+    problem = checkpoint_problem(directory, only)
+    if problem is not None:
+        raise LLMCoreError(f"{directory}: {problem}")
+
+
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """The run's `checkpoints/step-N` dirs, newest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
 def model_state_dict(model: LLM) -> dict[str, torch.Tensor]:
@@ -42,8 +128,8 @@ def save_model(model: LLM, out_dir: str | Path) -> Path:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LLMCoreError(f"{path}: not valid JSON ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LLMCoreError(f"{path}: not valid JSON ({err})") from None
 
 
 def _is_hf_folder(path: Path) -> bool:
@@ -67,6 +153,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if _is_hf_folder(p):
         return p
     latest = p / "checkpoints" / "latest"
+    if not latest.is_file() or not latest.read_text().strip():
+        # A kill between a checkpoint's rename and the write of `latest`: the newest step dir whose
+        # manifest verifies is complete.
+        for step in step_dirs(p):
+            if checkpoint_problem(step) is None:
+                return step
     if latest.is_file():
         name = latest.read_text().strip()
         if not name:
@@ -75,7 +167,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         candidates = [p / "checkpoints" / name, p / name, Path(name)]
         for c in candidates:
             if (c / WEIGHTS).is_file() and (c / CONFIG).is_file():
-                return c
+                newer = [d for d in step_dirs(p) if _step_of(d) > _step_of(c) and checkpoint_problem(d) is None]
+                return newer[0] if newer else c
         raise LLMCoreError(f"{latest} names {name!r}, but no complete checkpoint ({WEIGHTS} + {CONFIG}) is there")
     if (p / "checkpoints").is_dir():
         raise LLMCoreError(f"{p}: run dir without a complete checkpoint ({latest} is missing)")
@@ -83,6 +176,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise LLMCoreError(f"{p}: {CONFIG} is missing beside {WEIGHTS}")
     raise LLMCoreError(f"{p}: not a run dir (no checkpoints/latest), checkpoint dir (no {WEIGHTS} + {CONFIG}) "
                        "or Hugging Face Llama folder (no config.json + model.safetensors)")
+
+
+def _step_of(path: Path) -> int:
+    m = _STEP_RE.match(path.name)
+    return int(m.group(1)) if m else -1
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -167,6 +265,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                attn_backend: str | None = None, with_tokenizer: bool = True) -> tuple[LLM, Any | None]:
     """Load `(model, tokenizer_or_None)` from a run dir, checkpoint dir or HF Llama folder; model in eval mode."""
     ckpt = resolve_checkpoint(path)
+    if (ckpt / MANIFEST).is_file():
+        verify_checkpoint(ckpt, only=tuple(n for n in (WEIGHTS, CONFIG) if (ckpt / n).exists()) or None)
     if (ckpt / CONFIG).is_file() and (ckpt / WEIGHTS).is_file():
         config = ModelConfig.from_dict(_read_json(ckpt / CONFIG))
         state = _load_safetensors(ckpt / WEIGHTS)

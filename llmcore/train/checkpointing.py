@@ -1,15 +1,23 @@
-"""Run-dir checkpoints: `RUN/checkpoints/step-N/`, written complete or not at all.
+"""Run-dir checkpoints: `RUN/checkpoints/step-N/`, written complete or not at all, verified on resume.
 
-A save writes everything into `checkpoints/.step-N.tmp/`, then `llmcore.io.install_dir` fsyncs it
+A save writes everything into `checkpoints/.step-N.tmp/`; rank 0 writes `trainer_state.json` and
+then `manifest.json` (size and SHA-256 of every file) last, `llmcore.io.install_dir` fsyncs the dir
 and renames it to `step-N` (atomic on one filesystem), then `llmcore.io.write_text` rewrites
-`checkpoints/latest`. A kill at
-any moment therefore leaves either the old `latest` pointing at an old complete dir, or the new one
-pointing at a new complete dir; leftover `.tmp` dirs are removed on the next start.
+`checkpoints/latest`. Only then are older step dirs pruned, and only once the `keep_last` newest
+ones verify against their manifests.
+
+Resume (`resume_point`) takes the newest step dir whose manifest verifies, whether or not `latest`
+names it (a kill between the rename and the write of `latest` leaves a complete step-N that
+`latest` does not name yet), and reports every newer dir it skipped and why. Leftover `.tmp` dirs
+are removed on the next start. No file is read with a full unpickler: the RNG state is
+`torch.load(weights_only=True)`, everything else is JSON or safetensors.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import random
 import re
 import shutil
@@ -19,8 +27,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from llmcore.checkpoint import MANIFEST, checkpoint_problem, write_manifest
 from llmcore.errors import LLMCoreError
 from llmcore.io import install_dir, write_json, write_text
+
+log = logging.getLogger(__name__)
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -60,9 +71,57 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def read_json_file(path: Path) -> Any:
+    """A checkpoint's JSON file, or a one-line LLMCoreError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LLMCoreError(f"{path}: missing") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise LLMCoreError(f"{path}: corrupt JSON ({err})") from None
+
+
+def read_rng_file(path: Path) -> dict[str, Any]:
+    """A checkpoint's RNG state (tensors and plain values only: weights_only=True refuses pickled code)."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise LLMCoreError(f"{path}: missing") from None
+    except Exception as err:  # truncated zip, a pickle payload refused by the weights-only unpickler
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LLMCoreError(f"{path}: cannot be read safely ({first[:200]})") from None
+
+
+def rescale_loader_state(saved: dict[str, Any], loader: Any) -> dict[str, Any]:
+    """The state for `loader` (this run's world size and micro batch) that continues at the same
+    *global* row as `saved` (written by a run with another world size or micro batch).
+
+    Rank r of W takes global rows r, r+W, ... in steps of W*micro, so a saved (epoch, step) is the
+    global position step*W*micro of that epoch; at a global-batch boundary it is a multiple of this
+    run's W*micro too. A position at or past the epoch's end is the end of the epoch."""
+    mine = loader.state_dict()
+    for key in ("mode", "seq_len", "seed", "shuffle", "num_docs", "fingerprint"):
+        if saved.get(key) != mine.get(key):
+            raise LLMCoreError(f"loader state does not match this run ({key}: saved {saved.get(key)!r} vs now "
+                               f"{mine.get(key)!r})")
+    per_step_saved = int(saved["world_size"]) * int(saved["micro_batch_size"])
+    per_step = int(mine["world_size"]) * int(mine["micro_batch_size"])
+    epoch, step = int(saved["epoch"]), int(saved["step"])
+    row = step * per_step_saved
+    if row >= int(loader.rows_per_epoch):
+        new_step = int(loader.steps_per_epoch)
+    else:
+        if row % per_step:
+            raise LLMCoreError(f"the checkpoint stopped at global row {row} of its epoch, which {mine['world_size']} "
+                               f"process(es) x micro batch {mine['micro_batch_size']} cannot continue at; "
+                               "resume with a world size and micro batch that divide it")
+        new_step = row // per_step
+    return {**mine, "epoch": epoch, "step": new_step}
+
+
 class CheckpointManager:
     """Saves and finds the step dirs of one run dir. All processes call `save`; rank 0 owns the
-    shared files and the rename, the others only write their own shard of engine/loader/RNG state."""
+    shared files and the rename, the others only write their own loader/RNG state."""
 
     def __init__(self, run_dir: Path, rank: int = 0, world: int = 1,
                  barrier: Callable[[], None] = lambda: None) -> None:
@@ -81,6 +140,10 @@ class CheckpointManager:
                 out.append(int(m.group(1)))
         return sorted(out)
 
+    def has_checkpoints(self) -> bool:
+        """Any step dir or `latest` at all (complete or not)."""
+        return bool(self.steps()) or (self.root / "latest").exists()
+
     def latest(self) -> Path | None:
         """The complete checkpoint `latest` names, or None when the run has none."""
         pointer = self.root / "latest"
@@ -91,6 +154,17 @@ class CheckpointManager:
         if not STEP_RE.match(name) or not (path / "trainer_state.json").is_file():
             raise LLMCoreError(f"{pointer} names {name!r}, which is not a complete checkpoint")
         return path
+
+    def resume_point(self) -> tuple[Path | None, list[tuple[str, str]]]:
+        """(newest step dir that verifies against its manifest, [(name, why skipped)] for newer ones)."""
+        skipped: list[tuple[str, str]] = []
+        for step in reversed(self.steps()):
+            d = self.root / f"step-{step}"
+            problem = checkpoint_problem(d)
+            if problem is None:
+                return d, skipped
+            skipped.append((d.name, problem))
+        return None, skipped
 
     def clean_partial(self) -> None:
         """Remove temp dirs that a killed save left behind (rank 0 only; call before any save)."""
@@ -106,17 +180,34 @@ class CheckpointManager:
              on_file: Callable[[Path], None] | None = None) -> Path:
         """Write step-N completely, point `latest` at it, then drop all but the newest `keep_last`.
 
-        `write_model(dir)` runs on every rank (ZeRO-3 must gather on all) and writes on rank 0;
-        `on_file(path)` is called after each file this rank writes (tests use it to kill mid-save)."""
+        `write_model(dir)` and `write_engine(dir)` run on every rank (ZeRO-3 gathers on all) and
+        write on rank 0; `on_file(path)` is called after each file this rank writes and after the
+        rename (tests use it to kill mid-save). A failed write (e.g. ENOSPC) removes the temp dir
+        and raises a one-line LLMCoreError; the checkpoints already there are untouched."""
         final = self.root / f"step-{step}"
         tmp = self.root / f".step-{step}.tmp"
+        try:
+            return self._save(step, final, tmp, write_model, write_engine, loader_state, trainer_state,
+                              keep_last, on_file or (lambda p: None))
+        except OSError as err:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            what = err.strerror or str(err)
+            hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
+            prev = self.steps()
+            kept = f"the previous checkpoint step-{prev[-1]} is intact" if prev else "no earlier checkpoint exists"
+            raise LLMCoreError(f"checkpoint step-{step} could not be written: {what}{hint}; nothing was replaced, "
+                               f"{kept}") from None
+
+    def _save(self, step: int, final: Path, tmp: Path, write_model: Callable[[Path], None],
+              write_engine: Callable[[Path], None], loader_state: dict[str, Any], trainer_state: dict[str, Any],
+              keep_last: int, notify: Callable[[Path], None]) -> Path:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
         self.barrier()
-        notify = on_file or (lambda p: None)
 
         write_model(tmp)
         if self.rank == 0:
@@ -130,29 +221,59 @@ class CheckpointManager:
         notify(tmp / f"rng_state{sfx}.pt")
         self.barrier()
         if self.rank == 0:
-            # trainer_state.json is the last file: a dir with it is complete even before the rename.
             write_json(tmp / "trainer_state.json", {**trainer_state, "world_size": self.world}, ensure_ascii=True)
             notify(tmp / "trainer_state.json")
+            # The manifest is the last file: a dir whose manifest verifies is complete and intact.
+            write_manifest(tmp)
+            notify(tmp / MANIFEST)
             # fsync everything, rename into place; the same step saved again (e.g. a resumed run
             # re-saving its end) replaces the old dir as a whole.
             install_dir(tmp, final)
+            notify(final)
             write_text(self.root / "latest", f"step-{step}\n")
             notify(self.root / "latest")
-            for old_step in self.steps()[:-keep_last]:
-                if old_step != step:
-                    shutil.rmtree(self.root / f"step-{old_step}", ignore_errors=True)
+            self._prune(step, keep_last)
         self.barrier()
         return final
 
+    def _prune(self, step: int, keep_last: int) -> None:
+        """Delete step dirs older than the `keep_last` newest, but only when those newest ones (up to
+        and including `step`) all verify: a checkpoint is removed only once it is superseded by
+        intact ones. Dirs newer than `step` (skipped as broken by a resume) are left alone."""
+        older = [s for s in self.steps() if s <= step]
+        keep, drop = older[-keep_last:], older[:-keep_last]
+        if not drop:
+            return
+        for s in keep:
+            problem = checkpoint_problem(self.root / f"step-{s}")
+            if problem is not None:
+                log.warning("checkpoints/step-%d does not verify (%s); keeping older checkpoints", s, problem)
+                return
+        for s in drop:
+            shutil.rmtree(self.root / f"step-{s}", ignore_errors=True)
+
     # -- load ----------------------------------------------------------------------------------
-    def load_side_state(self, step_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """(trainer_state, loader_state, rng_state) of this rank from a complete step dir."""
-        trainer_state = json.loads((step_dir / "trainer_state.json").read_text())
+    def load_side_state(self, step_dir: Path, loader: Any | None = None
+                        ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(trainer_state, loader_state, rng_state) of this rank from a complete step dir.
+
+        Written by another number of processes (an elastic resume), the loader state is rank 0's
+        moved to the same global row for this run's world size (`rescale_loader_state`, needs
+        `loader`), and ranks the old run did not have take rank 0's RNG state."""
+        trainer_state = read_json_file(step_dir / "trainer_state.json")
         saved_world = int(trainer_state.get("world_size", 1))
-        if saved_world != self.world:
-            raise LLMCoreError(f"{step_dir} was written by {saved_world} process(es); resume it with the same "
-                               f"number (this run has {self.world}) so every rank continues its own data")
         sfx = rank_suffix(self.rank)
-        loader_state = json.loads((step_dir / f"loader_state{sfx}.json").read_text())
-        rng = torch.load(step_dir / f"rng_state{sfx}.pt", weights_only=True)
-        return trainer_state, loader_state, rng
+        own = read_json_file(step_dir / f"loader_state{sfx}.json") if saved_world == self.world else None
+        if own is not None and (loader is None or own.get("micro_batch_size") == loader.micro_batch_size):
+            loader_state = own
+        else:
+            if loader is None:
+                raise LLMCoreError(f"{step_dir} was written by {saved_world} process(es); this run has {self.world}")
+            loader_state = rescale_loader_state(read_json_file(step_dir / "loader_state.json"), loader)
+            if self.rank == 0:
+                log.info("resuming a checkpoint of %d process(es) on %d: continuing at the same global data position",
+                         saved_world, self.world)
+        rng_path = step_dir / f"rng_state{sfx}.pt"
+        if not rng_path.is_file() and self.rank >= saved_world:
+            rng_path = step_dir / "rng_state.pt"
+        return trainer_state, loader_state, read_rng_file(rng_path)
