@@ -1,5 +1,6 @@
-"""Two processes under the DeepSpeed launcher or torchrun (gloo on CPU): ZeRO-1/2/3 give the losses of the
-one-process run with the same global batch, to 1e-5. This is the README's command line."""
+"""Two processes on one node under the DeepSpeed launcher (gloo on CPU): ZeRO-2 gives the losses of the
+one-process run with the same global batch, to 1e-5. This is the README's one-node command line;
+ZeRO-1/2/3 across nodes (`llmcore launch`) are tested in test_launch_nodes.py, torchrun here too."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def reference(shards, tmp_path_factory) -> list[tuple[int, float]]:
 
 
 # ZeRO-2 goes through the DeepSpeed launcher (which passes --local_rank), the others through torchrun.
-@pytest.mark.parametrize("stage, launcher", [(1, "torchrun"), (2, "deepspeed"), (3, "torchrun")])
+@pytest.mark.parametrize("stage, launcher", [(2, "deepspeed"), (3, "torchrun")])
 def test_two_process_zero_matches_one_process(shards, tmp_path, reference, stage, launcher):
     out = tmp_path / f"zero{stage}"
     if launcher == "deepspeed":
@@ -57,5 +58,6 @@ def test_two_process_zero_matches_one_process(shards, tmp_path, reference, stage
     assert (ck / "latest").read_text().strip() == "step-4"
     # Every rank wrote its own loader and RNG state; rank 0 the shared files.
     names = {p.name for p in (ck / "step-4").iterdir()}
-    assert {"model.safetensors", "loader_state.json", "loader_state_rank1.json", "rng_state.pt",
-            "rng_state_rank1.pt", "trainer_state.json", "engine"} <= names
+    assert {"model.safetensors", "optimizer.safetensors", "loader_state.json", "loader_state_rank1.json",
+            "rng_state.pt", "rng_state_rank1.pt", "trainer_state.json", "manifest.json"} <= names
+    assert "engine" not in names  # DeepSpeed's own (pickled, per-rank) checkpoint files are not written

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import json
 import os
 import socket
@@ -30,7 +31,7 @@ from typing import Any, Iterator
 import torch
 
 from llmcore.common import resolve_device
-from llmcore.errors import LLMCoreError
+from llmcore.errors import LLMCoreError, install_hint
 from llmcore.train.config import TrainConfig
 from llmcore.train.stages import to_device
 
@@ -108,13 +109,15 @@ class _EngineBase:
         d = _dist()
         if d is not None and d.get_world_size() > 1:
             t = t.clone()
-            d.all_reduce(t, op=d.ReduceOp.SUM)
+            with peer_errors("a step's all-reduce"):
+                d.all_reduce(t, op=d.ReduceOp.SUM)
         return t
 
     def barrier(self) -> None:
         d = _dist()
         if d is not None and d.get_world_size() > 1:
-            d.barrier()
+            with peer_errors("a barrier"):
+                d.barrier()
 
     def close(self) -> None:
         """Leave the process group if this engine's run joined one (a no-op in one plain process)."""
@@ -177,12 +180,26 @@ class PlainEngine(_EngineBase):
         torch.save(state, step_dir / "optimizer.pt")
 
     def load_state(self, step_dir: Path) -> None:
-        path = step_dir / "optimizer.pt"
-        if not path.is_file():
-            raise LLMCoreError(f"{step_dir}: no optimizer.pt; was this checkpoint written by a DeepSpeed run? "
-                               "resume it with the same --deepspeed config")
+        if not (step_dir / "optimizer.pt").is_file() and (step_dir / "optimizer.safetensors").is_file():
+            # Written by a DeepSpeed run (any world size, any ZeRO stage): the name-keyed full state.
+            state, step = named_optimizer_state(step_dir, self.module, self.cfg.weight_decay)
+            names = {p: n for n, p in self.module.named_parameters()}
+            sd = self.optimizer.state_dict()
+            sd["state"] = {}
+            idx = 0
+            for g in self.optimizer.param_groups:
+                for p in g["params"]:
+                    n = names[p]
+                    if f"master/{n}" in state:
+                        with torch.no_grad():
+                            p.copy_(state[f"master/{n}"].to(p.device, p.dtype))
+                    sd["state"][idx] = {"step": torch.tensor(step), "exp_avg": state[f"exp_avg/{n}"],
+                                        "exp_avg_sq": state[f"exp_avg_sq/{n}"]}
+                    idx += 1
+            self.optimizer.load_state_dict(sd)
+            return
         # load_state_dict casts and moves the state to each parameter's device and dtype.
-        self.optimizer.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        self.optimizer.load_state_dict(read_optimizer_pt(step_dir))
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
@@ -217,7 +234,7 @@ def init_distributed(device: torch.device) -> tuple[int, int, bool]:
     try:
         import deepspeed
     except ImportError as err:
-        raise LLMCoreError("--deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'") from err
+        raise LLMCoreError("--deepspeed needs the deepspeed package: " + install_hint("deepspeed")) from err
     import torch.distributed as dist
 
     if device.type != "cuda":
@@ -232,8 +249,60 @@ def init_distributed(device: torch.device) -> tuple[int, int, bool]:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(free_port()))
             atexit.register(release_standalone)
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
+                                   timeout=datetime.timedelta(seconds=dist_timeout_s()))
     return dist.get_rank(), dist.get_world_size(), standalone
+
+
+DEFAULT_DIST_TIMEOUT_S = 600.0
+
+
+def dist_timeout_s() -> float:
+    """How long a collective waits for the other processes before failing: LLMCORE_DIST_TIMEOUT
+    seconds (`llmcore launch --timeout`), default 600. A node that dies makes its peers fail at
+    once (connection closed); one that hangs makes them fail after this long, never wait forever."""
+    raw = os.environ.get("LLMCORE_DIST_TIMEOUT", "")
+    if not raw:
+        return DEFAULT_DIST_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise LLMCoreError(f"LLMCORE_DIST_TIMEOUT={raw!r}: expected seconds, e.g. 600") from None
+    if value <= 0:
+        raise LLMCoreError(f"LLMCORE_DIST_TIMEOUT={raw!r}: must be positive")
+    return value
+
+
+_PEER_LOST = False
+
+
+def peer_lost() -> bool:
+    """True once a collective of this process failed because another process is gone."""
+    return _PEER_LOST
+
+
+@contextlib.contextmanager
+def peer_errors(what: str) -> Iterator[None]:
+    """Turn the error a collective raises when another process died or stopped answering (gloo:
+    "Connection closed by peer", "Timed out"; NCCL: watchdog errors) into one LLMCoreError line."""
+    global _PEER_LOST
+    try:
+        yield
+    except LLMCoreError:
+        raise
+    except RuntimeError as err:
+        import torch.distributed as dist
+
+        text = str(err)
+        markers = ("connection closed", "connection reset", "timed out", "timeout", "gloo", "nccl", "broken pipe",
+                   "socket", "peer")
+        if not (isinstance(err, getattr(dist, "DistError", ())) or any(m in text.lower() for m in markers)):
+            raise
+        _PEER_LOST = True
+        first = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+        raise LLMCoreError(f"lost contact with another process of this run during {what} (a node died, was "
+                           f"killed or stopped answering within {dist_timeout_s():g}s): {first}; restart the run "
+                           "with --resume to continue from its last checkpoint") from None
 
 
 def release_standalone() -> None:
@@ -248,8 +317,11 @@ def release_standalone() -> None:
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group if one is up (call before exiting a DeepSpeed run)."""
+    """Destroy the process group if one is up (call before exiting a DeepSpeed run). After a lost
+    peer there is nobody to meet: the group is left for os._exit to drop."""
     d = _dist()
+    if d is not None and _PEER_LOST:
+        return
     if d is not None:
         try:
             d.barrier()
@@ -258,21 +330,53 @@ def shutdown_distributed() -> None:
         d.destroy_process_group()
 
 
+def _is_auto(v: Any) -> bool:
+    return v is None or v == "auto"
+
+
+def _check_agrees(path: Any, ds: dict[str, Any], key: str, value: Any, flag: str, ours: Any) -> None:
+    v = ds.get(key)
+    if not _is_auto(v) and v != value:
+        raise LLMCoreError(f"--deepspeed {path} sets {key} {v!r}, but {flag} {ours} gives {value!r}; "
+                           f"remove it from the JSON (llmcore fills it in) or change {flag.split()[0]}")
+
+
 def build_ds_config(path: str | Path, cfg: TrainConfig, world: int, accum: int, dtype: str) -> dict[str, Any]:
     """The JSON config with our batch sizes, optimizer settings, clipping and precision filled in, so
-    the file only needs to say which ZeRO stage (and any DeepSpeed tuning) to use."""
+    the file only needs to say which ZeRO stage (and any DeepSpeed tuning) to use.
+
+    A value the trainer owns may be "auto" or absent in the file; set to anything else than the run's
+    settings give, it is an error naming the key and the flag (the two cannot silently disagree)."""
     try:
         ds = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise LLMCoreError(f"--deepspeed {path}: not valid JSON ({err})") from err
-    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    if not isinstance(ds, dict):
+        raise LLMCoreError(f"--deepspeed {path}: expected a JSON object")
+    mb = cfg.micro_batch_size
+    _check_agrees(path, ds, "train_micro_batch_size_per_gpu", mb, "--micro-batch-size", mb)
+    _check_agrees(path, ds, "gradient_accumulation_steps", accum, "--global-batch-size",
+                  f"{cfg.global_batch_size} / (micro batch {mb} x {world} process(es))")
+    _check_agrees(path, ds, "train_batch_size", mb * accum * world, "--global-batch-size", cfg.global_batch_size)
+    _check_agrees(path, ds, "gradient_clipping", cfg.grad_clip, "--grad-clip", cfg.grad_clip)
+    for section, name in (("fp16", "fp16"), ("bf16", "bf16")):
+        enabled = ds.get(section, {}).get("enabled", False) if isinstance(ds.get(section), dict) else False
+        if enabled not in (False, "auto") and name != dtype:
+            raise LLMCoreError(f"--deepspeed {path} enables {section}, but --dtype {cfg.dtype} runs {dtype}; "
+                               f"remove the {section} section (llmcore sets precision from --dtype) or pass "
+                               f"--dtype {name}" + (" (fp16 is not supported; use bf16)" if name == "fp16" else ""))
+    ds["train_micro_batch_size_per_gpu"] = mb
     ds["gradient_accumulation_steps"] = accum
-    ds["train_batch_size"] = cfg.micro_batch_size * accum * world
+    ds["train_batch_size"] = mb * accum * world
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
         raise LLMCoreError(f"--deepspeed {path}: only the AdamW optimizer is supported, got {opt.get('type')!r}")
     opt["type"] = "AdamW"
     params = opt.setdefault("params", {})
+    for key, flag, ours in (("lr", "--lr", cfg.lr), ("eps", "--adam-eps", cfg.adam_eps),
+                            ("weight_decay", "--weight-decay", cfg.weight_decay),
+                            ("betas", "--adam-beta1/--adam-beta2", [cfg.adam_beta1, cfg.adam_beta2])):
+        _check_agrees(path, params, key, ours if key != "betas" else list(ours), flag, ours)
     # torch_adam: torch.optim.AdamW, the same update as the plain engine (no fused C++ op to build).
     params.update(lr=cfg.lr, betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_eps,
                   weight_decay=cfg.weight_decay, torch_adam=True)
@@ -287,6 +391,63 @@ def build_ds_config(path: str | Path, cfg: TrainConfig, world: int, accum: int, 
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def read_optimizer_pt(step_dir: Path) -> dict[str, Any]:
+    """The plain engine's optimizer.pt, loaded weights-only (a pickled payload is refused, never run)."""
+    path = step_dir / "optimizer.pt"
+    if not path.is_file():
+        raise LLMCoreError(f"{step_dir}: no optimizer state (optimizer.pt or optimizer.safetensors)")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # a truncated file, or a pickle the weights-only unpickler refuses
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise LLMCoreError(f"{path}: cannot be read safely ({first})") from None
+
+
+def named_optimizer_state(step_dir: Path, module: torch.nn.Module, weight_decay: float
+                          ) -> tuple[dict[str, torch.Tensor], float]:
+    """The optimizer state of a checkpoint as `{"exp_avg/NAME": t, "exp_avg_sq/NAME": t,
+    ["master/NAME": t]}` and the step, from either engine's file: optimizer.safetensors (DeepSpeed)
+    or optimizer.pt (plain engine; its parameters are numbered in `param_groups(module)` order)."""
+    if (step_dir / "optimizer.safetensors").is_file():
+        state, meta = read_optimizer_safetensors(step_dir)
+        return state, float(meta.get("step", 0.0))
+    raw = read_optimizer_pt(step_dir)
+    names = {p: n for n, p in module.named_parameters()}
+    order = [names[p] for g in param_groups(module, weight_decay) for p in g["params"]]
+    out: dict[str, torch.Tensor] = {}
+    step = 0.0
+    try:
+        for idx, st in raw["state"].items():
+            n = order[int(idx)]
+            out[f"exp_avg/{n}"], out[f"exp_avg_sq/{n}"] = st["exp_avg"], st["exp_avg_sq"]
+            step = float(st["step"])
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        raise LLMCoreError(f"{step_dir}/optimizer.pt does not fit this model ({type(err).__name__}: {err})") from None
+    return out, step
+
+
+def read_optimizer_safetensors(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The name-keyed optimizer state a DeepSpeed run writes (`master/NAME`, `exp_avg/NAME`,
+    `exp_avg_sq/NAME` and the step in the metadata); safetensors, so nothing in it can run code."""
+    from safetensors import SafetensorError, safe_open
+
+    path = step_dir / "optimizer.safetensors"
+    if not path.is_file():
+        if (step_dir / "optimizer.pt").is_file():
+            raise LLMCoreError(f"{step_dir}: written without --deepspeed (optimizer.pt); resume it without "
+                               "--deepspeed")
+        raise LLMCoreError(f"{step_dir}: no optimizer state (optimizer.safetensors is missing)")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LLMCoreError(f"{path}: cannot read the optimizer state ({err})") from None
+    if meta.get("format") != "llmcore-optimizer-1":
+        raise LLMCoreError(f"{path}: not an llmcore optimizer state (format {meta.get('format')!r})")
+    return state, meta
 
 
 class DeepSpeedEngine(_EngineBase):
@@ -314,14 +475,19 @@ class DeepSpeedEngine(_EngineBase):
 
     def forward(self, batch: dict[str, Any]) -> Any:
         # With a bf16 section DeepSpeed holds bf16 weights itself; autocast covers fp32 inputs to them.
-        with self.autocast():
+        with self.autocast(), peer_errors("the forward pass"):
             return self.engine(batch["input_ids"], position_ids=batch["position_ids"])
 
     def backward(self, loss: torch.Tensor) -> None:
         # The objective already divides by the global batch's loss-token count, so no extra 1/accum.
-        self.engine.backward(loss, scale_wrt_gas=False)
+        with peer_errors("the backward pass"):
+            self.engine.backward(loss, scale_wrt_gas=False)
 
     def micro_step_end(self, boundary: bool, lr: float) -> torch.Tensor | None:
+        with peer_errors("the optimizer step"):
+            return self._micro_step_end(boundary, lr)
+
+    def _micro_step_end(self, boundary: bool, lr: float) -> torch.Tensor | None:
         if boundary != self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed's gradient accumulation count is out of step with the Trainer")
         norm: Any = None
@@ -352,23 +518,113 @@ class DeepSpeedEngine(_EngineBase):
         if self.stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            with peer_errors("gathering the weights"), \
+                    deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
                 yield self.module
         else:
             yield self.module
 
+    # -- optimizer state, independent of the world size ---------------------------------------------
+    # DeepSpeed's own save_checkpoint writes pickles per rank (loading them runs arbitrary code, and
+    # they only load on the same number of ranks). We store the full fp32 master weights and AdamW
+    # moments per parameter name in safetensors instead, gathered through DeepSpeed's tensor-fragment
+    # API (ZeRO 1-3, offload, bf16): any world size, any ZeRO stage, and the plain engine, can load it.
+
+    def _basic_optimizer(self) -> Any:
+        opt = self.engine.optimizer
+        return getattr(opt, "optimizer", opt)
+
+    def _link_optimizer_state(self, step: float | None = None) -> None:
+        """Make sure every flat fp32 partition has AdamW state (`step` given: zeros where a fresh
+        engine has none yet) and that DeepSpeed's per-parameter fragments point into it. DeepSpeed
+        links them once, after the first step of the *first* param group, so the fragments of the
+        other groups stay empty; relinking here fixes that for ZeRO-1/2 and bf16."""
+        basic = self._basic_optimizer()
+        if step is not None:
+            for g in basic.param_groups:
+                for p in g["params"]:
+                    st = basic.state[p]
+                    if "exp_avg" not in st:
+                        st.update(step=torch.tensor(float(step)), exp_avg=torch.zeros_like(p),
+                                  exp_avg_sq=torch.zeros_like(p))
+        opt = self.engine.optimizer
+        if hasattr(opt, "_hp_optimizer_states_linked") and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+            if all("exp_avg" in basic.state[p] for g in basic.param_groups for p in g["params"]):
+                opt._hp_optimizer_states_linked = False
+                opt._lazy_init_hp_params_optimizer_state()
+
+    def _full(self, p: torch.nn.Parameter, key: str | None) -> torch.Tensor | None:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            t = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+            return None if t is None else t.detach().float().cpu().contiguous()
+        if key is None:  # ZeRO-0 in fp32: the module's parameter is the master weight
+            return p.detach().float().cpu().contiguous()
+        st = self._basic_optimizer().state.get(p, {})
+        return st[key].detach().float().cpu().contiguous() if key in st else None
+
+    def _set_full(self, p: torch.nn.Parameter, key: str | None, value: torch.Tensor, step: float) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            v = value.to(self.device)
+            if key is None:
+                safe_set_full_fp32_param(p, v)
+            else:
+                safe_set_full_optimizer_state(p, v, key)
+            return
+        if key is None:
+            with torch.no_grad():
+                p.data.copy_(value.to(p.device, p.dtype))
+            return
+        st = self._basic_optimizer().state.setdefault(p, {})
+        st[key] = value.to(p.device, torch.float32).clone()
+        st.setdefault("step", torch.tensor(float(step)))
+
     def save_state(self, step_dir: Path) -> None:
-        # Every rank writes its own partition into step_dir/engine/.
-        self.engine.save_checkpoint(str(step_dir), tag="engine", save_latest=False)
+        from safetensors.torch import save_file
+
+        from llmcore.io import atomic_write
+
+        tensors: dict[str, torch.Tensor] = {}
+        with peer_errors("gathering the optimizer state"):
+            self._link_optimizer_state()
+            for name, p in self.module.named_parameters():
+                if not p.requires_grad:
+                    continue
+                for prefix, key in (("master", None), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+                    t = self._full(p, key)
+                    if self.rank == 0 and t is not None:
+                        tensors[f"{prefix}/{name}"] = t
+        if self.rank == 0:
+            steps = [float(st["step"]) for st in self._basic_optimizer().state.values() if "step" in st]
+            meta = {"format": "llmcore-optimizer-1", "engine": "deepspeed", "zero_stage": str(self.stage),
+                    "world_size": str(self.world), "step": repr(max(steps) if steps else 0.0)}
+            atomic_write(step_dir / "optimizer.safetensors",
+                         lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load_state(self, step_dir: Path) -> None:
-        if not (step_dir / "engine").is_dir():
-            raise LLMCoreError(f"{step_dir}: no DeepSpeed engine state; this checkpoint was written without "
-                               "--deepspeed, resume it without --deepspeed")
-        path, _ = self.engine.load_checkpoint(str(step_dir), tag="engine", load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-        if path is None:
-            raise LLMCoreError(f"{step_dir}/engine: DeepSpeed could not load this checkpoint")
+        state, step = named_optimizer_state(step_dir, self.module, self.cfg.weight_decay)
+        with peer_errors("restoring the optimizer state"):
+            if self.stage > 0 or self.dtype == "bf16":
+                self._link_optimizer_state(step)
+            for name, p in self.module.named_parameters():
+                if not p.requires_grad:
+                    continue
+                for prefix, key in (("master", None), ("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq")):
+                    t = state.get(f"{prefix}/{name}")
+                    if t is None:
+                        if prefix == "master":
+                            continue  # the weights came from model.safetensors already
+                        raise LLMCoreError(f"{step_dir}/optimizer.safetensors has no {prefix} for {name}")
+                    self._set_full(p, key, t, step)
+            for st in self._basic_optimizer().state.values():
+                if "step" in st:
+                    st["step"] = torch.tensor(step) if not torch.is_tensor(st["step"]) else \
+                        torch.full_like(st["step"], step)
+            self.engine.global_steps = int(step)
+            self.engine.global_samples = int(step) * self.engine.train_batch_size()
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
