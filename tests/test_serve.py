@@ -131,6 +131,27 @@ def test_chat_completion_is_greedy_generate(served: Served) -> None:
     assert r.model == MODEL and r.id.startswith("chatcmpl-")
 
 
+def test_greedy_answers_equal_the_llmcore_generate_command(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmcore.cli import main
+
+    for chat, prompt in [(True, "你好"), (False, "The capital of China is")]:
+        argv = ["generate", "--ckpt", str(served.run), "--prompt", prompt, "--max-new-tokens", "20",
+                "--temperature", "0", "--device", "cpu"] + (["--chat"] if chat else [])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code in (0, None)
+        printed = capsys.readouterr().out
+        assert printed.endswith("\n")
+        if chat:
+            answer = served.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                                           max_tokens=20, temperature=0).choices[0].message.content
+        else:
+            answer = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=20,
+                                                      temperature=0).choices[0].text
+        assert answer == printed[:-1] and answer.strip()
+
+
 def test_completion_and_stream_join_to_the_greedy_text(served: Served) -> None:
     prompt = "The capital of China is"
     text, produced = served.greedy(_text_ids(served, prompt), 30)
