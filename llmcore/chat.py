@@ -44,6 +44,13 @@ class ChatSession:
     def __init__(self, model: LLM, tokenizer: Any, system: str | None = None, max_new_tokens: int = 512,
                  temperature: float = 0.85, top_k: int = 0, top_p: float = 0.85, repetition_penalty: float = 1.0,
                  seed: int | None = None) -> None:
+        from llmcore.generate import check_sampling
+
+        check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+        context = model.config.max_position_embeddings
+        if max_new_tokens >= context:
+            raise LLMCoreError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the model's context is "
+                               f"{context} tokens (prompt + reply)")
         self.model, self.tokenizer, self.system = model, tokenizer, system
         self.gen_kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                repetition_penalty=repetition_penalty, eos_id=tokenizer.eos_id)
@@ -172,6 +179,11 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, prompt: str = 
             break
         text = message.strip()
         if not text:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates (surrogateescape)
+            sys.stderr.write("error: that message is not valid UTF-8 text; it was skipped\n")
             continue
         if text == "/exit":
             break

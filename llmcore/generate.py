@@ -8,6 +8,7 @@ attend to padding and every prompt sees exactly the positions it would see alone
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -52,6 +53,22 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                   repetition_penalty: float) -> None:
+    """One-line errors for settings that would sample nonsense or crash mid-generation (a NaN
+    temperature, a negative one silently meaning greedy, top_p outside (0, 1], ...)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise LLMCoreError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise LLMCoreError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise LLMCoreError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise LLMCoreError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise LLMCoreError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty!r}")
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
               ) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
@@ -75,10 +92,7 @@ def generate_steps(model: LLM, prompt_ids_batch: Sequence[Sequence[int]], max_ne
     """
     if not prompt_ids_batch or any(len(p) == 0 for p in prompt_ids_batch):
         raise LLMCoreError("every prompt needs at least one token")
-    if repetition_penalty <= 0:
-        raise LLMCoreError("repetition_penalty must be > 0")
-    if not 0 < top_p <= 1:
-        raise LLMCoreError("top_p must be in (0, 1]")
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     cfg = model.config
     longest = max(len(p) for p in prompt_ids_batch)
     if longest + max_new_tokens > cfg.max_position_embeddings:

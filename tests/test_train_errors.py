@@ -32,6 +32,10 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     (["--init", "/nonexistent/run"], "either --model PRESET"),
     (["--deepspeed", "/nonexistent/ds.json"], "no such DeepSpeed config"),
     (["--model", "giant"], "unknown model preset"),
+    (["--epochs", "nan"], "--epochs must be a finite number"),
+    (["--lr", "1e39"], "--lr must be <= 1e+30"),
+    (["--device", "tpu"], "expected auto, cpu, cuda or cuda:N"),
+    (["--packing", "stream"], "--packing must be one of packed, bestfit, padded"),
 ])
 def test_bad_flags_exit_2_with_one_line(shards, tmp_path, capsys, args, message):
     base = ["train", "pretrain", "--data", str(shards["pretrain"]), "--out", str(tmp_path / "run"), "--max-steps", "1",

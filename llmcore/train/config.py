@@ -34,13 +34,13 @@ REF_LOGPS = ("model", "precompute")
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, minimum: float | None = None,
-            positive: bool = False, cli: bool = True) -> Any:
+            maximum: float | None = None, positive: bool = False, cli: bool = True) -> Any:
     """Declare one training setting: its default, help text and the checks its values must pass.
 
-    `minimum`: values below are refused; `positive`: values <= 0 are refused; `choices`: the only
+    `minimum`/`maximum`: values outside are refused; `positive`: values <= 0 are refused; `choices`: the only
     strings allowed; `cli=False`: settable from a config file or Python only (no flag)."""
     return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum,
-                                            "positive": positive, "cli": cli})
+                                            "maximum": maximum, "positive": positive, "cli": cli})
 
 
 @dataclass
@@ -57,8 +57,10 @@ class TrainConfig:
     micro_batch_size: int | None = setting(None, "Rows (DPO: pairs) per forward pass per process.", positive=True)
     global_batch_size: int | None = setting(None, "Rows per optimizer step; accumulation = global / (micro x processes).",
                                             positive=True)
-    lr: float | None = setting(None, "Peak learning rate.", positive=True)
-    min_lr: float | None = setting(None, "Floor of the cosine decay (default: lr/10, as MiniMind).", minimum=0)
+    # The bounds keep values inside what the fp32 optimizer state can hold (1e39 overflows it).
+    lr: float | None = setting(None, "Peak learning rate.", positive=True, maximum=1e30)
+    min_lr: float | None = setting(None, "Floor of the cosine decay (default: lr/10, as MiniMind).", minimum=0,
+                                   maximum=1e30)
     warmup_steps: int = setting(0, "Linear warmup steps from 0 (MiniMind uses none).", minimum=0)
     weight_decay: float = setting(0.01, "AdamW decay of 2-D weights (not norms, biases, embeddings).", minimum=0)
     adam_beta1: float = setting(0.9, "AdamW beta1, in [0, 1).", minimum=0)
@@ -165,6 +167,8 @@ class TrainConfig:
                 raise LLMCoreError(f"{flag} must be {kind}, got {value!r}")
             if meta.get("minimum") is not None and value < meta["minimum"]:
                 raise LLMCoreError(f"{flag} must be >= {meta['minimum']}, got {value!r}")
+            if meta.get("maximum") is not None and value > meta["maximum"]:
+                raise LLMCoreError(f"{flag} must be <= {meta['maximum']:g}, got {value!r}")
             if meta.get("choices") and value not in meta["choices"]:
                 raise LLMCoreError(f"{flag} must be one of {', '.join(meta['choices'])}, got {value!r}")
         if not self.data:
