@@ -50,7 +50,7 @@ from llmcore.kernels._runtime import cast_rtne, check_device, is_interpreted, ne
 from llmcore.reference import attention_reference as flash_attention_reference
 from llmcore.reference import cu_seqlens_from_position_ids
 
-__all__ = ["FlashAttentionFunction", "cu_seqlens_from_position_ids", "flash_attention", "flash_attention_reference"]
+__all__ = ["cu_seqlens_from_position_ids", "document_bounds", "flash_attention", "flash_attention_reference"]
 
 _LOG2E = 1.4426950408889634
 
@@ -526,84 +526,146 @@ def _segments(cu_seqlens: torch.Tensor, batch: int, seq_len: int, device: torch.
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
+def document_bounds(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``[doc_start, doc_end)`` positions inside its row, flattened to ``(B*T,)`` int32.
+
+    A document starts wherever ``position_ids == 0`` and at every row start (the rule of
+    ``cu_seqlens_from_position_ids``, same result as going through it). Unlike ``cu_seqlens``,
+    whose length is the number of documents (``nonzero``: a data-dependent shape and, on CUDA, a
+    host sync), every shape here is fixed by ``(B, T)``, so under ``torch.compile`` the model
+    stays one graph: a running max of the start positions seen so far gives each token's
+    document start, a running min from the right of the next start gives its end.
+    """
+    batch, seq_len = position_ids.shape
+    idx = torch.arange(seq_len, device=position_ids.device)
+    starts = (position_ids == 0) | (idx == 0)
+    start = torch.where(starts, idx, 0).cummax(dim=1).values
+    # Token t is the last of its document when t + 1 starts one or ends the row.
+    last = torch.cat((starts[:, 1:], torch.ones_like(starts[:, :1])), dim=1)
+    end = torch.where(last, idx + 1, seq_len).flip(1).cummin(dim=1).values.flip(1)
+    return start.reshape(-1).to(torch.int32), end.reshape(-1).to(torch.int32)
+
+
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"flash_attention: cu_seqlens must be 1-D with at least 2 offsets, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"flash_attention: cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
     ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
-    if cu_seqlens.device.type == "cuda":
-        # No host sync in the training step: the check fails the stream asynchronously instead.
+    if cu_seqlens.device.type == "cuda" or torch.compiler.is_compiling():
+        # No host sync in the training step (and no data-dependent branch in a compiled graph):
+        # the check fails asynchronously instead.
         torch._assert_async(ok, "flash_attention: cu_seqlens must rise from 0 to batch*seq")
     elif not bool(ok):
         raise ValueError(f"flash_attention: cu_seqlens must be non-decreasing from 0 to batch*seq={total}, got {cu_seqlens.tolist()}")
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: forward stores O and LSE; backward recomputes the attention tiles."""
+# Two custom ops (forward returning O and the log-sum-exp, backward returning dQ, dK, dV) with fake
+# (shape) functions and the gradient registered between them: torch.compile keeps them as opaque
+# nodes of one graph. Documents reach them as per-token bounds, never as cu_seqlens (see
+# document_bounds), so every shape in the graph is static.
 
-    @staticmethod
-    def forward(ctx, q, k, v, causal, cu_seqlens, softmax_scale):  # type: ignore[override]
-        interpreted = check_device(_fwd_kernel, q, k, v)
-        batch, seq_len, n_heads, head_dim = q.shape
-        n_kv = k.shape[2]
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        has_seg = cu_seqlens is not None
-        if has_seg:
-            seg_start, seg_end = _segments(cu_seqlens, batch, seq_len, q.device)
-        else:
-            seg_start = seg_end = torch.empty(1, dtype=torch.int32, device=q.device)
-        f32 = interpreted or q.dtype == torch.float32
-        o = torch.empty((batch, seq_len, n_heads, head_dim), dtype=q.dtype, device=q.device)
-        lse = torch.empty((batch, n_heads, seq_len), dtype=torch.float32, device=q.device)
-        qk_scale = softmax_scale * _LOG2E
-        grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
-        _LAUNCH["fwd"][grid](
-            q, k, v, o, lse, seg_start, seg_end,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            seq_len, n_heads, n_heads // n_kv, qk_scale,
-            HEAD_DIM=head_dim, CAUSAL=causal, HAS_SEG=has_seg, F32=f32, FIX_BF16=needs_bf16_fix(interpreted, q.dtype),
-            **_tiles("fwd", head_dim, interpreted, f32),
-        )
-        ctx.save_for_backward(q, k, v, o, lse, seg_start, seg_end)
-        ctx.causal, ctx.has_seg, ctx.f32, ctx.scale = causal, has_seg, f32, softmax_scale
-        ctx.fix_bf16 = needs_bf16_fix(interpreted, q.dtype)
-        ctx.interpreted = interpreted
-        return o
 
-    @staticmethod
-    def backward(ctx, do):  # type: ignore[override]
-        q, k, v, o, lse, seg_start, seg_end = ctx.saved_tensors
-        batch, seq_len, n_heads, head_dim = q.shape
-        n_kv = k.shape[2]
-        do = _unit_last(do)
-        delta = torch.empty_like(lse)
-        block = 64
-        _bwd_delta_kernel[(triton.cdiv(seq_len, block), batch * n_heads)](
-            o, do, delta, *_strides(o), *_strides(do), seq_len, n_heads,
-            HEAD_DIM=head_dim, BLOCK_M=block, num_warps=4,
-        )
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        qk_scale = ctx.scale * _LOG2E
-        group = n_heads // n_kv
-        common = dict(HEAD_DIM=head_dim, CAUSAL=ctx.causal, HAS_SEG=ctx.has_seg, F32=ctx.f32, FIX_BF16=ctx.fix_bf16)
-        grid_kv = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * n_kv)  # noqa: E731
-        _LAUNCH["dkdv"][grid_kv](
-            q, k, v, do, lse, delta, dk, dv, seg_start, seg_end,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-            seq_len, n_heads, n_kv, group, qk_scale, ctx.scale,
-            **common, **_tiles("dkdv", head_dim, ctx.interpreted, ctx.f32),
-        )
-        grid_q = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
-        _LAUNCH["dq"][grid_q](
-            q, k, v, do, lse, delta, dq, seg_start, seg_end,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-            seq_len, n_heads, group, qk_scale, ctx.scale,
-            **common, **_tiles("dq", head_dim, ctx.interpreted, ctx.f32),
-        )
-        return dq, dk, dv, None, None, None
+@torch.library.custom_op("llmcore::flash_attention", mutates_args=())
+def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor | None,
+               seg_end: torch.Tensor | None, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o, lse)``: o ``(B, T, H, D)`` contiguous in q's dtype, lse fp32 ``(B, H, T)`` (base 2)."""
+    interpreted = check_device(_fwd_kernel, q, k, v)
+    batch, seq_len, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    has_seg = seg_start is not None
+    if not has_seg:
+        seg_start = seg_end = torch.empty(1, dtype=torch.int32, device=q.device)
+    f32 = interpreted or q.dtype == torch.float32
+    o = torch.empty((batch, seq_len, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, n_heads, seq_len), dtype=torch.float32, device=q.device)
+    if batch * seq_len == 0:
+        return o, lse
+    qk_scale = softmax_scale * _LOG2E
+    grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+    _LAUNCH["fwd"][grid](
+        q, k, v, o, lse, seg_start, seg_end,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        seq_len, n_heads, n_heads // n_kv, qk_scale,
+        HEAD_DIM=head_dim, CAUSAL=causal, HAS_SEG=has_seg, F32=f32, FIX_BF16=needs_bf16_fix(interpreted, q.dtype),
+        **_tiles("fwd", head_dim, interpreted, f32),
+    )
+    return o, lse
+
+
+@_flash_fwd.register_fake
+def _(q, k, v, seg_start, seg_end, causal, softmax_scale):
+    batch, seq_len, n_heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, n_heads, seq_len), dtype=torch.float32)
+
+
+@torch.library.custom_op("llmcore::flash_attention_backward", mutates_args=())
+def _flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+               lse: torch.Tensor, seg_start: torch.Tensor | None, seg_end: torch.Tensor | None, causal: bool,
+               softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)``, contiguous, in the inputs' shapes and dtypes (recomputes the attention tiles)."""
+    interpreted = check_device(_fwd_kernel, do, q, k, v, o, lse)
+    batch, seq_len, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
+    has_seg = seg_start is not None
+    if not has_seg:
+        seg_start = seg_end = torch.empty(1, dtype=torch.int32, device=q.device)
+    f32 = interpreted or q.dtype == torch.float32
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if batch * seq_len == 0:
+        return dq, dk, dv
+    delta = torch.empty_like(lse)
+    block = 64
+    _bwd_delta_kernel[(triton.cdiv(seq_len, block), batch * n_heads)](
+        o, do, delta, *_strides(o), *_strides(do), seq_len, n_heads,
+        HEAD_DIM=head_dim, BLOCK_M=block, num_warps=4,
+    )
+    qk_scale = softmax_scale * _LOG2E
+    group = n_heads // n_kv
+    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_SEG=has_seg, F32=f32,
+                  FIX_BF16=needs_bf16_fix(interpreted, q.dtype))
+    grid_kv = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * n_kv)  # noqa: E731
+    _LAUNCH["dkdv"][grid_kv](
+        q, k, v, do, lse, delta, dk, dv, seg_start, seg_end,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        seq_len, n_heads, n_kv, group, qk_scale, softmax_scale,
+        **common, **_tiles("dkdv", head_dim, interpreted, f32),
+    )
+    grid_q = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+    _LAUNCH["dq"][grid_q](
+        q, k, v, do, lse, delta, dq, seg_start, seg_end,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        seq_len, n_heads, group, qk_scale, softmax_scale,
+        **common, **_tiles("dq", head_dim, interpreted, f32),
+    )
+    return dq, dk, dv
+
+
+@_flash_bwd.register_fake
+def _(do, q, k, v, o, lse, seg_start, seg_end, causal, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, seg_start, seg_end, causal, softmax_scale = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, seg_start, seg_end)
+    ctx.causal, ctx.scale = causal, softmax_scale
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, seg_start, seg_end = ctx.saved_tensors
+    dq, dk, dv = torch.ops.llmcore.flash_attention_backward(do, q, k, v, o, lse, seg_start, seg_end,
+                                                            ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash_attention(
@@ -613,15 +675,22 @@ def flash_attention(
     causal: bool = True,
     cu_seqlens: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    *,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention, FlashAttention-2 style (Triton; differentiable in q, k and v).
 
     q ``(B, T, H, D)``, k/v ``(B, T, Hkv, D)`` with ``H % Hkv == 0`` (GQA, K/V not copied);
     ``D`` a power of two in 16..256 (32/64/128 in practice); fp32/bf16/fp16; q and k of the
-    same length (self-attention, as in training). ``cu_seqlens``: int32 document offsets into
-    the flattened ``B*T`` tokens from 0 to ``B*T`` containing every row start; a token then
-    attends only within its document (causally when ``causal``). ``softmax_scale`` defaults to
-    ``1/sqrt(D)``. Returns ``(B, T, H, D)`` in q's dtype.
+    same length (self-attention, as in training). Documents, either way (at most one):
+    ``cu_seqlens``: int32 document offsets into the flattened ``B*T`` tokens from 0 to ``B*T``
+    containing every row start (FlashAttention's varlen layout; trailing repeats of ``B*T`` are
+    allowed, so a fixed upper-bound length works); ``position_ids`` ``(B, T)``: a document starts
+    wherever a position is 0 and at every row start (the packed loader's rows; every shape
+    static, what the model passes, so ``torch.compile`` keeps one graph). A token then attends
+    only within its document (causally when ``causal``). ``softmax_scale`` defaults to
+    ``1/sqrt(D)``. Returns ``(B, T, H, D)`` in q's dtype. Runs as the custom ops
+    ``torch.ops.llmcore.flash_attention`` / ``flash_attention_backward``.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("flash_attention: q, k, v must be (batch, seq, heads, head_dim)")
@@ -634,9 +703,18 @@ def flash_attention(
         raise ValueError(f"flash_attention: head_dim must be a power of two in [16, 256], got {head_dim}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"flash_attention: q, k, v must share one of fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens is not None and position_ids is not None:
+        raise ValueError("flash_attention: give cu_seqlens or position_ids, not both")
+    if position_ids is not None and tuple(position_ids.shape) != (batch, seq_len):
+        raise ValueError(f"flash_attention: position_ids must be ({batch}, {seq_len}), got {tuple(position_ids.shape)}")
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, batch * seq_len)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     if batch * seq_len == 0:
         return torch.zeros_like(q)
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), cu_seqlens, scale)
+    seg_start = seg_end = None
+    if cu_seqlens is not None:
+        seg_start, seg_end = _segments(cu_seqlens, batch, seq_len, q.device)
+    elif position_ids is not None:
+        seg_start, seg_end = document_bounds(position_ids.to(q.device))
+    return torch.ops.llmcore.flash_attention(q, k, v, seg_start, seg_end, bool(causal), scale)[0]

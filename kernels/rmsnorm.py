@@ -11,6 +11,10 @@ Backward: with ``xhat = x * rstd`` and ``g = dy * weight``,
 reduced without atomics: each program owns a contiguous slice of rows and writes one fp32
 partial row; torch sums the few partial rows in fp32 afterwards, deterministically.
 The reference (``rms_norm_reference``) is re-exported from ``llmcore.reference``.
+
+Registered with torch as ``torch.ops.llmcore.rms_norm`` (returns ``(y, rstd)``) and
+``torch.ops.llmcore.rms_norm_backward``, with fake (shape) functions and the gradient formula, so
+``torch.compile(fullgraph=True)`` traces through :func:`rms_norm`; the package docstring says why.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from llmcore.kernels._runtime import cast_rtne, check_device, needs_bf16_fix, ne
 # The plain-PyTorch formula lives in llmcore.reference (one copy, shared with the model's eager path).
 from llmcore.reference import rms_norm_reference
 
-__all__ = ["RMSNormFunction", "rms_norm", "rms_norm_reference"]
+__all__ = ["rms_norm", "rms_norm_reference"]
 
 
 @triton.jit
@@ -107,61 +111,99 @@ def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return t2
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """Autograd wrapper around the forward/backward kernels (eps is a constant, no gradient)."""
+def _check_weight(x: torch.Tensor, weight: torch.Tensor) -> int:
+    n_cols = x.shape[-1]
+    if weight.shape != (n_cols,):
+        raise ValueError(f"rms_norm: weight must have shape ({n_cols},), got {tuple(weight.shape)}")
+    return n_cols
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
-        n_cols = x.shape[-1]
-        if weight.shape != (n_cols,):
-            raise ValueError(f"rms_norm: weight must have shape ({n_cols},), got {tuple(weight.shape)}")
-        interpreted = check_device(_rms_norm_fwd_kernel, x, weight)
-        x2 = _as_rows(x, n_cols)
-        w = weight.contiguous()
-        n_rows = x2.shape[0]
-        y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-        rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
-        block_n, block_rows, num_warps = _launch_config(n_cols, interpreted)
-        if n_rows > 0:
-            grid = (triton.cdiv(n_rows, block_rows),)
-            _rms_norm_fwd_kernel[grid](
-                x2, w, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), float(eps),
-                BLOCK_ROWS=block_rows, BLOCK_N=block_n, FIX_BF16=needs_bf16_fix(interpreted, x.dtype),
-                num_warps=num_warps,
-            )
-        ctx.save_for_backward(x2, w, rstd)
-        ctx.x_shape = x.shape
-        ctx.interpreted = interpreted
-        return y.view(x.shape)
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
-        x2, w, rstd = ctx.saved_tensors
-        n_rows, n_cols = x2.shape
-        dy2 = _as_rows(dy, n_cols)
-        dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
-        block_n, block_rows, num_warps = _launch_config(n_cols, ctx.interpreted)
-        if ctx.interpreted:
-            n_programs = max(1, min(4, triton.cdiv(n_rows, block_rows)))
-        else:
-            # A few programs per SM: enough parallelism, few partial rows to reduce.
-            sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
-            n_programs = max(1, min(4 * sms, triton.cdiv(n_rows, block_rows)))
-        rows_per_program = triton.cdiv(max(n_rows, 1), n_programs)
-        # Whole tiles per program: only the very last tile of the last program is partial.
-        rows_per_program = triton.cdiv(rows_per_program, block_rows) * block_rows
-        n_programs = max(1, triton.cdiv(n_rows, rows_per_program))
-        dw_partial = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x2.device)
-        if n_rows > 0:
-            _rms_norm_bwd_kernel[(n_programs,)](
-                dy2, x2, w, rstd, dx, dw_partial,
-                n_rows, n_cols, rows_per_program,
-                dy2.stride(0), x2.stride(0), dx.stride(0),
-                BLOCK_ROWS=block_rows, BLOCK_N=block_n, FIX_BF16=needs_bf16_fix(ctx.interpreted, x2.dtype),
-                num_warps=num_warps,
-            )
-        dw = dw_partial.sum(dim=0).to(w.dtype)
-        return dx.view(ctx.x_shape), dw, None
+# torch.compile sees the two ops below as opaque calls with known output shapes (register_fake)
+# and a registered gradient, so a compiled model keeps one graph around them (see the package
+# docstring for why custom_op and not triton_op). Eager calls run the very same functions.
+
+
+@torch.library.custom_op("llmcore::rms_norm", mutates_args=())
+def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, rstd)``: y with x's shape and dtype (contiguous), rstd fp32 ``(rows,)`` for the backward."""
+    n_cols = _check_weight(x, weight)
+    interpreted = check_device(_rms_norm_fwd_kernel, x, weight)
+    x2 = _as_rows(x, n_cols)
+    w = weight.contiguous()
+    n_rows = x2.shape[0]
+    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
+    block_n, block_rows, num_warps = _launch_config(n_cols, interpreted)
+    if n_rows > 0:
+        grid = (triton.cdiv(n_rows, block_rows),)
+        _rms_norm_fwd_kernel[grid](
+            x2, w, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), float(eps),
+            BLOCK_ROWS=block_rows, BLOCK_N=block_n, FIX_BF16=needs_bf16_fix(interpreted, x.dtype),
+            num_warps=num_warps,
+        )
+    return y.view(x.shape), rstd
+
+
+@_rms_norm_fwd.register_fake
+def _(x, weight, eps):
+    n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty(x.shape), x.new_empty((n_rows,), dtype=torch.float32)
+
+
+@torch.library.custom_op("llmcore::rms_norm_backward", mutates_args=())
+def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dweight)`` in x's and weight's shapes and dtypes."""
+    n_cols = x.shape[-1]
+    interpreted = check_device(_rms_norm_fwd_kernel, dy, x, weight, rstd)
+    x2 = _as_rows(x, n_cols)
+    w = weight.contiguous()
+    n_rows = x2.shape[0]
+    dy2 = _as_rows(dy, n_cols)
+    dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+    block_n, block_rows, num_warps = _launch_config(n_cols, interpreted)
+    if interpreted:
+        n_programs = max(1, min(4, triton.cdiv(n_rows, block_rows)))
+    else:
+        # A few programs per SM: enough parallelism, few partial rows to reduce.
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+        n_programs = max(1, min(4 * sms, triton.cdiv(n_rows, block_rows)))
+    rows_per_program = triton.cdiv(max(n_rows, 1), n_programs)
+    # Whole tiles per program: only the very last tile of the last program is partial.
+    rows_per_program = triton.cdiv(rows_per_program, block_rows) * block_rows
+    n_programs = max(1, triton.cdiv(n_rows, rows_per_program))
+    dw_partial = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x2.device)
+    if n_rows > 0:
+        _rms_norm_bwd_kernel[(n_programs,)](
+            dy2, x2, w, rstd, dx, dw_partial,
+            n_rows, n_cols, rows_per_program,
+            dy2.stride(0), x2.stride(0), dx.stride(0),
+            BLOCK_ROWS=block_rows, BLOCK_N=block_n, FIX_BF16=needs_bf16_fix(interpreted, x2.dtype),
+            num_warps=num_warps,
+        )
+    dw = dw_partial.sum(dim=0).to(w.dtype)
+    return dx.view(x.shape), dw
+
+
+@_rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _ = inputs
+    _, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.save_for_backward(x, weight, rstd)
+
+
+def _backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.llmcore.rms_norm_backward(dy, x, weight, rstd)
+    return dx, dw, None
+
+
+_rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -169,6 +211,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.
 
     ``x``: ``(..., hidden)`` in fp32/bf16/fp16, any hidden size; ``weight``: ``(hidden,)``.
     Returns a tensor of ``x``'s shape and dtype. CUDA tensors, or CPU tensors when
-    ``TRITON_INTERPRET=1`` was set before import (otherwise ``KernelDeviceError``).
+    ``TRITON_INTERPRET=1`` was set before import (otherwise ``KernelDeviceError``). Runs as the
+    custom op ``torch.ops.llmcore.rms_norm`` (one node under torch.compile, no graph break).
     """
-    return RMSNormFunction.apply(x, weight, eps)
+    _check_weight(x, weight)
+    return torch.ops.llmcore.rms_norm(x, weight, float(eps))[0]

@@ -13,6 +13,10 @@ once per token and reused across heads (GQA: q and k simply have different head 
 Math in fp32; outputs keep the inputs' dtypes. ``cos``/``sin`` are constants (no gradient).
 The tables (``rope_tables``) and the reference (``apply_rope_reference``) are re-exported from
 ``llmcore.reference``.
+
+Registered with torch as ``torch.ops.llmcore.rope(q, k, cos, sin, position_ids, backward)``, one
+op for both directions whose gradient is itself with ``backward`` flipped, with a fake (shape)
+function, so ``torch.compile(fullgraph=True)`` traces through :func:`apply_rope`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from llmcore.kernels._runtime import cast_rtne, check_device, needs_bf16_fix, ne
 # The plain-PyTorch side lives in llmcore.reference (one copy, shared with the model's eager path).
 from llmcore.reference import apply_rope_reference, rope_tables, rotate_half
 
-__all__ = ["RoPEFunction", "apply_rope", "apply_rope_reference", "rope_tables", "rotate_half"]
+__all__ = ["apply_rope", "apply_rope_reference", "rope_tables", "rotate_half"]
 
 
 @triton.jit
@@ -75,7 +79,7 @@ def _rope_launch(
     """Rotate a contiguous (B, T, heads, D) tensor; returns a new tensor of the same dtype."""
     batch, _, n_heads, head_dim = x.shape
     n_tokens = batch * seq_len
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if n_tokens == 0:
         return y
     half = head_dim // 2
@@ -95,28 +99,45 @@ def _rope_launch(
     return y
 
 
-class RoPEFunction(torch.autograd.Function):
-    """Autograd wrapper: gradients for q and k; the tables and positions are constants."""
+# One custom op serves both directions: the backward of the rotation is its transpose, which is the
+# same kernel with BACKWARD flipped, so the op's gradient is the op itself (double backward works).
+# torch.compile sees it as one opaque node with known output shapes (see the package docstring).
 
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, position_ids):  # type: ignore[override]
-        interpreted = check_device(_rope_kernel, q, k, cos, sin)
-        seq_len = q.shape[1]
-        q_out = _rope_launch(q, cos, sin, position_ids, seq_len, False, interpreted)
-        k_out = _rope_launch(k, cos, sin, position_ids, seq_len, False, interpreted)
-        ctx.save_for_backward(cos, sin, position_ids if position_ids is not None else torch.empty(0))
-        ctx.has_pos = position_ids is not None
-        ctx.interpreted = interpreted
-        return q_out, k_out
 
-    @staticmethod
-    def backward(ctx, dq, dk):  # type: ignore[override]
-        cos, sin, pos = ctx.saved_tensors
-        pos = pos if ctx.has_pos else None
-        seq_len = dq.shape[1]
-        dq_in = _rope_launch(dq.contiguous(), cos, sin, pos, seq_len, True, ctx.interpreted)
-        dk_in = _rope_launch(dk.contiguous(), cos, sin, pos, seq_len, True, ctx.interpreted)
-        return dq_in, dk_in, None, None, None
+@torch.library.custom_op("llmcore::rope", mutates_args=())
+def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             position_ids: torch.Tensor | None, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k (``backward``: by the transposed map); new contiguous tensors in their dtypes."""
+    interpreted = check_device(_rope_kernel, q, k, cos, sin)
+    if position_ids is not None and position_ids.device.type != "cuda" and position_ids.numel():
+        # Reads the data, so only here (with real tensors) and only off-GPU (it would synchronise).
+        if int(position_ids.min()) < 0 or int(position_ids.max()) >= cos.shape[0]:
+            raise ValueError(f"apply_rope: position_ids must lie in [0, {cos.shape[0]})")
+    seq_len = q.shape[1]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    q_out = _rope_launch(q.contiguous(), cos, sin, position_ids, seq_len, backward, interpreted)
+    k_out = _rope_launch(k.contiguous(), cos, sin, position_ids, seq_len, backward, interpreted)
+    return q_out, k_out
+
+
+@_rope_op.register_fake
+def _(q, k, cos, sin, position_ids, backward):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, _, cos, sin, position_ids, backward = inputs
+    ctx.save_for_backward(cos, sin, position_ids)
+    ctx.backward = backward
+
+
+def _backward(ctx, dq, dk):
+    cos, sin, position_ids = ctx.saved_tensors
+    dq_in, dk_in = torch.ops.llmcore.rope(dq, dk, cos, sin, position_ids, not ctx.backward)
+    return dq_in, dk_in, None, None, None, None
+
+
+_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def apply_rope(
@@ -133,7 +154,7 @@ def apply_rope(
     rows) or ``arange(T)``. Positions must lie in ``[0, max_positions)`` (checked off-GPU; on
     CUDA an out-of-range position reads outside the table, as an index would). Any input
     strides are accepted (copied to contiguous when needed). Returns new tensors in q's and
-    k's dtypes.
+    k's dtypes. Runs as the custom op ``torch.ops.llmcore.rope`` (no graph break under torch.compile).
     """
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"apply_rope: q and k must be (batch, seq, heads, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}")
@@ -144,15 +165,11 @@ def apply_rope(
         raise ValueError(f"apply_rope: head_dim must be even, got {head_dim}")
     if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != head_dim:
         raise ValueError(f"apply_rope: cos/sin must both be (max_positions, {head_dim}), got {tuple(cos.shape)}, {tuple(sin.shape)}")
-    cos = cos.contiguous()
-    sin = sin.contiguous()
     pos = None
     if position_ids is not None:
         if position_ids.shape != (batch, seq_len):
             raise ValueError(f"apply_rope: position_ids must be ({batch}, {seq_len}), got {tuple(position_ids.shape)}")
         pos = position_ids.to(device=q.device, dtype=torch.int64).contiguous()
-        if pos.device.type != "cuda" and pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= cos.shape[0]):
-            raise ValueError(f"apply_rope: position_ids must lie in [0, {cos.shape[0]})")
     elif seq_len > cos.shape[0]:
         raise ValueError(f"apply_rope: seq {seq_len} exceeds the tables' {cos.shape[0]} positions")
-    return RoPEFunction.apply(q.contiguous(), k.contiguous(), cos, sin, pos)
+    return torch.ops.llmcore.rope(q, k, cos, sin, pos, False)

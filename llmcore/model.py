@@ -10,12 +10,14 @@ the kernels of `llmcore.kernels` (imported only when that backend runs).
 
 Packed rows: a new document begins wherever `position_ids == 0` (and at every row start). Tokens
 attend only inside their own document, causally. The eager and sdpa backends turn that rule into
-a block-diagonal causal mask; the triton backend turns it into `cu_seqlens` for the varlen flash
-attention kernel. The KV cache remembers each cached token's document id, so the same rule holds
-while decoding (generation uses it to hide left padding: each pad token is its own document).
-With a KV cache (generation) the triton backend keeps its RMSNorm and RoPE kernels but runs
-attention through SDPA with the cache's document mask: our flash-attention kernel has no decode
-(KV-cache) variant, and one query token per step is not where flash attention pays.
+a block-diagonal causal mask; the triton backend hands `position_ids` to the flash attention
+kernel, which derives each token's document bounds with fixed shapes (not `cu_seqlens`, whose
+data-dependent length would break a torch.compile graph). The KV cache remembers each cached
+token's document id, so the same rule holds while decoding (generation uses it to hide left
+padding: each pad token is its own document). With a KV cache (generation) the triton backend
+keeps its RMSNorm and RoPE kernels but runs attention through SDPA with the cache's document
+mask: our flash-attention kernel has no decode (KV-cache) variant, and one query token per step
+is not where flash attention pays.
 
 Parameter names follow Hugging Face Llama (`layers.N.self_attn.q_proj.weight`, ...) so export to
 `LlamaForCausalLM` is a prefix change.
@@ -220,7 +222,8 @@ class Attention(nn.Module):
         if mode == "flash":
             from llmcore.kernels import flash_attention
 
-            out = flash_attention(q, k, v, causal=True, cu_seqlens=attn["cu_seqlens"])
+            # Documents from position_ids inside the kernel wrapper (fixed shapes: one graph under torch.compile).
+            out = flash_attention(q, k, v, causal=True, position_ids=attn["position_ids"])
         elif mode == "eager":
             mask = attn["mask"]  # None: plain causal rows
             out = attention_reference(q, k, v, causal=mask is None, mask=mask, dropout_p=p)
@@ -399,7 +402,7 @@ class LLM(nn.Module):
             kv_cache.next_pos = position_ids[:, -1] + 1
         elif backend == "triton":
             attn["mode"] = "flash"
-            attn["cu_seqlens"] = cu_seqlens_from_position_ids(position_ids)
+            attn["position_ids"] = position_ids
         elif explicit_positions:
             doc = document_ids(position_ids)
             attn["mask"] = attention_mask(doc, doc)
