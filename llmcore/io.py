@@ -12,7 +12,9 @@ filesystem, so `os.replace` is an atomic rename), flushed and fsynced, renamed o
 and the directory is fsynced. Temp names start with `.NAME.` and end in `.tmp` (files keep the
 target's suffix after it, so tools that pick a format by extension, such as matplotlib, still
 work); after an exception they are removed, after a kill they may remain and `remove_leftovers`
-clears them. Files and directories created here get the user's umask (0o666 & ~umask for files,
+clears them. Every temp name carries its writer's pid and a short hash of its host name, so
+`remove_leftovers` removes only the temps of writers that are dead (a live writer's temp on this
+host, or any temp of another host, is left alone). Files and directories created here get the user's umask (0o666 & ~umask for files,
 0o777 & ~umask for directories), not mkstemp's 0600.
 
 One limit: replacing an existing *directory* takes two renames (old out of the way, new into
@@ -23,9 +25,12 @@ directory at `.NAME.old-XXXXXXXX.tmp` beside it. Files never have that gap.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,6 +40,7 @@ from typing import Any
 __all__ = [
     "atomic_dir",
     "atomic_write",
+    "check_out_dir",
     "fsync_dir",
     "install_dir",
     "install_file",
@@ -81,8 +87,44 @@ def _fsync_file(path: str | Path) -> None:
         os.close(fd)
 
 
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
+
+
+def _owner_tag() -> str:
+    """`PID-HOST`: who writes a temp (pid, and 6 hex digits of the host name's sha256)."""
+    return f"{os.getpid()}-{_host_tag()}"
+
+
+_OWNER = re.compile(r"(?:^|[-.])(\d+)-([0-9a-f]{6})-")
+
+
+def _writer_alive(rest: str) -> bool:
+    """Whether the writer named in a temp name's tail (after `.NAME.`) may still be running.
+
+    Temps without an owner tag (older llmcore) count as dead; another host's temps count as alive
+    (its processes cannot be seen from here)."""
+    m = _OWNER.search(rest)
+    if m is None:
+        return False
+    pid, host = int(m.group(1)), m.group(2)
+    if host != _host_tag():
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def _temp_file(path: Path) -> tuple[int, Path]:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner_tag()}-", suffix=f".tmp{path.suffix}", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
     except BaseException:
@@ -170,7 +212,7 @@ def install_dir(tmp: str | Path, final: str | Path) -> Path:
     _fsync_tree(tmp)
     trash = None
     if final.exists():
-        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}.tmp"
+        trash = final.parent / f".{final.name}.old-{_owner_tag()}-{uuid.uuid4().hex[:8]}.tmp"
         os.replace(final, trash)
     try:
         os.replace(tmp, final)
@@ -185,10 +227,10 @@ def install_dir(tmp: str | Path, final: str | Path) -> Path:
 
 
 def temp_dir_for(final: str | Path) -> Path:
-    """A new, empty temp directory beside `final` (user's umask), named `.NAME.tmp-XXXXXXXX`."""
+    """A new, empty temp directory beside `final` (user's umask), named `.NAME.tmp-PID-HOST-XXXXXXXX`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / f".{final.name}.tmp-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(mode=0o777)  # mkdir applies the umask itself
     return tmp
 
@@ -208,17 +250,58 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 
 def remove_leftovers(directory: str | Path, name: str) -> list[Path]:
-    """Remove the temp files and dirs that killed writes of `directory/name` left behind; returns them."""
+    """Remove the temp files and dirs that killed writes of `directory/name` left behind; returns them.
+
+    Only temps whose writer is dead are removed: a temp names its writer's pid and host, and one
+    of a process still running on this host (or of another host) is kept."""
     directory = Path(directory)
     removed = []
     if not directory.is_dir():
         return removed
     for p in directory.iterdir():
         rest = p.name[len(name) + 2:]
-        if p.name.startswith(f".{name}.") and (rest.startswith("tmp-") or ".tmp" in rest):
+        if p.name.startswith(f".{name}.") and (rest.startswith(("tmp-", "old-")) or ".tmp" in rest):
+            if _writer_alive(rest):
+                continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def check_out_dir(out: str | Path, *, overwrite: bool, what: str, inputs=(),
+                  replaceable: Callable[[Path], str | None] | None = None, flag: str = "--out") -> Path:
+    """Refuse an output dir that a write would damage; returns `out` as a Path.
+
+    - a path below a regular file, or an existing non-directory, is refused;
+    - a dir that holds (or is) one of `inputs` is always refused;
+    - an empty or absent dir is fine; a non-empty one needs `overwrite`, and then
+      `replaceable(out)` must return None (else the reason it is not `what`, e.g. "a shard dir").
+    """
+    from llmcore.errors import LLMCoreError
+
+    out = Path(out)
+    for parent in out.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise LLMCoreError(f"{flag} {out}: {parent} is a file, not a directory")
+            break
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise LLMCoreError(f"{flag} {out}: exists and is not a directory")
+    if not out.is_dir():
+        return out
+    real = out.resolve()
+    for inp in inputs:
+        rp = Path(inp).resolve()
+        if rp == real or real in rp.parents:
+            raise LLMCoreError(f"{flag} {out} holds the input {inp}; writing there would replace it (pick another {flag})")
+    if not any(out.iterdir()):
+        return out
+    if not overwrite:
+        raise LLMCoreError(f"{flag} {out}: output dir exists and is not empty (pass --overwrite to replace it)")
+    why = replaceable(out) if replaceable is not None else "it is not one llmcore wrote"
+    if why:
+        raise LLMCoreError(f"{flag} {out}: --overwrite replaces only {what}, and {why}; remove it yourself or pick another {flag}")
+    return out
