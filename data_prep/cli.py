@@ -28,7 +28,8 @@ TokOpt = typer.Option(..., "--tokenizer", "-t", help="tokenizer dir (ours or Min
 OutShardOpt = typer.Option(..., "--out", "-o", help="shard dir to create")
 WorkersOpt = typer.Option(None, "--workers", "-w", help="worker processes (default: CPU count)")
 BadLineOpt = typer.Option("fail", "--on-bad-line", help="fail: stop at the first bad line; skip: drop and count bad lines")
-OverwriteOpt = typer.Option(False, "--overwrite", help="replace an existing non-empty output dir")
+OverwriteOpt = typer.Option(False, "--overwrite", help="replace an existing shard dir of the same kind (never a dir holding an input)")
+MaxLineOpt = typer.Option(16 << 20, "--max-line-bytes", help="a longer line is a bad line (line_too_long), never read whole (default 16 MiB)")
 
 
 @tokenizer_app.command("train")
@@ -37,16 +38,20 @@ def tokenizer_train(
     out: Path = typer.Option(..., "--out", "-o", help="output tokenizer dir"),
     vocab_size: int = typer.Option(6400, "--vocab-size", help="vocabulary size incl. 3 special tokens"),
     field: str = typer.Option("text", "--field", help="jsonl field with the text"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing tokenizer dir that llmcore made"),
+    max_line_bytes: int = MaxLineOpt,
 ) -> None:
     """Train byte-level BPE (specials <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2, ChatML template).
 
-    The result loads with transformers.AutoTokenizer.from_pretrained(OUT).
+    The result loads with transformers.AutoTokenizer.from_pretrained(OUT). A non-empty --out is
+    refused unless --overwrite, which replaces only a tokenizer dir llmcore made.
 
     Example: llmcore tokenizer train --input dataset/pretrain_hq.jsonl --vocab-size 6400 --out tok/
     """
     from llmcore.data_prep.tokenizer import load_tokenizer, train_tokenizer
 
-    path = train_tokenizer(input, out, vocab_size=vocab_size, field=field, show_progress=True)
+    path = train_tokenizer(input, out, vocab_size=vocab_size, field=field, show_progress=True, overwrite=overwrite,
+                           max_line_bytes=max_line_bytes)
     tok = load_tokenizer(path)
     typer.echo(f"wrote {path} (vocab {tok.vocab_size}, fingerprint {tok.fingerprint[:12]})")
 
@@ -58,15 +63,23 @@ def prep_stats(
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a length histogram PNG"),
     field: str = typer.Option("text", "--field", help="text field for pretrain files"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
+    max_line_bytes: int = MaxLineOpt,
 ) -> None:
     """Rows, characters per row (mean/min/max/percentiles), bad lines by reason, tokens per row.
+
+    Compressed files (gzip, bzip2, xz; zstd with the zstandard package) are read as they are. Exits
+    non-zero when the file cannot be read or holds no valid row.
 
     Example: llmcore prep stats dataset/pretrain_hq.jsonl --tokenizer tok/ --plot stats.png
     """
     from llmcore.data_prep.stats import compute_stats, format_stats
 
-    s = compute_stats(file, tokenizer_dir=tokenizer, field=field, plot=plot, progress=not as_json)
+    s = compute_stats(file, tokenizer_dir=tokenizer, field=field, plot=plot, progress=not as_json, max_line_bytes=max_line_bytes)
     typer.echo(json.dumps(s, ensure_ascii=False) if as_json else format_stats(s))
+    if s["rows"] == 0:
+        first = min(s["first_bad_line_by_reason"].items(), key=lambda kv: kv[1], default=None)
+        why = f"{s['bad_lines']} bad lines, the first ({first[0]}) at line {first[1]}" if first else "it is empty"
+        raise LLMCoreError(f"{file}: no valid rows ({why})")
 
 
 @prep_app.command("download")
@@ -89,10 +102,12 @@ def prep_download(
     typer.echo(f"wrote {path} ({path.stat().st_size} bytes)")
 
 
-def _run_prep(kind: str, input: list[Path], tokenizer: Path, out: Path, workers, on_bad_line: str, overwrite: bool, field: str = "text") -> None:
+def _run_prep(kind: str, input: list[Path], tokenizer: Path, out: Path, workers, on_bad_line: str, overwrite: bool,
+              max_line_bytes: int = 16 << 20, field: str = "text") -> None:
     from llmcore.data_prep.prep import prep
 
-    m = prep(kind, input, tokenizer, out, workers=workers, on_bad_line=on_bad_line, overwrite=overwrite, field=field, progress=True)
+    m = prep(kind, input, tokenizer, out, workers=workers, on_bad_line=on_bad_line, overwrite=overwrite, field=field,
+             progress=True, max_line_bytes=max_line_bytes)
     typer.echo(f"wrote {out}: {m['num_docs']} documents, {m['num_tokens']} tokens in {len(m['shards'])} shard(s), {m['seconds']} s")
     if m["lines_skipped"]:
         typer.echo(f"skipped {m['lines_skipped']} bad lines:")
@@ -108,6 +123,7 @@ _PREP_OPTIONS = [
     ("workers", Optional[int], WorkersOpt),
     ("on_bad_line", str, BadLineOpt),
     ("overwrite", bool, OverwriteOpt),
+    ("max_line_bytes", int, MaxLineOpt),
 ]
 FieldOpt = typer.Option("text", "--field", help="jsonl field with the text")
 
@@ -139,6 +155,7 @@ def prep_inspect(
     count: int = typer.Option(3, "--count", "-n", help="number of documents"),
     decode: bool = typer.Option(False, "--decode", help="add the text; spans that carry loss are wrapped in double square brackets"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="tokenizer for --decode (default: the one in the manifest); refused when it is not the shards' tokenizer"),
+    verify: bool = typer.Option(False, "--verify", help="first check every shard (checksums, counts, ids below the vocab) as training does"),
 ) -> None:
     """Print documents of a shard dir as JSON lines (token ids, masks; with --decode the text).
 
@@ -147,6 +164,9 @@ def prep_inspect(
     from llmcore.data_prep.shards import ShardReader
 
     reader = ShardReader(shard_dir)
+    if verify:
+        reader.verify()
+        typer.echo(f"verified {shard_dir}: {len(reader.manifest['shards'])} shard(s), {len(reader)} documents", err=True)
     tok = None
     if decode or tokenizer is not None:  # a named tokenizer is always checked against the manifest
         from llmcore.data_prep.tokenizer import load_tokenizer

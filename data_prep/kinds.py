@@ -126,15 +126,8 @@ def with_bos_eos(values: "np.ndarray", lengths: "np.ndarray", bos: int, eos: int
 def encode_chats(tok: "Tokenizer", conversations: list[list[dict]], only_last: bool) -> tuple[list[list[int]], "list[np.ndarray]"]:
     """Chat-template token ids and loss masks (assistant content + <|im_end|>; only the final
     assistant message when `only_last`) for each conversation."""
-    import numpy as np
-
-    from llmcore.data_prep.tokenizer import spans_to_mask
-
-    rendered = [tok.chat_spans(msgs, only_last=only_last) for msgs in conversations]
-    encs = tok.backend.encode_batch([text for text, _ in rendered], add_special_tokens=False)
-    ids = [e.ids for e in encs]
-    masks = [spans_to_mask(np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2), spans) for e, (_, spans) in zip(encs, rendered)]
-    return ids, masks
+    encoded = tok.encode_chats(conversations, only_last=only_last)  # specials inside content stay text
+    return [ids for ids, _ in encoded], [mask for _, mask in encoded]
 
 
 def masked_chats(tok: "Tokenizer", conversations: list[list[dict]], only_last: bool, tokens: str, mask: str) -> Columns:
@@ -179,15 +172,14 @@ class PretrainKind(ShardKind):
         return check_text(obj, field)
 
     def encode(self, tok: "Tokenizer", payloads: list[str]) -> Columns:
-        encode = getattr(tok.backend, "encode_batch_fast", tok.backend.encode_batch)
-        values, lengths = flatten([e.ids for e in encode(payloads, add_special_tokens=False)])
+        values, lengths = flatten(tok.encode_text_batch(payloads))  # special-token strings stay text
         return {"tokens": with_bos_eos(values, lengths, tok.bos_id, tok.eos_id)}
 
     def row_text(self, payload: str) -> str:
         return payload
 
     def count_tokens(self, tok: "Tokenizer", payloads: list[str]) -> list[int]:
-        return [len(ids) + 2 for ids in tok.encode_batch(payloads)]  # + bos/eos as prep stores them
+        return [len(ids) + 2 for ids in tok.encode_text_batch(payloads)]  # + bos/eos as prep stores them
 
     def render(self, tok: "Tokenizer", doc: dict[str, list[int]]) -> dict[str, str]:
         return {"text": tok.decode(doc["tokens"])}
@@ -215,7 +207,7 @@ class SFTKind(ShardKind):
         return _contents(payload)
 
     def count_tokens(self, tok: "Tokenizer", payloads: list[list[dict]]) -> list[int]:
-        return list(map(len, tok.encode_batch([tok.apply_chat_template(m) for m in payloads])))
+        return [len(ids) for ids, _ in tok.encode_chats(payloads)]
 
     def render(self, tok: "Tokenizer", doc: dict[str, list[int]]) -> dict[str, str]:
         return {"text": marked_text(tok, doc["tokens"], doc["loss_mask"])}
@@ -240,6 +232,11 @@ class DPOKind(ShardKind):
         rejected = check_messages(obj, "rejected", final_assistant=True)
         if isinstance(rejected, BadLine):
             return rejected
+        # A pair that cannot teach anything: the same prompt must lead to two different replies.
+        if chosen[:-1] != rejected[:-1]:
+            return BadLine("dpo_prompt_mismatch", "dpo pair: chosen and rejected have different prompts (the messages before the final reply differ)")
+        if chosen[-1]["content"] == rejected[-1]["content"]:
+            return BadLine("dpo_identical", "dpo pair: chosen and rejected replies are the same")
         return chosen, rejected
 
     def encode(self, tok: "Tokenizer", payloads: list[tuple[list[dict], list[dict]]]) -> Columns:
@@ -250,7 +247,7 @@ class DPOKind(ShardKind):
         return _contents(payload[0])  # the chosen side
 
     def count_tokens(self, tok: "Tokenizer", payloads: list[tuple[list[dict], list[dict]]]) -> list[int]:
-        return list(map(len, tok.encode_batch([tok.apply_chat_template(p[0]) for p in payloads])))
+        return [len(ids) for ids, _ in tok.encode_chats([p[0] for p in payloads])]
 
     def render(self, tok: "Tokenizer", doc: dict[str, list[int]]) -> dict[str, str]:
         return {"chosen_text": marked_text(tok, doc["chosen"], doc["chosen_mask"]),

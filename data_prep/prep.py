@@ -7,6 +7,13 @@ the lines, has the shard kind (`kinds.py`) check each record and encode the bloc
 tokenizer's batch encoder, and returns flat numpy arrays (values + lengths), which the main process appends to the current shard file as one Arrow
 record batch, in input order. Everything is written into a temp dir beside the output and renamed
 into place only when complete.
+
+Reliability: a line longer than `max_line_bytes` is never held whole (it becomes a bad line of
+its own reason); `--overwrite` replaces only a shard dir of the same kind and never one holding an
+input; a write error (disk full) is one line and leaves nothing behind; a killed prep leaves only
+a temp dir named after its pid, which the next prep beside it removes; pool workers die with their
+parent. `LLMCORE_FAULT=prep:POINT[:N]` (tests only, see `faults.py`) kills or pauses the process at
+a named point.
 """
 
 from __future__ import annotations
@@ -24,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from llmcore.data_prep.faults import fault_point
 from llmcore.data_prep.format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, UINT16_LIMIT, shard_file_name
-from llmcore.data_prep.jsonl import REASONS, BadLine, input_files, open_input, parse_line
+from llmcore.data_prep.jsonl import DEFAULT_MAX_LINE_BYTES, REASONS, BadLine, input_files, open_input, parse_line, too_long
 from llmcore.data_prep.kinds import ShardKind, get_kind
 from llmcore.data_prep.tokenizer import Tokenizer, load_tokenizer
 from llmcore.errors import DataError, LLMCoreError
-from llmcore.io import install_dir, temp_dir_for, write_json
+from llmcore.io import check_out_dir, install_dir, remove_leftovers, temp_dir_for, write_json
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,6 +48,7 @@ class Chunk:
     source: int  # index into the input list
     first_line: int  # 1-based line number of the block's first line
     data: bytes  # whole lines
+    too_long: int = 0  # > 0: the block is one line of this many bytes, over the limit, not read
 
 
 @dataclass
@@ -55,18 +64,44 @@ class ChunkResult:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_dir: str, kind: str | ShardKind, field_name: str, single_thread: bool) -> None:
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this worker when its parent dies (a killed prep leaves no workers)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
+
+
+def _init_worker(tokenizer_dir: str, kind: str | ShardKind, field_name: str, single_thread: bool,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, in_pool: bool = False) -> None:
+    if in_pool:
+        _die_with_parent()
     if single_thread:
         # Each pool process is one core's worth; the Rust thread pool would only oversubscribe.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(tok=load_tokenizer(tokenizer_dir), kind=get_kind(kind), field=field_name)
+    _WORKER.update(tok=load_tokenizer(tokenizer_dir), kind=get_kind(kind), field=field_name, max_line_bytes=max_line_bytes)
 
 
 def process_chunk(chunk: Chunk) -> ChunkResult:
     """Validate and tokenize one block of lines (runs in a worker, or in-process with one worker)."""
     tok: Tokenizer = _WORKER["tok"]
     kind: ShardKind = _WORKER["kind"]
+    limit: int = _WORKER.get("max_line_bytes", DEFAULT_MAX_LINE_BYTES)
     res = ChunkResult(source=chunk.source)
+    if chunk.too_long:
+        bad = too_long(chunk.too_long, limit)
+        res.lines = 1
+        res.bad.append((chunk.first_line, bad.reason, bad.message))
+        res.columns = {name: (np.zeros(0, dtype=t), np.zeros(0, dtype=np.int64)) for name, t in kind.columns.items()}
+        return res
     raw_lines = chunk.data.split(b"\n")
     if raw_lines and raw_lines[-1] == b"":
         raw_lines.pop()  # the block ends with a newline
@@ -75,7 +110,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     payloads: list = []
     for offset, raw in enumerate(raw_lines):
         line_no = chunk.first_line + offset
-        rec = parse_line(raw)
+        rec = parse_line(raw, limit)
         if rec is None:
             res.blank += 1
             continue
@@ -127,31 +162,60 @@ def _select_docs(values: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> t
 # ---------------------------------------------------------------------------------------------
 # Main side: reading blocks, ordering results, writing shards atomically.
 
-def _read_chunks(paths: list[Path], block_bytes: int, progress) -> "collections.abc.Iterator[Chunk]":
-    """Blocks of whole lines from each file in turn (a line longer than a block makes a longer block)."""
+def _read_chunks(paths: list[Path], block_bytes: int, progress, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+                 ) -> "collections.abc.Iterator[Chunk]":
+    """Blocks of whole lines from each file in turn (plain or compressed). A line longer than a
+    block makes a longer block, up to `max_line_bytes`; past that the rest of the line is read and
+    dropped piece by piece, and the line becomes a one-line `too_long` chunk."""
     for source, path in enumerate(paths):
         with open_input(path) as f:
             line_no = 1
-            pending = b""
+            parts: list[bytes] = []  # the start of a line that has no newline yet
+            pending = 0
+            skipping = -1  # >= 0: inside an over-long line, this many bytes of it seen
+            seen = 0
             while True:
-                try:
-                    block = f.read(block_bytes)
-                except OSError as err:
-                    raise DataError(f"read error: {err.strerror or err}", str(path), line_no, "unreadable_file") from err
+                block = f.read(block_bytes)
                 if progress is not None:
-                    progress.update(len(block))
+                    now = f.consumed()
+                    progress.update(now - seen)
+                    seen = now
                 if not block:
-                    if pending:
-                        yield Chunk(source, line_no, pending)
+                    if skipping >= 0:
+                        yield Chunk(source, line_no, b"", too_long=skipping)
+                    elif parts:
+                        yield Chunk(source, line_no, b"".join(parts))
                     break
-                data = pending + block
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:
-                    pending = data
+                start = 0
+                if skipping >= 0:
+                    nl = block.find(b"\n")
+                    if nl < 0:
+                        skipping += len(block)
+                        continue
+                    yield Chunk(source, line_no, b"", too_long=skipping + nl)
+                    line_no += 1
+                    skipping = -1
+                    start = nl + 1
+                cut = block.rfind(b"\n", start) + 1
+                if cut == 0:  # no line ends in this block
+                    parts.append(block[start:])
+                    pending += len(block) - start
+                    if pending > max_line_bytes:
+                        skipping, parts, pending = pending, [], 0
                     continue
-                whole, pending = data[:cut], data[cut:]
-                yield Chunk(source, line_no, whole)
-                line_no += whole.count(b"\n")
+                if parts:
+                    first_nl = block.find(b"\n", start)
+                    if pending + first_nl - start > max_line_bytes:  # the pending line ends here, too long
+                        yield Chunk(source, line_no, b"", too_long=pending + first_nl - start)
+                        line_no += 1
+                        start = first_nl + 1
+                        parts, pending = [], 0
+                whole = b"".join(parts) + block[start:cut] if parts else block[start:cut]
+                parts = [block[cut:]] if cut < len(block) else []
+                pending = len(block) - cut
+                if whole:
+                    yield Chunk(source, line_no, whole)
+                    line_no += whole.count(b"\n")
 
 
 class _ShardWriter:
@@ -172,6 +236,7 @@ class _ShardWriter:
         self._writer = pa.ipc.new_file(self._sink, self.schema)
         self.shards.append({"file": name})
         self._docs = self._tokens = 0
+        fault_point("prep:shard")
 
     def _close(self) -> None:
         if self._writer is None:
@@ -212,11 +277,31 @@ class _ShardWriter:
         return self.shards
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise LLMCoreError(f"{out}: output path exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LLMCoreError(f"{out}: output dir exists and is not empty (pass --overwrite to replace it)")
+def shard_dir_problem(path: Path, kind: ShardKind) -> str | None:
+    """Why `path` is not a shard dir of `kind` that prep may replace (None when it is): its manifest
+    must say llmcore wrote it, for this kind, and it may hold nothing but the manifest and shards."""
+    import json
+
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        return "it has no manifest.json (it is not a shard dir)"
+    try:
+        m = json.loads(manifest.read_bytes())
+    except (OSError, ValueError, RecursionError) as err:
+        return f"its manifest.json is unreadable ({type(err).__name__})"
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        return f"its manifest.json is not an {FORMAT} manifest"
+    if m.get("kind") != kind.name:
+        return f"it holds {m.get('kind')!r} shards, not {kind.name!r}"
+    for p in path.iterdir():
+        if p.name != MANIFEST_FILE and not (p.name.startswith("shard-") and p.name.endswith(".arrow")):
+            return f"it holds {p.name}, which prep did not write"
+    return None
+
+
+def _shard_write_error(out: Path, err: OSError) -> LLMCoreError:
+    return LLMCoreError(f"{out}: cannot write the shard dir: {err.strerror or err} "
+                        "(nothing was written there; any old shard dir is unchanged)")
 
 
 def prep(
@@ -231,26 +316,37 @@ def prep(
     field: str = "text",
     block_bytes: int = 1 << 18,
     progress: bool = False,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> dict:
     """Tokenize jsonl `inputs` into a shard dir at `out_dir`; returns the manifest.
 
     kind: a name in `kinds.KINDS` (or the kind itself): "pretrain" (field `field`, default text),
     "sft" (`conversations`) or "dpo" (`chosen`, `rejected`). on_bad_line: "fail" raises DataError naming file and line and leaves nothing at
     `out_dir`; "skip" drops bad lines and counts them per reason in the manifest.
+    Inputs may be gzip/bzip2/xz (and zstd with `zstandard`) compressed. A line over `max_line_bytes`
+    is a bad line (`line_too_long`). `overwrite` replaces only a shard dir of the same kind, never
+    one that holds an input or the tokenizer.
     """
     kind = get_kind(kind)
     if on_bad_line not in ("fail", "skip"):
         raise LLMCoreError(f"--on-bad-line must be fail or skip, not {on_bad_line!r}")
     if shard_docs < 1:
         raise LLMCoreError("shard_docs must be at least 1")
+    if max_line_bytes < 1:
+        raise LLMCoreError("--max-line-bytes must be at least 1")
     paths = input_files(inputs, try_open=True)  # fail on permission problems before any work
     out = Path(out_dir)
-    _check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite=overwrite, what=f"a {kind.name} shard dir", inputs=[*paths, Path(tokenizer_dir)],
+                  replaceable=lambda p: shard_dir_problem(p, kind))
     tok_dir = str(Path(tokenizer_dir))
     tok = load_tokenizer(tok_dir)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
 
-    tmp = temp_dir_for(out)
+    remove_leftovers(out.parent, out.name)  # temp dirs of killed preps (only of dead processes)
+    try:
+        tmp = temp_dir_for(out)
+    except OSError as err:
+        raise _shard_write_error(out, err) from err
     sources = [{"path": str(p), "lines_read": 0, "blank_lines": 0, "docs": 0, "lines_skipped": 0, "skipped_by_reason": {}} for p in paths]
     bar = None
     if progress:
@@ -274,15 +370,16 @@ def prep(
                 src["skipped_by_reason"][reason] = src["skipped_by_reason"].get(reason, 0) + 1
             if res.docs:
                 writer.write(res.columns, res.docs)
+            fault_point("prep:chunk")
 
-        chunks = _read_chunks(paths, block_bytes, bar)
+        chunks = _read_chunks(paths, block_bytes, bar, max_line_bytes)
         if workers == 1:
-            _init_worker(tok_dir, kind, field, single_thread=False)
+            _init_worker(tok_dir, kind, field, single_thread=False, max_line_bytes=max_line_bytes)
             for chunk in chunks:
                 consume(process_chunk(chunk))
         else:
             ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok_dir, kind, field, True))
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok_dir, kind, field, True, max_line_bytes, True))
             in_flight: collections.deque = collections.deque()
             for chunk in chunks:
                 in_flight.append(pool.apply_async(process_chunk, (chunk,)))
@@ -299,12 +396,15 @@ def prep(
             raise DataError("no valid documents in the inputs", str(paths[0]), reason="empty_text")
         manifest["seconds"] = round(time.perf_counter() - started, 3)
         write_json(tmp / MANIFEST_FILE, manifest)
+        fault_point("prep:install")
         install_dir(tmp, out)  # fsynced, then renamed over any old shard dir
-    except BaseException:
+    except BaseException as err:
         if pool is not None:
             pool.terminate()
             pool.join()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and not isinstance(err, LLMCoreError):
+            raise _shard_write_error(out, err) from err
         raise
     finally:
         if bar is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmcore.data_prep.jsonl import BadLine, iter_records
+from llmcore.data_prep.jsonl import DEFAULT_MAX_LINE_BYTES, BadLine, iter_records
 from llmcore.data_prep.kinds import ShardKind, default_kind, detect_kind, get_kind
 from llmcore.errors import DataError
 from llmcore.io import atomic_write
@@ -32,11 +32,14 @@ def compute_stats(
     plot: str | Path | None = None,
     progress: bool = False,
     batch: int = 2000,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> dict:
     """Stream `path` once; return rows, chars per row, bad lines by reason and (with a tokenizer) tokens per row.
 
     kind is detected from the first valid record when not given (`kinds.detect_kind`: text ->
     pretrain, conversations -> sft, chosen/rejected -> dpo). With `plot`, writes a length histogram PNG.
+    The file may be compressed (gzip, bzip2, xz; zstd with `zstandard`); one that cannot be read or
+    decompressed is a DataError. A line over `max_line_bytes` is counted as `line_too_long`.
     """
     path = Path(path)
     shard_kind = get_kind(kind) if kind is not None else None
@@ -47,8 +50,10 @@ def compute_stats(
         from llmcore.data_prep.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer_dir)
-    chars: list[int] = []
-    tokens: list[int] = []
+    from array import array
+
+    chars = array("q")  # 8 bytes a row, not a Python int's 28
+    tokens = array("q")
     pending: list = []
     bad: dict[str, int] = {}
     first_bad: dict[str, int] = {}
@@ -65,7 +70,7 @@ def compute_stats(
         tokens.extend(shard_kind.count_tokens(tok, pending))
         pending.clear()
 
-    for line_no, rec in iter_records(path):
+    for line_no, rec in iter_records(path, max_line_bytes):
         if bar is not None:
             bar.update(1)
         if not isinstance(rec, BadLine):
@@ -85,7 +90,7 @@ def compute_stats(
     if bar is not None:
         bar.close()
 
-    char_arr = np.asarray(chars, dtype=np.int64)
+    char_arr = np.frombuffer(chars, dtype=np.int64) if len(chars) else np.zeros(0, np.int64)
     result = {
         "path": str(path),
         "kind": (shard_kind or default_kind()).name,
@@ -97,32 +102,62 @@ def compute_stats(
         "total_chars": int(char_arr.sum()),
     }
     if tok is not None:
-        tok_arr = np.asarray(tokens, dtype=np.int64)
+        tok_arr = np.frombuffer(tokens, dtype=np.int64) if len(tokens) else np.zeros(0, np.int64)
         result["tokens_per_row"] = _summary(tok_arr)
         result["total_tokens"] = int(tok_arr.sum())
         result["chars_per_token"] = round(result["total_chars"] / max(1, result["total_tokens"]), 3)
         result["tokenizer"] = str(tokenizer_dir)
     if plot is not None:
-        result["plot"] = str(write_histogram(char_arr, np.asarray(tokens) if tok is not None else None, plot, path.name))
+        result["plot"] = str(write_histogram(char_arr, tok_arr if tok is not None else None, plot, path.name))
     return result
 
 
+def _log_bins(values: np.ndarray, n: int = 60) -> np.ndarray:
+    lo, hi = max(1, int(values.min())), max(2, int(values.max()))
+    return np.unique(np.geomspace(lo, hi * 1.0001, n))
+
+
 def write_histogram(chars: np.ndarray, tokens: np.ndarray | None, out: str | Path, title: str) -> Path:
+    """Row-length histograms (characters, and tokens when counted). A long tail (max over 10x the
+    p99, as on pretrain_sample.jsonl: p99 887, max 109,672) gets a log x axis with log-spaced bins,
+    so the bulk and the outliers are both visible; otherwise the axis is linear. The axis label
+    says which; median and p99 are marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    def plain(x, _pos=None) -> str:
+        return f"{x:,.0f}" if x >= 1 else f"{x:g}"
 
     panels = [("characters per row", chars)] + ([("tokens per row", tokens)] if tokens is not None else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     for ax, (label, values) in zip(axes[0], panels):
+        scale = "linear"
         if len(values):
-            ax.hist(values, bins=min(100, max(10, int(np.sqrt(len(values))))), color="#4477aa")
-            ax.axvline(float(np.median(values)), color="#cc3311", linestyle="--", label=f"median {int(np.median(values))}")
-            ax.legend()
-        ax.set_xlabel(label)
+            p50, p99, top = float(np.median(values)), float(np.percentile(values, 99)), int(values.max())
+            if top > 10 * max(p99, 1) or (values.min() > 0 and top > 1000 * max(values.min(), 1)):
+                scale = "log"
+            bins = _log_bins(values) if scale == "log" else min(100, max(10, int(np.sqrt(len(values)))))
+            ax.hist(values, bins=bins, color="#4477aa")
+            ax.axvline(p50, color="#cc3311", linestyle="--", label=f"median {p50:,.0f}")
+            ax.axvline(p99, color="#ee7733", linestyle=":", label=f"p99 {p99:,.0f}")
+            ax.plot([], [], " ", label=f"max {top:,}")
+            ax.legend(fontsize=9)
+            if scale == "log":
+                ax.set_xscale("log")
+                ax.xaxis.set_major_locator(LogLocator(base=10))
+                ax.xaxis.set_minor_locator(LogLocator(base=10, subs=(2, 5)))
+                ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, p: plain(x) if str(int(x))[0] in "25" else ""))
+            ax.xaxis.set_major_formatter(FuncFormatter(plain))
+            ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.yaxis.set_major_formatter(FuncFormatter(plain))
+        ax.set_xlabel(f"{label} ({'log scale, log-spaced bins' if scale == 'log' else 'linear scale'})")
         ax.set_ylabel("rows")
-    fig.suptitle(f"{title}: {len(chars)} rows")
+        ax.set_title(f"{label}: {len(values):,} rows")
+        ax.grid(True, which="major", alpha=0.3)
+    fig.suptitle(f"Row lengths of {title}")
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
