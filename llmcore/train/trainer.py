@@ -128,6 +128,7 @@ def open_shards(cfg: TrainConfig, stage: Stage) -> Any:
     if reader.kind != stage.shard_kind:
         raise LLMCoreError(f"--data {cfg.data} holds {reader.kind} shards, but `train {stage.name}` needs "
                            f"{stage.shard_kind} shards (make them with `llmcore prep {stage.shard_kind}`)")
+    reader.verify()  # checksums, counts, ids below the vocab: a bad shard is one line naming it, before training
     return reader
 
 
