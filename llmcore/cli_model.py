@@ -167,14 +167,18 @@ def chat_cmd(
 def export_hf_cmd(
     ckpt: Path = typer.Option(..., "--ckpt", help="run dir or checkpoint dir"),
     out: Path = typer.Option(..., "--out", help="output folder (LlamaForCausalLM)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier export at --out (never a run or checkpoint dir)"),
 ) -> None:
     """Export a dense checkpoint to a Hugging Face LlamaForCausalLM folder (MoE is refused).
+
+    A non-empty --out is refused unless --overwrite, which replaces only an earlier export; run and
+    checkpoint dirs are always refused. The folder appears complete or not at all.
 
     Example: llmcore export hf --ckpt runs/dpo --out hf/   then   AutoModelForCausalLM.from_pretrained("hf/")
     """
     from llmcore.hf_export import export_hf
 
-    path = export_hf(ckpt, out)
+    path = export_hf(ckpt, out, overwrite=overwrite)
     typer.echo(f"exported {path}")
 
 

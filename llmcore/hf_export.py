@@ -17,10 +17,15 @@ from safetensors.torch import save_file
 
 from llmcore.checkpoint import find_tokenizer_dir, load_model, model_state_dict, resolve_checkpoint
 from llmcore.errors import LLMCoreError
-from llmcore.io import atomic_write, write_json
+from llmcore.io import atomic_dir, atomic_write, check_out_dir, remove_leftovers, write_json
 from llmcore.model import LLM, ModelConfig, unwrap_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# What an export writes (and what transformers' save_pretrained may add to such a folder).
+EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "chat_template.jinja", *TOKENIZER_FILES}
+# Files that make a dir a run dir or a checkpoint dir, which export never writes into.
+RUN_DIR_MARKERS = ("checkpoints", "metrics.jsonl", "latest")
+CHECKPOINT_MARKERS = ("model_config.json", "trainer_state.json", "loader_state.json", "rng_state.pt")
 
 # ChatML, as MiniMind's tokenizer uses; written only when the source tokenizer carries no template.
 CHATML_TEMPLATE = (
@@ -71,14 +76,77 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def export_model_hf(model: LLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write config.json, model.safetensors, generation_config.json and (if given) tokenizer files."""
+def _run_or_checkpoint(path: Path) -> str | None:
+    """What llmcore dir `path` is ("a run dir", "a checkpoint dir", "a run's checkpoints dir"), or None."""
+    if not path.is_dir():
+        return None
+    if any((path / m).exists() for m in CHECKPOINT_MARKERS) or path.name.startswith(".step-"):
+        return "a checkpoint dir"
+    if any((path / m).exists() for m in RUN_DIR_MARKERS) or (path / "tokenizer").is_dir() and (path / "config.json").is_file():
+        return "a run dir"
+    if path.name == "checkpoints" and (path / "latest").exists():
+        return "a run's checkpoints dir"
+    try:
+        config = json.loads((path / "config.json").read_bytes())
+        if isinstance(config, dict) and "stage" in config:
+            return "a run dir"
+    except (OSError, ValueError, RecursionError):
+        pass
+    return None
+
+
+def _export_dir_problem(path: Path) -> str | None:
+    """Why `path` is not an earlier export that --overwrite may replace (None when it is)."""
+    for p in path.iterdir():
+        if p.name not in EXPORT_FILES:
+            return f"it holds {p.name}, which an export does not write"
+    if not _is_hf_llama(path):
+        return "it is not a Hugging Face Llama folder (config.json with model_type llama + model.safetensors)"
+    return None
+
+
+def _is_hf_llama(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "llama" and (path / "model.safetensors").is_file()
+
+
+def check_export_dir(out: Path, overwrite: bool, sources: tuple = ()) -> Path:
+    """Refuse an --out that an export would damage: always a run dir, a checkpoint dir, a run's
+    checkpoints dir or anything inside one, and a dir that holds the source; a non-empty dir
+    without `overwrite`; with it, anything but an earlier export."""
+    out = Path(out)
+    for p in (out, *out.parents):
+        what = _run_or_checkpoint(p)
+        if what and (p == out or what != "a run dir" or p / "checkpoints" in (out, *out.parents)):
+            raise LLMCoreError(f"--out {out}: {'is' if p == out else f'is inside {p}, which is'} {what}; "
+                               "export never writes there (its config.json or weights would be replaced)")
+    return check_out_dir(out, overwrite=overwrite, what="an earlier Hugging Face export", inputs=sources,
+                         replaceable=_export_dir_problem)
+
+
+def export_model_hf(model: LLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None, overwrite: bool = False,
+                    sources: tuple = ()) -> Path:
+    """Write config.json, model.safetensors, generation_config.json and (if given) tokenizer files into
+    `out_dir`, which appears complete or not at all. A non-empty `out_dir` is refused unless
+    `overwrite` (then only an earlier export is replaced); run and checkpoint dirs always are."""
     config = unwrap_model(model).config
     if config.use_moe:
         raise LLMCoreError("Hugging Face export supports dense models only: transformers' Llama has no "
                            "shared+routed expert MLP, so an MoE checkpoint cannot be exported as LlamaForCausalLM")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_export_dir(Path(out_dir), overwrite, sources=tuple(sources) + ((tokenizer_dir,) if tokenizer_dir else ()))
+    remove_leftovers(out.parent, out.name)
+    try:
+        with atomic_dir(out) as tmp:
+            _write_export(model, config, tmp, tokenizer_dir)
+    except OSError as err:
+        raise LLMCoreError(f"--out {out}: cannot write the export: {err.strerror or err} (nothing was written there)") from err
+    return out
+
+
+def _write_export(model: LLM, config: ModelConfig, out: Path, tokenizer_dir: str | Path | None) -> None:
     state = {"model." + k: v for k, v in model_state_dict(model).items()}
     cfg = hf_config(config)
     cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
@@ -90,7 +158,6 @@ def export_model_hf(model: LLM, out_dir: str | Path, tokenizer_dir: str | Path |
     write_json(out / "generation_config.json", gen, ensure_ascii=True)
     if tokenizer_dir is not None:
         copy_tokenizer_files(Path(tokenizer_dir), out)
-    return out
 
 
 def copy_tokenizer_files(src: Path, out: Path) -> None:
@@ -110,9 +177,11 @@ def copy_tokenizer_files(src: Path, out: Path) -> None:
     write_json(tc_path, tc)
 
 
-def export_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
-    """`llmcore export hf`: resolve a run/checkpoint dir, export it and its tokenizer to `out_dir`."""
+def export_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """`llmcore export hf`: resolve a run/checkpoint dir, export it and its tokenizer to `out_dir`
+    (refused: run and checkpoint dirs, a dir holding the source, a non-empty dir without `overwrite`)."""
     src = resolve_checkpoint(ckpt)
+    check_export_dir(Path(out_dir), overwrite, sources=(ckpt, src))  # before the weights are loaded
     model, _ = load_model(src, with_tokenizer=False)
     tok_dir = find_tokenizer_dir(src)
-    return export_model_hf(model, out_dir, tok_dir)
+    return export_model_hf(model, out_dir, tok_dir, overwrite=overwrite, sources=(ckpt, src))

@@ -161,6 +161,46 @@ def test_moe_export_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "hf").exists()
 
 
+def test_export_refuses_run_and_checkpoint_dirs_and_non_empty_dirs(tmp_path: Path) -> None:
+    """export hf never writes into a run dir (its config.json) or a checkpoint dir (which would stop
+    loading), refuses a non-empty --out without --overwrite, and with it replaces only an earlier export."""
+    model = tiny()
+    run = make_run_dir(tmp_path, model)
+    (run / "config.json").write_text(json.dumps({"stage": "pretrain"}))
+    ckpt = run / "checkpoints" / "step-7"
+    other = tmp_path / "other_run"
+    shutil.copytree(run, other)
+    for out in (other, other / "checkpoints" / "step-7", other / "checkpoints", other / "checkpoints" / "step-9", run):
+        for overwrite in (False, True):
+            with pytest.raises(LLMCoreError, match="run dir|checkpoint") as info:
+                export_hf(run, out, overwrite=overwrite)
+            assert "\n" not in str(info.value)
+    assert json.loads((other / "config.json").read_text()) == {"stage": "pretrain"}
+    assert torch.equal(load_model(other / "checkpoints" / "step-7")[0](X).logits, model(X).logits)
+    with pytest.raises(LLMCoreError, match="holds the input"):
+        export_hf(ckpt, tmp_path, overwrite=True)  # a dir above the source
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep")
+    with pytest.raises(LLMCoreError, match="not empty.*--overwrite"):
+        export_hf(run, notes)
+    with pytest.raises(LLMCoreError, match="mine.txt"):
+        export_hf(run, notes, overwrite=True)
+    assert (notes / "mine.txt").read_text() == "keep"
+
+    out = export_hf(run, tmp_path / "hf")
+    with pytest.raises(LLMCoreError, match="not empty.*--overwrite"):
+        export_hf(run, out)
+    save_model(tiny(seed=1), run / "checkpoints" / "step-8")
+    (run / "checkpoints" / "latest").write_text("step-8\n")
+    assert export_hf(run, out, overwrite=True) == out  # an earlier export is replaced as a whole
+    assert torch.equal(load_model(out)[0](X).logits, tiny(seed=1)(X).logits)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hf.")) == []
+    result = CliRunner().invoke(app, ["export", "hf", "--ckpt", str(run), "--out", str(out)])
+    assert result.exit_code != 0 and "--overwrite" in str(result.exception or result.output)
+
+
 # ---------------------------------------------------------------- CLI
 
 
