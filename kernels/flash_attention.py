@@ -18,10 +18,11 @@ Backward (recompute, no ``T x T`` matrix stored):
    group's contributions are summed in registers: no atomics, no repeated K/V.
 3. dQ (grid: query blocks x batch*heads): the forward's loop again, accumulating ``dQ += dS K``.
 
-Masking. Causal: key ``j`` is visible to query ``i`` when ``j <= i``. Documents: ``cu_seqlens``
-(int32 offsets into the flattened ``B*T`` tokens, 0..B*T, containing every row start) are turned
-into per-token ``[doc_start, doc_end)`` positions within the row; a query sees only keys of its
-own document. Each program visits only the key (or query) range spanned by its tile's documents
+Masking. Causal: key ``j`` is visible to query ``i`` when ``j <= i``. Documents: ``position_ids``
+(a document starts at each 0 and at every row start; ``document_bounds``, fixed shapes) or
+``cu_seqlens`` (int32 offsets into the flattened ``B*T`` tokens, 0..B*T, containing every row
+start; ``_segments``) are turned into per-token ``[doc_start, doc_end)`` positions within the row,
+the only form the kernels see; a query sees only keys of its own document. Each program visits only the key (or query) range spanned by its tile's documents
 and, when causal, below (above) the diagonal, so fully masked blocks are skipped. Blocks that are
 known to be fully visible (below the diagonal, inside the sequence, no documents) run without
 any mask arithmetic; the rest apply the element masks. Masked scores are a large finite negative
@@ -34,6 +35,12 @@ interpreter every tile is converted to fp32 before ``tl.dot`` (its bf16 dot is n
 
 The reference (``flash_attention_reference``, i.e. ``llmcore.reference.attention_reference``)
 and ``cu_seqlens_from_position_ids`` are re-exported from ``llmcore.reference``.
+
+Registered with torch as ``torch.ops.llmcore.flash_attention`` (returns ``(o, lse)``) and
+``torch.ops.llmcore.flash_attention_backward``, with fake (shape) functions and the gradient, so
+``torch.compile(fullgraph=True)`` traces through :func:`flash_attention`; documents enter as the
+per-token bounds (static shapes), never as ``cu_seqlens`` (its length is data-dependent). The
+package docstring says why ``custom_op`` rather than ``triton_op``.
 """
 
 from __future__ import annotations
