@@ -124,3 +124,18 @@ def test_kill_during_checkpoint_write_keeps_previous_and_resume_works(shards, tm
     assert losses(out) == losses(tmp_path / "full")
     assert_same_weights(out, tmp_path / "full")
     assert full.steps == 6
+
+
+@pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed")
+@pytest.mark.parametrize("ds, dtype", [("zero2", "bf16"), ("zero3-offload", "fp32")])
+def test_deepspeed_zero_resume_is_exact(shards, tmp_path, ds, dtype):
+    """ZeRO-2 with bf16 (fp32 master weights kept apart from the bf16 module) and ZeRO-3 with
+    offload: the optimizer state comes back from optimizer.safetensors bit for bit."""
+    kw = dict(max_steps=5, save_every=2, deepspeed=ds, dtype=dtype)
+    train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "full", **kw))
+    train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "cut", stop_after=2, **kw))
+    names = {p.name for p in (tmp_path / "cut" / "checkpoints" / "step-2").iterdir()}
+    assert "optimizer.safetensors" in names and "engine" not in names
+    train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "cut", resume=True, **kw))
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+    assert_same_weights(tmp_path / "cut", tmp_path / "full")

@@ -276,6 +276,16 @@ def dist_timeout_s() -> float:
 _PEER_LOST = False
 
 
+def _first_sentence(text: str) -> str:
+    """`[.../pair.cc:553] Connection closed by peer [127.0.0.1]:64170. This is ...` -> the part
+    that says what happened."""
+    import re
+
+    line = text.strip().splitlines()[0] if text.strip() else "no detail"
+    line = re.sub(r"^\[[^\]]*\.(cc|cpp|h|py):\d+\]\s*", "", line)
+    return re.split(r"\.\s+(?=[A-Z])", line, maxsplit=1)[0].rstrip(".")[:160]
+
+
 def peer_lost() -> bool:
     """True once a collective of this process failed because another process is gone."""
     return _PEER_LOST
@@ -299,9 +309,9 @@ def peer_errors(what: str) -> Iterator[None]:
         if not (isinstance(err, getattr(dist, "DistError", ())) or any(m in text.lower() for m in markers)):
             raise
         _PEER_LOST = True
-        first = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
         raise LLMCoreError(f"lost contact with another process of this run during {what} (a node died, was "
-                           f"killed or stopped answering within {dist_timeout_s():g}s): {first}; restart the run "
+                           f"killed or stopped answering within {dist_timeout_s():g}s): {_first_sentence(text)}; "
+                           "restart the run "
                            "with --resume to continue from its last checkpoint") from None
 
 
@@ -541,12 +551,13 @@ class DeepSpeedEngine(_EngineBase):
         other groups stay empty; relinking here fixes that for ZeRO-1/2 and bf16."""
         basic = self._basic_optimizer()
         if step is not None:
-            for g in basic.param_groups:
-                for p in g["params"]:
-                    st = basic.state[p]
-                    if "exp_avg" not in st:
-                        st.update(step=torch.tensor(float(step)), exp_avg=torch.zeros_like(p),
-                                  exp_avg_sq=torch.zeros_like(p))
+            flats = list(getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None) or
+                         [p for g in basic.param_groups for p in g["params"]])
+            for p in flats:  # ZeRO-3 keeps its flat fp32 partitions outside the optimizer's groups
+                st = basic.state[p]
+                if "exp_avg" not in st:
+                    st.update(step=torch.tensor(float(step)), exp_avg=torch.zeros_like(p),
+                              exp_avg_sq=torch.zeros_like(p))
         opt = self.engine.optimizer
         if hasattr(opt, "_hp_optimizer_states_linked") and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
             if all("exp_avg" in basic.state[p] for g in basic.param_groups for p in g["params"]):
