@@ -1,0 +1,200 @@
+"""CLI group `llmcore bench`: kernels, train, data, generate, scale, report, targets.
+
+Each command parses flags, runs one `llmcore.bench.<name>.run_*` function, writes the result's
+three files and prints where they went, the targets (PASS/FAIL) and any load warning.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from llmcore.common import DEVICE_HELP
+
+bench_app = typer.Typer(
+    help="Benchmarks against baselines measured in the same run; results in benchmarks/results/.\n\n"
+    "Example: llmcore bench train --quick && llmcore bench report --readme README.md",
+    no_args_is_help=True)
+
+DEFAULT_OUT = Path("benchmarks/results")
+_DEVICE = typer.Option("auto", "--device", help=DEVICE_HELP)
+_OUT = typer.Option(DEFAULT_OUT, "--out", help="Folder for <name>-<device>-<date>.{json,md,png}.")
+_QUICK = typer.Option(False, "--quick", help="Toy sizes, well under a minute: tests the benchmark, not the code's speed.")
+_DATA = typer.Option(None, "--data-dir", help="Shared sample data (default $LLMCORE_SHARED_DATA or ../shared/data).")
+
+
+def _command() -> str:
+    """The command line as typed (for the report), starting at `bench`."""
+    args = sys.argv[1:]
+    if "bench" in args:
+        args = args[args.index("bench") + 1:]
+    return "llmcore bench " + " ".join(shlex.quote(a) for a in args)
+
+
+def _ints(text: Optional[str], flag: str) -> list[int] | None:
+    from llmcore.errors import LLMCoreError
+
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise LLMCoreError(f"{flag} {text!r}: expected integers separated by commas") from None
+
+
+def _finish(res: Any, out: Path) -> None:
+    paths = res.write(out)
+    for t in res.targets:
+        val = "not measured" if t["value"] is None else f"{t['value']:.3g}{t['unit']}"
+        typer.echo(f"{t['verdict']:>12}  {t['name']}: {val} (target {'>=' if t['higher_is_better'] else '<='} "
+                   f"{t['threshold']:g}{t['unit']})")
+    for r in res.ratios[:12]:
+        typer.echo(f"  {r['name']}: {r['value']:.3g}x")
+    if len(res.ratios) > 12:
+        typer.echo(f"  ... {len(res.ratios) - 12} more ratios in {paths['md']}")
+    typer.echo(f"wrote {paths['json']}, {paths['md']}, {paths['png']} ({res.elapsed_s:.0f}s)")
+
+
+def _device(spec: str) -> Any:
+    from llmcore.common import resolve_device
+
+    return resolve_device(spec)
+
+
+@bench_app.command("kernels")
+def kernels_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK,
+                batch: Optional[int] = typer.Option(None, "--batch", help="Batch (default 32 on CUDA)."),
+                seqs: Optional[str] = typer.Option(None, "--seqs", help="Sequence lengths, e.g. 512,1024,2048,4096."),
+                hiddens: Optional[str] = typer.Option(None, "--hiddens", help="RMSNorm hidden sizes, e.g. 512,768."),
+                repeats: Optional[int] = typer.Option(None, "--repeats", help="Interleaved rounds (default 3)."),
+                budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Seconds for the whole benchmark; "
+                                                         "shapes that do not fit are skipped and named."),
+                dry_run_timing: bool = typer.Option(False, "--dry-run-timing", hidden=True,
+                                                    help="Run the CUDA timing code on CPU at toy shapes (tests).")) -> None:
+    """Triton kernels vs eager PyTorch, torch.compile and SDPA/cuDNN (GPU); a correctness sweep on CPU.
+
+    Example: llmcore bench kernels --device cuda --seqs 512,1024,2048,4096
+    """
+    from llmcore.bench.kernels import run_kernels
+
+    _finish(run_kernels(_device(device), quick, batch, _ints(seqs, "--seqs"), _ints(hiddens, "--hiddens"), repeats,
+                        dry_run_timing, budget_s=budget_s, command=_command()), out)
+
+
+@bench_app.command("train")
+def train_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK, data_dir: Optional[Path] = _DATA,
+              presets: Optional[str] = typer.Option(None, "--presets", help="Model presets (default minimind2-small,minimind2)."),
+              variants: Optional[str] = typer.Option(
+                  None, "--variants", help="Loops, e.g. minimind,triton+compile,sdpa:padded,sdpa:bf16 (default per device)."),
+              seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default 512)."),
+              batch: Optional[int] = typer.Option(None, "--batch", help="Micro batch (default 32 on CUDA, 4 on CPU)."),
+              rounds: Optional[int] = typer.Option(None, "--rounds", help="Interleaved rounds (default 5)."),
+              steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per round (default 5 CUDA, 1 CPU)."),
+              budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Seconds for the whole benchmark; loops "
+                                                       "that do not fit are skipped and named.")) -> None:
+    """End-to-end pretraining real tokens/s, MFU and memory: llmcore backends vs a MiniMind-style loop.
+
+    Example: llmcore bench train --device cuda --presets minimind2-small,minimind2
+    """
+    from llmcore.bench.train import run_train
+
+    _finish(run_train(_device(device), quick, presets.split(",") if presets else None,
+                      variants.split(",") if variants else None, seq_len, batch, rounds, steps, None, budget_s,
+                      data_dir, command=_command()), out)
+
+
+@bench_app.command("data")
+def data_cmd(device: str = typer.Option("cpu", "--device", help="Always the CPU (data prep runs there)."),
+             out: Path = _OUT, quick: bool = _QUICK, data_dir: Optional[Path] = _DATA,
+             input: Optional[Path] = typer.Option(None, "--input", help="jsonl to prep (default the shared pretrain sample)."),
+             repeats: Optional[int] = typer.Option(None, "--repeats", help="Interleaved repeats (default 5)."),
+             workers: Optional[int] = typer.Option(None, "--workers", help="prep workers (default: one per core).")) -> None:
+    """Prep tokens/s vs the tokenizer's batch encode, prep memory vs input size, loader speed, real-token share.
+
+    Example: llmcore bench data
+    """
+    from llmcore.bench.data import run_data
+
+    _finish(run_data(_device("cpu"), quick, input, repeats, workers, None, data_dir, command=_command()), out)
+
+
+@bench_app.command("generate")
+def generate_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK,
+                 preset: Optional[str] = typer.Option(None, "--preset", help="Model preset (default minimind2-small)."),
+                 repeats: Optional[int] = typer.Option(None, "--repeats", help="Interleaved repeats (default 3).")) -> None:
+    """Generation tokens/s with and without the KV cache over prompt/output lengths and batch sizes.
+
+    Example: llmcore bench generate --preset minimind2-small
+    """
+    from llmcore.bench.generate import run_generate
+
+    _finish(run_generate(_device(device), quick, preset, None, repeats, command=_command()), out)
+
+
+@bench_app.command("scale")
+def scale_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK, data_dir: Optional[Path] = _DATA,
+              budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes",
+                                                             help="Bound on the whole study (default 12 CPU, 6 GPU)."),
+              epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per size (default 4 CPU, 8 GPU)."),
+              seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default 256 CPU, 512 GPU)."),
+              batch: Optional[int] = typer.Option(None, "--batch", help="Rows per step (default 8 CPU, 32 GPU).")) -> None:
+    """Model-size study: train and held-out loss of several sizes on one small corpus.
+
+    Example: llmcore bench scale --budget-minutes 12
+    """
+    from llmcore.bench.scale import run_scale
+
+    _finish(run_scale(_device(device), quick, budget_minutes, epochs, seq_len, batch, data_dir=data_dir,
+                      command=_command()), out)
+
+
+@bench_app.command("report")
+def report_cmd(results: Path = typer.Option(DEFAULT_OUT, "--results", help="Folder of results files."),
+               readme: Optional[Path] = typer.Option(None, "--readme", help="Also rewrite the block between "
+                                                     "<!-- bench:begin --> and <!-- bench:end --> in this file "
+                                                     "(e.g. README.md)."),
+               replot: bool = typer.Option(False, "--replot", help="First redraw every result's png and md from its "
+                                           "json (after a report format change; nothing is re-measured)."),
+               ) -> None:
+    """Index page (results/README.md) of all results with their plots; optionally the README's section.
+
+    Example: llmcore bench report --readme README.md
+    """
+    from llmcore.bench.report import build_index, readme_block, update_readme
+
+    if replot:
+        from llmcore.bench.report import replot as redraw
+
+        typer.echo(f"redrew {len(redraw(results))} result(s) from their json")
+    typer.echo(f"wrote {build_index(results)}")
+    if readme is not None:
+        update_readme(readme, readme_block(results, readme.resolve().parent))
+        typer.echo(f"rewrote the benchmark block of {readme}")
+
+
+@bench_app.command("targets")
+def targets_cmd(results: Path = typer.Option(..., "--results", help="Folder holding one run's results files."),
+                out: Path = _OUT, name: Optional[str] = typer.Option(None, "--name", help="File stem (default gpu-<card>)."),
+                ) -> None:
+    """PASS/FAIL of every design-card target in one run's results; writes <name>.{json,md,png}.
+
+    Example: llmcore bench targets --results /tmp/gpu-run --out benchmarks/results
+    """
+    from llmcore.bench.report import targets_summary
+
+    paths, targets = targets_summary(results, out, name)
+    for t in targets:
+        val = "not measured" if t["value"] is None else f"{t['value']:.3g}{t['unit']}"
+        typer.echo(f"{t['verdict']:>12}  {t['name']}: {val}")
+    typer.echo(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench_app, name="bench")
+
+
+__all__ = ["register", "bench_app"]

@@ -1,0 +1,269 @@
+"""`llmcore bench report` and `llmcore bench targets`: pages built from the results files only.
+
+- `build_index(results_dir)` writes `results_dir/README.md`: every result (newest first per
+  benchmark and device) with its headline numbers, its targets and its plot.
+- `readme_block(results_dir)` is the README's performance section; `update_readme(readme, text)`
+  replaces what lies between `<!-- bench:begin -->` and `<!-- bench:end -->` and nothing else.
+- `targets_summary(results_dir, stem)` collects the PASS/FAIL targets of every result in a folder
+  (the GPU check writes one run's results into a fresh folder, so nothing older can slip in) and
+  writes `<stem>.{json,md,png}`.
+
+Invariants: nothing here measures or estimates; every number comes from a results json; quick
+runs (`--quick`) never reach the README block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from llmcore.bench.harness import fmt, machine_line, md_table, render_png, slug
+from llmcore.errors import LLMCoreError
+from llmcore.io import write_json, write_text
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+ORDER = ("train", "kernels", "data", "generate", "scale")
+
+
+def load_results(results_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(json path, data) of every benchmark result in the folder, newest first."""
+    out = []
+    for p in sorted(Path(results_dir).glob("*.json")):
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(d, dict) and "bench" in d and "measurements" in d:
+            out.append((p, d))
+    out.sort(key=lambda x: (x[1].get("started", ""), x[0].name), reverse=True)
+    return out
+
+
+def latest(results: list[tuple[Path, dict[str, Any]]], include_quick: bool = False
+           ) -> dict[tuple[str, str], tuple[Path, dict[str, Any]]]:
+    """The newest result per (benchmark, device)."""
+    pick: dict[tuple[str, str], tuple[Path, dict[str, Any]]] = {}
+    for p, d in results:
+        if d.get("quick") and not include_quick:
+            continue
+        pick.setdefault((d["bench"], d["device"]), (p, d))
+    return pick
+
+
+def headline(d: dict[str, Any], limit: int = 8) -> list[str]:
+    """A few lines that say what a result found: its targets, then its main ratios."""
+    out = []
+    for t in d.get("targets", []):
+        val = "not measured" if t["value"] is None else f"{fmt(t['value'])}{t['unit']}"
+        out.append(f"**{t['verdict']}** {t['name']}: {val} (target {'≥' if t['higher_is_better'] else '≤'} "
+                   f"{fmt(t['threshold'])}{t['unit']})")
+    if d["bench"] == "scale":
+        out += d.get("extra", {}).get("conclusions", [])
+        return out
+    checks = d.get("extra", {}).get("checks")
+    if checks is not None:
+        failed = sum(not c["ok"] for c in checks)
+        out.append(f"correctness sweep (Triton interpreter, no timings): {len(checks) - failed}/{len(checks)} checks "
+                   "within tolerance")
+    ratios = [r for r in d.get("ratios", []) if "per CPU-second" not in r["name"]]
+    for r in ratios[: max(0, limit - len(out))]:
+        out.append(f"{r['name']}: {fmt(r['value'])}x")
+    return out
+
+
+def _rel(path: Path, base: Path) -> str:
+    return os.path.relpath(path, base).replace(os.sep, "/")
+
+
+def replot(results_dir: str | Path) -> list[Path]:
+    """Redraw the png and md of every result in the folder from its json (nothing is re-measured)."""
+    from importlib import import_module
+
+    from llmcore.bench.harness import BenchResult
+
+    done = []
+    for p, d in load_results(results_dir):
+        res = BenchResult.from_dict(d)
+        try:
+            mod = import_module(f"llmcore.bench.{d['bench']}")
+        except ImportError:
+            mod = None
+        res.plot = mod.plot_for(res) if mod is not None and hasattr(mod, "plot_for") else None
+        if d["bench"] == "kernels":
+            res.figsize = (17, 5.5) if "seqs" in d["settings"] else (12, 5.5)
+        res.write(p.parent, p.stem)
+        done.append(p)
+    return done
+
+
+def build_index(results_dir: str | Path) -> Path:
+    """Write results_dir/README.md: an index of every result with its plot."""
+    rdir = Path(results_dir)
+    results = load_results(rdir)
+    if not results:
+        raise LLMCoreError(f"no benchmark results (*.json written by `llmcore bench`) in {rdir}")
+    lines = ["# Benchmark results", "", "Built by `llmcore bench report` from the json files in this folder; each "
+             "result's own `.md` has every measurement, its settings and the machine.", ""]
+    seen = latest(results, include_quick=True)
+    by_bench: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for p, d in results:
+        by_bench.setdefault(d["bench"], []).append((p, d))
+    for bench in sorted(by_bench, key=lambda b: (ORDER.index(b) if b in ORDER else 99, b)):
+        lines += [f"## {bench}", ""]
+        for p, d in by_bench[bench]:
+            newest = seen.get((d["bench"], d["device"]), (None,))[0] == p
+            tag = " (quick run)" if d.get("quick") else ""
+            lines += [f"### {d['title']}: {d['device']}, {d['date']}{tag}{'' if newest else ' (older)'}", "",
+                      f"{machine_line(d['machine'])}. [details]({p.with_suffix('.md').name})", ""]
+            for w in d.get("warnings", []):
+                lines += [f"> Warning: {w}", ""]
+            lines += [f"- {h}" for h in headline(d)] + [""]
+            png = p.with_suffix(".png")
+            if png.exists() and newest:
+                lines += [f"![{d['bench']} {d['device']}]({png.name})", ""]
+    ours = {p.with_suffix(".md").name for p, _ in results} | {"README.md"}
+    others = sorted(p.name for p in rdir.glob("*.md") if p.name not in ours)
+    if others:
+        lines += ["## Other results in this folder", "", "Written by other tools (not `llmcore bench`):", ""]
+        lines += [f"- [{name}]({name})" for name in others] + [""]
+    path = rdir / "README.md"
+    write_text(path, "\n".join(lines))
+    return path
+
+
+def readme_block(results_dir: str | Path, readme_dir: str | Path) -> str:
+    """The README's performance section, from the newest full (non-quick) result of each benchmark."""
+    rdir, base = Path(results_dir), Path(readme_dir)
+    pick = latest(load_results(rdir))
+    lines = ["<!-- generated by `llmcore bench report --readme` from benchmarks/results/*.json; do not edit by hand -->",
+             "", "`llmcore bench kernels|train|data|generate|scale` measure every speed against a baseline in the "
+             "same run (interleaved repeats, medians with their spread) and write "
+             "`benchmarks/results/<name>-<device>-<date>.{json,md,png}`; `llmcore bench report --readme` rebuilds "
+             "this section and [the results index](" + _rel(rdir / "README.md", base) + ") from those files. "
+             "`bash benchmarks/gpu_check.sh` runs the same subcommands on a GPU.", ""]
+    if not pick:
+        lines += ["No results yet: run `llmcore bench train` (or any other) and then `llmcore bench report --readme`.", ""]
+        return "\n".join(lines)
+    rows = []
+    for (bench, device), (p, d) in sorted(pick.items(), key=lambda kv: (ORDER.index(kv[0][0]) if kv[0][0] in ORDER else 99,
+                                                                          kv[0][1])):
+        for t in d.get("targets", []):
+            val = "not measured" if t["value"] is None else f"{fmt(t['value'])}{t['unit']}"
+            rows.append([f"`bench {bench}` ({device}, {d['date']})", t["name"],
+                         f"{'≥' if t['higher_is_better'] else '≤'} {fmt(t['threshold'])}{t['unit']}", val,
+                         f"**{t['verdict']}**"])
+    if rows:
+        lines += ["| result | target (DESIGN.md) | threshold | measured | verdict |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    gpu = any(dev != "cpu" for _, dev in pick)
+    if not gpu:
+        lines += ["No GPU has measured these yet: GPU targets (kernels vs SDPA and torch.compile, 4x MiniMind and 25% "
+                  "MFU for training) are not reported until `benchmarks/gpu_check.sh` runs on one.", ""]
+    for (bench, device), (p, d) in sorted(pick.items(), key=lambda kv: (ORDER.index(kv[0][0]) if kv[0][0] in ORDER else 99,
+                                                                          kv[0][1])):
+        lines += [f"**`llmcore bench {bench}`** on {d['machine'].get('gpu') or d['machine']['cpu'] + ' (' + str(d['machine']['cpu_count']) + ' cores)'}, "
+                  f"{d['date']} ([details]({_rel(p.with_suffix('.md'), base)})):", ""]
+        for w in d.get("warnings", []):
+            lines += [f"> {w}", ""]
+        if bench == "scale":
+            lines += [f"![scale study]({_rel(p.with_suffix('.png'), base)})", ""]
+            plan = d.get("extra", {}).get("plan", {})
+            lines += [f"The study trained {len(d.get('extra', {}).get('curves', []))} sizes on the same "
+                      f"{plan.get('train_documents')} passages ({fmt(plan.get('train_tokens'))} tokens) for "
+                      f"{d['settings'].get('epochs')} epochs and evaluated {plan.get('eval_documents')} held-out passages "
+                      f"({fmt(plan.get('eval_tokens'))} tokens) every {plan.get('eval_every_steps')} steps ({plan.get('steps_per_epoch')} per epoch). Left: held-out loss (solid, ★ at "
+                      "its minimum) and train loss (dashed) against tokens seen; right: the same against parameters. "
+                      "What the numbers say:", ""]
+            lines += [f"- {c}" for c in d.get("extra", {}).get("conclusions", [])] + [""]
+            continue
+        for t in d.get("tables", []):
+            if t["title"].startswith(("Real tokens per second", "New tokens per second", "Real-token share",
+                                      "Prep peak memory")):
+                lines += [f"*{t['title']}*", ""] + md_table(t["columns"], t["rows"]) + [""]
+        if bench == "kernels" and device == "cpu":
+            extra = d.get("extra", {})
+            n = len(extra.get("checks", []))
+            lines += [f"On CPU the kernels run only in Triton's interpreter, so this is a correctness sweep, no "
+                      f"timings: {n - extra.get('failed', 0)}/{n} checks within tolerance.", ""]
+        ratios = [r for r in d.get("ratios", []) if bench in ("data",)]
+        for r in ratios:
+            lines.append(f"- {r['name']}: {fmt(r['value'])}x")
+        if ratios:
+            lines.append("")
+        lines += [f"![{bench} {device}]({_rel(p.with_suffix('.png'), base)})", ""]
+    return "\n".join(lines)
+
+
+def update_readme(readme: str | Path, block: str) -> Path:
+    """Replace the text between the bench markers of `readme` with `block` (markers kept)."""
+    path = Path(readme)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LLMCoreError(f"--readme {path}: no such file") from None
+    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
+        raise LLMCoreError(f"{path} has no `{BEGIN}` ... `{END}` block to rewrite; add the two markers where the "
+                           "performance section belongs")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    write_text(path, f"{head}{BEGIN}\n{block.rstrip()}\n{END}{tail}")
+    return path
+
+
+def targets_summary(results_dir: str | Path, out_dir: str | Path, stem: str | None = None
+                    ) -> tuple[dict[str, Path], list[dict[str, Any]]]:
+    """Every target of every result in `results_dir` into `<stem>.{json,md,png}` (stem default `gpu-<card>`)."""
+    results = load_results(results_dir)
+    if not results:
+        raise LLMCoreError(f"no benchmark results in {results_dir}")
+    targets, machine = [], results[0][1]["machine"]
+    for p, d in results:
+        for t in d.get("targets", []):
+            targets.append({**t, "bench": d["bench"], "result": p.name})
+    card = machine.get("gpu") or "cpu"
+    stem = stem or f"gpu-{slug(card.replace('NVIDIA ', ''))}"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f"{stem}.{k}" for k in ("json", "md", "png")}
+    data = {"card": card, "machine": machine, "targets": targets,
+            "results": [p.name for p, _ in results], "date": results[0][1]["date"]}
+    write_json(paths["json"], data)
+    lines = [f"# Design-card targets on {card}", "", f"{machine_line(machine)}.", "",
+             "Every value below was measured in this run; NOT MEASURED means the phase did not produce it "
+             "(it is never counted as a pass).", ""]
+    lines += md_table(["verdict", "target", "measured", "threshold", "from"],
+                      [[f"**{t['verdict']}**", t["name"], "-" if t["value"] is None else f"{fmt(t['value'])}{t['unit']}",
+                        f"{'≥' if t['higher_is_better'] else '≤'} {fmt(t['threshold'])}{t['unit']}", t["result"]]
+                       for t in targets])
+    lines += ["", f"![targets]({paths['png'].name})", ""] + [f"- [{p.name}]({p.with_suffix('.md').name})" for p, _ in results]
+    write_text(paths["md"], "\n".join(lines) + "\n")
+
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot(1, 1, 1)
+        shown = targets[:40]
+        ys = list(range(len(shown)))[::-1]
+        vals = []
+        for t in shown:
+            v = t["value"]
+            vals.append(0.0 if v is None else (v / t["threshold"] if t["higher_is_better"] else t["threshold"] / v if v else 0))
+        colors = {"PASS": "tab:green", "FAIL": "tab:red", "NOT MEASURED": "lightgray"}
+        ax.barh(ys, vals, color=[colors[t["verdict"]] for t in shown])
+        for y, v, t in zip(ys, vals, shown):
+            ax.text(v, y, f" {t['verdict']} ({'-' if t['value'] is None else fmt(t['value']) + t['unit']})", va="center",
+                    fontsize=7)
+        ax.axvline(1.0, color="black", ls="--", lw=1, label="target")
+        ax.set_yticks(ys)
+        ax.set_yticklabels([t["name"][:90] for t in shown], fontsize=7)
+        ax.set_xlabel("measured / target (above 1 = met)")
+        ax.set_title(f"Design-card targets on {card}", fontsize=11)
+        ax.legend(fontsize=8, loc="lower right")
+        ax.margins(x=0.25)
+
+    render_png({"machine": machine, "date": data["date"], "warnings": [], "quick": any(d.get("quick") for _, d in results)},
+               paths["png"], draw, figsize=(12, max(4.0, 1.2 + 0.28 * min(len(targets), 40))))
+    return paths, targets
+
+
+__all__ = ["replot", "build_index", "readme_block", "update_readme", "targets_summary", "load_results", "BEGIN", "END"]
