@@ -285,14 +285,15 @@ class _Row:
             self.finish("stop")
             return
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # hold back a character that is not complete yet
-            cut = self._first_stop(text)
-            if cut >= 0:
-                self._send_upto(text[:cut])
-                self._end("stop")
-                return
-            self._send_upto(text[:len(text) - _holdback(text, self.job.params.stop)])
+        # A character whose bytes are not all there yet decodes to U+FFFD at the end; everything before
+        # it is final (UTF-8 resynchronises), so stops are searched and text sent up to it.
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd")
+        cut = self._first_stop(text)
+        if cut >= 0:
+            self._send_upto(text[:cut])
+            self._end("stop")
+            return
+        self._send_upto(text[:len(text) - _holdback(text, self.job.params.stop)])
         if self.produced >= self.job.max_tokens:
             self.finish("length")
 
@@ -329,6 +330,7 @@ class Engine:
         self.batches_run = 0  # counters for tests, benchmarks and logs
         self.max_batch_seen = 0
         self.tokens_produced = 0  # tokens handed to rows that were still listening
+        self.rows_cancelled = 0  # running rows dropped because their client left
         self.busy = False  # a batch is running
 
     def start(self) -> "Engine":
@@ -437,6 +439,7 @@ class Engine:
                         continue
                     if row.job.cancelled.is_set():
                         row.done = True  # nobody is listening; nothing to send
+                        self.rows_cancelled += 1
                         continue
                     row.push(int(token), self.eos_id)
                     self.tokens_produced += 1

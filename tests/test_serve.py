@@ -57,12 +57,16 @@ def _tokenizer_dir(tmp: Path) -> Path:
 
 def _make_run(root: Path) -> Path:
     """A run dir as training writes it: checkpoints/step-1 + latest + tokenizer/."""
+    from llmcore.data_prep.tokenizer import load_tokenizer
+
+    tok_dir = _tokenizer_dir(root)
     torch.manual_seed(0)
-    model = LLM(ModelConfig.from_preset("tiny", initializer_range=0.2)).eval()
+    model = LLM(ModelConfig.from_preset("tiny", initializer_range=0.2,
+                                        vocab_size=load_tokenizer(tok_dir).vocab_size)).eval()
     run = root / MODEL
     save_model(model, run / "checkpoints" / "step-1")
     (run / "checkpoints" / "latest").write_text("step-1\n")
-    shutil.copytree(_tokenizer_dir(root), run / "tokenizer")
+    shutil.copytree(tok_dir, run / "tokenizer")
     return run
 
 
@@ -296,11 +300,24 @@ def test_engine_rejects_a_full_queue(served: Served) -> None:
         Engine(served.model, served.tok, max_batch=0)
 
 
-def test_client_that_disconnects_mid_stream_frees_its_slot(served: Served) -> None:
+LONG = 400  # greedy tokens without an end token that the disconnect tests' prompt must give
+
+
+@pytest.fixture(scope="module")
+def long_prompt(served: Served) -> str:
+    """A prompt whose greedy continuation runs LONG tokens without the end token, so only a
+    disconnect can stop its row early."""
+    for prompt in ["Once upon a time there was", "从前有座山，山里有座庙。", "The history of", "1, 2, 3,"]:
+        out = generate(served.model, [_text_ids(served, prompt)], max_new_tokens=LONG, eos_id=served.tok.eos_id)[0]
+        if len(out) == LONG:
+            return prompt
+    pytest.skip(f"no candidate prompt runs {LONG} greedy tokens without the end token on this tiny model")
+
+
+def test_client_that_disconnects_mid_stream_frees_its_slot(served: Served, long_prompt: str) -> None:
     engine = served.engine
-    body = {"model": MODEL, "prompt": "Once upon a time there was", "max_tokens": 1000, "temperature": 0,
-            "stream": True}
-    produced_before = engine.tokens_produced
+    body = {"model": MODEL, "prompt": long_prompt, "max_tokens": 900, "temperature": 0, "stream": True}
+    produced_before, cancelled_before = engine.tokens_produced, engine.rows_cancelled
     t0 = time.perf_counter()
     with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
@@ -311,26 +328,28 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(served: Served) -> No
     while engine.busy and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not engine.busy, "the worker is still generating for a client that left"
+    assert engine.rows_cancelled == cancelled_before + 1
     produced = engine.tokens_produced - produced_before
-    assert produced < 1000, produced
+    assert produced < LONG, produced
     # And the next client is served at once.
     r2 = served.client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, temperature=0.5, seed=1)
     assert r2.usage.completion_tokens >= 1
     assert time.perf_counter() - t0 < 30
 
 
-def test_client_that_gives_up_on_a_non_streamed_request_frees_its_slot(served: Served) -> None:
+def test_client_that_gives_up_on_a_non_streamed_request_frees_its_slot(served: Served, long_prompt: str) -> None:
     engine = served.engine
-    produced_before = engine.tokens_produced
-    body = {"model": MODEL, "prompt": "Once upon a time there was", "max_tokens": 1000, "temperature": 0}
+    produced_before, cancelled_before = engine.tokens_produced, engine.rows_cancelled
+    body = {"model": MODEL, "prompt": long_prompt, "max_tokens": 900, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(served.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.0))
+        httpx.post(served.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
     deadline = time.monotonic() + 20
     time.sleep(0.2)
     while engine.busy and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not engine.busy, "the worker is still generating for a client that left"
-    assert engine.tokens_produced - produced_before < 1000
+    assert engine.rows_cancelled == cancelled_before + 1
+    assert engine.tokens_produced - produced_before < LONG
 
 
 def test_chat_without_max_tokens_gets_the_default_budget(served: Served) -> None:
