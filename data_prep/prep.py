@@ -336,7 +336,7 @@ def prep(
         raise LLMCoreError("--max-line-bytes must be at least 1")
     paths = input_files(inputs, try_open=True)  # fail on permission problems before any work
     out = Path(out_dir)
-    check_out_dir(out, overwrite=overwrite, what=f"a {kind.name} shard dir", inputs=[*paths, Path(tokenizer_dir)],
+    check_out_dir(out, overwrite=overwrite, what=f"a shard dir of kind {kind.name}", inputs=[*paths, Path(tokenizer_dir)],
                   replaceable=lambda p: shard_dir_problem(p, kind))
     tok_dir = str(Path(tokenizer_dir))
     tok = load_tokenizer(tok_dir)
