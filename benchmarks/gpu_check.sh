@@ -10,14 +10,14 @@
 #   versions  card, driver, torch/triton/CUDA versions                                     (~10 s)
 #   tests     the CUDA subset of the suite: tests/test_gpu.py (when present) and the kernel
 #             tests (every test is parametrised over the device; fp32/bf16/fp16 on CUDA;
-#             autotuning off so tuning does not dominate)                         TESTS_S=150
+#             autotuning off so tuning does not dominate)                         TESTS_S=130
 #   kernels   `llmcore bench kernels`: flash attention vs SDPA / cuDNN / eager / torch.compile,
 #             RoPE and RMSNorm vs eager / torch.compile, bf16, batch 32, heads 8/2, head dim 64,
 #             seq 512-4096 (causal and packed), against the copy bandwidth and bf16 matmul peak
 #             measured in the same run                                          KERNELS_S=140
 #   train     `llmcore bench train`: minimind2-small (then minimind2) at seq 512, MiniMind-style
 #             loop vs llmcore eager/sdpa/triton with and without torch.compile, real tokens/s,
-#             MFU, peak memory, real-token share padded vs packed                  TRAIN_S=170
+#             MFU, peak memory, real-token share padded vs packed                  TRAIN_S=180
 #   summary   `llmcore bench targets`: PASS/FAIL per design-card target from this run's results
 #             only, written to benchmarks/results/gpu-<card>.{md,json,png}
 # The benchmarks run through `python -m llmcore.bench` (the same code as `llmcore bench`, without
@@ -36,9 +36,9 @@ PHASES=${GPU_CHECK_PHASES:-tests kernels train}
 RESULTS=${GPU_CHECK_RESULTS:-benchmarks/results}
 QUICK=""
 [ -n "${GPU_CHECK_QUICK:-}" ] && QUICK="--quick"
-TESTS_S=${GPU_CHECK_TESTS_S:-150}
+TESTS_S=${GPU_CHECK_TESTS_S:-130}
 KERNELS_S=${GPU_CHECK_KERNELS_S:-140}
-TRAIN_S=${GPU_CHECK_TRAIN_S:-170}
+TRAIN_S=${GPU_CHECK_TRAIN_S:-180}
 RUN=$(mktemp -d /tmp/gpu_check_run.XXXXXX)
 LOG=$(mktemp /tmp/gpu_check.XXXXXX.log)
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 TOKENIZERS_PARALLELISM=false
