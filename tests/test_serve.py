@@ -444,6 +444,32 @@ def test_bad_chat_requests_are_4xx_json(served: Served, case: str) -> None:
     _assert_error(_raw(served, "/v1/chat/completions", json.dumps(body)), status, needle)
 
 
+WEIRD_VALUES = ["x", -1, 2**70, 1e308, True, [1, "a"], {"a": 1}]
+CHAT_FIELDS = ["model", "messages", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop",
+               "seed", "n", "stream_options", "response_format"]
+COMPLETION_FIELDS = ["prompt", "echo", "best_of", "logprobs"]
+
+
+def test_no_field_value_gives_a_server_error(served: Served) -> None:
+    """Every odd value of every field is answered with 200 or a 4xx JSON error, never a 5xx."""
+    cases = [("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                       "max_tokens": 2}, f) for f in CHAT_FIELDS]
+    cases += [("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}, f) for f in COMPLETION_FIELDS]
+    seen = set()
+    with httpx.Client(timeout=30) as client:
+        for path, base, name in cases:
+            for value in WEIRD_VALUES:
+                body = {**base, name: value}
+
+                r = client.post(served.url + path, content=json.dumps(body),
+                                headers={"Content-Type": "application/json"})
+                seen.add(r.status_code)
+                assert r.status_code < 500, (path, name, value, r.text)
+                if r.status_code != 200:
+                    assert "error" in r.json() and "Traceback" not in r.text, (path, name, value, r.text)
+    assert 200 in seen and 400 in seen
+
+
 def test_bad_requests_through_the_openai_client(served: Served) -> None:
     c = served.client
     with pytest.raises(openai.NotFoundError) as nf:
