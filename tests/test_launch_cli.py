@@ -165,3 +165,18 @@ def test_precision_and_optimizer_disagreements(shards, tmp_path):
     assert ds["train_batch_size"] == 16 and "bf16" not in ds
     for name in ("zero0", "zero1", "zero2", "zero3", "zero3-offload"):
         build_ds_config(deepspeed_config_path(name), cfg, world=2, accum=2, dtype="fp32")
+
+
+def test_include_and_exclude_use_deepspeeds_syntax(shards, tmp_path):
+    pytest.importorskip("deepspeed", reason="deepspeed not installed")
+    from llmcore.launch.cli import runner_command
+
+    hf = _hostfile(tmp_path, "node1 slots=4\nnode2 slots=4\nnode3 slots=4\n")
+    plan = make_plan(hf, _train(shards, tmp_path / "run"), include="node1:0,1@node3:2,3", master_addr="10.0.0.1")
+    assert plan.world == 4 and list(plan.resources) == ["node1", "node3"]
+    assert "--include=node1:0,1@node3:2,3" in runner_command(plan)
+    plan = make_plan(hf, _train(shards, tmp_path / "run", "--global-batch-size", "32"), exclude="node2",
+                     master_addr="10.0.0.1")
+    assert plan.world == 8 and list(plan.resources) == ["node1", "node3"]
+    with pytest.raises(LLMCoreError, match="--include node9"):
+        make_plan(hf, _train(shards, tmp_path / "run"), include="node9", master_addr="10.0.0.1")

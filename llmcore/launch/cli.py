@@ -178,20 +178,16 @@ def resolve_training(train_args: list[str]) -> tuple[str, Any]:
     return stage, cfg
 
 
-def run_env(timeout: float) -> dict[str, str]:
-    """The variables each node's run gets (beside PYTHON*, which DeepSpeed forwards itself)."""
+def run_env(timeout: float, cpu: bool = False) -> dict[str, str]:
+    """The variables each node's run gets (beside PYTHON*, which DeepSpeed forwards itself);
+    `cpu`: the nodes have no GPUs (DeepSpeed's CPU accelerator, gloo)."""
     env = {k: v for k, v in os.environ.items() if k in ENV_NAMES or k.startswith(ENV_PREFIXES)}
     env.setdefault("WANDB_MODE", "offline")
     env.setdefault("DS_BUILD_OPS", "0")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     env["LLMCORE_DIST_TIMEOUT"] = f"{timeout:g}"
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if cpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
 
@@ -247,13 +243,29 @@ def make_plan(hostfile: Path, train_args: list[str], include: str = "", exclude:
         raise LLMCoreError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
                            f"{cfg.micro_batch_size} x {world} process(es) = {cfg.micro_batch_size * world}")
     plan.accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
-    # The device each rank will have: a GPU when the nodes have them; the precision follows it.
-    device_type = "cpu" if os.environ.get("DS_ACCELERATOR") == "cpu" or cfg.device == "cpu" else _device_type()
+    # The precision the ranks will run: --dtype, or for `auto` the device's default. This node is
+    # one of the nodes with --no-ssh; with ssh it may be a login node without GPUs, so then a
+    # config is accepted when it fits either precision `auto` can become.
     import torch
 
-    build_ds_config(deepspeed_config_path(cfg.deepspeed), cfg, world, plan.accum,
-                    resolve_dtype(cfg.dtype, torch.device(device_type)))
-    plan.env = run_env(timeout)
+    if cfg.dtype != "auto":
+        dtypes = [cfg.dtype]
+    elif cfg.device == "cpu" or os.environ.get("DS_ACCELERATOR") == "cpu":
+        dtypes = ["fp32"]
+    elif no_ssh or torch.cuda.is_available():
+        dtypes = [resolve_dtype("auto", torch.device(_device_type()))]
+    else:
+        dtypes = ["bf16", "fp32"]
+    errors = []
+    for dtype in dtypes:
+        try:
+            build_ds_config(deepspeed_config_path(cfg.deepspeed), cfg, world, plan.accum, dtype)
+            break
+        except LLMCoreError as err:
+            errors.append(err)
+    else:
+        raise errors[0]
+    plan.env = run_env(timeout, cpu=cfg.device == "cpu" or (no_ssh and _device_type() == "cpu"))
     plan.filters = ([f"--include={include}"] if include else []) + ([f"--exclude={exclude}"] if exclude else []) \
         + ([f"--num_nodes={num_nodes}"] if num_nodes > 0 else []) + ([f"--num_gpus={num_gpus}"] if num_gpus > 0 else [])
     return plan
