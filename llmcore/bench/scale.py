@@ -116,14 +116,18 @@ def run_scale(device: torch.device, quick: bool = False, budget_minutes: float |
 
         # 1. probe: tokens/s of each size on the whole corpus (3 timed steps after 1 warm-up).
         all_shards = work / "probe-shards"
-        prep("pretrain", [write_jsonl(passages, work / "all.jsonl")], tok_dir, all_shards, workers=1)
+        if not quick:
+            prep("pretrain", [write_jsonl(passages, work / "all.jsonl")], tok_dir, all_shards, workers=1)
         probe: dict[str, float] = {}
         for size in sizes:
+            if quick:  # --quick keeps every size whatever its speed, so there is nothing to plan
+                probe[size.name] = float("nan")
+                continue
             cfg = config(size, all_shards, work / f"probe-{size.hidden}-{size.layers}", 0, 10**6, 1.0, 0).resolved("pretrain")
             trainer = _trainer_for(Trainer, cfg, size)
             trainer.train_step()
             t0, tokens0 = time.perf_counter(), trainer.tokens
-            for _ in range(1 if quick else 3):
+            for _ in range(3):
                 trainer.train_step()
             if cuda:
                 torch.cuda.synchronize(device)
@@ -131,7 +135,7 @@ def run_scale(device: torch.device, quick: bool = False, budget_minutes: float |
             trainer.feed.close()
             del trainer
             log.info("probe %s: %s tokens/s", size.name, fmt(probe[size.name]))
-        res.extra["probe_tokens_per_s"] = probe
+        res.extra["probe_tokens_per_s"] = {k: (None if v != v else v) for k, v in probe.items()}
 
         # 2. plan: the largest corpus (whole passages, in file order) that lets every size that fits run all epochs.
         left = budget_s - (time.perf_counter() - t_start) - (5 if quick else 20)  # leave time for writing
@@ -147,7 +151,7 @@ def run_scale(device: torch.device, quick: bool = False, budget_minutes: float |
             res.note(f"{chosen[-1].name} left out: the budget of {budget_s / 60:.1f} min cannot fit {epochs} epochs of "
                      f"even {min_docs} documents with it (probe: {fmt(probe[chosen[-1].name])} tokens/s)")
             chosen.pop()
-        fit = left / sum(overhead * epochs / probe[s.name] for s in chosen)
+        fit = min_tokens if quick else left / sum(overhead * epochs / probe[s.name] for s in chosen)
         if fit < min_tokens:
             res.warn(f"the budget of {budget_s / 60:.1f} min is too short for {epochs} epochs of {min_docs} documents "
                      f"even for {chosen[0].name}; running that minimum anyway")
@@ -180,7 +184,7 @@ def run_scale(device: torch.device, quick: bool = False, budget_minutes: float |
         curves: list[dict[str, Any]] = []
         for size in chosen:
             elapsed = time.perf_counter() - t_start
-            estimate = overhead * epochs * train_tokens / probe[size.name]
+            estimate = 0.0 if quick else overhead * epochs * train_tokens / probe[size.name]
             if size is not chosen[0] and not quick and elapsed + estimate > budget_s + 30:
                 res.note(f"{size.name} skipped: {estimate:.0f}s estimated, {budget_s - elapsed:.0f}s of the budget left")
                 continue

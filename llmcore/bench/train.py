@@ -375,17 +375,22 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
                 entry = res.find(f"{preset} {label}", "throughput")
                 r = next((x for x in res.ratios if x["numerator"] == f"{preset} {label}"
                           and x["metric"] == "throughput"), None)
-                all_rows.append([preset, label, fmt(entry["median"]), f"{fmt(entry['min'])} .. {fmt(entry['max'])}",
-                                 fmt(entry["step_s"]["median"]) + " s",
-                                 f"{entry['mfu']['median']:.1%}" if entry.get("mfu") else "-",
-                                 fmt(entry.get("peak_memory_gb", entry.get("process_max_rss_gb"))),
-                                 f"{fmt(r['value'])}x" if r else "1x (baseline)"])
+                row = [preset, label, fmt(entry["median"]), f"{fmt(entry['min'])} .. {fmt(entry['max'])}",
+                       fmt(entry["step_s"]["median"]) + " s",
+                       f"{entry['mfu']['median']:.1%}" if entry.get("mfu") else "-",
+                       fmt(entry.get("peak_memory_gb", entry.get("process_max_rss_gb"))),
+                       f"{fmt(r['value'])}x" if r else "1x (baseline)"]
+                if not cuda:
+                    rc = next((x for x in res.ratios if x["numerator"] == f"{preset} {label}"
+                               and x["metric"] == "per CPU-second"), None)
+                    row.append(f"{fmt(rc['value'])}x" if rc else "1x (baseline)")
+                all_rows.append(row)
             loops.clear()
             if cuda:
                 torch.cuda.empty_cache()
         mem_col = "peak memory GiB" if cuda else "process max RSS GiB (all loops)"
         res.table("Real tokens per second", ["preset", "loop", "real tokens/s", "min .. max", "step", "MFU", mem_col,
-                                             "vs minimind-style"], all_rows)
+                                             "vs minimind-style"] + ([] if cuda else ["same, per CPU-second"]), all_rows)
         _targets(res, device, presets)
         res.note("Real tokens = non-pad input positions (what a padded loop wastes does not count). MFU counts the "
                  "real tokens only: 6N + 12·L·H·Q·T FLOPs per token over the card's dense bf16 peak.")
