@@ -139,3 +139,17 @@ def test_deepspeed_zero_resume_is_exact(shards, tmp_path, ds, dtype):
     train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "cut", resume=True, **kw))
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     assert_same_weights(tmp_path / "cut", tmp_path / "full")
+
+
+@pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed")
+def test_plain_checkpoint_resumes_under_deepspeed(shards, tmp_path):
+    """Engines share one optimizer-state meaning (per parameter name): a plain run continued with
+    --deepspeed zero1 follows the uninterrupted plain run."""
+    kw = dict(max_steps=4, save_every=2)
+    train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "full", **kw))
+    train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "cut", stop_after=2, **kw))
+    train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "cut", resume=True, deepspeed="zero1", **kw))
+    got, want = losses(tmp_path / "cut"), losses(tmp_path / "full")
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-5)
