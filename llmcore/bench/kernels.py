@@ -546,3 +546,10 @@ __all__ = ["run_kernels", "eager_rope", "eager_attention", "sdpa_attention", "ad
 def plot_for(res: BenchResult) -> Any:
     """The plot function for a result of this benchmark (used to redraw from json)."""
     return _plot_timing if "seqs" in res.settings else _plot_sweep
+
+
+def targets_for(res: BenchResult) -> None:
+    """Recompute the targets of a finished timing result from its stored ratios (no measuring)."""
+    if "seqs" in res.settings:
+        res.targets = []
+        add_targets(res)

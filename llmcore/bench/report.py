@@ -78,7 +78,8 @@ def _rel(path: Path, base: Path) -> str:
 
 
 def replot(results_dir: str | Path) -> list[Path]:
-    """Redraw the png and md of every result in the folder from its json (nothing is re-measured)."""
+    """Redraw the png and md of every result in the folder from its json, and re-derive targets from
+    the stored ratios where the benchmark defines how (nothing is re-measured)."""
     from importlib import import_module
 
     from llmcore.bench.harness import BenchResult
@@ -91,6 +92,8 @@ def replot(results_dir: str | Path) -> list[Path]:
         except ImportError:
             mod = None
         res.plot = mod.plot_for(res) if mod is not None and hasattr(mod, "plot_for") else None
+        if mod is not None and hasattr(mod, "targets_for"):
+            mod.targets_for(res)  # targets are functions of the stored ratios
         if d["bench"] == "kernels":
             res.figsize = (17, 5.5) if "seqs" in d["settings"] else (12, 5.5)
         res.write(p.parent, p.stem)
