@@ -69,6 +69,8 @@ def checkpoint_problem(directory: str | Path, only: tuple[str, ...] | None = Non
     directory = Path(directory)
     mpath = directory / MANIFEST
     if not mpath.is_file():
+        if (directory / "trainer_state.json").is_file() and not directory.name.endswith(".tmp"):
+            return f"no {MANIFEST} (written by an llmcore without checkpoint manifests, or damaged); not verifiable"
         return f"no {MANIFEST} (the save did not finish)"
     try:
         manifest = json.loads(mpath.read_text())
