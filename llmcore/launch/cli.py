@@ -357,7 +357,7 @@ def launch_command(
             typer.echo(f"[started here] {shlex.join(runner_command(plan))}")
         return
     env = {**os.environ, **plan.env}
-    if not plan.no_ssh:
+    if not plan.no_ssh and len(plan.resources) > 1:  # one host: DeepSpeed starts it locally, env as is
         path = write_deepspeed_env(Path(".deepspeed_env"), plan.env)
         typer.echo(f"  wrote {path} ({len(plan.env)} variables the ssh launcher exports on every node)")
     sys.stdout.flush()
