@@ -92,7 +92,7 @@ def train_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK, dat
                   None, "--variants", help="Loops, e.g. minimind,triton+compile,sdpa:padded,sdpa:bf16 (default per device)."),
               seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default 512)."),
               batch: Optional[int] = typer.Option(None, "--batch", help="Micro batch (default 32 on CUDA, 4 on CPU)."),
-              rounds: Optional[int] = typer.Option(None, "--rounds", help="Interleaved rounds (default 5)."),
+              rounds: Optional[int] = typer.Option(None, "--rounds", help="Interleaved rounds (default 5 CUDA, 3 CPU)."),
               steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per round (default 5 CUDA, 1 CPU)."),
               budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Seconds for the whole benchmark; loops "
                                                        "that do not fit are skipped and named.")) -> None:

@@ -397,6 +397,10 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
         res.note("The MiniMind-style loop uses our model's sdpa backend without position ids (one causal document per "
                  "row), pre-tokenized rows fed from memory and torch's default AdamW; llmcore loops run "
                  "Trainer.train_step() with its own loader and feed.")
+        if not cuda and any("+compile" in m.get("loop", "") for m in res.measurements):
+            res.note("CPU caveat: once torch.compile has run in a process, eager code in the same process can slow "
+                     "down (inductor's OpenMP threads compete for the cores; seen on this 2-core machine), which "
+                     "penalises the uncompiled loops, the baseline included; compare the per-round values.")
         if not cuda:
             res.note("CPU: bf16 autocast on this CPU uses " + ("AMX" if "amx_bf16" in res.machine["cpu_flags"] else
                      "AVX-512 BF16 (no AMX)" if "avx512_bf16" in res.machine["cpu_flags"] else "no bf16 hardware")
