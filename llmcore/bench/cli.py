@@ -138,13 +138,13 @@ def generate_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK,
 @bench_app.command("scale")
 def scale_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK, data_dir: Optional[Path] = _DATA,
               budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes",
-                                                             help="Bound on the whole study (default 12 CPU, 6 GPU)."),
+                                                             help="Bound on the whole study (default 15 CPU, 6 GPU)."),
               epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per size (default 4 CPU, 8 GPU)."),
               seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default 256 CPU, 512 GPU)."),
               batch: Optional[int] = typer.Option(None, "--batch", help="Rows per step (default 8 CPU, 32 GPU).")) -> None:
     """Model-size study: train and held-out loss of several sizes on one small corpus.
 
-    Example: llmcore bench scale --budget-minutes 12
+    Example: llmcore bench scale --budget-minutes 15
     """
     from llmcore.bench.scale import run_scale
 

@@ -86,7 +86,7 @@ def run_scale(device: torch.device, quick: bool = False, budget_minutes: float |
     cuda = device.type == "cuda"
     ddir = shared_data_dir(data_dir)
     tok_dir = minimind_tokenizer_dir(ddir)
-    budget_s = 60 * (budget_minutes if budget_minutes is not None else (0.4 if quick else (6.0 if cuda else 12.0)))
+    budget_s = 60 * (budget_minutes if budget_minutes is not None else (0.4 if quick else (6.0 if cuda else 15.0)))
     epochs = epochs or (2 if quick else (8 if cuda else 4))
     seq_len = seq_len or (64 if quick else (512 if cuda else 256))
     batch = batch or (8 if quick else (32 if cuda else 8))
