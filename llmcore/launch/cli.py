@@ -328,8 +328,10 @@ def launch_command(
     hostfile: Path = typer.Option(..., "--hostfile", help="DeepSpeed hostfile: one 'HOST slots=N' line per node."),
     include: str = typer.Option("", "--include", help="Only these hosts/slots, DeepSpeed syntax: 'node1@node2:0,1'."),
     exclude: str = typer.Option("", "--exclude", help="Leave out these hosts/slots (same syntax)."),
-    num_nodes: int = typer.Option(-1, "--num-nodes", help="Use the first N hosts of the hostfile."),
-    num_gpus: int = typer.Option(-1, "--num-gpus", help="Processes per node (default: its slots)."),
+    num_nodes: int = typer.Option(-1, "--num-nodes", help="Use the first N hosts of the hostfile.",
+                                   show_default=False),
+    num_gpus: int = typer.Option(-1, "--num-gpus", help="Processes per node (default: its slots).",
+                                  show_default=False),
     master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Address of node 0 that all nodes reach "
                                                                        "(default: the first host)."),
     master_port: int = typer.Option(29500, "--master-port", help="Free TCP port on node 0."),
