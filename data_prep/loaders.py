@@ -166,9 +166,6 @@ class Loader:
         if self.long_docs and self._has_mask and mode != "packed":
             for j in np.flatnonzero(long_docs).tolist():
                 self.docs_without_loss += int(not self._tokens(int(self.docs[j]))[1][1:width].any())
-            if self.docs_without_loss == len(self.docs):
-                raise LLMCoreError(f"{reader.path}: no conversation has an assistant token within --seq-len "
-                                   f"{self.seq_len}; raise --seq-len")
         self.tokens_per_epoch = int(self._doc_lengths.sum())  # tokens in the documents (before any cut)
         # Rows in one epoch: one per document (padded, pairs), the packed stream cut into seq_len+1,
         # or the best-fit rows (their count does not depend on the epoch's order).

@@ -67,7 +67,7 @@ class ChatSession:
         history = list(self.messages)
         while True:
             msgs = ([{"role": "system", "content": self.system}] if self.system else []) + history
-            ids = self.tokenizer.encode(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+            ids = self.tokenizer.encode_prompt(msgs)
             if len(ids) <= limit:
                 return ids
             if len(history) <= 1:
@@ -203,4 +203,4 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, prompt: str = 
 def chat_prompt_ids(tokenizer: Any, text: str, system: str | None = None) -> list[int]:
     """Prompt ids for a single-turn chat (used by `llmcore generate --chat`)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return tokenizer.encode_prompt(messages)

@@ -97,8 +97,7 @@ def _samples(run_dir: Path, prompts: list[str], chat: bool, max_new_tokens: int)
     if tok is None:
         raise LLMCoreError(f"{run_dir}: no tokenizer next to the checkpoint")
     if chat:
-        ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
-               for p in prompts]
+        ids = [tok.encode_prompt([{"role": "user", "content": p}]) for p in prompts]
     else:
         ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
     outs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.1,

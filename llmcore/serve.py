@@ -604,10 +604,10 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         import jinja2
 
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            # Special-token strings inside message content stay plain text: a client cannot forge turns.
+            return tokenizer.encode_prompt(messages)
         except jinja2.TemplateError as err:
             raise ApiError(400, f"the chat template refused these messages: {err}", param="messages") from None
-        return tokenizer.encode(text)
 
     def start(prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop
               ) -> tuple[Job, "asyncio.Queue[Event]"]:

@@ -404,6 +404,9 @@ class CharTok:
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
 
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt=True))
+
 
 def test_fit_passages_drops_and_cuts_from_the_end() -> None:
     tok = CharTok()

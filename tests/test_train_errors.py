@@ -175,3 +175,8 @@ def test_cli_is_derived_from_the_config_per_stage(shards, tmp_path):
     assert again == build_config("pretrain", {"data": str(shards["pretrain"]), "out": str(tmp_path / "o"),
                                              "lr": 0.003})
     assert not (tmp_path / "o").exists()  # --print-config trains nothing
+
+
+def test_sft_rows_too_short_for_any_answer_are_refused(shards, tmp_path):
+    with pytest.raises(LLMCoreError, match="no conversation keeps an assistant token within --seq-len 8"):
+        train("sft", tiny_cfg("sft", shards, tmp_path / "sft", init=str(pretrained_run()), seq_len=8))

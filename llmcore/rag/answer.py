@@ -47,8 +47,8 @@ def answer_messages(question: str, passages: list[Passage], system: str | None =
 
 
 def prompt_ids(tokenizer: Any, question: str, passages: list[Passage], system: str | None = None) -> list[int]:
-    return tokenizer.encode(tokenizer.apply_chat_template(answer_messages(question, passages, system),
-                                                          add_generation_prompt=True))
+    # Special-token strings inside the passages or the question stay plain text (no forged turns).
+    return tokenizer.encode_prompt(answer_messages(question, passages, system))
 
 
 def fit_passages(tokenizer: Any, question: str, passages: list[Passage], max_prompt_tokens: int,

@@ -237,6 +237,9 @@ def build_data(cfg: TrainConfig, stage: Stage, reader: Any, rank: int, world: in
                            rank=r, world_size=w, doc_indices=idx, shuffle=shuffle, on_long=cfg.on_long)
 
     loader = loader_for(train_idx, rank, world)
+    if loader.docs_without_loss == len(loader.docs):
+        raise LLMCoreError(f"--data {cfg.data}: no conversation keeps an assistant token within --seq-len "
+                           f"{cfg.seq_len} (each is truncated at the end to fit a row); raise --seq-len")
     steps_per_epoch = loader.steps_per_epoch // accum
     if steps_per_epoch < 1:
         raise LLMCoreError(
