@@ -528,7 +528,8 @@ def render_png(d: dict[str, Any], path: Path, draw: Callable[[Any], None],
         if d["warnings"]:
             sub += " · machine busy: wall times noisy"
         fig.text(0.5, 0.005, sub, ha="center", va="bottom", fontsize=8, color="dimgray")
-        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        if not getattr(fig, "manual_layout", False):  # a plot that placed its own axes keeps them
+            fig.tight_layout(rect=(0, 0.03, 1, 1))
         atomic_write(path, lambda p: fig.savefig(p, dpi=110))
     finally:
         plt.close(fig)

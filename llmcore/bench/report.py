@@ -94,6 +94,8 @@ def replot(results_dir: str | Path) -> list[Path]:
         res.plot = mod.plot_for(res) if mod is not None and hasattr(mod, "plot_for") else None
         if mod is not None and hasattr(mod, "targets_for"):
             mod.targets_for(res)  # targets are functions of the stored ratios
+        if d["bench"] == "train":
+            res.figsize = (16, 6.5)
         if d["bench"] == "kernels":
             res.figsize = (17, 5.5) if "seqs" in d["settings"] else (12, 5.5)
         res.write(p.parent, p.stem)

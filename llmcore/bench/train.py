@@ -392,6 +392,7 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
         res.table("Real tokens per second", ["preset", "loop", "real tokens/s", "min .. max", "step", "MFU", mem_col,
                                              "vs minimind-style"] + ([] if cuda else ["same, per CPU-second"]), all_rows)
         _targets(res, device, presets)
+        _control_notes(res, device)
         res.note("Real tokens = non-pad input positions (what a padded loop wastes does not count). MFU counts the "
                  "real tokens only: 6N + 12·L·H·Q·T FLOPs per token over the card's dense bf16 peak.")
         res.note("The MiniMind-style loop uses our model's sdpa backend without position ids (one causal document per "
@@ -406,6 +407,7 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
                      "AVX-512 BF16 (no AMX)" if "avx512_bf16" in res.machine["cpu_flags"] else "no bf16 hardware")
                      + "; MiniMind's trainer runs fp32 on CPU, so the baseline is fp32.")
         res.plot = _plot
+        res.figsize = (16, 6.5)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return res
@@ -435,30 +437,56 @@ def _targets(res: BenchResult, device: torch.device, presets: list[str]) -> None
                            ratio_of("minimind2-small", label), 2.5, source=label)
 
 
+CONTROL = "Control: "
+
+
+def _control_notes(res: BenchResult, device: torch.device) -> None:
+    """Where an llmcore padded loop ran beside the MiniMind-style one (the same work per row: one
+    padded document, same model and optimizer), its ratio is this run's noise level."""
+    res.notes[:] = [n for n in res.notes if not n.startswith(CONTROL)]
+    for preset in dict.fromkeys(m["preset"] for m in res.measurements if "preset" in m):
+        for v in (Variant("llmcore", "sdpa", packing="padded"), Variant("llmcore", "triton", packing="padded")):
+            label = v.label(device)
+            wall = next((r for r in res.ratios if r["numerator"] == f"{preset} {label}" and r["metric"] == "throughput"), None)
+            if wall is None:
+                continue
+            cpu = next((r for r in res.ratios if r["numerator"] == f"{preset} {label}" and r["metric"] == "per CPU-second"), None)
+            res.note(f"{CONTROL}{preset} `{label}` does the same work per row as the minimind-style loop (one padded "
+                     f"document per row, same model, same optimizer), so its ratio, {wall['value']:.2f}x"
+                     + (f" (per CPU-second {cpu['value']:.2f}x)" if cpu else "")
+                     + ", shows how far this run's ratios can stray from the truth: read differences within that band "
+                       "as noise.")
+
+
 def targets_for(res: BenchResult) -> None:
-    """Recompute the targets of a finished result from its stored ratios (no measuring)."""
+    """Recompute the targets (and control notes) of a finished result from its stored ratios (no measuring)."""
     res.targets = []
     _targets(res, res.device, list(res.settings.get("presets", [])))
+    _control_notes(res, res.device)
 
 
 def _plot(res: BenchResult, fig: Any) -> None:
     presets = list(dict.fromkeys(m["preset"] for m in res.measurements if "preset" in m))
     n = len(presets) + 1
+    grid = fig.add_gridspec(1, n, width_ratios=[1.4] * len(presets) + [1.0], wspace=0.9, left=0.12, right=0.97,
+                            top=0.86, bottom=0.2)
+    fig.manual_layout = True
     for i, preset in enumerate(presets):
-        ax = fig.add_subplot(1, n, i + 1)
+        ax = fig.add_subplot(grid[0, i])
         ms = [m for m in res.measurements if m.get("preset") == preset and m["metric"] == "throughput"]
-        labels = [m["loop"] for m in ms]
-        colors = ["tab:gray" if lab.startswith("minimind") else "tab:blue" for lab in labels]
+        labels = [m["loop"].replace(" (padded", "\n(padded").replace("llmcore ", "llmcore\n") for m in ms]
+        colors = ["tab:gray" if m["loop"].startswith("minimind") else "tab:blue" for m in ms]
         texts = []
         for m in ms:
             r = next((x for x in res.ratios if x["numerator"] == m["case"] and x["metric"] == "throughput"), None)
             texts.append(f"{fmt(m['median'])} ({fmt(r['value'])}x)" if r else f"{fmt(m['median'])} (baseline)")
         bar_panel(ax, labels, [m["median"] for m in ms], [(m["min"], m["max"]) for m in ms],
-                  f"{preset}: real tokens/s (median, min..max; x = paired ratio)", "real (non-pad) tokens per second",
-                  colors, texts=texts)
-    ax = fig.add_subplot(1, n, n)
+                  f"{preset}", "real (non-pad) tokens/s\nbar: median, line: min..max, (x): paired ratio", colors,
+                  texts=texts)
+        ax.margins(x=0.45)
+    ax = fig.add_subplot(grid[0, n - 1])
     shares = res.extra.get("real_token_share", [])
-    names = [s["data"].split(" (")[0] for s in shares]
+    names = [s["data"].split(" (")[0].replace(" rows", "\nrows").replace(".jsonl", "\n.jsonl") for s in shares]
     ys = range(len(shares))
     ax.barh([y + 0.2 for y in ys], [100 * s["padded"] for s in shares], height=0.4, color="tab:red", label="padded")
     ax.barh([y - 0.2 for y in ys], [100 * s["packed"] for s in shares], height=0.4, color="tab:green", label="packed")
@@ -467,9 +495,9 @@ def _plot(res: BenchResult, fig: Any) -> None:
         ax.text(100 * s["packed"], y - 0.2, f" {100 * s['packed']:.1f}%", va="center", fontsize=8)
     ax.set_yticks(list(ys))
     ax.set_yticklabels(names, fontsize=8)
-    ax.set_xlim(0, 118)
-    ax.set_xlabel("% of row positions that are real tokens")
-    ax.set_title(f"real-token share at seq {res.settings['seq_len']}", fontsize=10)
+    ax.set_xlim(0, 135)
+    ax.set_xlabel("% of row positions\nthat are real tokens")
+    ax.set_title(f"real-token share, seq {res.settings['seq_len']}", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(f"llmcore vs a MiniMind-style loop: pretraining, seq {res.settings['seq_len']}, micro batch "
                  f"{res.settings['micro_batch']} ({res.machine.get('gpu') or 'CPU'})", fontsize=11)
