@@ -189,6 +189,7 @@ def _plot(res: BenchResult, fig: Any) -> None:
     ax.set_xlabel("input size (MiB)")
     ax.set_ylabel("peak resident memory (MiB)")
     ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0)
     ax.set_title("prep memory against input size", fontsize=10)
     ax.legend(fontsize=8)
     ax = fig.add_subplot(1, 3, 3)
@@ -201,7 +202,7 @@ def _plot(res: BenchResult, fig: Any) -> None:
         ax.text(i, v + 1, f"{v:.1f}% real\n{fmt(loader.get(mode))} batches/s", ha="center", fontsize=8)
     ax.set_ylim(0, 125)
     ax.set_ylabel("% of row positions that are real tokens")
-    ax.set_title("rows at seq 512: real-token share, loader speed", fontsize=10)
+    ax.set_title("rows of 512: real tokens, loader speed", fontsize=10)
     fig.suptitle("llmcore data pipeline (MiniMind's tokenizer)", fontsize=11)
 
 
