@@ -27,7 +27,7 @@ def default_grid(device: torch.device, quick: bool) -> list[tuple[int, int, int]
         return [(16, 8, 1), (48, 8, 2)]
     if device.type == "cuda":
         return [(p, n, b) for p in (128, 512) for n in (128, 512) for b in (1, 8, 32)]
-    return [(32, 64, 1), (128, 64, 1), (32, 64, 4), (32, 128, 1)]
+    return [(32, 32, 1), (128, 32, 1), (32, 32, 4)]
 
 
 def run_generate(device: torch.device, quick: bool = False, preset: str | None = None,
@@ -40,7 +40,7 @@ def run_generate(device: torch.device, quick: bool = False, preset: str | None =
 
     preset = preset or ("tiny" if quick else "minimind2-small")
     grid = grid or default_grid(device, quick)
-    repeats = repeats or (2 if quick else 3)
+    repeats = repeats or (2 if quick or device.type != "cuda" else 3)
     backend = backend or ("sdpa" if device.type != "cuda" else default_attn_backend(device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     settings = {"preset": preset, "attn_backend": backend, "dtype": str(dtype).replace("torch.", ""),
