@@ -450,3 +450,12 @@ def test_query_answer_streams_from_a_tiny_model(tmp_path: Path, capsys: pytest.C
     assert code == 0, se
     res = json.loads(so)
     assert isinstance(res["answer"], str) and res["context_passages"] >= 1
+    qpath = write_jsonl(tmp_path / "q.jsonl", [{"question": docs[i]["text"][:20], "doc_id": docs[i]["id"],
+                                                "answers": [docs[i]["text"][2:4], "不会出现的答案"]} for i in range(3)])
+    code, so, se = run_cli(capsys, "rag", "eval", "--index", out, "--questions", qpath, "--ckpt", ckpt, "--device",
+                           "cpu", "--answer-limit", "2", "--max-new-tokens", "4", "--latency-queries", "2",
+                           "--out", tmp_path / "rep", "--json")
+    assert code == 0, se
+    m = json.loads(so)
+    assert m["answer_n"] == 2 and 0.0 <= m["answer_contains_gold"] <= 1.0 and len(m["answer_examples"]) == 2
+    assert "Answers containing a gold answer string" in (tmp_path / "rep" / "rag-eval.md").read_text()
