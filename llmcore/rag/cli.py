@@ -66,7 +66,7 @@ def index_cmd(
     m: int = typer.Option(32, "--m", help="HNSW links per node"),
     ef_construction: int = typer.Option(200, "--ef-construction", help="HNSW build beam width"),
     batch_size: int = typer.Option(16, "--batch-size", help="passages per embedding call"),
-    append: bool = typer.Option(False, "--append", help="add documents to the existing index at --out"),
+    append: bool = typer.Option(False, "--append", help="add documents to the index at --out (with its embedder, chunking and fields)"),
     replace: bool = typer.Option(False, "--replace", help="with --append: replace documents whose id is already indexed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild an existing index at --out from scratch"),
 ) -> None:

@@ -320,7 +320,8 @@ def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
                 vectors: np.ndarray | None = None) -> dict[str, Any]:
     """Build an index dir at `out` from a docs jsonl (or dicts); returns the written manifest.
 
-    `append=True` adds documents to the index at `out` (same embedder and chunking); a document id
+    `append=True` adds documents to the index at `out` with the index's own embedder, chunking, fields and
+    HNSW settings (those arguments are then ignored; naming another embedder is an error); a document id
     already in the index is an error unless `replace=True`, which swaps the old passages for the new.
     `vectors` (one row per passage, for benchmarks with synthetic embeddings) skips the embedder.
     """
@@ -344,7 +345,7 @@ def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
         ch = old["chunking"]
         chunk_chars, overlap = int(ch["chunk_chars"]), int(ch["overlap"])
         text_field, id_field = ch.get("text_field", text_field), ch.get("id_field", id_field)
-        title_field = ch.get("title_field", title_field) if title_field is None else title_field
+        title_field = ch.get("title_field")  # appended passages are embedded exactly as the others
         m, ef_construction = int(old["hnsw"]["m"]), int(old["hnsw"]["ef_construction"])
         embedder = emb_name if vectors is None else embedder
     new_docs = read_docs(docs, text_field, id_field, title_field)
