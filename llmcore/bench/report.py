@@ -176,8 +176,8 @@ def readme_block(results_dir: str | Path, readme_dir: str | Path) -> str:
             lines += [f"![scale study]({_rel(p.with_suffix('.png'), base)})", ""]
             plan = d.get("extra", {}).get("plan", {})
             lines += [f"The study trained {len(d.get('extra', {}).get('curves', []))} sizes on the same "
-                      f"{plan.get('train_documents')} passages ({fmt(plan.get('train_tokens'))} tokens) for "
-                      f"{d['settings'].get('epochs')} epochs and evaluated {plan.get('eval_documents')} held-out passages "
+                      f"{plan.get('train_documents')} pretrain_hq-shaped rows ({fmt(plan.get('train_tokens'))} tokens) for "
+                      f"{d['settings'].get('epochs')} epochs and evaluated {plan.get('eval_documents')} held-out rows "
                       f"({fmt(plan.get('eval_tokens'))} tokens) every {plan.get('eval_every_steps')} steps ({plan.get('steps_per_epoch')} per epoch). Left: held-out loss (solid, ★ at "
                       "its minimum) and train loss (dashed) against tokens seen; right: the same against parameters. "
                       "What the numbers say:", ""]
@@ -187,6 +187,9 @@ def readme_block(results_dir: str | Path, readme_dir: str | Path) -> str:
             if t["title"].startswith(("Real tokens per second", "New tokens per second", "Real-token share",
                                       "Prep peak memory")):
                 lines += [f"*{t['title']}*", ""] + md_table(t["columns"], t["rows"]) + [""]
+        lines += [f"- {n}" for n in d.get("notes", []) if n.startswith(("Control:", "CPU caveat:"))]
+        if any(n.startswith(("Control:", "CPU caveat:")) for n in d.get("notes", [])):
+            lines.append("")
         if bench == "kernels" and device == "cpu":
             extra = d.get("extra", {})
             n = len(extra.get("checks", []))

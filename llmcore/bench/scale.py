@@ -267,7 +267,8 @@ def _conclusions(res: BenchResult, curves: list[dict[str, Any]], train_tokens: i
     for prev, cur in zip(curves, curves[1:]):
         gain = prev["best_eval_loss"] - cur["best_eval_loss"]
         ratio = cur["params"] / prev["params"]
-        verdict = "pays" if gain > 0.02 else ("barely pays" if gain > 0 else "does not pay")
+        verdict = ("pays" if gain > 0.02 else "makes no difference beyond noise (0.02)" if gain > -0.02
+                   else "does worse")
         lines.append(f"{cur['size']} ({cur['params'] / 1e6:.1f}M parameters, {ratio:.1f}x {prev['size']}): best held-out "
                      f"loss {cur['best_eval_loss']:.3f} vs {prev['best_eval_loss']:.3f} ({gain:+.3f} nats/token): "
                      f"the bigger model {verdict}.")
@@ -284,7 +285,7 @@ def _conclusions(res: BenchResult, curves: list[dict[str, Any]], train_tokens: i
     if curves:
         best = min(curves, key=lambda c: c["best_eval_loss"])
         lines.append(f"Best held-out loss: {best['size']} ({best['params'] / 1e6:.1f}M parameters), "
-                     f"{train_tokens / best['params']:.2f} training tokens per parameter per epoch. Chinchilla's rule of "
+                     f"{train_tokens / best['params']:.4f} training tokens per parameter per epoch. Chinchilla's rule of "
                      f"thumb is about 20 tokens per parameter (over all epochs); at {train_tokens:,} tokens per "
                      "epoch, sizes far above that ratio memorise the corpus before they generalise: choose the "
                      "size where the held-out curve's minimum stops improving, and stop training at that minimum.")
@@ -292,6 +293,13 @@ def _conclusions(res: BenchResult, curves: list[dict[str, Any]], train_tokens: i
     for line in lines:
         res.note(line)
     res.note("One seed per size; differences below about 0.02 nats/token are within run-to-run noise at these sizes.")
+
+
+def targets_for(res: BenchResult) -> None:
+    """Re-derive the conclusions of a finished study from its stored curves (no training)."""
+    old = set(res.extra.get("conclusions", [])) | {n for n in res.notes if n.startswith("One seed per size")}
+    res.notes[:] = [n for n in res.notes if n not in old]
+    _conclusions(res, res.extra.get("curves", []), res.extra.get("plan", {}).get("train_tokens", 0))
 
 
 def _plot(res: BenchResult, fig: Any) -> None:
@@ -322,7 +330,7 @@ def _plot(res: BenchResult, fig: Any) -> None:
     ax2.set_title(f"after {res.settings['epochs']} epochs, against model size", fontsize=10)
     ax2.legend(fontsize=8)
     plan = res.extra.get("plan", {})
-    fig.suptitle(f"Scale study: {plan.get('train_documents', '?')} CMRC2018 passages ({train_tokens:,} tokens) for "
+    fig.suptitle(f"Scale study: {plan.get('train_documents', '?')} rows cut from CMRC2018 passages ({train_tokens:,} tokens) for "
                  f"{res.settings['epochs']} epochs, {plan.get('eval_documents', '?')} held out", fontsize=11)
 
 
