@@ -157,19 +157,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically and durably; returns `path`."""
-    path = Path(path)
-    fd, tmp = _temp_file(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
