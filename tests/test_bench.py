@@ -179,7 +179,8 @@ def test_bench_data_quick(tmp_path: Path, shared_data: Path) -> None:
     d = load_and_check(tmp_path, "data")
     assert any(r["name"].startswith("prep vs encode_batch") for r in d["ratios"])
     assert [m["copies"] for m in d["extra"]["memory"]] == [1, 2]
-    assert d["extra"]["real_token_share"]["packed"] > d["extra"]["real_token_share"]["padded"]
+    share = d["extra"]["real_token_share"]
+    assert share["packed"] >= share["bestfit"] > share["padded"]
 
 
 def test_bench_generate_quick(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ MiniMind's tokenizer.
   the same tokens (without bos/eos); CPU seconds include prep's reaped worker processes.
 - prep memory: peak summed RSS of a `llmcore prep pretrain` process tree (sampled every 20 ms) on the
   input and on the input given several times (it must stay flat as the input grows).
-- loader: batches/s of the packed and padded loaders (16 x 512), interleaved.
-- real-token share of packed vs padded rows over one epoch.
+- loader: batches/s of the packed, bestfit and padded loaders (16 x 512), interleaved.
+- real-token share of packed, bestfit and padded rows over one epoch.
 
 Invariants: the token counts of prep and of encode_batch are checked equal before a ratio is
 taken; memory runs that fail raise an LLMCoreError with prep's own message.
@@ -142,7 +142,7 @@ def run_data(device: Any, quick: bool = False, input_path: str | Path | None = N
 
         # Loaders and real-token shares.
         reader = ShardReader(work / "shards")
-        loaders = {mode: make_loader(reader, mode, 512, 16, seed=0) for mode in ("packed", "padded")}
+        loaders = {mode: make_loader(reader, mode, 512, 16, seed=0) for mode in ("packed", "bestfit", "padded")}
         for ld in loaders.values():
             next(ld)
         per_call = 20 if quick else 100
@@ -156,10 +156,11 @@ def run_data(device: Any, quick: bool = False, input_path: str | Path | None = N
                          repeats, warmup=0)
         for name, sm in ls.items():
             res.measure_samples(name, sm, "batches/s")
-        shares = {mode: real_token_share(work / "shards", mode, 512) for mode in ("packed", "padded")}
+        shares = {mode: real_token_share(work / "shards", mode, 512) for mode in ("packed", "bestfit", "padded")}
         res.extra["real_token_share"] = shares
         res.table("Real-token share of rows at seq 512 (one epoch)", ["layout", "real tokens"],
                   [["padded (one document per row, MiniMind's layout)", f"{shares['padded']:.1%}"],
+                   ["bestfit (whole documents per row, best-fit decreasing; SFT's layout)", f"{shares['bestfit']:.2%}"],
                    ["packed (documents concatenated into rows of 513)", f"{shares['packed']:.3%}"]])
         lengths = reader.lengths()
         res.extra["doc_tokens"] = {"mean": float(lengths.mean()), "max": int(lengths.max()), "docs": len(lengths)}
@@ -194,10 +195,11 @@ def _plot(res: BenchResult, fig: Any) -> None:
     ax.legend(fontsize=8)
     ax = fig.add_subplot(1, 3, 3)
     shares = res.extra.get("real_token_share", {})
-    modes = ["padded", "packed"]
+    modes = [m for m in ("padded", "bestfit", "packed") if m in shares]
     vals = [100 * shares.get(m, 0) for m in modes]
     loader = {m["case"].split()[0]: m["median"] for m in res.measurements if m["unit"] == "batches/s" and m["metric"] == "throughput"}
-    ax.bar(modes, vals, color=["tab:red", "tab:green"])
+    colors = {"padded": "tab:red", "bestfit": "tab:orange", "packed": "tab:green"}
+    ax.bar(modes, vals, color=[colors[m] for m in modes])
     for i, (mode, v) in enumerate(zip(modes, vals)):
         ax.text(i, v + 1, f"{v:.1f}% real\n{fmt(loader.get(mode))} batches/s", ha="center", fontsize=8)
     ax.set_ylim(0, 125)
