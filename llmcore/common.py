@@ -12,6 +12,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -54,6 +55,13 @@ def resolve_device(spec: str | torch.device | None = "auto", flag: str = "--devi
     raise LLMCoreError(f"{flag} {spec!r}: expected auto, cpu, cuda or cuda:N")
 
 
+def to_device(batch: dict[str, Any], device: torch.device | str | None) -> dict[str, Any]:
+    """The batch's tensors on `device` (non-blocking from pinned memory); other entries as they are."""
+    if device is None or str(device) == "cpu":
+        return batch
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
 def default_attn_backend(device: torch.device) -> str:
     """The attention backend `auto` means on a device: our Triton kernels on CUDA, SDPA elsewhere."""
     return "triton" if device.type == "cuda" else "sdpa"
@@ -66,4 +74,4 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
-__all__ = ["DEVICE_HELP", "local_rank", "resolve_device", "default_attn_backend", "device_name"]
+__all__ = ["DEVICE_HELP", "local_rank", "resolve_device", "to_device", "default_attn_backend", "device_name"]

@@ -33,7 +33,7 @@ import torch
 from llmcore.common import resolve_device
 from llmcore.errors import LLMCoreError, install_hint
 from llmcore.train.config import TrainConfig
-from llmcore.train.stages import to_device
+from llmcore.common import to_device
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from llmcore.train.stages import to_device
+from llmcore.common import to_device
 
 _DONE = object()
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from llmcore.common import to_device
 from llmcore.errors import LLMCoreError
 
 if TYPE_CHECKING:
@@ -122,13 +123,6 @@ class PreferenceStage(Stage):
         return DPOObjective(cfg.beta, average, ref_cache=cache)
 
 
-def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    """The batch's tensors on `device` (non-blocking from pinned memory); other entries as they are."""
-    if device is None or str(device) == "cpu":
-        return batch
-    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
-
-
 # MiniMind's published recipes (jingyaogong/minimind trainer/train_pretrain.py, train_full_sft.py,
 # train_dpo.py): pretrain lr 5e-4 with batch 32 x accumulation 8; full SFT lr 1e-5, batch 16, no
 # accumulation; DPO lr in the 1e-8..5e-7 range (their latest default is 4e-8, "<=5e-8 avoids
@@ -190,4 +184,4 @@ DPO = register_stage(PreferenceStage(
 STAGES = tuple(_REGISTRY)
 
 __all__ = ["Stage", "LanguageModelStage", "PreferenceStage", "ObjectiveContext", "register_stage", "get_stage",
-           "all_stages", "stage_only_settings", "to_device", "STAGES", "PRETRAIN", "SFT", "DPO"]
+           "all_stages", "stage_only_settings", "STAGES", "PRETRAIN", "SFT", "DPO"]
