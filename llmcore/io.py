@@ -146,6 +146,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        # Writers that recreate the file (safetensors' save_file makes it 0600) lose the mode set on
+        # the temp; set it again so every file llmcore writes follows the umask.
+        os.chmod(tmp, 0o666 & ~_umask())
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
