@@ -87,6 +87,15 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
     assert draws == {0, 1}
 
 
+def test_top_p_below_float32_resolution_keeps_the_top_token() -> None:
+    # 1e-300 is a valid top_p in (0, 1] but 0 in float32: the top token must still be sampled (was a crash).
+    logits = torch.tensor([[0.1, 2.0, -1.0, 0.5], [3.0, 0.0, 0.0, 0.0]])
+    assert torch.isfinite(filter_logits(logits, top_p=1e-300)).tolist() == [[False, True, False, False],
+                                                                           [True, False, False, False]]
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, temperature=1.0, top_p=1e-300, generator=g).tolist() == [1, 0]
+
+
 def test_temperature_sharpens_and_flattens() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     g = torch.Generator().manual_seed(0)
