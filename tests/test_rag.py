@@ -220,8 +220,13 @@ BAD_DOCS = {
     "missing id": ([{"text": "abc"}], "missing id field 'id'"),
     "duplicate ids": ([{"id": "a", "text": "abc"}, {"id": "b", "text": "x"}, {"id": "a", "text": "y"}],
                       "duplicate id 'a' \\(first on line 1\\)"),
-    "bad json": (["{not json"], "not valid JSON"),
+    "bad json": (["{not json"], "malformed JSON"),
     "not an object": (["[1, 2]"], "expected a JSON object"),
+    "lone surrogate in text": (['{"id": "s", "text": "abc\\ud800def"}'], ":1: a string holds the lone surrogate"),
+    "lone surrogate in id": (['{"id": "\\udc80", "text": "abc"}'], ":1: a string holds the lone surrogate"),
+    "nested 100,000 deep": (['{"id": "a", "text": "x", "n": ' + "[" * 100_000 + "]" * 100_000 + "}"],
+                            ":1: JSON is nested too deeply"),
+    "5,000-digit number": (['{"id": "a", "text": "x", "n": ' + "9" * 5000 + "}"], ":1: malformed JSON"),
 }
 
 

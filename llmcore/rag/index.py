@@ -10,11 +10,16 @@ An index dir holds exactly three files:
                    passages, deleted labels, next pid), per-build timings, and size + sha256 per file.
 
 Invariants:
-- The dir is written into a temp dir beside it and renamed into place (`os.replace`), files and dirs
-  fsynced: a reader sees the old complete index or the new complete one, never a mix; on any error
-  (bad input, Ctrl-C during embedding) nothing at `--out` changes.
-- All input is validated (every line, ids unique) before anything is embedded.
-- `--out` must be absent, an empty dir, or an index dir (then `append` or `overwrite` is required).
+- The dir is written into a temp dir beside it and renamed into place (`llmcore.io.install_dir`), files
+  and dirs fsynced: a reader sees the old complete index or the new complete one, never a mix; on any
+  error (bad input, Ctrl-C during embedding) nothing at `--out` changes.
+- All input is validated (every line, ids unique; prep's line reader) before anything is embedded.
+- `--out` must be absent, an empty dir, or an index dir (then `append` or `overwrite` is required);
+  never a dir holding `--docs`. `--overwrite` replaces only a dir that verifies as an index (manifest,
+  sizes, checksums) and holds nothing but its three files. `--append` never removes or renames a file
+  llmcore did not write: an index dir holding other files (the docs being appended, notes) gets its
+  three files replaced in place, the manifest last (a kill between those renames leaves an index that
+  opening refuses by checksum, never a silent mix).
 - Opening checks the format version, each file's size and checksum, and the counts before hnswlib
   reads anything; a failed check is an LLMCoreError that says what is wrong.
 - A query is embedded only by the embedder named in the manifest (same name and dim).
@@ -33,7 +38,6 @@ import shutil
 import sys
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -42,6 +46,7 @@ import numpy as np
 
 import llmcore
 from llmcore.errors import DataError, LLMCoreError, install_hint
+from llmcore.io import check_out_dir, install_dir, install_file, remove_leftovers, temp_dir_for
 from llmcore.rag.chunking import check_chunking, chunk_spans
 from llmcore.rag.embedders import DEFAULT_EMBEDDER, Embedder, get_embedder
 
@@ -141,16 +146,15 @@ def read_docs(docs: str | Path | Iterable[dict[str, Any]], text_field: str = "te
 
 
 def _jsonl(path: Path) -> Iterator[tuple[Any, tuple[str, int | None]]]:
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise DataError(f"not valid JSON ({err.__class__.__name__}: {str(err).splitlines()[0]})",
-                                str(path), n) from None
-            yield obj, (str(path), n)
+    """Each record of a docs jsonl (plain or gzip/bzip2/xz/zstd), through prep's line reader, so the same
+    bad lines (invalid UTF-8, lone surrogates, deep nesting, huge numbers, over-long lines) are the same
+    one-line errors naming the file and line."""
+    from data_prep.jsonl import BadLine, iter_records
+
+    for n, rec in iter_records(path):
+        if isinstance(rec, BadLine):
+            raise DataError(rec.message, str(path), n)
+        yield rec, (str(path), n)
 
 
 # ---------------------------------------------------------------- files
@@ -163,37 +167,50 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+OWN_FILES = (INDEX_FILE, PASSAGES_FILE, MANIFEST)
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Make the complete index in `tmp` (beside `out`) the index at `out`.
+
+    A dir holding only the index's own files is replaced whole (one atomic dir rename). A dir that also
+    holds files llmcore did not write (notes, the docs being appended) keeps them: the three files are
+    renamed over the old ones, the manifest last, so a kill between those renames leaves files that do not
+    match the manifest, which `Retriever.open` refuses (checksums) instead of reading a mix."""
+    foreign = out.is_dir() and any(p.name not in OWN_FILES for p in out.iterdir())
+    if not foreign:
+        install_dir(tmp, out)
+        return
     try:
-        os.fsync(fd)
+        for name in OWN_FILES:
+            install_file(tmp / name, out / name)
     finally:
-        os.close(fd)
-
-
-def _install_dir(tmp: Path, out: Path) -> None:
-    """Rename the complete `tmp` dir to `out` (replacing an existing one)."""
-    for p in tmp.iterdir():
-        _fsync(p)
-    _fsync(tmp)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}.tmp"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    _fsync(out.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_index_dir(path: Path) -> bool:
+    """Whether `path` has a manifest that claims to be an index (a cheap test; `index_dir_problem` verifies)."""
     m = path / MANIFEST
     if not m.is_file():
         return False
     try:
         return json.loads(m.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
+
+
+def index_dir_problem(path: Path) -> str | None:
+    """Why `path` is not an index dir that `--overwrite` may replace (None when it is): it must verify as
+    an index (manifest, sizes, checksums, counts) and hold nothing but the index's three files."""
+    try:
+        manifest = read_manifest(path)
+        verify_files(path, manifest)
+    except LLMCoreError as err:
+        return f"it does not verify as an index ({err})"
+    for p in sorted(path.iterdir()):
+        if p.name not in OWN_FILES:
+            return f"it holds {p.name}, which rag index did not write"
+    return None
 
 
 def read_manifest(index_dir: str | Path) -> dict[str, Any]:
@@ -208,7 +225,7 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
         raise LLMCoreError(f"--index {d}: not an llmcore RAG index (no {MANIFEST}); build one with `llmcore rag index`")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise LLMCoreError(f"{mpath}: corrupted manifest ({err.__class__.__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise LLMCoreError(f"--index {d}: not an llmcore RAG index (manifest format is not {FORMAT!r})")
@@ -216,7 +233,40 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise LLMCoreError(f"--index {d}: index format version {version!r}, this llmcore "
                            f"({llmcore.__version__}) reads version {FORMAT_VERSION}; rebuild it with `llmcore rag index`")
+    _check_manifest(manifest, mpath)
     return manifest
+
+
+# The manifest keys every reader relies on: section -> {key: (type, minimum)}; `str` keys must be non-empty.
+_MANIFEST_SCHEMA: dict[str, dict[str, tuple[type, int | None]]] = {
+    "embedder": {"name": (str, None), "dim": (int, 1)},
+    "counts": {"docs": (int, 0), "passages": (int, 0), "deleted": (int, 0), "next_pid": (int, 0)},
+    "hnsw": {"m": (int, 2), "ef_construction": (int, 1), "ef_search_default": (int, 1)},
+    "chunking": {"chunk_chars": (int, 1), "overlap": (int, 0), "text_field": (str, None), "id_field": (str, None)},
+    "files": {},
+}
+
+
+def _check_manifest(manifest: dict[str, Any], mpath: Path) -> None:
+    """Every key a reader uses is present with its type and range, so a hand-edited or truncated manifest
+    is one line naming the key, never a KeyError deep inside."""
+    for section, keys in _MANIFEST_SCHEMA.items():
+        sec = manifest.get(section)
+        if not isinstance(sec, dict):
+            raise LLMCoreError(f"{mpath}: corrupted manifest ({section!r} is missing or not an object)")
+        for key, (typ, lo) in keys.items():
+            v = sec.get(key)
+            if typ is int and (isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo)):
+                raise LLMCoreError(f"{mpath}: corrupted manifest ({section}.{key} = {v!r}, expected an integer"
+                                   f"{f' >= {lo}' if lo is not None else ''})")
+            if typ is str and (not isinstance(v, str) or not v):
+                raise LLMCoreError(f"{mpath}: corrupted manifest ({section}.{key} = {v!r}, expected a string)")
+    if manifest.get("space") != "cosine":
+        raise LLMCoreError(f"{mpath}: corrupted manifest (space {manifest.get('space')!r}, expected 'cosine')")
+    c = manifest["counts"]
+    if c["passages"] + c["deleted"] > c["next_pid"]:
+        raise LLMCoreError(f"{mpath}: corrupted manifest (counts: {c['passages']} passages + {c['deleted']} deleted "
+                           f"> next_pid {c['next_pid']})")
 
 
 def verify_files(index_dir: Path, manifest: dict[str, Any], checksums: bool = True) -> None:
@@ -263,23 +313,26 @@ def _read_passages(path: Path) -> Any:
 
 # ---------------------------------------------------------------- build
 
-def _check_out(out: Path, append: bool, overwrite: bool) -> bool:
-    """Whether `out` already holds an index (then append or overwrite was asked for)."""
-    if not out.exists():
-        if append:
-            raise LLMCoreError(f"--append: {out} is not an existing index (no such directory)")
-        return False
-    if not out.is_dir():
-        raise LLMCoreError(f"--out {out}: exists and is not a directory")
-    if is_index_dir(out):
-        if not (append or overwrite):
-            raise LLMCoreError(f"--out {out}: already an index; pass --append to add documents or --overwrite to rebuild")
-        return True
-    if any(out.iterdir()):
-        raise LLMCoreError(f"--out {out}: exists and is not an index dir (refusing to write into it)")
+def _check_out(out: Path, append: bool, overwrite: bool, inputs: list[Path]) -> bool:
+    """Whether `out` already holds an index (then append or overwrite was asked for); refuses an `--out`
+    that writing would damage, by `llmcore.io.check_out_dir`'s rules (as prep): never a path below a file,
+    never a dir holding an input, and `--overwrite` replaces only a dir that verifies as an index and holds
+    nothing else. `--append` writes into an existing index and keeps every other file there."""
     if append:
-        raise LLMCoreError(f"--append: {out} is an empty directory, not an index")
-    return False
+        if out.exists() and not out.is_dir():
+            raise LLMCoreError(f"--out {out}: exists and is not a directory")
+        if not out.is_dir():
+            raise LLMCoreError(f"--append: {out} is not an existing index (no such directory)")
+        if not any(out.iterdir()):
+            raise LLMCoreError(f"--append: {out} is an empty directory, not an index")
+        return True  # read_manifest and verify_files check it before anything is embedded
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        if is_index_dir(out):
+            raise LLMCoreError(f"--out {out}: already an index; pass --append to add documents or --overwrite to rebuild")
+        raise LLMCoreError(f"--out {out}: exists and is not an index dir (refusing to write into it)")
+    check_out_dir(out, overwrite=overwrite, what="an index dir llmcore wrote (its three files, verified)",
+                  inputs=inputs, replaceable=index_dir_problem)
+    return out.is_dir() and any(out.iterdir())
 
 
 def _embed(embedder: Embedder, texts: list[str], batch_size: int, progress: bool) -> tuple[np.ndarray, float]:
@@ -333,7 +386,8 @@ def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
         raise LLMCoreError(f"--ef-construction {ef_construction}: must be >= 1")
     if batch_size < 1:
         raise LLMCoreError(f"--batch-size {batch_size}: must be >= 1")
-    existing = _check_out(out, append, overwrite)
+    existing = _check_out(out, append, overwrite, [Path(docs)] if isinstance(docs, (str, Path)) else [])
+    remove_leftovers(out.parent, out.name)  # temp dirs of killed builds (only those of dead writers)
     old: dict[str, Any] | None = None
     if append:
         old = read_manifest(out)
@@ -419,9 +473,7 @@ def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
     index.set_ef(DEFAULT_EF)
     hnsw_s = time.perf_counter() - t0
 
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
+    tmp = temp_dir_for(out)
     try:
         index.save_index(str(tmp / INDEX_FILE))
         if old_table is not None and old_table.num_rows:
@@ -457,7 +509,7 @@ def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
             p = tmp / name
             manifest["files"][name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _install_dir(tmp, out)
+        _install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
