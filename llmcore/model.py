@@ -78,8 +78,14 @@ class ModelConfig:
     moe_intermediate_size: int | None = None  # None: intermediate_size
     norm_topk_prob: bool = True
     aux_loss_coef: float = 0.1
+    # Qwen3 / MiniMind-3 QK-norm: RMSNorm over head_dim (one weight of head_dim per layer for q and
+    # one for k, eps = rms_norm_eps) on q and k after their projections, before RoPE.
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
+        # Types and ranges first, before anything derives from them or any module is built: a
+        # model_config.json saying `num_hidden_layers: 100000000` is refused here, not by the OOM killer.
+        _check_fields(self)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.intermediate_size is None:
@@ -99,7 +105,8 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
-        """A named preset (`tiny`, `minimind2-small`, `minimind2`, `minimind2-moe`) with fields overridden."""
+        """A named preset (`tiny`, `demo`, `minimind2-small`, `minimind2`, `minimind2-moe`, `minimind-3`,
+        `minimind-3-moe`) with fields overridden."""
         if name not in PRESETS:
             raise LLMCoreError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -122,8 +129,80 @@ class ModelConfig:
         return cls(**d)
 
 
+# Sane upper limits per integer field (a few times the largest public models' values). They exist so a
+# corrupt or hostile model_config.json fails in microseconds instead of allocating until memory runs out.
+_INT_LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 2 ** 20),
+    "hidden_size": (1, 65536),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "head_dim": (2, 1024),
+    "intermediate_size": (1, 2 ** 20),
+    "max_position_embeddings": (1, 2 ** 20),
+    "bos_token_id": (0, 2 ** 20),
+    "eos_token_id": (0, 2 ** 20),
+    "pad_token_id": (0, 2 ** 20),
+    "num_experts": (1, 1024),
+    "num_shared_experts": (0, 1024),
+    "num_experts_per_tok": (1, 1024),
+    "moe_intermediate_size": (1, 2 ** 20),
+}
+_OPTIONAL_INTS = frozenset({"head_dim", "intermediate_size", "moe_intermediate_size"})
+# Float fields: (lowest allowed, highest allowed, lowest is exclusive).
+_FLOAT_LIMITS: dict[str, tuple[float, float, bool]] = {
+    "rope_theta": (0.0, 1e12, True),
+    "rms_norm_eps": (0.0, 1.0, True),
+    "dropout": (0.0, 1.0, False),
+    "initializer_range": (0.0, 10.0, False),
+    "aux_loss_coef": (0.0, 1e3, False),
+}
+_BOOLS = ("tie_word_embeddings", "use_moe", "norm_topk_prob", "qk_norm")
+_ROPE_SCALING_NUMBERS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor")
+
+
+def _check_fields(cfg: "ModelConfig") -> None:
+    """Refuse a wrong type or an out-of-range value in any field with one line naming the field."""
+    for name, (lo, hi) in _INT_LIMITS.items():
+        value = getattr(cfg, name)
+        if value is None and name in _OPTIONAL_INTS:
+            continue
+        # bool is an int subclass; `true` for a layer count is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LLMCoreError(f"model config: {name} must be an integer, got {value!r}")
+        if not lo <= value <= hi:
+            raise LLMCoreError(f"model config: {name} must be between {lo} and {hi}, got {value}")
+    for name, (lo, hi, lo_open) in _FLOAT_LIMITS.items():
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise LLMCoreError(f"model config: {name} must be a finite number, got {value!r}")
+        if value < lo or (lo_open and value == lo) or value > hi:
+            side = ">" if lo_open else ">="
+            raise LLMCoreError(f"model config: {name} must be {side} {lo} and <= {hi}, got {value}")
+    for name in _BOOLS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise LLMCoreError(f"model config: {name} must be true or false, got {getattr(cfg, name)!r}")
+    if not isinstance(cfg.attn_backend, str):
+        raise LLMCoreError(f"model config: attn_backend must be a string, got {cfg.attn_backend!r}")
+    scaling = cfg.rope_scaling
+    if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise LLMCoreError(f"model config: rope_scaling must be an object or null, got {scaling!r}")
+        for key in _ROPE_SCALING_NUMBERS:
+            value = scaling.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+                raise LLMCoreError(f"model config: rope_scaling.{key} must be a positive number, got {value!r}")
+
+
 # Config keys written by older versions, ignored on load: `extra` (free-form notes, never read).
 _RETIRED_KEYS = frozenset({"extra"})
+
+_MINIMIND3: dict[str, Any] = dict(
+    hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=96,
+    intermediate_size=2432, qk_norm=True, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
+    vocab_size=6400, tie_word_embeddings=True)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -135,6 +214,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "minimind2": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2),
     "minimind2-moe": dict(hidden_size=640, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                           use_moe=True, num_experts=4, num_shared_experts=1, num_experts_per_tok=2),
+    # MiniMind-3 (Qwen3-style): QK-norm, head_dim 96, MLP ceil(768*pi/64)*64 = 2432, eps 1e-6.
+    # 63,912,192 parameters, MiniMind's own count.
+    "minimind-3": dict(_MINIMIND3),
+    # The same with 4 routed SwiGLU experts of the dense MLP's size, top-1, no shared expert
+    # (MiniMind-3's MOEFeedForward): 198,416,640 parameters.
+    "minimind-3-moe": dict(_MINIMIND3, use_moe=True, num_experts=4, num_experts_per_tok=1, norm_topk_prob=True,
+                           num_shared_experts=0, moe_intermediate_size=2432, aux_loss_coef=5e-4),
 }
 
 
@@ -196,6 +282,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.eps = cfg.rms_norm_eps
+        if cfg.qk_norm:
+            # HF Qwen3 names (self_attn.q_norm.weight / k_norm.weight): one head_dim weight shared by all heads.
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.attn_backend)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.attn_backend)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x: torch.Tensor, rope: dict[str, Any], attn: dict[str, Any], layer: int,
                 kv_cache: KVCache | None) -> torch.Tensor:
@@ -203,6 +295,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope["kernel"]:
             from llmcore.kernels import apply_rope
 
@@ -271,7 +365,8 @@ class MoE(nn.Module):
         """Router probabilities (N, E), top-k weights (N, k) and expert ids (N, k)."""
         probs = F.softmax(self.gate(x_flat).float(), dim=-1)
         weights, idx = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk and self.top_k > 1:
+        if self.norm_topk:
+            # Also at top-1 (weight 1), as MiniMind-3 and HF Qwen3-MoE do.
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return probs, weights, idx
 

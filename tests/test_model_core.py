@@ -127,7 +127,9 @@ def test_kv_cache_matches_full_forward_every_step() -> None:
         for t in range(5, 14):
             pieces.append(model(x[:, t:t + 1], kv_cache=cache).logits)
         assert cache.length == 14
-        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+        # fp32, but prefill and decode multiply different shapes (other reduction orders): logits of
+        # this large-init model differ by up to ~1e-5 depending on the BLAS threads.
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=3e-5, rtol=0)
 
 
 def test_kv_cache_overflow_is_an_error() -> None:
