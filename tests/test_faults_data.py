@@ -324,7 +324,7 @@ def test_the_trainer_verifies_shards_before_training(tmp_path, shard_dirs):
 
     d = corrupt_copy(shard_dirs["pretrain"], tmp_path / "d", "shard-00000.arrow",
                      lambda data: data[:200] + bytes([data[200] ^ 0x10]) + data[201:])
-    stage = SimpleNamespace(shard_kind="pretrain", name="pretrain")
+    stage = SimpleNamespace(shard_kind="pretrain", shard_kinds=("pretrain",), name="pretrain")
     with pytest.raises(LLMCoreError, match="shard-00000.arrow"):
         open_shards(SimpleNamespace(data=str(d)), stage)
     assert open_shards(SimpleNamespace(data=str(shard_dirs["pretrain"])), stage).kind == "pretrain"

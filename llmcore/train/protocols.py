@@ -57,6 +57,24 @@ class Objective(Protocol):
 
 
 @runtime_checkable
+class ModelHook(Protocol):
+    """How a stage's model is made, saved and loaded back (torchtitan's model-converter idea).
+
+    `convert(model)` runs once on the freshly built or `--init` model, before the engine wraps it: it
+    may add modules (LoRA adapters), freeze parameters (only those with `requires_grad` reach the
+    optimizer), and returns the model to train (still an `LLM`, so the engine, metrics and export
+    see its config). `save(model, step_dir)` writes the checkpoint's weights (rank 0, full weights);
+    `load(step_dir)` rebuilds exactly the model `save` saw (converted, weights restored) for
+    `--resume`; the optimizer state is the engine's, keyed by the trainable parameters."""
+
+    def convert(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def save(self, model: torch.nn.Module, step_dir: Path) -> None: ...
+
+    def load(self, step_dir: Path) -> torch.nn.Module: ...
+
+
+@runtime_checkable
 class Engine(Protocol):
     """Owns the device, the process group and the precision; wraps the model and its optimizer.
 
@@ -99,4 +117,4 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-__all__ = ["Batch", "Loader", "Objective", "Engine", "StepTerms"]
+__all__ = ["Batch", "Loader", "Objective", "ModelHook", "Engine", "StepTerms"]

@@ -9,12 +9,22 @@ Adding an objective (ORPO, KTO): write its Objective class in `objectives.py`, a
 (`config.py`, one `setting(...)` line each) and name them in the stage's `settings`. The CLI
 command `llmcore train NAME`, its `--help` defaults, config-file keys and validation follow.
 A new shard layout (KTO's unpaired rows) is also a shard kind in `llmcore.data_prep`.
+
+A stage may also change the model (`model_hook(cfg)`, a `ModelHook`): the trainer builds the base
+model (preset or `--init`), hands it to the hook before the engine wraps it, and lets the hook write
+and read the checkpoint's weights. LoRA (adapters on a frozen base, only adapters saved) is such a
+hook; the trainer knows nothing of it. The default hook keeps the model and saves full weights.
+
+The registry is read when it is used (`all_stages()`, `get_stage()`), never snapshotted at import,
+so a stage registered by another module (a plugin, a test) gets its `llmcore train NAME` command
+from the CLI built after the registration.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -22,8 +32,10 @@ from llmcore.common import to_device
 from llmcore.errors import LLMCoreError
 
 if TYPE_CHECKING:
+    import torch
+
     from llmcore.train.config import TrainConfig
-    from llmcore.train.protocols import Objective
+    from llmcore.train.protocols import ModelHook, Objective
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,30 @@ class ObjectiveContext:
     make_loader: Callable[..., Any]
     train_idx: Any
     eval_idx: Any
+    model: Any = None  # the model being trained (after the stage's model hook), e.g. to check a teacher against
+    tokenizer: Any = None  # the run's tokenizer (the one the shards were made with)
+
+
+class FullWeights:
+    """The default model hook: the model trains as built; checkpoints hold its full weights
+    (`model.safetensors` + `model_config.json`) and resume loads them back."""
+
+    def __init__(self, cfg: "TrainConfig") -> None:
+        self.cfg = cfg
+
+    def convert(self, model: "torch.nn.Module") -> "torch.nn.Module":
+        return model
+
+    def save(self, model: "torch.nn.Module", step_dir: Path) -> None:
+        from llmcore.checkpoint import save_model
+
+        save_model(model, step_dir)  # type: ignore[arg-type]
+
+    def load(self, step_dir: Path) -> "torch.nn.Module":
+        from llmcore.checkpoint import load_model
+
+        model, _ = load_model(step_dir, attn_backend=self.cfg.attn_backend, with_tokenizer=False)
+        return model
 
 
 @dataclass(frozen=True)
@@ -56,9 +92,18 @@ class Stage(ABC):
     reports_perplexity: bool = True
     plot_panels: tuple[tuple[str, ...], ...] = ()  # extra metric groups for loss.png
     loss_unit: str = "nats/token"  # what one unit of the logged loss is an average over
+    other_shard_kinds: tuple[str, ...] = ()  # further kinds it also trains on (distillation: pretrain and sft)
+
+    @property
+    def shard_kinds(self) -> tuple[str, ...]:
+        return (self.shard_kind, *self.other_shard_kinds)
 
     def loader_mode(self, cfg: "TrainConfig") -> str:
         return str(cfg.packing)
+
+    def model_hook(self, cfg: "TrainConfig") -> "ModelHook":
+        """How this stage changes, saves and reloads the model (see `ModelHook`); one per run."""
+        return FullWeights(cfg)
 
     @abstractmethod
     def build_objective(self, ctx: ObjectiveContext) -> "Objective":
@@ -181,7 +226,5 @@ DPO = register_stage(PreferenceStage(
     eval_key="dpo_loss", reports_perplexity=False, loss_unit="nats/pair",
     plot_panels=(("rewards/accuracy",), ("rewards/margin", "rewards/chosen", "rewards/rejected"))))
 
-STAGES = tuple(_REGISTRY)
-
-__all__ = ["Stage", "LanguageModelStage", "PreferenceStage", "ObjectiveContext", "register_stage", "get_stage",
-           "all_stages", "stage_only_settings", "STAGES", "PRETRAIN", "SFT", "DPO"]
+__all__ = ["Stage", "LanguageModelStage", "PreferenceStage", "ObjectiveContext", "FullWeights", "register_stage",
+           "get_stage", "all_stages", "stage_only_settings", "PRETRAIN", "SFT", "DPO"]

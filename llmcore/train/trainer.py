@@ -38,7 +38,7 @@ from llmcore.train.engine import make_engine
 from llmcore.train.feed import DeviceFeed
 from llmcore.train.metrics import MetricsLogger, format_duration
 from llmcore.train.objectives import perplexity
-from llmcore.train.protocols import Engine, Objective
+from llmcore.train.protocols import Engine, ModelHook, Objective
 from llmcore.train.speed import Throughput, flops_per_token, peak_memory_gb, peak_tflops
 from llmcore.train.stages import ObjectiveContext, Stage, get_stage
 
@@ -125,9 +125,10 @@ def open_shards(cfg: TrainConfig, stage: Stage) -> Any:
     from llmcore.data_prep.shards import ShardReader
 
     reader = ShardReader(cfg.data)
-    if reader.kind != stage.shard_kind:
+    if reader.kind not in stage.shard_kinds:
         raise LLMCoreError(f"--data {cfg.data} holds {reader.kind} shards, but `train {stage.name}` needs "
-                           f"{stage.shard_kind} shards (make them with `llmcore prep {stage.shard_kind}`)")
+                           f"{' or '.join(stage.shard_kinds)} shards (make them with `llmcore prep "
+                           f"{stage.shard_kind}`)")
     reader.verify()  # checksums, counts, ids below the vocab: a bad shard is one line naming it, before training
     return reader
 
@@ -166,16 +167,20 @@ def resolve_tokenizer(cfg: TrainConfig, reader: Any, run_dir: Path, resuming: bo
                        "pass --tokenizer DIR")
 
 
-def build_model(cfg: TrainConfig, reader: Any, resume_from: Path | None) -> torch.nn.Module:
-    """Fresh weights from a preset, the --init run's, or (resuming) the checkpoint's; fp32 master
-    weights on the CPU (the engine moves them to its device)."""
+def build_model(cfg: TrainConfig, reader: Any, resume_from: Path | None,
+                model_hook: ModelHook | None = None) -> torch.nn.Module:
+    """Fresh weights from a preset or the --init run's, then the stage's model hook (`convert`:
+    e.g. adapters on a frozen base); resuming, the hook loads the checkpoint's model back. fp32
+    master weights on the CPU (the engine moves them to its device)."""
     from llmcore.checkpoint import load_model
     from llmcore.model import LLM, ModelConfig
+    from llmcore.train.stages import FullWeights
 
+    hook: ModelHook = model_hook if model_hook is not None else FullWeights(cfg)
     shard_vocab = int(reader.manifest.get("tokenizer", {}).get("vocab_size", 0))
     if resume_from is not None:
-        # The weights come from the checkpoint (and the engine state for DeepSpeed).
-        model, _ = load_model(resume_from, attn_backend=cfg.attn_backend, with_tokenizer=False)
+        # The weights come from the checkpoint (and the engine state for DeepSpeed), as the hook saved them.
+        model = hook.load(resume_from)
     elif cfg.init:
         model, init_tok = load_model(cfg.init, attn_backend=cfg.attn_backend, with_tokenizer=True)
         if init_tok is not None:
@@ -193,6 +198,8 @@ def build_model(cfg: TrainConfig, reader: Any, resume_from: Path | None) -> torc
         # Same seed on every process: ZeRO partitions one identical initial model.
         torch.manual_seed(cfg.seed)
         model = LLM(mcfg)
+    if resume_from is None:
+        model = hook.convert(model)
     if model.config.vocab_size < shard_vocab:
         raise LLMCoreError(f"model vocab size {model.config.vocab_size} is smaller than the shards' "
                            f"tokenizer vocab {shard_vocab}; use a model made for this tokenizer")
@@ -252,10 +259,11 @@ def build_data(cfg: TrainConfig, stage: Stage, reader: Any, rank: int, world: in
     return RunData(train_idx, eval_idx, loader_for, loader, accum, steps_per_epoch, total)
 
 
-def build_objective(stage: Stage, cfg: TrainConfig, engine: Engine, data: RunData) -> Objective:
+def build_objective(stage: Stage, cfg: TrainConfig, engine: Engine, data: RunData, model: Any = None,
+                    tokenizer: Any = None) -> Objective:
     return stage.build_objective(ObjectiveContext(cfg=cfg, autocast=engine.autocast, device=engine.device,
                                                   make_loader=data.make_loader, train_idx=data.train_idx,
-                                                  eval_idx=data.eval_idx))
+                                                  eval_idx=data.eval_idx, model=model, tokenizer=tokenizer))
 
 
 def write_run_files(run_dir: Path, stage: Stage, cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
@@ -307,8 +315,12 @@ class Trainer:
 
     def __init__(self, stage: Stage, cfg: TrainConfig, engine: Engine, run_dir: Path, ckpts: CheckpointManager,
                  resume_from: Path | None, reader: Any, tokenizer: Any, model: torch.nn.Module, data: RunData,
-                 objective: Objective, hooks: TrainHooks) -> None:
+                 objective: Objective, hooks: TrainHooks, model_hook: ModelHook | None = None) -> None:
+        from llmcore.train.stages import FullWeights
+
         self.stage, self.cfg, self.engine = stage, cfg, engine
+        # How checkpoints hold the weights (the stage's hook: full weights, or LoRA's adapters).
+        self.model_hook: ModelHook = model_hook if model_hook is not None else FullWeights(cfg)
         self.run_dir, self.ckpts, self.resume_from = run_dir, ckpts, resume_from
         self.reader, self.tokenizer, self.model = reader, tokenizer, model
         self.data, self.objective, self.hooks = data, objective, hooks
@@ -336,12 +348,13 @@ class Trainer:
         resume_from = find_resume_point(cfg, ckpts, run_dir)
         reader = open_shards(cfg, st)
         tokenizer = resolve_tokenizer(cfg, reader, run_dir, resume_from is not None)
-        model = build_model(cfg, reader, resume_from)
+        model_hook = st.model_hook(cfg)
+        model = build_model(cfg, reader, resume_from, model_hook)
         data = build_data(cfg, st, reader, engine.rank, engine.world)
-        objective = build_objective(st, cfg, engine, data)
+        objective = build_objective(st, cfg, engine, data, model, tokenizer)
         engine.prepare(model, data.accum)
         trainer = cls(st, cfg, engine, run_dir, ckpts, resume_from, reader, tokenizer, model, data, objective,
-                      hooks or TrainHooks())
+                      hooks or TrainHooks(), model_hook)
         if resume_from is not None:
             trainer.restore(resume_from)
         elif engine.rank == 0:
@@ -465,11 +478,9 @@ class Trainer:
         eng = self.engine
 
         def write_model(d: Path) -> None:
-            from llmcore.checkpoint import save_model
-
             with eng.full_weights() as module:
                 if self.rank == 0:
-                    save_model(module, d)
+                    self.model_hook.save(module, d)
 
         state = {"step": self.step, "tokens": self.tokens, "epoch": self.feed.epoch,
                  "stage": self.stage.name, "total_steps": self.total_steps, "eval_loss": self.last_eval}
