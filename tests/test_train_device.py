@@ -78,14 +78,16 @@ def test_auto_precision_and_backend_resolve_for_the_cpu(shards, tmp_path):  # no
     assert "mfu" not in rows[0]  # no known peak for a CPU unless --peak-tflops names one
 
 
-def test_mfu_uses_the_palm_flop_count(shards, tmp_path):  # noqa: F811
+def test_mfu_counts_causal_attention(shards, tmp_path):  # noqa: F811
     from llmcore.model import ModelConfig, param_report
     from llmcore.train.speed import flops_per_token
 
     cfg = ModelConfig.from_preset("minimind2-small")
     n = param_report(cfg)["total"]
-    expected = 6 * n + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * 512
-    assert flops_per_token(cfg, 512) == expected
+    attn = cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * 512
+    # Causal attention computes half the score/value products of PaLM's 12·L·H·Q·T (appendix B).
+    assert flops_per_token(cfg, 512) == 6 * n + 6 * attn
+    assert flops_per_token(cfg, 512, causal=False) == 6 * n + 12 * attn
     s = train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "r", max_steps=2, peak_tflops=1.0))
     rec = read_metrics(s.run_dir / "metrics.jsonl")[-1]
     config = json.loads((s.run_dir / "config.json").read_text())

@@ -2,14 +2,19 @@
 
 Each command parses flags, runs one `llmcore.bench.<name>.run_*` function, writes the result's
 three files and prints where they went, the targets (PASS/FAIL) and any load warning.
+
+A run that is stopped (Ctrl-C, or SIGTERM from a deadline such as gpu_check.sh's `timeout`) or
+that crashes still writes what it measured, marked `interrupted`, and exits non-zero (124 when
+stopped, 1 when crashed); a user error is one line `error: ...` (exit 2) as everywhere.
 """
 
 from __future__ import annotations
 
 import shlex
 import sys
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -59,6 +64,79 @@ def _finish(res: Any, out: Path) -> None:
     typer.echo(f"wrote {paths['json']}, {paths['md']}, {paths['png']} ({res.elapsed_s:.0f}s)")
 
 
+STOPPED_EXIT, CRASHED_EXIT = 124, 1
+
+
+def _run(bench: str, make: Callable[[], Any], out: Path) -> None:
+    """`make()` the result and write it; on SIGINT/SIGTERM or a crash write the partial result."""
+    import signal
+    import threading
+
+    from llmcore.bench import harness
+    from llmcore.errors import LLMCoreError
+
+    def on_signal(signum: int, frame: Any) -> None:
+        harness.request_stop(f"stopped by {signal.Signals(signum).name} after "
+                             f"{time.perf_counter() - t0:.0f}s (a deadline or Ctrl-C)")
+        raise KeyboardInterrupt
+
+    t0 = time.perf_counter()
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    harness.clear_stop()
+    harness._CURRENT["result"] = None
+    code, reason = 0, None
+    try:
+        res = make()
+        reason = harness.stop_requested()
+    except KeyboardInterrupt:
+        res, code = harness.current_result(), STOPPED_EXIT
+        reason = harness.stop_requested() or "interrupted"
+    except LLMCoreError:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        raise
+    except Exception as err:  # one part's bug must not lose the parts measured before it
+        import logging
+
+        logging.getLogger(__name__).exception("bench %s crashed", bench)
+        res, code, reason = harness.current_result(), CRASHED_EXIT, f"crashed: {harness.error_line(err)}"
+    finally:
+        for sig in previous:  # a second signal while the files are written must not cut them off
+            signal.signal(sig, signal.SIG_IGN)
+    try:
+        if res is None:
+            typer.echo(f"error: bench {bench} {reason}; nothing was measured yet", err=True)
+            raise typer.Exit(code or STOPPED_EXIT)
+        if reason is not None:
+            res.mark_interrupted(reason)
+            code = code or STOPPED_EXIT
+            _rederive(bench, res)
+            typer.echo(f"bench {bench} {reason}: writing what was measured so far", err=True)
+        _finish(res, out)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code:
+        raise typer.Exit(code)
+
+
+def _rederive(bench: str, res: Any) -> None:
+    """Targets, tables and plot of a partial result from what it holds (each benchmark's own code)."""
+    from importlib import import_module
+
+    try:
+        mod = import_module(f"llmcore.bench.{bench}")
+        if hasattr(mod, "targets_for"):
+            mod.targets_for(res)
+        if hasattr(mod, "plot_for") and res.plot is None:
+            res.plot = mod.plot_for(res)
+    except Exception as err:  # the measurements still get written
+        from llmcore.bench.harness import error_line
+
+        res.note(f"targets of the partial result not derived ({error_line(err)})")
+
+
 def _device(spec: str) -> Any:
     from llmcore.common import resolve_device
 
@@ -81,13 +159,13 @@ def kernels_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK,
     """
     from llmcore.bench.kernels import run_kernels
 
-    _finish(run_kernels(_device(device), quick, batch, _ints(seqs, "--seqs"), _ints(hiddens, "--hiddens"), repeats,
-                        dry_run_timing, budget_s=budget_s, command=_command()), out)
+    _run("kernels", lambda: run_kernels(_device(device), quick, batch, _ints(seqs, "--seqs"), _ints(hiddens, "--hiddens"),
+                                        repeats, dry_run_timing, budget_s=budget_s, command=_command()), out)
 
 
 @bench_app.command("train")
 def train_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK, data_dir: Optional[Path] = _DATA,
-              presets: Optional[str] = typer.Option(None, "--presets", help="Model presets (default minimind2-small,minimind2)."),
+              presets: Optional[str] = typer.Option(None, "--presets", help="Model presets (default minimind2-small,minimind-3)."),
               variants: Optional[str] = typer.Option(
                   None, "--variants", help="Loops, e.g. minimind,triton+compile,sdpa:padded,sdpa:bf16 (default per device)."),
               seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default 512)."),
@@ -98,13 +176,13 @@ def train_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK, dat
                                                        "that do not fit are skipped and named.")) -> None:
     """End-to-end pretraining real tokens/s, MFU and memory: llmcore backends vs a MiniMind-style loop.
 
-    Example: llmcore bench train --device cuda --presets minimind2-small,minimind2
+    Example: llmcore bench train --device cuda --presets minimind2-small,minimind-3
     """
     from llmcore.bench.train import run_train
 
-    _finish(run_train(_device(device), quick, presets.split(",") if presets else None,
-                      variants.split(",") if variants else None, seq_len, batch, rounds, steps, None, budget_s,
-                      data_dir, command=_command()), out)
+    _run("train", lambda: run_train(_device(device), quick, presets.split(",") if presets else None,
+                                    variants.split(",") if variants else None, seq_len, batch, rounds, steps, None,
+                                    budget_s, data_dir, command=_command()), out)
 
 
 @bench_app.command("data")
@@ -119,7 +197,7 @@ def data_cmd(device: str = typer.Option("cpu", "--device", help="Always the CPU 
     """
     from llmcore.bench.data import run_data
 
-    _finish(run_data(_device("cpu"), quick, input, repeats, workers, None, data_dir, command=_command()), out)
+    _run("data", lambda: run_data(_device("cpu"), quick, input, repeats, workers, None, data_dir, command=_command()), out)
 
 
 @bench_app.command("generate")
@@ -132,7 +210,7 @@ def generate_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK,
     """
     from llmcore.bench.generate import run_generate
 
-    _finish(run_generate(_device(device), quick, preset, None, repeats, command=_command()), out)
+    _run("generate", lambda: run_generate(_device(device), quick, preset, None, repeats, command=_command()), out)
 
 
 @bench_app.command("scale")
@@ -148,8 +226,8 @@ def scale_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK, dat
     """
     from llmcore.bench.scale import run_scale
 
-    _finish(run_scale(_device(device), quick, budget_minutes, epochs, seq_len, batch, data_dir=data_dir,
-                      command=_command()), out)
+    _run("scale", lambda: run_scale(_device(device), quick, budget_minutes, epochs, seq_len, batch,
+                                    data_dir=data_dir, command=_command()), out)
 
 
 @bench_app.command("report")

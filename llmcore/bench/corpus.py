@@ -25,14 +25,25 @@ ROW_MIN, ROW_MAX = 257, 519
 _SENTENCE_END = re.compile(r"(?<=[。！？!?；])")
 
 
+def data_candidates() -> list[Path]:
+    """Where the sample data may lie, relative to this checkout (`Path(__file__).resolve()`, so a
+    folder of symlinks to the checkout, as gpu_check.sh makes, still finds it): `../shared/data`
+    beside the repository, `shared/data` inside it (the device machine's copy of a checkout), and
+    `.cache/shared-data` (a subset staged by `benchmarks/gpu_check.sh --stage-data` to carry)."""
+    root = Path(__file__).resolve().parents[2]
+    return [root.parent / "shared" / "data", root / "shared" / "data", root / ".cache" / "shared-data"]
+
+
 def shared_data_dir(override: str | Path | None = None) -> Path:
-    """`--data-dir`, else $LLMCORE_SHARED_DATA, else `../shared/data` beside the repository."""
+    """`--data-dir`, else $LLMCORE_SHARED_DATA, else the first of `data_candidates()` that exists
+    (the first candidate when none does, so the error names the usual place)."""
     if override:
         return Path(override)
     env = os.environ.get("LLMCORE_SHARED_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    candidates = data_candidates()
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def need(path: Path, what: str) -> Path:
@@ -94,5 +105,5 @@ def read_texts(path: Path, limit: int | None = None) -> list[str]:
     return out
 
 
-__all__ = ["shared_data_dir", "minimind_tokenizer_dir", "cmrc_passages", "pretrain_hq_rows", "write_jsonl",
+__all__ = ["shared_data_dir", "data_candidates", "minimind_tokenizer_dir", "cmrc_passages", "pretrain_hq_rows", "write_jsonl",
            "read_texts", "ROW_MIN", "ROW_MAX", "need"]

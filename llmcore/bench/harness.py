@@ -14,6 +14,13 @@ Invariants (every `llmcore bench` subcommand relies on them):
   a warning (printed with the results) when it was high for this machine.
 - Results are written atomically (`llmcore.io`) as `<name>-<device>-<date>.{json,md,png}`; the
   json holds everything the md and the report pages are built from.
+- A part that fails (a loop that raises while being built, warmed up or timed) is recorded in
+  `failures` with its error and the rest goes on; a run stopped by SIGINT/SIGTERM (a phase
+  deadline) keeps what it measured: `interleaved` returns the complete rounds, `stop_requested()`
+  tells the benchmark to stop, and the CLI writes the partial result marked `interrupted`.
+- Fault hooks for rehearsing those paths without a GPU: `LLMCORE_BENCH_FAULT="ACTION:TEXT,..."`
+  makes every `fault_point(site)` whose site contains TEXT raise (`raise`) or sleep until the
+  phase deadline kills it (`hang`); unset, a fault point does nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +44,52 @@ from llmcore.io import atomic_write, write_json, write_text
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# failures, interrupts and fault hooks
+
+FAULT_ENV = "LLMCORE_BENCH_FAULT"
+_STOP: dict[str, str | None] = {"reason": None}
+
+
+class InjectedFault(RuntimeError):
+    """Raised by `fault_point` where LLMCORE_BENCH_FAULT asks for a failure (rehearsals only)."""
+
+
+def fault_point(site: str) -> None:
+    """Raise or hang here when LLMCORE_BENCH_FAULT names this site (see the module docstring)."""
+    spec = os.environ.get(FAULT_ENV, "")
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        action, _, text = item.partition(":")
+        if not text or text not in site:
+            continue
+        if action == "raise":
+            raise InjectedFault(f"fault injected by {FAULT_ENV} at {site!r}")
+        if action == "hang":
+            log.warning("%s: hanging at %r until stopped", FAULT_ENV, site)
+            while True:  # a KeyboardInterrupt from the deadline's signal ends it
+                time.sleep(0.2)
+
+
+def request_stop(reason: str) -> None:
+    """Ask the running benchmark to stop and keep what it has measured (set by the signal handler)."""
+    _STOP["reason"] = reason
+
+
+def stop_requested() -> str | None:
+    """Why the benchmark must stop (a signal, a deadline), or None."""
+    return _STOP["reason"]
+
+
+def clear_stop() -> None:
+    _STOP["reason"] = None
+
+
+def error_line(err: BaseException) -> str:
+    """`Type: first line of the message`, short enough for a table."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,42 +208,73 @@ Case = Callable[[], float | None]
 
 def interleaved(cases: dict[str, Case], rounds: int, warmup: int = 1, device: torch.device | None = None,
                 progress: Callable[[str], None] | None = None, budget_s: float | None = None,
-                cpu_clock: Callable[[], float] = time.process_time) -> dict[str, Samples]:
+                cpu_clock: Callable[[], float] = time.process_time,
+                on_error: Callable[[str, Exception], None] | None = None) -> dict[str, Samples]:
     """Run every case `warmup` times (untimed, timed as a whole into `warmup_s`), then `rounds`
     interleaved rounds of one timed call each, the order rotated by one every round.
 
     A case returns the units of work it did (tokens, bytes; None means 1). On CUDA the device is
     synchronised before and after each timed call. `budget_s` stops starting new rounds once the
     time since the first timed round exceeds it (at least one round always runs). `cpu_clock` gives
-    CPU seconds (default: this process, all threads; `cpu_seconds_with_children` adds reaped workers)."""
+    CPU seconds (default: this process, all threads; `cpu_seconds_with_children` adds reaped workers).
+
+    With `on_error`, a case that raises is handed to it and dropped (it is absent from the result)
+    while the others go on. A KeyboardInterrupt (Ctrl-C, or a deadline's SIGTERM through the CLI)
+    ends the run: the samples of the complete rounds are returned and `stop_requested()` is set."""
     dev = device or torch.device("cpu")
     names = list(cases)
     out = {n: Samples() for n in names}
-    for n in names:
-        synchronize(dev)
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            cases[n]()
-        synchronize(dev)
-        out[n].warmup_s = time.perf_counter() - t0
-        if progress and warmup:
-            progress(f"warm-up {n}: {out[n].warmup_s:.1f}s")
-    start = time.perf_counter()
-    for r in range(rounds):
-        if r > 0 and budget_s is not None and time.perf_counter() - start > budget_s:
+
+    def failed(n: str, err: Exception) -> None:
+        if on_error is None:
+            raise err
+        on_error(n, err)
+        names.remove(n)
+        out.pop(n, None)
+
+    done = 0
+    try:
+        for n in list(names):
+            synchronize(dev)
+            t0 = time.perf_counter()
+            try:
+                for _ in range(warmup):
+                    cases[n]()
+                synchronize(dev)
+            except Exception as err:
+                failed(n, err)
+                continue
+            out[n].warmup_s = time.perf_counter() - t0
+            if progress and warmup:
+                progress(f"warm-up {n}: {out[n].warmup_s:.1f}s")
+        start = time.perf_counter()
+        for r in range(rounds):
+            if r > 0 and budget_s is not None and time.perf_counter() - start > budget_s:
+                if progress:
+                    progress(f"time budget reached after {r} of {rounds} rounds")
+                break
+            if not names or stop_requested():
+                break
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                synchronize(dev)
+                c0, t0 = cpu_clock(), time.perf_counter()
+                try:
+                    units = cases[n]()
+                    synchronize(dev)
+                except Exception as err:
+                    failed(n, err)
+                    continue
+                out[n].add(time.perf_counter() - t0, cpu_clock() - c0, 1.0 if units is None else float(units))
+            done = r + 1
             if progress:
-                progress(f"time budget reached after {r} of {rounds} rounds")
-            break
-        order = names[r % len(names):] + names[:r % len(names)]
-        for n in order:
-            synchronize(dev)
-            c0, t0 = cpu_clock(), time.perf_counter()
-            units = cases[n]()
-            synchronize(dev)
-            out[n].add(time.perf_counter() - t0, cpu_clock() - c0, 1.0 if units is None else float(units))
+                progress(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {out[n].wall[-1]:.3g}s" for n in names))
+    except KeyboardInterrupt:
+        request_stop(stop_requested() or "interrupted")
         if progress:
-            progress(f"round {r + 1}/{rounds}: " + ", ".join(
-                f"{n} {out[n].wall[-1]:.3g}s" for n in names))
+            progress(f"interrupted after {done} complete round(s); keeping those")
+        for s in out.values():  # drop the unfinished round so every case has the same rounds
+            del s.wall[done:], s.cpu[done:], s.units[done:]
     return out
 
 
@@ -288,6 +372,8 @@ class BenchResult:
         self.tables: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.warnings: list[str] = []
+        self.failures: list[dict[str, str]] = []
+        self.interrupted: str | None = None
         self.extra: dict[str, Any] = {}
         self.plot: Callable[["BenchResult", Any], None] | None = None
         self.figsize: tuple[float, float] = (12, 5.5)
@@ -295,6 +381,7 @@ class BenchResult:
         self.load_report: dict[str, Any] | None = None
         self.elapsed_s: float | None = None
         self._t0 = time.perf_counter()
+        _CURRENT["result"] = self  # the CLI writes it if the run is interrupted or crashes
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BenchResult":
@@ -306,6 +393,7 @@ class BenchResult:
         res.started = _dt.datetime.fromisoformat(d["started"])
         for key in ("measurements", "ratios", "targets", "tables", "notes", "warnings"):
             setattr(res, key, d[key])
+        res.failures, res.interrupted = d.get("failures", []), d.get("interrupted")
         res.extra, res.load_report, res.elapsed_s = d["extra"], d["load"], d["elapsed_s"]
         res.plot, res.figsize = None, (12, 5.5)
         res._device_tag = d["device"]
@@ -384,6 +472,15 @@ class BenchResult:
         self.warnings.append(text)
         log.warning("warning: %s", text)
 
+    def fail(self, what: str, err: BaseException) -> None:
+        """Record that one part (a loop, a shape) failed; nothing of it is reported as measured."""
+        self.failures.append({"what": what, "error": error_line(err)})
+        log.error("%s: FAILED, not measured (%s)", what, error_line(err))
+
+    def mark_interrupted(self, reason: str) -> None:
+        """The run stopped early (signal, deadline, crash): what follows was not measured."""
+        self.interrupted = reason
+
     # -- output ----------------------------------------------------------------------------
     def finish(self) -> None:
         if self.load_report is None:
@@ -410,6 +507,7 @@ class BenchResult:
             "quick": self.quick, "machine": self.machine, "settings": self.settings, "load": self.load_report,
             "measurements": self.measurements, "ratios": self.ratios, "targets": self.targets,
             "tables": self.tables, "notes": self.notes, "warnings": self.warnings, "extra": self.extra,
+            "failures": self.failures, "interrupted": self.interrupted,
         }
 
     def write(self, out_dir: str | Path, stem: str | None = None) -> dict[str, Path]:
@@ -420,10 +518,29 @@ class BenchResult:
         data = self.to_dict()
         paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
         write_json(paths["json"], data)
-        render_png(data, paths["png"], lambda fig: self.plot(self, fig) if self.plot else _default_plot(data, fig),
-                   figsize=self.figsize)
+
+        def draw(fig: Any) -> None:
+            if self.plot is not None:
+                try:
+                    self.plot(self, fig)
+                    return
+                except Exception as err:  # a partial result may lack what its plot expects: plain bars then
+                    log.warning("%s plot failed (%s); drawing the plain one", self.name, error_line(err))
+                    fig.clf()
+                    fig.manual_layout = False
+            _default_plot(data, fig)
+
+        render_png(data, paths["png"], draw, figsize=self.figsize)
         write_text(paths["md"], render_markdown(data, paths["png"].name))
         return paths
+
+
+_CURRENT: dict[str, BenchResult | None] = {"result": None}
+
+
+def current_result() -> BenchResult | None:
+    """The result made last in this process (what an interrupted run has measured so far)."""
+    return _CURRENT["result"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,8 +591,14 @@ def render_markdown(d: dict[str, Any], png_name: str) -> str:
     lines += [f"Run {d['started']} UTC, {d['elapsed_s']} s. Machine: {machine_line(d['machine'])}.",
               f"Load (1-minute average) during the run: mean {load.get('load_1min_mean')}, max "
               f"{load.get('load_1min_max')} on {load.get('cpu_count')} CPUs.", ""]
+    if d.get("interrupted"):
+        lines += [f"> **Interrupted:** {d['interrupted']}. Everything below was measured before that; what "
+                  "is missing was not measured.", ""]
     for w in d["warnings"]:
         lines += [f"> **Warning:** {w}", ""]
+    if d.get("failures"):
+        lines += ["## Failed (not measured)", ""] + md_table(["part", "error"], [[f["what"], f["error"].replace("|", "/")]
+                                                                               for f in d["failures"]]) + [""]
     lines += ["Settings: " + ", ".join(f"{k} `{v}`" for k, v in d["settings"].items()), "", f"![{d['bench']}]({png_name})", ""]
     if d["targets"]:
         lines += ["## Targets", ""]
@@ -571,4 +694,5 @@ def bar_panel(ax: Any, labels: list[str], values: list[float | None], spreads: l
 
 __all__ = ["machine_info", "device_tag", "slug", "today", "summarize", "Samples", "interleaved", "LoadMonitor",
            "BenchResult", "render_markdown", "render_png", "fmt", "md_table", "machine_line", "bar_panel",
-           "cpu_model", "synchronize", "cpu_seconds_with_children"]
+           "cpu_model", "synchronize", "cpu_seconds_with_children", "fault_point", "InjectedFault", "request_stop",
+           "stop_requested", "clear_stop", "current_result", "error_line", "FAULT_ENV"]

@@ -7,8 +7,9 @@ Loops compared (same model code, same weights init, same micro batch, same rows)
   SDPA causal attention (our model's `sdpa` backend without position ids, which is at least as fast
   as MiniMind's repeat-kv SDPA), bf16 autocast on CUDA and fp32 on CPU (as MiniMind), loss = masked
   mean CE + aux, backward, clip 1.0, `torch.optim.AdamW` (default implementation), zero_grad, LR set
-  per step. Its rows are tokenized and padded before timing and fed from memory, so the baseline
-  pays nothing for data (MiniMind tokenizes in DataLoader workers).
+  per step. Its rows are tokenized and padded before timing and kept on the device (on CUDA; a
+  pageable host index would make the copy synchronous), so the baseline pays nothing for data
+  (MiniMind tokenizes in DataLoader workers and copies pinned batches).
 - `llmcore <backend> [+compile] <packed|padded> [<dtype>]`: `Trainer.from_config("pretrain", cfg)`
   and `trainer.train_step()`, exactly what `llmcore train pretrain` runs (its loader, device feed,
   engine, objective).
@@ -16,13 +17,16 @@ Loops compared (same model code, same weights init, same micro batch, same rows)
 Measurement: every loop of a preset is built and warmed up first (compilation happens there), then
 `rounds` interleaved rounds of `steps` optimizer steps each (order rotated per round, device
 synchronised around each). Reported per loop: real (non-pad) input tokens per second, step time,
-MFU on CUDA (6N + 12·L·H·Q·T FLOPs per real token over the card's dense bf16 peak, so padding
+MFU on CUDA (6N + 6·L·H·Q·T FLOPs per real token, causal attention, over the card's dense bf16 peak, so padding
 counts as waste), peak memory (CUDA: the loop's own resident tensors plus its largest step
 transient; CPU: the process's max RSS, which all loops share), and on CPU tokens per CPU-second.
 Every ratio is against the `minimind` loop of the same preset, measured in the same rounds.
 
 Invariants: a loop that does not fit the time budget is reported as skipped, never estimated;
-no number is reported for a loop that was not run.
+no number is reported for a loop that was not run. A loop that raises while it is built, warmed up
+or timed is recorded in the result's failures and the other loops (and presets) go on; a stop
+request (SIGTERM/SIGINT through the CLI) ends the rounds in progress, keeps their complete rounds
+and skips what is left, naming it.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ import torch.nn.functional as F
 
 from llmcore.bench.corpus import (cmrc_passages, minimind_tokenizer_dir, pretrain_hq_rows, shared_data_dir,
                                   write_jsonl)
-from llmcore.bench.harness import BenchResult, Samples, bar_panel, fmt, interleaved, summarize
+from llmcore.bench.harness import (BenchResult, Samples, bar_panel, error_line, fault_point, fmt, interleaved,
+                                   stop_requested, summarize)
 from llmcore.errors import LLMCoreError
 
 log = logging.getLogger(__name__)
@@ -91,6 +96,10 @@ def default_variants(device: torch.device, preset: str, quick: bool) -> list[Var
     """Priority order: loops later in the list are the first to be skipped when time runs out."""
     if quick:
         return [Variant("minimind"), Variant("llmcore", "sdpa"), Variant("llmcore", "sdpa", packing="padded")]
+    if device.type == "cuda" and preset != "minimind2-small":
+        # Shape coverage (head dim 96, QK-norm): the main backends without the controls.
+        return [Variant("minimind"), Variant("llmcore", "triton"), Variant("llmcore", "triton", True),
+                Variant("llmcore", "sdpa")]
     if device.type == "cuda":
         # Compilation dominates the cost on a GPU, so the uncompiled loops come first, then the target's.
         return [Variant("minimind"), Variant("llmcore", "triton"), Variant("llmcore", "triton", True),
@@ -120,11 +129,11 @@ class MiniMindLoop:
             ids = ([tok.bos_id] + list(ids) + [tok.eos_id])[: seq_len + 1]
             rows.append(ids + [pad] * (seq_len + 1 - len(ids)))
         data = torch.tensor(rows, dtype=torch.long)
-        self.x, self.y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+        # On the device once: indexing a pinned host tensor gives a pageable one whose copy would be
+        # synchronous, a per-step cost the llmcore loops (pinned feed thread) do not pay.
+        self.x, self.y = data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)
         self.mask = (self.y != pad).float()
-        self.real = (self.x != pad).sum(dim=1)
-        if device.type == "cuda":
-            self.x, self.y, self.mask = self.x.pin_memory(), self.y.pin_memory(), self.mask.pin_memory()
+        self.real = (data[:, :-1] != pad).sum(dim=1)  # host copy: the token count needs no device read
         self.batch, self.i = batch, 0
         torch.manual_seed(seed)
         cfg = ModelConfig.from_preset(preset, attn_backend="sdpa", vocab_size=tok.vocab_size)
@@ -137,9 +146,8 @@ class MiniMindLoop:
         n = self.x.shape[0]
         idx = torch.arange(self.i, self.i + self.batch) % n
         self.i = (self.i + self.batch) % n
-        x = self.x[idx].to(self.device, non_blocking=True)
-        y = self.y[idx].to(self.device, non_blocking=True)
-        mask = self.mask[idx].to(self.device, non_blocking=True)
+        didx = idx.to(self.device)
+        x, y, mask = self.x[didx], self.y[didx], self.mask[didx]
         for group in self.opt.param_groups:
             group["lr"] = MINIMIND_LR
         if self.autocast is not None:
@@ -186,6 +194,17 @@ class LLMCoreLoop:
 
     def close(self) -> None:
         self.trainer.feed.close()
+
+
+def _drop(loop: Any, device: torch.device) -> None:
+    """Release a loop that failed or finished (its feed thread, its device memory)."""
+    if loop is not None:
+        try:
+            loop.close()
+        except Exception as err:  # closing a broken loop must not end the benchmark
+            log.warning("closing a loop failed: %s", error_line(err))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _resident_bytes(device: torch.device) -> int:
@@ -255,7 +274,7 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
     cuda = device.type == "cuda"
     ddir = shared_data_dir(data_dir)
     tok_dir = minimind_tokenizer_dir(ddir)
-    presets = presets or (["tiny"] if quick else ["minimind2-small", "minimind2"])
+    presets = presets or (["tiny"] if quick else ["minimind2-small", "minimind-3"])
     seq_len = seq_len or (64 if quick else 512)
     batch = batch or (2 if quick else (32 if cuda else 4))
     rounds = rounds or (5 if cuda else 3)
@@ -298,7 +317,6 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
         log.info("rows: %d, %.0f tokens mean; real-token share padded %.1f%%, packed %.2f%%", len(rows),
                  res.extra["rows"]["tokens_mean"], 100 * shares[0][1], 100 * shares[0][2])
 
-        all_rows: list[list[Any]] = []
         chosen = [parse_variant(v) for v in variants] if variants else None
         for pi, preset in enumerate(presets):
             vs = chosen or default_variants(device, preset, quick)
@@ -318,37 +336,62 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
                 if loops and elapsed + rounds * per_round * (len(loops) + 1) / len(loops) > preset_budget:
                     skipped.append(label)
                     continue
+                if stop_requested():
+                    skipped.append(label)
+                    continue
                 log.info("[%s] building %s", preset, label)
                 before = _resident_bytes(device)
                 t0 = time.perf_counter()
+                loop: Any = None
+                # Built and warmed up inside its own error handling: a loop that raises (a kernel that
+                # refuses a shape, an OOM, a compile error) is recorded and the others still run.
                 try:
+                    fault_point(f"train build {preset} {label}")
                     if v.kind == "minimind":
-                        loop: Any = MiniMindLoop(preset, token_rows, tok, seq_len, batch, device, seed)
+                        loop = MiniMindLoop(preset, token_rows, tok, seq_len, batch, device, seed)
                     else:
                         loop = LLMCoreLoop(preset, shards, work / f"run-{pi}-{i}", v, seq_len, batch, device, seed)
+                    m = _Measured(loop, steps, device)
+                    for _ in range(warmup + (1 if v.compile else 0)):
+                        t1 = time.perf_counter()
+                        fault_point(f"train warm-up {preset} {label}")
+                        loop.step()
+                        if cuda:
+                            torch.cuda.synchronize(device)
+                        m.step_s = time.perf_counter() - t1
                 except LLMCoreError as err:
                     res.note(f"{preset} {label}: not run ({err})")
+                    _drop(loop, device)
                     continue
-                m = _Measured(loop, steps, device)
-                for _ in range(warmup + (1 if v.compile else 0)):
-                    t1 = time.perf_counter()
-                    loop.step()
-                    if cuda:
-                        torch.cuda.synchronize(device)
-                    m.step_s = time.perf_counter() - t1
+                except Exception as err:
+                    res.fail(f"{preset} {label}", err)
+                    _drop(loop, device)
+                    continue
                 m.resident = _resident_bytes(device) - before
                 log.info("[%s] %s ready in %.1fs (incl. %d warm-up steps)", preset, label, time.perf_counter() - t0, warmup)
                 m.warmup_s = time.perf_counter() - t0
                 loops[label] = m
             for label in skipped:
-                res.note(f"{preset}: {label} skipped (time budget {budget_s:.0f}s)")
+                why = "stopped" if stop_requested() else f"time budget {budget_s:.0f}s"
+                res.note(f"{preset}: {label} skipped ({why})")
+            if not loops:
+                res.note(f"{preset}: no loop could be built, nothing measured")
+                continue
             left = preset_budget - (time.perf_counter() - p_start)
+
+            def timing_failed(label: str, err: Exception, p: str = preset) -> None:
+                res.fail(f"{p} {label} (while timed)", err)
+                _drop(loops.pop(label).loop, device)
+
             samples = interleaved(dict(loops), rounds, warmup=0, device=device, budget_s=max(left, 0.0),
-                                  progress=lambda s, p=preset: log.info("[%s] %s", p, s))
+                                  progress=lambda s, p=preset: log.info("[%s] %s", p, s), on_error=timing_failed)
             base_label = Variant("minimind").label(device)
-            model_cfg = next(iter(loops.values())).loop.config
-            fpt = flops_per_token(model_cfg, seq_len)
+            model_cfg = next(iter(loops.values())).loop.config if loops else None
+            fpt = flops_per_token(model_cfg, seq_len) if model_cfg is not None else 0.0
             for label, s in samples.items():
+                if not s.wall:
+                    res.note(f"{preset} {label}: built but no timed round completed")
+                    continue
                 m = loops[label]
                 s.warmup_s = m.warmup_s
                 facts: dict[str, Any] = {"preset": preset, "loop": label,
@@ -358,43 +401,34 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
                     facts["peak_memory_gb"] = round((m.resident + m.transient) / 2**30, 3)
                     if peak:
                         facts["mfu"] = summarize([r * fpt / (peak * 1e12) for r in s.rate()])
+                        fpt_palm = flops_per_token(model_cfg, seq_len, causal=False)
+                        facts["mfu_palm"] = summarize([r * fpt_palm / (peak * 1e12) for r in s.rate()])
                 else:
                     from llmcore.train.speed import peak_memory_gb
 
                     facts["process_max_rss_gb"] = round(peak_memory_gb(device), 3)
                 res.measure_samples(f"{preset} {label}", s, "real tokens/s", **facts)
                 m.loop.close()
-            for label in samples:
-                if label != base_label and base_label in samples:
+            measured = [lb for lb in samples if samples[lb].wall]
+            for label in measured:
+                if label != base_label and base_label in measured:
                     res.ratio(f"{preset}: {label} vs minimind-style", f"{preset} {label}", f"{preset} {base_label}",
                               metric="throughput", what="real tokens/s")
                     if not cuda:
                         res.ratio(f"{preset}: {label} vs minimind-style, per CPU-second", f"{preset} {label}",
                                   f"{preset} {base_label}", metric="per CPU-second", what="real tokens per CPU-second")
-            for label in samples:
-                entry = res.find(f"{preset} {label}", "throughput")
-                r = next((x for x in res.ratios if x["numerator"] == f"{preset} {label}"
-                          and x["metric"] == "throughput"), None)
-                row = [preset, label, fmt(entry["median"]), f"{fmt(entry['min'])} .. {fmt(entry['max'])}",
-                       fmt(entry["step_s"]["median"]) + " s",
-                       f"{entry['mfu']['median']:.1%}" if entry.get("mfu") else "-",
-                       fmt(entry.get("peak_memory_gb", entry.get("process_max_rss_gb"))),
-                       f"{fmt(r['value'])}x" if r else "1x (baseline)"]
-                if not cuda:
-                    rc = next((x for x in res.ratios if x["numerator"] == f"{preset} {label}"
-                               and x["metric"] == "per CPU-second"), None)
-                    row.append(f"{fmt(rc['value'])}x" if rc else "1x (baseline)")
-                all_rows.append(row)
             loops.clear()
             if cuda:
                 torch.cuda.empty_cache()
-        mem_col = "peak memory GiB" if cuda else "process max RSS GiB (all loops)"
-        res.table("Real tokens per second", ["preset", "loop", "real tokens/s", "min .. max", "step", "MFU", mem_col,
-                                             "vs minimind-style"] + ([] if cuda else ["same, per CPU-second"]), all_rows)
-        _targets(res, device, presets)
-        _control_notes(res, device)
+            if stop_requested():
+                for later in presets[pi + 1:]:
+                    res.note(f"{later}: not measured ({stop_requested()})")
+                break
+        targets_for(res)
         res.note("Real tokens = non-pad input positions (what a padded loop wastes does not count). MFU counts the "
-                 "real tokens only: 6N + 12·L·H·Q·T FLOPs per token over the card's dense bf16 peak.")
+                 "real tokens only: 6N + 6·L·H·Q·T FLOPs per token over the card's dense bf16 peak (the attention "
+                 "term counted causally, half of the PaLM convention's 12·L·H·Q·T; the PaLM-convention MFU is in "
+                 "`mfu_palm`).")
         res.note("The MiniMind-style loop uses our model's sdpa backend without position ids (one causal document per "
                  "row), pre-tokenized rows fed from memory and torch's default AdamW; llmcore loops run "
                  "Trainer.train_step() with its own loader and feed.")
@@ -458,8 +492,38 @@ def _control_notes(res: BenchResult, device: torch.device) -> None:
                        "as noise.")
 
 
+def _speed_table(res: BenchResult) -> None:
+    """The "Real tokens per second" table from the result's measurements and ratios (also for a
+    partial result, so a run stopped in its second preset still shows the first)."""
+    cuda = res.device.type == "cuda"
+
+    def ratio(case: str, metric: str) -> dict[str, Any] | None:
+        return next((x for x in res.ratios if x["numerator"] == case and x["metric"] == metric), None)
+
+    rows = []
+    for entry in res.measurements:
+        if entry.get("metric") != "throughput" or "loop" not in entry:
+            continue
+        r = ratio(entry["case"], "throughput")
+        row = [entry["preset"], entry["loop"], fmt(entry["median"]), f"{fmt(entry['min'])} .. {fmt(entry['max'])}",
+               fmt(entry["step_s"]["median"]) + " s",
+               f"{entry['mfu']['median']:.1%}" if (entry.get("mfu") or {}).get("median") is not None else "-",
+               fmt(entry.get("peak_memory_gb", entry.get("process_max_rss_gb"))),
+               f"{fmt(r['value'])}x" if r else "1x (baseline)"]
+        if not cuda:
+            rc = ratio(entry["case"], "per CPU-second")
+            row.append(f"{fmt(rc['value'])}x" if rc else "1x (baseline)")
+        rows.append(row)
+    mem_col = "peak memory GiB" if cuda else "process max RSS GiB (all loops)"
+    res.tables[:] = [t for t in res.tables if t["title"] != "Real tokens per second"]
+    res.table("Real tokens per second", ["preset", "loop", "real tokens/s", "min .. max", "step", "MFU", mem_col,
+                                         "vs minimind-style"] + ([] if cuda else ["same, per CPU-second"]), rows)
+
+
 def targets_for(res: BenchResult) -> None:
-    """Recompute the targets (and control notes) of a finished result from its stored ratios (no measuring)."""
+    """Recompute the table, targets and control notes of a result from its stored measurements and
+    ratios (no measuring): at the end of a run, for a partial one, and when redrawing from json."""
+    _speed_table(res)
     res.targets = []
     _targets(res, res.device, list(res.settings.get("presets", [])))
     _control_notes(res, res.device)
