@@ -28,6 +28,11 @@ known to be fully visible (below the diagonal, inside the sequence, no documents
 any mask arithmetic; the rest apply the element masks. Masked scores are a large finite negative
 rather than -inf, so a row whose visible keys all lie in later tiles never produces NaN.
 
+Head dim. Tiles are ``BLOCK_D`` wide, the next power of two of ``HEAD_DIM`` (at least 16): for a
+head dim like 96 or 80 the padding columns load as zeros (they add nothing to ``Q K^T`` and give
+zero output columns) and are never stored. Whether a column mask exists at all is decided at
+compile time, so power-of-two head dims run the same code as before.
+
 Numerics: fp32 accumulation always. On CUDA, bf16/fp16 tiles feed the tensor cores directly
 (P and dS are rounded to the input dtype for their matmuls, as FlashAttention does); fp32
 inputs use IEEE fp32 dots (no TF32), so fp32 results match the reference to ~1e-5. In the
@@ -52,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmcore.kernels._runtime import cast_rtne, check_device, is_interpreted, needs_bf16_fix
+from llmcore.kernels._runtime import cast_rtne, check_device, is_interpreted, needs_bf16_fix, next_pow2
 # The plain-PyTorch side lives in llmcore.reference (one copy, shared with the model's eager path).
 from llmcore.reference import attention_reference as flash_attention_reference
 from llmcore.reference import cu_seqlens_from_position_ids
@@ -77,26 +82,39 @@ def _dot(a, b, F32: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(base, offs, stride, ok, HEAD_DIM: tl.constexpr):
-    """Rows ``offs`` (row stride ``stride``) of one head's ``(seq, HEAD_DIM)`` slice; rows not ``ok`` load as zeros."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    return tl.load(base + offs[:, None] * stride + offs_d[None, :], mask=ok[:, None], other=0.0)
+def _tile_mask(ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``ok`` and, when the head dim is padded to the power of two ``BLOCK_D``, its first
+    ``HEAD_DIM`` columns (a compile-time choice: power-of-two head dims carry no column mask)."""
+    if HEAD_DIM == BLOCK_D:
+        return ok[:, None]
+    else:
+        return ok[:, None] & (tl.arange(0, BLOCK_D) < HEAD_DIM)[None, :]
 
 
 @triton.jit
-def _store_tile(base, offs, stride, ok, value, HEAD_DIM: tl.constexpr):
-    """Store ``value`` into rows ``offs`` of one head's slice (the rows that are ``ok``)."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    tl.store(base + offs[:, None] * stride + offs_d[None, :], value, mask=ok[:, None])
+def _load_tile(base, offs, stride, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``offs`` (row stride ``stride``) of one head's ``(seq, HEAD_DIM)`` slice as a
+    ``(rows, BLOCK_D)`` tile; rows not ``ok`` and padding columns load as zeros."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.load(base + offs[:, None] * stride + offs_d[None, :], mask=_tile_mask(ok, HEAD_DIM, BLOCK_D), other=0.0)
 
 
 @triton.jit
-def _kv_tile(k_base, v_base, stride_kt, stride_vt, n0, seq_len, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+def _store_tile(base, offs, stride, ok, value, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store ``value`` into rows ``offs`` of one head's slice (the rows that are ``ok``, the real columns)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(base + offs[:, None] * stride + offs_d[None, :], value, mask=_tile_mask(ok, HEAD_DIM, BLOCK_D))
+
+
+@triton.jit
+def _kv_tile(k_base, v_base, stride_kt, stride_vt, n0, seq_len,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """The key tile starting at ``n0`` (forward / dQ loops): its positions, which are inside the
     sequence, and its K and V rows (zeros past the sequence)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < seq_len
-    return offs_n, n_ok, _load_tile(k_base, offs_n, stride_kt, n_ok, HEAD_DIM), _load_tile(v_base, offs_n, stride_vt, n_ok, HEAD_DIM)
+    return (offs_n, n_ok, _load_tile(k_base, offs_n, stride_kt, n_ok, HEAD_DIM, BLOCK_D),
+            _load_tile(v_base, offs_n, stride_vt, n_ok, HEAD_DIM, BLOCK_D))
 
 
 @triton.jit
@@ -174,11 +192,11 @@ def _query_tile_keys(SEG_START, SEG_END, b, seq_len, m_start, offs_m, m_ok, last
 def _fwd_tiles(
     acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
     start, end, offs_m, q_lo, q_hi, seq_len, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
 ):
     for n0 in range(start, end, BLOCK_N):
-        offs_n, n_ok, k, v = _kv_tile(k_base, v_base, stride_kt, stride_vt, n0, seq_len, HEAD_DIM, BLOCK_N)
+        offs_n, n_ok, k, v = _kv_tile(k_base, v_base, stride_kt, stride_vt, n0, seq_len, HEAD_DIM, BLOCK_D, BLOCK_N)
         s = _dot(q, tl.trans(k), F32) * qk_scale
         if MASKED:
             # Finite "minus infinity": exp2(-1e30 - m) == 0, and a row masked in this whole tile
@@ -205,11 +223,11 @@ def _fwd_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     seq_len, n_heads, group, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
     FIX_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh, b, h, hk, m_start, offs_m, m_ok, last_m = _query_tile(seq_len, n_heads, group, BLOCK_M)
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, m_ok, HEAD_DIM)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, m_ok, HEAD_DIM, BLOCK_D)
     if F32:
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + hk * stride_kh
@@ -217,22 +235,22 @@ def _fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     q_lo, q_hi, full_end, tail_end = _query_tile_keys(SEG_START, SEG_END, b, seq_len, m_start, offs_m, m_ok,
                                                      last_m, CAUSAL, HAS_SEG, BLOCK_N)
     if not HAS_SEG:
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
                                    0, full_end, offs_m, q_lo, q_hi, seq_len, qk_scale,
-                                   HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_SEG, F32)
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_SEG, F32)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
                                full_end, tail_end, offs_m, q_lo, q_hi, seq_len, qk_scale,
-                               HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_SEG, F32)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_SEG, F32)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     _store_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_ot, m_ok,
-                cast_rtne(out, O.dtype.element_ty, FIX_BF16), HEAD_DIM)
+                cast_rtne(out, O.dtype.element_ty, FIX_BF16), HEAD_DIM, BLOCK_D)
     tl.store(LSE + pid_bh.to(tl.int64) * seq_len + offs_m, m_i + tl.log2(l_safe), mask=m_ok)
 
 
@@ -247,7 +265,7 @@ def _bwd_delta_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_db, stride_dt, stride_dh,
     seq_len, n_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -255,8 +273,8 @@ def _bwd_delta_kernel(
     h = pid_bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < seq_len
-    o = _load_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_ot, m_ok, HEAD_DIM).to(tl.float32)
-    do = _load_tile(DO + b * stride_db + h * stride_dh, offs_m, stride_dt, m_ok, HEAD_DIM).to(tl.float32)
+    o = _load_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_ot, m_ok, HEAD_DIM, BLOCK_D).to(tl.float32)
+    do = _load_tile(DO + b * stride_db + h * stride_dh, offs_m, stride_dt, m_ok, HEAD_DIM, BLOCK_D).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * seq_len + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
 
 
@@ -264,15 +282,15 @@ def _bwd_delta_kernel(
 def _bwd_dkdv_tiles(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base,
     stride_qt, stride_dot, start, end, offs_n, k_lo, k_hi, seq_len, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
 ):
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seq_len
         # Rows past the sequence load as zeros (q = dO = 0, lse = delta = 0): they add exactly 0.
-        q = _load_tile(q_base, offs_m, stride_qt, m_ok, HEAD_DIM)
-        do = _load_tile(do_base, offs_m, stride_dot, m_ok, HEAD_DIM)
+        q = _load_tile(q_base, offs_m, stride_qt, m_ok, HEAD_DIM, BLOCK_D)
+        do = _load_tile(do_base, offs_m, stride_dot, m_ok, HEAD_DIM, BLOCK_D)
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
         if F32:
@@ -304,7 +322,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
     seq_len, n_heads, n_kv_heads, group, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
     FIX_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -316,13 +334,13 @@ def _bwd_dkdv_kernel(
     n_ok = offs_n < seq_len
     last_n = tl.minimum(n_start + BLOCK_N, seq_len) - 1
 
-    k = _load_tile(K + b * stride_kb + hk * stride_kh, offs_n, stride_kt, n_ok, HEAD_DIM)
-    v = _load_tile(V + b * stride_vb + hk * stride_vh, offs_n, stride_vt, n_ok, HEAD_DIM)
+    k = _load_tile(K + b * stride_kb + hk * stride_kh, offs_n, stride_kt, n_ok, HEAD_DIM, BLOCK_D)
+    v = _load_tile(V + b * stride_vb + hk * stride_vh, offs_n, stride_vt, n_ok, HEAD_DIM, BLOCK_D)
     if F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     if HAS_SEG:
         k_lo, k_hi, lo, hi = _doc_bounds(SEG_START, SEG_END, b, seq_len, offs_n, n_ok, n_start, last_n)
@@ -352,35 +370,35 @@ def _bwd_dkdv_kernel(
         if HAS_SEG:
             dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                      stride_qt, stride_dot, lo, hi, offs_n, k_lo, k_hi, seq_len, qk_scale,
-                                     HEAD_DIM, BLOCK_M, True, CAUSAL, True, F32)
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, True, F32)
         else:
             if CAUSAL:
                 dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                          stride_qt, stride_dot, n_start, diag_end, offs_n, k_lo, k_hi,
-                                         seq_len, qk_scale, HEAD_DIM, BLOCK_M, True, CAUSAL, False, F32)
+                                         seq_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, False, F32)
             dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                      stride_qt, stride_dot, full_start, full_end, offs_n, k_lo, k_hi,
-                                     seq_len, qk_scale, HEAD_DIM, BLOCK_M, False, CAUSAL, False, F32)
+                                     seq_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, False, F32)
             dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                                      stride_qt, stride_dot, tail_start, seq_len, offs_n, k_lo, k_hi,
-                                     seq_len, qk_scale, HEAD_DIM, BLOCK_M, True, CAUSAL, False, F32)
+                                     seq_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, False, F32)
 
     dk = dk * sm_scale
     _store_tile(DK + b * stride_dkb + hk * stride_dkh, offs_n, stride_dkt, n_ok,
-                cast_rtne(dk, DK.dtype.element_ty, FIX_BF16), HEAD_DIM)
+                cast_rtne(dk, DK.dtype.element_ty, FIX_BF16), HEAD_DIM, BLOCK_D)
     _store_tile(DV + b * stride_dvb + hk * stride_dvh, offs_n, stride_dvt, n_ok,
-                cast_rtne(dv, DV.dtype.element_ty, FIX_BF16), HEAD_DIM)
+                cast_rtne(dv, DV.dtype.element_ty, FIX_BF16), HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _bwd_dq_tiles(
     dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
     start, end, offs_m, q_lo, q_hi, seq_len, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
 ):
     for n0 in range(start, end, BLOCK_N):
-        offs_n, n_ok, k, v = _kv_tile(k_base, v_base, stride_kt, stride_vt, n0, seq_len, HEAD_DIM, BLOCK_N)
+        offs_n, n_ok, k, v = _kv_tile(k_base, v_base, stride_kt, stride_vt, n0, seq_len, HEAD_DIM, BLOCK_D, BLOCK_N)
         if F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -405,12 +423,12 @@ def _bwd_dq_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
     seq_len, n_heads, group, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
     FIX_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh, b, h, hk, m_start, offs_m, m_ok, last_m = _query_tile(seq_len, n_heads, group, BLOCK_M)
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, m_ok, HEAD_DIM)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, stride_dot, m_ok, HEAD_DIM)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, m_ok, HEAD_DIM, BLOCK_D)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, stride_dot, m_ok, HEAD_DIM, BLOCK_D)
     if F32:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -418,21 +436,21 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * seq_len + offs_m, mask=m_ok, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     q_lo, q_hi, full_end, tail_end = _query_tile_keys(SEG_START, SEG_END, b, seq_len, m_start, offs_m, m_ok,
                                                      last_m, CAUSAL, HAS_SEG, BLOCK_N)
     if not HAS_SEG:
         dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
                            0, full_end, offs_m, q_lo, q_hi, seq_len, qk_scale,
-                           HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_SEG, F32)
+                           HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_SEG, F32)
     dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
                        full_end, tail_end, offs_m, q_lo, q_hi, seq_len, qk_scale,
-                       HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_SEG, F32)
+                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_SEG, F32)
 
     dq = dq * sm_scale
     _store_tile(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqt, m_ok,
-                cast_rtne(dq, DQ.dtype.element_ty, FIX_BF16), HEAD_DIM)
+                cast_rtne(dq, DQ.dtype.element_ty, FIX_BF16), HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,8 +489,9 @@ def _cuda_configs(pairs) -> list[triton.Config]:
 
 
 def _prune_head_dim(configs, named_args, **kwargs):
-    """Drop tiles too big for the registers at head dim 128 (they only spill)."""
-    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+    """Drop tiles too big for the registers at head dim 128 (they only spill); a padded head dim
+    (96 -> 128) counts as its tile width."""
+    head_dim = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
     kept = [c for c in configs if head_dim < 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
     return kept or configs
 
@@ -494,8 +513,15 @@ def _build_launchers() -> dict:
 _LAUNCH = _build_launchers()
 
 
+def _block_d(head_dim: int) -> int:
+    """The tile width of the head dim: the next power of two, at least 16 (``tl.dot``'s minimum);
+    columns past ``head_dim`` are masked to zero on load and never stored."""
+    return max(16, next_pow2(head_dim))
+
+
 def _tiles(kind: str, head_dim: int, interpreted: bool, f32: bool) -> dict:
-    """Launch meta-parameters: none for an autotuned kernel (it picks its own), else a fixed tile."""
+    """Launch meta-parameters: none for an autotuned kernel (it picks its own), else a fixed tile.
+    ``head_dim`` is the tile width (``_block_d``)."""
     if _LAUNCH[kind] is not _PLAIN[kind]:
         return {}
     if interpreted:
@@ -595,8 +621,8 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: tor
         q, k, v, o, lse, seg_start, seg_end,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         seq_len, n_heads, n_heads // n_kv, qk_scale,
-        HEAD_DIM=head_dim, CAUSAL=causal, HAS_SEG=has_seg, F32=f32, FIX_BF16=needs_bf16_fix(interpreted, q.dtype),
-        **_tiles("fwd", head_dim, interpreted, f32),
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=causal, HAS_SEG=has_seg, F32=f32,
+        FIX_BF16=needs_bf16_fix(interpreted, q.dtype), **_tiles("fwd", _block_d(head_dim), interpreted, f32),
     )
     return o, lse
 
@@ -629,25 +655,25 @@ def _flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     block = 64
     _bwd_delta_kernel[(triton.cdiv(seq_len, block), batch * n_heads)](
         o, do, delta, *_strides(o), *_strides(do), seq_len, n_heads,
-        HEAD_DIM=head_dim, BLOCK_M=block, num_warps=4,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block, num_warps=4,
     )
     qk_scale = softmax_scale * _LOG2E
     group = n_heads // n_kv
-    common = dict(HEAD_DIM=head_dim, CAUSAL=causal, HAS_SEG=has_seg, F32=f32,
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=causal, HAS_SEG=has_seg, F32=f32,
                   FIX_BF16=needs_bf16_fix(interpreted, q.dtype))
     grid_kv = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * n_kv)  # noqa: E731
     _LAUNCH["dkdv"][grid_kv](
         q, k, v, do, lse, delta, dk, dv, seg_start, seg_end,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         seq_len, n_heads, n_kv, group, qk_scale, softmax_scale,
-        **common, **_tiles("dkdv", head_dim, interpreted, f32),
+        **common, **_tiles("dkdv", _block_d(head_dim), interpreted, f32),
     )
     grid_q = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
     _LAUNCH["dq"][grid_q](
         q, k, v, do, lse, delta, dq, seg_start, seg_end,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         seq_len, n_heads, group, qk_scale, softmax_scale,
-        **common, **_tiles("dq", head_dim, interpreted, f32),
+        **common, **_tiles("dq", _block_d(head_dim), interpreted, f32),
     )
     return dq, dk, dv
 
@@ -688,7 +714,8 @@ def flash_attention(
     """Exact attention, FlashAttention-2 style (Triton; differentiable in q, k and v).
 
     q ``(B, T, H, D)``, k/v ``(B, T, Hkv, D)`` with ``H % Hkv == 0`` (GQA, K/V not copied);
-    ``D`` a power of two in 16..256 (32/64/128 in practice); fp32/bf16/fp16; q and k of the
+    ``D`` any size in 1..256 (a power of two >= 16 runs unpadded; others, e.g. MiniMind's 96 or
+    80, are padded to the next power of two inside the kernels); fp32/bf16/fp16; q and k of the
     same length (self-attention, as in training). Documents, either way (at most one):
     ``cu_seqlens``: int32 document offsets into the flattened ``B*T`` tokens from 0 to ``B*T``
     containing every row start (FlashAttention's varlen layout; trailing repeats of ``B*T`` are
@@ -706,8 +733,8 @@ def flash_attention(
         raise ValueError(f"flash_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
     if n_heads % k.shape[2]:
         raise ValueError(f"flash_attention: {n_heads} query heads are not a multiple of {k.shape[2]} KV heads")
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        raise ValueError(f"flash_attention: head_dim must be a power of two in [16, 256], got {head_dim}")
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"flash_attention: head_dim must be in [1, 256], got {head_dim}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"flash_attention: q, k, v must share one of fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
     if cu_seqlens is not None and position_ids is not None:

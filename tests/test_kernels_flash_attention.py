@@ -88,6 +88,31 @@ def test_flash_attention_head_dims(head_dim):
     _check(q, k, v, do, causal=True, cu_seqlens=_doc_offsets(1, 37, [20]))
 
 
+@pytest.mark.parametrize("head_dim", [96, 80, 40, 8])
+@pytest.mark.parametrize("docs", [False, True])
+def test_flash_attention_padded_head_dims(head_dim, docs):
+    # MiniMind-3 / MiniMind2 (96), MiniMind2-MoE (80) and small sizes: tiles padded to a power of
+    # two with masked columns. An odd length (37) leaves ragged tails; GQA 4 -> 2 heads;
+    # packed rows through position_ids (the model's route) with documents crossing tiles.
+    batch, seq = 2, 37
+    q, k, v, do = _qkv(batch, seq, 4, 2, head_dim, torch.float32, seed=head_dim + docs)
+    pos = None
+    if docs:
+        pos = torch.cat([torch.arange(20), torch.arange(1), torch.arange(16)]).to(DEVICE).expand(batch, seq)
+    _check(q, k, v, do, causal=True, position_ids=pos)
+
+
+def test_flash_attention_padded_head_dim_non_causal_multi_tile():
+    q, k, v, do = _qkv(1, 70, 2, 1, 96, torch.float32, seed=5)
+    _check(q, k, v, do, causal=False)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_flash_attention_padded_head_dim_low_precision(dtype):
+    q, k, v, do = _qkv(1, 37, 4, 2, 96, dtype, seed=14)
+    _check(q, k, v, do, causal=True, cu_seqlens=_doc_offsets(1, 37, [9, 14]))
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("docs", [False, True])
 def test_flash_attention_low_precision(dtype, docs):
@@ -151,8 +176,8 @@ def test_flash_attention_rejects_bad_inputs():
     q, k, v, _ = _qkv(1, 8, 3, 2, 32, torch.float32)
     with pytest.raises(ValueError, match="multiple"):
         flash_attention(q, k, v)
-    q, k, v, _ = _qkv(1, 8, 2, 1, 24, torch.float32)
-    with pytest.raises(ValueError, match="power of two"):
+    q, k, v, _ = _qkv(1, 8, 2, 1, 288, torch.float32)
+    with pytest.raises(ValueError, match="head_dim"):
         flash_attention(q, k, v)
     if DEVICE == "cpu":
         q, k, v, _ = _qkv(1, 8, 2, 1, 32, torch.float32)
@@ -184,13 +209,15 @@ def test_flash_attention_compiles_for_sm90():
         grads = dict(Q=dt, K=dt, V=dt, DO=dt, LSE="*fp32", DELTA="*fp32", sm_scale=0.125, **base)
         dkdv = dict(DK=dt, DV=dt, n_kv_heads=2, **grads, **strides("q", "k", "v", "do", "dk", "dv"))
         dq = dict(DQ=dt, **grads, **strides("q", "k", "v", "do", "dq"))
-        for causal, docs in ((True, False), (False, True)):
-            flags = dict(HEAD_DIM=64, CAUSAL=causal, HAS_SEG=docs, F32=False, FIX_BF16=False)
+        # head dim 64 (power of two, no column mask) and 96 (MiniMind-3: 128-wide tiles, masked columns)
+        for causal, docs, hd in ((True, False, 64), (False, True, 64), (True, False, 96), (True, True, 96)):
+            flags = dict(HEAD_DIM=hd, BLOCK_D=fa._block_d(hd), CAUSAL=causal, HAS_SEG=docs, F32=False, FIX_BF16=False)
             for kind, kernel, args in (("fwd", fa._fwd_kernel, fwd), ("dkdv", fa._bwd_dkdv_kernel, dkdv),
                                        ("dq", fa._bwd_dq_kernel, dq)):
-                m, n, warps, stages = fa._CUDA[kind][0]
-                print(kind, causal, docs, compile_for_cuda(kernel, args, dict(flags, BLOCK_M=m, BLOCK_N=n),
+                m, n, warps, stages = fa._CUDA[kind][0] if hd < 96 else fa._CUDA_D128[kind]
+                print(kind, causal, docs, hd, compile_for_cuda(kernel, args, dict(flags, BLOCK_M=m, BLOCK_N=n),
                                                             num_warps=warps, num_stages=stages))
         delta = dict(O=dt, DO=dt, DELTA="*fp32", seq_len=1000, n_heads=8, **strides("o", "d"))
-        print(compile_for_cuda(fa._bwd_delta_kernel, delta, dict(HEAD_DIM=64, BLOCK_M=64)))
+        for hd in (64, 96):
+            print(compile_for_cuda(fa._bwd_delta_kernel, delta, dict(HEAD_DIM=hd, BLOCK_D=fa._block_d(hd), BLOCK_M=64)))
     """)
