@@ -15,7 +15,8 @@ from test_train_common import tiny_cfg
 
 from llmcore.errors import LLMCoreError
 from llmcore.launch import deepspeed_config_path
-from llmcore.launch.cli import describe, make_plan, node_commands, parse_hostfile, write_deepspeed_env
+from llmcore.launch.cli import deepspeed_env_lines, describe, make_plan, node_commands, parse_hostfile
+from llmcore.launch.node import decode_payload
 from llmcore.train.engine import build_ds_config
 
 
@@ -101,8 +102,9 @@ def test_plan_and_dry_run_commands(shards, tmp_path, monkeypatch):
     for rank, (_, cmd) in enumerate(cmds):
         argv = shlex.split(cmd)
         assert f"--node_rank={rank}" in argv and "--master_addr=10.0.0.1" in argv and "--master_port=29511" in argv
-        assert "LLMCORE_DIST_TIMEOUT=120" in argv and argv[-len(_train(shards, tmp_path / "run")):] == \
-            _train(shards, tmp_path / "run")
+        train_argv, env = decode_payload(argv[-1])  # flags and env travel as one shell-safe token
+        assert train_argv == _train(shards, tmp_path / "run") and env["LLMCORE_DIST_TIMEOUT"] == "120"
+        assert argv[-2:-1] == ["llmcore.launch.node"]
 
     # --no-ssh: every node runs DeepSpeed's runner itself, with its own --node_rank.
     plan = make_plan(hf, _train(shards, tmp_path / "run", "--global-batch-size", "24"), no_ssh=True, node_rank=2,
@@ -126,11 +128,16 @@ def test_dry_run_cli_starts_nothing(shards, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_deepspeed_env_file_is_merged(tmp_path):
+def test_deepspeed_env_file_lines_are_checked(tmp_path, monkeypatch):
+    pytest.importorskip("deepspeed", reason="deepspeed not installed")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     p = tmp_path / ".deepspeed_env"
-    p.write_text("MY_VAR=1\nWANDB_MODE=online\n")
-    write_deepspeed_env(p, {"WANDB_MODE": "offline", "NCCL_DEBUG": "WARN"})
-    assert p.read_text().splitlines() == ["MY_VAR=1", "NCCL_DEBUG=WARN", "WANDB_MODE=offline"]
+    p.write_text("MY_VAR=1\nNCCL_DEBUG=WARN\n")
+    assert deepspeed_env_lines() == [("MY_VAR", "1"), ("NCCL_DEBUG", "WARN")]
+    p.write_text("MY_VAR=1\nWANDB_PROJECT=p$(touch x)\n")
+    with pytest.raises(LLMCoreError, match=r"\.deepspeed_env line 2: WANDB_PROJECT=.* holds characters a shell"):
+        deepspeed_env_lines()
 
 
 @pytest.mark.parametrize("key, value, flag", [

@@ -6,10 +6,19 @@ Before anything starts, the hostfile and the flags are checked (one-line errors)
 settings are resolved exactly as `llmcore train` resolves them (so a DeepSpeed JSON that disagrees
 with a flag fails here, naming both), and the plan is printed: hosts, global ranks, world size,
 batch arithmetic. Then DeepSpeed's runner does the launching: over ssh (pdsh) from the first node,
-or with `--no-ssh` as one invocation per node (`--node-rank R` on each). The environment the run
-needs (WANDB_MODE, TORCH_EXTENSIONS_DIR, DS_*, NCCL_*/GLOO_* and the process-group timeout) is
-written to `.deepspeed_env` for the ssh launcher and passed directly to a `--no-ssh` node.
-`--dry-run` prints the exact command each node runs and starts nothing.
+or with `--no-ssh` as one invocation per node (`--node-rank R` on each).
+
+Nothing a user wrote reaches a shell unchecked. DeepSpeed's pdsh runner joins its command for each
+node's shell without quoting, so over ssh:
+- host names must be host names, IPv4 or IPv6 addresses (no leading `-`: ssh would read it as an
+  option), slots plain ASCII integers 1..1024, each error naming the hostfile line;
+- the training command and the environment the run needs (WANDB_MODE, TORCH_EXTENSIONS_DIR, DS_*,
+  NCCL_*/GLOO_*, the process-group timeout) travel as one base64 token to `python -m
+  llmcore.launch.node`, which decodes them on each rank, so no node's shell reads a flag or a value;
+- what DeepSpeed still puts into the shell command itself (the working dir, the variables it exports,
+  `.deepspeed_env` lines) must hold only characters no shell interprets, else a one-line error.
+`--dry-run` prints the exact shell command each node runs (built as DeepSpeed builds it) and starts
+nothing. A `--no-ssh` node runs the runner as an argv list (no shell), with the environment passed directly.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import base64
 import collections
 import ipaddress
 import json
+import math
 import os
 import re
 import shlex
@@ -32,34 +42,63 @@ import typer
 from llmcore.errors import LLMCoreError
 
 _LINE_RE = re.compile(r"^(\S+)\s+slots=(\S+)\s*$")
-_HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}"
+# A host name: dot-separated labels of ASCII letters, digits, `-` and `_`, never starting or ending
+# with `-` (so never an ssh option); 253 characters at most.
+_HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9_-]{0,61}"
                       r"[A-Za-z0-9])?)*$")
+_SLOTS_RE = re.compile(r"^-?[0-9]+$")
+MAX_SLOTS = 1024
+# Characters that mean nothing to a POSIX shell (DeepSpeed's own "no quoting needed" set, less `%`,
+# which pdsh substitutes): a value made only of these reaches a node's shell as itself.
+_SHELL_SAFE = re.compile(r"[\w@+=:,./-]*", re.ASCII)
 # Variables a run needs on every node, by exact name or prefix (NCCL_/GLOO_ tune the transports).
 ENV_NAMES = ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "WANDB_ENTITY", "TORCH_EXTENSIONS_DIR", "DS_BUILD_OPS",
              "DS_ACCELERATOR", "LLMCORE_DIST_TIMEOUT", "OMP_NUM_THREADS", "HF_HOME", "TP_SOCKET_IFNAME")
 ENV_PREFIXES = ("NCCL_", "GLOO_")
 
 
+def _is_host(name: str) -> bool:
+    """A host name (`_HOST_RE`) or an IPv4/IPv6 address."""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return bool(_HOST_RE.match(name))
+
+
 def parse_hostfile(path: str | Path) -> "collections.OrderedDict[str, int]":
-    """`HOST slots=N` per line (# comments, blank lines); one-line errors with the line number."""
+    """`HOST slots=N` per line (# comments, blank lines); one-line errors with the line number.
+
+    HOST must be a host name or an IP address (never a leading `-`, a shell character or a control
+    character), N a plain ASCII integer in 1..MAX_SLOTS, as DeepSpeed's own parser reads it."""
     p = Path(path)
+    if p.is_dir():
+        raise LLMCoreError(f"--hostfile {path}: is a directory, not a hostfile")
     if not p.is_file():
         raise LLMCoreError(f"--hostfile {path}: no such file")
     hosts: collections.OrderedDict[str, int] = collections.OrderedDict()
-    for i, raw in enumerate(p.read_text().splitlines(), 1):
+    for i, raw_bytes in enumerate(p.read_bytes().splitlines(), 1):
+        try:
+            raw = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise LLMCoreError(f"--hostfile {path} line {i}: not UTF-8 text (byte {err.start})") from None
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         m = _LINE_RE.match(line)
         if not m:
-            raise LLMCoreError(f"--hostfile {path} line {i}: expected 'HOST slots=N', got {raw.strip()!r}")
+            raise LLMCoreError(f"--hostfile {path} line {i}: expected 'HOST slots=N', got {raw.strip()[:80]!r}")
         host, slots_text = m.group(1), m.group(2)
-        try:
-            slots = int(slots_text)
-        except ValueError:
-            raise LLMCoreError(f"--hostfile {path} line {i}: slots must be a whole number, got {slots_text!r}") from None
+        if not _is_host(host):
+            raise LLMCoreError(f"--hostfile {path} line {i}: {host[:80]!r} is not a host name or IP address "
+                               "(letters, digits, '-', '_' and '.', not starting with '-')")
+        if not _SLOTS_RE.match(slots_text):
+            raise LLMCoreError(f"--hostfile {path} line {i}: slots must be a whole number, got {slots_text[:40]!r}")
+        slots = int(slots_text)
         if slots <= 0:
             raise LLMCoreError(f"--hostfile {path} line {i}: {host} has slots={slots}; each node needs at least one")
+        if slots > MAX_SLOTS:
+            raise LLMCoreError(f"--hostfile {path} line {i}: {host} has slots={slots}; at most {MAX_SLOTS} per node")
         if host in hosts:
             raise LLMCoreError(f"--hostfile {path} line {i}: {host} is listed twice; give each node one line")
         hosts[host] = slots
@@ -191,20 +230,39 @@ def run_env(timeout: float, cpu: bool = False) -> dict[str, str]:
     return env
 
 
-def write_deepspeed_env(path: Path, env: dict[str, str]) -> Path:
-    """Merge `env` into DeepSpeed's `.deepspeed_env` (KEY=VALUE lines, which its ssh launcher exports
-    on every node); other lines already there are kept."""
-    from llmcore.io import write_text
+def _shell_safe(value: str) -> bool:
+    return bool(_SHELL_SAFE.fullmatch(value))
 
-    lines: list[str] = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            key = line.split("=", 1)[0].strip()
-            if line.strip() and "=" in line and key not in env:
-                lines.append(line.strip())
-    lines += [f"{k}={v}" for k, v in sorted(env.items())]
-    write_text(path, "\n".join(lines) + "\n")
-    return path
+
+def _ds_exported(name: str) -> bool:
+    """Whether DeepSpeed's runner copies the variable `name` into each node's shell command."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.launcher.runner import EXPORT_ENVS
+
+    return name.startswith(tuple(EXPORT_ENVS) + tuple(get_accelerator().export_envs()))
+
+
+def deepspeed_env_lines() -> list[tuple[str, str]]:
+    """`(KEY, VALUE)` of the `.deepspeed_env` files DeepSpeed's runner reads (home dir, then the working
+    dir), checked: each line KEY=VALUE with a value no shell interprets, else a one-line error naming the
+    file and line (DeepSpeed puts these values into each node's shell command, only double-quoted)."""
+    from deepspeed.launcher.runner import DEEPSPEED_ENVIRONMENT_NAME, DEEPSPEED_ENVIRONMENT_PATHS
+
+    out = []
+    for d in DEEPSPEED_ENVIRONMENT_PATHS:
+        path = Path(d) / DEEPSPEED_ENVIRONMENT_NAME
+        if not path.is_file():
+            continue
+        for i, raw in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+            if "=" not in raw:
+                raise LLMCoreError(f"{path} line {i}: expected KEY=VALUE (DeepSpeed's launcher exports each line)")
+            key, value = raw.split("=", 1)
+            key, value = key.strip(), value.strip()
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or not _shell_safe(value):
+                raise LLMCoreError(f"{path} line {i}: {key[:40]}={value[:40]!r} holds characters a shell interprets; "
+                                   "DeepSpeed's ssh launcher would run them on every node (remove the line)")
+            out.append((key, value))
+    return out
 
 
 def make_plan(hostfile: Path, train_args: list[str], include: str = "", exclude: str = "", num_nodes: int = -1,
@@ -219,8 +277,8 @@ def make_plan(hostfile: Path, train_args: list[str], include: str = "", exclude:
     resources = _filter_resources(hosts, include, exclude, num_nodes, num_gpus)
     if not 0 < master_port < 65536:
         raise LLMCoreError(f"--master-port {master_port}: expected a port in 1..65535")
-    if timeout <= 0:
-        raise LLMCoreError(f"--timeout {timeout:g}: must be positive (seconds)")
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise LLMCoreError(f"--timeout {timeout:g}: must be a positive number of seconds")
     if no_ssh:
         if node_rank is None:
             raise LLMCoreError(f"--no-ssh: pass --node-rank (0..{len(resources) - 1}), this node's line in the hostfile")
@@ -297,30 +355,97 @@ def describe(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+NODE_MODULE = "llmcore.launch.node"
+
+
 def runner_command(plan: Plan, node_rank: int | None = None) -> list[str]:
-    """The DeepSpeed runner invocation (`node_rank`: the --no-ssh one of that node)."""
+    """The DeepSpeed runner invocation (`node_rank`: the --no-ssh one of that node). Over ssh the
+    training command and environment go as one base64 token to `llmcore.launch.node` (no node's shell
+    reads them); a --no-ssh node runs it as an argv list, so the flags go as they are."""
+    from llmcore.launch.node import encode_payload
+
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(plan.hostfile),
            *plan.filters, f"--master_addr={plan.master_addr}", f"--master_port={plan.master_port}"]
     if plan.no_ssh:
         cmd += ["--no_ssh", f"--node_rank={node_rank if node_rank is not None else plan.node_rank}"]
-    return cmd + ["--module", "llmcore", *plan.train_args]
+        return cmd + ["--module", "llmcore", *plan.train_args]
+    return cmd + ["--module", NODE_MODULE, encode_payload(plan.train_args, plan.env)]
+
+
+def _over_ssh(plan: Plan) -> bool:
+    """Whether DeepSpeed's runner starts the nodes through pdsh/ssh (a shell on each node)."""
+    return not plan.no_ssh and len(plan.resources) > 1
+
+
+def runner_env(plan: Plan) -> dict[str, str]:
+    """The environment `llmcore launch` gives DeepSpeed's runner.
+
+    With --no-ssh (argv lists, no shell) it is this process's environment plus the run's. Over ssh the
+    run's variables travel in the payload, and a value DeepSpeed would paste into the node's shell
+    command must be shell-safe: the run's own unsafe values are left out (the payload has them), any
+    other exported variable holding shell characters is a one-line error, and so is a working dir whose
+    path has them (DeepSpeed writes `cd DIR;` and PYTHONPATH=DIR unquoted)."""
+    env = {**os.environ, **plan.env}
+    if not _over_ssh(plan):
+        return env
+    cwd = os.path.abspath(".")
+    if not _shell_safe(cwd):
+        raise LLMCoreError(f"working dir {cwd!r}: DeepSpeed's ssh launcher puts it unquoted into each node's shell "
+                           "command; launch from a dir whose path holds only letters, digits and @+=:,./-_")
+    for k, v in plan.env.items():
+        if not _shell_safe(v):
+            env.pop(k)
+    for k, v in env.items():
+        if _ds_exported(k) and not _shell_safe(v) and k != "PYTHONPATH":
+            raise LLMCoreError(f"environment variable {k}={v[:40]!r} holds characters a shell interprets; DeepSpeed's "
+                               "ssh launcher would run them on every node (unset it or use --no-ssh)")
+    if not _shell_safe(env.get("PYTHONPATH", "")):
+        raise LLMCoreError(f"PYTHONPATH={env['PYTHONPATH'][:60]!r} holds characters a shell interprets; DeepSpeed's "
+                           "ssh launcher would run them on every node (unset it or use --no-ssh)")
+    deepspeed_env_lines()  # checked here, so a bad line fails before anything starts
+    return env
 
 
 def node_commands(plan: Plan) -> list[tuple[str, str]]:
-    """(host, the exact shell command that node runs) for every node."""
-    cwd = shlex.quote(os.getcwd())
-    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items()))
+    """(host, the exact shell command that node runs) for every node.
+
+    Over ssh this is the string DeepSpeed's pdsh runner sends (its exports, `cd`, the per-node launcher
+    with that node's rank in place of pdsh's `%n`); every piece is shell-safe by `runner_env`'s checks, so
+    the node's shell runs it as printed. With --no-ssh, each node's `llmcore launch` runs the runner as
+    an argv list; it is shown shell-quoted."""
+    from llmcore.launch.node import encode_payload
+
     out = []
-    for i, host in enumerate(plan.resources):
-        if plan.no_ssh:
-            cmd = shlex.join(runner_command(plan, i))
-        else:
-            # What DeepSpeed's pdsh runner executes on each node (%n = that node's rank).
-            cmd = shlex.join([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={plan.world_info()}",
-                              f"--node_rank={i}", f"--master_addr={plan.master_addr}",
-                              f"--master_port={plan.master_port}", "--module", "llmcore", *plan.train_args])
-        out.append((host, f"cd {cwd} && env {exports} {cmd}"))
-    return out
+    env_words = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items()))
+    if plan.no_ssh:
+        for i, host in enumerate(plan.resources):
+            out.append((host, f"env {env_words} {shlex.join(runner_command(plan, i))}"))
+        return out
+    if not _over_ssh(plan):  # one host: DeepSpeed starts its launcher here as an argv list
+        cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={plan.world_info()}",
+               f"--master_addr={plan.master_addr}", f"--master_port={plan.master_port}", "--module", NODE_MODULE,
+               encode_payload(plan.train_args, plan.env)]
+        return [(next(iter(plan.resources)), f"env {env_words} {shlex.join(cmd)}")]
+    # Built by DeepSpeed's own PDSHRunner from the runner's own arguments and environment, as its
+    # runner.main builds it (PYTHONPATH, the exported variables, .deepspeed_env), so it is the string
+    # pdsh sends; every piece is shell-safe by runner_env's checks.
+    from deepspeed.launcher.multinode_runner import PDSHRunner
+    from deepspeed.launcher.runner import EXCLUDE_ENVS, parse_args
+
+    env = runner_env(plan)
+    cwd = os.path.abspath(".")
+    env["PYTHONPATH"] = cwd + (":" + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
+    args = parse_args(runner_command(plan)[4:])
+    runner = PDSHRunner(args, plan.world_info())
+    excluded = [v for key, names in EXCLUDE_ENVS.items() if key in env for v in names]
+    for k, v in env.items():
+        if _ds_exported(k) and k not in excluded:
+            runner.add_export(k, v)
+    for k, v in deepspeed_env_lines():
+        runner.add_export(k, v)
+    cmd, _, _ = runner.get_cmd(dict(env), plan.resources)
+    remote = " ".join(cmd[cmd.index("-w") + 2:])  # pdsh joins its command words with spaces
+    return [(host, remote.replace("%n", str(i))) for i, host in enumerate(plan.resources)]
 
 
 def launch_command(
@@ -357,11 +482,11 @@ def launch_command(
             typer.echo(f"[node {i}: {host}] {cmd}")
         if not plan.no_ssh:
             typer.echo(f"[started here] {shlex.join(runner_command(plan))}")
+            typer.echo("(the base64 token is `python -m llmcore.launch.node`'s input: "
+                       + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items()))
+                       + " llmcore " + shlex.join(plan.train_args) + ")")
         return
-    env = {**os.environ, **plan.env}
-    if not plan.no_ssh and len(plan.resources) > 1:  # one host: DeepSpeed starts it locally, env as is
-        path = write_deepspeed_env(Path(".deepspeed_env"), plan.env)
-        typer.echo(f"  wrote {path} ({len(plan.env)} variables the ssh launcher exports on every node)")
+    env = runner_env(plan)
     sys.stdout.flush()
     proc = subprocess.run(runner_command(plan), env=env)
     if proc.returncode != 0:
@@ -375,4 +500,4 @@ def register(app: typer.Typer) -> None:
 
 
 __all__ = ["parse_hostfile", "check_master_addr", "make_plan", "describe", "node_commands", "runner_command",
-           "write_deepspeed_env", "register"]
+           "runner_env", "deepspeed_env_lines", "register"]
