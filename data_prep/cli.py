@@ -36,22 +36,26 @@ MaxLineOpt = typer.Option(16 << 20, "--max-line-bytes", help="a longer line is a
 def tokenizer_train(
     input: list[Path] = InputOpt,
     out: Path = typer.Option(..., "--out", "-o", help="output tokenizer dir"),
-    vocab_size: int = typer.Option(6400, "--vocab-size", help="vocabulary size incl. 3 special tokens"),
+    vocab_size: int = typer.Option(6400, "--vocab-size", help="vocabulary size incl. the template's added tokens (36 for minimind3, 3 for chatml)"),
     field: str = typer.Option("text", "--field", help="jsonl field with the text"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing tokenizer dir that llmcore made"),
     max_line_bytes: int = MaxLineOpt,
+    template: str = typer.Option("minimind3", "--template", help="chat template and added tokens: minimind3 (tools, <think>) or chatml (MiniMind2)"),
 ) -> None:
-    """Train byte-level BPE (specials <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2, ChatML template).
+    """Train byte-level BPE with MiniMind-3's added tokens and chat template (or --template chatml).
 
-    The result loads with transformers.AutoTokenizer.from_pretrained(OUT). A non-empty --out is
-    refused unless --overwrite, which replaces only a tokenizer dir llmcore made.
+    minimind3: the 36 added tokens of MiniMind-3's tokenizer in its order (<|endoftext|>=0,
+    <|im_start|>=1, <|im_end|>=2, ..., <tool_call>, <think>, ...) and its template (tools, tool
+    calls, tool responses, a <think> block per assistant turn). chatml: MiniMind2's three special
+    tokens and ChatML template. The result loads with transformers.AutoTokenizer.from_pretrained(OUT).
+    A non-empty --out is refused unless --overwrite, which replaces only a tokenizer dir llmcore made.
 
     Example: llmcore tokenizer train --input dataset/pretrain_hq.jsonl --vocab-size 6400 --out tok/
     """
     from llmcore.data_prep.tokenizer import load_tokenizer, train_tokenizer
 
     path = train_tokenizer(input, out, vocab_size=vocab_size, field=field, show_progress=True, overwrite=overwrite,
-                           max_line_bytes=max_line_bytes)
+                           max_line_bytes=max_line_bytes, template=template)
     tok = load_tokenizer(path)
     typer.echo(f"wrote {path} (vocab {tok.vocab_size}, fingerprint {tok.fingerprint[:12]})")
 
@@ -85,29 +89,46 @@ def prep_stats(
 @prep_app.command("download")
 def prep_download(
     dataset: str = typer.Option("gongjy/minimind_dataset", "--dataset", help="ModelScope dataset repo"),
-    file: str = typer.Option(..., "--file", help="file inside the repo"),
-    out: Path = typer.Option(..., "--out", "-o", help="directory to put the file in"),
+    file: Optional[str] = typer.Option(None, "--file", help="file inside the repo"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory to put the file in (with --benchmark: the benchmark's dir)"),
     timeout: float = typer.Option(30.0, "--timeout", help="give up after this many seconds without data"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing file"),
+    benchmark: Optional[str] = typer.Option(None, "--benchmark", help="cmmlu or ceval: fetch the benchmark's official "
+                                                                       "archive and unpack its layout as --out"),
 ) -> None:
-    """Download one file of a ModelScope dataset (needs the `download` extra: modelscope).
+    """Download one file of a ModelScope dataset, or a benchmark for `eval bench` (needs the
+    `download` extra: modelscope).
 
     Offline it fails within about TIMEOUT seconds; a partial file never gets the final name.
 
     Example: llmcore prep download --dataset gongjy/minimind_dataset --file pretrain_hq.jsonl --out dataset/
+
+    Example: llmcore prep download --benchmark cmmlu --out cmmlu/
     """
     from llmcore.data_prep.download import download
 
+    if benchmark is not None:
+        from llmcore.eval_bench import download_benchmark
+
+        if file is not None:
+            raise LLMCoreError("--benchmark downloads a whole benchmark; drop --file")
+        bench_dir = download_benchmark(benchmark, out, timeout=timeout, overwrite=overwrite, progress=True)
+        typer.echo(f"wrote {bench_dir} (the official {benchmark} layout)")
+        return
+    if file is None:
+        raise LLMCoreError("--file is required (or --benchmark cmmlu|ceval)")
     path = download(dataset, file, out, timeout=timeout, overwrite=overwrite, progress=True)
     typer.echo(f"wrote {path} ({path.stat().st_size} bytes)")
 
 
 def _run_prep(kind: str, input: list[Path], tokenizer: Path, out: Path, workers, on_bad_line: str, overwrite: bool,
-              max_line_bytes: int = 16 << 20, field: str = "text") -> None:
+              max_line_bytes: int = 16 << 20, field: str = "text", drop_empty_think: float = 0.0, seed: int = 0) -> None:
+    from llmcore.data_prep.kinds import EncodeOptions
     from llmcore.data_prep.prep import prep
 
     m = prep(kind, input, tokenizer, out, workers=workers, on_bad_line=on_bad_line, overwrite=overwrite, field=field,
-             progress=True, max_line_bytes=max_line_bytes)
+             progress=True, max_line_bytes=max_line_bytes,
+             options=EncodeOptions(drop_empty_think=drop_empty_think, seed=seed))
     typer.echo(f"wrote {out}: {m['num_docs']} documents, {m['num_tokens']} tokens in {len(m['shards'])} shard(s), {m['seconds']} s")
     if m["lines_skipped"]:
         typer.echo(f"skipped {m['lines_skipped']} bad lines:")
@@ -126,12 +147,18 @@ _PREP_OPTIONS = [
     ("max_line_bytes", int, MaxLineOpt),
 ]
 FieldOpt = typer.Option("text", "--field", help="jsonl field with the text")
+# Chat kinds: MiniMind's empty-think rule (its SFT drops the empty think block from 80% of rows).
+_CHAT_OPTIONS = [
+    ("drop_empty_think", float, typer.Option(0.0, "--drop-empty-think", metavar="P",
+     help="drop the empty <think>\\n\\n</think>\\n\\n blocks from this share of conversations (MiniMind-3: 0.8; default 0: rows equal the template)")),
+    ("seed", int, typer.Option(0, "--seed", help="seed that picks the conversations for --drop-empty-think")),
+]
 
 
 def _prep_command(kind: ShardKind):
     """Register `llmcore prep KIND` from the kind: its help, the shared flags (plus --field when the
     kind reads a named text field), running ``_run_prep``."""
-    options = _PREP_OPTIONS + ([("field", str, FieldOpt)] if kind.text_field else [])
+    options = _PREP_OPTIONS + ([("field", str, FieldOpt)] if kind.text_field else []) + (_CHAT_OPTIONS if kind.chat else [])
 
     def command(**flags) -> None:
         _run_prep(kind.name, **flags)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -103,24 +104,63 @@ def config_as_toml(cfg: Any, stage_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resume_command(stage_name: str, flags: dict[str, Any], config_file: Any) -> str:
+    """The command line that continues this run: the flags it was given (None = not given), plus --resume."""
+    from llmcore.train.config import flag_name
+
+    args = ["llmcore", "train", stage_name]
+    if config_file is not None:
+        args += ["--config", str(config_file)]
+    for name, value in flags.items():
+        if value is None or name == "resume":
+            continue
+        if isinstance(value, bool):
+            args.append(flag_name(name) if value else "--no-" + flag_name(name)[2:])
+        else:
+            args += [flag_name(name), str(value)]
+    return shlex.join(args + ["--resume"])
+
+
+def interrupted_line(stopped: Any, command: str) -> str:
+    """One line for a run stopped by a signal: where its checkpoint is and the command that continues it."""
+    import signal
+
+    name = signal.Signals(stopped.signum).name
+    where = (f"checkpoint saved in {stopped.checkpoint}" if stopped.checkpoint is not None
+             else "no checkpoint was saved")
+    return f"stopped by {name} at step {stopped.step}/{stopped.total_steps}: {where}; resume with: {command}"
+
+
 def _make_train_command(stage: Any) -> Any:
     def command(**kwargs: Any) -> None:
-        from llmcore.train import build_config, train
+        from llmcore.train import TrainingInterrupted, build_config, train
 
         config_file = kwargs.pop("config")
         print_config = kwargs.pop("print_config")
         flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
-        cfg = build_config(stage.name, flags, config_file)
         if print_config:
-            typer.echo(config_as_toml(cfg, stage.name), nl=False)
+            typer.echo(config_as_toml(build_config(stage.name, flags, config_file, check_paths=False), stage.name),
+                       nl=False)
             return
+        cfg = build_config(stage.name, flags, config_file)
         if cfg.deepspeed is None:
-            typer.echo(train(stage.name, cfg).line())
+            try:
+                summary = train(stage.name, cfg)
+            except TrainingInterrupted as stopped:
+                typer.echo(interrupted_line(stopped, resume_command(stage.name, flags, config_file)), err=True)
+                raise typer.Exit(stopped.exit_code) from None
+            typer.echo(summary.line())
             return
         # DeepSpeed: once the process group is up, every exit path tears it down and leaves through
         # os._exit; errors before that (bad flags) take the normal path of the root CLI.
         try:
             summary = train(stage.name, cfg)
+        except TrainingInterrupted as stopped:
+            line = interrupted_line(stopped, resume_command(stage.name, flags, config_file))
+            if not _distributed_up():
+                typer.echo(line, err=True)
+                raise typer.Exit(stopped.exit_code) from None
+            _finish_distributed(stopped.exit_code, line if _is_rank0() else None)
         except LLMCoreError as err:
             if not _distributed_up():
                 raise
@@ -176,4 +216,6 @@ def register(app: typer.Typer) -> None:
     for stage in stages:
         group.command(stage.name)(_make_train_command(stage))
     app.add_typer(group, name="train")
-    app.command("eval")(eval_command)
+    from llmcore.cli_eval import register as register_eval
+
+    register_eval(app, eval_command)

@@ -522,3 +522,70 @@ def _results_dir_problem(path: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         pass
     return "it is not an `llmcore eval bench` results dir"
+
+
+# ----------------------------------------------------------------------------------------------
+# Getting the data (not shipped: CC BY-NC-SA 4.0)
+
+# Where each benchmark's official archive lives on ModelScope (the hub `prep download` uses), and
+# the folder that marks its layout inside the archive.
+BENCHMARK_ARCHIVES: dict[str, tuple[str, str, str]] = {
+    "cmmlu": ("opencompass/cmmlu", "cmmlu_v1_0_1.zip", "test"),
+    "ceval": ("opencompass/ceval-exam", "ceval-exam.zip", "val"),
+}
+_MAX_ARCHIVE_BYTES = 1 << 30  # the real archives are a few MB; refuse a zip bomb
+
+
+def _safe_extract(archive: Path, dest: Path) -> None:
+    """Unzip regular files only, each inside `dest`, within a total size cap."""
+    import zipfile
+
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as err:
+        raise LLMCoreError(f"{archive}: not a zip archive ({err})") from None
+    with zf:
+        total = 0
+        root = dest.resolve()
+        for info in zf.infolist():
+            if info.is_dir():
+                continue
+            target = (dest / info.filename).resolve()
+            if root not in target.parents or (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise LLMCoreError(f"{archive}: refusing member {info.filename!r} (outside the folder or a link)")
+            total += info.file_size
+            if total > _MAX_ARCHIVE_BYTES:
+                raise LLMCoreError(f"{archive}: unpacks to more than {_MAX_ARCHIVE_BYTES >> 20} MiB; refusing")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+
+
+def download_benchmark(name: str, out: str | Path, timeout: float = 30.0, overwrite: bool = False,
+                       progress: bool = False) -> Path:
+    """Fetch `name`'s official archive and install its official layout (e.g. `test/`, `dev/`) as
+    `out`, atomically; offline this fails within seconds with one line."""
+    from llmcore.data_prep.download import download
+    from llmcore.io import check_out_dir, install_dir, temp_dir_for
+
+    if name not in BENCHMARK_ARCHIVES:
+        raise LLMCoreError(f"--benchmark must be one of {', '.join(BENCHMARK_ARCHIVES)}, got {name!r}")
+    dataset, file, marker = BENCHMARK_ARCHIVES[name]
+    out = check_out_dir(out, overwrite=overwrite, what=f"a {name} dir",
+                        replaceable=lambda p: None if (p / marker).is_dir() else f"it holds no {marker}/ folder")
+    tmp = temp_dir_for(out)
+    try:
+        archive = download(dataset, file, tmp / "archive", timeout=timeout, progress=progress)
+        _safe_extract(archive, tmp / "files")
+        found = sorted({p.parent for p in (tmp / "files").rglob(f"{marker}/*.csv")}, key=lambda p: len(p.parts))
+        if not found:
+            raise LLMCoreError(f"{dataset}/{file}: no {marker}/*.csv inside the archive")
+        layout = found[0].parent
+        archive.unlink()
+        install_dir(layout, out)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

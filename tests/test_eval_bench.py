@@ -248,3 +248,81 @@ def test_same_choices_and_accuracy_as_lm_eval(tmp_path: Path, tok_dir: Path, mon
         assert p["pred"] == max(range(4), key=lambda j: theirs[i][j])
     assert ours.overall.acc == pytest.approx(out["results"]["fixture_cmmlu_agronomy"]["acc,none"])
     assert ours.overall.acc_norm == pytest.approx(out["results"]["fixture_cmmlu_agronomy"]["acc_norm,none"])
+
+
+# ---------------------------------------------------------------- getting the data
+
+
+def test_download_benchmark_installs_the_official_layout(tmp_path: Path, monkeypatch) -> None:
+    """The archive is unpacked safely and its `test/` + `dev/` layout becomes --out (download mocked)."""
+    import zipfile
+
+    from llmcore import eval_bench
+    from llmcore.data_prep import download as dl
+
+    def fake_download(dataset, file, out_dir, timeout=30.0, overwrite=False, progress=False):
+        assert (dataset, file) == eval_bench.BENCHMARK_ARCHIVES["cmmlu"][:2]
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(out_dir) / file
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("cmmlu_v1_0_1/test/agronomy.csv", ",Question,A,B,C,D,Answer\n0,q,a,b,c,d,A\n")
+            zf.writestr("cmmlu_v1_0_1/dev/agronomy.csv", ",Question,A,B,C,D,Answer\n0,q,a,b,c,d,B\n")
+        return path
+
+    monkeypatch.setattr(dl, "download", fake_download)
+    out = eval_bench.download_benchmark("cmmlu", tmp_path / "cmmlu")
+    qs, dev = load_task("cmmlu", out)
+    assert qs["agronomy"][0].answer == 0 and dev["agronomy"][0].answer == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmmlu"]  # no temp dir left
+
+    def evil_download(dataset, file, out_dir, timeout=30.0, overwrite=False, progress=False):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(out_dir) / file
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("../../escape.csv", "x")
+        return path
+
+    monkeypatch.setattr(dl, "download", evil_download)
+    with pytest.raises(LLMCoreError, match="refusing member"):
+        eval_bench.download_benchmark("cmmlu", tmp_path / "other")
+    assert not (tmp_path / "escape.csv").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cmmlu"]
+
+
+def test_download_benchmark_offline_is_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("modelscope")
+    from llmcore.eval_bench import download_benchmark
+
+    try:
+        download_benchmark("ceval", tmp_path / "ceval", timeout=10)
+    except LLMCoreError as err:
+        assert "ModelScope" in str(err) and "\n" not in str(err)
+    else:
+        pytest.skip("this machine can reach ModelScope; the offline path cannot be tested here")
+    assert not (tmp_path / "ceval").exists() and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_cli_eval_bench_and_loss_default(tmp_path: Path, tok_dir: Path) -> None:
+    from llmcore.cli import app
+
+    run = make_run(tmp_path, tiny(), tok_dir)
+    data = cmmlu_dir(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "bench", "--ckpt", str(run), "--task", "cmmlu", "--data", str(data),
+                              "--shots", "1", "--subjects", "agronomy,anatomy", "--out", str(tmp_path / "res"),
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "cmmlu overall (1-shot): acc" in res.output and "(7 questions, chance 0.2500" in res.output
+    assert json.loads((tmp_path / "res" / "results.json").read_text())["shots"] == 1
+    bad = runner.invoke(app, ["eval", "bench", "--ckpt", str(run), "--task", "cmmlu", "--data", str(data),
+                              "--subjects", "law"])
+    assert isinstance(bad.exception, LLMCoreError) and "--subjects: law not in the data" in str(bad.exception)
+    # `llmcore eval --ckpt ... --data ...` (no command named) is still the loss command.
+    old = runner.invoke(app, ["eval", "--ckpt", str(run), "--data", str(tmp_path / "missing")])
+    assert old.exit_code != 0 and "missing" in str(old.exception) + old.output
+    helped = runner.invoke(app, ["eval", "--help"])
+    assert helped.exit_code == 0 and "bench" in helped.output and "loss" in helped.output
+    dl = runner.invoke(app, ["prep", "download", "--benchmark", "mmlu", "--out", str(tmp_path / "x")])
+    assert isinstance(dl.exception, LLMCoreError) and "--benchmark must be one of cmmlu, ceval" in str(dl.exception)
