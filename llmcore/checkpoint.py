@@ -28,6 +28,9 @@ WEIGHTS = "model.safetensors"
 CONFIG = "model_config.json"
 HF_CONFIG = "config.json"
 MANIFEST = "manifest.json"
+# A LoRA checkpoint (llmcore.lora): adapters + their config naming the base checkpoint, no base weights.
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter.json"
 MANIFEST_FORMAT = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -42,6 +45,14 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+sha256_file = _sha256
+
+
+def _holds_model(d: Path) -> bool:
+    """Weights + config of our own format, or a LoRA checkpoint (adapters over a base it names)."""
+    return ((d / WEIGHTS).is_file() and (d / CONFIG).is_file()) or (d / ADAPTER_CONFIG).is_file()
 
 
 def _files_of(directory: Path) -> list[str]:
@@ -150,7 +161,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise LLMCoreError(f"{p}: no such checkpoint, run dir or Hugging Face folder")
     if not p.is_dir():
         raise LLMCoreError(f"{p}: expected a directory (run dir, checkpoint dir or Hugging Face folder)")
-    if (p / WEIGHTS).is_file() and (p / CONFIG).is_file():
+    if _holds_model(p):
         return p
     if _is_hf_folder(p):
         return p
@@ -168,7 +179,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         # `latest` names the step dir; accept a bare name, a path relative to the run dir, or an absolute path.
         candidates = [p / "checkpoints" / name, p / name, Path(name)]
         for c in candidates:
-            if (c / WEIGHTS).is_file() and (c / CONFIG).is_file():
+            if _holds_model(c):
                 newer = [d for d in step_dirs(p) if _step_of(d) > _step_of(c) and checkpoint_problem(d) is None]
                 return newer[0] if newer else c
         raise LLMCoreError(f"{latest} names {name!r}, but no complete checkpoint ({WEIGHTS} + {CONFIG}) is there")
@@ -268,8 +279,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     """Load `(model, tokenizer_or_None)` from a run dir, checkpoint dir or HF Llama folder; model in eval mode."""
     ckpt = resolve_checkpoint(path)
     if (ckpt / MANIFEST).is_file():
-        verify_checkpoint(ckpt, only=tuple(n for n in (WEIGHTS, CONFIG) if (ckpt / n).exists()) or None)
-    if (ckpt / CONFIG).is_file() and (ckpt / WEIGHTS).is_file():
+        verify_checkpoint(ckpt, only=tuple(n for n in (WEIGHTS, CONFIG, ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+                                            if (ckpt / n).exists()) or None)
+    if (ckpt / ADAPTER_CONFIG).is_file():
+        # LoRA adapters merged into the base checkpoint they name (checked there and unchanged).
+        from llmcore.lora import merged_state
+
+        config, state = merged_state(ckpt)
+    elif (ckpt / CONFIG).is_file() and (ckpt / WEIGHTS).is_file():
         config = ModelConfig.from_dict(_read_json(ckpt / CONFIG))
         state = _load_safetensors(ckpt / WEIGHTS)
     else:

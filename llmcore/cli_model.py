@@ -163,6 +163,23 @@ def chat_cmd(
     run_repl(session, sys.stdin, sys.stdout)
 
 
+@model_app.command("merge-lora")
+def merge_lora_cmd(
+    ckpt: Path = typer.Option(..., "--ckpt", help="LoRA run dir or checkpoint dir (`llmcore train lora`)"),
+    out: Path = typer.Option(..., "--out", help="output checkpoint dir (plain weights, tokenizer, manifest)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier merge at --out"),
+) -> None:
+    """Merge LoRA adapters into their base: a plain checkpoint dir that every command (and --init) takes.
+
+    The base must be where the adapters' run recorded it, unchanged (its weights' sha256 is checked).
+
+    Example: llmcore model merge-lora --ckpt runs/lora --out runs/merged
+    """
+    from llmcore.lora import merge_lora
+
+    typer.echo(f"merged {merge_lora(ckpt, out, overwrite=overwrite)}")
+
+
 @export_app.command("hf")
 def export_hf_cmd(
     ckpt: Path = typer.Option(..., "--ckpt", help="run dir or checkpoint dir"),

@@ -135,3 +135,139 @@ def test_deeply_nested_manifest_is_one_line(tmp_path: Path) -> None:
     (out / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(LLMCoreError, match="corrupted manifest"):
         Retriever.open(out)
+
+
+# ---------------------------------------------------------------- crafted index files (RX-*)
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from llmcore.errors import LLMCoreError
+    from llmcore.rag import Retriever
+    for d in sys.argv[1:]:
+        try:
+            r = Retriever.open(d, load_embedder=False)
+            q = np.random.default_rng(0).standard_normal((3, r.dim)).astype(np.float32)
+            pids, _ = r.search_vectors(q, min(5, len(r)))
+            [r.passages_for(p, np.zeros(len(p))) for p in pids]
+            r.exact_search_vectors(q, min(5, len(r)))
+            print(json.dumps([d, "ok"]), flush=True)
+        except LLMCoreError as err:
+            print(json.dumps([d, "error", str(err)]), flush=True)
+""")
+
+
+def _open_in_child(dirs: list[Path]) -> dict[str, list]:
+    """Open and search each index dir in a child process: a crash there fails the test, not pytest."""
+    res = subprocess.run([sys.executable, "-c", CHILD, *map(str, dirs)], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert res.returncode == 0, f"the child died (rc {res.returncode}): {res.stderr[-2000:]}"
+    out = {}
+    for line in res.stdout.splitlines():
+        d, *rest = json.loads(line)
+        out[Path(d).name] = rest
+    assert len(out) == len(dirs), res.stdout + res.stderr
+    return out
+
+
+def _craft(src: Path, dst: Path, name: str, edit) -> Path:
+    """Copy the index `src` to `dst`, let `edit(bytearray)` change file `name`, and rewrite the manifest's
+    size and sha256 to match (as whoever crafts a file would)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    p = dst / name
+    b = bytearray(p.read_bytes())
+    edit(b)
+    p.write_bytes(bytes(b))
+    m = json.loads((dst / MANIFEST).read_text())
+    m["files"][name] = {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+    (dst / MANIFEST).write_text(json.dumps(m))
+    return dst
+
+
+def _hnsw_fields(b: bytearray) -> dict[str, int]:
+    names = ["off0", "max_el", "count", "per_el", "label_off", "data_off", "max_level", "enter", "max_m", "max_m0"]
+    return dict(zip(names, struct.unpack_from("<QQQQQQiIQQ", b, 0)))
+
+
+def _first_upper(b: bytearray) -> tuple[int, int]:
+    """(element, offset of its level-1 block) of the first element that has upper levels."""
+    h = _hnsw_fields(b)
+    pos = 96 + h["count"] * h["per_el"]
+    for i in range(h["count"]):
+        (size,) = struct.unpack_from("<I", b, pos)
+        if size:
+            return i, pos + 4
+        pos += 4
+    raise AssertionError("no element with upper levels")
+
+
+def test_crafted_hnsw_files_are_one_line_errors_never_a_crash(tmp_path: Path) -> None:
+    """RX-hnsw-enter, RX-hnsw-neighbor, RX-hnsw-maxlevel, and link lists pointing where hnswlib reads out of bounds."""
+    src = build(tmp_path, make_docs(40), m=4)
+    crafts = {
+        "enter": lambda b: struct.pack_into("<I", b, 52, 0x7FFFFFF0),
+        "maxlevel": lambda b: struct.pack_into("<i", b, 48, 1000),
+        "neighbor0": lambda b: (struct.pack_into("<H", b, 96, 1), struct.pack_into("<I", b, 100, 0x7FFFFFF0)),
+        "linkcount0": lambda b: struct.pack_into("<H", b, 96 + _hnsw_fields(b)["per_el"], 60000),
+        "upper_neighbor": lambda b: (struct.pack_into("<H", b, _first_upper(b)[1], 1),
+                                     struct.pack_into("<I", b, _first_upper(b)[1] + 4, 0x7FFFFFF0)),
+        "upper_low_level": lambda b: (struct.pack_into("<H", b, _first_upper(b)[1], 1),
+                                      struct.pack_into("<I", b, _first_upper(b)[1] + 4,
+                                                       next(i for i in range(_hnsw_fields(b)["count"])
+                                                            if i != _first_upper(b)[0] and not _has_upper(b, i)))),
+        "count": lambda b: struct.pack_into("<Q", b, 16, 10**9),
+        "label": lambda b: struct.pack_into("<Q", b, 96 + _hnsw_fields(b)["label_off"], 10**12),
+        "nan": lambda b: struct.pack_into("<f", b, 96 + _hnsw_fields(b)["data_off"], float("nan")),
+    }
+    dirs = [_craft(src, tmp_path / f"craft_{k}", INDEX_FILE, fn) for k, fn in crafts.items()]
+    got = _open_in_child([src, *dirs])
+    assert got[src.name] == ["ok"]
+    for d in dirs:
+        assert got[d.name][0] == "error" and "not a valid HNSW index" in got[d.name][1], (d.name, got[d.name])
+
+
+def _has_upper(b: bytearray, want: int) -> bool:
+    h = _hnsw_fields(b)
+    pos = 96 + h["count"] * h["per_el"]
+    for i in range(h["count"]):
+        (size,) = struct.unpack_from("<I", b, pos)
+        if i == want:
+            return size > 0
+        pos += 4 + size
+    return False
+
+
+def test_random_mutations_of_index_files_never_crash(tmp_path: Path) -> None:
+    """40 random byte mutations of index.hnsw and of passages.arrow, each with a matching manifest: every
+    one opens and searches, or is a one-line error; the child process never dies (RX-arrow-*)."""
+    import random
+
+    src = build(tmp_path, make_docs(20), m=4)
+    rng = random.Random(1)
+    dirs = []
+    for n in range(40):
+        name = INDEX_FILE if n % 2 == 0 else PASSAGES_FILE
+
+        def edit(b: bytearray, rng=rng) -> None:
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+
+        dirs.append(_craft(src, tmp_path / f"fz{n}", name, edit))
+    got = _open_in_child(dirs)
+    for d in dirs:
+        assert got[d.name][0] in ("ok", "error")
+        if got[d.name][0] == "error":
+            assert "\n" not in got[d.name][1]
+
+
+def test_crafted_passages_with_invalid_utf8_is_one_line(tmp_path: Path) -> None:
+    """RX-arrow-utf8: a string column holding invalid UTF-8 (sha256 updated)."""
+    src = build(tmp_path, make_docs(3))
+    data = (src / PASSAGES_FILE).read_bytes()
+    first = "天".encode()
+    at = data.index(first)
+    d = _craft(src, tmp_path / "bad_utf8", PASSAGES_FILE, lambda b: b.__setitem__(at, 0xFF))
+    got = _open_in_child([d])
+    assert got[d.name][0] == "error" and "corrupted passages file" in got[d.name][1]

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import sys
 import threading
 import time
@@ -286,17 +287,18 @@ def verify_files(index_dir: Path, manifest: dict[str, Any], checksums: bool = Tr
             raise LLMCoreError(f"{p}: corrupted (sha256 differs from the manifest)")
 
 
+def _passages_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([("pid", pa.int64()), ("doc_id", pa.string()), ("start", pa.int32()), ("end", pa.int32()),
+                      ("title", pa.string()), ("text", pa.large_string())])
+
+
 def _write_passages(path: Path, cols: dict[str, Any]) -> None:
     import pyarrow as pa
 
-    table = pa.table({
-        "pid": pa.array(cols["pid"], type=pa.int64()),
-        "doc_id": pa.array(cols["doc_id"], type=pa.string()),
-        "start": pa.array(cols["start"], type=pa.int32()),
-        "end": pa.array(cols["end"], type=pa.int32()),
-        "title": pa.array(cols["title"], type=pa.string()),
-        "text": pa.array(cols["text"], type=pa.large_string()),
-    })
+    table = pa.table({name: pa.array(cols[name], type=_passages_schema().field(name).type)
+                      for name in _passages_schema().names})
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=65536)
 
@@ -306,9 +308,121 @@ def _read_passages(path: Path) -> Any:
 
     try:
         with pa.memory_map(str(path), "r") as src:
-            return pa.ipc.open_file(src).read_all()
-    except (pa.ArrowInvalid, OSError) as err:
-        raise LLMCoreError(f"{path}: corrupted passages file ({str(err).splitlines()[0]})") from None
+            table = pa.ipc.open_file(src).read_all()
+        # Full validation checks offsets and UTF-8, so a crafted file is this error, not a decode
+        # error (or an out-of-bounds read) when a passage is read later.
+        table.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise LLMCoreError(f"{path}: corrupted passages file ({str(err).splitlines()[0][:200]})") from None
+    expected = _passages_schema()
+    if not table.schema.equals(expected):
+        raise LLMCoreError(f"{path}: corrupted passages file (columns {table.schema.names}, expected "
+                           f"{expected.names} with their types)")
+    pids = table.column("pid").to_numpy()
+    if len(pids) > 1 and not (np.diff(pids) > 0).all():
+        raise LLMCoreError(f"{path}: corrupted passages file (pids are not strictly increasing)")
+    return table
+
+
+# hnswlib's file (hnswalg.h saveIndex): a 96-byte header, then `count` level-0 records of
+# `size_data_per_element` bytes (link count u16, flags u8 (bit 0 = deleted), pad u8, maxM0 neighbour ids
+# u32, the vector as dim f32, the label u64), then per element a u32 byte size and its upper-level link
+# blocks (per level: count u16, flags, pad, maxM ids u32). hnswlib's loader trusts all of it: an entry
+# point, a neighbour id or a level out of range makes a search read outside its buffers (a segfault).
+_HNSW_HEADER = struct.Struct("<QQQQQQiIQQQdQ")
+
+
+def check_hnsw_file(path: Path, *, dim: int, elements: int, deleted: int, m: int, pids: np.ndarray) -> None:
+    """Bounds-check an hnswlib index file against what the manifest and passages file say, before hnswlib
+    reads it: header fields, every level-0 and upper-level link list (counts, neighbour ids < element
+    count, a neighbour present on each level it is linked at), entry point and max level, vector values,
+    the deleted marks, and the live labels (== the passage ids). Raises LLMCoreError naming the file."""
+    def bad(why: str) -> LLMCoreError:
+        return LLMCoreError(f"{path}: not a valid HNSW index for this manifest ({why}); rebuild it with "
+                            "`llmcore rag index`")
+
+    with open(path, "rb") as f:
+        buf = f.read()
+    if len(buf) < _HNSW_HEADER.size:
+        raise bad("shorter than its header")
+    (off0, max_el, count, per_el, label_off, data_off, max_level, enter, max_m, max_m0, hm, _mult,
+     _efc) = _HNSW_HEADER.unpack_from(buf, 0)
+    links0 = 4 + 4 * max_m0
+    links_up = 4 + 4 * max_m
+    if count != elements:
+        raise bad(f"{count} elements, the manifest says {elements}")
+    if hm != m or max_m != m or max_m0 != 2 * m:
+        raise bad(f"M {hm}/{max_m}/{max_m0}, the manifest says m {m}")
+    if (off0, data_off, label_off, per_el) != (0, links0, links0 + 4 * dim, links0 + 4 * dim + 8):
+        raise bad("record layout does not match dim and M")
+    if not count <= max_el <= max(count, 1) * 4 + 1_000_000:
+        raise bad(f"capacity {max_el} for {count} elements")
+    level0_end = _HNSW_HEADER.size + count * per_el
+    if len(buf) < level0_end:
+        raise bad("truncated level-0 records")
+    if count == 0:
+        if len(buf) != level0_end:
+            raise bad("trailing bytes")
+        return
+    rec = np.frombuffer(buf, dtype=np.uint8, count=count * per_el, offset=_HNSW_HEADER.size).reshape(count, per_el)
+    n_links = rec[:, 0:2].copy().view("<u2").ravel()
+    if (n_links > max_m0).any():
+        raise bad("a level-0 link count is larger than M0")
+    ids = rec[:, 4:links0].copy().view("<u4").reshape(count, max_m0)
+    used = np.arange(max_m0)[None, :] < n_links[:, None]
+    if (ids[used] >= count).any():
+        raise bad("a level-0 neighbour id is out of range")
+    if not np.isfinite(rec[:, data_off:label_off].copy().view("<f4")).all():
+        raise bad("a vector holds NaN or infinity")
+    is_deleted = (rec[:, 2] & 1).astype(bool)
+    if int(is_deleted.sum()) != deleted:
+        raise bad(f"{int(is_deleted.sum())} deleted marks, the manifest says {deleted}")
+    labels = rec[:, label_off:per_el].copy().view("<u8").ravel()
+    live = np.sort(labels[~is_deleted])
+    if live.shape != pids.shape or not np.array_equal(live, pids.astype(np.uint64)):
+        raise bad("its labels are not the passage ids of passages.arrow")
+    # Upper levels: a size-prefixed block per element (sequential, mostly empty).
+    levels = np.zeros(count, dtype=np.int64)
+    blocks: list[tuple[int, int, int]] = []  # (element, level, offset of its block)
+    pos = level0_end
+    size_at = struct.Struct("<I").unpack_from
+    for i in range(count):
+        if pos + 4 > len(buf):
+            raise bad("truncated link lists")
+        (size,) = size_at(buf, pos)
+        pos += 4
+        if size:
+            if size % links_up or pos + size > len(buf):
+                raise bad(f"element {i}: bad link list size {size}")
+            levels[i] = size // links_up
+            blocks.extend((i, lvl, pos + (lvl - 1) * links_up) for lvl in range(1, int(levels[i]) + 1))
+            pos += size
+    if pos != len(buf):
+        raise bad("trailing bytes")
+    if max_level != int(levels.max()) or enter >= count or levels[enter] != max_level:
+        raise bad(f"entry point {enter} / max level {max_level} do not match the link lists")
+    for i, lvl, at in blocks:
+        (n,) = struct.unpack_from("<H", buf, at)
+        if n > max_m:
+            raise bad(f"element {i}: level {lvl} link count {n} is larger than M")
+        nb = np.frombuffer(buf, dtype="<u4", count=n, offset=at + 4)
+        if (nb >= count).any() or (levels[nb] < lvl).any():
+            raise bad(f"element {i}: a level-{lvl} neighbour is out of range")
+
+
+def _load_hnsw(path: Path, manifest: dict[str, Any], pids: np.ndarray, max_elements: int = 0) -> Any:
+    """hnswlib's index at `path`, after `check_hnsw_file` (so a crafted file is an error, not a crash)."""
+    hnswlib = _hnswlib()
+    c = manifest["counts"]
+    dim = int(manifest["embedder"]["dim"])
+    check_hnsw_file(path, dim=dim, elements=c["passages"] + c["deleted"], deleted=c["deleted"],
+                    m=int(manifest["hnsw"]["m"]), pids=pids)
+    index = hnswlib.Index(space="cosine", dim=dim)
+    try:
+        index.load_index(str(path), max_elements=max_elements)
+    except RuntimeError as err:
+        raise LLMCoreError(f"{path}: hnswlib could not read it ({err})") from None
+    return index
 
 
 # ---------------------------------------------------------------- build
@@ -417,10 +531,12 @@ def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
 
     hnswlib = _hnswlib()
     old_table = None
+    old_pids = np.zeros(0, dtype=np.int64)
     deleted_pids: list[int] = []
     replaced_ids: set[str] = set()
     if old is not None:
         old_table = _read_passages(out / PASSAGES_FILE)
+        old_pids = old_table.column("pid").to_numpy()
         old_ids = set(old_table.column("doc_id").to_pylist())
         dup = [d.id for d in new_docs if d.id in old_ids]
         if dup and not replace:
@@ -456,17 +572,14 @@ def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
     pids = np.arange(next_pid, next_pid + n_new, dtype=np.int64)
     cols["pid"] = pids.tolist()
     t0 = time.perf_counter()
-    index = hnswlib.Index(space="cosine", dim=dim)
     prev_deleted = int(old["counts"]["deleted"]) if old is not None else 0
     if old is not None:
         prev_labels = int(old["counts"]["passages"]) + prev_deleted
-        try:
-            index.load_index(str(out / INDEX_FILE), max_elements=prev_labels + n_new)
-        except RuntimeError as err:
-            raise LLMCoreError(f"{out / INDEX_FILE}: hnswlib could not read it ({err})") from None
+        index = _load_hnsw(out / INDEX_FILE, old, old_pids, max_elements=prev_labels + n_new)
         for pid in deleted_pids:
             index.mark_deleted(int(pid))
     else:
+        index = hnswlib.Index(space="cosine", dim=dim)
         index.init_index(max_elements=max(n_new, 1), ef_construction=ef_construction, M=m, random_seed=100)
     if n_new:
         index.add_items(vecs, pids, num_threads=num_threads)
@@ -569,15 +682,7 @@ class Retriever:
         counts = manifest["counts"]
         if table.num_rows != counts["passages"]:
             raise LLMCoreError(f"{d / PASSAGES_FILE}: {table.num_rows} passages, the manifest says {counts['passages']}")
-        hnswlib = _hnswlib()
-        index = hnswlib.Index(space=manifest.get("space", "cosine"), dim=int(built["dim"]))
-        try:
-            index.load_index(str(d / INDEX_FILE))
-        except RuntimeError as err:
-            raise LLMCoreError(f"{d / INDEX_FILE}: hnswlib could not read it ({err})") from None
-        if index.element_count != counts["passages"] + counts["deleted"]:
-            raise LLMCoreError(f"{d / INDEX_FILE}: {index.element_count} items, the manifest says "
-                               f"{counts['passages'] + counts['deleted']}")
+        index = _load_hnsw(d / INDEX_FILE, manifest, table.column("pid").to_numpy())
         emb = None
         if load_embedder:
             emb = get_embedder(embedder if embedder is not None else built["name"])

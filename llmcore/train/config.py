@@ -101,6 +101,18 @@ class TrainConfig:
     dpo_logp: str = setting("sum", "DPO: sum or mean log-prob per response.", choices=DPO_LOGP)
     ref_logps: str = setting("model", "DPO: model (frozen reference each step) or precompute (one pass, then dropped).",
                              choices=REF_LOGPS)
+    # LoRA (train lora)
+    lora_rank: int = setting(16, "LoRA: rank of the adapters (MiniMind: 16).", positive=True)
+    lora_alpha: float | None = setting(None, "LoRA: scale numerator; the update is alpha/rank * B @ A (default: the "
+                                             "rank, so scale 1 as MiniMind).", positive=True)
+    lora_targets: str = setting("attention", "LoRA: attention (q/k/v/o projections), all-linear, or layer names "
+                                             "separated by commas (e.g. q_proj,v_proj,gate_proj).")
+    # Knowledge distillation (train distill)
+    teacher: str | None = setting(None, "Distillation: the teacher's run dir or checkpoint (same tokenizer).")
+    kd_alpha: float = setting(0.5, "Distillation: weight of the cross-entropy term; the KL term gets 1 - alpha.",
+                              minimum=0, maximum=1)
+    kd_temperature: float = setting(1.5, "Distillation: softmax temperature of the KL term (its gradient is "
+                                         "scaled by T^2).", positive=True)
     # Stop after this many optimizer steps of *this* invocation while keeping the schedule of the full
     # run (the LR schedule still spans max_steps). Useful to train in slices; tests use it to interrupt.
     stop_after: int | None = setting(None, "Stop after N steps of this invocation (the schedule still spans the run).",

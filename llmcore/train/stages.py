@@ -168,6 +168,17 @@ class PreferenceStage(Stage):
         return DPOObjective(cfg.beta, average, ref_cache=cache)
 
 
+@dataclass(frozen=True)
+class LoRAStage(LanguageModelStage):
+    """LoRA: the LM loss, trained only through low-rank adapters on the frozen --init model
+    (`llmcore.lora.LoRAHook`); checkpoints hold the adapters and the base's path and sha256."""
+
+    def model_hook(self, cfg: "TrainConfig") -> "ModelHook":
+        from llmcore.lora import LoRAHook
+
+        return LoRAHook(cfg)
+
+
 # MiniMind's published recipes (jingyaogong/minimind trainer/train_pretrain.py, train_full_sft.py,
 # train_dpo.py): pretrain lr 5e-4 with batch 32 x accumulation 8; full SFT lr 1e-5, batch 16, no
 # accumulation; DPO lr in the 1e-8..5e-7 range (their latest default is 4e-8, "<=5e-8 avoids
@@ -226,5 +237,15 @@ DPO = register_stage(PreferenceStage(
     eval_key="dpo_loss", reports_perplexity=False, loss_unit="nats/pair",
     plot_panels=(("rewards/accuracy",), ("rewards/margin", "rewards/chosen", "rewards/rejected"))))
 
-__all__ = ["Stage", "LanguageModelStage", "PreferenceStage", "ObjectiveContext", "FullWeights", "register_stage",
-           "get_stage", "all_stages", "stage_only_settings", "PRETRAIN", "SFT", "DPO"]
+# MiniMind's train_lora.py: lr 1e-4, rank 16 adapters, on the SFT data; the rest as full SFT.
+LORA = register_stage(LoRAStage(
+    name="lora", shard_kind="sft", other_shard_kinds=("pretrain",),
+    summary="LoRA: low-rank adapters on a frozen model (SFT or pretrain shards); saves only the adapters.",
+    example="llmcore train lora --data shards/sft --init runs/sft --out runs/lora",
+    defaults=_defaults(lr=1e-4, micro_batch_size=16, global_batch_size=16, seq_len=768, epochs=2.0,
+                       packing="bestfit"),
+    settings=("packing", "on_long", "lora_rank", "lora_alpha", "lora_targets"),
+    needs_init="the adapters train on top of its (frozen) weights", packings=("bestfit", "padded")))
+
+__all__ = ["Stage", "LanguageModelStage", "PreferenceStage", "LoRAStage", "ObjectiveContext", "FullWeights",
+           "register_stage", "get_stage", "all_stages", "stage_only_settings", "PRETRAIN", "SFT", "DPO", "LORA"]
