@@ -38,3 +38,186 @@ def test_every_checkpoint_file_follows_the_umask_weights_included(shards, tmp_pa
     files = sorted(p for p in step.rglob("*") if p.is_file())
     assert step / "model.safetensors" in files
     assert {p.name: oct(_mode(p)) for p in files} == {p.name: oct(want) for p in files}
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_handlers():
+    """main() adds a plain-line handler to the `llmcore` logger; take it away after each test."""
+    import logging
+
+    from llmcore.log import PlainHandler
+
+    yield
+    logger = logging.getLogger("llmcore")
+    for h in [h for h in logger.handlers if isinstance(h, PlainHandler)]:
+        logger.removeHandler(h)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    from llmcore.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli_args(shards, out: Path, *extra: str, data: str = "pretrain") -> list[str]:
+    return ["train", "pretrain", "--data", str(shards[data]), "--out", str(out), "--model", "tiny", "--seq-len", "48",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--log-every", "1", "--attn-backend", "sdpa",
+            "--seed", "3", "--lr", "0.003", *extra]
+
+
+def _wait_for(predicate, what: str, proc: subprocess.Popen | None = None, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the training subprocess ended (rc {proc.returncode}) before {what}: "
+                        f"{proc.stderr.read() if proc.stderr else ''}")
+        if time.monotonic() > deadline:
+            if proc is not None:
+                proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _logged_steps(run: Path) -> int:
+    from llmcore.train.metrics import read_metrics
+
+    return len([r for r in read_metrics(run / "metrics.jsonl") if "loss" in r])
+
+
+# ----------------------------------------------------------------------------------------------
+# a default run keeps its work
+
+
+def test_defaults_save_every_1000_steps_and_every_30_minutes():
+    from llmcore.train import TrainConfig
+
+    assert TrainConfig().save_every == 1000 and TrainConfig().save_minutes == 30.0
+
+
+def test_save_minutes_checkpoints_on_time_without_save_every(shards, tmp_path):
+    out = tmp_path / "run"
+    # 1e-7 minutes: every step is "30 minutes" after the last save.
+    train("pretrain", tiny_cfg("pretrain", shards, out, max_steps=3, save_every=0, save_minutes=1e-7, keep_last=5))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-1", "step-2", "step-3"]
+    off = tmp_path / "off"
+    train("pretrain", tiny_cfg("pretrain", shards, off, max_steps=3, save_every=0, save_minutes=0, keep_last=5))
+    assert sorted(p.name for p in (off / "checkpoints").iterdir()) == ["latest", "step-3"]  # the end only
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_a_checkpoint_says_how_to_resume_and_locks_out_a_second_writer(shards, tmp_path, capsys,
+                                                                                     sig):
+    from llmcore.checkpoint import checkpoint_problem
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # save-every 0 and the 30-minute default: without the signal nothing would be saved before step 100000.
+    proc = subprocess.Popen([sys.executable, "-m", "llmcore", *cli_args(shards, out, "--max-steps", "100000",
+                                                                          "--save-every", "0")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: _logged_steps(out) >= 2, "two logged steps", proc)
+        # A second training into the same --out while the first runs: one line, exit 2, nothing touched.
+        code, _, err = run_cli(cli_args(shards, out, "--max-steps", "3", "--resume"), capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"error: --out {out} is in use by another training (pid {proc.pid} on " in err
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, (proc.returncode, stderr)
+    last = stderr.strip().splitlines()[-1]
+    step = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+    assert step >= 2 and checkpoint_problem(out / "checkpoints" / f"step-{step}") is None
+    name = signal.Signals(sig).name
+    assert last.startswith(f"stopped by {name} at step {step}/100000: checkpoint saved in "
+                           f"{out / 'checkpoints' / f'step-{step}'}; resume with: llmcore train pretrain --data "), last
+    assert last.endswith(" --resume") and "Traceback" not in stderr
+    # The printed command continues the run (the lock died with its process); one more step here.
+    import shlex
+
+    resume = shlex.split(last.split("resume with: ", 1)[1])
+    assert resume[:3] == ["llmcore", "train", "pretrain"]
+    code, stdout, err = run_cli(resume[1:] + ["--stop-after", "1"], capsys)
+    assert code == 0, err
+    assert f"resumed from step {step} (checkpoint " in stdout
+    assert stdout.strip().splitlines()[-1].startswith(f"done: pretrain {step + 1}/100000 steps")
+
+
+class Stop(Exception):
+    pass
+
+
+def test_a_run_killed_before_its_first_save_says_it_has_no_checkpoint_yet(shards, tmp_path, capsys, caplog):
+    from llmcore.checkpoint import resolve_checkpoint
+    from llmcore.train import TrainHooks
+
+    out = tmp_path / "run"
+
+    def stop(step, record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train("pretrain", tiny_cfg("pretrain", shards, out, max_steps=6, save_every=0), hooks=TrainHooks(on_step=stop))
+    assert (out / "config.json").is_file() and not (out / "checkpoints").exists()
+    with pytest.raises(LLMCoreError, match=r"run dir that has no checkpoint yet \(its training stopped before the "
+                                           r"first save; continue it with `llmcore train STAGE --out RUN --resume`"):
+        resolve_checkpoint(out)
+    code, _, err = run_cli(["generate", "--ckpt", str(out), "--prompt", "hi", "--max-new-tokens", "2"], capsys)
+    assert code == 2 and "has no checkpoint yet" in err and "not a run dir" not in err, err
+    # --resume on it says so and trains from step 0.
+    code, _, err = run_cli(["train", "pretrain", "--out", str(out), "--resume", "--max-steps", "2", "--quiet"], capsys)
+    assert code == 0, err
+    assert f"--resume: {out} has no checkpoint yet (its run stopped before the first save); starting at step 0" in err
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-2"
+
+
+# ----------------------------------------------------------------------------------------------
+# one writer per run dir
+
+
+def test_a_live_lock_refuses_a_second_training_and_a_dead_one_does_not(shards, tmp_path):
+    from llmcore.train.checkpointing import RunDirLock
+
+    out = tmp_path / "run"
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: hold the lock until killed
+        try:
+            RunDirLock(out).acquire()
+            os.write(ready_w, b"x")
+            time.sleep(600)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        with pytest.raises(LLMCoreError, match=rf"--out {out} is in use by another training \(pid {pid} on "):
+            train("pretrain", tiny_cfg("pretrain", shards, out, max_steps=1))
+        assert [p.name for p in out.iterdir()] == [".train.lock"]  # the refused run wrote nothing
+    finally:
+        os.kill(pid, signal.SIGKILL)  # dies holding the lock: the kernel drops it
+        os.waitpid(pid, 0)
+    s = train("pretrain", tiny_cfg("pretrain", shards, out, max_steps=1))
+    assert s.steps == 1
+    # A run refused at start leaves no run dir behind (the lock's dir is removed when it made it).
+    with pytest.raises(LLMCoreError):
+        train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "new", max_steps=1, eval_docs=100000))
+    assert not (tmp_path / "new").exists()
+
+
+def test_out_below_a_file_is_one_line(shards, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    code, _, err = run_cli(cli_args(shards, tmp_path / "f" / "run", "--max-steps", "1"), capsys)
+    assert code == 2 and err.startswith(f"error: --out {tmp_path / 'f' / 'run'}: cannot create the run dir there"), err

@@ -119,6 +119,74 @@ def rescale_loader_state(saved: dict[str, Any], loader: Any) -> dict[str, Any]:
     return {**mine, "epoch": epoch, "step": new_step}
 
 
+LOCK_NAME = ".train.lock"
+
+
+class RunDirLock:
+    """One training writes into a run dir at a time: an exclusive `fcntl` lock on `RUN/.train.lock`,
+    held from the start of a run to its end. The kernel drops the lock when its process dies
+    (however it dies), so a stale lock file never blocks; the file itself stays (removing it would
+    let a waiting process lock an unlinked file). POSIX locks (`lockf`) also hold across NFS.
+
+    `acquire` creates the run dir if needed; `release(failed=True)` removes a run dir that it
+    created and that holds nothing but the lock file, so a run refused at start leaves nothing."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self._fd: int | None = None
+        self._created = False
+
+    def acquire(self) -> "RunDirLock":
+        import fcntl
+        import os
+        import socket
+        import time
+
+        try:
+            self._created = not self.run_dir.exists()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise LLMCoreError(f"--out {self.run_dir}: cannot create the run dir there "
+                               f"({err.strerror or err})") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = ""
+            try:
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+            except OSError:
+                pass
+            os.close(fd)
+            raise LLMCoreError(f"--out {self.run_dir} is in use by another training "
+                               f"({holder or 'holder unknown'}); wait for it to end or choose another --out") from None
+        info = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode("utf-8") + b"\n", 0)
+        self._fd = fd
+        return self
+
+    def release(self, failed: bool = False) -> None:
+        import os
+
+        if self._fd is None:
+            return
+        try:
+            if failed and self._created and [p.name for p in self.run_dir.iterdir()] == [LOCK_NAME]:
+                self.path.unlink(missing_ok=True)
+                self.run_dir.rmdir()
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
 class CheckpointManager:
     """Saves and finds the step dirs of one run dir. All processes call `save`; rank 0 owns the
     shared files and the rename, the others only write their own loader/RNG state."""

@@ -16,6 +16,7 @@ validates every value and raises `LLMCoreError` naming the flag.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import types
@@ -83,9 +84,18 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model.")
     eval_every: int = setting(0, "Evaluate every N steps (0: only at the end, when --eval-docs > 0).", minimum=0)
     eval_docs: int = setting(0, "Documents held out for evaluation.", minimum=0)
-    save_every: int = setting(0, "Checkpoint every N steps (0: only at the end).", minimum=0)
+    # A default run keeps its work: MiniMind saves every 1000 steps, HF Trainer every 500; the time
+    # bound covers slow steps (a big model on a small device), where 1000 steps can be a day.
+    save_every: int = setting(1000, "Checkpoint every N steps (0: no step-based saves); there is always one at "
+                                    "the end and on Ctrl-C/SIGTERM.", minimum=0)
+    save_minutes: float = setting(30.0, "Also checkpoint when this many minutes of training have passed since the "
+                                        "last checkpoint (0: off).", minimum=0)
     keep_last: int = setting(2, "Checkpoints to keep.", positive=True)
-    resume: bool = setting(False, "Continue from RUN_DIR's latest checkpoint.")
+    resume: bool = setting(False, "Continue from RUN_DIR's latest checkpoint, with its saved settings; flags may "
+                                  "change only what keeps the run exact (--max-steps, logging, saving ...).")
+    allow_lr_change: bool = setting(False, "With --resume: accept a changed learning-rate schedule or optimizer "
+                                           "setting (--lr, --min-lr, --warmup-steps, --weight-decay, --adam-*, "
+                                           "--grad-clip).")
     wandb: bool = setting(False, "Log to Weights & Biases (offline unless configured).")
     wandb_project: str = setting("llmcore", "wandb project name.")
     seed: int = setting(42, "Seed for init, data order and RNG.", minimum=0)
@@ -144,8 +154,10 @@ class TrainConfig:
                 values[k] = check_type(k, v, source)
         return TrainConfig(**values)
 
-    def resolved(self, stage: str | Any) -> "TrainConfig":
-        """Fill the stage's defaults into unset fields and validate every value; raises LLMCoreError."""
+    def resolved(self, stage: str | Any, check_paths: bool = True) -> "TrainConfig":
+        """Fill the stage's defaults into unset fields and validate every value; raises LLMCoreError.
+        `check_paths=False` (`--print-config`) checks values only: --data, --out and --init may be
+        missing, so a stage's defaults can be shown on their own."""
         from llmcore.train.stages import get_stage
 
         st = get_stage(stage) if isinstance(stage, str) else stage
@@ -159,13 +171,15 @@ class TrainConfig:
             # MiniMind's cosine ends at lr/10; derived from the lr actually used, so --lr alone rescales it.
             values["min_lr"] = values["lr"] / 10
         cfg = TrainConfig(**values)
-        cfg.validate()
-        st.validate(cfg)
+        cfg.validate(check_paths)
+        if check_paths or cfg.init or cfg.model:
+            st.validate(cfg)
         return cfg
 
-    def validate(self) -> None:
+    def validate(self, check_paths: bool = True) -> None:
         """Stage-independent checks: each field's declared type, range and choices, then the few
-        relations between fields. Stage-specific rules live on the stage object."""
+        relations between fields (and, with `check_paths`, the required and existing paths).
+        Stage-specific rules live on the stage object."""
         for f in fields(self):
             value = getattr(self, f.name)
             if value is None:
@@ -183,9 +197,9 @@ class TrainConfig:
                 raise LLMCoreError(f"{flag} must be <= {meta['maximum']:g}, got {value!r}")
             if meta.get("choices") and value not in meta["choices"]:
                 raise LLMCoreError(f"{flag} must be one of {', '.join(meta['choices'])}, got {value!r}")
-        if not self.data:
+        if check_paths and not self.data:
             raise LLMCoreError("--data SHARD_DIR is required")
-        if not self.out:
+        if check_paths and not self.out:
             raise LLMCoreError("--out RUN_DIR is required")
         if self.model and self.init:
             raise LLMCoreError("give either --model PRESET (fresh weights) or --init RUN_DIR (start from a run), not both")
@@ -194,9 +208,9 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not getattr(self, name) < 1:
                 raise LLMCoreError(f"{flag_name(name)} must be in [0, 1), got {getattr(self, name)}")
-        if not Path(self.data).is_dir():
+        if check_paths and not Path(self.data).is_dir():
             raise LLMCoreError(f"--data {self.data}: no such shard directory")
-        if self.init is not None and not Path(self.init).exists():
+        if check_paths and self.init is not None and not Path(self.init).exists():
             raise LLMCoreError(f"--init {self.init}: no such run dir or checkpoint")
         if self.deepspeed is not None:
             from llmcore.train.engine import deepspeed_config_path
@@ -237,7 +251,14 @@ def check_type(name: str, value: Any, source: str) -> Any:
         value, ok = float(value), True
     if not ok:
         where = flag_name(name) if source == "flags" else f"{source}: {name}"
-        raise LLMCoreError(f"{where} must be {_type_words(want)}, got {value!r}")
+        hint = ""
+        if isinstance(value, str) and want in (int, float):
+            try:
+                float(value)
+                hint = " (a quoted string; write the number without quotes)"
+            except ValueError:
+                pass
+        raise LLMCoreError(f"{where} must be {_type_words(want)}, got {value!r}{hint}")
     return value
 
 
@@ -247,6 +268,28 @@ def _type_words(t: type) -> str:
 
 def settings_help() -> dict[str, str]:
     return {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+
+
+# YAML 1.2's float syntax. PyYAML implements YAML 1.1, whose floats need a dot, so `lr: 1e-3` (how
+# every paper and recipe writes a learning rate) would be read as the string "1e-3".
+_YAML12_FLOAT = r"""^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"""
+
+
+def _yaml_loader(yaml: Any) -> Any:
+    """PyYAML's SafeLoader with YAML 1.2 floats (`1e-3`, `5E-4`); a quoted "1e-3" stays a string."""
+    import re
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                      for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_YAML12_FLOAT), list("-+0123456789."))
+    # Integers keep their own (earlier-registered) resolver: a plain `1000` is still an int.
+    for first in "-+0123456789":
+        Loader.yaml_implicit_resolvers[first] = sorted(Loader.yaml_implicit_resolvers.get(first, []),
+                                                       key=lambda r: r[0] != "tag:yaml.org,2002:int")
+    return Loader
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -264,7 +307,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         except ImportError:
             raise LLMCoreError(f"--config {p}: YAML needs pyyaml (pip install pyyaml), or use TOML") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = yaml.load(text, Loader=_yaml_loader(yaml)) or {}
         except yaml.YAMLError as err:
             raise LLMCoreError(f"--config {p}: not valid YAML ({str(err).splitlines()[0]})") from None
     else:
@@ -283,13 +326,107 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 load_toml = load_config_file
 
 
-def build_config(stage: str, cli: dict[str, Any], config_file: str | Path | None = None) -> TrainConfig:
-    """Stage defaults < config file < CLI flags (entries that are None count as not given), resolved."""
+def build_config(stage: str, cli: dict[str, Any], config_file: str | Path | None = None, *,
+                 check_paths: bool = True) -> TrainConfig:
+    """Stage defaults < config file < CLI flags (entries that are None count as not given), resolved.
+
+    With --resume into a run dir that has a config.json, the run's saved settings take the place of
+    the defaults: `llmcore train STAGE --out RUN --resume` continues the run as it was, and a flag
+    given is a change that `check_resume` accepts, reports or refuses."""
+    file_values = load_config_file(config_file) if config_file is not None else {}
+    given = {str(k).replace("-", "_"): v for k, v in cli.items() if v is not None}
+    explicit = {**{str(k).replace("-", "_"): v for k, v in file_values.items()}, **given}
     cfg = TrainConfig()
+    if explicit.get("resume") is True and isinstance(explicit.get("out"), str) and explicit["out"]:
+        saved = saved_settings(Path(explicit["out"]))
+        if saved is not None:
+            if "lr" in explicit and "min_lr" not in explicit:
+                saved.pop("min_lr", None)  # derived from the new lr again (lr/10)
+            cfg = cfg.merged(saved, source=str(Path(explicit["out"]) / "config.json"))
     if config_file is not None:
-        cfg = cfg.merged(load_config_file(config_file), source=str(config_file))
+        cfg = cfg.merged(file_values, source=str(config_file))
     cfg = cfg.merged(cli, source="flags")
-    return cfg.resolved(stage)
+    return cfg.resolved(stage, check_paths=check_paths)
 
 
-__all__ = ["TrainConfig", "build_config", "load_config_file", "load_toml", "setting", "flag_name", "settings_help"]
+# ----------------------------------------------------------------------------------------------
+# resume: what a continued run may change
+
+
+PER_INVOCATION = ("resume", "stop_after", "quiet", "allow_lr_change")  # never taken from the saved run
+# Changes that make the continued run differ from the one the checkpoint belongs to: refused.
+RESUME_FIXED = ("model", "init", "seq_len", "global_batch_size", "packing", "seed", "eval_docs", "on_long",
+                "beta", "dpo_logp")
+# The learning-rate schedule and the optimizer: changed only with --allow-lr-change.
+RESUME_OPTIMIZER = ("lr", "min_lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                    "grad_clip")
+
+
+def saved_settings(run_dir: Path) -> dict[str, Any] | None:
+    """The training settings a run dir's config.json records (known names only, without the
+    per-invocation ones), or None when there is no readable one."""
+    try:
+        saved = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    train = saved.get("train") if isinstance(saved, dict) else None
+    if not isinstance(train, dict):
+        return None
+    known = {f.name for f in fields(TrainConfig)}
+    return {k: v for k, v in train.items() if k in known and k not in PER_INVOCATION}
+
+
+def _same_data(old: str, new: str) -> bool:
+    """The same shard dir, or a copy/move of it (identical shard checksums in the manifests)."""
+    if Path(old).resolve() == Path(new).resolve():
+        return True
+    try:
+        a, b = (json.loads((Path(d) / "manifest.json").read_text(encoding="utf-8")) for d in (old, new))
+    except (OSError, ValueError):
+        return False
+    return isinstance(a, dict) and isinstance(b, dict) and bool(a.get("shards")) and \
+        a.get("shards") == b.get("shards") and a.get("kind") == b.get("kind")
+
+
+def check_resume(saved_run: dict[str, Any], stage_name: str, cfg: TrainConfig, run_dir: Path) -> list[str]:
+    """Compare a run dir's config.json (`saved_run`) with the settings of the run that continues it.
+
+    Refuses (LLMCoreError, one line naming each flag with both values) a change of stage, model,
+    data, batch, sequence length, seed ... that would make the continued run differ from an
+    uninterrupted one; refuses a learning-rate or optimizer change unless --allow-lr-change; returns
+    one line per change it accepts (--max-steps, logging, saving, device ...) for the caller to show."""
+    saved = saved_run.get("train")
+    if not isinstance(saved, dict):
+        return []
+    if saved_run.get("stage") not in (None, stage_name):
+        raise LLMCoreError(f"--resume: {run_dir} is a `train {saved_run.get('stage')}` run, not `train {stage_name}`; "
+                           f"to train {stage_name} on top of it, start a new run with --init {run_dir}")
+    now = cfg.to_dict()
+    refused, optimizer, applied = [], [], []
+    for name in sorted(set(saved) & set(now)):
+        if name in PER_INVOCATION or name == "out" or saved[name] == now[name]:
+            continue
+        change = f"{flag_name(name)} {saved[name]!r} -> {now[name]!r}"
+        if name == "data":
+            if _same_data(str(saved[name]), str(now[name])):
+                applied.append(f"{change} (the same shards, moved)")
+            else:
+                refused.append(f"{flag_name(name)}: the run trained on {saved[name]!r}, this command gives {now[name]!r}")
+        elif name in RESUME_FIXED:
+            refused.append(f"{flag_name(name)}: the run has {saved[name]!r}, this command gives {now[name]!r}")
+        elif name in RESUME_OPTIMIZER and not cfg.allow_lr_change:
+            optimizer.append(change)
+        else:
+            applied.append(change)
+    if refused:
+        raise LLMCoreError(f"--resume would change what {run_dir} trains, so it would no longer continue the same run: "
+                           f"{'; '.join(refused)}. Drop those flags to continue it, or start a new run "
+                           f"(--init {run_dir} to start from its weights)")
+    if optimizer:
+        raise LLMCoreError(f"--resume changes the learning-rate schedule or optimizer of {run_dir} mid-run "
+                           f"({'; '.join(optimizer)}); pass --allow-lr-change to do that, or drop the flags")
+    return applied
+
+
+__all__ = ["TrainConfig", "build_config", "check_resume", "saved_settings", "load_config_file", "load_toml", "setting",
+           "flag_name", "settings_help"]

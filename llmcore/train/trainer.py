@@ -21,7 +21,10 @@ is preceded by a read).
 
 from __future__ import annotations
 
+import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +35,7 @@ import torch
 from llmcore.errors import LLMCoreError
 from llmcore.data_prep.loaders import first_rows
 from llmcore.io import write_json
-from llmcore.train.checkpointing import CheckpointManager, set_rng_state
+from llmcore.train.checkpointing import CheckpointManager, RunDirLock, set_rng_state
 from llmcore.train.config import TrainConfig
 from llmcore.train.engine import make_engine
 from llmcore.train.feed import DeviceFeed
@@ -42,8 +45,56 @@ from llmcore.train.protocols import Engine, ModelHook, Objective
 from llmcore.train.speed import Throughput, flops_per_token, peak_memory_gb, peak_tflops
 from llmcore.train.stages import ObjectiveContext, Stage, get_stage
 
+PROGRESS_EVERY_S = 30.0  # in a pipe, a progress line at least this often, whatever --log-every says
+
+
 class TrainingDiverged(LLMCoreError):
     """The loss (or gradient norm) became NaN/Inf; the run stopped without saving the bad state."""
+
+
+class TrainingInterrupted(LLMCoreError):
+    """SIGINT/SIGTERM stopped the run between two steps, after it saved a checkpoint there.
+
+    `exit_code` is the shell's convention for the signal (130 for SIGINT, 143 for SIGTERM);
+    `checkpoint` is the step dir that `--resume` continues from."""
+
+    def __init__(self, signum: int, step: int, total_steps: int, checkpoint: Path | None, run_dir: Path) -> None:
+        self.signum, self.step, self.total_steps = signum, step, total_steps
+        self.checkpoint, self.run_dir = checkpoint, run_dir
+        self.exit_code = 128 + int(signum)
+        name = signal.Signals(signum).name
+        saved = f"checkpoint saved in {checkpoint}" if checkpoint else "no checkpoint was saved"
+        super().__init__(f"{name} at step {step}/{total_steps}: {saved}; continue with --resume")
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask the run to stop after the current step (`signum` is set); a second
+    one ends it at once (KeyboardInterrupt). Installed only in the main thread (Python's rule);
+    the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logging.getLogger(__name__).warning("%s: finishing this step and saving a checkpoint (again to quit at once)",
+                                            signal.Signals(signum).name)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
 
 
 @dataclass
@@ -102,9 +153,11 @@ def find_resume_point(cfg: TrainConfig, ckpts: CheckpointManager, run_dir: Path)
     verifies, with or without `latest` naming it; newer ones that do not verify are reported and
     left alone. None for a fresh run. A fresh run into a run dir that holds any checkpoint is
     refused, and so is --resume when checkpoints exist but none is intact."""
-    import logging
-
     if not ckpts.has_checkpoints():
+        if cfg.resume and (run_dir / "config.json").is_file() and ckpts.rank == 0:
+            logging.getLogger(__name__).warning(
+                "--resume: %s has no checkpoint yet (its run stopped before the first save); starting at step 0",
+                run_dir)
         return None
     if not cfg.resume:
         names = ", ".join(f"step-{s}" for s in ckpts.steps()) or "checkpoints/latest"
@@ -118,6 +171,29 @@ def find_resume_point(cfg: TrainConfig, ckpts: CheckpointManager, run_dir: Path)
         detail = "; ".join(f"{n}: {w}" for n, w in skipped) or "no step dirs"
         raise LLMCoreError(f"--resume: {run_dir} has no intact checkpoint ({detail}); nothing was changed")
     return found
+
+
+def check_resume_settings(cfg: TrainConfig, stage: Stage, run_dir: Path, rank: int) -> None:
+    """--resume against the run's config.json (`llmcore.train.config.check_resume`): refuses a change
+    that would alter the run, and says which accepted changes apply from here on."""
+    import json
+
+    from llmcore.train.config import check_resume
+
+    log = logging.getLogger(__name__)
+    path = run_dir / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        if rank == 0:
+            log.warning("--resume: cannot read %s (%s), so the settings of this command cannot be compared with the "
+                        "run's; check they are the same", path, type(err).__name__)
+        return
+    if not isinstance(saved, dict):
+        return
+    for change in check_resume(saved, stage.name, cfg, run_dir):
+        if rank == 0:
+            log.warning("--resume: %s", change)
 
 
 def open_shards(cfg: TrainConfig, stage: Stage) -> Any:
@@ -334,6 +410,9 @@ class Trainer:
         # CPU: read every step (free); CUDA: keep values on the device until a log point.
         self.sync_every = 1 if engine.device.type == "cpu" else cfg.log_every
         self._pending: list[dict[str, Any]] = []
+        self.last_record: dict[str, Any] | None = None  # the newest step record read (for the summary)
+        self.lock: RunDirLock | None = None  # the run dir's writer lock (rank 0), released when run() ends
+        self._last_save_t = time.monotonic()  # --save-minutes counts from here
         self.flops_per_token = flops_per_token(model.config, cfg.seq_len)
         self.peak_tflops, self.device_name = peak_tflops(engine.device, cfg.peak_tflops)
 
@@ -343,9 +422,25 @@ class Trainer:
         engine = make_engine(cfg)
         cfg = resolve_backend(cfg, engine.device)
         engine.cfg = cfg
+        # One writer per run dir, taken before anything in it is read or changed (rank 0 holds it
+        # for the whole job; the other ranks write only inside checkpoints rank 0 coordinates).
+        lock = RunDirLock(Path(cfg.out)).acquire() if engine.rank == 0 else None
+        try:
+            trainer = cls._build(st, cfg, engine, hooks)
+        except BaseException:
+            if lock is not None:
+                lock.release(failed=True)
+            raise
+        trainer.lock = lock
+        return trainer
+
+    @classmethod
+    def _build(cls, st: Stage, cfg: TrainConfig, engine: Engine, hooks: TrainHooks | None) -> "Trainer":
         run_dir = Path(cfg.out)
         ckpts = CheckpointManager(run_dir, engine.rank, engine.world, engine.barrier)
         resume_from = find_resume_point(cfg, ckpts, run_dir)
+        if resume_from is not None:
+            check_resume_settings(cfg, st, run_dir, engine.rank)  # before anything in the run dir changes
         reader = open_shards(cfg, st)
         tokenizer = resolve_tokenizer(cfg, reader, run_dir, resume_from is not None)
         model_hook = st.model_hook(cfg)
@@ -511,6 +606,29 @@ class Trainer:
                          "--epochs, or add data")
         return lines
 
+    def _stop_or_save_due(self, stop: StopSignals, at_sync: bool) -> tuple[int | None, bool]:
+        """(the signal that asks the run to stop, or None; whether --save-minutes has passed since the
+        last save). One process decides alone, every step. Several must agree, because a save is
+        collective: they combine their flags with one all-reduce at the steps where all of them read
+        their values anyway (`at_sync` is the same on every rank), so a signal that reached only some
+        processes, or clocks that differ, still stop or save all of them at the same step."""
+        time_due = bool(self.cfg.save_minutes) and time.monotonic() - self._last_save_t >= self.cfg.save_minutes * 60
+        signum = stop.signum
+        if self.world == 1:
+            return signum, time_due
+        if not at_sync:
+            return None, False
+        flags = torch.tensor([float(signum is not None), float(time_due)], dtype=torch.float64,
+                             device=self.engine.device)
+        flags = self.engine.all_sum(flags).cpu()
+        return ((signum or signal.SIGTERM) if flags[0] > 0 else None), bool(flags[1] > 0)
+
+    def _first_step_line(self, first_s: float) -> str:
+        """After the first step of this invocation: its time and what the rest takes at that pace."""
+        left = self.total_steps - self.step
+        return (f"first step took {first_s:.2f} s; at that pace the {left:,} remaining steps take about "
+                f"{format_duration(first_s * left)} (the first step includes start-up; the progress lines refine it)")
+
     def _speed_fields(self, tokens_per_s: float, step_s: float) -> dict[str, Any]:
         out: dict[str, Any] = {"tokens_per_s": tokens_per_s, "step_s": step_s,
                                "peak_mem_gb": round(peak_memory_gb(self.engine.device), 3)}
@@ -541,27 +659,47 @@ class Trainer:
                 (metrics.warning if line.startswith("warning:") else metrics.message)(line)
         if self.peak_tflops is None and self.engine.device.type == "cuda":
             metrics.warning(f"mfu: the bf16 peak of {self.device_name} is not known; pass --peak-tflops to log it")
+        stop = StopSignals()
+        self._last_save_t = time.monotonic()
+        last_progress_t = time.monotonic()
+        timed_progress = metrics.enabled and not cfg.quiet and metrics.bar is None  # a pipe or a job log
+        signum: int | None = None
         try:
+            stop.__enter__()
             while self.step < self.total_steps:
                 tokens_before = self.tokens
                 self._pending.append(self.train_step())
                 thr.add(self.tokens - tokens_before)
+                first = self.step == start_step + 1
                 last = self.step == self.total_steps
                 stop_now = cfg.stop_after is not None and self.step - start_step >= cfg.stop_after
                 log_now = self.step % cfg.log_every == 0 or self.step == 1 or last or stop_now
                 eval_now = self.eval_idx is not None and ((cfg.eval_every and self.step % cfg.eval_every == 0) or last)
                 save_now = bool(cfg.save_every and self.step % cfg.save_every == 0) or last or stop_now
-                if not (log_now or eval_now or save_now or self.step % self.sync_every == 0):
+                sync = log_now or eval_now or save_now or first or self.step % self.sync_every == 0
+                signum, time_due = self._stop_or_save_due(stop, sync)
+                if signum is not None:
+                    # Stop here: save this state (between two global batches) and skip the eval.
+                    save_now, eval_now = True, False
+                save_now = save_now or time_due
+                progress_now = timed_progress and time.monotonic() - last_progress_t >= PROGRESS_EVERY_S
+                if not (sync or save_now or progress_now):
                     continue
                 records = self._read(self._pending)
                 self._pending.clear()
                 record = records[-1]
                 last_loss = record["loss"]
+                self.last_record = record
                 if log_now:
                     record.update(self._speed_fields(*thr.take()))
                     metrics.log(record)
-                    metrics.progress(self.step, record["loss"], record["lr"], record["tokens_per_s"],
-                                     time.perf_counter() - t_start, self.step - start_step)
+                if log_now or progress_now:
+                    elapsed = time.perf_counter() - t_start
+                    rate = record.get("tokens_per_s") if log_now else (self.tokens - run_tokens0) / max(elapsed, 1e-9)
+                    metrics.progress(self.step, record["loss"], record["lr"], rate, elapsed, self.step - start_step)
+                    last_progress_t = time.monotonic()
+                if first and not last:
+                    metrics.message(self._first_step_line(time.perf_counter() - t_start))
                 if eval_now:
                     metrics.message(f"step {self.step}: evaluating on {len(self.eval_idx):,} held-out documents ...")
                     ev = self.evaluate()
@@ -571,15 +709,21 @@ class Trainer:
                     metrics.plot()
                 if save_now:
                     last_ckpt = self.save()
+                    self._last_save_t = time.monotonic()
                     metrics.plot()
                 if self.hooks.on_step is not None:
                     self.hooks.on_step(self.step, record)
-                if stop_now:
+                if stop_now or signum is not None:
                     break
         finally:
+            stop.__exit__()
             self.feed.close()
             metrics.plot()
             metrics.close()
+            if self.lock is not None:
+                self.lock.release()
+        if signum is not None:
+            raise TrainingInterrupted(signum, self.step, self.total_steps, last_ckpt, self.run_dir)
         elapsed = time.perf_counter() - t_start
         summary = RunSummary(
             stage=self.stage.name, run_dir=self.run_dir, steps=self.step, total_steps=self.total_steps,
