@@ -24,11 +24,8 @@ def _load(ckpt: Path, device: str, tokenizer: Optional[Path]) -> tuple[Any, Any]
 
     from llmcore.common import resolve_device
 
-    model, tok = load_model(ckpt, device=resolve_device(device), with_tokenizer=tokenizer is None)
-    if tokenizer is not None:
-        from llmcore.data_prep.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(tokenizer)
+    # --tokenizer must fit the model (vocab size, special ids, the stored tokenizer's vocabulary): checked in load_model.
+    model, tok = load_model(ckpt, device=resolve_device(device), tokenizer=tokenizer)
     if tok is None:
         raise LLMCoreError(f"{ckpt}: no tokenizer found (looked for tokenizer.json beside the weights and in the "
                            "run dir's tokenizer/); pass --tokenizer DIR")
@@ -89,6 +86,32 @@ def info(name: str = typer.Argument(..., help="a preset (`llmcore model list`)")
             f"active per token    {m(r['active_per_token'])}",
         ]
     typer.echo("\n".join(lines))
+
+
+@model_app.command("import")
+def import_cmd(
+    src: Path = typer.Argument(..., help="a MiniMind .pth state dict, or a transformers folder (model_type minimind, "
+                                         "qwen3, qwen3_moe or llama)"),
+    out: Path = typer.Option(..., "--out", help="run dir to write (generate/chat/eval/serve --ckpt and train --init "
+                                                "take it)"),
+    preset: Optional[str] = typer.Option(None, "--preset", help=".pth only: take RoPE, norm and routing settings from "
+                                                                "this preset (default: the preset whose shapes match)"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer dir to store with the weights "
+                                                                       "(default: the one in the source folder)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier import at --out (nothing else)"),
+) -> None:
+    """Import MiniMind's or Hugging Face weights into a run dir (read without running code: weights_only / safetensors).
+
+    Example: llmcore model import out/full_sft_768.pth --tokenizer minimind/model --out runs/mm3
+    """
+    from llmcore.convert import import_model
+
+    result = import_model(src, out, preset=preset, tokenizer=tokenizer, overwrite=overwrite)
+    preset_note = f", preset {result.preset}" if result.preset else ""
+    typer.echo(f"imported {src} ({result.kind}{preset_note}): {result.num_params / 1e6:.2f}M parameters -> {result.run_dir}")
+    if result.tokenizer_dir is None:
+        typer.echo("note: no tokenizer stored; pass --tokenizer DIR to generate/chat/serve, or import again with "
+                   "--tokenizer (MiniMind's is its repo's model/ folder)")
 
 
 def generate_cmd(
@@ -183,10 +206,12 @@ def merge_lora_cmd(
 @export_app.command("hf")
 def export_hf_cmd(
     ckpt: Path = typer.Option(..., "--ckpt", help="run dir or checkpoint dir"),
-    out: Path = typer.Option(..., "--out", help="output folder (LlamaForCausalLM)"),
+    out: Path = typer.Option(..., "--out", help="output folder (Llama, Qwen3 or Qwen3-MoE format)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier export at --out (never a run or checkpoint dir)"),
 ) -> None:
-    """Export a dense checkpoint to a Hugging Face LlamaForCausalLM folder (MoE is refused).
+    """Export to a transformers folder: Qwen3ForCausalLM (QK-norm), Qwen3MoeForCausalLM (QK-norm MoE), else LlamaForCausalLM.
+
+    MoE with shared experts (minimind2-moe) is refused: no transformers class computes it.
 
     A non-empty --out is refused unless --overwrite, which replaces only an earlier export; run and
     checkpoint dirs are always refused. The folder appears complete or not at all.
