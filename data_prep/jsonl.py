@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ REASONS = {
     "empty_text": "text is empty",
     "no_assistant_turn": "conversation has no assistant turn",
     "token_id_overflow": "token id does not fit uint16",
+    "template_error": "the tokenizer's chat template cannot render the conversation",
     "dpo_identical": "dpo pair: chosen and rejected replies are the same",
     "dpo_prompt_mismatch": "dpo pair: chosen and rejected have different prompts",
 }
@@ -261,6 +262,81 @@ def iter_records(path: str | Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES)
                 yield line_no, rec
 
 
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _json_field(value, where: str):
+    """A field that may hold JSON text or the parsed value: the parsed value (DataError if not JSON)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError) as err:
+        raise DataError(f"{where} is not JSON: {str(err).splitlines()[0][:200]}", reason="bad_field_type") from None
+
+
+def normalize_conversation(messages: Sequence[dict], where: str = "conversations") -> tuple[list[dict], list[dict] | None]:
+    """MiniMind-3's (and OpenAI's) message format made ready for a chat template: (messages, tools).
+
+    - `tools` on a system message (a JSON string or a list of schemas) become the `tools` argument
+      of `apply_chat_template` (the message keeps them, parsed; templates ignore the key);
+    - assistant `tool_calls` given as a JSON string become a list, and a call's `arguments` given
+      as a string must be JSON (the template writes that string verbatim);
+    - `reasoning_content` is kept; the roles are system, user, assistant and tool;
+    - keys whose value is None are dropped (as transformers does).
+    Idempotent. Anything malformed is a one-line DataError naming the field (`where[i].tool_calls
+    is not JSON: ...`); callers that read files add the file and line.
+    """
+    if not isinstance(messages, (list, tuple)):
+        raise DataError(f"{where} is {type(messages).__name__}, expected a list of messages", reason="bad_field_type")
+    out: list[dict] = []
+    tools = None
+    for i, m in enumerate(messages):
+        here = f"{where}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{here} is {type(m).__name__}, expected an object", reason="bad_field_type")
+        m = {k: v for k, v in m.items() if v is not None}
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise DataError(f"{here}.role is {role!r}, expected {', '.join(CHAT_ROLES[:-1])} or {CHAT_ROLES[-1]}",
+                            reason="bad_field_type")
+        for key in ("content", "reasoning_content"):
+            if key in m and not isinstance(m[key], str):
+                raise DataError(f"{here}.{key} is {type(m[key]).__name__}, expected a string", reason="bad_field_type")
+        if m.get("tools") not in (None, "", []):
+            if role != "system":
+                raise DataError(f"{here}.tools: tools belong on the system message, not on a {role} message", reason="bad_field_type")
+            parsed = _json_field(m["tools"], f"{here}.tools")
+            if isinstance(parsed, dict):
+                parsed = [parsed]
+            if not isinstance(parsed, list) or not all(isinstance(t, dict) for t in parsed):
+                raise DataError(f"{here}.tools must be a list of tool schemas (objects)", reason="bad_field_type")
+            if tools is not None:
+                raise DataError(f"{here}.tools: only one system message may carry tools", reason="bad_field_type")
+            m["tools"] = tools = parsed
+        elif "tools" in m:
+            del m["tools"]
+        if m.get("tool_calls") not in (None, "", []):
+            if role != "assistant":
+                raise DataError(f"{here}.tool_calls: only assistant messages make tool calls", reason="bad_field_type")
+            calls = _json_field(m["tool_calls"], f"{here}.tool_calls")
+            if isinstance(calls, dict):
+                calls = [calls]
+            if not isinstance(calls, list):
+                raise DataError(f"{here}.tool_calls must be a list of calls", reason="bad_field_type")
+            for j, call in enumerate(calls):
+                fn = call.get("function", call) if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                    raise DataError(f"{here}.tool_calls[{j}] must be an object with a function name", reason="bad_field_type")
+                if isinstance(fn.get("arguments"), str):
+                    _json_field(fn["arguments"], f"{here}.tool_calls[{j}].arguments")
+            m["tool_calls"] = calls
+        elif "tool_calls" in m:
+            del m["tool_calls"]
+        out.append(m)
+    return out, tools
+
+
 def check_text(obj: dict, field: str = "text") -> str | BadLine:
     if field not in obj:
         return BadLine("missing_field", f'missing field "{field}"')
@@ -273,10 +349,12 @@ def check_text(obj: dict, field: str = "text") -> str | BadLine:
 
 
 def check_messages(obj: dict, field: str, final_assistant: bool = False) -> list[dict] | BadLine:
-    """A conversation field: non-empty list of {role, content} with string content and an assistant turn.
+    """A conversation field: a non-empty list of messages with string role and content and an
+    assistant turn, normalised by `normalize_conversation` (MiniMind-3's format: tools on the system
+    message, assistant tool_calls, the tool role, reasoning_content).
 
-    Returns copies holding only role and content (other keys such as tool calls are not rendered).
-    """
+    Returns normalised copies (tool_calls and tools parsed, None-valued keys dropped); other keys
+    are kept, so a template that reads them sees them."""
     if field not in obj:
         return BadLine("missing_field", f'missing field "{field}"')
     value = obj[field]
@@ -284,7 +362,6 @@ def check_messages(obj: dict, field: str, final_assistant: bool = False) -> list
         return BadLine("bad_field_type", f'field "{field}" is {type(value).__name__}, expected a list of messages')
     if not value:
         return BadLine("empty_text", f'field "{field}" is an empty conversation')
-    messages = []
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             return BadLine("bad_field_type", f'{field}[{i}] is {type(m).__name__}, expected an object')
@@ -293,13 +370,14 @@ def check_messages(obj: dict, field: str, final_assistant: bool = False) -> list
                 return BadLine("missing_field", f'{field}[{i}] is missing "{key}"')
             if not isinstance(m[key], str):
                 return BadLine("bad_field_type", f'{field}[{i}].{key} is {type(m[key]).__name__}, expected a string')
-        if m["role"] not in ("system", "user", "assistant"):
-            return BadLine("bad_field_type", f'{field}[{i}].role is {m["role"]!r}, expected system, user or assistant')
-        messages.append({"role": m["role"], "content": m["content"]})
+    try:
+        messages, _ = normalize_conversation(value, field)
+    except DataError as err:
+        return BadLine(err.reason or "bad_field_type", str(err))
     if not any(m["role"] == "assistant" for m in messages):
         return BadLine("no_assistant_turn", f'field "{field}": conversation has no assistant turn')
     if final_assistant and messages[-1]["role"] != "assistant":
         return BadLine("no_assistant_turn", f'field "{field}": the final message is not an assistant turn')
-    if not any(m["content"].strip() for m in messages):
+    if not any(m["content"].strip() or m.get("reasoning_content", "").strip() or m.get("tool_calls") for m in messages):
         return BadLine("empty_text", f'field "{field}": every message is empty')
     return messages

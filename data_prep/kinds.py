@@ -3,7 +3,9 @@
 A kind says everything the data pipeline needs to know about its documents:
 - which jsonl records it accepts (`check`) and how `prep stats` recognises them (`detect`);
 - its Arrow columns (`columns`: name -> element type, `token_columns`, `schema()`);
-- how a block of checked records becomes flat column arrays (`encode`, run in prep's workers);
+- how a block of checked records becomes flat column arrays (`encode`, run in prep's workers; chat
+  kinds take `EncodeOptions`, e.g. MiniMind's empty-think rule, and raise ChatTemplateError with
+  the payload's index when the tokenizer's template cannot render one);
 - a document's length for the loaders (`doc_lengths`);
 - what `prep stats` measures (`row_text`, `count_tokens`) and what `prep inspect --decode` adds (`render`);
 - the help of its `llmcore prep KIND` command (`help`, `text_field` for the `--field` flag).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmcore.data_prep.jsonl import BadLine, check_messages, check_text
@@ -35,6 +38,34 @@ if TYPE_CHECKING:
 Columns = dict[str, "tuple[np.ndarray, np.ndarray]"]
 
 
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How chat kinds render conversations (`prep sft|dpo` flags). The default renders every row
+    exactly as the tokenizer's template does.
+
+    drop_empty_think: the share of conversations whose empty `<think>\n\n</think>\n\n` blocks are
+    removed (MiniMind-3's SFT uses 0.8); which rows is decided by a hash of (`seed`, the row), so
+    it is reproducible and independent of workers and block order."""
+
+    drop_empty_think: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.drop_empty_think <= 1.0:
+            raise LLMCoreError(f"--drop-empty-think must be between 0 and 1, not {self.drop_empty_think}")
+
+    def drops(self, conversations: list[list[dict]]) -> list[bool] | None:
+        """Per conversation: whether its empty think blocks are dropped (None: none are)."""
+        if self.drop_empty_think <= 0:
+            return None
+        import json
+
+        from llmcore.data_prep.tokenizer import empty_think_drop
+
+        return [empty_think_drop(json.dumps(c, ensure_ascii=False, sort_keys=True), self.drop_empty_think, self.seed)
+                for c in conversations]
+
+
 class ShardKind(ABC):
     """One kind of document. Subclasses set the class attributes and implement check/encode/... ."""
 
@@ -43,6 +74,7 @@ class ShardKind(ABC):
     columns: dict[str, str] = {}  # column -> element type (Arrow/numpy name); every column is a list of it
     token_columns: tuple[str, ...] = ()  # the columns holding token ids (uint16-checked, counted)
     text_field: bool = False  # records carry their text in a field the user names with --field
+    chat: bool = False  # records are conversations rendered by the chat template (takes EncodeOptions)
     fallback: bool = False  # what `detect_kind` answers when no other kind claims a record
 
     # -- records ---------------------------------------------------------------------------------
@@ -64,8 +96,9 @@ class ShardKind(ABC):
         return {name: f"list<{t}>" for name, t in self.columns.items()}
 
     @abstractmethod
-    def encode(self, tok: "Tokenizer", payloads: list) -> Columns:
-        """Tokenize checked payloads (in order) into every column of `columns` (values as int64 or uint8)."""
+    def encode(self, tok: "Tokenizer", payloads: list, options: EncodeOptions | None = None) -> Columns:
+        """Tokenize checked payloads (in order) into every column of `columns` (values as int64 or uint8).
+        A chat kind raises ChatTemplateError whose `index` is the payload the template cannot render."""
 
     def doc_lengths(self, column_lengths: Callable[[str], "np.ndarray"]) -> "np.ndarray":
         """Tokens per document (int64) from per-column lengths: the longest token column."""
@@ -124,18 +157,20 @@ def with_bos_eos(values: "np.ndarray", lengths: "np.ndarray", bos: int, eos: int
     return out, out_len
 
 
-def encode_chats(tok: "Tokenizer", conversations: list[list[dict]], only_last: bool) -> tuple[list[list[int]], "list[np.ndarray]"]:
-    """Chat-template token ids and loss masks (assistant content + <|im_end|>; only the final
-    assistant message when `only_last`) for each conversation."""
-    encoded = tok.encode_chats(conversations, only_last=only_last)  # specials inside content stay text
+def encode_chats(tok: "Tokenizer", conversations: list[list[dict]], only_last: bool,
+                 drops: list[bool] | None = None) -> tuple[list[list[int]], "list[np.ndarray]"]:
+    """Chat-template token ids and loss masks (each assistant turn after its header through its
+    <|im_end|>; only the final one when `only_last`) for each conversation."""
+    encoded = tok.encode_chats(conversations, only_last=only_last, drop_empty_think=drops)  # typed specials stay text
     return [ids for ids, _ in encoded], [mask for _, mask in encoded]
 
 
-def masked_chats(tok: "Tokenizer", conversations: list[list[dict]], only_last: bool, tokens: str, mask: str) -> Columns:
+def masked_chats(tok: "Tokenizer", conversations: list[list[dict]], only_last: bool, tokens: str, mask: str,
+                 drops: list[bool] | None = None) -> Columns:
     """Columns `tokens` and `mask` for conversations (see `encode_chats`)."""
     import numpy as np
 
-    ids, masks = encode_chats(tok, conversations, only_last=only_last)
+    ids, masks = encode_chats(tok, conversations, only_last=only_last, drops=drops)
     values = flatten(ids)
     return {tokens: values, mask: (np.concatenate(masks) if masks else np.zeros(0, np.uint8), values[1])}
 
@@ -152,7 +187,7 @@ def marked_text(tok: "Tokenizer", tokens: list[int], mask: list[int]) -> str:
 
 
 def _contents(messages: list[dict]) -> str:
-    return "\n".join(m["content"] for m in messages)
+    return "\n".join(filter(None, (x for m in messages for x in (m.get("reasoning_content"), m["content"]))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +207,7 @@ class PretrainKind(ShardKind):
     def check(self, obj: dict, field: str = "text") -> str | BadLine:
         return check_text(obj, field)
 
-    def encode(self, tok: "Tokenizer", payloads: list[str]) -> Columns:
+    def encode(self, tok: "Tokenizer", payloads: list[str], options: EncodeOptions | None = None) -> Columns:
         values, lengths = flatten(tok.encode_text_batch(payloads))  # special-token strings stay text
         return {"tokens": with_bos_eos(values, lengths, tok.bos_id, tok.eos_id)}
 
@@ -188,12 +223,16 @@ class PretrainKind(ShardKind):
 
 class SFTKind(ShardKind):
     name = "sft"
-    help = """Tokenize {"conversations": [...]} lines with the chat template; loss_mask = assistant content + <|im_end|>.
+    help = """Tokenize {"conversations": [...]} lines with the tokenizer's chat template; loss_mask = each assistant turn after its header through <|im_end|>.
 
-    Example: llmcore prep sft --input dataset/sft_mini_512.jsonl --tokenizer tok/ --out shards/sft
+    MiniMind-3's format is accepted: tools on the system message, assistant tool_calls and
+    reasoning_content, tool messages.
+
+    Example: llmcore prep sft --input dataset/sft_t2t_mini.jsonl --tokenizer tok/ --out shards/sft
     """
     columns = {"tokens": "uint16", "loss_mask": "uint8"}
     token_columns = ("tokens",)
+    chat = True
 
     def detect(self, obj: dict) -> bool:
         return "conversations" in obj
@@ -201,8 +240,8 @@ class SFTKind(ShardKind):
     def check(self, obj: dict, field: str = "text") -> list[dict] | BadLine:
         return check_messages(obj, "conversations")
 
-    def encode(self, tok: "Tokenizer", payloads: list[list[dict]]) -> Columns:
-        return masked_chats(tok, payloads, False, "tokens", "loss_mask")
+    def encode(self, tok: "Tokenizer", payloads: list[list[dict]], options: EncodeOptions | None = None) -> Columns:
+        return masked_chats(tok, payloads, False, "tokens", "loss_mask", (options or EncodeOptions()).drops(payloads))
 
     def row_text(self, payload: list[dict]) -> str:
         return _contents(payload)
@@ -222,6 +261,7 @@ class DPOKind(ShardKind):
     """
     columns = {"chosen": "uint16", "chosen_mask": "uint8", "rejected": "uint16", "rejected_mask": "uint8"}
     token_columns = ("chosen", "rejected")
+    chat = True
 
     def detect(self, obj: dict) -> bool:
         return "chosen" in obj or "rejected" in obj
@@ -236,13 +276,15 @@ class DPOKind(ShardKind):
         # A pair that cannot teach anything: the same prompt must lead to two different replies.
         if chosen[:-1] != rejected[:-1]:
             return BadLine("dpo_prompt_mismatch", "dpo pair: chosen and rejected have different prompts (the messages before the final reply differ)")
-        if chosen[-1]["content"] == rejected[-1]["content"]:
+        if chosen[-1] == rejected[-1]:
             return BadLine("dpo_identical", "dpo pair: chosen and rejected replies are the same")
         return chosen, rejected
 
-    def encode(self, tok: "Tokenizer", payloads: list[tuple[list[dict], list[dict]]]) -> Columns:
-        return {**masked_chats(tok, [p[0] for p in payloads], True, "chosen", "chosen_mask"),
-                **masked_chats(tok, [p[1] for p in payloads], True, "rejected", "rejected_mask")}
+    def encode(self, tok: "Tokenizer", payloads: list[tuple[list[dict], list[dict]]], options: EncodeOptions | None = None) -> Columns:
+        # one draw per pair (keyed by the chosen side), so both sides keep or drop the same prompt blocks
+        drops = (options or EncodeOptions()).drops([p[0] for p in payloads])
+        return {**masked_chats(tok, [p[0] for p in payloads], True, "chosen", "chosen_mask", drops),
+                **masked_chats(tok, [p[1] for p in payloads], True, "rejected", "rejected_mask", drops)}
 
     def row_text(self, payload: tuple[list[dict], list[dict]]) -> str:
         return _contents(payload[0])  # the chosen side

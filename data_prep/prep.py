@@ -34,8 +34,8 @@ import pyarrow as pa
 from llmcore.data_prep.faults import fault_point
 from llmcore.data_prep.format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, UINT16_LIMIT, shard_file_name
 from llmcore.data_prep.jsonl import DEFAULT_MAX_LINE_BYTES, REASONS, BadLine, input_files, open_input, parse_line, too_long
-from llmcore.data_prep.kinds import ShardKind, get_kind
-from llmcore.data_prep.tokenizer import Tokenizer, load_tokenizer
+from llmcore.data_prep.kinds import EncodeOptions, ShardKind, get_kind
+from llmcore.data_prep.tokenizer import ChatTemplateError, Tokenizer, load_tokenizer
 from llmcore.errors import DataError, LLMCoreError
 from llmcore.io import check_out_dir, install_dir, remove_leftovers, temp_dir_for, write_json
 
@@ -81,13 +81,15 @@ def _die_with_parent() -> None:
 
 
 def _init_worker(tokenizer_dir: str, kind: str | ShardKind, field_name: str, single_thread: bool,
-                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, in_pool: bool = False) -> None:
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, in_pool: bool = False,
+                 options: EncodeOptions | None = None) -> None:
     if in_pool:
         _die_with_parent()
     if single_thread:
         # Each pool process is one core's worth; the Rust thread pool would only oversubscribe.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(tok=load_tokenizer(tokenizer_dir), kind=get_kind(kind), field=field_name, max_line_bytes=max_line_bytes)
+    _WORKER.update(tok=load_tokenizer(tokenizer_dir), kind=get_kind(kind), field=field_name, max_line_bytes=max_line_bytes,
+                   options=options)
 
 
 def process_chunk(chunk: Chunk) -> ChunkResult:
@@ -122,7 +124,17 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
         line_nos.append(line_no)
         payloads.append(rec)
 
-    columns = kind.encode(tok, payloads)
+    options = _WORKER.get("options")
+    while True:
+        try:  # only chat kinds take options (a kind written before them keeps its two-argument encode)
+            columns = kind.encode(tok, payloads, options) if kind.chat else kind.encode(tok, payloads)
+            break
+        except ChatTemplateError as err:  # a row the template cannot render is a bad line, not a crash
+            if err.index is None or not 0 <= err.index < len(payloads):
+                raise
+            res.bad.append((line_nos.pop(err.index), "template_error", str(err)))
+            payloads.pop(err.index)
+    res.bad.sort()
 
     keep = np.ones(len(payloads), dtype=bool)
     if tok.vocab_size > UINT16_LIMIT:  # only then can an id overflow the uint16 columns
@@ -317,6 +329,7 @@ def prep(
     block_bytes: int = 1 << 18,
     progress: bool = False,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    options: EncodeOptions | None = None,
 ) -> dict:
     """Tokenize jsonl `inputs` into a shard dir at `out_dir`; returns the manifest.
 
@@ -324,10 +337,14 @@ def prep(
     "sft" (`conversations`) or "dpo" (`chosen`, `rejected`). on_bad_line: "fail" raises DataError naming file and line and leaves nothing at
     `out_dir`; "skip" drops bad lines and counts them per reason in the manifest.
     Inputs may be gzip/bzip2/xz (and zstd with `zstandard`) compressed. A line over `max_line_bytes`
-    is a bad line (`line_too_long`). `overwrite` replaces only a shard dir of the same kind, never
-    one that holds an input or the tokenizer.
+    is a bad line (`line_too_long`), and so is a conversation the tokenizer's chat template cannot
+    render (`template_error`). `overwrite` replaces only a shard dir of the same kind, never one that
+    holds an input or the tokenizer. `options` (chat kinds only): MiniMind's empty-think rule.
     """
     kind = get_kind(kind)
+    options = options or EncodeOptions()
+    if options != EncodeOptions() and not kind.chat:
+        raise LLMCoreError(f"--drop-empty-think and --seed apply to conversations (sft, dpo), not to {kind.name}")
     if on_bad_line not in ("fail", "skip"):
         raise LLMCoreError(f"--on-bad-line must be fail or skip, not {on_bad_line!r}")
     if shard_docs < 1:
@@ -374,12 +391,12 @@ def prep(
 
         chunks = _read_chunks(paths, block_bytes, bar, max_line_bytes)
         if workers == 1:
-            _init_worker(tok_dir, kind, field, single_thread=False, max_line_bytes=max_line_bytes)
+            _init_worker(tok_dir, kind, field, single_thread=False, max_line_bytes=max_line_bytes, options=options)
             for chunk in chunks:
                 consume(process_chunk(chunk))
         else:
             ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok_dir, kind, field, True, max_line_bytes, True))
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok_dir, kind, field, True, max_line_bytes, True, options))
             in_flight: collections.deque = collections.deque()
             for chunk in chunks:
                 in_flight.append(pool.apply_async(process_chunk, (chunk,)))
@@ -392,6 +409,8 @@ def prep(
             pool = None
         shards = writer.finish()
         manifest = _manifest(kind, tok, sources, shards, on_bad_line, field)
+        if options.drop_empty_think > 0:
+            manifest["empty_think"] = {"drop": options.drop_empty_think, "seed": options.seed}
         if manifest["num_docs"] == 0:
             raise DataError("no valid documents in the inputs", str(paths[0]), reason="empty_text")
         manifest["seconds"] = round(time.perf_counter() - started, 3)

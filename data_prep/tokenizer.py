@@ -1,9 +1,23 @@
 """Byte-level BPE tokenizer: training, loading (ours and MiniMind's), chat rendering and SFT masks.
 
 A tokenizer dir holds `tokenizer.json` (the `tokenizers` model) and `tokenizer_config.json`
-(special tokens and the ChatML chat template) and loads with `transformers.AutoTokenizer`.
-The `Tokenizer` wrapper below talks to the fast Rust tokenizer directly and renders the chat
-template with the same Jinja settings transformers uses, so strings and ids match it exactly.
+(special tokens and the chat template) and loads with `transformers.AutoTokenizer`.
+The `Tokenizer` wrapper below talks to the fast Rust tokenizer directly and renders the dir's own
+jinja chat template with the same environment, inputs and message normalisation transformers uses,
+so strings and ids match `PreTrainedTokenizerFast.apply_chat_template` exactly.
+
+Invariants of chat encoding (`Tokenizer.encode_chats`):
+- A conversation is rendered by the template, never by hand-written ChatML. Rows in MiniMind-3's
+  format (tools on the system message, `tool_calls` as JSON strings, the `tool` role,
+  `reasoning_content`) are first normalised by `normalize_conversation`, the one place that does it.
+- Special-token strings typed inside any message field or tool schema stay plain text: only the
+  special tokens the template itself writes are control ids. When no field holds one, the ids are
+  exactly those of tokenizing the rendered string (what transformers returns).
+- Cost is linear in the conversation: at most two renders (the second one with every special-token
+  string in the input swapped for a private-use placeholder, which tells the template's own special
+  tokens from typed ones), never one render per message.
+- The loss mask is 1 from after each `<|im_start|>assistant\n` the template writes through the
+  `<|im_end|>` that closes it (think block and tool-call text included: MiniMind's rule), else 0.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from llmcore.data_prep.jsonl import CHAT_ROLES, normalize_conversation  # noqa: F401 (re-exported)
 from llmcore.errors import DataError, LLMCoreError
 from llmcore.io import atomic_dir, atomic_write, check_out_dir, remove_leftovers, write_json
 
@@ -27,16 +42,28 @@ log = logging.getLogger(__name__)
 PAD_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
-SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2 in this order
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2 in this order (both templates' first three)
+# MiniMind-3's added tokens, in its id order (0..35): (content, special). The non-special ones are
+# still single tokens, but `decode(skip_special_tokens=True)` keeps them, as MiniMind-3's files say.
+MINIMIND3_TOKENS: list[tuple[str, bool]] = [
+    *((t, True) for t in SPECIAL_TOKENS),
+    *((f"<|{t}|>", True) for t in ("object_ref_start", "object_ref_end", "box_start", "box_end", "quad_start",
+                                   "quad_end", "vision_start", "vision_end", "vision_pad", "image_pad",
+                                   "video_pad", "audio_start", "audio_end", "audio_pad")),
+    *((t, True) for t in ("<tts_pad>", "<tts_text_bos>", "<tts_text_eod>", "<tts_text_bos_single>")),
+    *((t, False) for t in ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")),
+    *((f"<|buffer{i}|>", False) for i in range(1, 10)),
+]
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
 MARKER_FILE = "llmcore_tokenizer.json"  # written by `train_tokenizer`: says llmcore made this dir
 # What a tokenizer dir made by llmcore (or saved by transformers from one) may hold.
 TOKENIZER_DIR_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", MARKER_FILE}
-CHAT_ROLES = ("system", "user", "assistant")
+ASSISTANT_HEADER = "assistant\n"  # after the template's <|im_start|>: where a learned turn starts
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # what MiniMind-3's template writes for a turn without reasoning
 
-# ChatML. For system/user/assistant messages it renders character for character like MiniMind's
-# template (including its default system prompt), so a model trained with either tokenizer sees
-# the same conversation layout.
+# ChatML (MiniMind2). For system/user/assistant messages it renders character for character like
+# MiniMind's template (including its default system prompt), so a model trained with either
+# tokenizer sees the same conversation layout.
 CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' -%}\n"
     "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
@@ -53,12 +80,133 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+# MiniMind-3's template (jingyaogong/minimind, Apache-2.0), verbatim, so a tokenizer we train renders
+# conversations exactly as MiniMind-3's: tools in the system turn, <tool_call> blocks, tool responses
+# as user turns, a <think> block in every assistant turn, `open_thinking` for the generation prompt.
+MINIMIND3_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if true %}
+            {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if open_thinking is defined and open_thinking is true %}
+        {{- '<think>\n' }}
+    {%- else %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+# `tokenizer train --template NAME`: the chat template and the added tokens it needs.
+TEMPLATES: dict[str, tuple[str, list[tuple[str, bool]]]] = {
+    "minimind3": (MINIMIND3_CHAT_TEMPLATE, MINIMIND3_TOKENS),
+    "chatml": (CHAT_TEMPLATE, [(t, True) for t in SPECIAL_TOKENS]),
+}
+DEFAULT_TEMPLATE = "minimind3"
+
+
+class ChatTemplateError(LLMCoreError):
+    """The chat template cannot render a conversation (it needs a field the row lacks, ...).
+    `index` is the conversation's position in the batch given to `encode_chats` (None for one)."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
 
 def _jinja_environment():
-    """The sandboxed environment transformers renders chat templates in (same flags and helpers)."""
+    """The sandboxed environment transformers compiles chat templates in: the same flags, extensions
+    (a `{% generation %}` block renders its body) and helpers (`tojson` without HTML escaping,
+    `raise_exception`, `strftime_now`, `dict`, a `namespace` that refuses underscore names)."""
+    from datetime import datetime
+
     import jinja2
-    from jinja2.ext import loopcontrols
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(Extension):
+        # transformers uses this tag to track assistant text; rendering is unchanged by it
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
@@ -66,10 +214,117 @@ def _jinja_environment():
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    class TemplateDict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot store underscore-prefixed attributes ({name!r})")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
     return env
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' aliases, first = the standard one
+
+
+def _plain(value):
+    """A copy of `value` made of plain JSON types (what transformers lets a template see); anything
+    else becomes an inert "<TypeName>" string. Iterative over containers is not needed: inputs are
+    JSON rows or API bodies whose depth the parsers already bound."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return f"<{type(value).__name__}>"
+
+
+def _template_messages(messages: Sequence[dict]) -> list[dict]:
+    """Messages as transformers hands them to a template: keys whose value is None dropped, plain
+    copies, and the reasoning filled under all its names (`reasoning_content`, `thinking`)."""
+    out = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise LLMCoreError(f"a chat message must be an object, got {type(m).__name__}")
+        m = _plain({k: v for k, v in m.items() if v is not None})
+        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
+def _strings(value) -> Iterator[str]:
+    """Every string inside a JSON-like value (dict keys too), iteratively."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+
+
+def _map_strings(value, fn):
+    """A copy of a JSON-like value with every string value (not dict keys) passed through `fn`."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(v, fn) for v in value]
+    return value
+
+
+def empty_think_drop(key: str, probability: float, seed: int) -> bool:
+    """Whether MiniMind's empty-think rule drops `<think>\n\n</think>\n\n` from one conversation.
+
+    MiniMind draws `random.random() > 0.2` per sample; here the draw is a hash of (seed, key), so the
+    same row gets the same answer whatever the worker count or block order (prep stays reproducible)."""
+    if probability <= 0:
+        return False
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < probability
 
 
 def _fingerprint(tok: tokenizers.Tokenizer) -> str:
@@ -185,106 +440,184 @@ class Tokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     # -- chat -------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        """The conversation as text, the same string `transformers` renders for this tokenizer dir."""
+    def _template_kwargs(self) -> dict:
+        """The named special tokens a template sees (transformers' `special_tokens_map`)."""
+        out = {}
+        for key, value in self.config.items():
+            if key.endswith("_token"):
+                if isinstance(value, dict):  # AddedToken serialised as a dict
+                    value = value.get("content")
+                if isinstance(value, str):
+                    out[key] = value
+        out.update(bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token)
+        return out
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+                            tools: Sequence[dict] | None = None, **template_kwargs) -> str:
+        """The conversation as text: exactly what transformers' `apply_chat_template(messages,
+        tools=tools, add_generation_prompt=..., tokenize=False, **template_kwargs)` returns for this
+        tokenizer dir (e.g. `open_thinking=True` for MiniMind-3's template). Messages are used as
+        given: rows in MiniMind-3's format go through `normalize_conversation` first (the
+        `encode_*` methods do that). ChatTemplateError when the template cannot render them."""
         if self._template is None:
-            self._template = _jinja_environment().from_string(self.chat_template)
-        return self._template.render(
-            messages=[dict(m) for m in messages],
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-            pad_token=self.pad_token,
-            unk_token=self.config.get("unk_token", self.pad_token),
-        )
+            try:
+                self._template = _jinja_environment().from_string(self.chat_template)
+            except Exception as err:  # a syntax error in the dir's template
+                raise LLMCoreError(f"{self.path}: cannot compile the chat template: {err}") from None
+        if tools is not None and not all(isinstance(t, dict) for t in tools):
+            raise LLMCoreError("tools must be a list of JSON schemas (objects)")
+        kwargs = {**self._template_kwargs(), **_plain(template_kwargs)}
+        try:
+            return self._template.render(messages=_template_messages(messages), tools=_plain(tools), documents=None,
+                                         add_generation_prompt=add_generation_prompt, **kwargs)
+        except LLMCoreError:
+            raise
+        except Exception as err:  # jinja's errors, or TypeError etc. from the template's own expressions
+            detail = str(err).splitlines()[0][:200] if str(err) else ""
+            raise ChatTemplateError(f"the chat template cannot render this conversation: {type(err).__name__}"
+                                    + (f": {detail}" if detail else "")) from None
 
-    def chat_spans(self, messages: Sequence[dict], only_last: bool = False,
-                   content_spans: list | None = None) -> tuple[str, list[tuple[int, int]]]:
-        """Render `messages`; return the text and the character spans that carry loss.
+    def _render_plan(self, msgs: list[dict], tools: list[dict] | None, add_generation_prompt: bool, drop_think: bool,
+                     template_kwargs: dict) -> tuple[str, list[tuple[int, int, int]] | None]:
+        """Render one normalised conversation; return the text and the template's own special tokens
+        as (start, end, id), or None when no input string holds a special-token string (then every
+        special in the text is the template's and the whole text encodes as one string).
 
-        Each span is one assistant message's content plus the `<|im_end|>` that closes it (only the
-        final assistant message with `only_last`, as DPO scores it). The spans come from rendering
-        the conversation one message longer at a time: the text a message adds is located inside
-        what it appended, so a template that adds headers, default system prompts or extra
-        whitespace cannot shift the mask.
-        """
-        if not messages:
-            raise LLMCoreError("empty conversation")
-        assistant = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-        if not assistant:
-            raise LLMCoreError("conversation has no assistant turn")
-        wanted = assistant[-1:] if only_last else assistant
-        full = self.apply_chat_template(messages)
-        spans = self._locate(messages, full, wanted, content_spans, full_is_plain=True)
-        return full, spans
+        Otherwise the conversation is rendered a second time with each special-token string in the
+        input replaced by a private-use placeholder character: every special left in that rendering
+        is the template's. Swapping the placeholders back must give the real rendering exactly
+        (it does for templates that only strip, split on other markers or copy text), else the
+        template rewrites typed specials and the conversation is refused."""
 
-    def _locate(self, messages: Sequence[dict], full: str, wanted: Sequence[int], content_spans: list | None,
-                full_is_plain: bool = False) -> list[tuple[int, int]]:
-        """Loss spans of the `wanted` assistant messages in `full`; fills `content_spans` (when a list)
-        with every message's content span. Each message is located inside the text that rendering
-        one more message appends, so headers and default prompts cannot shift it."""
+        def render(m, t):
+            text = self.apply_chat_template(m, add_generation_prompt, t, **template_kwargs)
+            return text.replace(EMPTY_THINK, "") if drop_think else text
+
+        pattern = self._specials_pattern()
+        text = render(msgs, tools)
+        inputs = (msgs, tools, template_kwargs)
+        if not any(pattern.search(x) for x in _strings(inputs)):
+            return text, None
+        specials = self.special_strings()
+        used = set("".join(_strings(inputs))) | set(self.chat_template)
+        for base in (0xF0000, 0x100000, 0xE000):  # private-use areas: no real text or template uses them
+            marks = [chr(base + k) for k in range(len(specials))]
+            if not used.intersection(marks):
+                break
+        else:
+            raise ChatTemplateError("message text uses every private-use character range; cannot keep special-token strings as text")
+        to_mark = dict(zip(specials, marks))
+        from_mark = dict(zip(marks, specials))
+        swap = lambda x: pattern.sub(lambda m: to_mark[m.group()], x)  # noqa: E731
+        marked = render(_map_strings(msgs, swap), _map_strings(tools, swap) if tools is not None else None)
+        import re
+
+        parts: list[str] = []
+        controls: list[tuple[int, int, int]] = []
+        pos = length = 0
+        for m in re.compile(pattern.pattern + "|[" + "".join(marks) + "]").finditer(marked):
+            parts.append(marked[pos:m.start()])
+            length += m.start() - pos
+            piece = m.group()
+            if piece in from_mark:  # typed by the user: plain text
+                piece = from_mark[piece]
+            else:
+                controls.append((length, length + len(piece), self._tok.token_to_id(piece)))
+            parts.append(piece)
+            length += len(piece)
+            pos = m.end()
+        parts.append(marked[pos:])
+        if "".join(parts) != text:
+            raise ChatTemplateError("the chat template rewrites message text that holds special-token strings; "
+                                    "cannot tell its own special tokens from typed ones")
+        return text, controls
+
+    def _assistant_spans(self, text: str, controls: list[tuple[int, int, int]], n_assistant: int,
+                         only_last: bool) -> list[tuple[int, int]]:
+        """Character spans that carry loss: from after each `<|im_start|>assistant\n` the template
+        wrote through the `<|im_end|>` that closes that turn (to the end if none does)."""
         spans = []
-        rendered = range(len(messages)) if content_spans is not None else wanted
-        cache: dict[int, str] = {0: ""}
-        if full_is_plain:
-            cache[len(messages)] = full
+        start = None
+        for lo, hi, token_id in controls:
+            if token_id == self.bos_id:
+                if start is not None:
+                    raise LLMCoreError("the chat template opens a turn inside an assistant turn; cannot place the loss mask")
+                if text.startswith(ASSISTANT_HEADER, hi):
+                    start = hi + len(ASSISTANT_HEADER)
+            elif token_id == self.eos_id and start is not None:
+                spans.append((start, hi))
+                start = None
+        if start is not None:
+            spans.append((start, len(text)))
+        if len(spans) != n_assistant:
+            raise LLMCoreError(f"the chat template wrote {len(spans)} '{self.bos_token}{ASSISTANT_HEADER.strip()}' turns for "
+                               f"{n_assistant} assistant messages; cannot place the loss mask")
+        return spans[-1:] if only_last else spans
 
-        def upto(n: int) -> str:
-            if n not in cache:
-                cache[n] = self.apply_chat_template(messages[:n])
-            return cache[n]
+    def chat_spans(self, messages: Sequence[dict], only_last: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """Render `messages` (normalised first); return the text and the character spans that carry
+        loss (see `_assistant_spans`; only the final assistant turn with `only_last`, as DPO scores it)."""
+        msgs, tools = normalize_conversation(messages)
+        self._check_trainable(msgs)
+        text, controls = self._render_plan(msgs, tools, False, False, {})
+        if controls is None:
+            controls = self._controls_of(text)
+        return text, self._assistant_spans(text, controls, sum(m["role"] == "assistant" for m in msgs), only_last)
 
-        for i in rendered:
-            before, after = upto(i), upto(i + 1)
-            if not (after.startswith(before) and full.startswith(after)):
-                raise LLMCoreError("chat template does not render conversations incrementally; cannot place loss mask")
-            content = messages[i]["content"]
-            pos = after.rfind(content + self.eos_token, len(before))
-            if pos < 0 and i not in wanted:
-                pos = after.rfind(content, len(before))
-            if pos < 0:
-                raise LLMCoreError("chat template does not render message content verbatim; cannot place loss mask")
-            if content_spans is not None:
-                content_spans.append((pos, pos + len(content)))
-            if i in wanted:
-                spans.append((pos, pos + len(content) + len(self.eos_token)))
-        return spans
+    def _controls_of(self, text: str) -> list[tuple[int, int, int]]:
+        return [(m.start(), m.end(), self._tok.token_to_id(m.group())) for m in self._specials_pattern().finditer(text)]
+
+    @staticmethod
+    def _check_trainable(msgs: list[dict]) -> None:
+        if not msgs:
+            raise LLMCoreError("empty conversation")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise LLMCoreError("conversation has no assistant turn")
 
     def encode_chats(self, conversations: Sequence[Sequence[dict]], only_last: bool = False,
-                     add_generation_prompt: bool = False) -> list[tuple[list[int], np.ndarray]]:
-        """Token ids and uint8 loss masks of many conversations (see `chat_spans`), batch-encoded.
+                     add_generation_prompt: bool = False, tools: Sequence[dict] | None = None,
+                     drop_empty_think: Sequence[bool] | None = None,
+                     **template_kwargs) -> list[tuple[list[int], np.ndarray]]:
+        """Token ids and uint8 loss masks of many conversations, batch-encoded (linear time in each).
 
-        The template's own special tokens are control tokens; special-token strings inside message
-        content are encoded as plain text (a user cannot forge `<|im_end|>` or a turn boundary).
-        When no content holds one, this is exactly the encoding of the rendered string.
+        Each conversation goes through `normalize_conversation` (tools on its system message are
+        used unless `tools` is given) and the template. The template's own special tokens are
+        control tokens; special-token strings inside any message field are plain text (a user
+        cannot forge `<|im_end|>` or a turn boundary). When no field holds one, the ids are exactly
+        transformers' `apply_chat_template(messages, tools=tools, tokenize=True)`.
+        `drop_empty_think[i]` removes every `<think>\n\n</think>\n\n` from conversation i's
+        rendering (MiniMind's empty-think rule; see `empty_think_drop`).
         With `add_generation_prompt` (a prompt for generation) the masks are all zero.
+        A conversation the template cannot render raises ChatTemplateError with its `index`.
         """
-        pattern = self._specials_pattern()
-        whole: list[str] = []  # rendered conversations without specials in any content: encoded as one string
+        whole: list[str] = []  # conversations without typed specials: encoded as one string
         pieces: list[str] = []  # the others: the text between the template's special tokens
         plans = []  # per conversation: (loss spans, index into whole | [(start, "text", piece) | (start, "special", (id, end))])
-        for msgs in conversations:
-            contents = [] if any(pattern.search(m["content"]) for m in msgs) else None
-            if add_generation_prompt:
-                text, spans = self.apply_chat_template(msgs, add_generation_prompt=True), []
-                if contents is not None:
-                    self._locate(msgs, text, (), contents)
-            else:
-                text, spans = self.chat_spans(msgs, only_last=only_last, content_spans=contents)
-            if contents is None:
+        for index, conv in enumerate(conversations):
+            try:
+                msgs, row_tools = normalize_conversation(conv)
+                if not add_generation_prompt:
+                    self._check_trainable(msgs)
+                drop = bool(drop_empty_think[index]) if drop_empty_think is not None else False
+                text, controls = self._render_plan(msgs, row_tools if tools is None else list(tools), add_generation_prompt,
+                                                   drop, template_kwargs)
+                spans = []
+                if not add_generation_prompt:
+                    spans = self._assistant_spans(text, controls if controls is not None else self._controls_of(text),
+                                                  sum(m["role"] == "assistant" for m in msgs), only_last)
+            except ChatTemplateError as err:
+                raise ChatTemplateError(str(err), index) from None
+            if controls is None:
                 plans.append((spans, len(whole)))
                 whole.append(text)
                 continue
-            # the template's own specials are the matches outside every message's content
             plan, pos = [], 0
-            for m in pattern.finditer(text):
-                if any(a <= m.start() < b for a, b in contents):
-                    continue
-                if m.start() > pos:
+            for lo, hi, token_id in controls:
+                if lo > pos:
                     plan.append((pos, "text", len(pieces)))
-                    pieces.append(text[pos:m.start()])
-                plan.append((m.start(), "special", (self._tok.token_to_id(m.group()), m.end())))
-                pos = m.end()
+                    pieces.append(text[pos:lo])
+                plan.append((lo, "special", (token_id, hi)))
+                pos = hi
             if pos < len(text):
                 plan.append((pos, "text", len(pieces)))
                 pieces.append(text[pos:])
@@ -312,15 +645,18 @@ class Tokenizer:
         return out
 
     def encode_chat(self, messages: Sequence[dict], only_last: bool = False) -> tuple[list[int], list[int]]:
-        """Token ids of the rendered conversation and its loss mask (1 on assistant content + `<|im_end|>`);
-        special-token strings inside message content are plain text (see `encode_chats`)."""
+        """Token ids of the rendered conversation and its loss mask (see `encode_chats`)."""
         ids, mask = self.encode_chats([messages], only_last=only_last)[0]
         return ids, mask.tolist()
 
-    def encode_prompt(self, messages: Sequence[dict]) -> list[int]:
-        """Token ids of a generation prompt (template + `<|im_start|>assistant\n`), with special-token
-        strings inside message content as plain text (for chat and serving)."""
-        return self.encode_chats([messages], add_generation_prompt=True)[0][0]
+    def encode_prompt(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                      open_thinking: bool = False) -> list[int]:
+        """Token ids of a generation prompt (the template's generation header; with MiniMind-3's
+        template `<think>\n` when `open_thinking`, else an empty think block), with special-token
+        strings inside messages and tools as plain text (for chat and serving). `tools` (JSON
+        schemas) override any on the system message."""
+        kwargs = {"open_thinking": True} if open_thinking else {}
+        return self.encode_chats([messages], add_generation_prompt=True, tools=tools, **kwargs)[0][0]
 
     # -- files ------------------------------------------------------------------------------
     def save(self, out_dir: str | Path) -> Path:
@@ -402,8 +738,13 @@ def train_tokenizer(
     show_progress: bool = False,
     overwrite: bool = False,
     max_line_bytes: int | None = None,
+    template: str = DEFAULT_TEMPLATE,
 ) -> Path:
     """Train byte-level BPE on the `field` of jsonl `inputs` (streamed) and write an HF-loadable dir.
+
+    `template` (a key of TEMPLATES): "minimind3" (default) writes MiniMind-3's 36 added tokens (same
+    ids, order and special flags as its tokenizer) and its chat template with tools and thinking;
+    "chatml" writes MiniMind2's three special tokens and ChatML template.
 
     A non-empty `out_dir` is refused unless `overwrite`, and then only a tokenizer dir llmcore made
     that holds none of the inputs is replaced (as a whole, once the new one is complete)."""
@@ -413,15 +754,20 @@ def train_tokenizer(
     paths = input_files(inputs)
     out = check_out_dir(out_dir, overwrite=overwrite, what="a tokenizer dir llmcore made", inputs=paths,
                         replaceable=tokenizer_dir_problem)
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise LLMCoreError(f"vocab size {vocab_size} is too small: byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)}")
+    if template not in TEMPLATES:
+        raise LLMCoreError(f"--template {template!r}: expected one of {', '.join(TEMPLATES)}")
+    chat_template, added_tokens = TEMPLATES[template]
+    added_names = [t for t, _ in added_tokens]
+    if vocab_size < 256 + len(added_tokens):
+        raise LLMCoreError(f"vocab size {vocab_size} is too small: byte-level BPE with the {template} template's "
+                           f"{len(added_tokens)} added tokens needs at least {256 + len(added_tokens)}")
 
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=added_names,  # ids 0.. in this order
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
@@ -431,12 +777,19 @@ def train_tokenizer(
         raise DataError(f'no usable "{field}" strings in the inputs', str(paths[0]), reason="empty_text")
     if counts["skipped"]:
         log.warning("tokenizer: skipped %d lines without a usable %r string", counts["skipped"], field)
-    for i, token in enumerate(SPECIAL_TOKENS):
-        assert tok.token_to_id(token) == i, "special tokens must take ids 0, 1, 2"
+    for i, token in enumerate(added_names):
+        assert tok.token_to_id(token) == i, "added tokens must take ids 0.. in their order"
+    if not all(special for _, special in added_tokens):
+        # The trainer adds every reserved token as special; MiniMind-3 marks <think>, <tool_call>, ... not special.
+        data = json.loads(tok.to_str())
+        flags = dict(added_tokens)
+        for entry in data["added_tokens"]:
+            entry["special"] = flags.get(entry["content"], entry["special"])
+        tok = tokenizers.Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
 
     added = {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-        for i, t in enumerate(SPECIAL_TOKENS)
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": special}
+        for i, (t, special) in enumerate(added_tokens)
     }
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -444,7 +797,8 @@ def train_tokenizer(
         "add_eos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": added,
-        "additional_special_tokens": [],
+        # MiniMind-3 lists its named specials here; MiniMind2's ChatML config lists none
+        "additional_special_tokens": [t for t, special in added_tokens if special and t != PAD_TOKEN] if template != "chatml" else [],
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
         "pad_token": PAD_TOKEN,
@@ -452,7 +806,7 @@ def train_tokenizer(
         "clean_up_tokenization_spaces": False,
         "spaces_between_special_tokens": False,
         "model_max_length": 32768,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }
     remove_leftovers(out.parent, out.name)
     try:
@@ -460,7 +814,8 @@ def train_tokenizer(
             tok.save(str(tmp / "tokenizer.json"))
             write_json(tmp / "tokenizer_config.json", config)
             write_json(tmp / MARKER_FILE, {"format": "llmcore-tokenizer", "version": 1, "vocab_size": vocab_size,
-                                           "fingerprint": _fingerprint(tok), "inputs": [str(p) for p in paths], "field": field})
+                                           "fingerprint": _fingerprint(tok), "inputs": [str(p) for p in paths], "field": field,
+                                           "template": template})
             fault_point("tokenizer:install")
     except OSError as err:
         raise LLMCoreError(f"--out {out}: cannot write the tokenizer dir: {err.strerror or err} "

@@ -63,7 +63,7 @@ def test_prep_and_inspect_sft(tmp_path, tok):
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in res.output.strip().splitlines()]
     assert len(rows) == 1 and rows[0]["index"] == 1 and set(rows[0]) >= {"tokens", "loss_mask", "text"}
-    assert "user\nq2<|im_end|>\n<|im_start|>assistant\n[[a2<|im_end|>]]\n" in rows[0]["text"]
+    assert "user\nq2<|im_end|>\n<|im_start|>assistant\n[[<think>\n\n</think>\n\na2<|im_end|>]]\n" in rows[0]["text"]
 
 
 def test_prep_dpo_inspect_marks_only_final_reply(tmp_path, tok):
@@ -71,8 +71,9 @@ def test_prep_dpo_inspect_marks_only_final_reply(tmp_path, tok):
     _write(tmp_path / "d.jsonl", [pair])
     assert invoke("prep", "dpo", "-i", tmp_path / "d.jsonl", "-t", tok, "-o", tmp_path / "sh", "-w", "1").exit_code == 0
     row = json.loads(invoke("prep", "inspect", tmp_path / "sh", "--decode").output)
-    assert row["chosen_text"].count("[[") == 1 and "[[good<|im_end|>]]" in row["chosen_text"]
-    assert "[[bad<|im_end|>]]" in row["rejected_text"] and "assistant\na<|im_end|>" in row["rejected_text"]
+    assert row["chosen_text"].count("[[") == 1 and "[[<think>\n\n</think>\n\ngood<|im_end|>]]" in row["chosen_text"]
+    assert "[[<think>\n\n</think>\n\nbad<|im_end|>]]" in row["rejected_text"]
+    assert "assistant\n<think>\n\n</think>\n\na<|im_end|>" in row["rejected_text"]  # earlier turns not learned
 
 
 def test_inspect_refuses_another_tokenizer_even_without_decode(tmp_path, tok, shared_data):

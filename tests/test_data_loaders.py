@@ -35,7 +35,7 @@ def shards(tmp_path_factory) -> dict[str, ShardReader]:
     words = ["alpha", "beta", "gamma", "数据", "模型", "训练", "😀", "delta", "epsilon"]
     texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) for _ in range(157)]
     pre = _write(d / "pre.jsonl", [{"text": t} for t in texts])
-    tok = train_tokenizer([pre], d / "tok", vocab_size=300)
+    tok = train_tokenizer([pre], d / "tok", vocab_size=300, template="chatml")  # ChatML's default system prompt: rows share a long prefix (see SEQ)
     sft = _write(d / "sft.jsonl", [{"conversations": _conv(f"q{i} " + texts[i][:20], f"a{i} " + texts[i + 1][:30], "again", "ok " + str(i))}
                                     for i in range(60)])
     dpo = _write(d / "dpo.jsonl", [{"chosen": _conv(f"q{i}", "good " + texts[i]), "rejected": _conv(f"q{i}", "bad " + texts[i + 2][:10])}

@@ -94,7 +94,7 @@ def test_sft_and_dpo_equal_encode_chat(tmp_path, tok_dir):
             assert d[side] == tokens and d[side + "_mask"] == mask
             # only the final reply (+ its im_end) is marked
             marked = tok.decode([t for t, m in zip(tokens, mask) if m])
-            assert marked == p[side][-1]["content"] + "<|im_end|>"
+            assert marked == "<think>\n\n</think>\n\n" + p[side][-1]["content"] + "<|im_end|>"  # MiniMind-3 template
 
 
 def test_shared_samples_with_minimind_tokenizer(tmp_path, shared_data):

@@ -30,8 +30,9 @@ def make_corpus(path: Path, n: int = 400) -> Path:
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory) -> Path:
+    """A tokenizer trained with MiniMind2's ChatML template (`--template chatml`)."""
     d = tmp_path_factory.mktemp("tok")
-    return train_tokenizer([make_corpus(d / "corpus.jsonl")], d / "tok", vocab_size=600)
+    return train_tokenizer([make_corpus(d / "corpus.jsonl")], d / "tok", vocab_size=600, template="chatml")
 
 
 @pytest.fixture
