@@ -1,6 +1,10 @@
 """Model weights on disk: save/load with safetensors (never pickles), and resolution of what a user
-points at — a run dir (follows `checkpoints/latest`), a checkpoint dir, or an exported Hugging Face
-`LlamaForCausalLM` folder (imported back by renaming its weights).
+points at — a run dir (follows `checkpoints/latest`), a checkpoint dir, or a transformers folder
+(Llama, Qwen3, Qwen3-MoE or MiniMind's own format, read by `llmcore.convert`).
+
+A model and a tokenizer loaded together must fit (`check_tokenizer_fits`): a tokenizer with more ids
+than the embedding, other special ids, or another vocabulary than the one stored with the checkpoint
+is refused, so generation never decodes ids through the wrong vocabulary.
 
 A training checkpoint dir also holds `manifest.json`, written last: the size and SHA-256 of every
 other file in it. `verify_checkpoint` checks a dir against it; `load_model` verifies the weights
@@ -146,11 +150,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _is_hf_folder(path: Path) -> bool:
-    if not (path / HF_CONFIG).is_file():
+    """A transformers folder of a model type llmcore reads; another model type is a one-line error."""
+    from llmcore.convert import HF_MODEL_TYPES, hf_folder_type
+
+    kind = hf_folder_type(path)
+    if kind is None:
         return False
-    if not ((path / WEIGHTS).is_file() or (path / "model.safetensors.index.json").is_file()):
-        return False
-    return _read_json(path / HF_CONFIG).get("model_type") == "llama"
+    if kind not in HF_MODEL_TYPES:
+        raise LLMCoreError(f"{path / HF_CONFIG}: model_type {kind!r} is not one llmcore reads "
+                           f"({', '.join(HF_MODEL_TYPES)})")
+    return True
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -188,7 +197,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (p / WEIGHTS).is_file():
         raise LLMCoreError(f"{p}: {CONFIG} is missing beside {WEIGHTS}")
     raise LLMCoreError(f"{p}: not a run dir (no checkpoints/latest), checkpoint dir (no {WEIGHTS} + {CONFIG}) "
-                       "or Hugging Face Llama folder (no config.json + model.safetensors)")
+                       "or transformers folder (no config.json + model.safetensors)")
 
 
 def _step_of(path: Path) -> int:
@@ -201,56 +210,6 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise LLMCoreError(f"{path}: cannot read weights ({err})") from err
-
-
-def _hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    if (folder / WEIGHTS).is_file():
-        return _load_safetensors(folder / WEIGHTS)
-    index = _read_json(folder / "model.safetensors.index.json")
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index.get("weight_map", {}).values())):
-        state.update(_load_safetensors(folder / shard))
-    return state
-
-
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """Our config from a Llama `config.json` (transformers 4.x `rope_theta` or 5.x `rope_parameters`)."""
-    if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise LLMCoreError("only Llama models with SiLU MLPs and no biases can be imported")
-    rope = hf.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling")
-    if (rope.get("rope_type") or "default") == "yarn":
-        scaling = rope
-    if scaling is not None:
-        scaling = {"type": "yarn", **{k: v for k, v in scaling.items()
-                                      if k in ("factor", "original_max_position_embeddings", "beta_fast",
-                                               "beta_slow", "attention_factor") and v is not None}}
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=hf["num_attention_heads"],
-        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim"), intermediate_size=hf["intermediate_size"],
-        max_position_embeddings=hf.get("max_position_embeddings", 32768), rope_theta=float(theta),
-        rope_scaling=scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-        tie_word_embeddings=True, bos_token_id=hf.get("bos_token_id", 1) or 1,
-        eos_token_id=_first(hf.get("eos_token_id", 2)), pad_token_id=hf.get("pad_token_id") or 0,
-    )
-
-
-def _first(x: Any) -> int:
-    return int(x[0]) if isinstance(x, list) else int(x)
-
-
-def _hf_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in state.items():
-        if k == "lm_head.weight":
-            continue
-        out[k.removeprefix("model.")] = v
-    if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], out.get("embed_tokens.weight", torch.empty(0))):
-        raise LLMCoreError("this Llama folder has an untied lm_head; llmcore models tie it to the embedding")
-    return out
 
 
 def find_tokenizer_dir(ckpt_dir: Path) -> Path | None:
@@ -274,39 +233,108 @@ def load_tokenizer_for(ckpt_dir: Path) -> Any | None:
     return load_tokenizer(tok_dir)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               attn_backend: str | None = None, with_tokenizer: bool = True) -> tuple[LLM, Any | None]:
-    """Load `(model, tokenizer_or_None)` from a run dir, checkpoint dir or HF Llama folder; model in eval mode."""
-    ckpt = resolve_checkpoint(path)
-    if (ckpt / MANIFEST).is_file():
-        verify_checkpoint(ckpt, only=tuple(n for n in (WEIGHTS, CONFIG, ADAPTER_WEIGHTS, ADAPTER_CONFIG)
-                                            if (ckpt / n).exists()) or None)
-    if (ckpt / ADAPTER_CONFIG).is_file():
-        # LoRA adapters merged into the base checkpoint they name (checked there and unchanged).
-        from llmcore.lora import merged_state
-
-        config, state = merged_state(ckpt)
-    elif (ckpt / CONFIG).is_file() and (ckpt / WEIGHTS).is_file():
-        config = ModelConfig.from_dict(_read_json(ckpt / CONFIG))
-        state = _load_safetensors(ckpt / WEIGHTS)
-    else:
-        config = config_from_hf(_read_json(ckpt / HF_CONFIG))
-        state = _hf_to_ours(_hf_weights(ckpt))
-    config.attn_backend = runnable_backend(attn_backend or config.attn_backend, torch.device(device))
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], where: str | Path) -> LLM:
+    """An eval-mode CPU model holding exactly `state` (strict: every key present, none foreign, every
+    shape right), else one LLMCoreError line naming `where` and the first difference."""
     with torch.device("meta"):
         model = LLM(config)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
-        raise LLMCoreError(f"{ckpt}: weights do not match the model config ({str(err).splitlines()[0]} ...)") from err
+        raise LLMCoreError(f"{where}: weights do not match the model config ({_first_difference(err)})") from None
     # Buffers (RoPE tables) were built on meta; rebuild them for real.
     model.rope_cos, model.rope_sin = (t for t in _rope_for(config))
+    return model.eval()
+
+
+def _first_difference(err: RuntimeError) -> str:
+    """The first problem torch's load_state_dict lists, on one line."""
+    lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()]
+    text = lines[0] if lines else str(err).splitlines()[0]
+    return text[:300] + (" ..." if len(text) > 300 or len(lines) > 1 else "")
+
+
+def check_tokenizer_fits(config: ModelConfig, tok: Any, what: str, exact: bool = True,
+                         fingerprint: str | None = None) -> None:
+    """Refuse a tokenizer that cannot be this model's (one line naming `what`): more ids than the
+    embedding has rows; with `exact` (llmcore checkpoints, whose vocab size and special ids were taken
+    from their tokenizer) another vocab size or other bos/eos/pad ids; with `fingerprint` (of the
+    tokenizer stored with the checkpoint) another vocabulary."""
+    if tok.vocab_size > config.vocab_size:
+        raise LLMCoreError(f"{what}: the tokenizer has {tok.vocab_size} ids but the model's embedding has "
+                           f"{config.vocab_size} rows; it is not this model's tokenizer")
+    if fingerprint is not None and tok.fingerprint != fingerprint:
+        raise LLMCoreError(f"{what}: another vocabulary than the tokenizer this model was trained with "
+                           f"(fingerprint {tok.fingerprint[:12]} vs {fingerprint[:12]}); its text would be garbage. "
+                           "Use the checkpoint's own tokenizer (leave --tokenizer out)")
+    if exact:
+        if tok.vocab_size != config.vocab_size:
+            raise LLMCoreError(f"{what}: the tokenizer has {tok.vocab_size} ids but the model was trained with a "
+                               f"vocab of {config.vocab_size}; it is not this model's tokenizer")
+        ours = (tok.bos_id, tok.eos_id, tok.pad_id)
+        model = (config.bos_token_id, config.eos_token_id, config.pad_token_id)
+        if ours != model:
+            raise LLMCoreError(f"{what}: special ids bos/eos/pad {ours[0]}/{ours[1]}/{ours[2]} differ from the "
+                               f"model's {model[0]}/{model[1]}/{model[2]}; it is not this model's tokenizer")
+
+
+def _stored_fingerprint(ckpt: Path) -> str | None:
+    """The fingerprint of the tokenizer stored with a checkpoint: its files, else its run's config.json."""
+    tok_dir = find_tokenizer_dir(ckpt)
+    if tok_dir is not None:
+        from llmcore.data_prep.tokenizer import load_tokenizer
+
+        return load_tokenizer(tok_dir).fingerprint
+    if ckpt.parent.name == "checkpoints":
+        try:
+            value = json.loads((ckpt.parent.parent / HF_CONFIG).read_bytes()).get("tokenizer_fingerprint")
+        except (OSError, ValueError, RecursionError, AttributeError):
+            return None
+        return value if isinstance(value, str) else None
+    return None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               attn_backend: str | None = None, with_tokenizer: bool = True,
+               tokenizer: str | Path | None = None) -> tuple[LLM, Any | None]:
+    """Load `(model, tokenizer_or_None)` from a run dir, checkpoint dir or transformers folder; model in
+    eval mode. `tokenizer`: a tokenizer dir to use instead of the checkpoint's (the `--tokenizer` flag);
+    it must fit the model (`check_tokenizer_fits`, against the stored tokenizer's vocabulary too)."""
+    ckpt = resolve_checkpoint(path)
+    if (ckpt / MANIFEST).is_file():
+        verify_checkpoint(ckpt, only=tuple(n for n in (WEIGHTS, CONFIG, ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+                                            if (ckpt / n).exists()) or None)
+    lora = (ckpt / ADAPTER_CONFIG).is_file()
+    ours = lora or ((ckpt / CONFIG).is_file() and (ckpt / WEIGHTS).is_file())
+    if lora:
+        # LoRA adapters merged into the base checkpoint they name (checked there and unchanged).
+        from llmcore.lora import merged_state
+
+        config, state = merged_state(ckpt)
+    elif ours:
+        config = ModelConfig.from_dict(_read_json(ckpt / CONFIG))
+        state = _load_safetensors(ckpt / WEIGHTS)
+    else:
+        from llmcore.convert import read_hf_folder
+
+        config, state = read_hf_folder(ckpt)
+    config.attn_backend = runnable_backend(attn_backend or config.attn_backend, torch.device(device))
+    model = model_from_state(config, state, ckpt)
     model = model.to(device=device)
     if dtype is not None:
         model = model.to(dtype=dtype)
     model.eval()
-    tokenizer = load_tokenizer_for(ckpt) if with_tokenizer else None
-    return model, tokenizer
+    tok = None
+    if tokenizer is not None:
+        from llmcore.data_prep.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+        check_tokenizer_fits(config, tok, f"--tokenizer {tokenizer}", exact=ours, fingerprint=_stored_fingerprint(ckpt))
+    elif with_tokenizer:
+        tok = load_tokenizer_for(ckpt)
+        if tok is not None:
+            check_tokenizer_fits(config, tok, f"{ckpt}: its tokenizer {tok.path}", exact=False)
+    return model, tok
 
 
 def runnable_backend(backend: str, device: torch.device) -> str:

@@ -257,6 +257,8 @@ def report_cmd(results: Path = typer.Option(DEFAULT_OUT, "--results", help="Fold
 @bench_app.command("targets")
 def targets_cmd(results: Path = typer.Option(..., "--results", help="Folder holding one run's results files."),
                 out: Path = _OUT, name: Optional[str] = typer.Option(None, "--name", help="File stem (default gpu-<card>)."),
+                phases: Optional[Path] = typer.Option(None, "--phases", help="gpu_check.sh's phase table "
+                                                      "(name<TAB>status<TAB>seconds lines) to include."),
                 ) -> None:
     """PASS/FAIL of every design-card target in one run's results; writes <name>.{json,md,png}.
 
@@ -264,10 +266,19 @@ def targets_cmd(results: Path = typer.Option(..., "--results", help="Folder hold
     """
     from llmcore.bench.report import targets_summary
 
-    paths, targets = targets_summary(results, out, name)
+    from llmcore.bench.report import coverage, load_results
+
+    paths, targets = targets_summary(results, out, name, phases)
     for t in targets:
         val = "not measured" if t["value"] is None else f"{t['value']:.3g}{t['unit']}"
         typer.echo(f"{t['verdict']:>12}  {t['name']}: {val}")
+    cover = coverage(load_results(results))
+    for m in cover["measured"]:
+        typer.echo(f"    measured  {m['result']}: {m['what']}")
+    for f in cover["failed"]:
+        typer.echo(f"      FAILED  {f['result']}: {f['what']}: {f['why']}")
+    for m in cover["not_measured"]:
+        typer.echo(f"NOT MEASURED  {m['result']}: {m['what']}" + (f" ({m['why']})" if m["why"] else ""))
     typer.echo(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
 
 

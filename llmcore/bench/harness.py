@@ -402,6 +402,7 @@ class BenchResult:
     # -- recording -------------------------------------------------------------------------
     def measure(self, case: str, metric: str, unit: str, values: Sequence[float], higher_is_better: bool = True,
                 **facts: Any) -> dict[str, Any]:
+        fault_point(f"{self.name} measure {case}")
         entry = {"case": case, "metric": metric, "unit": unit, "higher_is_better": higher_is_better,
                  "values": [_round(float(v), 6) for v in values], **summarize(values), **facts}
         self.measurements.append(entry)

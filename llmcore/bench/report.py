@@ -220,9 +220,44 @@ def update_readme(readme: str | Path, block: str) -> Path:
     return path
 
 
-def targets_summary(results_dir: str | Path, out_dir: str | Path, stem: str | None = None
-                    ) -> tuple[dict[str, Path], list[dict[str, Any]]]:
-    """Every target of every result in `results_dir` into `<stem>.{json,md,png}` (stem default `gpu-<card>`)."""
+_NOT_MEASURED_NOTES = ("skipped", "not run", "not measured", "no timed round")
+
+
+def read_phases(path: str | Path) -> list[dict[str, Any]]:
+    """gpu_check.sh's phase table: one `name<TAB>status<TAB>seconds` line per phase, in run order."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3:
+            rows.append({"phase": parts[0], "status": parts[1], "seconds": int(parts[2]) if parts[2].isdigit() else None})
+    return rows
+
+
+def coverage(results: list[tuple[Path, dict[str, Any]]]) -> dict[str, list[dict[str, str]]]:
+    """What a set of results measured and what it did not: per result, the cases measured, the
+    parts that failed (with their error), the run's interruption, and the notes that name a part
+    skipped or not run."""
+    measured, failed, missing = [], [], []
+    for p, d in results:
+        cases = [m["case"] for m in d["measurements"] if m.get("n")]
+        measured.append({"result": p.name, "what": f"{len(cases)} measurements" + (
+            f" ({', '.join(sorted({m.get('preset') for m in d['measurements'] if m.get('preset')}))})"
+            if any(m.get("preset") for m in d["measurements"]) else "")})
+        for f in d.get("failures", []):
+            failed.append({"result": p.name, "what": f["what"], "why": f["error"]})
+        if d.get("interrupted"):
+            missing.append({"result": p.name, "what": "the rest of this benchmark", "why": d["interrupted"]})
+        for n in d.get("notes", []):
+            if any(k in n for k in _NOT_MEASURED_NOTES) and not n.startswith("dry run"):
+                missing.append({"result": p.name, "what": n, "why": ""})
+    return {"measured": measured, "failed": failed, "not_measured": missing}
+
+
+def targets_summary(results_dir: str | Path, out_dir: str | Path, stem: str | None = None,
+                    phases: str | Path | None = None) -> tuple[dict[str, Path], list[dict[str, Any]]]:
+    """Every target of every result in `results_dir` into `<stem>.{json,md,png}` (stem default
+    `gpu-<card>`), with what was measured, what failed and what was not measured; `phases` adds
+    gpu_check.sh's phase table (`read_phases`)."""
     results = load_results(results_dir)
     if not results:
         raise LLMCoreError(f"no benchmark results in {results_dir}")
@@ -230,21 +265,33 @@ def targets_summary(results_dir: str | Path, out_dir: str | Path, stem: str | No
     for p, d in results:
         for t in d.get("targets", []):
             targets.append({**t, "bench": d["bench"], "result": p.name})
+    cover = coverage(results)
+    phase_rows = read_phases(phases) if phases else []
     card = machine.get("gpu") or "cpu"
     stem = stem or f"gpu-{slug(card.replace('NVIDIA ', ''))}"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f"{stem}.{k}" for k in ("json", "md", "png")}
-    data = {"card": card, "machine": machine, "targets": targets,
+    data = {"card": card, "machine": machine, "targets": targets, "phases": phase_rows, **cover,
             "results": [p.name for p, _ in results], "date": results[0][1]["date"]}
     write_json(paths["json"], data)
     lines = [f"# Design-card targets on {card}", "", f"{machine_line(machine)}.", "",
              "Every value below was measured in this run; NOT MEASURED means the phase did not produce it "
              "(it is never counted as a pass).", ""]
+    if phase_rows:
+        lines += ["## Phases", ""] + md_table(["phase", "seconds", "status"],
+                                              [[r["phase"], r["seconds"], r["status"]] for r in phase_rows]) + [""]
+    lines += ["## Targets", ""]
     lines += md_table(["verdict", "target", "measured", "threshold", "from"],
                       [[f"**{t['verdict']}**", t["name"], "-" if t["value"] is None else f"{fmt(t['value'])}{t['unit']}",
                         f"{'≥' if t['higher_is_better'] else '≤'} {fmt(t['threshold'])}{t['unit']}", t["result"]]
                        for t in targets])
+    lines += ["", "## Measured", ""] + [f"- {m['result']}: {m['what']}" for m in cover["measured"]]
+    lines += ["", "## Failed (not measured)", ""] + ([f"- {f['result']}: {f['what']}: {f['why']}" for f in cover["failed"]]
+                                                     or ["- nothing failed"])
+    lines += ["", "## Not measured (stopped, skipped)", ""] + (
+        [f"- {m['result']}: {m['what']}" + (f" ({m['why']})" if m["why"] else "") for m in cover["not_measured"]]
+        or ["- nothing was cut short or skipped"])
     lines += ["", f"![targets]({paths['png'].name})", ""] + [f"- [{p.name}]({p.with_suffix('.md').name})" for p, _ in results]
     write_text(paths["md"], "\n".join(lines) + "\n")
 
@@ -274,4 +321,5 @@ def targets_summary(results_dir: str | Path, out_dir: str | Path, stem: str | No
     return paths, targets
 
 
-__all__ = ["replot", "build_index", "readme_block", "update_readme", "targets_summary", "load_results", "BEGIN", "END"]
+__all__ = ["replot", "build_index", "readme_block", "update_readme", "targets_summary", "load_results", "coverage",
+           "read_phases", "BEGIN", "END"]

@@ -306,7 +306,7 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
         if sample.is_file():
             from llmcore.bench.corpus import read_texts
 
-            texts = read_texts(sample, limit=2000 if quick else None)
+            texts = read_texts(sample, limit=500 if quick else None)
             sample_shards = _prep_shards(texts, tok_dir, work, "sample")
             shares.append([f"pretrain_sample.jsonl ({len(texts)} docs)", real_token_share(sample_shards, "padded", seq_len),
                            real_token_share(sample_shards, "packed", seq_len)])
