@@ -179,8 +179,8 @@ def time_impls(impls: dict[str, Callable[[], Any]], inputs: list[torch.Tensor], 
         except torch.cuda.OutOfMemoryError:
             notes.append(f"{impl}: out of memory, not measured")
             _empty_cache(device)
-        except (RuntimeError, TypeError) as err:  # e.g. an SDPA backend that refuses these inputs
-            notes.append(f"{impl}: not measured ({str(err).splitlines()[0][:120]})")
+        except Exception as err:  # e.g. an SDPA backend or a kernel that refuses these inputs: the others go on
+            notes.append(f"{impl}: not measured ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:120]})")
         for t in inputs:
             t.grad = None
     times: dict[tuple[str, str], list[float]] = {k: [] for k in calls}
@@ -191,6 +191,8 @@ def time_impls(impls: dict[str, Callable[[], Any]], inputs: list[torch.Tensor], 
                 times[key].append(_bench_ms(calls[key], device, grad_to_none=inputs))
             except torch.cuda.OutOfMemoryError:
                 _empty_cache(device)
+            except Exception as err:  # a call that ran once and then fails: recorded, the others go on
+                notes.append(f"{key[0]} {key[1]}: failed while timed ({type(err).__name__})")
     for t in inputs:
         t.grad = None
     calls.clear()
