@@ -61,7 +61,7 @@ def docs(path: Path) -> list[dict]:
 def tok_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("tok")
     corpus = write_jsonl(d / "c.jsonl", [{"text": t + f" {i}"} for i in range(150) for t in TEXTS])
-    return train_tokenizer([corpus], d / "tok", vocab_size=400)
+    return train_tokenizer([corpus], d / "tok", vocab_size=400, template="chatml")  # tests below count ChatML's turns
 
 
 @pytest.fixture(scope="module")
