@@ -1,9 +1,15 @@
-"""Export a dense llmcore model to a Hugging Face `LlamaForCausalLM` folder.
+"""Export an llmcore model to a transformers folder that gives the same logits:
 
-Our architecture is Llama's (pre-norm RMSNorm, rotate-half RoPE, GQA, SwiGLU, tied embeddings)
-and our parameter names are Llama's without the `model.` prefix, so export is a rename plus a
-config.json. MoE models are refused: transformers has no Llama variant with shared + routed
-SwiGLU experts and this exact router, and a look-alike architecture would not give the same logits.
+- no QK-norm, dense (MiniMind2-style): `LlamaForCausalLM`;
+- QK-norm, dense (minimind-3): `Qwen3ForCausalLM`;
+- QK-norm, MoE without shared experts (minimind-3-moe): `Qwen3MoeForCausalLM` (softmax router in
+  fp32, top-k, weights renormalised when `norm_topk_prob`, as our MoE routes).
+
+Our architecture is theirs (pre-norm RMSNorm, rotate-half RoPE, GQA, SwiGLU, tied embeddings) and
+our parameter names are theirs without the `model.` prefix; MoE experts are written one module per
+expert (`mlp.experts.E.gate_proj.weight`), the layout transformers' `save_pretrained` writes and
+fuses on load. Refused with the reason: MoE with shared experts or without QK-norm (MiniMind2's
+MoE): no transformers class computes it, and a look-alike would not give the same logits.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from llmcore.errors import LLMCoreError
 from llmcore.io import atomic_dir, atomic_write, check_out_dir, remove_leftovers, write_json
 from llmcore.model import LLM, ModelConfig, unwrap_model
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 # What an export writes (and what transformers' save_pretrained may add to such a folder).
 EXPORT_FILES = {"config.json", "model.safetensors", "generation_config.json", "chat_template.jinja", *TOKENIZER_FILES}
 # Files that make a dir a run dir or a checkpoint dir, which export never writes into.
@@ -34,8 +40,27 @@ CHATML_TEMPLATE = (
 )
 
 
+def hf_architecture(config: ModelConfig) -> str:
+    """The transformers class an export of `config` is (`HF_EXPORT_TYPES`), or LLMCoreError saying why none is."""
+    if config.use_moe:
+        if config.num_shared_experts:
+            raise LLMCoreError(f"cannot export an MoE model with shared experts ({config.num_shared_experts}, as "
+                               "MiniMind2's MoE): no transformers class adds always-on experts to routed ones this way "
+                               "(Qwen3-MoE has none), so the export would not give the same logits")
+        if not config.qk_norm:
+            raise LLMCoreError("cannot export an MoE model without QK-norm: transformers' Qwen3-MoE normalises q and k, "
+                               "and no transformers class has this router without it")
+        return "Qwen3MoeForCausalLM"
+    return "Qwen3ForCausalLM" if config.qk_norm else "LlamaForCausalLM"
+
+
+# model_type of each architecture an export writes.
+HF_EXPORT_TYPES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
+
+
 def hf_config(config: ModelConfig) -> dict[str, Any]:
-    """config.json for LlamaForCausalLM (both the 4.x `rope_theta` and 5.x `rope_parameters` spellings)."""
+    """config.json for `hf_architecture(config)` (both the 4.x `rope_theta` and 5.x `rope_parameters` spellings)."""
+    arch = hf_architecture(config)
     rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     rope_scaling = None
     if config.rope_scaling is not None:
@@ -47,9 +72,9 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
                         "beta_fast": float(s.get("beta_fast", 32.0)), "beta_slow": float(s.get("beta_slow", 1.0)),
                         "attention_factor": float(s.get("attention_factor", 1.0))}
         rope_parameters = {**rope_scaling, "rope_theta": config.rope_theta}
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    out: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": HF_EXPORT_TYPES[arch],
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -74,6 +99,15 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
         "torch_dtype": "float32",
         "use_cache": True,
     }
+    if arch != "LlamaForCausalLM":
+        del out["mlp_bias"]
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_hidden_layers)
+    if arch == "Qwen3MoeForCausalLM":
+        out.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                   moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
+                   decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=config.aux_loss_coef,
+                   output_router_logits=False)
+    return out
 
 
 def _run_or_checkpoint(path: Path) -> str | None:
@@ -100,17 +134,19 @@ def _export_dir_problem(path: Path) -> str | None:
     for p in path.iterdir():
         if p.name not in EXPORT_FILES:
             return f"it holds {p.name}, which an export does not write"
-    if not _is_hf_llama(path):
-        return "it is not a Hugging Face Llama folder (config.json with model_type llama + model.safetensors)"
+    if not _is_hf_export(path):
+        return ("it is not a transformers folder an export writes (config.json with model_type "
+                f"{', '.join(HF_EXPORT_TYPES.values())} + model.safetensors)")
     return None
 
 
-def _is_hf_llama(path: Path) -> bool:
+def _is_hf_export(path: Path) -> bool:
     try:
         config = json.loads((path / "config.json").read_bytes())
     except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(config, dict) and config.get("model_type") == "llama" and (path / "model.safetensors").is_file()
+    return (isinstance(config, dict) and config.get("model_type") in HF_EXPORT_TYPES.values()
+            and (path / "model.safetensors").is_file())
 
 
 def check_export_dir(out: Path, overwrite: bool, sources: tuple = ()) -> Path:
@@ -133,9 +169,7 @@ def export_model_hf(model: LLM, out_dir: str | Path, tokenizer_dir: str | Path |
     `out_dir`, which appears complete or not at all. A non-empty `out_dir` is refused unless
     `overwrite` (then only an earlier export is replaced); run and checkpoint dirs always are."""
     config = unwrap_model(model).config
-    if config.use_moe:
-        raise LLMCoreError("Hugging Face export supports dense models only: transformers' Llama has no "
-                           "shared+routed expert MLP, so an MoE checkpoint cannot be exported as LlamaForCausalLM")
+    hf_architecture(config)  # refuses what no transformers class computes, before anything is written
     out = check_export_dir(Path(out_dir), overwrite, sources=tuple(sources) + ((tokenizer_dir,) if tokenizer_dir else ()))
     remove_leftovers(out.parent, out.name)
     try:
@@ -172,7 +206,7 @@ def copy_tokenizer_files(src: Path, out: Path) -> None:
     tc.setdefault("eos_token", "<|im_end|>")
     tc.setdefault("pad_token", "<|endoftext|>")
     tc.setdefault("unk_token", "<|endoftext|>")
-    if not tc.get("chat_template"):
+    if not tc.get("chat_template") and not (out / "chat_template.jinja").is_file():
         tc["chat_template"] = CHATML_TEMPLATE
     write_json(tc_path, tc)
 
