@@ -1,4 +1,4 @@
-"""Triton kernels (installed as ``llmcore.kernels``): fused RMSNorm, RoPE and FlashAttention-2.
+"""Triton kernels (installed as ``llmcore.kernels``): fused RMSNorm, RoPE, QK-norm + RoPE and FlashAttention-2.
 
 Each op has a differentiable public function (Triton forward and backward) and a plain-PyTorch
 ``*_reference`` the tests compare against, re-exported from ``llmcore.reference`` (the single copy
@@ -8,7 +8,7 @@ Triton's interpreter when ``TRITON_INTERPRET=1`` was set before this package was
 tensor without it raises ``KernelDeviceError`` (no silent fallback).
 
 torch.compile. Every kernel launch sits inside a ``torch.library.custom_op`` (``llmcore::rms_norm``,
-``llmcore::rope``, ``llmcore::flash_attention`` and the ``*_backward`` ops) with ``register_fake``
+``llmcore::rope``, ``llmcore::qk_norm_rope``, ``llmcore::flash_attention`` and the ``*_backward`` ops) with ``register_fake``
 (output shapes, dtypes and strides, for tracing with fake tensors) and ``register_autograd`` (the
 backward op as its gradient), so ``torch.compile(fullgraph=True)`` traces a whole triton-backend
 model, forward and backward, as one graph; the public functions keep only shape checks and
@@ -37,6 +37,7 @@ from llmcore.kernels.flash_attention import (
     flash_attention,
     flash_attention_reference,
 )
+from llmcore.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
 from llmcore.kernels.rmsnorm import rms_norm, rms_norm_reference
 from llmcore.kernels.rope import apply_rope, apply_rope_reference, rope_tables
 
@@ -48,6 +49,8 @@ __all__ = [
     "document_bounds",
     "flash_attention",
     "flash_attention_reference",
+    "qk_norm_rope",
+    "qk_norm_rope_reference",
     "rms_norm",
     "rms_norm_reference",
     "rope_tables",

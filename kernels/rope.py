@@ -72,6 +72,24 @@ def _rope_kernel(
     tl.store(Y + offs + half_dim, cast_rtne(y2, Y.dtype.element_ty, FIX_BF16), mask=mask)
 
 
+def token_blocks(n_heads: int, head_dim: int, interpreted: bool) -> tuple[int, int, int]:
+    """``(BLOCK_T, BLOCK_H, BLOCK_HALF)`` of a program that handles a block of tokens, all heads and
+    both halves of head_dim (the RoPE and fused QK-norm + RoPE kernels)."""
+    block_h = next_pow2(n_heads)
+    block_half = next_pow2(head_dim // 2)
+    # ~4K elements per half-tile on the GPU (enough bytes in flight per program); bigger in the interpreter.
+    per_token = block_h * block_half
+    block_t = max(1, min(256, (16384 if interpreted else 4096) // per_token))
+    return block_t, block_h, block_half
+
+
+def check_positions(position_ids: torch.Tensor | None, n_positions: int, name: str) -> None:
+    """Off-GPU only (it reads the data, which would synchronise on CUDA): positions index the tables."""
+    if position_ids is not None and position_ids.device.type != "cuda" and position_ids.numel():
+        if int(position_ids.min()) < 0 or int(position_ids.max()) >= n_positions:
+            raise ValueError(f"{name}: position_ids must lie in [0, {n_positions})")
+
+
 def _rope_launch(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None,
     seq_len: int, backward: bool, interpreted: bool,
@@ -83,11 +101,7 @@ def _rope_launch(
     if n_tokens == 0:
         return y
     half = head_dim // 2
-    block_h = next_pow2(n_heads)
-    block_half = next_pow2(half)
-    # ~4K elements per half-tile on the GPU (enough bytes in flight per program); bigger in the interpreter.
-    per_token = block_h * block_half
-    block_t = max(1, min(256, (16384 if interpreted else 4096) // per_token))
+    block_t, block_h, block_half = token_blocks(n_heads, head_dim, interpreted)
     grid = (triton.cdiv(n_tokens, block_t),)
     _rope_kernel[grid](
         x, y, cos, sin, pos if pos is not None else x,
@@ -109,10 +123,8 @@ def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
              position_ids: torch.Tensor | None, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k (``backward``: by the transposed map); new contiguous tensors in their dtypes."""
     interpreted = check_device(_rope_kernel, q, k, cos, sin)
-    if position_ids is not None and position_ids.device.type != "cuda" and position_ids.numel():
-        # Reads the data, so only here (with real tensors) and only off-GPU (it would synchronise).
-        if int(position_ids.min()) < 0 or int(position_ids.max()) >= cos.shape[0]:
-            raise ValueError(f"apply_rope: position_ids must lie in [0, {cos.shape[0]})")
+    # Reads the data, so only here (with real tensors, not while tracing).
+    check_positions(position_ids, cos.shape[0], "apply_rope")
     seq_len = q.shape[1]
     cos, sin = cos.contiguous(), sin.contiguous()
     q_out = _rope_launch(q.contiguous(), cos, sin, position_ids, seq_len, backward, interpreted)
@@ -140,6 +152,29 @@ def _backward(ctx, dq, dk):
 _rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def rope_args(name: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              position_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Check the shapes RoPE needs (errors start with ``name``); returns ``position_ids`` as
+    contiguous int64 on q's device, or None (positions ``arange(T)``)."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{name}: q and k must be (batch, seq, heads, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}")
+    batch, seq_len, _, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[1] != seq_len or k.shape[3] != head_dim:
+        raise ValueError(f"{name}: k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, seq or head_dim")
+    if head_dim % 2:
+        raise ValueError(f"{name}: head_dim must be even, got {head_dim}")
+    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != head_dim:
+        raise ValueError(f"{name}: cos/sin must both be (max_positions, {head_dim}), got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    pos = None
+    if position_ids is not None:
+        if position_ids.shape != (batch, seq_len):
+            raise ValueError(f"{name}: position_ids must be ({batch}, {seq_len}), got {tuple(position_ids.shape)}")
+        pos = position_ids.to(device=q.device, dtype=torch.int64).contiguous()
+    elif seq_len > cos.shape[0]:
+        raise ValueError(f"{name}: seq {seq_len} exceeds the tables' {cos.shape[0]} positions")
+    return pos
+
+
 def apply_rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -156,20 +191,5 @@ def apply_rope(
     strides are accepted (copied to contiguous when needed). Returns new tensors in q's and
     k's dtypes. Runs as the custom op ``torch.ops.llmcore.rope`` (no graph break under torch.compile).
     """
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"apply_rope: q and k must be (batch, seq, heads, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}")
-    batch, seq_len, _, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[1] != seq_len or k.shape[3] != head_dim:
-        raise ValueError(f"apply_rope: k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, seq or head_dim")
-    if head_dim % 2:
-        raise ValueError(f"apply_rope: head_dim must be even, got {head_dim}")
-    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != head_dim:
-        raise ValueError(f"apply_rope: cos/sin must both be (max_positions, {head_dim}), got {tuple(cos.shape)}, {tuple(sin.shape)}")
-    pos = None
-    if position_ids is not None:
-        if position_ids.shape != (batch, seq_len):
-            raise ValueError(f"apply_rope: position_ids must be ({batch}, {seq_len}), got {tuple(position_ids.shape)}")
-        pos = position_ids.to(device=q.device, dtype=torch.int64).contiguous()
-    elif seq_len > cos.shape[0]:
-        raise ValueError(f"apply_rope: seq {seq_len} exceeds the tables' {cos.shape[0]} positions")
+    pos = rope_args("apply_rope", q, k, cos, sin, position_ids)
     return torch.ops.llmcore.rope(q, k, cos, sin, pos, False)

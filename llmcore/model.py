@@ -6,7 +6,8 @@ Attention is grouped-query with rotary embeddings (theta 1e6, optional YaRN), th
 
 Backends: `eager` runs the plain-PyTorch ops of `llmcore.reference` (the same functions the
 Triton kernels are tested against), `sdpa` the same with PyTorch's fused attention, and `triton`
-the kernels of `llmcore.kernels` (imported only when that backend runs).
+the kernels of `llmcore.kernels` (imported only when that backend runs; with `qk_norm` the
+QK-norm and RoPE run as one fused kernel, `qk_norm_rope`).
 
 Packed rows: a new document begins wherever `position_ids == 0` (and at every row start). Tokens
 attend only inside their own document, causally. The eager and sdpa backends turn that rule into
@@ -295,13 +296,19 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope["kernel"]:
+        if rope["kernel"] and self.qk_norm:
+            from llmcore.kernels import qk_norm_rope
+
+            # One fused pass (normalise, scale, rotate) instead of two norms and a rotation.
+            q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, rope["cos_table"], rope["sin_table"],
+                                rope["position_ids"], self.eps)
+        elif rope["kernel"]:
             from llmcore.kernels import apply_rope
 
             q, k = apply_rope(q, k, rope["cos_table"], rope["sin_table"], rope["position_ids"])
         else:
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rope_rows(q, k, rope["cos_rows"], rope["sin_rows"])
 
         if kv_cache is not None:

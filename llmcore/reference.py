@@ -5,6 +5,8 @@ One copy of each piece of math the model needs besides its layers' weights:
   (the model gathers the table rows once per forward and rotates in every layer) and
   `apply_rope_reference` (both steps, the signature of the kernel `apply_rope`);
 - `rms_norm_reference` (the signature of the kernel `rms_norm`);
+- `qk_norm_rope_reference`: QK-norm (RMSNorm over head_dim) then RoPE, the two functions above
+  composed (the signature of the kernel `qk_norm_rope`);
 - documents in packed rows: `document_ids`, `cu_seqlens_from_position_ids`,
   `document_ids_from_cu_seqlens`, and the boolean masks `causal_mask` / `attention_mask`;
 - `attention_reference`: materialised attention with GQA, causal masking and per-document masks
@@ -108,6 +110,19 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5)
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
+
+
+def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                           cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None = None,
+                           eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3 / MiniMind-3 QK-norm then RoPE, with the kernel `qk_norm_rope`'s signature.
+
+    q `(B, T, H, D)`, k `(B, T, Hkv, D)`; `q_weight`/`k_weight` `(D,)` (one RMSNorm weight per
+    layer shared by all heads); tables and `position_ids` as `apply_rope_reference`. Exactly what
+    the model's eager path does: `rms_norm_reference` over head_dim, then the rotation.
+    """
+    return apply_rope_reference(rms_norm_reference(q, q_weight, eps), rms_norm_reference(k, k_weight, eps),
+                                cos, sin, position_ids)
 
 
 # ----------------------------------------------------------------------------------------------

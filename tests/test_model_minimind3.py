@@ -158,3 +158,63 @@ def test_config_accepts_ints_for_float_fields_and_null_optionals() -> None:
     cfg = ModelConfig.from_dict({**ModelConfig.from_preset("tiny").to_dict(), "rope_theta": 10000,
                                  "head_dim": None, "intermediate_size": None})
     assert cfg.rope_theta == 10000 and cfg.head_dim == 16 and cfg.intermediate_size == 192
+
+
+# ---------------------------------------------------------------- the triton backend with QK-norm
+
+
+def test_triton_backend_with_qk_norm_matches_eager_packed() -> None:
+    # QK-norm through the fused kernel and flash attention at a padded head dim (24 -> 32 tiles),
+    # on packed rows; logits and every parameter's gradient equal the eager backend's.
+    pytest.importorskip("triton")
+    from _kernel_helpers import DEVICE
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", qk_norm=True, head_dim=24, rms_norm_eps=1e-6, attn_backend="eager")
+    model = LLM(cfg).to(DEVICE)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    x = torch.randint(0, 6400, (2, 13), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4], [3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]], device=DEVICE)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(x, position_ids=pos).logits
+        logits.square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_logits, ref_grads = run()
+    model.set_attn_backend("triton")
+    logits, grads = run()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert ref_grads["layers.0.self_attn.q_norm.weight"].abs().sum() > 0
+
+
+def test_triton_qk_norm_model_graph_uses_the_fused_op() -> None:
+    pytest.importorskip("triton")
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    from _kernel_helpers import DEVICE
+
+    graphs = []
+
+    def record(gm, _example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return make_boxed_func(gm.forward)
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.from_preset("tiny", qk_norm=True, attn_backend="triton")).to(DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    x = torch.randint(0, 6400, (1, 9), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    compiled(x, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5]], device=DEVICE)).logits.sum().backward()
+    forward, backward = graphs
+    layers = model.config.num_hidden_layers
+    assert forward.count("llmcore.qk_norm_rope.default") == layers
+    assert forward.count("llmcore.rope.default") == 0
+    assert forward.count("llmcore.rms_norm.default") == 2 * layers + 1  # q/k norms are inside the fused op
+    assert backward.count("llmcore.qk_norm_rope_backward.default") == layers
