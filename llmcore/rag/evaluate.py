@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from llmcore.errors import DataError, LLMCoreError
-from llmcore.rag.index import Retriever, rrf
+from llmcore.rag.index import Retriever, _jsonl, rrf
 
 log = logging.getLogger(__name__)
 
@@ -43,30 +43,25 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[dict[str,
     p = Path(path)
     if not p.is_file():
         raise LLMCoreError(f"--questions {p}: no such file")
+    if limit is not None and limit < 1:
+        raise LLMCoreError(f"--limit {limit}: must be >= 1")
     out: list[dict[str, Any]] = []
-    with open(p, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise DataError("not valid JSON", str(p), n) from None
-            if not isinstance(obj, dict):
-                raise DataError("expected a JSON object", str(p), n)
-            q = obj.get("question")
-            if not isinstance(q, str) or not q.strip():
-                raise DataError("missing or empty \"question\"", str(p), n)
-            if "doc_id" not in obj or obj["doc_id"] is None:
-                raise DataError("missing \"doc_id\"", str(p), n)
-            answers = obj.get("answers") or []
-            if isinstance(answers, str):
-                answers = [answers]
-            if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                raise DataError("\"answers\" must be a list of strings", str(p), n)
-            out.append({"question": q.strip(), "doc_id": str(obj["doc_id"]), "answers": [a for a in answers if a]})
-            if limit is not None and len(out) >= limit:
-                break
+    for obj, (_, n) in _jsonl(p):
+        if not isinstance(obj, dict):
+            raise DataError("expected a JSON object", str(p), n)
+        q = obj.get("question")
+        if not isinstance(q, str) or not q.strip():
+            raise DataError("missing or empty \"question\"", str(p), n)
+        if "doc_id" not in obj or obj["doc_id"] is None:
+            raise DataError("missing \"doc_id\"", str(p), n)
+        answers = obj.get("answers") or []
+        if isinstance(answers, str):
+            answers = [answers]
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise DataError("\"answers\" must be a list of strings", str(p), n)
+        out.append({"question": q.strip(), "doc_id": str(obj["doc_id"]), "answers": [a for a in answers if a]})
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise LLMCoreError(f"--questions {p}: no questions")
     return out
@@ -108,10 +103,12 @@ def evaluate(index_dir: str | Path, questions_path: str | Path, *, ef: int = 64,
     """All metrics as one dict (keys as documented in the module docstring)."""
     from tqdm import tqdm
 
+    if k_search < 1:
+        raise LLMCoreError(f"-k {k_search}: must be >= 1")
     r = Retriever.open(index_dir)
     qs = read_questions(questions_path, limit)
     n_pass = len(r)
-    k_search = max(1, min(k_search, n_pass))
+    k_search = min(k_search, n_pass)
     known = set(r.doc_ids())
     missing = sum(q["doc_id"] not in known for q in qs)
     if missing == len(qs):
@@ -248,15 +245,6 @@ def _rank_lists(r: Retriever, pid_lists: list[list[int]]) -> list[list[str]]:
     return out
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def markdown(res: dict[str, Any]) -> str:
     """The report as markdown: a retrieval table (HNSW, exact, hybrid, BM25), speed, and the ef sweep."""
     lines = [f"# RAG eval: {Path(res['questions']).name} on {res['index']}", "",
@@ -315,21 +303,36 @@ def plot_ef(res: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from llmcore.io import atomic_write
+
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def report_paths(out_dir: str | Path, name: str = "rag-eval") -> list[Path]:
+    """The three report files in `out_dir`, after checking `--name` is a plain file stem and `--out` can
+    be a directory (so a bad flag fails before the evaluation runs, not after)."""
+    from llmcore.io import check_out_dir
+
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise LLMCoreError(f"--name {name!r}: a file name stem (no '/', not starting with '.')")
+    d = Path(out_dir)
+    check_out_dir(d, overwrite=True, what="", replaceable=lambda _p: None)  # never below or at a file
+    return [d / f"{name}.json", d / f"{name}.md", d / f"{name}-recall-vs-ef.png"]
 
 
 def write_reports(res: dict[str, Any], out_dir: str | Path, name: str = "rag-eval") -> list[Path]:
-    """`name.json`, `name.md`, `name-recall-vs-ef.png` in `out_dir`."""
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    paths = [d / f"{name}.json", d / f"{name}.md", d / f"{name}-recall-vs-ef.png"]
-    _atomic_text(paths[0], json.dumps(res, indent=2, ensure_ascii=False) + "\n")
-    _atomic_text(paths[1], markdown(res))
+    """`name.json`, `name.md`, `name-recall-vs-ef.png` in `out_dir` (each written atomically)."""
+    from llmcore.io import write_json, write_text
+
+    paths = report_paths(out_dir, name)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    write_json(paths[0], res)
+    write_text(paths[1], markdown(res))
     plot_ef(res, paths[2])
     return paths
 
 
-__all__ = ["evaluate", "read_questions", "write_reports", "markdown", "rank_metrics"]
+__all__ = ["evaluate", "read_questions", "report_paths", "write_reports", "markdown", "rank_metrics"]

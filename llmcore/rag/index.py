@@ -648,9 +648,35 @@ def get_embedder_name(embedder: str | Embedder | None) -> str:
 
 # ---------------------------------------------------------------- search
 
+MAX_QUERY_CHARS = 1000  # about two of the e5 embedder's 512-token windows of Chinese text
+
+
+def query_text(q: Any) -> str:
+    """The text a question is retrieved by: stripped, and cut to its first MAX_QUERY_CHARS characters
+    (embedding time grows with length, about 1 ms per character on one core, and a retrieval query
+    gains nothing from more); an empty question, or one that is not valid Unicode (a lone surrogate,
+    or bytes that were not UTF-8 on the command line), is an LLMCoreError."""
+    if not isinstance(q, str) or not q.strip():
+        raise LLMCoreError("empty question")
+    try:
+        q.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise LLMCoreError(f"the question is not valid text: character {err.start} is {q[err.start]!r} (a lone "
+                           "surrogate, or bytes that are not UTF-8)") from None
+    q = q.strip()
+    if len(q) > MAX_QUERY_CHARS:
+        log.warning("question of %d characters: retrieval uses its first %d", len(q), MAX_QUERY_CHARS)
+        q = q[:MAX_QUERY_CHARS]
+    return q
+
+
 class Retriever:
     """An opened index dir: `search(query, k)` embeds the query with the index's embedder and returns the
-    top-k passages by cosine similarity (HNSW, approximate), best first. Thread-safe for searches."""
+    top-k passages by cosine similarity (HNSW, approximate), best first.
+
+    Thread-safe, and concurrent searches do not wait for one another's embedding: only the HNSW call
+    (microseconds) holds a lock, and the embedder gives each caller its own model handle. A question is
+    cut to MAX_QUERY_CHARS before it is embedded (`query_text`), so one request's cost is bounded."""
 
     def __init__(self, index_dir: Path, manifest: dict[str, Any], index: Any, table: Any, embedder: Embedder | None,
                  embedder_name: str) -> None:
@@ -723,10 +749,8 @@ class Retriever:
             raise LLMCoreError(f"-k {k} is larger than the index ({len(self)} passages)")
 
     def embed_queries(self, queries: list[str]) -> np.ndarray:
-        for q in queries:
-            if not isinstance(q, str) or not q.strip():
-                raise LLMCoreError("empty question")
-        return self.embedder.embed_queries([q.strip() for q in queries])
+        """Query vectors `(n, dim)` of the questions as `query_text` bounds them."""
+        return self.embedder.embed_queries([query_text(q) for q in queries])
 
     def search_vectors(self, vecs: np.ndarray, k: int, ef: int | None = None, num_threads: int = 1
                        ) -> tuple[np.ndarray, np.ndarray]:
@@ -793,7 +817,8 @@ class Retriever:
         self._check_k(k)
         if mode not in ("dense", "hybrid"):
             raise LLMCoreError(f"--mode {mode!r}: expected dense or hybrid")
-        vecs = self.embed_queries(queries)
+        queries = [query_text(q) for q in queries]
+        vecs = self.embedder.embed_queries(queries)
         if mode == "dense":
             pids, scores = self.search_vectors(vecs, k, ef)
             return [self.passages_for(p, s) for p, s in zip(pids, scores)]
@@ -826,5 +851,5 @@ def rrf(rankings: list[list[int]], k: int, c: int = 60) -> list[tuple[int, float
     return sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
 
 
-__all__ = ["Passage", "Doc", "Retriever", "build_index", "read_docs", "read_manifest", "verify_files", "rrf",
+__all__ = ["Passage", "Doc", "Retriever", "query_text", "MAX_QUERY_CHARS", "check_hnsw_file", "build_index", "read_docs", "read_manifest", "verify_files", "rrf",
            "FORMAT", "FORMAT_VERSION", "is_index_dir"]
