@@ -221,3 +221,119 @@ def test_out_below_a_file_is_one_line(shards, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     code, _, err = run_cli(cli_args(shards, tmp_path / "f" / "run", "--max-steps", "1"), capsys)
     assert code == 2 and err.startswith(f"error: --out {tmp_path / 'f' / 'run'}: cannot create the run dir there"), err
+
+
+# ----------------------------------------------------------------------------------------------
+# resume cannot silently change a run
+
+
+@pytest.fixture(scope="module")
+def finished_run(shards, tmp_path_factory) -> Path:
+    """A tiny run of 4 steps stopped after 2 (checkpoint step-2), made through the CLI flags."""
+    from llmcore.train import build_config
+
+    out = tmp_path_factory.mktemp("resume") / "run"
+    flags = dict(data=str(shards["pretrain"]), out=str(out), model="tiny", seq_len=48, micro_batch_size=2,
+                 global_batch_size=4, log_every=1, attn_backend="sdpa", seed=3, lr=0.003, max_steps=4, stop_after=2,
+                 quiet=True)
+    train("pretrain", build_config("pretrain", flags))
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--model", "demo"], "--model: the run has 'tiny', this command gives 'demo'"),
+    (["--seq-len", "32"], "--seq-len: the run has 48, this command gives 32"),
+    (["--global-batch-size", "8"], "--global-batch-size: the run has 4, this command gives 8"),
+    (["--seed", "4"], "--seed: the run has 3, this command gives 4"),
+    (["--packing", "padded"], "--packing: the run has 'packed', this command gives 'padded'"),
+])
+def test_resume_refuses_a_change_that_alters_the_run_and_changes_nothing(finished_run, tmp_path, capsys, flags,
+                                                                         named):
+    run = _copy(finished_run, tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".train.lock"}
+    code, _, err = run_cli(["train", "pretrain", "--out", str(run), "--resume", *flags], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert named in err and "Drop those flags to continue it" in err, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".train.lock"} == before
+
+
+def test_resume_refuses_other_data_and_another_stage(finished_run, shards, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path)
+    code, _, err = run_cli(["train", "pretrain", "--out", str(run), "--resume", "--data", str(shards["pretrain_other"])],
+                           capsys)
+    assert code == 2 and f"--data: the run trained on '{shards['pretrain']}'" in err, err
+    with pytest.raises(LLMCoreError, match=r"is a `train pretrain` run, not `train sft`"):
+        train("sft", tiny_cfg("sft", shards, run, model="tiny", resume=True))
+
+
+def test_resume_needs_allow_lr_change_for_the_schedule(finished_run, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path)
+    code, _, err = run_cli(["train", "pretrain", "--out", str(run), "--resume", "--lr", "0.001"], capsys)
+    assert code == 2 and "--lr 0.003 -> 0.001" in err and "pass --allow-lr-change" in err, err
+    code, _, err = run_cli(["train", "pretrain", "--out", str(run), "--resume", "--lr", "0.001", "--allow-lr-change",
+                            "--quiet"], capsys)
+    assert code == 0, err
+    assert "--resume: --lr 0.003 -> 0.001" in err and "--resume: --min-lr 0.0003 -> 0.0001" in err, err
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert saved["lr"] == 0.001 and saved["min_lr"] == pytest.approx(1e-4)
+
+
+def test_resume_applies_and_reports_max_steps_and_logging(finished_run, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path)
+    code, out, err = run_cli(["train", "pretrain", "--out", str(run), "--resume", "--max-steps", "5",
+                              "--log-every", "2"], capsys)
+    assert code == 0, err
+    assert "--resume: --max-steps 4 -> 5" in err and "--resume: --log-every 1 -> 2" in err, err
+    assert "resumed from step 2" in out and out.strip().splitlines()[-1].startswith("done: pretrain 5/5 steps")
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["max_steps"] == 5 and saved["total_steps"] == 5 and saved["train"]["seq_len"] == 48
+
+
+def test_resume_with_only_out_continues_exactly(finished_run, shards, tmp_path, capsys):
+    """`--out RUN --resume` takes every setting from the run: the result equals the uninterrupted run."""
+    from test_train_common import assert_same_weights, losses
+
+    run = _copy(finished_run, tmp_path)
+    code, _, err = run_cli(["train", "pretrain", "--out", str(run), "--resume", "--quiet"], capsys)
+    assert code == 0 and "--resume:" not in err, err  # nothing changed, nothing to report
+    code, _, err = run_cli(cli_args(shards, tmp_path / "full", "--max-steps", "4", "--quiet"), capsys)
+    assert code == 0, err
+    assert losses(run) == losses(tmp_path / "full")
+    assert_same_weights(run, tmp_path / "full")
+
+
+# ----------------------------------------------------------------------------------------------
+# the CLI says what it does
+
+
+@pytest.mark.parametrize("stage, want", [("pretrain", "lr = 0.0005"), ("sft", "lr = 1e-05"), ("dpo", "beta = 0.1")])
+def test_print_config_shows_a_stages_defaults_without_other_flags(capsys, stage, want):
+    code, out, err = run_cli(["train", stage, "--print-config"], capsys)
+    assert code == 0, err
+    assert out.startswith(f"# llmcore train {stage}: effective settings") and want in out.splitlines()
+    assert "save_every = 1000" in out and "save_minutes = 30.0" in out
+    code, out, err = run_cli(["train", "sft", "--print-config", "--init", "/nonexistent/run"], capsys)
+    assert code == 0 and 'init = "/nonexistent/run"' in out, err
+    code, out, err = run_cli(["train", "sft", "--print-config", "--lr", "-1"], capsys)
+    assert code == 2 and "--lr must be > 0" in err  # values are still checked
+
+
+def test_yaml_reads_1e_minus_3_as_a_number_and_quoted_numbers_get_a_hint(shards, tmp_path):
+    from llmcore.train import build_config
+
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  lr: 1e-3\n  min_lr: 5E-5\n  max_steps: 1000\n  warmup_steps: 10\n")
+    cfg = build_config("pretrain", {"data": str(shards["pretrain"]), "out": "o"}, y)
+    assert cfg.lr == 1e-3 and cfg.min_lr == 5e-5 and cfg.max_steps == 1000 and isinstance(cfg.max_steps, int)
+    y.write_text('lr: "1e-3"\n')
+    with pytest.raises(LLMCoreError, match=r"c.yaml: lr must be a number, got '1e-3' \(a quoted string; write the "
+                                           r"number without quotes\)"):
+        build_config("pretrain", {"data": str(shards["pretrain"]), "out": "o"}, y)

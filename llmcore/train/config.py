@@ -123,6 +123,31 @@ class TrainConfig:
                               minimum=0, maximum=1)
     kd_temperature: float = setting(1.5, "Distillation: softmax temperature of the KL term (its gradient is "
                                          "scaled by T^2).", positive=True)
+    # Reinforcement learning (train grpo, train ppo): rollouts, rewards, policy updates
+    num_generations: int = setting(6, "GRPO: responses sampled per prompt (the group its advantages are "
+                                      "normalised in).", minimum=2)
+    loss: str = setting("cispo", "GRPO: cispo (clipped, detached importance weight; MiniMind's default) or grpo "
+                                 "(PPO-style clipped ratio).", choices=("cispo", "grpo"))
+    epsilon: float = setting(0.2, "GRPO/PPO: clip range of the probability ratio (1 - eps, 1 + eps).", positive=True)
+    epsilon_high: float = setting(5.0, "CISPO: upper bound of the importance weight.", positive=True)
+    reward: str = setting("format", "RL: rewards to sum, comma-separated NAME[:WEIGHT]: exact (answer == gt), "
+                                    "format (MiniMind's rules), model (with --reward-model), module:function.")
+    reward_model: str | None = setting(None, "RL: a transformers sequence-classification model folder scoring the "
+                                             "conversation (name `model` in --reward sets its weight).")
+    max_new_tokens: int = setting(256, "RL: longest response sampled (tokens).", positive=True)
+    temperature: float = setting(0.8, "RL: sampling temperature of rollouts.", positive=True)
+    top_p: float = setting(1.0, "RL: nucleus sampling of rollouts.", positive=True, maximum=1)
+    thinking_ratio: float = setting(0.0, "RL: share of prompts rendered with the template's open_thinking (the "
+                                         "prompt ends in <think>).", minimum=0, maximum=1)
+    ppo_epochs: int = setting(2, "PPO: passes over each rollout batch.", positive=True)
+    mini_batch_size: int | None = setting(None, "PPO: responses per optimizer step within a rollout batch (default: "
+                                                "the whole batch).", positive=True)
+    gamma: float = setting(1.0, "PPO: GAE discount.", minimum=0, maximum=1)
+    lam: float = setting(0.95, "PPO: GAE lambda.", minimum=0, maximum=1)
+    value_clip: float = setting(0.2, "PPO: clip range of the value update.", positive=True)
+    vf_coef: float = setting(0.5, "PPO: weight of the value loss.", minimum=0)
+    early_stop_kl: float = setting(0.25, "PPO: stop a step's updates once the approximate KL to the rollout policy "
+                                         "exceeds this (0: never).", minimum=0)
     # Stop after this many optimizer steps of *this* invocation while keeping the schedule of the full
     # run (the LR schedule still spans max_steps). Useful to train in slices; tests use it to interrupt.
     stop_after: int | None = setting(None, "Stop after N steps of this invocation (the schedule still spans the run).",
@@ -388,6 +413,10 @@ def _same_data(old: str, new: str) -> bool:
         a.get("shards") == b.get("shards") and a.get("kind") == b.get("kind")
 
 
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else repr(value)
+
+
 def check_resume(saved_run: dict[str, Any], stage_name: str, cfg: TrainConfig, run_dir: Path) -> list[str]:
     """Compare a run dir's config.json (`saved_run`) with the settings of the run that continues it.
 
@@ -406,14 +435,15 @@ def check_resume(saved_run: dict[str, Any], stage_name: str, cfg: TrainConfig, r
     for name in sorted(set(saved) & set(now)):
         if name in PER_INVOCATION or name == "out" or saved[name] == now[name]:
             continue
-        change = f"{flag_name(name)} {saved[name]!r} -> {now[name]!r}"
+        old, new = _shown(saved[name]), _shown(now[name])
+        change = f"{flag_name(name)} {old} -> {new}"
         if name == "data":
             if _same_data(str(saved[name]), str(now[name])):
                 applied.append(f"{change} (the same shards, moved)")
             else:
-                refused.append(f"{flag_name(name)}: the run trained on {saved[name]!r}, this command gives {now[name]!r}")
+                refused.append(f"{flag_name(name)}: the run trained on {old}, this command gives {new}")
         elif name in RESUME_FIXED:
-            refused.append(f"{flag_name(name)}: the run has {saved[name]!r}, this command gives {now[name]!r}")
+            refused.append(f"{flag_name(name)}: the run has {old}, this command gives {new}")
         elif name in RESUME_OPTIMIZER and not cfg.allow_lr_change:
             optimizer.append(change)
         else:
