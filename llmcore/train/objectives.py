@@ -76,7 +76,9 @@ class LMObjective:
         # x world: the data-parallel engine averages gradients over processes; the global loss is a sum.
         loss = (ce_part + aux_part) * world
         terms = {"loss": (ce_part + aux_part).detach(), "ce_loss": ce_part.detach()}
-        if aux.requires_grad or float(aux) != 0.0:
+        # Decided without reading the value (a device sync per micro batch): only an MoE model's aux
+        # loss carries a gradient; a dense model's is a constant zero.
+        if aux.requires_grad:
             terms["aux_loss"] = aux_part.detach()
         return StepTerms(loss, terms)
 
@@ -186,3 +188,61 @@ def precompute_reference(ref_model: torch.nn.Module, batches: Any, average: bool
         for i, l, v in zip(batch["input_ids"], batch["labels"], lp.tolist()):
             cache[row_key(i, l)] = v
     return cache
+
+
+def kd_kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sum over rows of KL(teacher || student) between the temperature-softened distributions,
+    sum_v p_t(v) (log p_t(v) - log p_s(v)), in fp32; both (N, V). The teacher side carries no gradient."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum()
+
+
+class DistillObjective:
+    """White-box knowledge distillation (MiniMind's train_distillation.py, Hinton et al. 2015):
+
+        loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)
+
+    both terms averaged over the loss tokens of the global batch (pretrain: every token; SFT: the
+    assistant's), plus the student's MoE aux loss. The teacher runs in eval mode under no_grad with
+    the engine's autocast, on the student's device. Logged: `ce_loss` and `kd_loss` (the unweighted
+    terms, kd_loss already times T^2) and `top1_agreement` (share of loss tokens where the student's
+    argmax is the teacher's)."""
+
+    name = "distill"
+
+    def __init__(self, teacher: torch.nn.Module, alpha: float, temperature: float,
+                 autocast: Callable[[], Any] | None = None) -> None:
+        self.teacher = teacher
+        self.alpha, self.temperature = float(alpha), float(temperature)
+        self.autocast = autocast
+
+    def count(self, batch: dict[str, Any]) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        ctx = self.autocast() if self.autocast is not None else contextlib.nullcontext()
+        with ctx:
+            return self.teacher(batch["input_ids"], position_ids=batch["position_ids"]).logits
+
+    def __call__(self, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any], denom: float,
+                 n_micro: int, world: int) -> StepTerms:
+        t_logits = self.teacher_logits(batch)
+        out = forward(batch)
+        labels = batch["labels"]
+        ce_sum, _ = masked_ce_sum(out.logits, labels)
+        keep = (labels != IGNORE_INDEX).reshape(-1)
+        v = out.logits.shape[-1]
+        s_sel, t_sel = out.logits.reshape(-1, v)[keep], t_logits.reshape(-1, v)[keep]
+        kd_sum = self.temperature ** 2 * kd_kl_sum(s_sel, t_sel, self.temperature)
+        agree = (s_sel.detach().argmax(-1) == t_sel.argmax(-1)).float().sum()
+        ce_part, kd_part = ce_sum / denom, kd_sum / denom
+        aux_part = out.aux_loss.float() / (n_micro * world)
+        part = self.alpha * ce_part + (1.0 - self.alpha) * kd_part + aux_part
+        terms = {"loss": part.detach(), "ce_loss": ce_part.detach(), "kd_loss": kd_part.detach(),
+                 "top1_agreement": agree / denom}
+        if out.aux_loss.requires_grad or float(out.aux_loss) != 0.0:
+            terms["aux_loss"] = aux_part.detach()
+        # x world: the data-parallel engine averages gradients over processes; the global loss is a sum.
+        return StepTerms(part * world, terms)

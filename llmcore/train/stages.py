@@ -179,6 +179,51 @@ class LoRAStage(LanguageModelStage):
         return LoRAHook(cfg)
 
 
+@dataclass(frozen=True)
+class DistillStage(LanguageModelStage):
+    """Knowledge distillation from a frozen --teacher run that shares the student's tokenizer."""
+
+    def validate(self, cfg: "TrainConfig") -> None:
+        super().validate(cfg)
+        if not cfg.teacher:
+            raise LLMCoreError(f"{self.name} needs --teacher RUN_DIR (the model whose token distributions the "
+                               "student learns)")
+        if not Path(cfg.teacher).exists():
+            raise LLMCoreError(f"--teacher {cfg.teacher}: no such run dir or checkpoint")
+
+    def build_objective(self, ctx: ObjectiveContext) -> "Objective":
+        from llmcore.checkpoint import load_model
+        from llmcore.train.objectives import DistillObjective
+
+        cfg = ctx.cfg
+        teacher, teacher_tok = load_model(cfg.teacher, device=ctx.device,  # type: ignore[arg-type]
+                                          attn_backend=cfg.attn_backend, with_tokenizer=True)
+        check_same_tokenizer(cfg.teacher, teacher, teacher_tok, ctx.model, ctx.tokenizer)  # type: ignore[arg-type]
+        # The student's precision: fp32 weights, the engine's autocast around the forward.
+        teacher = teacher.float().eval()
+        teacher.requires_grad_(False)
+        return DistillObjective(teacher, cfg.kd_alpha, cfg.kd_temperature, autocast=ctx.autocast)
+
+
+def check_same_tokenizer(teacher_path: str, teacher: Any, teacher_tok: Any, student: Any, tokenizer: Any) -> None:
+    """A teacher whose logits do not index the student's vocabulary is refused in one line: another
+    vocab size, other special ids, or a stored tokenizer with another vocabulary than --data's."""
+    from llmcore.model import unwrap_model
+
+    t, s = teacher.config, unwrap_model(student).config
+    if t.vocab_size != s.vocab_size:
+        raise LLMCoreError(f"--teacher {teacher_path} has a vocabulary of {t.vocab_size} tokens, the student "
+                           f"{s.vocab_size}; distillation needs one tokenizer for both")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(t, name) != getattr(s, name):
+            raise LLMCoreError(f"--teacher {teacher_path} has {name} {getattr(t, name)}, the student "
+                               f"{getattr(s, name)}; distillation needs one tokenizer for both")
+    if teacher_tok is not None and tokenizer is not None and teacher_tok.fingerprint != tokenizer.fingerprint:
+        raise LLMCoreError(f"--teacher {teacher_path} was trained with another tokenizer than --data (fingerprint "
+                           f"{teacher_tok.fingerprint[:12]}... vs {tokenizer.fingerprint[:12]}...); distillation "
+                           "needs one tokenizer for both")
+
+
 # MiniMind's published recipes (jingyaogong/minimind trainer/train_pretrain.py, train_full_sft.py,
 # train_dpo.py): pretrain lr 5e-4 with batch 32 x accumulation 8; full SFT lr 1e-5, batch 16, no
 # accumulation; DPO lr in the 1e-8..5e-7 range (their latest default is 4e-8, "<=5e-8 avoids
@@ -247,5 +292,17 @@ LORA = register_stage(LoRAStage(
     settings=("packing", "on_long", "lora_rank", "lora_alpha", "lora_targets"),
     needs_init="the adapters train on top of its (frozen) weights", packings=("bestfit", "padded")))
 
-__all__ = ["Stage", "LanguageModelStage", "PreferenceStage", "LoRAStage", "ObjectiveContext", "FullWeights",
-           "register_stage", "get_stage", "all_stages", "stage_only_settings", "PRETRAIN", "SFT", "DPO", "LORA"]
+# MiniMind's train_distillation.py: alpha 0.5 (CE weight), T 1.5, lr 5e-6 for a student that starts
+# from a trained model (a fresh --model student wants a pretraining lr such as 5e-4), on SFT data.
+DISTILL = register_stage(DistillStage(
+    name="distill", shard_kind="sft", other_shard_kinds=("pretrain",),
+    summary="Knowledge distillation: a*CE + (1-a)*T^2*KL(teacher||student) on SFT or pretrain shards.",
+    example="llmcore train distill --data shards/sft --teacher runs/big --init runs/small --out runs/kd",
+    defaults=_defaults(lr=5e-6, micro_batch_size=16, global_batch_size=16, seq_len=768, epochs=2.0,
+                       packing="bestfit"),
+    settings=("packing", "on_long", "teacher", "kd_alpha", "kd_temperature"), needs_init_or_model=True,
+    packings=("bestfit", "padded"), plot_panels=(("kd_loss", "ce_loss"), ("top1_agreement",))))
+
+__all__ = ["Stage", "LanguageModelStage", "PreferenceStage", "LoRAStage", "DistillStage", "ObjectiveContext",
+           "FullWeights", "register_stage", "get_stage", "all_stages", "stage_only_settings", "check_same_tokenizer",
+           "PRETRAIN", "SFT", "DPO", "LORA", "DISTILL"]
