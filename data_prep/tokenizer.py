@@ -291,6 +291,34 @@ def _template_messages(messages: Sequence[dict]) -> list[dict]:
     return out
 
 
+_COMPILED: dict[str, object] = {}  # template text -> compiled template (templates are few and small)
+
+
+def render_chat_template(template: str, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                         add_generation_prompt: bool = False, **template_kwargs) -> str:
+    """Render a jinja chat template as transformers' `render_jinja_template` does: its sandboxed
+    environment, None-valued message keys dropped, plain-JSON copies, reasoning aliases, `tools`,
+    `documents=None`. `template_kwargs` are the named special tokens and any template options
+    (`open_thinking`). ChatTemplateError when the template cannot render the input."""
+    compiled = _COMPILED.get(template)
+    if compiled is None:
+        try:
+            compiled = _COMPILED[template] = _jinja_environment().from_string(template)
+        except Exception as err:  # a syntax error in the template
+            raise LLMCoreError(f"cannot compile the chat template: {str(err).splitlines()[0][:200]}") from None
+    if tools is not None and not all(isinstance(t, dict) for t in tools):
+        raise LLMCoreError("tools must be a list of JSON schemas (objects)")
+    try:
+        return compiled.render(messages=_template_messages(messages), tools=_plain(tools), documents=None,
+                               add_generation_prompt=add_generation_prompt, **_plain(template_kwargs))
+    except LLMCoreError:
+        raise
+    except Exception as err:  # jinja's errors, or TypeError etc. from the template's own expressions
+        detail = str(err).splitlines()[0][:200] if str(err) else ""
+        raise ChatTemplateError(f"the chat template cannot render this conversation: {type(err).__name__}"
+                                + (f": {detail}" if detail else "")) from None
+
+
 def _strings(value) -> Iterator[str]:
     """Every string inside a JSON-like value (dict keys too), iteratively."""
     stack = [value]
@@ -377,7 +405,6 @@ class Tokenizer:
         self.eos_token, self.eos_id = special("eos_token", EOS_TOKEN)
         # max id + 1, not the entry count: ids with holes still need that many embedding rows
         self.vocab_size: int = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
-        self._template = None
         self._fingerprint: str | None = None
         self._plain: tokenizers.Tokenizer | None = None
         self._special_re = None
@@ -459,23 +486,13 @@ class Tokenizer:
         tokenizer dir (e.g. `open_thinking=True` for MiniMind-3's template). Messages are used as
         given: rows in MiniMind-3's format go through `normalize_conversation` first (the
         `encode_*` methods do that). ChatTemplateError when the template cannot render them."""
-        if self._template is None:
-            try:
-                self._template = _jinja_environment().from_string(self.chat_template)
-            except Exception as err:  # a syntax error in the dir's template
-                raise LLMCoreError(f"{self.path}: cannot compile the chat template: {err}") from None
-        if tools is not None and not all(isinstance(t, dict) for t in tools):
-            raise LLMCoreError("tools must be a list of JSON schemas (objects)")
-        kwargs = {**self._template_kwargs(), **_plain(template_kwargs)}
         try:
-            return self._template.render(messages=_template_messages(messages), tools=_plain(tools), documents=None,
-                                         add_generation_prompt=add_generation_prompt, **kwargs)
-        except LLMCoreError:
+            return render_chat_template(self.chat_template, messages, tools, add_generation_prompt,
+                                        **{**self._template_kwargs(), **template_kwargs})
+        except ChatTemplateError:
             raise
-        except Exception as err:  # jinja's errors, or TypeError etc. from the template's own expressions
-            detail = str(err).splitlines()[0][:200] if str(err) else ""
-            raise ChatTemplateError(f"the chat template cannot render this conversation: {type(err).__name__}"
-                                    + (f": {detail}" if detail else "")) from None
+        except LLMCoreError as err:
+            raise LLMCoreError(f"{self.path}: {err}") from None
 
     def _render_plan(self, msgs: list[dict], tools: list[dict] | None, add_generation_prompt: bool, drop_think: bool,
                      template_kwargs: dict) -> tuple[str, list[tuple[int, int, int]] | None]:
