@@ -172,3 +172,17 @@ def test_qk_norm_rope_compiles_for_sm90():
                 print(compile_for_cuda(m._qk_norm_rope_bwd_kernel,
                                        dict(DY=dt, X=dt, W=dt, DX=dt, DW_PARTIAL="*fp32", **table), flags))
     """)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the CPU dry run of the timing code; on CUDA `bench kernels` times for real")
+def test_bench_kernels_times_qk_norm_rope_and_head_dim_96():
+    from llmcore.bench.kernels import run_kernels
+
+    res = run_kernels(torch.device("cpu"), dry_run_timing=True, seqs=[16], hiddens=[32], repeats=1)
+    ratios = {r["name"] for r in res.ratios}
+    assert {f"qk_norm_rope B1 T16 H8/4 D96 fwd+bwd: triton vs {base}" for base in ("eager", "compile")} <= ratios
+    assert any(m.get("op") == "attention" and "D96 causal" in m["shape"] and m.get("impl") == "triton"
+               for m in res.measurements)
+    sweep = run_kernels(torch.device("cpu"), quick=True)
+    checks = [c for c in sweep.extra["checks"] if c["op"] == "qk_norm_rope"]
+    assert len(checks) == 3 and all(c["ok"] for c in checks)

@@ -1,7 +1,8 @@
-"""`llmcore bench kernels`: our Triton RMSNorm, RoPE and flash attention against eager PyTorch,
-torch.compile and SDPA (default dispatch and cuDNN), forward and backward, at MiniMind shapes.
+"""`llmcore bench kernels`: our Triton RMSNorm, RoPE, fused QK-norm + RoPE and flash attention against
+eager PyTorch, torch.compile and SDPA (default dispatch and cuDNN), forward and backward, at MiniMind shapes.
 
-On CUDA (bf16; batch 32, 8 query / 2 KV heads, head dim 64, seq 512-4096, hidden 512/768) every
+On CUDA (bf16; batch 32, 8 query / 2 KV heads, head dim 64, seq 512-4096, hidden 512/768; QK-norm +
+RoPE and one causal attention case at MiniMind-3's 8 / 4 heads of head dim 96) every
 implementation is timed with `triton.testing.do_bench` (median of one call's repeats) in
 `repeats` interleaved rounds; the report gives the median over rounds with its spread, GB/s
 (RMSNorm, RoPE: the minimal bytes the op must move) or TFLOP/s (attention: causal matmul FLOPs,
@@ -38,6 +39,8 @@ from llmcore.errors import LLMCoreError
 log = logging.getLogger(__name__)
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 64
+# MiniMind-3 (Qwen3-style): QK-norm, 4 KV heads, head dim 96 (flash attention pads its tiles to 128).
+M3_HEADS, M3_KV_HEADS, M3_HEAD_DIM = 8, 4, 96
 ATTN_BWD_FACTOR = 2.5  # backward FLOPs of attention relative to forward (FlashAttention-2 count)
 
 
@@ -227,8 +230,10 @@ def run_timing(res: BenchResult, device: torch.device, batch: int, seqs: list[in
         comp_norm = torch.compile(K.rms_norm_reference, dynamic=False)
         comp_rope = torch.compile(eager_rope, dynamic=False)
         comp_attn = torch.compile(eager_attention, dynamic=False)
+        comp_qk = torch.compile(K.qk_norm_rope_reference, dynamic=False)
     else:  # dry run: no C++ toolchain assumed; eager functions stand in for compiled ones
         comp_norm, comp_rope, comp_attn = K.rms_norm_reference, eager_rope, eager_attention
+        comp_qk = K.qk_norm_rope_reference
         res.note("dry run: `compile` is the eager function (no torch.compile on CPU here); numbers are meaningless")
     notes: list[str] = []
 
@@ -254,6 +259,10 @@ def run_timing(res: BenchResult, device: torch.device, batch: int, seqs: list[in
             if over_budget(f"attention T{seq} {'packed' if packed else 'causal'}"):
                 continue
             _attention(res, K, device, dt, batch, seq, packed, rounds, notes, comp_attn, record, cuda)
+        if seq == seqs[0] and not over_budget(f"attention T{seq} D{M3_HEAD_DIM}"):
+            # MiniMind-3's head dim (not a power of two) at the first length only: the padded-tile path.
+            _attention(res, K, device, dt, batch, seq, False, rounds, notes, comp_attn, record, cuda,
+                       heads=(M3_HEADS, M3_KV_HEADS, M3_HEAD_DIM))
 
         if not over_budget(f"rope T{seq}"):
             q = torch.randn(batch, seq, HEADS, HEAD_DIM, device=device, dtype=dt, requires_grad=True)
@@ -267,6 +276,9 @@ def run_timing(res: BenchResult, device: torch.device, batch: int, seqs: list[in
                    {"fwd": 2 * elem, "bwd": 2 * elem, "fwd+bwd": 4 * elem}, copy_peak)
             del q, k, gq, gk
             log.info("rope T%d done", seq)
+
+        if not over_budget(f"qk_norm_rope T{seq}"):
+            _qk_norm_rope(K, device, dt, batch, seq, rounds, notes, comp_qk, record, copy_peak)
 
         for hidden in hiddens:
             if over_budget(f"rmsnorm h{hidden} T{seq}"):
@@ -294,10 +306,33 @@ def run_timing(res: BenchResult, device: torch.device, batch: int, seqs: list[in
     add_targets(res)
 
 
+def _qk_norm_rope(K: Any, device: torch.device, dt: torch.dtype, batch: int, seq: int, rounds: int, notes: list[str],
+                  comp_qk: Callable[..., Any], record: Callable[..., None], copy_peak: float) -> None:
+    """Time the fused QK-norm + RoPE kernel against the model's eager path and its torch.compile,
+    at MiniMind-3's heads (8 / 4, head dim 96)."""
+    cos, sin = K.rope_tables(M3_HEAD_DIM, seq, device=device)
+    q = torch.randn(batch, seq, M3_HEADS, M3_HEAD_DIM, device=device, dtype=dt, requires_grad=True)
+    k = torch.randn(batch, seq, M3_KV_HEADS, M3_HEAD_DIM, device=device, dtype=dt, requires_grad=True)
+    qw = (1 + 0.1 * torch.randn(M3_HEAD_DIM, device=device)).to(dt).requires_grad_(True)
+    kw = (1 + 0.1 * torch.randn(M3_HEAD_DIM, device=device)).to(dt).requires_grad_(True)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    impls = {"triton": lambda: K.qk_norm_rope(q, k, qw, kw, cos, sin, None, 1e-6),
+             "eager": lambda: K.qk_norm_rope_reference(q, k, qw, kw, cos, sin, None, 1e-6),
+             "compile": lambda: comp_qk(q, k, qw, kw, cos, sin, None, 1e-6)}
+    times = time_impls(impls, [q, k, qw, kw], (gq, gk), device, rounds, notes)
+    elem = (q.numel() + k.numel()) * q.element_size()
+    # Minimal traffic: fwd reads q, k and writes them; bwd reads x and dy, writes dx (weights, tables negligible).
+    record("qk_norm_rope", f"B{batch} T{seq} H{M3_HEADS}/{M3_KV_HEADS} D{M3_HEAD_DIM}", seq, times, "GB/s",
+           {"fwd": 2 * elem, "bwd": 3 * elem, "fwd+bwd": 5 * elem}, copy_peak)
+    del q, k, qw, kw, gq, gk
+    log.info("qk_norm_rope T%d done", seq)
+
+
 def _attention(res: BenchResult, K: Any, device: torch.device, dt: torch.dtype, batch: int, seq: int, packed: bool,
                rounds: int, notes: list[str], comp_attn: Callable[..., Any], record: Callable[..., None],
-               cuda: bool) -> None:
+               cuda: bool, heads: tuple[int, int, int] = (HEADS, KV_HEADS, HEAD_DIM)) -> None:
     """Time flash attention against SDPA (and cuDNN, eager, compiled eager) at one shape."""
+    HEADS, KV_HEADS, HEAD_DIM = heads  # noqa: N806 - the module's defaults, or MiniMind-3's
     q = torch.randn(batch, seq, HEADS, HEAD_DIM, device=device, dtype=dt, requires_grad=True)
     k = torch.randn(batch, seq, KV_HEADS, HEAD_DIM, device=device, dtype=dt, requires_grad=True)
     v = torch.randn(batch, seq, KV_HEADS, HEAD_DIM, device=device, dtype=dt, requires_grad=True)
@@ -387,7 +422,7 @@ def run_sweep(res: BenchResult, K: Any, quick: bool) -> None:
     rope_heads = ((4, 2),) if quick else ((4, 4), (4, 2), (8, 2))
     attn_cases = ((4, 2, True, True, 64),) if quick else (
         (4, 4, True, False, 32), (4, 2, True, True, 64), (4, 1, False, True, 32), (8, 2, False, False, 64),
-        (2, 1, True, False, 128))
+        (2, 1, True, False, 128), (8, 4, True, True, 96))
     t0 = time.perf_counter()
     for dtype, tol in dtypes:
         tag = "fp32" if dtype == torch.float32 else "bf16"
@@ -413,6 +448,24 @@ def run_sweep(res: BenchResult, K: Any, quick: bool) -> None:
             shape_s = f"{tag} B3 T37 H{heads}/{kv} D64 packed"
             add("rope", shape_s, "fwd", max(_max_err(qo, qr), _max_err(ko, kr)), tol, tag)
             add("rope", shape_s, "bwd", max(_max_err(dq, dqr), _max_err(dk, dkr)), tol, tag)
+        for heads, kv, dim in ((8, 4, 96),) if quick else ((8, 4, 96), (4, 2, 64)):
+            q = (torch.randn(3, 37, heads, dim, generator=gen) * 3).to(dtype)
+            k = torch.randn(3, 37, kv, dim, generator=gen).to(dtype)
+            qw = (1 + 0.2 * torch.randn(dim, generator=gen)).to(dtype)
+            kw = (1 + 0.2 * torch.randn(dim, generator=gen)).to(dtype)
+            pos = torch.arange(37).remainder(13).expand(3, 37)
+            cos, sin = K.rope_tables(dim, 64)
+            gq, gk = torch.randn(q.shape, generator=gen).to(dtype), torch.randn(k.shape, generator=gen).to(dtype)
+            (qo, ko), (dq, dk, dqw, dkw) = _grads(lambda a, b, c, d: K.qk_norm_rope(a, b, c, d, cos, sin, pos, 1e-6),
+                                                  [q, k, qw, kw], (gq, gk))
+            (qr, kr), (dqr, dkr, dqwr, dkwr) = _grads(
+                lambda a, b, c, d: K.qk_norm_rope_reference(a, b, c, d, cos, sin, pos, 1e-6),
+                [q.float(), k.float(), qw.float(), kw.float()], (gq.float(), gk.float()))
+            shape_s = f"{tag} B3 T37 H{heads}/{kv} D{dim} packed"
+            scale = max(1.0, float(dqwr.abs().max()), float(dkwr.abs().max()))
+            add("qk_norm_rope", shape_s, "fwd", max(_max_err(qo, qr), _max_err(ko, kr)), tol, tag)
+            add("qk_norm_rope", shape_s, "dq, dk", max(_max_err(dq, dqr), _max_err(dk, dkr)), tol, tag)
+            add("qk_norm_rope", shape_s, "dweights", max(_max_err(dqw, dqwr), _max_err(dkw, dkwr)) / scale, tol, tag)
         for heads, kv, causal, docs, dim in attn_cases:
             seq = 37
             q = torch.randn(3, seq, heads, dim, generator=gen).to(dtype)
@@ -438,7 +491,7 @@ def run_sweep(res: BenchResult, K: Any, quick: bool) -> None:
     res.note("No timings on CPU: the kernels run in Triton's interpreter, about 100x slower than PyTorch, so "
              "its speed says nothing about a GPU. This run checks correctness only.")
     res.note("bf16 rows compare bf16 kernels with fp32 math; attention dK/dV errors are divided by the GQA group size; "
-             "the rmsnorm dweight error is relative to max(1, |dweight|).")
+             "the rmsnorm and qk_norm_rope weight-gradient errors are relative to max(1, |dweight|).")
     res.note(f"{len(checks) - failed}/{len(checks)} checks within tolerance.")
 
 
@@ -469,17 +522,19 @@ def _plot_sweep(res: BenchResult, fig: Any) -> None:
 
 def _plot_timing(res: BenchResult, fig: Any) -> None:
     ms = [m for m in res.measurements if m.get("op")]
-    panels = [("rmsnorm", "fwd+bwd", "GB/s"), ("rope", "fwd+bwd", "GB/s"), ("attention", "fwd", "TFLOP/s"),
-              ("attention", "bwd", "TFLOP/s")]
+    panels = [("rmsnorm", "fwd+bwd", "GB/s"), ("rope", "fwd+bwd", "GB/s"), ("qk_norm_rope", "fwd+bwd", "GB/s"),
+              ("attention", "fwd", "TFLOP/s"), ("attention", "bwd", "TFLOP/s")]
     peaks = {"GB/s": res.find("peak: device copy")["median"], "TFLOP/s": res.find("peak: bf16 matmul")["median"]}
     for i, (op, direction, unit) in enumerate(panels):
-        ax = fig.add_subplot(1, 4, i + 1)
+        ax = fig.add_subplot(1, len(panels), i + 1)
         series: dict[str, list[tuple[int, float, float, float]]] = {}
         for m in ms:
             if m["op"] != op or m["direction"] != direction or m["median"] is None:
                 continue
             if op == "attention" and "packed" in m["shape"]:
                 name = m["impl"] + " (packed)"
+            elif op == "attention" and f"D{M3_HEAD_DIM}" in m["shape"]:
+                name = m["impl"] + f" (D{M3_HEAD_DIM})"
             else:
                 hidden = m["shape"].split(" h")[-1] if op == "rmsnorm" else None
                 name = m["impl"] + (f" h{hidden}" if hidden else "")
@@ -528,7 +583,7 @@ def run_kernels(device: torch.device, quick: bool = False, batch: int | None = N
                           + (" (CPU DRY RUN: meaningless numbers)" if toy else ""))
         run_timing(res, device, batch, seqs, hiddens, repeats, K, dry_run=toy, budget_s=budget_s)
         res.plot = _plot_timing
-        res.figsize = (17, 5.5)
+        res.figsize = (21, 5.5)
         res.note("GB/s = minimal bytes the op must move / time; attention TFLOP/s = causal matmul FLOPs "
                  f"(backward counted as {ATTN_BWD_FACTOR}x forward) / time; ratios are triton speed over the "
                  "baseline's (above 1: triton faster).")
