@@ -1,9 +1,16 @@
 """`llmcore eval`: loss and perplexity of a trained model on a shard dir, over loss tokens only
-(every next token for pretrain shards, the assistant tokens for SFT shards)."""
+(every next token for pretrain shards, the assistant tokens for SFT shards).
+
+Invariants: the shard dir is verified as `train` verifies it (sha256 of every shard, counts, offsets,
+every token id below the model's vocab) before any batch is scored, so a corrupted or mismatched dir
+is a one-line error, never a silent number or an IndexError; progress is shown (a bar on a terminal,
+a line every 30 s with the time left otherwise).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +18,9 @@ import torch
 
 from llmcore.data_prep.loaders import IGNORE_INDEX
 from llmcore.errors import LLMCoreError
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 30.0  # seconds between progress lines when stderr is not a terminal
 
 
 @dataclass
@@ -39,7 +49,7 @@ def _run_seq_len(ckpt: Path) -> int | None:
 @torch.no_grad()
 def evaluate(ckpt: str | Path, data: str | Path, batch_size: int = 8, seq_len: int | None = None,
              packing: str = "packed", attn_backend: str | None = None, max_batches: int | None = None,
-             device: str = "auto") -> EvalResult:
+             device: str = "auto", progress: bool = True) -> EvalResult:
     """Mean masked next-token cross-entropy of the model at `ckpt` (run dir, checkpoint dir or HF
     folder) over one pass of the shards at `data` (a kind some language-model stage trains on),
     on `device` (auto: the GPU when there is one)."""
@@ -66,6 +76,7 @@ def evaluate(ckpt: str | Path, data: str | Path, batch_size: int = 8, seq_len: i
     vocab = int(reader.manifest.get("tokenizer", {}).get("vocab_size", 0))
     if vocab > model.config.vocab_size:
         raise LLMCoreError(f"the shards' vocab ({vocab}) is larger than the model's ({model.config.vocab_size})")
+    reader.verify(vocab_size=model.config.vocab_size)  # checksums, counts, ids < the model's vocab
     if seq_len is None:
         seq_len = _run_seq_len(ckpt_dir) or 512
     if seq_len < 1 or seq_len > model.config.max_position_embeddings:
@@ -75,14 +86,21 @@ def evaluate(ckpt: str | Path, data: str | Path, batch_size: int = 8, seq_len: i
     n = loader.steps_per_epoch if max_batches is None else min(loader.steps_per_epoch, max_batches)
     total = torch.zeros((), dtype=torch.float64, device=dev)
     count = 0
-    for step in range(n):
-        batch = first_rows(next(loader), loader.unwrapped_rows(step))
-        if batch is None:
-            continue
-        count += int((batch["labels"] != IGNORE_INDEX).sum())
-        out = model(batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev))
-        s, _ = masked_ce_sum(out.logits, batch["labels"].to(dev))
-        total += s.double()
+    from llmcore.log import Progress
+
+    log.info("eval: %d batches of %d rows x %d tokens on %s", n, batch_size, seq_len, dev)
+    bar = Progress(n, "batch", "eval", log, every=PROGRESS_EVERY_S, enabled=progress)
+    try:
+        for step in range(n):
+            batch = first_rows(next(loader), loader.unwrapped_rows(step))
+            if batch is not None:
+                count += int((batch["labels"] != IGNORE_INDEX).sum())
+                out = model(batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev))
+                s, _ = masked_ce_sum(out.logits, batch["labels"].to(dev))
+                total += s.double()
+            bar.update(1)
+    finally:
+        bar.close()
     if count == 0:
         raise LLMCoreError(f"{data}: no loss tokens to score")
     loss = float(total) / count

@@ -52,3 +52,44 @@ def setup_cli_logging(level: int = logging.INFO) -> logging.Logger:
         handler.addFilter(RankZeroOnly())
         logger.addHandler(handler)
     return logger
+
+
+class Progress:
+    """Progress of a long loop the way a user sees it: a tqdm bar on a terminal; when stderr is not a
+    terminal (a pipe, a log file, nohup), a log line every `every` seconds with done/total, the rate
+    and the time left, so a long command is never silent. `update(n)` after each piece; `close()`."""
+
+    def __init__(self, total: int, unit: str, desc: str, logger: logging.Logger, every: float = 30.0,
+                 enabled: bool = True) -> None:
+        import time
+
+        from tqdm import tqdm
+
+        self.total, self.unit, self.desc, self.log, self.every = total, unit, desc, logger, every
+        self.done = 0
+        self._time = time.perf_counter
+        self.t0 = self._last = self._time()
+        self.bar = tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True,
+                        disable=None if enabled else True)
+        self.lines = enabled and self.bar.disable
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
+        now = self._time()
+        if self.lines and (now - self._last >= self.every or self.done == self.total):
+            self._last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            left = (self.total - self.done) / rate if rate > 0 else float("inf")
+            self.log.info("%s: %d/%d %s, %.2f %s/s, %s left", self.desc, self.done, self.total, self.unit + "es"
+                          if self.unit.endswith("h") else self.unit + "s", rate, self.unit, _duration(left))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "unknown time"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -451,25 +451,17 @@ def _check_out(out: Path, append: bool, overwrite: bool, inputs: list[Path]) -> 
 
 def _embed(embedder: Embedder, texts: list[str], batch_size: int, progress: bool) -> tuple[np.ndarray, float]:
     """Embed passages in batches of similar length (less padding, even work per thread), with a progress bar."""
-    from tqdm import tqdm
+    from llmcore.log import Progress
 
     vecs = np.zeros((len(texts), embedder.dim), dtype=np.float32)
     order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first: the ETA errs high
     t0 = time.perf_counter()
-    bar = tqdm(total=len(texts), unit="passage", desc=f"embed ({embedder.name})", file=sys.stderr,
-               disable=None if progress else True, dynamic_ncols=True)
-    last = t0
+    bar = Progress(len(texts), "passage", f"embed ({embedder.name})", log, every=30.0, enabled=progress)
     try:
         for i in range(0, len(texts), batch_size):
             idx = order[i:i + batch_size]
             vecs[idx] = embedder.embed_passages([texts[j] for j in idx])
             bar.update(len(idx))
-            now = time.perf_counter()
-            if bar.disable and progress and now - last > 30:  # no terminal: a line every 30 s instead of a bar
-                last, done = now, i + len(idx)
-                rate = done / (now - t0)
-                log.info("embedded %d/%d passages, %.2f/s, about %.0f min left", done, len(texts), rate,
-                         (len(texts) - done) / rate / 60)
     finally:
         bar.close()
     return vecs, time.perf_counter() - t0

@@ -1,0 +1,85 @@
+"""Hostile input to `llmcore eval`, `prep split`, `prep stats --plot` and the CLI's help (reliability
+round 3: R4-*-eval, R6-stats-plot-*, F6, F10): one-line errors, never a traceback or a silent number."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from test_train_common import one_thread, pretrained_run, shards  # noqa: F401  (fixtures)
+
+from llmcore.errors import LLMCoreError
+
+
+def _resign(shard_dir: Path, name: str) -> None:
+    """Rewrite the manifest's sha256 and size of `name` to match the file (as a crafted dir would)."""
+    m = json.loads((shard_dir / "manifest.json").read_text())
+    data = (shard_dir / name).read_bytes()
+    for s in m["shards"]:
+        if s["file"] == name:
+            s["sha256"], s["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (shard_dir / "manifest.json").write_text(json.dumps(m))
+
+
+def _with_token(src: Path, dst: Path, value: int) -> Path:
+    """A copy of the pretrain shard dir whose first document's second token is `value` (manifest re-signed)."""
+    import pyarrow as pa
+
+    shutil.copytree(src, dst)
+    path = dst / "shard-00000.arrow"
+    with pa.memory_map(str(path), "r") as f:
+        table = pa.ipc.open_file(f).read_all()
+    col = table.column("tokens").combine_chunks()
+    values = col.values.to_numpy().copy()
+    values[1] = value
+    new = pa.ListArray.from_arrays(col.offsets, pa.array(values, type=col.type.value_type))
+    table = table.set_column(table.schema.get_field_index("tokens"), table.schema.field("tokens"), new)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    _resign(dst, "shard-00000.arrow")
+    return dst
+
+
+def test_eval_refuses_a_flipped_byte(shards, tmp_path: Path, one_thread) -> None:  # noqa: F811
+    """R4-flip-eval / R4-badsha-eval: train refuses this dir; eval used to score it."""
+    from llmcore.evaluate import evaluate
+
+    bad = tmp_path / "flip"
+    shutil.copytree(shards["pretrain"], bad)
+    p = bad / "shard-00000.arrow"
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 1
+    p.write_bytes(bytes(b))
+    with pytest.raises(LLMCoreError, match="corrupt shard: sha256"):
+        evaluate(pretrained_run(), bad, batch_size=2, seq_len=32, device="cpu", progress=False)
+
+
+def test_eval_refuses_an_id_at_or_above_the_vocab(shards, tmp_path: Path, one_thread) -> None:  # noqa: F811
+    """R4-bigid-eval: an IndexError traceback before."""
+    from llmcore.checkpoint import load_model
+    from llmcore.evaluate import evaluate
+
+    run = pretrained_run()
+    vocab = load_model(run)[0].config.vocab_size
+    bad = _with_token(shards["pretrain"], tmp_path / "bigid", vocab)
+    with pytest.raises(LLMCoreError, match=f"token id {vocab} .* is not below the vocab size {vocab}"):
+        evaluate(run, bad, batch_size=2, seq_len=32, device="cpu", progress=False)
+
+
+def test_eval_prints_progress_and_time_left_in_a_pipe(shards, one_thread, caplog: pytest.LogCaptureFixture,  # noqa: F811
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """F6: 6 min 42 s without a line before; in a pipe (no terminal) it now logs lines with the time left."""
+    import llmcore.evaluate as ev
+
+    monkeypatch.setattr(ev, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="llmcore"):
+        res = ev.evaluate(pretrained_run(), shards["pretrain"], batch_size=2, seq_len=32, device="cpu", max_batches=3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "llmcore.evaluate"]
+    assert lines[0].startswith("eval: 3 batches of 2 rows x 32 tokens")
+    assert any(line.startswith("eval: 3/3 batches") and "left" in line for line in lines), lines
+    assert res.batches == 3
