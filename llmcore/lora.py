@@ -290,6 +290,17 @@ def save_adapters(model: nn.Module, out_dir: Path, base: dict[str, str], rank: i
     write_text(out_dir / CONFIG, json.dumps(unwrap_model(model).config.to_dict(), indent=2) + "\n")
 
 
+def _merge_dir_problem(path: Path) -> str | None:
+    """Why `path` is not an earlier merge that --overwrite may replace (None when it is)."""
+    if not ((path / WEIGHTS).is_file() and (path / CONFIG).is_file()):
+        return f"it has no {WEIGHTS} + {CONFIG}"
+    for p in path.iterdir():
+        if p.name not in (WEIGHTS, CONFIG, "manifest.json") and not p.name.startswith(("tokenizer", "llmcore_tokenizer",
+                                                                                           "special_tokens")):
+            return f"it holds {p.name}, which a merge does not write"
+    return None
+
+
 def merge_lora(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """`llmcore model merge-lora`: the LoRA run/checkpoint `ckpt` merged into a plain checkpoint dir
     `out` (model.safetensors, model_config.json, tokenizer files, manifest.json), written atomically."""
@@ -299,7 +310,8 @@ def merge_lora(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     src = resolve_checkpoint(ckpt)
     if not (src / ADAPTER_CONFIG).is_file():
         raise LLMCoreError(f"--ckpt {ckpt}: not a LoRA run or checkpoint (no {ADAPTER_CONFIG}); nothing to merge")
-    out = check_out_dir(Path(out), overwrite=overwrite, what="an earlier merge", inputs=(Path(ckpt), src))
+    out = check_out_dir(Path(out), overwrite=overwrite, what="an earlier merge", inputs=(Path(ckpt), src),
+                        replaceable=_merge_dir_problem)
     model, _ = load_model(src, with_tokenizer=False)
     tok = load_tokenizer_for(src)
     with atomic_dir(out) as tmp:

@@ -116,6 +116,32 @@ def test_merged_equals_adapters_in_llmcore_merge_lora_and_transformers(lora_run,
         torch.testing.assert_close(hf(x).logits, want, atol=1e-5, rtol=0)
 
 
+def test_generate_eval_and_overwrite_take_a_lora_run(lora_run, shards, tmp_path, capsys):
+    from llmcore.cli import main
+
+    for args in (["generate", "--ckpt", str(lora_run), "--prompt", "the cat", "--max-new-tokens", "4", "--device",
+                  "cpu"],
+                 ["eval", "--ckpt", str(lora_run), "--data", str(shards["sft"]), "--max-batches", "2", "--device",
+                  "cpu"]):
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        assert info.value.code in (0, None), capsys.readouterr()
+    assert "perplexity" in capsys.readouterr().out
+    out = tmp_path / "m"
+    merge = ["model", "merge-lora", "--ckpt", str(lora_run), "--out", str(out)]
+    for extra, code in (([], 0), ([], 2), (["--overwrite"], 0)):
+        with pytest.raises(SystemExit) as info:
+            main(merge + extra)
+        assert (info.value.code or 0) == code
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as info:
+        main(merge + ["--overwrite"])
+    assert info.value.code == 2 and "notes.txt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["model", "merge-lora", "--ckpt", str(sft_run()), "--out", str(tmp_path / "n")])
+    assert info.value.code == 2 and "not a LoRA run" in capsys.readouterr().err
+
+
 def test_resume_is_exact(shards, tmp_path, lora_run):
     cut = tmp_path / "cut"
     train("lora", lora_cfg(shards, cut, save_every=2, stop_after=2))
