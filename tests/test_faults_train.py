@@ -5,7 +5,9 @@ silently alter the run, and run-dir files written with the user's umask (weights
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -337,3 +339,46 @@ def test_yaml_reads_1e_minus_3_as_a_number_and_quoted_numbers_get_a_hint(shards,
     with pytest.raises(LLMCoreError, match=r"c.yaml: lr must be a number, got '1e-3' \(a quoted string; write the "
                                            r"number without quotes\)"):
         build_config("pretrain", {"data": str(shards["pretrain"]), "out": "o"}, y)
+
+
+def test_dpo_summary_progress_and_plot_are_readable(shards, tmp_path, capsys):
+    from test_train_common import pretrained_run
+
+    from llmcore.train.metrics import loss_figure
+
+    out = tmp_path / "dpo"
+    code, stdout, err = run_cli(["train", "dpo", "--data", str(shards["dpo"]), "--init", str(pretrained_run()),
+                                 "--out", str(out), "--seq-len", "64", "--micro-batch-size", "2",
+                                 "--global-batch-size", "4", "--max-steps", "2", "--eval-docs", "4", "--lr", "1e-3",
+                                 "--attn-backend", "sdpa"], capsys)
+    assert code == 0, err
+    done = stdout.strip().splitlines()[-1]
+    assert re.search(r"loss \d\.\d{4} eval_loss \d\.\d{4} \(ln 2 = 0\.6931 = chance\), reward accuracy \d+% "
+                     r"\(chance 50%\), margin [-+]\d\.\d{4}, eval reward accuracy \d+%, margin [-+]\d\.\d{4}, ", done), done
+    steps = [ln for ln in stdout.splitlines() if ln.startswith("step 1/2 loss")]
+    assert steps and re.search(r"loss \d\.\d{4} \(reward accuracy \d+%, margin [-+]\d\.\d{4}\) lr ", steps[0]), steps
+    # The start notes name only flags `train dpo` has, and call its rows pairs.
+    assert "--on-long" not in stdout + err and " pairs = " in stdout.splitlines()[0]
+    fig = loss_figure(out / "metrics.jsonl", panels=(("rewards/accuracy",), ("rewards/margin", "rewards/chosen")),
+                      loss_unit="nats/pair", chance_loss=math.log(2))
+    labels = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes if ax.get_legend()]
+    assert "ln 2 = 0.693 = chance" in labels[0] and "50% = chance" in labels[1] and "0 = chance" in labels[2]
+    assert fig.axes[0].yaxis.get_major_formatter().get_useOffset() is False
+
+
+def test_first_step_time_and_estimate_and_timed_progress_in_a_pipe(shards, tmp_path, capsys, monkeypatch):
+    import llmcore.train.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "PROGRESS_EVERY_S", 0.0)  # every step is "30 s later"
+    code, out, err = run_cli(cli_args(shards, tmp_path / "r", "--max-steps", "4", "--log-every", "100"), capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    first = [ln for ln in lines if ln.startswith("first step took ")]
+    assert len(first) == 1 and re.fullmatch(r"first step took \d+\.\d\d s; at that pace the 3 remaining steps take "
+                                            r"about \d+:\d\d \(the first step includes start-up; the progress lines "
+                                            r"refine it\)", first[0]), first
+    # --log-every 100 logs steps 1 and 4; a pipe still gets a progress line for steps 2 and 3.
+    assert [ln.split()[1] for ln in lines if ln.startswith("step ") and " loss " in ln] == ["1/4", "2/4", "3/4", "4/4"]
+    from llmcore.train.metrics import read_metrics
+
+    assert [r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl")] == [1, 4]

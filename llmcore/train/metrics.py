@@ -54,8 +54,10 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, quiet: bool,
                  wandb_cfg: dict[str, Any] | None = None, title: str = "",
-                 panels: tuple[tuple[str, ...], ...] = (), loss_unit: str = "nats/token") -> None:
+                 panels: tuple[tuple[str, ...], ...] = (), loss_unit: str = "nats/token",
+                 chance_loss: float | None = None) -> None:
         self.enabled = enabled
+        self.chance_loss = chance_loss
         self.path = Path(run_dir) / "metrics.jsonl"
         self.plot_path = Path(run_dir) / "loss.png"
         self.title = title or Path(run_dir).name
@@ -109,19 +111,22 @@ class MetricsLogger:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
 
     def progress(self, step: int, loss: float, lr: float, tokens_per_s: float, elapsed: float,
-                 steps_done: int) -> None:
+                 steps_done: int, extra: str = "") -> None:
         """The bar's postfix, or (no bar: a pipe, a job log) one INFO line
-        `step N/T loss ... lr ... tok/s elapsed h:mm:ss eta h:mm:ss`."""
+        `step N/T loss ... lr ... tok/s elapsed h:mm:ss eta h:mm:ss`; `extra` (a stage's own
+        numbers, e.g. DPO's reward accuracy) follows the loss."""
         if not self.enabled or self.quiet:
             return
         remaining = self.total - step
         eta = elapsed / max(steps_done, 1) * remaining
+        more = f" ({extra})" if extra else ""
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s", refresh=False)
+            self.bar.set_postfix_str(f"loss {loss:.4f}{more} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s",
+                                     refresh=False)
             self.bar.refresh()
         else:
-            log.info(f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s "
+            log.info(f"step {step}/{self.total} loss {loss:.4f}{more} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s "
                      f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}")
 
     def message(self, text: str) -> None:
@@ -139,7 +144,8 @@ class MetricsLogger:
         """loss.png: loss, learning rate and the stage's own metrics against tokens seen."""
         if not self.enabled:
             return
-        plot_losses(self.path, self.plot_path, title=self.title, panels=self.panels, loss_unit=self.loss_unit)
+        plot_losses(self.path, self.plot_path, title=self.title, panels=self.panels, loss_unit=self.loss_unit,
+                    chance_loss=self.chance_loss)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -154,9 +160,24 @@ class MetricsLogger:
 
 
 def plot_losses(metrics_path: Path, out_path: Path, title: str = "",
-                panels: tuple[tuple[str, ...], ...] = (), loss_unit: str = "nats/token") -> None:
+                panels: tuple[tuple[str, ...], ...] = (), loss_unit: str = "nats/token",
+                chance_loss: float | None = None) -> None:
     """One PNG, panels sharing the x axis (tokens seen): train and eval loss (nats/token), the
-    learning rate, then one panel per group of stage metrics (DPO: reward accuracy; margins)."""
+    learning rate, then one panel per group of stage metrics (DPO: reward accuracy; margins).
+    `chance_loss`: the loss of a model that has learnt nothing (DPO: ln 2), drawn as a dashed line,
+    with 50% on the accuracy panel and 0 on the margin panel."""
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(metrics_path, title, panels, loss_unit, chance_loss)
+    try:
+        atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)
+
+
+def loss_figure(metrics_path: Path, title: str = "", panels: tuple[tuple[str, ...], ...] = (),
+                loss_unit: str = "nats/token", chance_loss: float | None = None) -> Any:
+    """The matplotlib figure `plot_losses` writes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,20 +196,30 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "",
         lr_ax.plot([r["tokens"] for r in steps], [r["lr"] for r in steps], lw=1, color="tab:gray")
     if evals:
         loss_ax.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "o-", lw=1.5, label="eval loss")
+    if chance_loss is not None:
+        loss_ax.axhline(chance_loss, ls="--", lw=1, color="tab:red", label=f"ln 2 = {chance_loss:.3f} = chance")
+    # No offset notation (`1e-5+6.931e-1`): a DPO loss that barely moves must still read as 0.6931.
+    loss_ax.ticklabel_format(axis="y", useOffset=False)
     loss_ax.set_ylabel(f"loss ({loss_unit})")
     lr_ax.set_ylabel("learning rate")
     lr_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}" if v else "0"))
     for ax, keys in zip(axes[2:], panels):
-        for key in keys:
+        for i, key in enumerate(keys):
+            color = f"C{i}"  # an eval dot has its train line's colour
             pts = [(r["tokens"], r[key]) for r in steps if key in r]
             if pts:
-                ax.plot(*zip(*pts), lw=1, label=key)
+                ax.plot(*zip(*pts), lw=1, label=key, color=color)
             epts = [(r["tokens"], r[f"eval_{key}"]) for r in evals if f"eval_{key}" in r]
             if epts:
-                ax.plot(*zip(*epts), "o", ms=4, label=f"eval {key}")
+                ax.plot(*zip(*epts), "o", ms=4, label=f"eval {key}", color=color)
+        if chance_loss is not None and keys[0].endswith("accuracy"):
+            ax.axhline(0.5, ls="--", lw=1, color="tab:red", label="50% = chance")
+        elif chance_loss is not None and keys[0].endswith("margin"):
+            ax.axhline(0.0, ls="--", lw=1, color="tab:red", label="0 = chance")
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_ylabel(keys[0].split("/")[-1] if len(keys) == 1 else "reward (nats)")
         if ax.lines:
-            ax.legend(fontsize=8, loc="best")
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     for ax in axes:
         ax.grid(alpha=0.3)
     if loss_ax.lines:
@@ -197,7 +228,4 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "",
     axes[-1].set_xlabel("tokens seen")
     fig.suptitle(title or Path(metrics_path).parent.name, fontsize=11)
     fig.tight_layout()
-    try:
-        atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=100))
-    finally:
-        plt.close(fig)
+    return fig

@@ -119,6 +119,9 @@ class RunSummary:
     checkpoint: Path | None  # newest complete checkpoint
     reports_perplexity: bool = True
     vocab_size: int | None = None  # for the reference point: a uniform guess over the vocab scores ln(V)
+    # Preference stages: the last step's reward accuracy and margin (TRL's rewards/accuracy, rewards/margin)
+    # and the held-out ones when evaluated; the loss of a model that cannot tell the pair apart is ln 2.
+    rewards: dict[str, float] | None = None
 
     def line(self) -> str:
         ev = ""
@@ -129,9 +132,23 @@ class RunSummary:
         ref = ""
         if self.reports_perplexity and self.vocab_size:
             ref = f" (a uniform guess scores ln {self.vocab_size} = {math.log(self.vocab_size):.2f})"
+        elif self.rewards is not None:
+            ref = f" (ln 2 = {math.log(2):.4f} = chance)" + reward_words(self.rewards)
         return (f"done: {self.stage} {self.steps}/{self.total_steps} steps, {self.tokens:,} tokens, "
                 f"loss {self.loss:.4f}{ev}{ref}, {self.tokens_per_s:,.0f} tok/s, {format_duration(self.elapsed_s)} "
                 f"-> {self.run_dir}")
+
+
+def reward_words(rewards: dict[str, float]) -> str:
+    """`, reward accuracy 55% (chance 50%), margin +0.0123` from a record's DPO terms (eval ones too)."""
+    out = ""
+    for prefix, label in (("", "reward accuracy"), ("eval_", "eval reward accuracy")):
+        acc, margin = rewards.get(f"{prefix}rewards/accuracy"), rewards.get(f"{prefix}rewards/margin")
+        if acc is not None and math.isfinite(acc):
+            out += f", {label} {acc:.0%}" + (" (chance 50%)" if not prefix else "")
+            if margin is not None and math.isfinite(margin):
+                out += f", margin {margin:+.4f}"
+    return out
 
 
 def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
@@ -411,6 +428,7 @@ class Trainer:
         self.sync_every = 1 if engine.device.type == "cpu" else cfg.log_every
         self._pending: list[dict[str, Any]] = []
         self.last_record: dict[str, Any] | None = None  # the newest step record read (for the summary)
+        self.last_eval_record: dict[str, Any] | None = None
         self.lock: RunDirLock | None = None  # the run dir's writer lock (rank 0), released when run() ends
         self._last_save_t = time.monotonic()  # --save-minutes counts from here
         self.flops_per_token = flops_per_token(model.config, cfg.seq_len)
@@ -489,10 +507,13 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its record (values may still be device tensors, see `_read`)."""
         micro = [next(self.feed) for _ in range(self.accum)]
-        counts = torch.tensor([sum(s["count"] for _, s in micro), sum(s["real"] for _, s in micro)],
-                              dtype=torch.float64)
-        counts = self.engine.all_sum(counts.to(self.engine.device)).cpu() if self.world > 1 else counts
-        denom = max(float(counts[0]), 1.0)
+        # Host numbers from the feed's CPU copies: no device read for one process. Several processes
+        # need the global count before the first forward: one all-reduce and one read per step.
+        count, real = sum(s["count"] for _, s in micro), sum(s["real"] for _, s in micro)
+        if self.world > 1:
+            counts = torch.tensor([count, real], dtype=torch.float64, device=self.engine.device)
+            count, real = (int(x) for x in self.engine.all_sum(counts).tolist())
+        denom = max(float(count), 1.0)
         lr = lr_at(self.step, self.total_steps, self.cfg.lr, self.cfg.min_lr, self.cfg.warmup_steps)
         sums: dict[str, torch.Tensor] = {}
         for i, (batch, _) in enumerate(micro):
@@ -504,7 +525,7 @@ class Trainer:
                 self.engine.micro_step_end(False, lr)
         terms = self._global_sums(sums)
         record: dict[str, Any] = {"step": self.step + 1, "loss": terms.pop("loss"), "lr": lr,
-                                  "tokens": self.tokens + int(counts[1]), "grad_norm": None,
+                                  "tokens": self.tokens + int(real), "grad_norm": None,
                                   "epoch": self.feed.epoch, **terms}
         if self.sync_every == 1:
             # Read before the optimizer step: a non-finite loss stops the run with the weights untouched.
@@ -541,24 +562,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss on the held-out documents (mean over all their loss tokens / pairs, all processes)."""
+        """Loss on the held-out documents (mean over all their loss tokens / pairs, all processes).
+
+        Runs the model uncompiled even under --compile (`force_eager`): no-grad, eval mode and the
+        trimmed last batch are each a new guard, so the compiled training graph would recompile
+        (20-60 s per graph on a GPU) for a pass that is run rarely."""
         assert self.eval_idx is not None
         self.engine.train(False)
         try:
-            ld = self.data.make_loader(self.eval_idx, self.rank, self.world, shuffle=False)
-            sums: dict[str, torch.Tensor] = {}
-            count = 0
-            for step in range(ld.steps_per_epoch):
-                batch = first_rows(next(ld), ld.unwrapped_rows(step))
-                if batch is None:
-                    continue
-                count += self.objective.count(batch)
-                out = self.objective(self.engine.forward, self.engine.to_device(batch), 1.0, 1, 1)
-                for k, v in out.terms.items():
-                    if k not in ("loss", "aux_loss"):
-                        sums[k] = sums.get(k, 0) + v.double()
-            sums["_count"] = torch.tensor(float(count), dtype=torch.float64, device=self.engine.device)
-            totals = {k: float(v) for k, v in self._global_sums(sums).items()}
+            with torch.compiler.set_stance("force_eager"):
+                totals = self._eval_sums()
         finally:
             self.engine.train(True)
         n = max(totals.pop("_count"), 1.0)
@@ -568,6 +581,23 @@ class Trainer:
         if self.stage.reports_perplexity:
             res["eval_ppl"] = perplexity(res["eval_loss"])
         return res
+
+    def _eval_sums(self) -> dict[str, float]:
+        """Summed eval terms and the item count over the held-out documents, all processes."""
+        ld = self.data.make_loader(self.eval_idx, self.rank, self.world, shuffle=False)
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        for step in range(ld.steps_per_epoch):
+            batch = first_rows(next(ld), ld.unwrapped_rows(step))
+            if batch is None:
+                continue
+            count += self.objective.count(batch)
+            out = self.objective(self.engine.forward, self.engine.to_device(batch), 1.0, 1, 1)
+            for k, v in out.terms.items():
+                if k not in ("loss", "aux_loss"):
+                    sums[k] = sums.get(k, 0) + v.double()
+        sums["_count"] = torch.tensor(float(count), dtype=torch.float64, device=self.engine.device)
+        return {k: float(v) for k, v in self._global_sums(sums).items()}
 
     def save(self) -> Path:
         eng = self.engine
@@ -590,11 +620,13 @@ class Trainer:
         epochs = self.total_steps / self.steps_per_epoch
         lines = [f"{self.stage.name}: {self.total_steps:,} steps x {rows_per_step} rows of {self.cfg.seq_len} tokens "
                  f"({rows_per_step * self.cfg.seq_len:,} token slots per step) on {self.engine.device}; the training "
-                 f"data holds {loader.tokens_per_epoch:,} tokens in {len(loader.docs):,} documents = "
+                 f"data holds {loader.tokens_per_epoch:,} tokens in {len(loader.docs):,} {self._unit()} = "
                  f"{self.steps_per_epoch:,} steps per epoch, so this run makes {epochs:.2f} epochs"]
         if getattr(loader, "long_docs", 0) and loader.mode != "packed":
-            lines.append(f"note: {loader.long_docs:,} documents are longer than a row of {self.cfg.seq_len + 1} tokens "
-                         "and are cut (conversations: truncated at the end; --on-long fail refuses them)")
+            # Name --on-long only where this stage's command has it (`train dpo` has not).
+            fix = "; --on-long fail refuses them" if "on_long" in self.stage.settings else ""
+            lines.append(f"note: {loader.long_docs:,} {self._unit()} are longer than a row of {self.cfg.seq_len + 1} "
+                         f"tokens and are cut (conversations: truncated at the end{fix})")
         if getattr(loader, "docs_without_loss", 0):
             lines.append(f"warning: {loader.docs_without_loss:,} conversations keep no assistant token after the cut "
                          "and teach nothing; raise --seq-len")
@@ -605,6 +637,15 @@ class Trainer:
                          f"{self.cfg.repeat_warning:g}); a small model memorises repeated data: lower --max-steps or "
                          "--epochs, or add data")
         return lines
+
+    def _chance_loss(self) -> float | None:
+        """ln 2 for a preference objective (its loss is -log sigmoid of the reward margin, which is
+        ln 2 while the policy cannot tell chosen from rejected, as at the start, where it equals the
+        reference); None for the others (their summary names ln V instead)."""
+        return math.log(2) if self.stage.loss_unit == "nats/pair" else None
+
+    def _unit(self) -> str:
+        return "pairs" if self.data.loader.mode == "pairs" else "documents"
 
     def _stop_or_save_due(self, stop: StopSignals, at_sync: bool) -> tuple[int | None, bool]:
         """(the signal that asks the run to stop, or None; whether --save-minutes has passed since the
@@ -646,7 +687,8 @@ class Trainer:
         title = (f"{self.run_dir.name}: {self.stage.name}, {n_params / 1e6:.1f}M-parameter model "
                  f"(d{mc.hidden_size} x {mc.num_hidden_layers} layers), {self.device_name}")
         metrics = MetricsLogger(self.run_dir, self.rank == 0, self.total_steps, self.step, cfg.quiet, wandb_cfg,
-                                title=title, panels=self.stage.plot_panels, loss_unit=self.stage.loss_unit)
+                                title=title, panels=self.stage.plot_panels, loss_unit=self.stage.loss_unit,
+                                chance_loss=self._chance_loss())
         start_step, t_start = self.step, time.perf_counter()
         thr = Throughput(self.engine.device)
         run_tokens0 = self.tokens
@@ -696,14 +738,17 @@ class Trainer:
                 if log_now or progress_now:
                     elapsed = time.perf_counter() - t_start
                     rate = record.get("tokens_per_s") if log_now else (self.tokens - run_tokens0) / max(elapsed, 1e-9)
-                    metrics.progress(self.step, record["loss"], record["lr"], rate, elapsed, self.step - start_step)
+                    metrics.progress(self.step, record["loss"], record["lr"], rate, elapsed, self.step - start_step,
+                                     extra=reward_words(record).lstrip(", ").replace(" (chance 50%)", ""))
                     last_progress_t = time.monotonic()
                 if first and not last:
                     metrics.message(self._first_step_line(time.perf_counter() - t_start))
                 if eval_now:
-                    metrics.message(f"step {self.step}: evaluating on {len(self.eval_idx):,} held-out documents ...")
+                    metrics.message(f"step {self.step}: evaluating on {len(self.eval_idx):,} held-out "
+                                    f"{self._unit()} ...")
                     ev = self.evaluate()
                     self.last_eval = ev["eval_loss"]
+                    self.last_eval_record = ev
                     metrics.log({"step": self.step, "tokens": self.tokens, **ev})
                     metrics.message(f"step {self.step}: eval_loss {ev['eval_loss']:.4f}")
                     metrics.plot()
@@ -725,13 +770,31 @@ class Trainer:
         if signum is not None:
             raise TrainingInterrupted(signum, self.step, self.total_steps, last_ckpt, self.run_dir)
         elapsed = time.perf_counter() - t_start
+        record, ev_record = self._last_logged()
+        if record is not None and not math.isfinite(last_loss):
+            last_loss = float(record["loss"])  # nothing ran now (a finished run resumed): the run's last step
+        rewards = {k: float(v) for rec in (record, ev_record) if rec for k, v in rec.items() if "rewards/" in k}
         summary = RunSummary(
             stage=self.stage.name, run_dir=self.run_dir, steps=self.step, total_steps=self.total_steps,
             tokens=self.tokens, loss=last_loss, eval_loss=self.last_eval,
             tokens_per_s=(self.tokens - run_tokens0) / max(elapsed, 1e-9), elapsed_s=elapsed,
             checkpoint=last_ckpt, reports_perplexity=self.stage.reports_perplexity,
-            vocab_size=int(self.model.config.vocab_size))
+            vocab_size=int(self.model.config.vocab_size), rewards=rewards or None)
         return summary
+
+    def _last_logged(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(the newest step record, the newest eval record) of the run so far: this invocation's,
+        else metrics.jsonl's (a resumed run that had nothing left to do)."""
+        record, ev = self.last_record, self.last_eval_record
+        if record is None and self.rank == 0:
+            from llmcore.train.metrics import read_metrics
+
+            rows = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if int(r.get("step", 0)) <= self.step]
+            steps = [r for r in rows if "loss" in r and "eval_loss" not in r]
+            evals = [r for r in rows if "eval_loss" in r]
+            record = steps[-1] if steps else None
+            ev = ev or (evals[-1] if evals else None)
+        return record, ev
 
 
 def train(stage: str, cfg: TrainConfig, hooks: TrainHooks | None = None) -> RunSummary:
@@ -744,4 +807,4 @@ def train(stage: str, cfg: TrainConfig, hooks: TrainHooks | None = None) -> RunS
     launcher the CLI ends it with `shutdown_distributed()` and os._exit."""
     st = get_stage(stage)
     cfg = cfg.resolved(st)
-    return Trainer.from_config(st, cfg, hooks).run()
+    return st.run(cfg, hooks)
