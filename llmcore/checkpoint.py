@@ -192,12 +192,25 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 newer = [d for d in step_dirs(p) if _step_of(d) > _step_of(c) and checkpoint_problem(d) is None]
                 return newer[0] if newer else c
         raise LLMCoreError(f"{latest} names {name!r}, but no complete checkpoint ({WEIGHTS} + {CONFIG}) is there")
+    if not step_dirs(p) and _is_run_config(p / HF_CONFIG):
+        # A training killed before its first save leaves config.json, tokenizer/ and metrics.
+        raise LLMCoreError(f"{p}: run dir that has no checkpoint yet (its training stopped before the first save; "
+                           "continue it with `llmcore train STAGE --out RUN --resume`, which starts at step 0)")
     if (p / "checkpoints").is_dir():
         raise LLMCoreError(f"{p}: run dir without a complete checkpoint ({latest} is missing)")
     if (p / WEIGHTS).is_file():
         raise LLMCoreError(f"{p}: {CONFIG} is missing beside {WEIGHTS}")
     raise LLMCoreError(f"{p}: not a run dir (no checkpoints/latest), checkpoint dir (no {WEIGHTS} + {CONFIG}) "
                        "or transformers folder (no config.json + model.safetensors)")
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether `path` is the config.json a training run writes (stage + train settings)."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "stage" in cfg and isinstance(cfg.get("train"), dict)
 
 
 def _step_of(path: Path) -> int:
