@@ -1,4 +1,4 @@
-"""CLI for the data pipeline: `llmcore tokenizer train` and `llmcore prep stats|download|pretrain|sft|dpo|inspect`.
+"""CLI for the data pipeline: `llmcore tokenizer train` and `llmcore prep stats|download|pretrain|sft|dpo|split|inspect`.
 
 Commands only parse flags and call one library function; errors are LLMCoreError/DataError,
 which the root CLI prints as one line.
@@ -173,6 +173,26 @@ def _prep_command(kind: ShardKind):
 
 for _kind in KINDS.values():
     _prep_command(_kind)
+
+
+@prep_app.command("split")
+def prep_split(
+    input: Path = typer.Option(..., "--input", "-i", help="shard dir to split (left unchanged)"),
+    eval_docs: int = typer.Option(..., "--eval-docs", help="documents held out (as train --eval-docs picks them)"),
+    out_train: Path = typer.Option(..., "--out-train", help="shard dir for the other documents"),
+    out_eval: Path = typer.Option(..., "--out-eval", help="shard dir for the held-out documents"),
+    seed: int = typer.Option(0, "--seed", help="which documents are held out (train's --seed picks the same)"),
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """Split a shard dir into a training dir and a held-out dir for `llmcore eval`.
+
+    Example: llmcore prep split --input shards/pretrain --eval-docs 1000 --out-train shards/pretrain_train --out-eval shards/pretrain_heldout
+    """
+    from llmcore.data_prep.split import split_shards
+
+    tr, ev = split_shards(input, eval_docs, out_train, out_eval, seed=seed, overwrite=overwrite)
+    typer.echo(f"wrote {out_train}: {tr['num_docs']:,} documents, {tr['num_tokens']:,} tokens; "
+               f"{out_eval}: {ev['num_docs']:,} documents, {ev['num_tokens']:,} tokens (held out, seed {seed})")
 
 
 @prep_app.command("inspect")

@@ -9,6 +9,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from test_train_common import one_thread, pretrained_run, shards  # noqa: F401  (fixtures)
@@ -83,3 +84,57 @@ def test_eval_prints_progress_and_time_left_in_a_pipe(shards, one_thread, caplog
     assert lines[0].startswith("eval: 3 batches of 2 rows x 32 tokens")
     assert any(line.startswith("eval: 3/3 batches") and "left" in line for line in lines), lines
     assert res.batches == 3
+
+
+# ---------------------------------------------------------------- prep split (F6, README's held-out dir)
+
+def test_prep_split_holds_out_what_train_holds_out(shards, tmp_path: Path) -> None:  # noqa: F811
+    from llmcore.cli import main
+    from llmcore.data_prep.loaders import train_eval_split
+    from llmcore.data_prep.shards import ShardReader
+
+    src = ShardReader(shards["pretrain"])
+    before = {p.name: p.read_bytes() for p in shards["pretrain"].iterdir()}
+    with pytest.raises(SystemExit) as ex:
+        main(["prep", "split", "--input", str(shards["pretrain"]), "--eval-docs", "25", "--seed", "3",
+              "--out-train", str(tmp_path / "tr"), "--out-eval", str(tmp_path / "ev")])
+    assert ex.value.code in (0, None)
+    tr, ev = ShardReader(tmp_path / "tr"), ShardReader(tmp_path / "ev")
+    tr.verify()
+    ev.verify()
+    train_idx, eval_idx = train_eval_split(len(src), 25, 3)  # what train --eval-docs 25 --seed 3 holds out
+    assert len(ev) == 25 and len(tr) == len(src) - 25
+    for part, idx in ((ev, eval_idx), (tr, train_idx)):
+        for j, i in enumerate(idx):
+            a, b = part.doc(j), src.doc(int(i))
+            assert all(np.array_equal(a[c], b[c]) for c in src.columns)
+    assert ev.fingerprint == src.fingerprint and ev.manifest["split"]["part"] == "eval"
+    assert {p.name: p.read_bytes() for p in shards["pretrain"].iterdir()} == before
+
+
+@pytest.mark.parametrize("how, msg", [
+    ("too many", "leaves no training documents"),
+    ("zero", "--eval-docs 0: must be >= 1"),
+    ("same out", "are the same dir"),
+    ("out holds input", "holds the input"),
+    ("out is a file", "exists and is not a directory"),
+])
+def test_prep_split_bad_flags_are_one_line(shards, tmp_path: Path, how: str, msg: str) -> None:  # noqa: F811
+    from llmcore.data_prep.split import split_shards
+
+    src = shards["pretrain"]
+    n, tr, ev = 25, tmp_path / "tr", tmp_path / "ev"
+    if how == "too many":
+        n = 10**6
+    elif how == "zero":
+        n = 0
+    elif how == "same out":
+        ev = tr
+    elif how == "out holds input":
+        tr = src.parent
+    elif how == "out is a file":
+        (tmp_path / "f").write_text("x")
+        ev = tmp_path / "f"
+    with pytest.raises(LLMCoreError, match=msg):
+        split_shards(src, n, tr, ev)
+    assert not (tmp_path / "tr").exists() or how == "out holds input"
