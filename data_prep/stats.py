@@ -9,7 +9,7 @@ import numpy as np
 
 from llmcore.data_prep.jsonl import DEFAULT_MAX_LINE_BYTES, BadLine, iter_records
 from llmcore.data_prep.kinds import ShardKind, default_kind, detect_kind, get_kind
-from llmcore.errors import DataError
+from llmcore.errors import DataError, LLMCoreError
 from llmcore.io import atomic_write
 
 PERCENTILES = (50, 90, 99)
@@ -43,6 +43,7 @@ def compute_stats(
     """
     path = Path(path)
     shard_kind = get_kind(kind) if kind is not None else None
+    plot_format = check_plot_path(plot) if plot is not None else None  # before reading anything
     if not path.is_file():
         raise DataError("cannot read input file (missing or not a file)", str(path), reason="unreadable_file")
     tok = None
@@ -108,7 +109,8 @@ def compute_stats(
         result["chars_per_token"] = round(result["total_chars"] / max(1, result["total_tokens"]), 3)
         result["tokenizer"] = str(tokenizer_dir)
     if plot is not None:
-        result["plot"] = str(write_histogram(char_arr, tok_arr if tok is not None else None, plot, path.name))
+        result["plot"] = str(write_histogram(char_arr, tok_arr if tok is not None else None, plot, path.name,
+                                             plot_format))
     return result
 
 
@@ -117,7 +119,30 @@ def _log_bins(values: np.ndarray, n: int = 60) -> np.ndarray:
     return np.unique(np.geomspace(lo, hi * 1.0001, n))
 
 
-def write_histogram(chars: np.ndarray, tokens: np.ndarray | None, out: str | Path, title: str) -> Path:
+def check_plot_path(out: str | Path, flag: str = "--plot") -> str:
+    """The image format matplotlib will write `out` in (its extension; PNG when it has none), after
+    checking `out` can be written as a file: not a directory, not below a file, an extension
+    matplotlib writes. A one-line LLMCoreError otherwise, raised before any work is done."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    out = Path(out)
+    if out.is_dir():
+        raise LLMCoreError(f"{flag} {out}: is a directory; give a file name, e.g. {out / 'stats.png'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LLMCoreError(f"{flag} {out}: {parent} is a file, not a directory")
+            break
+    fmt = out.suffix[1:].lower() or "png"
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in supported:
+        raise LLMCoreError(f"{flag} {out}: cannot write '.{fmt}' images; use .png, .svg or .pdf "
+                           f"(or one of {', '.join(sorted(supported))})")
+    return fmt
+
+
+def write_histogram(chars: np.ndarray, tokens: np.ndarray | None, out: str | Path, title: str,
+                    fmt: str | None = None) -> Path:
     """Row-length histograms (characters, and tokens when counted). A long tail (max over 10x the
     p99, as on pretrain_sample.jsonl: p99 887, max 109,672) gets a log x axis with log-spaced bins,
     so the bulk and the outliers are both visible; otherwise the axis is linear. The axis label
@@ -160,9 +185,10 @@ def write_histogram(chars: np.ndarray, tokens: np.ndarray | None, out: str | Pat
     fig.suptitle(f"Row lengths of {title}")
     fig.tight_layout()
     out = Path(out)
+    fmt = fmt or check_plot_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100))
+    try:  # the format is given: the temp file's name must not decide it (it ends in .tmp)
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100, format=fmt))
     finally:
         plt.close(fig)
     return out

@@ -138,3 +138,40 @@ def test_prep_split_bad_flags_are_one_line(shards, tmp_path: Path, how: str, msg
     with pytest.raises(LLMCoreError, match=msg):
         split_shards(src, n, tr, ev)
     assert not (tmp_path / "tr").exists() or how == "out holds input"
+
+
+# ---------------------------------------------------------------- prep stats --plot (R6-stats-plot-*)
+
+def _stats_input(tmp_path: Path) -> Path:
+    p = tmp_path / "pre.jsonl"
+    p.write_text("".join(json.dumps({"text": "字" * (10 + i)}) + "\n" for i in range(30)), encoding="utf-8")
+    return p
+
+
+@pytest.mark.parametrize("name, fmt_magic", [("plotnoext", b"\x89PNG"), ("x.PNG", b"\x89PNG"), ("x.svg", b"<?xml")])
+def test_stats_plot_names(tmp_path: Path, name: str, fmt_magic: bytes) -> None:
+    """R6-stats-plot-noext: a name without an extension is a PNG (a 'Format tmp' traceback before)."""
+    from llmcore.data_prep.stats import compute_stats
+
+    compute_stats(_stats_input(tmp_path), plot=tmp_path / name)
+    assert (tmp_path / name).read_bytes().startswith(fmt_magic)
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("how, msg", [
+    ("dir", "is a directory; give a file name"),          # R6-stats-plot-dir
+    ("xyz", "cannot write '.xyz' images"),                # R6-stats-plot-xyz
+    ("below file", "is a file, not a directory"),
+])
+def test_stats_plot_bad_paths_are_one_line_before_reading(tmp_path: Path, how: str, msg: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from llmcore.cli import main
+
+    src = _stats_input(tmp_path)
+    target = {"dir": tmp_path / "plotdir", "xyz": tmp_path / "x.xyz", "below file": src / "p.png"}[how]
+    if how == "dir":
+        target.mkdir()
+    with pytest.raises(SystemExit) as ex:
+        main(["prep", "stats", str(src), "--plot", str(target)])
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and msg in err and "Traceback" not in err and err.count("\n") == 1
