@@ -62,4 +62,6 @@ def test_repeat_warning_shows_even_with_quiet(shards, tmp_path, capsys):  # noqa
             "--stop-after", "1", "--repeat-warning", "2", "--attn-backend", "sdpa", "--quiet"]
     code, out, err = run(args, capsys)
     assert code == 0, err
-    assert re.search(r"warning: the run passes over its data 5\.\d times \(more than --repeat-warning 2\)", err), err
+    # The count depends on how the test tokenizer cuts the synthetic text; > 2 is the point.
+    m = re.search(r"warning: the run passes over its data (\d+\.\d) times \(more than --repeat-warning 2\)", err)
+    assert m and float(m.group(1)) > 2, err
