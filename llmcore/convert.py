@@ -460,8 +460,11 @@ def import_model(src: str | Path, out: str | Path, preset: str | None = None, to
         from llmcore.data_prep.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tok_dir)
+        # A --tokenizer over a folder that brings its own must be that vocabulary.
+        own = (load_tokenizer(source.tokenizer_dir).fingerprint
+               if tokenizer is not None and source.tokenizer_dir is not None else None)
         check_tokenizer_fits(model.config, tok, f"--tokenizer {tok_dir}" if tokenizer is not None else str(tok_dir),
-                             exact=False)
+                             exact=False, fingerprint=own)
     remove_leftovers(out.parent, out.name)
     try:
         with atomic_dir(out) as tmp:

@@ -225,6 +225,8 @@ def test_minimind_transformers_folder(tmp_path: Path, moe: bool, shared_data: Pa
     model, tok = load_model(src)
     assert tok is not None and model.config.qk_norm and model.config.use_moe == moe
     assert_same_logits(model, hf_logits(hf))
+    with pytest.raises(LLMCoreError, match="another vocabulary"):  # MiniMind2's tokenizer: same size, other ids
+        import_model(src, tmp_path / "run", tokenizer=shared_data / "minimind_tokenizer")
     run = import_model(src, tmp_path / "run").run_dir
     back, tok2 = load_model(run)
     assert tok2 is not None and tok2.fingerprint == tok.fingerprint
