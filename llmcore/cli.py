@@ -50,6 +50,19 @@ def _register_all() -> None:
     __import__("llmcore.rag.cli", fromlist=["register"]).register(app)
     __import__("llmcore.launch.cli", fromlist=["register"]).register(app)
     __import__("llmcore.bench.cli", fromlist=["register"]).register(app)
+    _plain_help(app)
+
+
+def _plain_help(typer_app: typer.Typer) -> None:
+    """Help and usage errors as click prints them, for this app and every group under it.
+
+    Rich's option table crops flag names to fit the width (`--latency-queri…` at 80 columns, as in
+    a pipe) and prints `<bool>` for flags; click's layout never cuts a flag name and wraps only the
+    descriptions. Set on every Typer instance, so it holds however the command tree is built."""
+    typer_app.rich_markup_mode = None
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _plain_help(group.typer_instance)
 
 
 _register_all()

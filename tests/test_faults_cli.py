@@ -175,3 +175,37 @@ def test_stats_plot_bad_paths_are_one_line_before_reading(tmp_path: Path, how: s
         main(["prep", "stats", str(src), "--plot", str(target)])
     err = capsys.readouterr().err
     assert ex.value.code == 2 and msg in err and "Traceback" not in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- --help at 80 columns (F10)
+
+def _commands(cmd, path=()):
+    if hasattr(cmd, "commands"):  # a group (typer vendors its own click)
+        for name, sub in cmd.commands.items():
+            yield from _commands(sub, (*path, name))
+    else:
+        yield path, cmd
+
+
+def test_every_help_shows_every_flag_name_whole_at_80_columns() -> None:
+    """`rag eval --help` in a pipe printed `--latency-queri…`; no flag name may be cut."""
+    import re
+
+    import typer
+    from typer.testing import CliRunner
+
+    from llmcore.cli import app
+
+    runner = CliRunner()
+    root = typer.main.get_command(app)
+    seen = 0
+    for path, cmd in _commands(root):
+        res = runner.invoke(app, [*path, "--help"], terminal_width=80, env={"COLUMNS": "80"})
+        assert res.exit_code == 0, (path, res.output)
+        assert "…" not in res.output, path
+        for param in cmd.params:
+            for opt in [*getattr(param, "opts", []), *getattr(param, "secondary_opts", [])]:
+                if opt.startswith("--") and not getattr(param, "hidden", False):
+                    assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", res.output), (path, opt)
+                    seen += 1
+    assert seen > 100
