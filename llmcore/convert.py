@@ -26,6 +26,7 @@ import json
 import logging
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,9 @@ def read_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
     """A `.pth`/`.bin` state dict, loaded with `weights_only=True` (tensors and plain containers only).
     A MiniMind resume file (`{"model": state_dict, "optimizer": ..., ...}`) gives its `model`."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a damaged file makes torch warn about odd pickle protocols; we raise
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message is a page of advice; the line that matters names the global or the operand.
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
@@ -75,8 +78,10 @@ def read_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(err))
         raise LLMCoreError(f"{path}: cannot read it as a PyTorch state dict "
                            f"({detail.group(1)[:160] if detail else 'not a weights-only pickle'})") from None
-    except (RuntimeError, OSError, EOFError, ValueError, AttributeError, TypeError) as err:
-        raise LLMCoreError(f"{path}: cannot read it as a PyTorch state dict ({str(err).splitlines()[0][:160]})") \
+    except Exception as err:  # noqa: BLE001 - arbitrary bytes through the (safe) weights-only unpickler fail in
+        # many ways (struct.error, KeyError, UnicodeDecodeError, ...); each means the file is not a state dict.
+        first = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        raise LLMCoreError(f"{path}: cannot read it as a PyTorch state dict ({type(err).__name__}: {first})") \
             from None
     if isinstance(data, dict) and isinstance(data.get("model"), dict) and "optimizer" in data:
         data = data["model"]
@@ -482,6 +487,6 @@ def import_model(src: str | Path, out: str | Path, preset: str | None = None, to
     except OSError as err:
         raise LLMCoreError(f"--out {out}: cannot write the run dir: {err.strerror or err} (nothing was written there)") \
             from None
-    logger.info("imported %s (%s) into %s", src_path, source.kind, out)
+    logger.debug("imported %s (%s) into %s", src_path, source.kind, out)
     return ImportResult(out, model.config, source.kind, source.preset, tok_dir if tok is not None else None,
                         model.num_params())
