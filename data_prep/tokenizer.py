@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -255,14 +256,12 @@ _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transforme
 
 def _plain(value):
     """A copy of `value` made of plain JSON types (what transformers lets a template see); anything
-    else becomes an inert "<TypeName>" string. Iterative over containers is not needed: inputs are
-    JSON rows or API bodies whose depth the parsers already bound."""
+    else becomes an inert "<TypeName>" string. Recursive: inputs are JSON rows or API bodies whose
+    depth their parsers already bound."""
     if value is None or type(value) in (str, int, float, bool):
         return value
     if isinstance(value, str):
         return str.__str__(value)
-    if isinstance(value, bool):
-        return bool(value)
     if isinstance(value, int):
         return int.__int__(value)
     if isinstance(value, float):
@@ -438,8 +437,6 @@ class Tokenizer:
 
     def _specials_pattern(self):
         if self._special_re is None:
-            import re
-
             self._special_re = re.compile("|".join(re.escape(t) for t in self.special_strings()) or r"(?!)")
         return self._special_re
 
@@ -525,10 +522,10 @@ class Tokenizer:
             raise ChatTemplateError("message text uses every private-use character range; cannot keep special-token strings as text")
         to_mark = dict(zip(specials, marks))
         from_mark = dict(zip(marks, specials))
-        swap = lambda x: pattern.sub(lambda m: to_mark[m.group()], x)  # noqa: E731
-        marked = render(_map_strings(msgs, swap), _map_strings(tools, swap) if tools is not None else None)
-        import re
+        def swap(x: str) -> str:
+            return pattern.sub(lambda m: to_mark[m.group()], x)
 
+        marked = render(_map_strings(msgs, swap), _map_strings(tools, swap) if tools is not None else None)
         parts: list[str] = []
         controls: list[tuple[int, int, int]] = []
         pos = length = 0
@@ -624,6 +621,8 @@ class Tokenizer:
                                                   sum(m["role"] == "assistant" for m in msgs), only_last)
             except ChatTemplateError as err:
                 raise ChatTemplateError(str(err), index) from None
+            except RecursionError:  # a field nested deeper than the copies can follow
+                raise ChatTemplateError("the conversation is nested too deeply to render", index) from None
             if controls is None:
                 plans.append((spans, len(whole)))
                 whole.append(text)

@@ -188,3 +188,22 @@ def test_demo_corpus(tmp_path, tok):
         res = invoke("prep", kind, "-i", paths[kind], "-t", tok, "-o", tmp_path / f"sh-{kind}", "-w", "1")
         assert res.exit_code == 0, res.output
         assert "skipped" not in res.output
+
+
+def test_tokenizer_template_flag_and_prep_empty_think_flags(tmp_path):
+    src = _write(tmp_path / "c.jsonl", [{"text": "hello world 你好 世界"}] * 30)
+    res = invoke("tokenizer", "train", "-i", src, "-o", tmp_path / "chatml", "--vocab-size", "300", "--template", "chatml")
+    assert res.exit_code == 0, res.output
+    assert "You are a helpful assistant" in json.loads((tmp_path / "chatml" / "tokenizer_config.json").read_text())["chat_template"]
+    res = invoke("tokenizer", "train", "-i", src, "-o", tmp_path / "q", "--template", "qwen")
+    assert isinstance(res.exception, LLMCoreError) and str(res.exception) == "--template 'qwen': expected one of minimind3, chatml"
+    res = invoke("tokenizer", "train", "-i", src, "-o", tmp_path / "m3", "--vocab-size", "300")
+    assert res.exit_code == 0, res.output
+    rows = [{"conversations": _conv(f"q{i}", f"a{i}")} for i in range(40)]
+    sft = _write(tmp_path / "s.jsonl", rows)
+    res = invoke("prep", "sft", "-i", sft, "-t", tmp_path / "m3", "-o", tmp_path / "sh", "--drop-empty-think", "0.5", "--seed", "3")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "sh" / "manifest.json").read_text())["empty_think"] == {"drop": 0.5, "seed": 3}
+    res = invoke("prep", "sft", "-i", sft, "-t", tmp_path / "m3", "-o", tmp_path / "sh2", "--drop-empty-think", "2")
+    assert isinstance(res.exception, LLMCoreError) and str(res.exception).startswith("--drop-empty-think must be between 0 and 1")
+    assert "--drop-empty-think" not in invoke("prep", "pretrain", "--help").output
