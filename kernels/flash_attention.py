@@ -710,6 +710,7 @@ def flash_attention(
     softmax_scale: float | None = None,
     *,
     position_ids: torch.Tensor | None = None,
+    doc_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Exact attention, FlashAttention-2 style (Triton; differentiable in q, k and v).
 
@@ -721,7 +722,9 @@ def flash_attention(
     containing every row start (FlashAttention's varlen layout; trailing repeats of ``B*T`` are
     allowed, so a fixed upper-bound length works); ``position_ids`` ``(B, T)``: a document starts
     wherever a position is 0 and at every row start (the packed loader's rows; every shape
-    static, what the model passes, so ``torch.compile`` keeps one graph). A token then attends
+    static, so ``torch.compile`` keeps one graph); ``doc_bounds``: ``document_bounds(position_ids)``
+    computed once by the caller and shared by several calls (what the model passes: one
+    computation per forward, not per layer). A token then attends
     only within its document (causally when ``causal``). ``softmax_scale`` defaults to
     ``1/sqrt(D)``. Returns ``(B, T, H, D)`` in q's dtype. Runs as the custom ops
     ``torch.ops.llmcore.flash_attention`` / ``flash_attention_backward``.
@@ -737,8 +740,12 @@ def flash_attention(
         raise ValueError(f"flash_attention: head_dim must be in [1, 256], got {head_dim}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"flash_attention: q, k, v must share one of fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if cu_seqlens is not None and position_ids is not None:
-        raise ValueError("flash_attention: give cu_seqlens or position_ids, not both")
+    if (cu_seqlens is not None) + (position_ids is not None) + (doc_bounds is not None) > 1:
+        raise ValueError("flash_attention: give documents one way (cu_seqlens, position_ids or doc_bounds), not both")
+    if doc_bounds is not None and (len(doc_bounds) != 2 or any(
+            b.shape != (batch * seq_len,) or b.dtype != torch.int32 for b in doc_bounds)):
+        raise ValueError(f"flash_attention: doc_bounds must be two int32 tensors of shape ({batch * seq_len},) "
+                         "from document_bounds(position_ids)")
     if position_ids is not None and tuple(position_ids.shape) != (batch, seq_len):
         raise ValueError(f"flash_attention: position_ids must be ({batch}, {seq_len}), got {tuple(position_ids.shape)}")
     if cu_seqlens is not None:
@@ -751,4 +758,6 @@ def flash_attention(
         seg_start, seg_end = _segments(cu_seqlens, batch, seq_len, q.device)
     elif position_ids is not None:
         seg_start, seg_end = document_bounds(position_ids.to(q.device))
+    elif doc_bounds is not None:
+        seg_start, seg_end = doc_bounds
     return torch.ops.llmcore.flash_attention(q, k, v, seg_start, seg_end, bool(causal), scale)[0]

@@ -11,9 +11,13 @@ QK-norm and RoPE run as one fused kernel, `qk_norm_rope`).
 
 Packed rows: a new document begins wherever `position_ids == 0` (and at every row start). Tokens
 attend only inside their own document, causally. The eager and sdpa backends turn that rule into
-a block-diagonal causal mask; the triton backend hands `position_ids` to the flash attention
-kernel, which derives each token's document bounds with fixed shapes (not `cu_seqlens`, whose
-data-dependent length would break a torch.compile graph). The KV cache remembers each cached
+a block-diagonal causal mask; the triton backend hands the flash attention kernel each token's
+document bounds, computed once per forward with fixed shapes (not `cu_seqlens`, whose
+data-dependent length would break a torch.compile graph). Rows that are single documents
+(`position_ids` None, or a CPU tensor with no 0 after the row start) get no mask and no bounds:
+plain causal attention (SDPA's `is_causal`, the kernel's unmasked tiles). Nothing in a forward
+reads tensor data on the host on CUDA (no `.item()`/`.tolist()`): MoE routing in bf16 runs as
+grouped GEMMs with device-side offsets. The KV cache remembers each cached
 token's document id, so the same rule holds while decoding (generation uses it to hide left
 padding: each pad token is its own document). With a KV cache (generation) the triton backend
 keeps its RMSNorm and RoPE kernels but runs attention through SDPA with the cache's document
@@ -257,6 +261,22 @@ class KVCache:
 # Layers
 
 
+def _single_documents(position_ids: torch.Tensor) -> bool:
+    """True when every row is one document (no position 0 after the row start), decided only where
+    that costs no host sync: a CPU tensor (the loader's, before it moves to the GPU) outside
+    torch.compile. Elsewhere False: the rows are treated as packed, which is always correct."""
+    if position_ids.device.type != "cpu" or torch.compiler.is_compiling() or position_ids.dim() != 2:
+        return False
+    return bool((position_ids[:, 1:] != 0).all())
+
+
+def _sdpa_wants_causal_mask(device: torch.device) -> bool:
+    """On CPU, SDPA's is_causal path with enable_gqa is ~3x slower in backward than the same
+    attention with an explicit causal mask (torch 2.13), so it gets the mask there; elsewhere
+    is_causal (no mask), which lets PyTorch pick its flash kernel."""
+    return device.type == "cpu"
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, backend: str) -> None:
         super().__init__()
@@ -323,8 +343,8 @@ class Attention(nn.Module):
         if mode == "flash":
             from llmcore.kernels import flash_attention
 
-            # Documents from position_ids inside the kernel wrapper (fixed shapes: one graph under torch.compile).
-            out = flash_attention(q, k, v, causal=True, position_ids=attn["position_ids"])
+            # Document bounds computed once per forward; None: every row is one causal document.
+            out = flash_attention(q, k, v, causal=True, doc_bounds=attn.get("bounds"))
         elif mode == "eager":
             mask = attn["mask"]  # None: plain causal rows
             out = attention_reference(q, k, v, causal=mask is None, mask=mask, dropout_p=p)
@@ -350,13 +370,37 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# Token groups of a grouped GEMM are padded to this many rows: the weight-gradient GEMM of
+# `torch.nn.functional.grouped_mm` contracts over the tokens of a group, whose bf16 rows must
+# start 16-byte aligned (8 elements), or CUDA asserts (torchtitan's TOKEN_GROUP_ALIGN_SIZE_M).
+_GROUP_ALIGN = 8
+
+
+@torch.compiler.assume_constant_result
+def _grouped_mm_device(device_type: str, index: int) -> bool:
+    """Whether `grouped_mm` runs on this device: CPU (torch >= 2.9), or CUDA from sm_80 on."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device_type == "cuda":
+        return torch.cuda.get_device_capability(index)[0] >= 8
+    return device_type == "cpu"
+
+
 class MoE(nn.Module):
     """Routed top-k SwiGLU experts plus always-on shared experts, with a load-balancing loss.
 
-    Tokens are sorted by their assigned expert so each expert runs once on one contiguous slice
-    (a loop over experts, never over tokens). The aux loss is the Switch-Transformer form
-    E * sum_i f_i * P_i (f_i: share of routed assignments to expert i, P_i: mean router probability),
-    which equals 1 when routing is uniform and grows as it concentrates; scaled by aux_loss_coef.
+    Assignments are sorted by expert so every expert runs once on one contiguous slice (a loop over
+    experts, never over tokens). In bf16 (the GPU training dtype, also under bf16 autocast) with
+    16-byte-aligned sizes, all experts run as three grouped GEMMs (`F.grouped_mm`) whose group
+    offsets stay on the device: no host sync and no data-dependent shape, so torch.compile keeps
+    one graph. Each expert's rows are padded to a multiple of 8 inside a buffer of fixed size
+    (N*k + 8*E); padding rows are zero, their outputs never read. Other dtypes split the sorted
+    rows by per-expert counts read on the host (one sync per layer; a graph break under compile).
+    Counts come from `index_add` (not `bincount`/`one_hot`, which read the data on CUDA).
+
+    The aux loss is E * sum_i f_i * P_i (f_i: share of routed assignments to expert i, P_i: mean
+    router probability), which equals 1 when routing is uniform and grows as it concentrates;
+    scaled by aux_loss_coef. At top-1 this is MiniMind-3's formula exactly.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -367,6 +411,8 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
         self.shared_experts = nn.ModuleList(
             SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_shared_experts))
+        # 16-byte rows for bf16 operands of the grouped GEMMs.
+        self.aligned = cfg.hidden_size % 8 == 0 and cfg.moe_intermediate_size % 8 == 0
 
     def route(self, x_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router probabilities (N, E), top-k weights (N, k) and expert ids (N, k)."""
@@ -377,6 +423,40 @@ class MoE(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return probs, weights, idx
 
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def use_grouped(self, x: torch.Tensor) -> bool:
+        """True when the experts run as sync-free grouped GEMMs (see the class docstring)."""
+        return (self.aligned and self._compute_dtype(x) == torch.bfloat16
+                and _grouped_mm_device(x.device.type, x.device.index or 0))
+
+    def _experts_grouped(self, xs: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """All routed experts on the expert-sorted rows `xs` in three grouped GEMMs (bf16)."""
+        n, d = xs.shape
+        dtype = torch.bfloat16
+        padded = (counts + _GROUP_ALIGN - 1) // _GROUP_ALIGN * _GROUP_ALIGN
+        ends = padded.cumsum(0)
+        # Row of each sorted assignment in the padded buffer: its group's padded start + its rank in the group.
+        rank = torch.arange(n, device=xs.device) - (counts.cumsum(0) - counts)[sorted_expert]
+        dest = (ends - padded)[sorted_expert] + rank
+        rows = n + _GROUP_ALIGN * self.n_experts  # a fixed bound of sum(padded)
+        # index_copy: the padding rows are zeros and send no gradient back to x.
+        buf = xs.new_zeros((rows, d), dtype=dtype).index_copy(0, dest, xs.to(dtype))
+        offs = ends.to(torch.int32)
+        gate_up = torch.stack([torch.cat((e.gate_proj.weight, e.up_proj.weight)) for e in self.experts]).to(dtype)
+        down = torch.stack([e.down_proj.weight for e in self.experts]).to(dtype)
+        gate, up = F.grouped_mm(buf, gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+        out = F.grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
+        return out.index_select(0, dest)
+
+    def _experts_split(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """All routed experts on the expert-sorted rows `xs`, one slice each (sizes read on the host)."""
+        outs = [expert(chunk) for expert, chunk in zip(self.experts, xs.split(counts.tolist(), dim=0))]
+        return torch.cat(outs, dim=0)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, d = x.shape
         x_flat = x.reshape(-1, d)
@@ -385,17 +465,19 @@ class MoE(nn.Module):
         flat_idx = idx.reshape(-1)  # (N*k,) expert of each assignment
         order = flat_idx.argsort(stable=True)
         token_of = order // self.top_k  # token index of each sorted assignment
-        counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
+            0, flat_idx, torch.ones_like(flat_idx))
         xs = x_flat.index_select(0, token_of)
-        outs = []
-        for expert, chunk in zip(self.experts, xs.split(counts, dim=0)):
-            outs.append(expert(chunk))
-        ys = torch.cat(outs, dim=0) * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
+        if self.use_grouped(x):
+            ys = self._experts_grouped(xs, flat_idx[order], counts)
+        else:
+            ys = self._experts_split(xs, counts)
+        ys = ys.to(x.dtype) * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
         y = torch.zeros_like(x_flat).index_add(0, token_of, ys)
         for shared in self.shared_experts:
             y = y + shared(x_flat)
 
-        share = F.one_hot(flat_idx, self.n_experts).float().mean(0)  # f_i (sums to 1)
+        share = counts.float() / flat_idx.numel()  # f_i (sums to 1)
         aux = self.n_experts * (share * probs.mean(0)).sum() * self.coef
         return y.view(b, t, d), aux
 
@@ -484,7 +566,9 @@ class LLM(nn.Module):
         if kv_cache is not None and start + t > kv_cache.max_len:
             raise LLMCoreError(f"KV cache full: {start} cached + {t} new tokens > max_len {kv_cache.max_len}")
 
-        explicit_positions = position_ids is not None
+        # Documents matter only where some row holds more than one; otherwise attention is plainly
+        # causal (no mask for SDPA, so PyTorch may pick its flash kernel; no bounds for ours).
+        explicit_positions = position_ids is not None and not _single_documents(position_ids)
         if position_ids is None:
             if kv_cache is not None and start > 0:
                 position_ids = kv_cache.next_pos.unsqueeze(1) + torch.arange(t, device=input_ids.device)
@@ -504,13 +588,15 @@ class LLM(nn.Module):
             kv_cache.next_pos = position_ids[:, -1] + 1
         elif backend == "triton":
             attn["mode"] = "flash"
-            attn["position_ids"] = position_ids
+            if explicit_positions:
+                from llmcore.kernels import document_bounds
+
+                # Once per forward for all layers (fixed shapes: one graph under torch.compile).
+                attn["bounds"] = document_bounds(position_ids)
         elif explicit_positions:
             doc = document_ids(position_ids)
             attn["mask"] = attention_mask(doc, doc)
-        elif backend == "sdpa" and input_ids.device.type == "cpu":
-            # On CPU, SDPA's is_causal path with enable_gqa is ~3x slower in backward than the same
-            # attention with an explicit causal mask (torch 2.13), so give it the mask.
+        elif backend == "sdpa" and _sdpa_wants_causal_mask(input_ids.device):
             attn["mask"] = causal_mask(t, t, input_ids.device)
         # else: plain causal rows (mask None -> is_causal fast path / tril in eager)
 

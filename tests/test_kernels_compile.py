@@ -126,8 +126,13 @@ def test_flash_attention_position_ids_equal_cu_seqlens_bitwise():
     a = flash_attention(q, k, v, position_ids=pos)
     b = flash_attention(q, k, v, cu_seqlens=cu_seqlens_from_position_ids(pos))
     assert torch.equal(a, b)
+    assert torch.equal(flash_attention(q, k, v, doc_bounds=document_bounds(pos)), a)  # the model's route
     with pytest.raises(ValueError, match="not both"):
         flash_attention(q, k, v, position_ids=pos, cu_seqlens=cu_seqlens_from_position_ids(pos))
+    with pytest.raises(ValueError, match="not both"):
+        flash_attention(q, k, v, position_ids=pos, doc_bounds=document_bounds(pos))
+    with pytest.raises(ValueError, match="doc_bounds"):
+        flash_attention(q, k, v, doc_bounds=document_bounds(pos[:1]))
 
 
 def test_opcheck_custom_ops():
