@@ -218,3 +218,20 @@ def test_triton_qk_norm_model_graph_uses_the_fused_op() -> None:
     assert forward.count("llmcore.rope.default") == 0
     assert forward.count("llmcore.rms_norm.default") == 2 * layers + 1  # q/k norms are inside the fused op
     assert backward.count("llmcore.qk_norm_rope_backward.default") == layers
+
+
+def test_qk_norm_kv_cache_matches_full_forward_on_every_backend() -> None:
+    pytest.importorskip("triton")
+    from _kernel_helpers import DEVICE
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.from_preset("tiny", qk_norm=True, head_dim=24, initializer_range=0.2)).to(DEVICE).eval()
+    x = torch.randint(3, 6400, (2, 9), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        full = model.set_attn_backend("eager")(x).logits
+        for backend in ("sdpa", "triton"):
+            model.set_attn_backend(backend)
+            cache = model.new_kv_cache(2, 9)
+            steps = [model(x[:, :4], kv_cache=cache).logits] + [model(x[:, t:t + 1], kv_cache=cache).logits
+                                                                for t in range(4, 9)]
+            torch.testing.assert_close(torch.cat(steps, 1), full, atol=3e-5, rtol=1e-5, msg=lambda m: f"{backend}: {m}")
