@@ -285,13 +285,16 @@ def test_question_with_a_lone_surrogate_is_one_line(tmp_path: Path) -> None:
             r.search(q, 2, mode="hybrid")
 
 
-def test_cli_question_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+def test_cli_question_that_is_not_utf8_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """RQ-badutf8-argv: Python decodes argv bytes that are not UTF-8 to lone surrogates (surrogateescape)."""
+    from llmcore.cli import main
+
     out = build(tmp_path)
-    res = subprocess.run([sys.executable, "-c", "import test_rag; from llmcore.cli import main; main()", "rag", "query",
-                          "--index", str(out), b"\xff\xfe\xfd".decode("utf-8", "surrogateescape"), "-k", "2"],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT / "tests", errors="replace")
-    assert res.returncode == 2 and res.stderr.startswith("error: the question is not valid text"), res.stderr
-    assert "Traceback" not in res.stderr
+    question = b"\xff\xfe\xfd".decode("utf-8", "surrogateescape")
+    with pytest.raises(SystemExit) as ex:
+        main(["rag", "query", "--index", str(out), question, "-k", "2"])
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and err.startswith("error: the question is not valid text") and err.count("\n") == 1
 
 
 def test_a_long_question_is_cut_before_embedding(tmp_path: Path) -> None:
@@ -406,3 +409,28 @@ def test_answer_max_prompt_tokens_zero_is_a_flag_error(tmp_path: Path) -> None:
 
     with pytest.raises(LLMCoreError, match="--max-prompt-tokens 0: must be >= 16"):
         _prompt_budget(M(), 64, 0)
+
+
+def test_gzip_docs_are_read_as_prep_reads_them(tmp_path: Path) -> None:
+    """RB-gz: 'not valid JSON (UnicodeDecodeError ... 0x8b)' before."""
+    import gzip
+
+    rows = make_docs(3)
+    plain = write_jsonl(tmp_path / "d.jsonl", rows)
+    gz = tmp_path / "d.jsonl.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    build_index(gz, tmp_path / "idx", embedder="test-hash", progress=False)
+    assert Retriever.open(tmp_path / "idx").manifest["counts"]["docs"] == 3
+
+
+def test_an_object_title_is_a_one_line_error(tmp_path: Path) -> None:
+    """RB-title_obj: a title that is an object was embedded as its str()."""
+    docs = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "天地", "title": {"x": 1}}])
+    with pytest.raises(LLMCoreError, match=r"d.jsonl:1: title field 'title' must be a string, got dict"):
+        build_index(docs, tmp_path / "idx", embedder="test-hash", title_field="title", progress=False)
+
+
+def test_messages_name_the_flag_that_named_the_dir(tmp_path: Path) -> None:
+    """SV-rag-missing: `serve --rag nope` said '--index nope'."""
+    with pytest.raises(LLMCoreError, match=r"^--rag .*nope: no such directory"):
+        Retriever.open(tmp_path / "nope", flag="--rag")

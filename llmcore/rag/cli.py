@@ -143,10 +143,11 @@ def query_cmd(
     model, tok = _load_model(ckpt, device)
     budget = _prompt_budget(model, max_new_tokens, max_prompt_tokens)
     context = fit_passages(tok, question, passages, budget, system)
-    if len(context) < len(passages) or (context and context[-1].end != passages[len(context) - 1].end):
-        print(f"note: {len(context)} of {len(passages)} passages fit the {budget}-token prompt budget"
-              f"{' (the last one cut)' if context and context[-1].end != passages[len(context) - 1].end else ''}",
-              file=sys.stderr)
+    cut = bool(context) and context[-1].end != passages[len(context) - 1].end
+    if len(context) < len(passages) or cut:
+        whole = len(context) - cut
+        print(f"note: the {budget}-token prompt budget holds {whole} of {len(passages)} passages whole"
+              f"{f' and the start of passage {len(context)}' if cut else ''}", file=sys.stderr)
     prompt = tok.apply_chat_template(answer_messages(question, context, system), add_generation_prompt=True)
     if show_prompt:
         if as_json:

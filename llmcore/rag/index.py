@@ -115,6 +115,8 @@ def _doc_from(obj: Any, text_field: str, id_field: str, title_field: str | None,
     title = None
     if title_field:
         t = obj.get(title_field)
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (str, int, float))):
+            raise DataError(f"title field {title_field!r} must be a string, got {type(t).__name__}", path, line)
         title = str(t).strip() if t is not None and str(t).strip() else None
     return Doc(str(doc_id), text, title)
 
@@ -214,25 +216,26 @@ def index_dir_problem(path: Path) -> str | None:
     return None
 
 
-def read_manifest(index_dir: str | Path) -> dict[str, Any]:
-    """The manifest of an index dir, after the format and version checks."""
+def read_manifest(index_dir: str | Path, flag: str = "--index") -> dict[str, Any]:
+    """The manifest of an index dir, after the format, version and key checks (`flag`: the option that
+    named the dir, for the messages)."""
     d = Path(index_dir)
     if not d.exists():
-        raise LLMCoreError(f"--index {d}: no such directory")
+        raise LLMCoreError(f"{flag} {d}: no such directory")
     if not d.is_dir():
-        raise LLMCoreError(f"--index {d}: not a directory")
+        raise LLMCoreError(f"{flag} {d}: not a directory")
     mpath = d / MANIFEST
     if not mpath.is_file():
-        raise LLMCoreError(f"--index {d}: not an llmcore RAG index (no {MANIFEST}); build one with `llmcore rag index`")
+        raise LLMCoreError(f"{flag} {d}: not an llmcore RAG index (no {MANIFEST}); build one with `llmcore rag index`")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise LLMCoreError(f"{mpath}: corrupted manifest ({err.__class__.__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise LLMCoreError(f"--index {d}: not an llmcore RAG index (manifest format is not {FORMAT!r})")
+        raise LLMCoreError(f"{flag} {d}: not an llmcore RAG index (manifest format is not {FORMAT!r})")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise LLMCoreError(f"--index {d}: index format version {version!r}, this llmcore "
+        raise LLMCoreError(f"{flag} {d}: index format version {version!r}, this llmcore "
                            f"({llmcore.__version__}) reads version {FORMAT_VERSION}; rebuild it with `llmcore rag index`")
     _check_manifest(manifest, mpath)
     return manifest
@@ -270,16 +273,16 @@ def _check_manifest(manifest: dict[str, Any], mpath: Path) -> None:
                            f"> next_pid {c['next_pid']})")
 
 
-def verify_files(index_dir: Path, manifest: dict[str, Any], checksums: bool = True) -> None:
+def verify_files(index_dir: Path, manifest: dict[str, Any], checksums: bool = True, flag: str = "--index") -> None:
     """Each file listed in the manifest exists with its recorded size (and sha256)."""
     files = manifest.get("files") or {}
     for name in (INDEX_FILE, PASSAGES_FILE):
         meta = files.get(name)
         p = index_dir / name
         if not isinstance(meta, dict):
-            raise LLMCoreError(f"--index {index_dir}: manifest lists no {name}")
+            raise LLMCoreError(f"{flag} {index_dir}: manifest lists no {name}")
         if not p.is_file():
-            raise LLMCoreError(f"--index {index_dir}: {name} is missing")
+            raise LLMCoreError(f"{flag} {index_dir}: {name} is missing")
         size = p.stat().st_size
         if size != meta.get("bytes"):
             raise LLMCoreError(f"{p}: truncated or corrupted ({size} bytes, the manifest says {meta.get('bytes')})")
@@ -496,8 +499,8 @@ def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
     remove_leftovers(out.parent, out.name)  # temp dirs of killed builds (only those of dead writers)
     old: dict[str, Any] | None = None
     if append:
-        old = read_manifest(out)
-        verify_files(out, old)
+        old = read_manifest(out, "--out")
+        verify_files(out, old, flag="--out")
         emb_name = old["embedder"]["name"]
         if embedder is not None and get_embedder_name(embedder) != emb_name:
             raise LLMCoreError(f"--append: the index was built with embedder {emb_name!r}, not "
@@ -686,15 +689,16 @@ class Retriever:
 
     @classmethod
     def open(cls, index_dir: str | Path, embedder: str | Embedder | None = None, verify: bool = True,
-             load_embedder: bool = True) -> "Retriever":
+             load_embedder: bool = True, flag: str = "--index") -> "Retriever":
         """Open an index dir. `embedder` (a name or instance) must be the one the index was built with
-        (default: that one). `verify` checks the files' sha256 (sizes are always checked)."""
+        (default: that one). `verify` checks the files' sha256 (sizes are always checked). `flag` is the
+        option that named the dir, for the messages (`serve` passes `--rag`)."""
         d = Path(index_dir)
-        manifest = read_manifest(d)
-        verify_files(d, manifest, checksums=verify)
+        manifest = read_manifest(d, flag)
+        verify_files(d, manifest, checksums=verify, flag=flag)
         built = manifest["embedder"]
         if embedder is not None and get_embedder_name(embedder) != built["name"]:
-            raise LLMCoreError(f"--index {d}: built with embedder {built['name']!r}; refusing to query it with "
+            raise LLMCoreError(f"{flag} {d}: built with embedder {built['name']!r}; refusing to query it with "
                                f"{get_embedder_name(embedder)!r} (vectors from different embedders do not compare)")
         table = _read_passages(d / PASSAGES_FILE)
         counts = manifest["counts"]
