@@ -201,9 +201,11 @@ def user_path(work: Path, pre_jsonl: Path, sft_jsonl: Path, dpo_jsonl: Path, pro
     tok_json = json.loads((work / "tok" / "tokenizer.json").read_text(encoding="utf-8"))
     assert (work / "tok" / "tokenizer_config.json").is_file()
     n_vocab = len(tok_json["model"]["vocab"])
-    assert 256 + 3 < n_vocab <= 512, n_vocab  # bytes, specials, merges (templated text may run out of merges)
+    assert 256 + 36 < n_vocab <= 512, n_vocab  # bytes, added tokens, merges (templated text may run out of merges)
     specials = {t["content"]: t["id"] for t in tok_json["added_tokens"]}
-    assert specials == {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    # MiniMind-3's 36 added tokens by default: <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2, ..., <think>=25
+    assert len(specials) == 36 and {k: specials[k] for k in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>")} == \
+        {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<think>": 25}
 
     # -- stats
     out = cli(work, "prep", "stats", pre, "--plot", "stats.png").stdout
@@ -227,7 +229,8 @@ def user_path(work: Path, pre_jsonl: Path, sft_jsonl: Path, dpo_jsonl: Path, pro
     cli(work, "prep", "dpo", "--input", dpo, "--tokenizer", "tok/", "--out", "shards/dpo", "--workers", "1")
     check_manifest(work / "shards/dpo", "dpo", len(dpo_rows), fp)
 
-    # -- inspect: the loss spans are exactly the assistant replies and their <|im_end|>
+    # -- inspect: the loss spans are exactly the assistant turns (MiniMind-3 template: the empty think
+    # block, the reply) and their <|im_end|>
     out = cli(work, "prep", "inspect", "shards/sft", "--start", "0", "--count", "2", "--decode").stdout
     docs = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert [d["index"] for d in docs] == [0, 1]
@@ -235,7 +238,7 @@ def user_path(work: Path, pre_jsonl: Path, sft_jsonl: Path, dpo_jsonl: Path, pro
         assert len(d["tokens"]) == len(d["loss_mask"]) and 0 < sum(d["loss_mask"]) < len(d["tokens"])
         for msg in row["conversations"]:
             if msg["role"] == "assistant":
-                assert f"[[{msg['content']}<|im_end|>]]" in d["text"], d["text"]
+                assert f"[[<think>\n\n</think>\n\n{msg['content']}<|im_end|>]]" in d["text"], d["text"]
             else:
                 assert msg["content"] in d["text"] and f"[[{msg['content']}" not in d["text"]
         assert d["text"].count("[[") == sum(m["role"] == "assistant" for m in row["conversations"])
