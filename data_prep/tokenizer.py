@@ -737,8 +737,12 @@ def _iter_training_texts(inputs: Sequence[Path], field: str, counts: dict, max_l
                 counts["skipped"] += 1
                 continue
             value = record.get(field)
-            if isinstance(value, list):  # a conversation: train on its message contents
-                value = "\n".join(m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str))
+            if isinstance(value, list):  # a conversation: train on its messages' text (MiniMind-3's fields included)
+                value = "\n".join(
+                    x if isinstance(x, str) else json.dumps(x, ensure_ascii=False)
+                    for m in value if isinstance(m, dict)
+                    for x in (m.get("reasoning_content"), m.get("content"), m.get("tools"), m.get("tool_calls"))
+                    if x and isinstance(x, (str, list, dict)))
             if not isinstance(value, str) or not value:
                 counts["skipped"] += 1
                 continue
