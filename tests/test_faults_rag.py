@@ -434,3 +434,13 @@ def test_messages_name_the_flag_that_named_the_dir(tmp_path: Path) -> None:
     """SV-rag-missing: `serve --rag nope` said '--index nope'."""
     with pytest.raises(LLMCoreError, match=r"^--rag .*nope: no such directory"):
         Retriever.open(tmp_path / "nope", flag="--rag")
+
+
+def test_eval_latency_parts_are_parts_of_the_whole(tmp_path: Path) -> None:
+    """F14: `query latency p50 24.7 ms` beside `of which query embedding p50 29.4 ms` (timed in other calls)."""
+    from llmcore.rag.evaluate import evaluate
+
+    out = build(tmp_path)
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question": d["text"][:20], "doc_id": d["id"]} for d in make_docs()])
+    res = evaluate(out, q, latency_queries=12, hybrid=False, progress=False)
+    assert 0 < res["query_embed_p50_ms"] <= res["query_p50_ms"]

@@ -166,14 +166,14 @@ def evaluate(index_dir: str | Path, questions_path: str | Path, *, ef: int = 64,
     for q in lat_qs[:5]:
         r.search(q, k_search, ef)
     times, emb_times = [], []
-    for q in lat_qs:
+    for q in lat_qs:  # what search(q, k, ef) does, timed in two parts: the embedding is part of the whole
         t1 = time.perf_counter()
-        r.search(q, k_search, ef)
+        vec = r.embed_queries([q])
+        t2 = time.perf_counter()
+        pids, scores = r.search_vectors(vec, k_search, ef)
+        r.passages_for(pids[0], scores[0])
         times.append(time.perf_counter() - t1)
-    for q in lat_qs[: min(50, len(lat_qs))]:
-        t1 = time.perf_counter()
-        r.embed_queries([q])
-        emb_times.append(time.perf_counter() - t1)
+        emb_times.append(t2 - t1)
     ms = np.asarray(times) * 1e3
     res["query_p50_ms"] = float(np.percentile(ms, 50))
     res["query_p95_ms"] = float(np.percentile(ms, 95))
