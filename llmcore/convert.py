@@ -369,7 +369,7 @@ def read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, weights in our names) of a transformers folder of one of `HF_MODEL_TYPES`."""
     hf = _read_json(folder / "config.json")
     kind = hf.get("model_type")
-    if kind not in HF_MODEL_TYPES:
+    if not isinstance(kind, str) or kind not in HF_MODEL_TYPES:
         raise LLMCoreError(f"{folder / 'config.json'}: model_type {kind!r} is not one llmcore reads "
                            f"({', '.join(HF_MODEL_TYPES)})")
     state = to_llmcore_names(hf_weights(folder), folder)
@@ -377,8 +377,9 @@ def read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         config = config_from_hf(hf, state)
     except KeyError as err:
         raise LLMCoreError(f"{folder / 'config.json'}: no {err.args[0]}") from None
-    except (LLMCoreError, TypeError, ValueError) as err:
-        raise LLMCoreError(f"{folder / 'config.json'}: {err}") from None
+    except (LLMCoreError, TypeError, ValueError, AttributeError) as err:  # a field of the wrong JSON type
+        raise LLMCoreError(f"{folder / 'config.json'}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") \
+            from None
     return config, state
 
 

@@ -330,6 +330,22 @@ def test_bad_sources_are_one_line_errors_and_write_nothing(tmp_path: Path) -> No
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")] == []
 
 
+def test_config_json_fields_of_wrong_type_are_one_line_errors(tmp_path: Path) -> None:
+    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=2,
+                                      num_experts_per_tok=1, moe_intermediate_size=16, tie_word_embeddings=True,
+                                      max_position_embeddings=64)
+    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    good = json.loads((tmp_path / "src" / "config.json").read_text())
+    for key in good:
+        for value in ("x", [1, 2], {"rope_type": "weird"}):
+            (tmp_path / "src" / "config.json").write_text(json.dumps({**good, key: value}))
+            try:
+                load_model(tmp_path / "src")
+            except LLMCoreError as err:
+                assert "\n" not in str(err)
+
+
 def test_import_out_dir_rules_and_no_half_written_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pth = minimind_pth(hf_llama(), tmp_path / "w.pth")
     notes = tmp_path / "notes"
