@@ -488,12 +488,21 @@ def _cuda_configs(pairs) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
-def _prune_head_dim(configs, named_args, **kwargs):
-    """Drop tiles too big for the registers at head dim 128 (they only spill); a padded head dim
-    (96 -> 128) counts as its tile width."""
-    head_dim = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    kept = [c for c in configs if head_dim < 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
-    return kept or configs
+def _prune_head_dim(kind: str):
+    """Autotune pruning for one kernel: drop tiles too big for the registers at a tile width of 128
+    or more (they only spill); a padded head dim (96 -> 128) counts as its tile width. The dK/dV
+    kernel keeps two ``BLOCK_N x BLOCK_D`` fp32 accumulators, so there the key tile is what counts."""
+
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+        if block_d < 128:
+            return configs
+        if kind == "dkdv":
+            kept = [c for c in configs if c.kwargs["BLOCK_N"] * block_d <= 64 * 128]
+        else:
+            kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
+        return kept or configs
+    return prune
 
 
 _PLAIN = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}
@@ -505,7 +514,7 @@ def _build_launchers() -> dict:
         return dict(_PLAIN)
     return {
         kind: triton.autotune(configs=_cuda_configs(_CUDA[kind]), key=_AUTOTUNE_KEY,
-                              prune_configs_by={"early_config_prune": _prune_head_dim})(kernel)
+                              prune_configs_by={"early_config_prune": _prune_head_dim(kind)})(kernel)
         for kind, kernel in _PLAIN.items()
     }
 

@@ -221,3 +221,20 @@ def test_flash_attention_compiles_for_sm90():
         for hd in (64, 96):
             print(compile_for_cuda(fa._bwd_delta_kernel, delta, dict(HEAD_DIM=hd, BLOCK_D=fa._block_d(hd), BLOCK_M=64)))
     """)
+
+
+def test_autotune_pruning_at_padded_head_dims():
+    # Head dim 96 tiles are 128 wide: the dK/dV kernel keeps key tiles of at most 64 rows (two
+    # 64 x 128 fp32 accumulators), forward/dQ tiles of at most 128 x 64; head dim 64 keeps all.
+    import sys
+
+    fa = sys.modules["llmcore.kernels.flash_attention"]
+    for kind in ("fwd", "dkdv", "dq"):
+        configs = fa._cuda_configs(fa._CUDA[kind])
+        assert fa._prune_head_dim(kind)(configs, {}, BLOCK_D=64) == configs
+        kept = fa._prune_head_dim(kind)(configs, {}, BLOCK_D=fa._block_d(96))
+        assert kept and (kind == "dq" or len(kept) < len(configs))  # dQ's candidates all fit already
+        if kind == "dkdv":
+            assert all(c.kwargs["BLOCK_N"] <= 64 for c in kept)
+        else:
+            assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in kept)
