@@ -366,10 +366,12 @@ def prep(
         raise _shard_write_error(out, err) from err
     sources = [{"path": str(p), "lines_read": 0, "blank_lines": 0, "docs": 0, "lines_skipped": 0, "skipped_by_reason": {}} for p in paths]
     bar = None
-    if progress:
-        from tqdm import tqdm
+    if progress:  # a bar on a terminal; in a pipe a line every 30 s with the time left
+        import logging
 
-        bar = tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc=f"prep {kind.name}", file=sys.stderr, disable=None)
+        from llmcore.log import Progress
+
+        bar = Progress(sum(p.stat().st_size for p in paths), "B", f"prep {kind.name}", logging.getLogger(__name__))
     started = time.perf_counter()
     pool = None
     try:

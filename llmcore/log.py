@@ -57,7 +57,8 @@ def setup_cli_logging(level: int = logging.INFO) -> logging.Logger:
 class Progress:
     """Progress of a long loop the way a user sees it: a tqdm bar on a terminal; when stderr is not a
     terminal (a pipe, a log file, nohup), a log line every `every` seconds with done/total, the rate
-    and the time left, so a long command is never silent. `update(n)` after each piece; `close()`."""
+    and the time left, so a long command is never silent. `update(n)` after each piece; `close()`.
+    The unit "B" (bytes) is shown in MB."""
 
     def __init__(self, total: int, unit: str, desc: str, logger: logging.Logger, every: float = 30.0,
                  enabled: bool = True) -> None:
@@ -70,7 +71,7 @@ class Progress:
         self._time = time.perf_counter
         self.t0 = self._last = self._time()
         self.bar = tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True,
-                        disable=None if enabled else True)
+                        unit_scale=unit == "B", disable=None if enabled else True)
         self.lines = enabled and self.bar.disable
 
     def update(self, n: int = 1) -> None:
@@ -81,8 +82,12 @@ class Progress:
             self._last = now
             rate = self.done / max(now - self.t0, 1e-9)
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.log.info("%s: %d/%d %s, %.2f %s/s, %s left", self.desc, self.done, self.total, self.unit + "es"
-                          if self.unit.endswith("h") else self.unit + "s", rate, self.unit, _duration(left))
+            if self.unit == "B":  # bytes read: in MB
+                self.log.info("%s: %.1f/%.1f MB, %.2f MB/s, %s left", self.desc, self.done / 1e6, self.total / 1e6,
+                              rate / 1e6, _duration(left))
+            else:
+                self.log.info("%s: %d/%d %s, %.2f %s/s, %s left", self.desc, self.done, self.total, self.unit + "es"
+                              if self.unit.endswith("h") else self.unit + "s", rate, self.unit, _duration(left))
 
     def close(self) -> None:
         self.bar.close()

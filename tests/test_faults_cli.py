@@ -209,3 +209,15 @@ def test_every_help_shows_every_flag_name_whole_at_80_columns() -> None:
                     assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", res.output), (path, opt)
                     seen += 1
     assert seen > 100
+
+
+def test_prep_shows_progress_in_a_pipe(shards, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    """F6/F14: prep in a pipe printed nothing until it was done; now lines with MB done and the time left."""
+    from llmcore.data_prep.prep import prep
+
+    src = tmp_path / "pre.jsonl"
+    src.write_text("".join(json.dumps({"text": f"hello world {i} " * 20}) + "\n" for i in range(200)))
+    with caplog.at_level(logging.INFO, logger="llmcore"):
+        prep("pretrain", [src], shards["tok"], tmp_path / "out", workers=1, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prep pretrain: ")]
+    assert lines and " MB, " in lines[-1] and lines[-1].endswith("left"), lines
