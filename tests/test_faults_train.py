@@ -382,3 +382,14 @@ def test_first_step_time_and_estimate_and_timed_progress_in_a_pipe(shards, tmp_p
     from llmcore.train.metrics import read_metrics
 
     assert [r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl")] == [1, 4]
+
+
+def test_summary_says_when_its_eval_loss_is_from_an_earlier_step(shards, tmp_path):
+    out = tmp_path / "run"
+    kw = dict(max_steps=4, eval_docs=6, eval_every=2, save_every=2)
+    train("pretrain", tiny_cfg("pretrain", shards, out, stop_after=2, **kw))
+    line = train("pretrain", tiny_cfg("pretrain", shards, out, resume=True, stop_after=1, **kw)).line()
+    assert re.search(r"eval_loss \d\.\d{4} \(ppl [\d.]+\) \[at step 2\]", line), line
+    line = train("pretrain", tiny_cfg("pretrain", shards, out, resume=True, **kw)).line()
+    assert "eval_loss" in line and "[at step" not in line, line  # measured at the last step
+

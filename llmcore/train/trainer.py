@@ -122,6 +122,7 @@ class RunSummary:
     # Preference stages: the last step's reward accuracy and margin (TRL's rewards/accuracy, rewards/margin)
     # and the held-out ones when evaluated; the loss of a model that cannot tell the pair apart is ln 2.
     rewards: dict[str, float] | None = None
+    eval_step: int | None = None  # the step eval_loss was measured at (an earlier one after --stop-after)
 
     def line(self) -> str:
         ev = ""
@@ -129,6 +130,8 @@ class RunSummary:
             ev = f" eval_loss {self.eval_loss:.4f}"
             if self.reports_perplexity:
                 ev += f" (ppl {perplexity(self.eval_loss):.2f})"
+            if self.eval_step is not None and self.eval_step != self.steps:
+                ev += f" [at step {self.eval_step}]"
         ref = ""
         if self.reports_perplexity and self.vocab_size:
             ref = f" (a uniform guess scores ln {self.vocab_size} = {math.log(self.vocab_size):.2f})"
@@ -424,6 +427,7 @@ class Trainer:
         self.feed = DeviceFeed(data.loader, engine.device, self._host_stats)
         self.step, self.tokens = 0, 0
         self.last_eval: float | None = None
+        self.last_eval_step: int | None = None  # the step last_eval was measured at
         # CPU: read every step (free); CUDA: keep values on the device until a log point.
         self.sync_every = 1 if engine.device.type == "cpu" else cfg.log_every
         self._pending: list[dict[str, Any]] = []
@@ -488,6 +492,7 @@ class Trainer:
         self.step = int(trainer_state["step"])
         self.tokens = int(trainer_state["tokens"])
         self.last_eval = trainer_state.get("eval_loss")
+        self.last_eval_step = trainer_state.get("eval_step")
         if self.rank == 0:
             MetricsLogger.truncate(self.run_dir, self.step)
 
@@ -608,7 +613,8 @@ class Trainer:
                     self.model_hook.save(module, d)
 
         state = {"step": self.step, "tokens": self.tokens, "epoch": self.feed.epoch,
-                 "stage": self.stage.name, "total_steps": self.total_steps, "eval_loss": self.last_eval}
+                 "stage": self.stage.name, "total_steps": self.total_steps, "eval_loss": self.last_eval,
+                 "eval_step": self.last_eval_step}
         return self.ckpts.save(self.step, write_model, eng.save_state, self.feed.state_dict(), state,
                                self.cfg.keep_last, on_file=self.hooks.on_save_file)
 
@@ -749,6 +755,7 @@ class Trainer:
                     ev = self.evaluate()
                     self.last_eval = ev["eval_loss"]
                     self.last_eval_record = ev
+                    self.last_eval_step = self.step
                     metrics.log({"step": self.step, "tokens": self.tokens, **ev})
                     metrics.message(f"step {self.step}: eval_loss {ev['eval_loss']:.4f}")
                     metrics.plot()
@@ -776,7 +783,7 @@ class Trainer:
         rewards = {k: float(v) for rec in (record, ev_record) if rec for k, v in rec.items() if "rewards/" in k}
         summary = RunSummary(
             stage=self.stage.name, run_dir=self.run_dir, steps=self.step, total_steps=self.total_steps,
-            tokens=self.tokens, loss=last_loss, eval_loss=self.last_eval,
+            tokens=self.tokens, loss=last_loss, eval_loss=self.last_eval, eval_step=self.last_eval_step,
             tokens_per_s=(self.tokens - run_tokens0) / max(elapsed, 1e-9), elapsed_s=elapsed,
             checkpoint=last_ckpt, reports_perplexity=self.stage.reports_perplexity,
             vocab_size=int(self.model.config.vocab_size), rewards=rewards or None)
