@@ -36,6 +36,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import socket
 import threading
 import time
@@ -114,6 +115,17 @@ def _number(body: dict[str, Any], name: str, default: Any, lo: float, hi: float,
     return int(value) if integer else float(value)
 
 
+def check_text(value: str, where: str) -> str:
+    """`value` unless it holds a lone surrogate (valid JSON, `"\\ud800"`, but not Unicode text: the
+    tokenizer and the embedder cannot take it), which is a 400 naming the field."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ApiError(400, f"{where} holds the lone surrogate {value[err.start]!r}, which is not valid Unicode "
+                            "text", param=where) from None
+    return value
+
+
 def _flag(body: dict[str, Any], name: str) -> bool:
     value = body.get(name)
     if value is None:
@@ -153,7 +165,7 @@ def parse_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
             raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
         if len(stop) > MAX_STOP_STRINGS:
             raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop")
-        p.stop = [s for s in stop if s]
+        p.stop = [check_text(s, "stop") for s in stop if s]
     p.stream = _flag(body, "stream")
     options = body.get("stream_options")
     if options is not None:
@@ -195,7 +207,7 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
         if not isinstance(m, dict):
             raise ApiError(400, f"{where} must be an object with 'role' and 'content'", param=where)
         role = m.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:  # a list or object role is unhashable
             raise ApiError(400, f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {role!r}",
                            param=f"{where}.role")
         content = m.get("content")
@@ -210,7 +222,8 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
             content = ""
         if not isinstance(content, str):
             raise ApiError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        out.append({"role": "system" if role == "developer" else role,
+                    "content": check_text(content, f"{where}.content")})
     return out
 
 
@@ -220,7 +233,7 @@ def parse_prompt(body: dict[str, Any]) -> str | list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return prompt
+        return check_text(prompt, "prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return list(prompt)
     if isinstance(prompt, list) and len(prompt) > 1:
@@ -483,17 +496,81 @@ class _AuthMiddleware:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            headers = dict(scope.get("headers") or [])
+            raw = scope.get("headers") or []
+            headers = dict(raw)
             auth = headers.get(b"authorization", b"")
             given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
-            if not hmac.compare_digest(given, self.key):
-                from starlette.responses import JSONResponse
-
+            # Two Authorization headers are ambiguous (proxies disagree on which one counts): refused.
+            repeated = sum(1 for k, _ in raw if k == b"authorization") > 1
+            if repeated or not hmac.compare_digest(given, self.key):
                 err = ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer KEY'",
                                code="invalid_api_key")
-                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                await _refuse(err, scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+async def _refuse(err: ApiError, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    from starlette.responses import JSONResponse
+
+    await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+
+
+def host_names_this_server(host_header: str) -> bool:
+    """Whether a `Host` header value names a loopback server: an IP literal (a DNS-rebinding page is
+    always reached through a name, never an address), `localhost` or `*.localhost`, any port."""
+    import ipaddress
+
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return host == "localhost" or host.endswith(".localhost")
+
+
+class _LocalOnlyMiddleware:
+    """Pure ASGI, for a server without an API key (which only binds loopback): a browser page from
+    another site must not be able to use it. Refuses a `Host` that does not name this server (403:
+    DNS rebinding) and a POST whose body is not `application/json` (415: a `text/plain` POST is a CORS
+    "simple request" any page can send without a preflight), as Jupyter and Ollama do."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            host = headers.get(b"host", b"").decode("latin-1")
+            if host and not host_names_this_server(host):
+                await _refuse(ApiError(403, f"Host {host[:100]!r} does not name this server; a server without "
+                                            "--api-key answers only localhost and IP addresses",
+                                       code="host_not_allowed"), scope, receive, send)
+                return
+            if scope.get("method") == "POST":
+                ctype = headers.get(b"content-type", b"").decode("latin-1").split(";", 1)[0].strip().lower()
+                if ctype != "application/json":
+                    await _refuse(ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                                           code="unsupported_media_type"), scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def check_api_key(api_key: str | None) -> None:
+    """An API key that is set must be usable: an empty one (`--api-key ""`, `LLMCORE_API_KEY=` from an
+    unset shell variable) would silently turn authentication off."""
+    if api_key is None:
+        return
+    if not api_key.strip():
+        raise LLMCoreError("--api-key (or LLMCORE_API_KEY) is empty, which would turn authentication off; "
+                           "set a key, or unset LLMCORE_API_KEY and drop --api-key for a local key-less server")
+    if api_key != api_key.strip() or not api_key.isprintable() or not api_key.isascii():
+        raise LLMCoreError("--api-key (or LLMCORE_API_KEY) must be printable ASCII without surrounding spaces "
+                           "(it travels in an HTTP header)")
 
 
 def create_app(engine: Engine, options: ServerOptions) -> Any:
@@ -508,10 +585,21 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
     except ImportError as err:
         raise LLMCoreError(f"llmcore serve needs FastAPI and uvicorn: {install_hint('serve')} ({err})") from err
 
+    check_api_key(options.api_key)
     app = FastAPI(title="llmcore", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     tokenizer = engine.tokenizer
-    rag_lock = threading.Lock()
+    # One search at a time (the embedder and index are shared), waited for in the event loop: a waiting
+    # RAG request holds no worker thread, and requests without retrieval never wait for it.
+    rag_gate = asyncio.Lock()
+    # No token decodes to more characters than this, so text of more than `max_token_chars * context`
+    # characters cannot fit the context: refused before any encoding or embedding work.
+    max_token_chars = max(1, max((len(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)), default=1))
+
+    def check_size(chars: int, what: str, param: str) -> None:
+        if chars > max_token_chars * engine.context:
+            raise ApiError(400, f"{what} holds {chars} characters, more than fit this model's context of "
+                                f"{engine.context} tokens", param=param, code="context_length_exceeded")
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
@@ -575,7 +663,7 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
                                 f"than this model's context of {engine.context} tokens; use max_tokens <= {room}",
                            param="max_tokens", code="context_length_exceeded")
 
-    def rag_messages(messages: list[dict[str, str]], params: SamplingParams) -> list[dict[str, str]]:
+    async def rag_messages(messages: list[dict[str, str]], params: SamplingParams) -> list[dict[str, str]]:
         """The conversation with its last user message asked as `rag query --answer` asks it: the top passages
         (fitted to the context left after the reply and the earlier turns) in `answer_messages`' prompt."""
         from llmcore.rag import answer_messages, fit_passages
@@ -588,13 +676,20 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
             raise ApiError(400, "the last user message (the question) is empty", param="messages")
         system = next((m["content"] for m in messages if m["role"] == "system"), None)
         history = [m for m in messages[:last] if m["role"] != "system"]
-        with rag_lock:  # one search at a time: the embedder and index are shared
-            passages = options.retriever.search(question, options.rag_k)
         reserve = params.max_tokens if params.max_tokens is not None else min(options.default_max_tokens,
                                                                               engine.context // 2)
-        history_tokens = len(chat_ids(history)) if history else 0
+        # A question that cannot fit is refused before it is embedded (embedding cost grows with its length).
+        n_question = len(await run_in_threadpool(tokenizer.encode_text, question))
+        if n_question + reserve >= engine.context:
+            raise ApiError(400, f"the question is {n_question} tokens; with {reserve} for the reply it does not fit "
+                                f"this model's context of {engine.context} tokens", param="messages",
+                           code="context_length_exceeded")
+        async with rag_gate:
+            passages = await run_in_threadpool(options.retriever.search, question, options.rag_k)
+        history_tokens = len(await run_in_threadpool(chat_ids, history)) if history else 0
         try:
-            context = fit_passages(tokenizer, question, passages, engine.context - reserve - history_tokens, system)
+            context = await run_in_threadpool(fit_passages, tokenizer, question, passages,
+                                              engine.context - reserve - history_tokens, system)
         except LLMCoreError as err:
             raise ApiError(400, str(err), param="messages", code="context_length_exceeded") from None
         grounded = answer_messages(question, context, system)
@@ -699,8 +794,12 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         check_model(body)
         messages = parse_messages(body)
         params = parse_sampling(body, chat=True)
+        if len(messages) > engine.context:  # every message takes at least one token of the template
+            raise ApiError(400, f"{len(messages)} messages cannot fit this model's context of {engine.context} "
+                                "tokens", param="messages", code="context_length_exceeded")
+        check_size(sum(len(m["content"]) for m in messages), "the messages", "messages")
         if options.retriever is not None:
-            messages = await run_in_threadpool(rag_messages, messages, params)
+            messages = await rag_messages(messages, params)
         prompt_ids = await run_in_threadpool(chat_ids, messages)  # a long prompt must not stall other clients
         resolve_max_tokens(prompt_ids, params, options.default_max_tokens)
         job, events = start(prompt_ids, params, asyncio.get_running_loop())
@@ -732,6 +831,7 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         check_model(body)
         prompt = parse_prompt(body)
         params = parse_sampling(body, chat=False)
+        check_size(len(prompt), "the prompt", "prompt")
         if isinstance(prompt, str):
             prompt_ids = [tokenizer.bos_id] + await run_in_threadpool(tokenizer.encode, prompt)  # as `llmcore generate`
         else:
@@ -758,7 +858,7 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
                 "usage": _usage(len(prompt_ids), n)}
 
-    asgi: Any = _AuthMiddleware(app, options.api_key) if options.api_key else app
+    asgi: Any = _AuthMiddleware(app, options.api_key) if options.api_key is not None else _LocalOnlyMiddleware(app)
     if options.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
@@ -826,7 +926,19 @@ def open_retriever(index_dir: str | Path) -> Any:
         from llmcore.rag import Retriever
     except ImportError as err:
         raise LLMCoreError(f"--rag needs llmcore's RAG part and its extra: {install_hint('rag')} ({err})") from None
+    if not Path(index_dir).is_dir():
+        raise LLMCoreError(f"--rag {index_dir}: no such directory (make one with `llmcore rag index`)")
     return Retriever.open(index_dir)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a bound address is reachable only from this machine."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
@@ -842,7 +954,6 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
         raise LLMCoreError(f"llmcore serve needs FastAPI and uvicorn: {install_hint('serve')} ({err})") from None
     from llmcore.checkpoint import load_model
     from llmcore.common import default_attn_backend, resolve_device
-
     if rag_k < 1:
         raise LLMCoreError(f"--rag-k must be at least 1, got {rag_k}")
     if max_body_bytes < 1024:
@@ -851,16 +962,16 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
         raise LLMCoreError(f"--default-max-tokens must be at least 1, got {default_max_tokens}")
     if max_batch < 1 or max_queue < 1:
         raise LLMCoreError(f"--max-batch and --max-queue must be at least 1, got {max_batch} and {max_queue}")
+    check_api_key(api_key)
     dev = resolve_device(device)
     sock = bind_socket(host, port)  # before the slow loads: a taken port or bad host fails at once
     try:
+        if api_key is None and not is_loopback(sock.getsockname()[0]):
+            raise LLMCoreError(f"--host {host} is reachable from other machines: set --api-key (or "
+                               "LLMCORE_API_KEY), or bind 127.0.0.1 (a key-less server answers only this machine)")
         retriever = open_retriever(rag) if rag is not None else None
-        model, tok = load_model(ckpt, device=dev, attn_backend=default_attn_backend(dev),
-                                with_tokenizer=tokenizer_dir is None)
-        if tokenizer_dir is not None:
-            from llmcore.data_prep.tokenizer import load_tokenizer
-
-            tok = load_tokenizer(tokenizer_dir)
+        # --tokenizer must fit the model (vocab size, special ids, stored vocabulary): checked in load_model.
+        model, tok = load_model(ckpt, device=dev, attn_backend=default_attn_backend(dev), tokenizer=tokenizer_dir)
         if tok is None:
             raise LLMCoreError(f"{ckpt}: no tokenizer found (looked beside the weights and in the run dir's "
                                "tokenizer/); pass --tokenizer DIR")
@@ -872,10 +983,7 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
     app = create_app(engine, ServerOptions(model_name=name, api_key=api_key, max_body_bytes=max_body_bytes,
                                            retriever=retriever, rag_k=rag_k, cors_origins=list(cors_origins or []),
                                            default_max_tokens=default_max_tokens))
-    bound_host, bound_port = sock.getsockname()[:2]
-    if not api_key and bound_host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("listening on %s without --api-key: anyone who can reach this address can use the model",
-                    bound_host)
+    bound_port = sock.getsockname()[1]
     url = f"http://{host}:{bound_port}/v1"
     if on_ready is not None:
         on_ready(f"serving {name!r} on {dev} at {url} (batch up to {max_batch}, queue {max_queue}"
@@ -932,6 +1040,8 @@ def register(app: Any) -> None:
         if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise LLMCoreError(f"--log-level {log_level!r}: expected debug, info, warning or error")
         log.setLevel(logging.DEBUG if log_level == "trace" else getattr(logging, log_level.upper()))
+        if api_key is None and os.environ.get("LLMCORE_API_KEY") is not None:
+            api_key = os.environ["LLMCORE_API_KEY"]  # set but empty: click treats it as unset; refused below
         serve(ckpt, host=host, port=port, device=device, api_key=api_key, model_name=model_name,
               tokenizer_dir=tokenizer, rag=rag, rag_k=rag_k, max_batch=max_batch, max_queue=max_queue,
               max_body_bytes=max_body_bytes, log_level=log_level, cors_origins=cors_origin,
