@@ -393,3 +393,37 @@ def test_summary_says_when_its_eval_loss_is_from_an_earlier_step(shards, tmp_pat
     line = train("pretrain", tiny_cfg("pretrain", shards, out, resume=True, **kw)).line()
     assert "eval_loss" in line and "[at step" not in line, line  # measured at the last step
 
+
+
+def test_sigterm_to_two_processes_saves_one_checkpoint_from_both(shards, tmp_path):
+    """torchrun forwards SIGTERM to both ranks; they agree on the step, save together (each rank its
+    own loader/RNG state) and exit 143; rank 0 prints the line once."""
+    pytest.importorskip("deepspeed", reason="deepspeed not installed")
+    from llmcore.checkpoint import checkpoint_problem
+    from llmcore.launch import deepspeed_config_path
+    from llmcore.train.engine import free_port
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "llmcore", "train", "pretrain", "--deepspeed", str(deepspeed_config_path("zero1")),
+           "--data", str(shards["pretrain"]), "--out", str(out), "--model", "tiny", "--seq-len", "48",
+           "--micro-batch-size", "1", "--global-batch-size", "4", "--max-steps", "100000", "--log-every", "1",
+           "--save-every", "0", "--attn-backend", "sdpa", "--dtype", "fp32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: _logged_steps(out) >= 2, "two logged steps", proc)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    step = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+    ck = out / "checkpoints" / f"step-{step}"
+    assert checkpoint_problem(ck) is None
+    assert {"loader_state.json", "loader_state_rank1.json", "rng_state.pt", "rng_state_rank1.pt"} <= \
+        {p.name for p in ck.iterdir()}
+    assert stderr.count(f"stopped by SIGTERM at step {step}/100000: checkpoint saved in {ck}") == 1, stderr[-3000:]
