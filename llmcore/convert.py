@@ -396,7 +396,8 @@ class Source:
 
 
 def read_source(src: str | Path, preset: str | None = None) -> Source:
-    """Read a MiniMind `.pth` (preset inferred from shapes, or `preset`) or a transformers folder."""
+    """Read a MiniMind `.pth` (or `.safetensors`) state dict (preset inferred from shapes, or `preset`) or a
+    transformers folder."""
     path = Path(src).expanduser()
     if not path.exists():
         raise LLMCoreError(f"{path}: no such file or folder")
@@ -410,7 +411,8 @@ def read_source(src: str | Path, preset: str | None = None) -> Source:
         config, state = read_hf_folder(path)
         tok = path if (path / "tokenizer.json").is_file() else None
         return Source(config, state, tok, f"{HF_MODEL_TYPES.get(kind, kind)} folder")
-    state = to_llmcore_names(read_pickled_weights(path), path)
+    # A state dict file: MiniMind's .pth (or the same names in a .safetensors file).
+    state = to_llmcore_names(_read_weight_file(path), path)
     config, name = config_from_shapes(state, path, preset)
     return Source(config, state, None, "MiniMind state dict", preset=name)
 

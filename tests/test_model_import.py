@@ -163,6 +163,11 @@ def test_minimind2_pth_infers_its_preset(tmp_path: Path) -> None:
     model, _ = load_model(result.run_dir)
     assert model.embed_tokens.weight.dtype == torch.float32  # fp16 file, fp32 run
     assert_same_logits(model, hf_logits(hf))
+    # The same state dict as a .safetensors file imports the same way.
+    save_file(torch.load(pth, weights_only=True), str(tmp_path / "w.safetensors"))
+    again = import_model(tmp_path / "w.safetensors", tmp_path / "run2")
+    assert again.preset == "tiny"
+    assert torch.equal(load_model(again.run_dir)[0](X).logits, model(X).logits)
 
 
 @pytest.mark.parametrize("moe", [False, True])
