@@ -61,6 +61,20 @@ def _shown_default(stage: Any, name: str, declared: Any) -> str | None:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+REQUIRED = ("data", "out")  # checked in TrainConfig.validate (not by click: --print-config needs neither)
+PATH_SETTINGS = {"data": "DIR", "out": "DIR", "init": "RUN", "tokenizer": "DIR", "model": "PRESET",
+                 "deepspeed": "NAME|JSON", "teacher": "RUN"}
+
+
+def _metavar(name: str, typ: type, meta: Any) -> str | None:
+    """What a flag's value looks like in --help: its choices, DIR/RUN for paths, N for integers."""
+    if typ is bool:
+        return None
+    if meta.get("choices"):
+        return "|".join(meta["choices"])
+    return PATH_SETTINGS.get(name) or {int: "N", float: "X"}.get(typ, "TEXT")
+
+
 def _options(stage: Any) -> list[inspect.Parameter]:
     from llmcore.train.config import TrainConfig, base_type, flag_name
     from llmcore.train.stages import stage_only_settings
@@ -75,7 +89,12 @@ def _options(stage: Any) -> list[inspect.Parameter]:
         flag = flag_name(f.name)
         decl = f"{flag}/--no-{flag[2:]}" if typ is bool else flag
         shown = _shown_default(stage, f.name, f.default)
-        opt = typer.Option(None, decl, help=f.metadata["help"], show_default=shown if shown is not None else False)
+        # The default goes into the help text: click prints a show_default string in parentheses
+        # (`[default: (512)]`), and the option's real default is None ("not given").
+        text = f.metadata["help"] + (f"  [default: {shown}]" if shown is not None else "")
+        if f.name in REQUIRED:
+            text += "  [required]" if f.name == "out" else "  [required; --resume: the run's]"
+        opt = typer.Option(None, decl, help=text, show_default=False, metavar=_metavar(f.name, typ, f.metadata))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
                                         annotation=Optional[typ]))
     params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],

@@ -427,3 +427,16 @@ def test_sigterm_to_two_processes_saves_one_checkpoint_from_both(shards, tmp_pat
     assert {"loader_state.json", "loader_state_rank1.json", "rng_state.pt", "rng_state_rank1.pt"} <= \
         {p.name for p in ck.iterdir()}
     assert stderr.count(f"stopped by SIGTERM at step {step}/100000: checkpoint saved in {ck}") == 1, stderr[-3000:]
+
+
+def test_train_help_reads_at_80_columns():
+    from typer.testing import CliRunner
+
+    from llmcore.cli import app
+
+    out = CliRunner().invoke(app, ["train", "pretrain", "--help"], terminal_width=80).output
+    assert "[default: 512]" in out and "(512)" not in out and "[default: minimind2-small (when no --init)]" in \
+        " ".join(out.split())
+    assert "--data DIR" in out and "--seq-len N" in out and "--lr X" in out and "--packing packed|bestfit|padded" in out
+    assert "<str>" not in out and "<int>" not in out and "--compile / --no-compile" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
