@@ -522,6 +522,7 @@ class Tokenizer:
             raise ChatTemplateError("message text uses every private-use character range; cannot keep special-token strings as text")
         to_mark = dict(zip(specials, marks))
         from_mark = dict(zip(marks, specials))
+
         def swap(x: str) -> str:
             return pattern.sub(lambda m: to_mark[m.group()], x)
 
