@@ -339,15 +339,29 @@ def check_hnsw_file(path: Path, *, dim: int, elements: int, deleted: int, m: int
     """Bounds-check an hnswlib index file against what the manifest and passages file say, before hnswlib
     reads it: header fields, every level-0 and upper-level link list (counts, neighbour ids < element
     count, a neighbour present on each level it is linked at), entry point and max level, vector values,
-    the deleted marks, and the live labels (== the passage ids). Raises LLMCoreError naming the file."""
+    the deleted marks, and the live labels (== the passage ids). Raises LLMCoreError naming the file.
+    The file is memory-mapped and read in blocks of rows (bounded extra memory at any size)."""
+    import mmap
+
     def bad(why: str) -> LLMCoreError:
         return LLMCoreError(f"{path}: not a valid HNSW index for this manifest ({why}); rebuild it with "
                             "`llmcore rag index`")
 
     with open(path, "rb") as f:
-        buf = f.read()
-    if len(buf) < _HNSW_HEADER.size:
-        raise bad("shorter than its header")
+        size = os.fstat(f.fileno()).st_size
+        if size < _HNSW_HEADER.size:
+            raise bad("shorter than its header")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        _check_hnsw(buf, bad, dim=dim, elements=elements, deleted=deleted, m=m, pids=pids)
+    finally:
+        try:
+            buf.close()
+        except BufferError:  # an error's traceback still holds views of it: closed when they are freed
+            pass
+
+
+def _check_hnsw(buf: Any, bad: Any, *, dim: int, elements: int, deleted: int, m: int, pids: np.ndarray) -> None:
     (off0, max_el, count, per_el, label_off, data_off, max_level, enter, max_m, max_m0, hm, _mult,
      _efc) = _HNSW_HEADER.unpack_from(buf, 0)
     links0 = 4 + 4 * max_m0
@@ -361,54 +375,66 @@ def check_hnsw_file(path: Path, *, dim: int, elements: int, deleted: int, m: int
     if not count <= max_el <= max(count, 1) * 4 + 1_000_000:
         raise bad(f"capacity {max_el} for {count} elements")
     level0_end = _HNSW_HEADER.size + count * per_el
-    if len(buf) < level0_end:
+    if len(buf) < level0_end or (len(buf) - level0_end) % 4:
         raise bad("truncated level-0 records")
     if count == 0:
         if len(buf) != level0_end:
             raise bad("trailing bytes")
         return
-    rec = np.frombuffer(buf, dtype=np.uint8, count=count * per_el, offset=_HNSW_HEADER.size).reshape(count, per_el)
-    n_links = rec[:, 0:2].copy().view("<u2").ravel()
-    if (n_links > max_m0).any():
-        raise bad("a level-0 link count is larger than M0")
-    ids = rec[:, 4:links0].copy().view("<u4").reshape(count, max_m0)
-    used = np.arange(max_m0)[None, :] < n_links[:, None]
-    if (ids[used] >= count).any():
-        raise bad("a level-0 neighbour id is out of range")
-    if not np.isfinite(rec[:, data_off:label_off].copy().view("<f4")).all():
-        raise bad("a vector holds NaN or infinity")
-    is_deleted = (rec[:, 2] & 1).astype(bool)
-    if int(is_deleted.sum()) != deleted:
-        raise bad(f"{int(is_deleted.sum())} deleted marks, the manifest says {deleted}")
-    labels = rec[:, label_off:per_el].copy().view("<u8").ravel()
-    live = np.sort(labels[~is_deleted])
+    # Level 0, in blocks of rows: link counts and ids, vectors, deleted marks, labels.
+    n_deleted = 0
+    live_labels = []
+    rows = max(1, (64 << 20) // per_el)  # about 64 MB of records per block
+    for r0 in range(0, count, rows):
+        n = min(rows, count - r0)
+        rec = np.frombuffer(buf, dtype=np.uint8, count=n * per_el, offset=_HNSW_HEADER.size + r0 * per_el
+                            ).reshape(n, per_el)
+        n_links = rec[:, 0:2].copy().view("<u2").ravel()
+        if (n_links > max_m0).any():
+            raise bad("a level-0 link count is larger than M0")
+        ids = rec[:, 4:links0].copy().view("<u4")
+        if (ids[np.arange(max_m0)[None, :] < n_links[:, None]] >= count).any():
+            raise bad("a level-0 neighbour id is out of range")
+        if not np.isfinite(rec[:, data_off:label_off].copy().view("<f4")).all():
+            raise bad("a vector holds NaN or infinity")
+        is_deleted = (rec[:, 2] & 1).astype(bool)
+        n_deleted += int(is_deleted.sum())
+        live_labels.append(rec[:, label_off:per_el].copy().view("<u8").ravel()[~is_deleted])
+    if n_deleted != deleted:
+        raise bad(f"{n_deleted} deleted marks, the manifest says {deleted}")
+    live = np.sort(np.concatenate(live_labels))
     if live.shape != pids.shape or not np.array_equal(live, pids.astype(np.uint64)):
         raise bad("its labels are not the passage ids of passages.arrow")
-    # Upper levels: a size-prefixed block per element (sequential, mostly empty).
+    # Upper levels: per element a u32 byte size, then its blocks; almost all sizes are 0, so the walk
+    # jumps over runs of empty records (everything is 4-byte aligned) and loops only over the others.
+    words = np.frombuffer(buf, dtype="<u4", offset=level0_end)
+    nonzero = np.flatnonzero(words)
     levels = np.zeros(count, dtype=np.int64)
-    blocks: list[tuple[int, int, int]] = []  # (element, level, offset of its block)
-    pos = level0_end
-    size_at = struct.Struct("<I").unpack_from
-    for i in range(count):
-        if pos + 4 > len(buf):
-            raise bad("truncated link lists")
-        (size,) = size_at(buf, pos)
-        pos += 4
-        if size:
-            if size % links_up or pos + size > len(buf):
-                raise bad(f"element {i}: bad link list size {size}")
-            levels[i] = size // links_up
-            blocks.extend((i, lvl, pos + (lvl - 1) * links_up) for lvl in range(1, int(levels[i]) + 1))
-            pos += size
-    if pos != len(buf):
+    blocks: list[tuple[int, int, int]] = []  # (element, level, word offset of its block)
+    i = w = 0
+    while i < count:
+        k = int(np.searchsorted(nonzero, w))
+        nxt = int(nonzero[k]) if k < len(nonzero) else len(words)
+        if i + (nxt - w) >= count:  # the rest are empty
+            w += count - i
+            break
+        i, w = i + (nxt - w), nxt
+        size = int(words[w])
+        if size % links_up or w + 1 + size // 4 > len(words):
+            raise bad(f"element {i}: bad link list size {size}")
+        levels[i] = size // links_up
+        blocks.extend((i, lvl, w + 1 + (lvl - 1) * links_up // 4) for lvl in range(1, int(levels[i]) + 1))
+        w += 1 + size // 4
+        i += 1
+    if w != len(words):
         raise bad("trailing bytes")
     if max_level != int(levels.max()) or enter >= count or levels[enter] != max_level:
         raise bad(f"entry point {enter} / max level {max_level} do not match the link lists")
     for i, lvl, at in blocks:
-        (n,) = struct.unpack_from("<H", buf, at)
+        n = int(words[at]) & 0xFFFF
         if n > max_m:
             raise bad(f"element {i}: level {lvl} link count {n} is larger than M")
-        nb = np.frombuffer(buf, dtype="<u4", count=n, offset=at + 4)
+        nb = words[at + 1:at + 1 + n]
         if (nb >= count).any() or (levels[nb] < lvl).any():
             raise bad(f"element {i}: a level-{lvl} neighbour is out of range")
 
