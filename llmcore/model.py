@@ -376,7 +376,6 @@ class SwiGLU(nn.Module):
 _GROUP_ALIGN = 8
 
 
-@torch.compiler.assume_constant_result
 def _grouped_mm_device(device_type: str, index: int) -> bool:
     """Whether `grouped_mm` runs on this device: CPU (torch >= 2.9), or CUDA from sm_80 on."""
     if not hasattr(F, "grouped_mm"):
@@ -384,6 +383,12 @@ def _grouped_mm_device(device_type: str, index: int) -> bool:
     if device_type == "cuda":
         return torch.cuda.get_device_capability(index)[0] >= 8
     return device_type == "cpu"
+
+
+# A constant for torch.compile (it never traces the device query). This is all that
+# `torch.compiler.assume_constant_result` does (torch/_dynamo/decorators.py); set here directly
+# because calling it imports torch._dynamo, and with it Triton, into every `import llmcore.model`.
+_grouped_mm_device._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 class MoE(nn.Module):
