@@ -434,8 +434,13 @@ class MoE(nn.Module):
         return x.dtype
 
     def use_grouped(self, x: torch.Tensor) -> bool:
-        """True when the experts run as sync-free grouped GEMMs (see the class docstring)."""
+        """True when the experts run as sync-free grouped GEMMs (see the class docstring).
+
+        Not under DeepSpeed ZeRO-3 (parameters carry `ds_id`): there an expert's weights are
+        gathered only when its own module runs, and the grouped path reads them directly.
+        """
         return (self.aligned and self._compute_dtype(x) == torch.bfloat16
+                and not hasattr(self.experts[0].gate_proj.weight, "ds_id")
                 and _grouped_mm_device(x.device.type, x.device.index or 0))
 
     def _experts_grouped(self, xs: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

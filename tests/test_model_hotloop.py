@@ -188,6 +188,12 @@ def test_moe_fp32_keeps_the_split_path() -> None:
         assert layer.use_grouped(torch.randn(1, 2, 64))  # bf16 autocast: fp32 weights, bf16 GEMMs
     unaligned = MoE(ModelConfig.from_preset("tiny", use_moe=True, moe_intermediate_size=100))
     assert not unaligned.bfloat16().use_grouped(torch.randn(1, 2, 64).bfloat16())
+    # DeepSpeed ZeRO-3 partitions parameters (marked by ds_id) and gathers them per module call.
+    zero3 = _moe().bfloat16()
+    for p in zero3.parameters():
+        p.ds_id = 0
+    x = torch.randn(1, 5, 64).bfloat16()
+    assert not zero3.use_grouped(x) and zero3(x)[0].shape == x.shape
 
 
 # ---------------------------------------------------------------- dense aux loss
