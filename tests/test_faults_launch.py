@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -103,8 +102,17 @@ env > "$out.env"
 """
 
 
-def test_ssh_launch_runs_no_flag_or_env_value_in_a_shell_and_dry_run_prints_what_runs(shards, tmp_path: Path  # noqa: F811
-                                                                                        ) -> None:
+def _main(args: list[str]) -> None:
+    """`llmcore ARGS` in this process (click exits 0 on success)."""
+    from llmcore.cli import main
+
+    with pytest.raises(SystemExit) as ex:
+        main(args)
+    assert ex.value.code in (0, None)
+
+
+def test_ssh_launch_runs_no_flag_or_env_value_in_a_shell_and_dry_run_prints_what_runs(
+        shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
     """LX-args-inject, LX-args-dryrun, LM-dsenv-newline: over ssh the node's shell never evaluates a training
     flag or an environment value, and --dry-run shows the very command each node's shell runs."""
     pytest.importorskip("deepspeed", reason="deepspeed not installed")
@@ -121,17 +129,19 @@ def test_ssh_launch_runs_no_flag_or_env_value_in_a_shell_and_dry_run_prints_what
     train = ["train", "pretrain", "--deepspeed", "zero2", "--data", str(shards["pretrain"]), "--model", "tiny",
              "--out", evil_out, "--seq-len", "64", "--micro-batch-size", "1", "--global-batch-size", "2",
              "--max-steps", "1"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NCCL_", "WANDB_"))}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", LOG_DIR=str(logs), PYEXE=sys.executable, RECORD=str(bin_dir / "record"),
-               WANDB_PROJECT=f"p$(touch {tmp_path}/PWNED_env)", NCCL_DEBUG=f"INFO\nLD_PRELOAD={tmp_path}/evil.so",
-               HOME=str(tmp_path / "home"), DS_ACCELERATOR="cpu")
-    launch = [sys.executable, "-m", "llmcore", "launch", "--hostfile", str(hf), "--master-addr", "127.0.0.1"]
-    dry = subprocess.run([*launch, "--dry-run", "--", *train], cwd=work, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert dry.returncode == 0, dry.stderr
-    printed = [line.split("] ", 1)[1] for line in dry.stdout.splitlines() if line.startswith("[node ")]
-    real = subprocess.run([*launch, "--", *train], cwd=work, env=env, capture_output=True, text=True, timeout=300)
-    assert real.returncode == 0, real.stdout + real.stderr
+    for k in list(os.environ):
+        if k.startswith(("NCCL_", "WANDB_")):
+            monkeypatch.delenv(k)
+    env = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", LOG_DIR=str(logs), PYEXE=sys.executable,
+               RECORD=str(bin_dir / "record"), WANDB_PROJECT=f"p$(touch {tmp_path}/PWNED_env)",
+               NCCL_DEBUG=f"INFO\nLD_PRELOAD={tmp_path}/evil.so", HOME=str(tmp_path / "home"), DS_ACCELERATOR="cpu")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(work)
+    launch = ["launch", "--hostfile", str(hf), "--master-addr", "127.0.0.1"]
+    _main([*launch, "--dry-run", "--", *train])
+    printed = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines() if line.startswith("[node ")]
+    _main([*launch, "--", *train])  # DeepSpeed's runner, then the stand-in pdsh, run for real
     assert not list(tmp_path.glob("PWNED*")), "a value ran in a node's shell"
     assert not (work / ".deepspeed_env").exists()
     for i in range(2):
@@ -145,14 +155,19 @@ def test_ssh_launch_runs_no_flag_or_env_value_in_a_shell_and_dry_run_prints_what
         assert "LD_PRELOAD" not in node_env  # the newline in NCCL_DEBUG did not become a second export
 
 
-def test_a_proxycommand_host_never_reaches_ssh(tmp_path: Path) -> None:
+def test_a_proxycommand_host_never_reaches_ssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     """LX-proxycommand: the hostfile is refused before DeepSpeed's ssh check could run the option."""
+    from llmcore.cli import main
+
     hf = _hostfile(tmp_path, f"-oProxyCommand=touch${{IFS}}{tmp_path}/PWNED_proxy slots=1\nnode2 slots=1\n")
-    res = subprocess.run([sys.executable, "-m", "llmcore", "launch", "--hostfile", str(hf), "--master-addr",
-                          "127.0.0.1", "--", "train", "pretrain", "--deepspeed", "zero2", "--data", "x", "--out", "y"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and res.stderr.startswith("error: --hostfile") and "line 1" in res.stderr
-    assert "Traceback" not in res.stderr and not (tmp_path / "PWNED_proxy").exists()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as ex:
+        main(["launch", "--hostfile", str(hf), "--master-addr", "127.0.0.1", "--", "train", "pretrain",
+              "--deepspeed", "zero2", "--data", "x", "--out", "y"])
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and err.startswith("error: --hostfile") and "line 1" in err and err.count("\n") == 1
+    assert not (tmp_path / "PWNED_proxy").exists()
 
 
 def test_unsafe_exported_variable_and_working_dir_are_refused_over_ssh(shards, tmp_path: Path,  # noqa: F811
