@@ -142,11 +142,15 @@ def save_model(model: LLM, out_dir: str | Path) -> Path:
     return out
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, else one LLMCoreError line naming it (unreadable, not JSON, not an object)."""
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON or bad UTF-8
         raise LLMCoreError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise LLMCoreError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _is_hf_folder(path: Path) -> bool:
@@ -218,7 +222,8 @@ def _step_of(path: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, else one LLMCoreError line naming it."""
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -325,8 +330,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
         config, state = merged_state(ckpt)
     elif ours:
-        config = ModelConfig.from_dict(_read_json(ckpt / CONFIG))
-        state = _load_safetensors(ckpt / WEIGHTS)
+        config = ModelConfig.from_dict(read_json_object(ckpt / CONFIG))
+        state = load_safetensors(ckpt / WEIGHTS)
     else:
         from llmcore.convert import read_hf_folder
 

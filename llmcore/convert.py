@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from llmcore.checkpoint import load_safetensors, read_json_object
 from llmcore.errors import LLMCoreError
 from llmcore.model import LLM, PRESETS, ModelConfig
 
@@ -50,16 +51,6 @@ _LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 
 # ----------------------------------------------------------------------------------------------
 # reading files
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError) as err:
-        raise LLMCoreError(f"{path}: not readable JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise LLMCoreError(f"{path}: expected a JSON object")
-    return data
 
 
 def read_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -93,18 +84,8 @@ def read_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise LLMCoreError(f"{path}: cannot read weights ({err})") from None
-
-
 def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    return _read_safetensors(path) if path.suffix == ".safetensors" else read_pickled_weights(path)
+    return load_safetensors(path) if path.suffix == ".safetensors" else read_pickled_weights(path)
 
 
 def hf_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -115,7 +96,7 @@ def hf_weights(folder: Path) -> dict[str, torch.Tensor]:
             continue
         if not name.endswith(".index.json"):
             return _read_weight_file(path)
-        weight_map = _read_json(path).get("weight_map")
+        weight_map = read_json_object(path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise LLMCoreError(f"{path}: no weight_map")
         state: dict[str, torch.Tensor] = {}
@@ -132,7 +113,7 @@ def hf_folder_type(folder: Path) -> str | None:
     """The `model_type` of a transformers folder (config.json beside a weight file), else None."""
     if not (folder / "config.json").is_file() or not any((folder / n).is_file() for n in HF_WEIGHT_FILES):
         return None
-    model_type = _read_json(folder / "config.json").get("model_type")
+    model_type = read_json_object(folder / "config.json").get("model_type")
     return model_type if isinstance(model_type, str) else ""
 
 
@@ -367,7 +348,7 @@ def config_from_hf(hf: dict[str, Any], state: dict[str, torch.Tensor]) -> ModelC
 
 def read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, weights in our names) of a transformers folder of one of `HF_MODEL_TYPES`."""
-    hf = _read_json(folder / "config.json")
+    hf = read_json_object(folder / "config.json")
     kind = hf.get("model_type")
     if not isinstance(kind, str) or kind not in HF_MODEL_TYPES:
         raise LLMCoreError(f"{folder / 'config.json'}: model_type {kind!r} is not one llmcore reads "
