@@ -90,8 +90,8 @@ def info(name: str = typer.Argument(..., help="a preset (`llmcore model list`)")
 
 @model_app.command("import")
 def import_cmd(
-    src: Path = typer.Argument(..., help="a MiniMind .pth state dict, or a transformers folder (model_type minimind, "
-                                         "qwen3, qwen3_moe or llama)"),
+    src: Path = typer.Argument(..., help="a MiniMind .pth (or .safetensors) state dict, or a transformers folder "
+                                         "(model_type minimind, qwen3, qwen3_moe or llama)"),
     out: Path = typer.Option(..., "--out", help="run dir to write (generate/chat/eval/serve --ckpt and train --init "
                                                 "take it)"),
     preset: Optional[str] = typer.Option(None, "--preset", help=".pth only: take RoPE, norm and routing settings from "
