@@ -95,6 +95,9 @@ def checkpoint_problem(directory: str | Path, only: tuple[str, ...] | None = Non
         return f"{MANIFEST} is unreadable ({type(err).__name__})"
     names = only if only is not None else tuple(sorted(set(files) | set(_files_of(directory))))
     for rel in names:
+        if not _inside(directory, rel):
+            # Never read (or report the size of) a file outside the checkpoint a manifest names.
+            return f"{MANIFEST} names {rel!r}, outside the checkpoint"
         path = directory / rel
         entry = files.get(rel)
         if entry is None:
@@ -107,6 +110,16 @@ def checkpoint_problem(directory: str | Path, only: tuple[str, ...] | None = Non
         if _sha256(path) != entry.get("sha256"):
             return f"{rel} does not match its checksum (corrupted)"
     return None
+
+
+def _inside(directory: Path, rel: str) -> bool:
+    """Whether the relative path `rel` stays inside `directory` (no absolute path, no `..`, no symlink out)."""
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or ".." in Path(rel).parts:
+        return False
+    try:
+        return (directory / rel).resolve().is_relative_to(directory.resolve())
+    except (OSError, ValueError):
+        return False
 
 
 def verify_checkpoint(directory: str | Path, only: tuple[str, ...] | None = None) -> None:
@@ -189,9 +202,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
         name = latest.read_text().strip()
         if not name:
             raise LLMCoreError(f"{latest}: empty; it should name a step dir such as step-100")
-        # `latest` names the step dir; accept a bare name, a path relative to the run dir, or an absolute path.
+        # `latest` names the step dir; accept a bare name, a path relative to the run dir, or an absolute path,
+        # as long as it is a dir of this run's checkpoints/ (a pointer must not load another run's weights).
         candidates = [p / "checkpoints" / name, p / name, Path(name)]
+        root = (p / "checkpoints").resolve()
+        if not any(c.resolve().parent == root for c in candidates):
+            raise LLMCoreError(f"{latest} names {name!r}, which is not a step dir in {p / 'checkpoints'}; "
+                               "it must name one of this run's checkpoints (e.g. step-100)")
         for c in candidates:
+            if c.resolve().parent != root:
+                continue
             if _holds_model(c):
                 newer = [d for d in step_dirs(p) if _step_of(d) > _step_of(c) and checkpoint_problem(d) is None]
                 return newer[0] if newer else c

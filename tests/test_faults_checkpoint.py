@@ -286,3 +286,35 @@ def test_deepspeed_checkpoint_files_are_never_unpickled(shards, tmp_path):
         train("pretrain", tiny_cfg("pretrain", shards, out, resume=True, max_steps=4, save_every=2,
                                    deepspeed="zero1"))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("outside", ["../../../../../../../../etc/passwd", "/etc/passwd", "../step-2/model.safetensors"])
+def test_a_manifest_naming_a_file_outside_the_checkpoint_is_refused_unread(shards, tmp_path, outside):
+    out = tmp_path / "run"
+    ck = _two_checkpoints(shards, out)
+    mpath = ck / "step-4" / MANIFEST
+    manifest = json.loads(mpath.read_text())
+    target = (ck / "step-4" / outside) if not outside.startswith("/") else Path(outside)
+    data = target.read_bytes()
+    import hashlib
+
+    # The entry matches the outside file exactly: it would verify if the path were followed.
+    manifest["files"][outside] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    mpath.write_text(json.dumps(manifest))
+    assert checkpoint_problem(ck / "step-4") == f"{MANIFEST} names {outside!r}, outside the checkpoint"
+    found, skipped = CheckpointManager(out).resume_point()
+    assert found == ck / "step-2" and skipped[0][0] == "step-4"
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot"])
+def test_latest_pointing_into_another_run_is_refused(shards, tmp_path, full, how):
+    from llmcore.checkpoint import resolve_checkpoint
+
+    out = tmp_path / "run"
+    ck = _two_checkpoints(shards, out)
+    other = full / "checkpoints" / (full / "checkpoints" / "latest").read_text().strip()
+    (ck / "latest").write_text(str(other) if how == "absolute" else os.path.relpath(other, ck) + "\n")
+    with pytest.raises(LLMCoreError, match=r"which is not a step dir in .*; it must name one of this run's"):
+        resolve_checkpoint(out)
+    (ck / "latest").write_text(str(ck / "step-4") if how == "absolute" else "checkpoints/step-4\n")
+    assert resolve_checkpoint(out) == ck / "step-4"  # this run's own dir, however it is written
