@@ -316,20 +316,23 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim)
-        if rope["kernel"] and self.qk_norm:
+        # Under DeepSpeed ZeRO-3 (parameters carry `ds_id`) a norm's weight is gathered only when its
+        # own module runs, so the fused kernel, which reads the weights directly, is not used there.
+        if rope["kernel"] and self.qk_norm and not hasattr(self.q_norm.weight, "ds_id"):
             from llmcore.kernels import qk_norm_rope
 
             # One fused pass (normalise, scale, rotate) instead of two norms and a rotation.
             q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, rope["cos_table"], rope["sin_table"],
                                 rope["position_ids"], self.eps)
-        elif rope["kernel"]:
-            from llmcore.kernels import apply_rope
-
-            q, k = apply_rope(q, k, rope["cos_table"], rope["sin_table"], rope["position_ids"])
         else:
             if self.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rope_rows(q, k, rope["cos_rows"], rope["sin_rows"])
+            if rope["kernel"]:
+                from llmcore.kernels import apply_rope
+
+                q, k = apply_rope(q, k, rope["cos_table"], rope["sin_table"], rope["position_ids"])
+            else:
+                q, k = apply_rope_rows(q, k, rope["cos_rows"], rope["sin_rows"])
 
         if kv_cache is not None:
             start = kv_cache.length

@@ -235,3 +235,25 @@ def test_qk_norm_kv_cache_matches_full_forward_on_every_backend() -> None:
             steps = [model(x[:, :4], kv_cache=cache).logits] + [model(x[:, t:t + 1], kv_cache=cache).logits
                                                                 for t in range(4, 9)]
             torch.testing.assert_close(torch.cat(steps, 1), full, atol=3e-5, rtol=1e-5, msg=lambda m: f"{backend}: {m}")
+
+
+def test_triton_qk_norm_without_the_fused_kernel_under_zero3() -> None:
+    # Parameters marked as DeepSpeed ZeRO-3 partitions: the norms run as their own modules (their
+    # weights gathered per module call) with the RMSNorm and RoPE kernels; same logits.
+    pytest.importorskip("triton")
+    from _kernel_helpers import DEVICE
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.from_preset("tiny", qk_norm=True, attn_backend="triton")).to(DEVICE).eval()
+    x = torch.randint(3, 6400, (1, 7), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    with torch.no_grad():
+        fused = model(x).logits
+        for p in model.parameters():
+            p.ds_id = 0
+        import llmcore.kernels as K
+
+        real, K.qk_norm_rope = K.qk_norm_rope, None  # would fail if called
+        try:
+            torch.testing.assert_close(model(x).logits, fused, atol=1e-5, rtol=1e-5)
+        finally:
+            K.qk_norm_rope = real
