@@ -230,3 +230,33 @@ def test_zero2_matches_plain_engine_and_resumes(shards, tmp_path, lora_run):
         assert a == pytest.approx(b, abs=1e-5)
     a, b = _adapters(out), _adapters(lora_run)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("alpha", [4.0, 12.0])
+def test_parity_with_peft_on_the_same_targets(lora_run, tmp_path, alpha):
+    """Our trained adapters copied into peft's LoRA on the exported base give our logits (fp32, 1e-5)."""
+    peft = pytest.importorskip("peft", reason="peft (test extra) not installed")
+    transformers = pytest.importorskip("transformers")
+    from llmcore.hf_export import export_hf
+
+    meta = json.loads((resolve_checkpoint(lora_run) / "adapter.json").read_text())
+    ours = load_adapted(lora_run).eval()
+    for m in ours.modules():
+        if isinstance(m, LoRALinear):
+            m.scaling = alpha / m.rank  # the same adapters at another scale, on both sides
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(export_hf(sft_run(), tmp_path / "hf")),
+                                                           torch_dtype=torch.float32)
+    config = peft.LoraConfig(r=meta["rank"], lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    model = peft.get_peft_model(hf, config).eval()
+    params = dict(model.named_parameters())
+    adapters = _adapters(lora_run)
+    with torch.no_grad():
+        for m in meta["modules"]:
+            for ab in ("lora_A", "lora_B"):
+                params[f"base_model.model.model.{m}.{ab}.default.weight"].copy_(adapters[f"{m}.{ab}"])
+    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) == sum(
+        t.numel() for t in adapters.values())
+    x = _batch(ours, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ours(x).logits, atol=1e-5, rtol=0)
