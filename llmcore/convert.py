@@ -1,4 +1,4 @@
-"""Import foreign weights: MiniMind `.pth` state dicts and transformers folders (MiniMind's own
+"""Import foreign weights: MiniMind `.pth` (or `.safetensors`) state dicts and transformers folders (MiniMind's own
 `model_type: minimind`, `Qwen3ForCausalLM`, `Qwen3MoeForCausalLM`, `LlamaForCausalLM`) become
 llmcore's parameter names and `ModelConfig`; `import_model` writes them as a finished run dir.
 
