@@ -440,3 +440,12 @@ def test_train_help_reads_at_80_columns():
     assert "--data DIR" in out and "--seq-len N" in out and "--lr X" in out and "--packing packed|bestfit|padded" in out
     assert "<str>" not in out and "<int>" not in out and "--compile / --no-compile" in out
     assert max(len(line) for line in out.splitlines()) <= 80
+
+
+def test_resume_inherits_what_the_run_is_not_where_it_ran(tmp_path):
+    from llmcore.train.config import saved_settings
+
+    (tmp_path / "config.json").write_text(json.dumps({"stage": "pretrain", "train": {
+        "seq_len": 48, "seed": 3, "device": "cuda:1", "deepspeed": "zero2", "stop_after": 2, "resume": True,
+        "quiet": True, "no_such_setting": 1}}))
+    assert saved_settings(tmp_path) == {"seq_len": 48, "seed": 3}

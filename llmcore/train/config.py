@@ -379,6 +379,9 @@ def build_config(stage: str, cli: dict[str, Any], config_file: str | Path | None
 
 
 PER_INVOCATION = ("resume", "stop_after", "quiet", "allow_lr_change")  # never taken from the saved run
+# Where the run continues, not what it is: a resume on another machine (or the plain engine after
+# DeepSpeed) says it again instead of inheriting it; a change is still reported.
+WHERE = ("device", "deepspeed")
 # Changes that make the continued run differ from the one the checkpoint belongs to: refused.
 RESUME_FIXED = ("model", "init", "seq_len", "global_batch_size", "packing", "seed", "eval_docs", "on_long",
                 "beta", "dpo_logp")
@@ -389,7 +392,7 @@ RESUME_OPTIMIZER = ("lr", "min_lr", "warmup_steps", "weight_decay", "adam_beta1"
 
 def saved_settings(run_dir: Path) -> dict[str, Any] | None:
     """The training settings a run dir's config.json records (known names only, without the
-    per-invocation ones), or None when there is no readable one."""
+    per-invocation ones and `WHERE` it ran), or None when there is no readable one."""
     try:
         saved = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -398,7 +401,7 @@ def saved_settings(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(train, dict):
         return None
     known = {f.name for f in fields(TrainConfig)}
-    return {k: v for k, v in train.items() if k in known and k not in PER_INVOCATION}
+    return {k: v for k, v in train.items() if k in known and k not in PER_INVOCATION + WHERE}
 
 
 def _same_data(old: str, new: str) -> bool:
