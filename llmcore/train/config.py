@@ -297,7 +297,8 @@ def settings_help() -> dict[str, str]:
 
 # YAML 1.2's float syntax. PyYAML implements YAML 1.1, whose floats need a dot, so `lr: 1e-3` (how
 # every paper and recipe writes a learning rate) would be read as the string "1e-3".
-_YAML12_FLOAT = r"""^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"""
+_YAML12_FLOAT = (r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+                 r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
 
 
 def _yaml_loader(yaml: Any) -> Any:
