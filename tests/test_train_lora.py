@@ -232,9 +232,10 @@ def test_zero2_matches_plain_engine_and_resumes(shards, tmp_path, lora_run):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-@pytest.mark.parametrize("alpha", [4.0, 12.0])
-def test_parity_with_peft_on_the_same_targets(lora_run, tmp_path, alpha):
-    """Our trained adapters copied into peft's LoRA on the exported base give our logits (fp32, 1e-5)."""
+def test_parity_with_peft_on_the_same_targets(lora_run, tmp_path):
+    """Our trained adapters copied into peft's LoRA on the exported base give our logits (fp32, 1e-5),
+    at a scale alpha/r = 3 (not 1), so orientation and scaling are both checked."""
+    alpha = 12.0
     peft = pytest.importorskip("peft", reason="peft (test extra) not installed")
     transformers = pytest.importorskip("transformers")
     from llmcore.hf_export import export_hf
