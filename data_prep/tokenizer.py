@@ -582,6 +582,15 @@ class Tokenizer:
     def _controls_of(self, text: str) -> list[tuple[int, int, int]]:
         return [(m.start(), m.end(), self._tok.token_to_id(m.group())) for m in self._specials_pattern().finditer(text)]
 
+    def _check_rendered_fields(self, msgs: list[dict], tools) -> None:
+        """Training rows must not lose data silently: tools, tool calls or reasoning that this
+        template never reads (MiniMind2's ChatML) make the row a ChatTemplateError."""
+        fields = [("tools", bool(tools))] + [(key, any(key in m for m in msgs)) for key in ("tool_calls", "reasoning_content")]
+        for key, present in fields:
+            if present and key not in self.chat_template:
+                raise ChatTemplateError(f"the tokenizer's chat template does not render {key}, so the row's {key} would be "
+                                        "lost; use a tokenizer with MiniMind-3's template (`tokenizer train`'s default)")
+
     @staticmethod
     def _check_trainable(msgs: list[dict]) -> None:
         if not msgs:
@@ -613,6 +622,7 @@ class Tokenizer:
                 msgs, row_tools = normalize_conversation(conv)
                 if not add_generation_prompt:
                     self._check_trainable(msgs)
+                    self._check_rendered_fields(msgs, row_tools if tools is None else tools)
                 drop = bool(drop_empty_think[index]) if drop_empty_think is not None else False
                 text, controls = self._render_plan(msgs, row_tools if tools is None else list(tools), add_generation_prompt,
                                                    drop, template_kwargs)

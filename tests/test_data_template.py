@@ -359,3 +359,18 @@ def test_chatml_option_and_bad_template(tmp_path):
         train_tokenizer([corpus], tmp_path / "q", template="qwen")
     with pytest.raises(LLMCoreError, match="needs at least 292"):
         train_tokenizer([corpus], tmp_path / "small", vocab_size=270)
+
+
+def test_chatml_template_refuses_rows_whose_fields_it_would_drop(tmp_path):
+    """MiniMind2's ChatML template renders neither tools, tool calls nor reasoning: such rows are bad
+    lines (template_error), not silently shortened; plain rows still prep."""
+    corpus = _write(tmp_path / "c.jsonl", [{"text": "hello world 你好 天气"}] * 20)
+    tok_dir = train_tokenizer([corpus], tmp_path / "tok", vocab_size=300, template="chatml")
+    rows = [{"conversations": CONVERSATIONS[3]}, {"conversations": CONVERSATIONS[2]}, {"conversations": CONVERSATIONS[0]}]
+    src = _write(tmp_path / "s.jsonl", rows)
+    with pytest.raises(DataError, match=r"s\.jsonl:2: the tokenizer's chat template does not render reasoning_content"):
+        prep("sft", [src], tok_dir, tmp_path / "out")
+    m = prep("sft", [src], tok_dir, tmp_path / "out", on_bad_line="skip")
+    assert m["num_docs"] == 1 and m["skipped_by_reason"] == {"template_error": 2}
+    # a generation prompt is the caller's business (serve decides what to do with tools)
+    assert load_tokenizer(tok_dir).encode_prompt(CONVERSATIONS[2][:1])
