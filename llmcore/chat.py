@@ -4,6 +4,10 @@ Each turn re-renders the whole conversation with the chat template (the same str
 transformers would build) and continues it; the oldest turns are dropped when the prompt would
 not leave room for the reply. Text is streamed as soon as it decodes to complete characters
 (byte-level BPE can split a multi-byte character across tokens).
+
+With thinking on (MiniMind-3's `open_thinking`), the reply is split by `llmcore.chat_format`
+into reasoning and answer: both are shown (the reasoning dimmed or labelled `thinking:`), and only
+the answer is kept in the history, as MiniMind's own chat does.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 import torch
 
+from llmcore.chat_format import OutputParser, check_thinking, prompt_ids
 from llmcore.errors import LLMCoreError
 from llmcore.generate import stream_generate
 from llmcore.model import LLM
@@ -43,10 +48,13 @@ class ChatSession:
 
     def __init__(self, model: LLM, tokenizer: Any, system: str | None = None, max_new_tokens: int = 512,
                  temperature: float = 0.85, top_k: int = 0, top_p: float = 0.85, repetition_penalty: float = 1.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, thinking: bool = False) -> None:
         from llmcore.generate import check_sampling
 
         check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+        if thinking:
+            check_thinking(tokenizer)
+        self.thinking = thinking
         context = model.config.max_position_embeddings
         if max_new_tokens >= context:
             raise LLMCoreError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the model's context is "
@@ -67,22 +75,29 @@ class ChatSession:
         history = list(self.messages)
         while True:
             msgs = ([{"role": "system", "content": self.system}] if self.system else []) + history
-            ids = self.tokenizer.encode_prompt(msgs)
+            ids = prompt_ids(self.tokenizer, msgs, thinking=self.thinking)
             if len(ids) <= limit:
                 return ids
             if len(history) <= 1:
                 raise LLMCoreError(f"message too long: {len(ids)} tokens, the model takes {limit} before the reply")
             history = history[2:]  # drop the oldest user/assistant exchange
 
-    def reply_stream(self, user_text: str) -> Iterator[str]:
-        """Yield the answer piece by piece; the full answer is added to the history at the end."""
+    def reply_events(self, user_text: str) -> Iterator[tuple[str, str]]:
+        """Yield `("reasoning", piece)` and `("content", piece)` as they are generated; the answer
+        (without the reasoning) is added to the history at the end."""
         self.messages.append({"role": "user", "content": user_text})
         tokens = stream_generate(self.model, self._prompt_ids(), generator=self.generator, **self.gen_kwargs)
-        pieces: list[str] = []
+        parser = OutputParser(thinking=self.thinking)
         for piece in stream_text(self.tokenizer, tokens):
-            pieces.append(piece)
-            yield piece
-        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            yield from parser.feed(piece)
+        yield from parser.finish()
+        self.messages.append({"role": "assistant", "content": parser.content})
+
+    def reply_stream(self, user_text: str) -> Iterator[str]:
+        """Yield the answer piece by piece (the reasoning, if any, is not part of it)."""
+        for kind, piece in self.reply_events(user_text):
+            if kind == "content":
+                yield piece
 
     def reply(self, user_text: str, on_text: Callable[[str], None] | None = None) -> str:
         parts = []
@@ -192,15 +207,37 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, prompt: str = 
             stdout.write("(history cleared)\n")
             continue
         if labels:
-            stdout.write(f"user: {text}\nassistant: ")
-        for piece in session.reply_stream(text):
-            stdout.write(piece)
-            stdout.flush()
-        stdout.write("\n")
+            stdout.write(f"user: {text}\n")
+        write_reply(session.reply_events(text), stdout, labels)
+
+
+DIM, NORMAL = "\x1b[2m", "\x1b[0m"
+
+
+def write_reply(events: Iterator[tuple[str, str]], stdout: TextIO, labels: bool) -> None:
+    """Write one streamed reply: the reasoning first (labelled `thinking:`; dimmed in a terminal),
+    then the answer (labelled `assistant:` when `labels`)."""
+    shown = None  # which part is being written
+    for kind, piece in events:
+        if kind != shown:
+            if shown == "reasoning":
+                stdout.write("\n" if labels else NORMAL + "\n")
+            if kind == "reasoning":
+                stdout.write("thinking: " if labels else DIM + "thinking: ")
+            elif labels:
+                stdout.write("assistant: ")
+            shown = kind
+        stdout.write(piece)
         stdout.flush()
+    if shown == "reasoning":  # the reply ended inside its reasoning (no answer)
+        stdout.write("\n" if labels else NORMAL + "\n")
+    if shown != "content" and labels:
+        stdout.write("assistant: ")
+    stdout.write("\n")
+    stdout.flush()
 
 
-def chat_prompt_ids(tokenizer: Any, text: str, system: str | None = None) -> list[int]:
+def chat_prompt_ids(tokenizer: Any, text: str, system: str | None = None, thinking: bool = False) -> list[int]:
     """Prompt ids for a single-turn chat (used by `llmcore generate --chat`)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    return tokenizer.encode_prompt(messages)
+    return prompt_ids(tokenizer, messages, thinking=thinking)

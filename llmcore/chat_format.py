@@ -55,15 +55,11 @@ def check_thinking(tokenizer: Any, flag: str = "--thinking") -> None:
 def prompt_ids(tokenizer: Any, messages: Sequence[dict], tools: list | None = None, thinking: bool = False) -> list[int]:
     """Token ids of a generation prompt through the tokenizer's own chat template (special-token
     strings in message text stay plain text; see `Tokenizer.encode_prompt`). `thinking` opens the
-    think block (`open_thinking`); `tools` are rendered by the template. Only the arguments that are
-    set are passed, so a template without them renders exactly as before."""
-    kwargs: dict[str, Any] = {}
-    if tools:
-        kwargs["tools"] = list(tools)
+    think block (`open_thinking`, refused for a template without one); `tools` are rendered by the
+    template."""
     if thinking:
         check_thinking(tokenizer)
-        kwargs["open_thinking"] = True
-    return tokenizer.encode_prompt(list(messages), **kwargs)
+    return tokenizer.encode_prompt(list(messages), tools=list(tools) if tools else None, open_thinking=thinking)
 
 
 # -- output ---------------------------------------------------------------------------------------

@@ -123,6 +123,8 @@ def generate_cmd(
     top_p: float = typer.Option(1.0, "--top-p", help="1 = off"),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the chat template as a user message"),
+    thinking: bool = typer.Option(False, "--thinking", help="with --chat: open the think block (MiniMind-3's "
+                                  "open_thinking); the model reasons, writes </think>, then answers"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for sampling"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the checkpoint's)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -139,7 +141,9 @@ def generate_cmd(
     model, tok = _load(ckpt, device, tokenizer)
     # Pretraining documents start with bos (`<|im_start|>`), so a plain prompt does too; the chat
     # template already opens with it.
-    ids = chat_prompt_ids(tok, prompt) if chat else [tok.bos_id] + tok.encode(prompt)
+    if thinking and not chat:
+        raise LLMCoreError("--thinking needs --chat (thinking is a setting of the chat template)")
+    ids = chat_prompt_ids(tok, prompt, thinking=thinking) if chat else [tok.bos_id] + tok.encode(prompt)
     gen = torch.Generator(device=model.embed_tokens.weight.device)
     if seed is not None:
         gen.manual_seed(seed)
@@ -160,6 +164,8 @@ def chat_cmd(
     top_p: float = typer.Option(0.85, "--top-p", help="1 = off"),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for sampling"),
+    thinking: bool = typer.Option(False, "--thinking", help="open the think block (MiniMind-3's open_thinking): "
+                                  "the reasoning is shown apart, only the answer stays in the history"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the checkpoint's)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
@@ -176,7 +182,8 @@ def chat_cmd(
 
     model, tok = _load(ckpt, device, tokenizer)
     session = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+                          top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                          thinking=thinking)
     n_params = sum(p.numel() for p in model.parameters())
     # The banner goes to stderr: a piped transcript on stdout stays just the conversation.
     typer.echo(f"llmcore chat: {ckpt} ({n_params / 1e6:.1f}M parameters) on {model.embed_tokens.weight.device}; "

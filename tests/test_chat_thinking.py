@@ -1,0 +1,91 @@
+"""Thinking in `llmcore chat` and `generate --chat` (MiniMind-3's `open_thinking`): the prompt ends in
+`<think>\\n` exactly as transformers renders it, the reasoning is shown apart from the answer, and only the
+answer stays in the history (as MiniMind's own chat)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from _scripted_model import ScriptedLM, text_replies
+from _toolcall_model import minimind3_tokenizer_dir
+
+from llmcore.chat import ChatSession, chat_prompt_ids, run_repl
+from llmcore.errors import LLMCoreError
+
+
+@pytest.fixture(scope="module")
+def toks():
+    from transformers import AutoTokenizer
+
+    from llmcore.data_prep.tokenizer import load_tokenizer
+
+    path = minimind3_tokenizer_dir()
+    return load_tokenizer(path), AutoTokenizer.from_pretrained(str(path))
+
+
+SCRIPT = [("北京", "想一想北京。\n</think>\n\n北京是首都。"), ("1+1", "一加一\n\n是二\n</think>\n\n等于2。")]
+
+
+def _session(tok, thinking: bool = True) -> tuple[ChatSession, ScriptedLM]:
+    model = ScriptedLM(text_replies(tok, SCRIPT), tok.vocab_size, tok.eos_id)
+    return ChatSession(model, tok, max_new_tokens=64, temperature=0, thinking=thinking), model
+
+
+def test_reasoning_apart_and_only_the_answer_in_history(toks) -> None:
+    tok, hf = toks
+    session, model = _session(tok)
+    events = list(session.reply_events("1+1等于几？"))
+    assert "".join(t for k, t in events if k == "reasoning") == "一加一\n\n是二"
+    assert "".join(t for k, t in events if k == "content") == "等于2。"
+    assert session.messages == [{"role": "user", "content": "1+1等于几？"}, {"role": "assistant", "content": "等于2。"}]
+    assert "".join(session.reply_stream("北京呢？")) == "北京是首都。"
+    # Each prompt is what transformers renders: the history without reasoning, the new turn opening <think>.
+    for prompt, n in zip(model.prompts, (1, 3)):
+        ref = hf.apply_chat_template(session.messages[:n], tokenize=False, add_generation_prompt=True,
+                                     open_thinking=True)
+        assert ref.endswith("<|im_start|>assistant\n<think>\n")
+        assert prompt == hf(ref, add_special_tokens=False)["input_ids"]
+
+
+def test_thinking_off_keeps_the_empty_think_block(toks) -> None:
+    tok, hf = toks
+    ids = chat_prompt_ids(tok, "你好")
+    ref = hf.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False, add_generation_prompt=True)
+    assert ref.endswith("<think>\n\n</think>\n\n") and ids == hf(ref, add_special_tokens=False)["input_ids"]
+    think = chat_prompt_ids(tok, "你好", thinking=True)
+    assert tok.decode(think).endswith("<|im_start|>assistant\n<think>\n")
+
+
+def test_piped_transcript_labels_thinking_and_answer(toks) -> None:
+    tok, _ = toks
+    session, _ = _session(tok)
+    out = io.StringIO()
+    run_repl(session, io.StringIO("1+1等于几？\n北京呢？\n"), out)
+    assert out.getvalue() == ("user: 1+1等于几？\nthinking: 一加一\n\n是二\nassistant: 等于2。\n"
+                              "user: 北京呢？\nthinking: 想一想北京。\nassistant: 北京是首都。\n")
+    # In a terminal the reasoning is dimmed and the answer follows on its own line.
+    tty = io.StringIO()
+    run_repl(_session(tok)[0], io.StringIO("1+1\n"), tty, labels=False)
+    assert tty.getvalue() == "\x1b[2mthinking: 一加一\n\n是二\x1b[0m\n等于2。\n"
+
+
+def test_thinking_needs_a_template_with_a_thinking_mode(tmp_path, capsys) -> None:
+    from test_serve import _make_run
+
+    from llmcore.cli import main
+    from llmcore.data_prep.tokenizer import load_tokenizer
+
+    run = _make_run(tmp_path)  # MiniMind2's ChatML tokenizer: no open_thinking
+    tok = load_tokenizer(run / "tokenizer")
+    with pytest.raises(LLMCoreError, match="open_thinking"):
+        chat_prompt_ids(tok, "hi", thinking=True)
+    for argv, needle in ((["generate", "--ckpt", str(run), "--prompt", "hi", "--thinking"], "--chat"),
+                         (["generate", "--ckpt", str(run), "--prompt", "hi", "--chat", "--thinking"], "open_thinking"),
+                         (["chat", "--ckpt", str(run), "--thinking"], "open_thinking")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and needle in err and "\n" not in err, err
