@@ -385,10 +385,17 @@ class Tokenizer:
             raise LLMCoreError(f"{self.path}: cannot load tokenizer config: {err}") from None
         if not isinstance(self.config, dict):
             raise LLMCoreError(f"{config_file}: not a JSON object")
-        if template is not None:
-            self.chat_template: str = template
-        else:
-            self.chat_template = self.config.get("chat_template") or CHAT_TEMPLATE
+        raw = template if template is not None else (self.config.get("chat_template") or CHAT_TEMPLATE)
+        # transformers also stores several named templates as [{"name", "template"}]: "default", and
+        # "tool_use" for calls with tools (its get_chat_template picks them the same way)
+        self._named_templates: dict[str, str] = {}
+        if isinstance(raw, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                         and isinstance(t.get("template"), str) for t in raw):
+            self._named_templates = {t["name"]: t["template"] for t in raw}
+            raw = self._named_templates.get("default")
+        if not isinstance(raw, str):
+            raise LLMCoreError(f"{config_file}: chat_template is neither a template string nor named templates with a default")
+        self.chat_template: str = raw
 
         def special(key: str, default: str) -> tuple[str, int]:
             value = self.config.get(key) or default
@@ -484,7 +491,8 @@ class Tokenizer:
         given: rows in MiniMind-3's format go through `normalize_conversation` first (the
         `encode_*` methods do that). ChatTemplateError when the template cannot render them."""
         try:
-            return render_chat_template(self.chat_template, messages, tools, add_generation_prompt,
+            template = self._named_templates.get("tool_use", self.chat_template) if tools is not None else self.chat_template
+            return render_chat_template(template, messages, tools, add_generation_prompt,
                                         **{**self._template_kwargs(), **template_kwargs})
         except ChatTemplateError:
             raise

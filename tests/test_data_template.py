@@ -374,3 +374,25 @@ def test_chatml_template_refuses_rows_whose_fields_it_would_drop(tmp_path):
     assert m["num_docs"] == 1 and m["skipped_by_reason"] == {"template_error": 2}
     # a generation prompt is the caller's business (serve decides what to do with tools)
     assert load_tokenizer(tok_dir).encode_prompt(CONVERSATIONS[2][:1])
+
+
+def test_named_templates_pick_like_transformers(m3_dir, tmp_path):
+    """A config holding [{"name", "template"}] (transformers' named templates): "tool_use" when tools
+    are given, else "default", as transformers' get_chat_template picks them."""
+    import shutil
+
+    named = tmp_path / "named"
+    shutil.copytree(m3_dir, named)
+    config = json.loads((named / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = [{"name": "default", "template": "{% for m in messages %}D:{{ m.content }}\n{% endfor %}"},
+                               {"name": "tool_use", "template": config["chat_template"]}]
+    (named / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    tok, hf = load_tokenizer(named), _hf(named)
+    msgs = [{"role": "user", "content": "hi"}]
+    for tools in (None, [CLOCK]):
+        assert tok.apply_chat_template(msgs, tools=tools) == hf.apply_chat_template(msgs, tools=tools, tokenize=False)
+    assert tok.apply_chat_template(msgs) == "D:hi\n"
+    config["chat_template"] = [{"name": "other", "template": "x"}]
+    (named / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(LLMCoreError, match="chat_template is neither"):
+        load_tokenizer(named)
