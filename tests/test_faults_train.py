@@ -269,8 +269,8 @@ def test_resume_refuses_a_change_that_alters_the_run_and_changes_nothing(finishe
 
 def test_resume_refuses_other_data_and_another_stage(finished_run, shards, tmp_path, capsys):
     run = _copy(finished_run, tmp_path)
-    code, _, err = run_cli(["train", "pretrain", "--out", str(run), "--resume", "--data", str(shards["pretrain_other"])],
-                           capsys)
+    code, _, err = run_cli(["train", "pretrain", "--out", str(run), "--resume",
+                            "--data", str(shards["pretrain_other"])], capsys)
     assert code == 2 and f"--data: the run trained on '{shards['pretrain']}'" in err, err
     with pytest.raises(LLMCoreError, match=r"is a `train pretrain` run, not `train sft`"):
         train("sft", tiny_cfg("sft", shards, run, model="tiny", resume=True))
@@ -354,7 +354,8 @@ def test_dpo_summary_progress_and_plot_are_readable(shards, tmp_path, capsys):
     assert code == 0, err
     done = stdout.strip().splitlines()[-1]
     assert re.search(r"loss \d\.\d{4} eval_loss \d\.\d{4} \(ln 2 = 0\.6931 = chance\), reward accuracy \d+% "
-                     r"\(chance 50%\), margin [-+]\d\.\d{4}, eval reward accuracy \d+%, margin [-+]\d\.\d{4}, ", done), done
+                     r"\(chance 50%\), margin [-+]\d\.\d{4}, eval reward accuracy \d+%, margin [-+]\d\.\d{4}, ",
+                     done), done
     steps = [ln for ln in stdout.splitlines() if ln.startswith("step 1/2 loss")]
     assert steps and re.search(r"loss \d\.\d{4} \(reward accuracy \d+%, margin [-+]\d\.\d{4}\) lr ", steps[0]), steps
     # The start notes name only flags `train dpo` has, and call its rows pairs.
