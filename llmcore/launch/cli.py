@@ -246,11 +246,12 @@ def deepspeed_env_lines() -> list[tuple[str, str]]:
     """`(KEY, VALUE)` of the `.deepspeed_env` files DeepSpeed's runner reads (home dir, then the working
     dir), checked: each line KEY=VALUE with a value no shell interprets, else a one-line error naming the
     file and line (DeepSpeed puts these values into each node's shell command, only double-quoted)."""
-    from deepspeed.launcher.runner import DEEPSPEED_ENVIRONMENT_NAME, DEEPSPEED_ENVIRONMENT_PATHS
-
+    # DeepSpeed's runner.py: DEEPSPEED_ENVIRONMENT_NAME / _PATHS, evaluated as the runner (a fresh
+    # process with this environment) will evaluate them, not as they were when deepspeed was imported here.
+    name = os.getenv("DS_ENV_FILE", ".deepspeed_env")
     out = []
-    for d in DEEPSPEED_ENVIRONMENT_PATHS:
-        path = Path(d) / DEEPSPEED_ENVIRONMENT_NAME
+    for d in (os.path.expanduser("~"), "."):
+        path = Path(d) / name
         if not path.is_file():
             continue
         for i, raw in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
