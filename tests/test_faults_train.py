@@ -450,3 +450,23 @@ def test_resume_inherits_what_the_run_is_not_where_it_ran(tmp_path):
         "seq_len": 48, "seed": 3, "device": "cuda:1", "deepspeed": "zero2", "stop_after": 2, "resume": True,
         "quiet": True, "no_such_setting": 1}}))
     assert saved_settings(tmp_path) == {"seq_len": 48, "seed": 3}
+
+
+def test_first_step_line_says_when_a_cpu_run_will_take_hours():
+    from types import SimpleNamespace
+
+    import torch
+
+    from llmcore.train.trainer import Trainer
+
+    def line(device: str, model: str | None, first_s: float) -> str:
+        fake = SimpleNamespace(total_steps=2000, step=1, engine=SimpleNamespace(device=torch.device(device)),
+                               cfg=SimpleNamespace(model=model))
+        return Trainer._first_step_line(fake, first_s)
+
+    slow = line("cpu", "minimind2-small", 95.31)
+    assert slow.startswith("first step took 95.31 s; at that pace the 1,999 remaining steps take about 52:55:25 ")
+    assert slow.endswith("; minimind2-small is slow on a CPU: --model tiny trains in minutes, a GPU runs this one")
+    assert "slow on a CPU" not in line("cpu", "minimind2-small", 0.5)  # 17 minutes: fine
+    assert "slow on a CPU" not in line("cuda", "minimind2-small", 95.31)
+    assert "slow on a CPU" not in line("cpu", None, 95.31)  # --init: no preset to swap

@@ -673,8 +673,12 @@ class Trainer:
     def _first_step_line(self, first_s: float) -> str:
         """After the first step of this invocation: its time and what the rest takes at that pace."""
         left = self.total_steps - self.step
-        return (f"first step took {first_s:.2f} s; at that pace the {left:,} remaining steps take about "
+        line = (f"first step took {first_s:.2f} s; at that pace the {left:,} remaining steps take about "
                 f"{format_duration(first_s * left)} (the first step includes start-up; the progress lines refine it)")
+        if self.engine.device.type == "cpu" and first_s * left > 3600 and self.cfg.model not in (None, "tiny"):
+            # The README's main command on a laptop: say so now, not after a day.
+            line += f"; {self.cfg.model} is slow on a CPU: --model tiny trains in minutes, a GPU runs this one"
+        return line
 
     def _speed_fields(self, tokens_per_s: float, step_s: float) -> dict[str, Any]:
         out: dict[str, Any] = {"tokens_per_s": tokens_per_s, "step_s": step_s,
