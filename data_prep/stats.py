@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +58,12 @@ def compute_stats(
     bad: dict[str, int] = {}
     first_bad: dict[str, int] = {}
     bar = None
-    if progress:
-        from tqdm import tqdm
+    if progress:  # a bar on a terminal; in a pipe a line every 30 s
+        import logging
 
-        bar = tqdm(unit=" rows", unit_scale=True, desc="stats", file=sys.stderr, disable=None)
+        from llmcore.log import Progress
+
+        bar = Progress(None, "row", "stats", logging.getLogger(__name__))
 
     def flush() -> None:
         if tok is None or not pending:

@@ -20,7 +20,6 @@ from llmcore.data_prep.loaders import IGNORE_INDEX
 from llmcore.errors import LLMCoreError
 
 log = logging.getLogger(__name__)
-PROGRESS_EVERY_S = 30.0  # seconds between progress lines when stderr is not a terminal
 
 
 @dataclass
@@ -89,7 +88,7 @@ def evaluate(ckpt: str | Path, data: str | Path, batch_size: int = 8, seq_len: i
     from llmcore.log import Progress
 
     log.info("eval: %d batches of %d rows x %d tokens on %s", n, batch_size, seq_len, dev)
-    bar = Progress(n, "batch", "eval", log, every=PROGRESS_EVERY_S, enabled=progress)
+    bar = Progress(n, "batch", "eval", log, enabled=progress)
     try:
         for step in range(n):
             batch = first_rows(next(loader), loader.unwrapped_rows(step))

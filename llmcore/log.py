@@ -54,24 +54,28 @@ def setup_cli_logging(level: int = logging.INFO) -> logging.Logger:
     return logger
 
 
+PROGRESS_EVERY_S = 30.0  # seconds between progress lines when stderr is not a terminal
+
+
 class Progress:
     """Progress of a long loop the way a user sees it: a tqdm bar on a terminal; when stderr is not a
     terminal (a pipe, a log file, nohup), a log line every `every` seconds with done/total, the rate
     and the time left, so a long command is never silent. `update(n)` after each piece; `close()`.
-    The unit "B" (bytes) is shown in MB."""
+    `total=None` (unknown) shows the count and rate only. The unit "B" (bytes) is shown in MB."""
 
-    def __init__(self, total: int, unit: str, desc: str, logger: logging.Logger, every: float = 30.0,
+    def __init__(self, total: int | None, unit: str, desc: str, logger: logging.Logger, every: float | None = None,
                  enabled: bool = True) -> None:
         import time
 
         from tqdm import tqdm
 
-        self.total, self.unit, self.desc, self.log, self.every = total, unit, desc, logger, every
+        self.total, self.unit, self.desc, self.log = total, unit, desc, logger
+        self.every = PROGRESS_EVERY_S if every is None else every
         self.done = 0
         self._time = time.perf_counter
         self.t0 = self._last = self._time()
         self.bar = tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True,
-                        unit_scale=unit == "B", disable=None if enabled else True)
+                        unit_scale=unit == "B" or total is None, disable=None if enabled else True)
         self.lines = enabled and self.bar.disable
 
     def update(self, n: int = 1) -> None:
@@ -81,13 +85,17 @@ class Progress:
         if self.lines and (now - self._last >= self.every or self.done == self.total):
             self._last = now
             rate = self.done / max(now - self.t0, 1e-9)
+            mb = self.unit == "B"  # bytes: in MB
+            scale, unit = (1e6, "MB") if mb else (1, self.unit)
+            units = unit if mb else unit + ("es" if unit.endswith("h") else "s")
+            done = f"{self.done / scale:.1f}" if mb else f"{self.done:,}"
+            if self.total is None:
+                self.log.info("%s: %s %s, %.2f %s/s", self.desc, done, units, rate / scale, unit)
+                return
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
-            if self.unit == "B":  # bytes read: in MB
-                self.log.info("%s: %.1f/%.1f MB, %.2f MB/s, %s left", self.desc, self.done / 1e6, self.total / 1e6,
-                              rate / 1e6, _duration(left))
-            else:
-                self.log.info("%s: %d/%d %s, %.2f %s/s, %s left", self.desc, self.done, self.total, self.unit + "es"
-                              if self.unit.endswith("h") else self.unit + "s", rate, self.unit, _duration(left))
+            total = f"{self.total / scale:.1f}" if mb else f"{self.total:,}"
+            self.log.info("%s: %s/%s %s, %.2f %s/s, %s left", self.desc, done, total, units, rate / scale, unit,
+                          _duration(left))
 
     def close(self) -> None:
         self.bar.close()

@@ -76,8 +76,9 @@ def test_eval_prints_progress_and_time_left_in_a_pipe(shards, one_thread, caplog
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """F6: 6 min 42 s without a line before; in a pipe (no terminal) it now logs lines with the time left."""
     import llmcore.evaluate as ev
+    import llmcore.log
 
-    monkeypatch.setattr(ev, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(llmcore.log, "PROGRESS_EVERY_S", 0.0)
     with caplog.at_level(logging.INFO, logger="llmcore"):
         res = ev.evaluate(pretrained_run(), shards["pretrain"], batch_size=2, seq_len=32, device="cpu", max_batches=3)
     lines = [r.getMessage() for r in caplog.records if r.name == "llmcore.evaluate"]
@@ -221,3 +222,16 @@ def test_prep_shows_progress_in_a_pipe(shards, tmp_path: Path, caplog: pytest.Lo
         prep("pretrain", [src], shards["tok"], tmp_path / "out", workers=1, progress=True)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prep pretrain: ")]
     assert lines and " MB, " in lines[-1] and lines[-1].endswith("left"), lines
+
+
+def test_stats_shows_progress_in_a_pipe(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a pipe `prep stats` said nothing until the table; now a count and rate every 30 s (no total is known)."""
+    import llmcore.log
+    from llmcore.data_prep.stats import compute_stats
+
+    monkeypatch.setattr(llmcore.log, "PROGRESS_EVERY_S", 0.0)  # a line per row
+    with caplog.at_level(logging.INFO, logger="llmcore"):
+        compute_stats(_stats_input(tmp_path), progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stats: ")]
+    assert lines and lines[-1].startswith("stats: 30 rows, ") and lines[-1].endswith("row/s"), lines

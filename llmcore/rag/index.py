@@ -485,7 +485,7 @@ def _embed(embedder: Embedder, texts: list[str], batch_size: int, progress: bool
     vecs = np.zeros((len(texts), embedder.dim), dtype=np.float32)
     order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first: the ETA errs high
     t0 = time.perf_counter()
-    bar = Progress(len(texts), "passage", f"embed ({embedder.name})", log, every=30.0, enabled=progress)
+    bar = Progress(len(texts), "passage", f"embed ({embedder.name})", log, enabled=progress)
     try:
         for i in range(0, len(texts), batch_size):
             idx = order[i:i + batch_size]
