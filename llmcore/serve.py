@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional
 
+from llmcore.chat_format import OutputParser, ToolCall
 from llmcore.errors import LLMCoreError, install_hint
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,7 +60,7 @@ DEFAULT_CHAT_MAX_TOKENS = 512  # as `llmcore chat`; capped by the room left in t
 MAX_STOP_STRINGS = 4
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy
-CHAT_ROLES = {"system", "user", "assistant", "developer"}
+CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -177,8 +178,10 @@ def parse_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
     if chat:
         if body.get("logprobs") or body.get("top_logprobs"):
             raise ApiError(400, "'logprobs' is not supported", param="logprobs")
-        if body.get("tools") or body.get("functions"):
-            raise ApiError(400, "tools and function calling are not supported", param="tools")
+        for legacy in ("functions", "function_call"):
+            if body.get(legacy) is not None:
+                raise ApiError(400, f"'{legacy}' (the deprecated function-calling API) is not supported; use "
+                                    "'tools'", param=legacy)
         fmt = body.get("response_format")
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise ApiError(400, "only response_format {'type': 'text'} is supported", param="response_format")
@@ -194,14 +197,98 @@ def parse_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
     return p
 
 
-def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    """`messages` as plain `{"role", "content"}` strings (text content parts are joined)."""
+@dataclass
+class ChatOptions:
+    """What a chat request asks of the template and the output parser (validated)."""
+
+    tools: list[dict[str, Any]] | None = None  # rendered by the template; None = no tools
+    parse_tools: bool = False  # `<tool_call>` blocks in the output become tool_calls
+    parallel_tool_calls: bool = True
+    thinking: bool = False  # the template's open_thinking
+
+
+def parse_chat_options(body: dict[str, Any], tokenizer: Any, default_thinking: bool) -> ChatOptions:
+    """`tools`, `tool_choice`, `parallel_tool_calls` and `chat_template_kwargs` of a chat request."""
+    from llmcore.chat_format import template_has_thinking, template_has_tools
+
+    o = ChatOptions(thinking=default_thinking)
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise ApiError(400, "'tools' must be a list of {'type': 'function', 'function': {...}}", param="tools")
+        for i, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not (isinstance(t, dict) and t.get("type") == "function" and isinstance(fn, dict)
+                    and isinstance(fn.get("name"), str) and fn["name"]):
+                raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., ...}}}} "
+                                    "(only function tools are supported)", param=f"tools[{i}]")
+            check_text(json.dumps(t, ensure_ascii=False), f"tools[{i}]")
+    choice = body.get("tool_choice")
+    if choice is not None and choice not in ("none", "auto"):
+        raise ApiError(400, f"tool_choice {choice!r} is not supported; use 'auto' or 'none'", param="tool_choice")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise ApiError(400, f"'parallel_tool_calls' must be true or false, got {parallel!r}",
+                       param="parallel_tool_calls")
+    o.parallel_tool_calls = parallel is not False
+    if tools and choice != "none":  # "none": the model is not told about the tools (and none are parsed)
+        if not template_has_tools(tokenizer):
+            raise ApiError(400, "this model's chat template does not render tools", param="tools")
+        o.tools, o.parse_tools = tools, True
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise ApiError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
+        for key, value in kwargs.items():
+            if key not in ("open_thinking", "enable_thinking"):
+                raise ApiError(400, f"chat_template_kwargs: only 'open_thinking' (or its alias 'enable_thinking') "
+                                    f"is supported, got {str(key)[:50]!r}", param="chat_template_kwargs")
+            if not isinstance(value, bool):
+                raise ApiError(400, f"chat_template_kwargs.{key} must be true or false", param="chat_template_kwargs")
+            o.thinking = value
+    if o.thinking and not template_has_thinking(tokenizer):
+        raise ApiError(400, "this model's chat template has no thinking mode (no 'open_thinking')",
+                       param="chat_template_kwargs")
+    return o
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's OpenAI `tool_calls`, for the template: arguments as a JSON object."""
+    if not isinstance(value, list):
+        raise ApiError(400, f"{where} must be a list", param=where)
+    out = []
+    for j, call in enumerate(value):
+        at = f"{where}[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
+            raise ApiError(400, f"{at} must be {{'type': 'function', 'function': {{'name': ..., 'arguments': ...}}}}",
+                           param=at)
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(check_text(args, f"{at}.function.arguments"))
+            except (ValueError, RecursionError):
+                raise ApiError(400, f"{at}.function.arguments is not JSON", param=f"{at}.function.arguments") from None
+        if not isinstance(args, dict):
+            raise ApiError(400, f"{at}.function.arguments must be a JSON object", param=f"{at}.function.arguments")
+        entry: dict[str, Any] = {"type": "function",
+                                 "function": {"name": check_text(fn["name"], f"{at}.function.name"), "arguments": args}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """`messages` for the chat template: `{"role", "content"}` strings (text content parts joined), plus an
+    assistant's `tool_calls` (arguments parsed to objects) and `reasoning_content`, and a tool message's
+    `tool_call_id`."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise ApiError(400, "'messages' is required and must be a list", param="messages")
     if not messages:
         raise ApiError(400, "'messages' must contain at least one message", param="messages")
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -222,8 +309,17 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
             content = ""
         if not isinstance(content, str):
             raise ApiError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": check_text(content, f"{where}.content")})
+        msg: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                               "content": check_text(content, f"{where}.content")}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if role == "assistant" and m.get("reasoning_content") is not None:
+            if not isinstance(m["reasoning_content"], str):
+                raise ApiError(400, f"{where}.reasoning_content must be a string", param=f"{where}.reasoning_content")
+            msg["reasoning_content"] = check_text(m["reasoning_content"], f"{where}.reasoning_content")
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = check_text(m["tool_call_id"], f"{where}.tool_call_id")
+        out.append(msg)
     return out
 
 
@@ -478,6 +574,8 @@ class ServerOptions:
     rag_k: int = 3
     default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS  # chat requests without max_tokens
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
+    ui: bool = True  # the chat page at / (llmcore.webui); --no-ui turns it off
+    thinking: bool = False  # chat requests open the think block unless they say otherwise (--thinking)
 
 
 def _sse(obj: Any) -> bytes:
@@ -695,13 +793,16 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         grounded = answer_messages(question, context, system)
         return grounded[:-1] + history + grounded[-1:] + messages[last + 1:]
 
-    def chat_ids(messages: list[dict[str, str]]) -> list[int]:
+    def chat_ids(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                 thinking: bool = False) -> list[int]:
         import jinja2
+
+        from llmcore.chat_format import prompt_ids
 
         try:
             # Special-token strings inside message content stay plain text: a client cannot forge turns.
-            return tokenizer.encode_prompt(messages)
-        except jinja2.TemplateError as err:
+            return prompt_ids(tokenizer, messages, tools=tools, thinking=thinking)
+        except (jinja2.TemplateError, LLMCoreError) as err:
             raise ApiError(400, f"the chat template refused these messages: {err}", param="messages") from None
 
     def start(prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop
@@ -744,17 +845,24 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         finally:
             job.cancelled.set()  # a no-op once done; frees the row if this handler is cancelled
 
-    async def stream(job: Job, events: "asyncio.Queue[Event]", make_chunk: Callable[[str | None, str | None], dict],
-                     n_prompt: int, include_usage: bool, first: dict | None, t0: float) -> AsyncIterator[bytes]:
+    async def stream(job: Job, events: "asyncio.Queue[Event]", make_chunk: Callable[[Any, str | None], dict],
+                     n_prompt: int, include_usage: bool, first: dict | None, t0: float,
+                     shape: Callable[[str | None], list[Any]] = lambda text: [text] if text else [],
+                     finish_reason: Callable[[str], str] = lambda reason: reason) -> AsyncIterator[bytes]:
+        """SSE chunks of one request: `shape(text)` turns each text event (None at the end) into chunk
+        payloads for `make_chunk`; `finish_reason` may rename the final reason."""
         try:
             if first is not None:
                 yield _sse(first)
             while True:
                 event = await events.get()
                 if event[0] == "text":
-                    yield _sse(make_chunk(event[1], None))
+                    for payload in shape(event[1]):
+                        yield _sse(make_chunk(payload, None))
                 elif event[0] == "done":
-                    final = make_chunk(None, event[1])
+                    for payload in shape(None):
+                        yield _sse(make_chunk(payload, None))
+                    final = make_chunk(None, finish_reason(event[1]))
                     usage = _usage(n_prompt, event[2])
                     if not include_usage:
                         final["usage"] = usage
@@ -794,34 +902,62 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         check_model(body)
         messages = parse_messages(body)
         params = parse_sampling(body, chat=True)
+        chat = parse_chat_options(body, tokenizer, options.thinking)
         if len(messages) > engine.context:  # every message takes at least one token of the template
             raise ApiError(400, f"{len(messages)} messages cannot fit this model's context of {engine.context} "
                                 "tokens", param="messages", code="context_length_exceeded")
-        check_size(sum(len(m["content"]) for m in messages), "the messages", "messages")
+        check_size(sum(len(m["content"]) + len(json.dumps(m.get("tool_calls", ""), ensure_ascii=False))
+                       for m in messages) + len(json.dumps(chat.tools or "", ensure_ascii=False)),
+                   "the messages", "messages")
         if options.retriever is not None:
             messages = await rag_messages(messages, params)
-        prompt_ids = await run_in_threadpool(chat_ids, messages)  # a long prompt must not stall other clients
+        # a long prompt must not stall other clients
+        prompt_ids = await run_in_threadpool(chat_ids, messages, chat.tools, chat.thinking)
         resolve_max_tokens(prompt_ids, params, options.default_max_tokens)
         job, events = start(prompt_ids, params, asyncio.get_running_loop())
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        # Reasoning and tool calls are split out of the text by one parser, streamed or not (chat_format).
+        parser = OutputParser(thinking=chat.thinking, tools=chat.parse_tools)
+        calls: list[ToolCall] = []
+
+        def deltas(text: str | None) -> list[dict[str, Any]]:
+            out = []
+            for kind, value in (parser.feed(text) if text is not None else parser.finish()):
+                if kind == "tool_call":
+                    if chat.parallel_tool_calls or not calls:
+                        out.append({"tool_calls": [value.to_openai(index=len(calls))]})
+                        calls.append(value)
+                else:
+                    out.append({"reasoning_content" if kind == "reasoning" else "content": value})
+            return out
+
+        def finish_reason(reason: str) -> str:
+            return "tool_calls" if calls and reason == "stop" else reason
+
         if params.stream:
-            def chunk(text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
-                    {"content": text} if text is not None else {})
+            def chunk(delta: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
                 return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": options.model_name,
                         "system_fingerprint": None,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                        "choices": [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}]}
 
             return StreamingResponse(stream(job, events, chunk, len(prompt_ids), params.include_usage,
-                                            chunk(None, None, role=True), t0),
+                                            chunk({"role": "assistant", "content": ""}, None), t0,
+                                            shape=deltas, finish_reason=finish_reason),
                                      media_type="text/event-stream", headers=sse_headers)
         text, finish, n = await collect(request, job, events)
+        deltas(text)
+        deltas(None)
         log.info("%s: %d prompt + %d completion tokens in %.2fs (%s)", rid, len(prompt_ids), n,
                  time.perf_counter() - t0, finish)
+        message: dict[str, Any] = {"role": "assistant", "content": parser.content if parser.content or not calls
+                                   else None}
+        if parser.reasoning is not None:
+            message["reasoning_content"] = parser.reasoning
+        if calls:
+            message["tool_calls"] = [c.to_openai() for c in calls]
         return {"id": rid, "object": "chat.completion", "created": now, "model": options.model_name,
                 "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": finish}],
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(finish)}],
                 "usage": _usage(len(prompt_ids), n)}
 
     @app.post("/v1/completions")
@@ -859,6 +995,10 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
                 "usage": _usage(len(prompt_ids), n)}
 
     asgi: Any = _AuthMiddleware(app, options.api_key) if options.api_key is not None else _LocalOnlyMiddleware(app)
+    if options.ui:  # the page's static files answer outside the key and Host checks; /ui/info stays inside
+        from llmcore.webui import mount_ui, page_info
+
+        asgi = mount_ui(app, asgi, lambda: page_info(engine, options))
     if options.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
@@ -944,9 +1084,9 @@ def is_loopback(address: str) -> bool:
 def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
           api_key: str | None = None, model_name: str | None = None, tokenizer_dir: str | Path | None = None,
           rag: str | Path | None = None, rag_k: int = 3, max_batch: int = 8, max_queue: int = 256,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info", ui: bool = True,
           cors_origins: list[str] | None = None, default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS,
-          on_ready: Callable[[str], None] | None = None) -> None:
+          on_ready: Callable[[str], None] | None = None, thinking: bool = False) -> None:
     """Load the checkpoint and serve it until interrupted (Ctrl-C / SIGTERM)."""
     try:
         import uvicorn
@@ -975,19 +1115,24 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
         if tok is None:
             raise LLMCoreError(f"{ckpt}: no tokenizer found (looked beside the weights and in the run dir's "
                                "tokenizer/); pass --tokenizer DIR")
+        if thinking:
+            from llmcore.chat_format import check_thinking
+
+            check_thinking(tok)
     except BaseException:
         sock.close()
         raise
     name = model_name or Path(ckpt).expanduser().resolve().name
     engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue).start()
     app = create_app(engine, ServerOptions(model_name=name, api_key=api_key, max_body_bytes=max_body_bytes,
-                                           retriever=retriever, rag_k=rag_k, cors_origins=list(cors_origins or []),
-                                           default_max_tokens=default_max_tokens))
+                                           retriever=retriever, rag_k=rag_k, cors_origins=list(cors_origins or []), ui=ui,
+                                           default_max_tokens=default_max_tokens, thinking=thinking))
     bound_port = sock.getsockname()[1]
     url = f"http://{host}:{bound_port}/v1"
     if on_ready is not None:
         on_ready(f"serving {name!r} on {dev} at {url} (batch up to {max_batch}, queue {max_queue}"
-                 f"{', API key required' if api_key else ''}{', RAG ' + str(rag) if rag else ''})")
+                 f"{', API key required' if api_key else ''}{', RAG ' + str(rag) if rag else ''})"
+                 f"{'; chat page at ' + url[:-len('/v1')] + '/' if ui else ''}")
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
@@ -1030,6 +1175,10 @@ def register(app: Any) -> None:
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: debug, info, warning, error"),
         cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", help="a web page origin allowed to "
                                                         "call the API from a browser (repeatable; '*' = any)"),
+        no_ui: bool = typer.Option(False, "--no-ui", help="do not serve the chat page at / (the API is unchanged)"),
+        thinking: bool = typer.Option(False, "--thinking", help="chat requests open the think block (MiniMind-3's "
+                                      "open_thinking) unless they send chat_template_kwargs {\"open_thinking\": false}; "
+                                      "the reasoning is returned as reasoning_content"),
     ) -> None:
         """Serve a checkpoint over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models.
 
@@ -1044,6 +1193,6 @@ def register(app: Any) -> None:
             api_key = os.environ["LLMCORE_API_KEY"]  # set but empty: click treats it as unset; refused below
         serve(ckpt, host=host, port=port, device=device, api_key=api_key, model_name=model_name,
               tokenizer_dir=tokenizer, rag=rag, rag_k=rag_k, max_batch=max_batch, max_queue=max_queue,
-              max_body_bytes=max_body_bytes, log_level=log_level, cors_origins=cors_origin,
-              default_max_tokens=default_max_tokens,
+              max_body_bytes=max_body_bytes, log_level=log_level, cors_origins=cors_origin, ui=not no_ui,
+              default_max_tokens=default_max_tokens, thinking=thinking,
               on_ready=lambda line: typer.echo(line, err=True))
