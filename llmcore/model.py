@@ -154,6 +154,7 @@ _INT_LIMITS: dict[str, tuple[int, int]] = {
     "moe_intermediate_size": (1, 2 ** 20),
 }
 _OPTIONAL_INTS = frozenset({"head_dim", "intermediate_size", "moe_intermediate_size"})
+_MAX_PARAMS = 1e12
 # Float fields: (lowest allowed, highest allowed, lowest is exclusive).
 _FLOAT_LIMITS: dict[str, tuple[float, float, bool]] = {
     "rope_theta": (0.0, 1e12, True),
@@ -189,6 +190,17 @@ def _check_fields(cfg: "ModelConfig") -> None:
             raise LLMCoreError(f"model config: {name} must be true or false, got {getattr(cfg, name)!r}")
     if not isinstance(cfg.attn_backend, str):
         raise LLMCoreError(f"model config: attn_backend must be a string, got {cfg.attn_backend!r}")
+    # Each field can be in range while their product is not buildable (65536 wide x 1024 layers):
+    # a rough count, refused far above anything llmcore can train (it only has to be cheap).
+    head_dim = cfg.head_dim or max(cfg.hidden_size // cfg.num_attention_heads, 1)
+    mlp = cfg.intermediate_size or _mlp_hidden(cfg.hidden_size)
+    experts = cfg.num_experts + cfg.num_shared_experts if cfg.use_moe else 1
+    estimate = cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * cfg.hidden_size * (
+        2 * (cfg.num_attention_heads + cfg.num_key_value_heads) * head_dim
+        + 3 * experts * ((cfg.moe_intermediate_size or mlp) if cfg.use_moe else mlp))
+    if estimate > _MAX_PARAMS:
+        raise LLMCoreError(f"model config: about {estimate:.2e} parameters (num_hidden_layers, hidden_size, "
+                           f"intermediate_size, ...), more than the {_MAX_PARAMS:.0e} llmcore builds")
     scaling = cfg.rope_scaling
     if scaling is not None:
         if not isinstance(scaling, dict):

@@ -154,6 +154,13 @@ def test_config_refuses_bad_types_and_ranges_naming_the_field(field: str, value:
     assert "\n" not in str(info.value)
 
 
+def test_config_refuses_fields_in_range_whose_product_is_not_buildable() -> None:
+    d = {**ModelConfig.from_preset("tiny").to_dict(), "hidden_size": 65536, "num_hidden_layers": 1024,
+         "num_attention_heads": 512, "num_key_value_heads": 512, "head_dim": None, "intermediate_size": 2 ** 20}
+    with pytest.raises(LLMCoreError, match="parameters"):
+        ModelConfig.from_dict(d)
+
+
 def test_config_accepts_ints_for_float_fields_and_null_optionals() -> None:
     cfg = ModelConfig.from_dict({**ModelConfig.from_preset("tiny").to_dict(), "rope_theta": 10000,
                                  "head_dim": None, "intermediate_size": None})
