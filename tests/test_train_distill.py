@@ -109,3 +109,20 @@ def test_distill_needs_a_teacher(shards, tmp_path):
         tiny_cfg("sft", shards, tmp_path / "x", model="tiny").resolved("distill")
     with pytest.raises(LLMCoreError, match="--teacher .*: no such run dir"):
         tiny_cfg("sft", shards, tmp_path / "x", model="tiny", teacher=str(tmp_path / "nope")).resolved("distill")
+
+
+def test_zero1_gives_the_plain_engine_losses(shards, tmp_path):
+    pytest.importorskip("deepspeed", reason="deepspeed not installed")
+    from llmcore.launch import deepspeed_config_path
+
+    runs = {}
+    for name, ds in (("plain", None), ("zero1", str(deepspeed_config_path("zero1")))):
+        runs[name] = tmp_path / name
+        train("distill", tiny_cfg("sft", shards, runs[name], init=str(sft_run()), teacher=str(sft_run()),
+                                  model=None, max_steps=3, lr=1e-3, deepspeed=ds).resolved("distill"))
+    a, b = _train_records(runs["plain"]), _train_records(runs["zero1"])
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "ce_loss", "kd_loss", "top1_agreement"):
+            assert ra[k] == pytest.approx(rb[k], abs=1e-5), k
+    assert a[-1]["kd_loss"] > 0  # the student moved away from its teacher copy
