@@ -1,4 +1,4 @@
-"""The stage registry: each training stage (pretrain, sft, dpo) is one object.
+"""The stage registry: each training stage (pretrain, sft, dpo, lora, distill, ...) is one object.
 
 A stage names the shard kind it trains on, how its loader lays out rows, its objective, the
 settings only it has and its defaults, what it validates, and which metrics it reports. The
