@@ -83,6 +83,9 @@ def test_model_vocab_smaller_than_shard_vocab_is_refused(shards, tmp_path):
     from llmcore.checkpoint import write_manifest
 
     write_manifest(step)  # an intact checkpoint of a model made for a 100-token vocab
+    # With its 400-id tokenizer copy beside it, load_model already refuses the pair (the tokenizer
+    # does not fit the embedding); without one, the trainer compares the model with the shards.
+    shutil.rmtree(run / "tokenizer")
     with pytest.raises(LLMCoreError, match="model vocab size 100 is smaller"):
         train("sft", tiny_cfg("sft", shards, tmp_path / "sft", init=str(run)))
 
