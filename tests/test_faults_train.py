@@ -470,3 +470,19 @@ def test_first_step_line_says_when_a_cpu_run_will_take_hours():
     assert "slow on a CPU" not in line("cpu", "minimind2-small", 0.5)  # 17 minutes: fine
     assert "slow on a CPU" not in line("cuda", "minimind2-small", 95.31)
     assert "slow on a CPU" not in line("cpu", None, 95.31)  # --init: no preset to swap
+
+
+def test_a_second_writer_in_the_same_process_is_refused_too(shards, tmp_path):
+    from llmcore.train import TrainHooks
+
+    out = tmp_path / "run"
+    seen = []
+
+    def nested(step, record):  # a second training into the same --out while the first runs
+        with pytest.raises(LLMCoreError, match=rf"--out {out} is in use by another training in this process"):
+            train("pretrain", tiny_cfg("pretrain", shards, out, max_steps=1))
+        seen.append(step)
+
+    train("pretrain", tiny_cfg("pretrain", shards, out, max_steps=2, save_every=0), hooks=TrainHooks(on_step=nested))
+    assert seen == [1, 2]
+    assert train("pretrain", tiny_cfg("pretrain", shards, out, max_steps=3, resume=True)).steps == 3  # released

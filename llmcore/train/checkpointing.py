@@ -120,6 +120,7 @@ def rescale_loader_state(saved: dict[str, Any], loader: Any) -> dict[str, Any]:
 
 
 LOCK_NAME = ".train.lock"
+_HELD: set[str] = set()  # run dirs this process holds: POSIX locks do not exclude their own process
 
 
 class RunDirLock:
@@ -129,12 +130,16 @@ class RunDirLock:
     let a waiting process lock an unlinked file). POSIX locks (`lockf`) also hold across NFS.
 
     `acquire` creates the run dir if needed; `release(failed=True)` removes a run dir that it
-    created and that holds nothing but the lock file, so a run refused at start leaves nothing."""
+    created and that holds nothing but the lock file, so a run refused at start leaves nothing.
+    POSIX locks belong to a process (a second lock from the same process succeeds, and closing any
+    descriptor of the file drops them), so a second writer inside this process is refused through
+    `_HELD` before the file is opened again."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self._fd: int | None = None
+        self._key = ""
         self._created = False
 
     def acquire(self) -> "RunDirLock":
@@ -143,6 +148,10 @@ class RunDirLock:
         import socket
         import time
 
+        key = str(self.run_dir.resolve())
+        if key in _HELD:
+            raise LLMCoreError(f"--out {self.run_dir} is in use by another training in this process; wait for it to "
+                               "end or choose another --out")
         try:
             self._created = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +173,8 @@ class RunDirLock:
         info = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode("utf-8") + b"\n", 0)
-        self._fd = fd
+        self._fd, self._key = fd, key
+        _HELD.add(key)
         return self
 
     def release(self, failed: bool = False) -> None:
@@ -181,6 +191,7 @@ class RunDirLock:
         finally:
             os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None
+            _HELD.discard(self._key)
 
     @property
     def held(self) -> bool:
