@@ -188,3 +188,12 @@ def test_unsafe_exported_variable_and_working_dir_are_refused_over_ssh(shards, t
     monkeypatch.chdir(odd)
     with pytest.raises(LLMCoreError, match="working dir .* unquoted"):
         node_commands(plan)
+
+
+def test_node_entry_refuses_a_bad_payload_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from llmcore.launch.node import main
+
+    with pytest.raises(SystemExit) as ex:
+        main(["--local_rank=0", "llmcore1.!!notbase64"])
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and err.startswith("error: llmcore.launch.node: not a launch payload") and err.count("\n") == 1

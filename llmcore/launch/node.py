@@ -43,16 +43,18 @@ def decode_payload(token: str) -> tuple[list[str], dict[str, str]]:
 
 
 def main(args: list[str] | None = None) -> None:
-    args = sys.argv[1:] if args is None else list(args)
-    if not args:
-        print("error: llmcore.launch.node expects the payload from `llmcore launch`", file=sys.stderr)
-        sys.exit(2)
+    """Entry point of a rank: like `llmcore` itself, a bad payload is one line on stderr and exit 2."""
+    import typer
+
     from llmcore.errors import LLMCoreError
 
+    args = sys.argv[1:] if args is None else list(args)
     try:
+        if not args:
+            raise LLMCoreError("llmcore.launch.node expects the payload from `llmcore launch`")
         argv, env = decode_payload(args[-1])
     except LLMCoreError as err:
-        print(f"error: {err}", file=sys.stderr)
+        typer.echo(f"error: {err}", err=True)
         sys.exit(2)
     os.environ.update(env)
     from llmcore.cli import main as llmcore_main
