@@ -18,7 +18,6 @@ Invariants: nothing here changes the index; reports are written atomically (temp
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform

@@ -36,7 +36,6 @@ import logging
 import os
 import shutil
 import struct
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
