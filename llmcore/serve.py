@@ -687,9 +687,6 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
     app = FastAPI(title="llmcore", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     tokenizer = engine.tokenizer
-    # One search at a time (the embedder and index are shared), waited for in the event loop: a waiting
-    # RAG request holds no worker thread, and requests without retrieval never wait for it.
-    rag_gate = asyncio.Lock()
     # No token decodes to more characters than this, so text of more than `max_token_chars * context`
     # characters cannot fit the context: refused before any encoding or embedding work.
     max_token_chars = max(1, max((len(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)), default=1))
@@ -782,8 +779,8 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
             raise ApiError(400, f"the question is {n_question} tokens; with {reserve} for the reply it does not fit "
                                 f"this model's context of {engine.context} tokens", param="messages",
                            code="context_length_exceeded")
-        async with rag_gate:
-            passages = await run_in_threadpool(options.retriever.search, question, options.rag_k)
+        # The Retriever is safe to share across threads (it locks only its index call; docs/INTERNALS.md).
+        passages = await run_in_threadpool(options.retriever.search, question, options.rag_k)
         history_tokens = len(await run_in_threadpool(chat_ids, history)) if history else 0
         try:
             context = await run_in_threadpool(fit_passages, tokenizer, question, passages,
