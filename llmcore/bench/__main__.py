@@ -1,5 +1,6 @@
 """`python -m llmcore.bench SUBCOMMAND ...`: the `llmcore bench` commands without loading the other
-command groups (the GPU check uses it on machines where only torch and triton are installed).
+command groups (the GPU check uses it; it needs torch, triton, typer and matplotlib, and bench train
+also numpy, pyarrow and tokenizers: gpu_check.sh's versions phase checks them all up front).
 Same code and flags as `llmcore bench`; user errors print one line `error: ...` and exit 2."""
 
 from __future__ import annotations
