@@ -48,12 +48,12 @@ DEFAULT_REPLY = "Hello! I am a scripted model."
 
 # -- servers --------------------------------------------------------------------------------------
 
-def _tokenizer() -> Any:
+def _tokenizer(name: str = "minimind_tokenizer") -> Any:
     from conftest import shared_data_dir
 
     from llmcore.data_prep.tokenizer import load_tokenizer
 
-    path = shared_data_dir() / "minimind_tokenizer"
+    path = shared_data_dir() / name
     if not (path / "tokenizer.json").is_file():
         pytest.skip(f"the MiniMind tokenizer is not at {path}")
     return load_tokenizer(path)
@@ -69,9 +69,9 @@ class ScriptedLM(torch.nn.Module):
     """Stands in for `LLM` under the real `generate_steps`: each row writes the tokens of the first reply
     whose needle is in the newest user message of its prompt, then eos; every step sleeps `delay` seconds."""
 
-    def __init__(self, tokenizer: Any, delay: float) -> None:
+    def __init__(self, tokenizer: Any, delay: float, replies: list[tuple[str, str]] = REPLIES) -> None:
         super().__init__()
-        self.tok, self.delay = tokenizer, delay
+        self.tok, self.delay, self.replies = tokenizer, delay, replies
         self.config = ModelConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=2048)
         self.embed_tokens = torch.nn.Embedding(1, 1)  # for `.weight.device`
         self.prompts: list[str] = []
@@ -90,7 +90,7 @@ class ScriptedLM(torch.nn.Module):
                 prompt = self.tok.decode(input_ids[row, start:].tolist())
                 self.prompts.append(prompt)
                 last = prompt.rsplit("user\n", 1)[-1]  # the newest user message picks the reply
-                text = next((t for needle, t in REPLIES if needle in last), DEFAULT_REPLY)
+                text = next((t for needle, t in self.replies if needle in last), DEFAULT_REPLY)
                 kv_cache.replies.append(self.tok.encode(text))
         else:
             time.sleep(self.delay)
@@ -398,3 +398,89 @@ def test_thinking_tool_calls_and_markdown(scripted: Served, open_page: Callable[
     shot.parent.mkdir(parents=True, exist_ok=True)
     p.page.screenshot(path=str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+THOUGHT = "Let me think about it: six times seven."
+REASONED = THOUGHT + "\n</think>\n\nThe answer is **42**."
+
+
+def test_reasoning_content_and_the_thinking_switch(open_page: Callable[[str], Page]) -> None:
+    tok3 = _tokenizer("minimind3_tokenizer")  # MiniMind-3's template has a thinking mode
+    s = Served(ScriptedLM(tok3, 0.0, [("ponder", REASONED)]), tok3, "thinker", thinking=True)
+    try:
+        # The server itself splits the reasoning out (reasoning_content), streamed or not.
+        r = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "ponder"}]})
+        assert r.json()["choices"][0]["message"]["reasoning_content"].strip() == THOUGHT, r.json()
+        p = open_page(s.url)
+        p.page.locator("#model-info").filter(has_text="thinker").wait_for()
+        thinking = p.page.get_by_label("Thinking", exact=True)
+        assert thinking.is_checked() and thinking.is_enabled()  # the server's --thinking
+        msg = p.send("ponder this")
+        p.wait_done(msg)
+        assert "chat_template_kwargs" not in p.requests[0]
+        details = msg.locator("details.reasoning")
+        assert details.is_visible() and details.get_attribute("open") is None
+        assert details.locator(".reasoning-text").text_content().strip() == THOUGHT
+        assert msg.locator(".answer").inner_text().strip() == "The answer is 42."
+        assert msg.locator(".answer strong").inner_text() == "42"
+        assert p.history()[1]["content"].strip() == "The answer is **42**."
+        thinking.uncheck()
+        p.wait_done(p.send("ponder again"))
+        assert p.requests[1]["chat_template_kwargs"] == {"enable_thinking": False}
+        assert s.model.prompts[-1].endswith("<think>\n\n</think>\n\n")  # the template's thinking-off prompt
+    finally:
+        s.stop()
+
+
+def _sse(*chunks: Any) -> str:
+    return "".join(f"data: {c if isinstance(c, str) else json.dumps(c)}\n\n" for c in chunks)
+
+
+def _delta(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def test_tool_call_deltas_errors_and_dropped_connections(scripted: Served,
+                                                         open_page: Callable[[str], Page]) -> None:
+    """What other servers' streams (and failures) look like, played to the page by the browser itself."""
+    p = open_page(scripted.url)
+    p.page.locator("#model-info").filter(has_text="scripted").wait_for()
+    replies: list[dict[str, Any]] = []
+    p.page.route("**/v1/chat/completions", lambda route: route.fulfill(**replies.pop(0)) if replies else route.abort())
+    sse = {"status": 200, "headers": {"content-type": "text/event-stream"}}
+    # Streamed reasoning_content and a tool call whose arguments come in two pieces.
+    replies.append({**sse, "body": _sse(
+        _delta({"role": "assistant", "content": ""}), _delta({"reasoning_content": "Plan: "}),
+        _delta({"reasoning_content": "ask the weather tool."}),
+        _delta({"tool_calls": [{"index": 0, "id": "call_7", "type": "function",
+                                "function": {"name": "get_weather", "arguments": '{"city": '}}]}),
+        _delta({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}),
+        _delta({}, "tool_calls"), "[DONE]")})
+    msg = p.send("weather in Paris?")
+    p.wait_done(msg)
+    assert msg.locator(".reasoning-text").text_content() == "Plan: ask the weather tool."
+    assert msg.locator(".tool-name").inner_text() == "get_weather"
+    assert json.loads(msg.locator(".tool-call pre").text_content()) == {"city": "Paris"}
+    assert "tool calls" in msg.locator(".status").inner_text()
+    assert p.history()[1]["tool_calls"] == [{"id": "call_7", "type": "function",
+                                             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+    # A 4xx: the server's own message is shown, the text given back, nothing added to the history.
+    replies.append({"status": 400, "content_type": "application/json",
+                    "body": json.dumps({"error": {"message": "'temperature' must be in [0.0, 2.0], got 5.0"}})})
+    p.page.get_by_label("Message", exact=True).fill("too hot")
+    p.button("Send").click()
+    p.page.get_by_role("alert").filter(has_text="must be in [0.0, 2.0]").wait_for()
+    assert "400" in p.page.get_by_role("alert").inner_text() and len(p.history()) == 2
+    assert p.page.get_by_label("Message", exact=True).input_value() == "too hot"
+    # The connection drops mid-answer (no [DONE]): the error is shown, the partial answer kept.
+    replies.append({**sse, "body": _sse(_delta({"content": "Half an ans"}))})
+    half = p.send("tell me")
+    p.wait_done(half)
+    assert half.locator(".answer").inner_text() == "Half an ans"
+    assert "closed before the answer was complete" in p.page.get_by_role("alert").inner_text()
+    assert p.history()[-1] == {"role": "assistant", "content": "Half an ans"}
+    # No connection at all (the route aborts): shown, not a stall; Send works again.
+    p.page.get_by_label("Message", exact=True).fill("anyone there?")
+    p.button("Send").click()
+    p.page.get_by_role("alert").filter(has_text="Cannot reach the server").wait_for()
+    assert p.button("Send").is_enabled() and p.button("Stop").is_disabled()

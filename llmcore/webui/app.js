@@ -363,17 +363,26 @@
       schedule();
     }
 
+    const unsent = (msg, status) => { // the turn was not answered: it is not history, the text comes back
+      history.pop();
+      userDiv.classList.add("unsent");
+      view.div.remove();
+      el.prompt.value = text;
+      if (status === 401) needKey(msg); else showError(msg);
+    };
     try {
-      const res = await fetch("/v1/chat/completions", {
-        method: "POST", headers: headers(true), body: JSON.stringify(requestBody()), signal: mine.signal,
-      });
+      let res;
+      try {
+        res = await fetch("/v1/chat/completions", {
+          method: "POST", headers: headers(true), body: JSON.stringify(requestBody()), signal: mine.signal,
+        });
+      } catch (e) {
+        if (e && e.name === "AbortError") throw e;
+        unsent("Cannot reach the server: " + (e && e.message ? e.message : e), 0);
+        return;
+      }
       if (!res.ok) {
-        const msg = await errorText(res);
-        history.pop(); // the turn was not answered: it is not history
-        userDiv.classList.add("unsent");
-        view.div.remove();
-        el.prompt.value = text;
-        if (res.status === 401) needKey(msg); else showError(msg);
+        unsent(await errorText(res), res.status);
         return;
       }
       const reader = res.body.getReader();
