@@ -25,7 +25,8 @@ Invariants:
   `max_tokens` past the model's context, out-of-range or unsupported fields, a wrong or missing API
   key) get an OpenAI-style JSON error with a 4xx status; no traceback ever reaches a client.
 - The server binds 127.0.0.1 unless told otherwise; with an API key, every request without
-  `Authorization: Bearer KEY` is refused with 401 before its body is read.
+  `Authorization: Bearer KEY` is refused with 401 before its body is read (but GET of the chat page's
+  static files, `llmcore.webui`, which hold nothing).
 - Importing this module needs neither torch nor FastAPI; both are imported when a server is built.
 """
 
