@@ -174,13 +174,41 @@ def test_no_ui_turns_the_page_off_and_keeps_the_api(tok: Any) -> None:
         s.stop()
 
 
-def test_cli_has_no_ui_flag() -> None:
-    from typer.testing import CliRunner
+def test_cli_serve_no_ui(tok: Any, tmp_path: Path) -> None:
+    """`llmcore serve --no-ui` as a user runs it: the page is off, the API answers."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
 
-    from llmcore.cli import app
+    from conftest import shared_data_dir
 
-    out = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
-    assert out.exit_code == 0 and "--no-ui" in out.output, out.output
+    from llmcore.checkpoint import save_model
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "tiny-run"
+    torch.manual_seed(0)
+    save_model(LLM(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size)).eval(), run / "checkpoints" / "step-1")
+    (run / "checkpoints" / "latest").write_text("step-1\n")
+    shutil.copytree(shared_data_dir() / "minimind_tokenizer", run / "tokenizer")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("LLMCORE_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "llmcore", "serve", "--ckpt", str(run), "--port", "0",
+                             "--device", "cpu", "--log-level", "warning", "--no-ui"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+    try:
+        line = proc.stderr.readline()  # "serving 'tiny-run' on cpu at http://127.0.0.1:PORT/v1 (...)"
+        assert "serving" in line and "chat page" not in line, line + (proc.stderr.read() if proc.poll() else "")
+        base = line.split(" at ", 1)[1].split()[0].removesuffix("/v1")
+        assert httpx.get(base + "/", timeout=30).status_code == 404
+        assert httpx.get(base + "/v1/models", timeout=30).json()["data"][0]["id"] == "tiny-run"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # -- the page in a browser ------------------------------------------------------------------------
