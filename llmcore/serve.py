@@ -59,6 +59,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512  # as `llmcore chat`; capped by the room left in the context
 MAX_STOP_STRINGS = 4
+MAX_LOGPROBS = 20  # top tokens listed per position (OpenAI allows 5, vLLM 20)
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy
 CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
@@ -93,6 +94,8 @@ class SamplingParams:
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False
+    logprobs: int | None = None  # completions: return the log-probabilities of the tokens (and the top N)
+    echo: bool = False  # completions: the prompt comes back in front of the text (and in logprobs)
 
     def batch_key(self) -> tuple[Any, ...] | None:
         """Requests with equal keys may share a batch; None = must run alone (seeded sampling)."""
@@ -187,10 +190,15 @@ def parse_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise ApiError(400, "only response_format {'type': 'text'} is supported", param="response_format")
     else:
-        if body.get("logprobs") is not None:
-            raise ApiError(400, "'logprobs' is not supported", param="logprobs")
-        if _flag(body, "echo"):
-            raise ApiError(400, "'echo' is not supported", param="echo")
+        logprobs = body.get("logprobs")
+        if logprobs is not None:
+            if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS:
+                raise ApiError(400, f"'logprobs' must be an integer from 0 to {MAX_LOGPROBS} (the top tokens to list "
+                                    f"per position), got {logprobs!r}", param="logprobs")
+            p.logprobs = logprobs
+        p.echo = _flag(body, "echo")
+        if p.stream and (p.logprobs is not None or p.echo):
+            raise ApiError(400, "'logprobs' and 'echo' are not supported with stream: true", param="stream")
         if body.get("suffix"):
             raise ApiError(400, "'suffix' is not supported", param="suffix")
         if _number(body, "best_of", 1, 1, 1 << 31, integer=True) != 1:
@@ -372,8 +380,9 @@ def _holdback(text: str, stops: list[str]) -> int:
 class _Row:
     """Per-request decoding state: tokens so far, text sent, stop strings, budget."""
 
-    def __init__(self, job: Job, tokenizer: Any) -> None:
-        self.job, self.tokenizer = job, tokenizer
+    def __init__(self, job: Job, tokenizer: Any, scorer: Callable[[list[int], int], dict[str, Any]] | None = None
+                 ) -> None:
+        self.job, self.tokenizer, self.scorer = job, tokenizer, scorer
         self.ids: list[int] = []
         self.sent = ""
         self.produced = 0
@@ -418,6 +427,8 @@ class _Row:
 
     def _end(self, reason: str) -> None:
         self.done = True
+        if self.job.params.logprobs is not None and self.scorer is not None:
+            self.job.emit(("logprobs", self.scorer(self.job.prompt_ids + self.ids, self.job.params.logprobs)))
         self.job.emit(("done", reason, self.produced))
 
 
@@ -518,6 +529,29 @@ class Engine:
             finally:
                 self.busy = False
 
+    def score(self, ids: list[int], top_n: int) -> dict[str, Any]:
+        """Log-probabilities of `ids` under the model, one teacher-forced forward pass (the first token
+        has none): `tokens` (each id decoded alone), `token_logprobs`, `top_logprobs` (per position the
+        `top_n` likeliest tokens and the actual one, `{text: logprob}`; None when `top_n` is 0)."""
+        import torch
+
+        with torch.no_grad():
+            x = torch.tensor([ids], device=self.model.embed_tokens.weight.device)
+            logp = torch.log_softmax(self.model(x).logits[0, :-1].float(), dim=-1)
+        actual = logp.gather(1, x[0, 1:, None]).squeeze(1).tolist()
+        decode = self.tokenizer.decode
+        top: list[dict[str, float] | None] | None = None
+        if top_n > 0:
+            top = [None]
+            values, index = logp.topk(min(top_n, logp.shape[-1]), dim=-1)
+            for lp, vs, js, tok in zip(actual, values.tolist(), index.tolist(), ids[1:]):
+                entry: dict[str, float] = {}
+                for v, j in zip(vs, js):
+                    entry.setdefault(decode([j]), v)  # two ids may decode alike: keep the likelier
+                entry.setdefault(decode([tok]), lp)
+                top.append(entry)
+        return {"tokens": [decode([i]) for i in ids], "token_logprobs": [None] + actual, "top_logprobs": top}
+
     def _generate(self, batch: list[Job]) -> None:
         import torch
 
@@ -531,7 +565,7 @@ class Engine:
             generator.manual_seed(p.seed)
         else:
             generator.seed()
-        rows = [_Row(job, self.tokenizer) for job in batch]
+        rows = [_Row(job, self.tokenizer, self.score) for job in batch]
         steps = generate_steps(self.model, [job.prompt_ids for job in batch],
                                max_new_tokens=max(job.max_tokens for job in batch), temperature=p.temperature,
                                top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty,
@@ -817,9 +851,12 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         engine.submit(job)
         return job, events
 
-    async def collect(request: Request, job: Job, events: "asyncio.Queue[Event]") -> tuple[str, str, int]:
-        """Wait for the whole answer, polling for a client that went away."""
+    async def collect(request: Request, job: Job, events: "asyncio.Queue[Event]"
+                      ) -> tuple[str, str, int, dict[str, Any] | None]:
+        """Wait for the whole answer, polling for a client that went away: text, finish reason,
+        completion tokens and the scored tokens (`Engine.score`) when logprobs were asked for."""
         parts: list[str] = []
+        scored: dict[str, Any] | None = None
         next_check = time.monotonic() + DISCONNECT_POLL_S
         try:
             while True:
@@ -836,8 +873,10 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
                     continue
                 if event[0] == "text":
                     parts.append(event[1])
+                elif event[0] == "logprobs":
+                    scored = event[1]
                 elif event[0] == "done":
-                    return "".join(parts), event[1], event[2]
+                    return "".join(parts), event[1], event[2], scored
                 else:
                     raise ApiError(503, event[1], type_="server_error")
         finally:
@@ -942,7 +981,7 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
                                             chunk({"role": "assistant", "content": ""}, None), t0,
                                             shape=deltas, finish_reason=finish_reason),
                                      media_type="text/event-stream", headers=sse_headers)
-        text, finish, n = await collect(request, job, events)
+        text, finish, n, _ = await collect(request, job, events)
         deltas(text)
         deltas(None)
         log.info("%s: %d prompt + %d completion tokens in %.2fs (%s)", rid, len(prompt_ids), n,
@@ -984,12 +1023,25 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
 
             return StreamingResponse(stream(job, events, chunk, len(prompt_ids), params.include_usage, None, t0),
                                      media_type="text/event-stream", headers=sse_headers)
-        text, finish, n = await collect(request, job, events)
+        text, finish, n, scored = await collect(request, job, events)
         log.info("%s: %d prompt + %d completion tokens in %.2fs (%s)", rid, len(prompt_ids), n,
                  time.perf_counter() - t0, finish)
+        logprobs = None
+        if scored is not None:  # OpenAI's legacy logprobs object; with echo it covers the prompt's tokens too
+            first = 0 if params.echo else len(prompt_ids)
+            tokens = scored["tokens"][first:]
+            offsets, at = [], 0
+            for t in tokens:
+                offsets.append(at)
+                at += len(t)
+            top = scored["top_logprobs"]
+            logprobs = {"tokens": tokens, "token_logprobs": scored["token_logprobs"][first:],
+                        "top_logprobs": top[first:] if top is not None else None, "text_offset": offsets}
+        if params.echo:
+            text = (prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)) + text
         return {"id": rid, "object": "text_completion", "created": now, "model": options.model_name,
                 "system_fingerprint": None,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
                 "usage": _usage(len(prompt_ids), n)}
 
     asgi: Any = _AuthMiddleware(app, options.api_key) if options.api_key is not None else _LocalOnlyMiddleware(app)

@@ -352,6 +352,46 @@ def test_client_that_gives_up_on_a_non_streamed_request_frees_its_slot(served: S
     assert engine.tokens_produced - produced_before < LONG
 
 
+def _reference_logprobs(s: Served, ids: list[int]) -> list[float]:
+    """log p(token t | tokens < t) for t >= 1, by cross-entropy on one plain forward pass."""
+    with torch.no_grad():
+        logits = s.model(torch.tensor([ids])).logits[0].float()
+    return (-torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="none")).tolist()
+
+
+def test_completion_logprobs_and_echo_as_lm_eval_reads_them(served: Served) -> None:
+    """lm-eval's `local-completions` loglikelihood request: token-id prompt, echo, logprobs=1, max_tokens=1;
+    it sums token_logprobs[ctxlen:-1] and calls the continuation greedy when each equals the top logprob."""
+    context, continuation = served.tok.encode("今天天气"), served.tok.encode("很好")
+    ids = context + continuation
+    r = served.client.completions.create(model=MODEL, prompt=[ids], max_tokens=1, temperature=0, logprobs=1,
+                                         echo=True, seed=1234)
+    lp = r.choices[0].logprobs
+    ref = _reference_logprobs(served, ids)
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids) + 1 == len(lp.tokens)
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(ref, abs=1e-4)
+    assert lp.tokens[:len(ids)] == [served.tok.decode([i]) for i in ids]
+    assert sum(lp.token_logprobs[len(context):-1]) == pytest.approx(sum(ref[len(context) - 1:]), abs=1e-3)
+    # the generated (greedy) token is the top one, and the top entry holds the most likely logprob
+    assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()), abs=1e-5)
+    greedy = served.greedy(ids, 1)[0]
+    assert r.choices[0].text == served.tok.decode(ids) + greedy
+    assert lp.text_offset[:3] == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+    # Without echo: only the completion's tokens, which score as a forward pass over prompt + answer does.
+    r = served.client.completions.create(model=MODEL, prompt="你好", max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    prompt_ids = _text_ids(served, "你好")
+    out = generate(served.model, [prompt_ids], max_new_tokens=6, temperature=0, eos_id=served.tok.eos_id)[0]
+    assert lp.tokens == [served.tok.decode([i]) for i in out]
+    full_ref = _reference_logprobs(served, prompt_ids + out)
+    assert lp.token_logprobs == pytest.approx(full_ref[len(prompt_ids) - 1:], abs=1e-4)
+    assert all(3 <= len(t) <= 4 for t in lp.top_logprobs)
+    assert r.choices[0].text == served.greedy(prompt_ids, 6)[0]
+    for bad in ({"logprobs": 21}, {"logprobs": -1}, {"logprobs": True}, {"echo": "yes"},
+                {"logprobs": 1, "stream": True}):
+        _assert_error(_raw(served, "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 1, **bad})), 400)
+
+
 def test_chat_without_max_tokens_gets_the_default_budget(served: Served) -> None:
     engine = Engine(served.model, served.tok)
     app_options = ServerOptions(model_name=MODEL, default_max_tokens=7)
@@ -483,7 +523,7 @@ def test_bad_requests_through_the_openai_client(served: Served) -> None:
     with pytest.raises(openai.BadRequestError):
         c.completions.create(model=MODEL, prompt="x" * 3000, max_tokens=1)  # the prompt alone fills the context
     with pytest.raises(openai.BadRequestError):
-        c.completions.create(model=MODEL, prompt="x", max_tokens=1, echo=True)
+        c.completions.create(model=MODEL, prompt="x", max_tokens=1, echo=True, stream=True)
 
 
 @pytest.mark.parametrize("raw", [b"{", b"not json", b"", b"\xff\xfe", b"[" * 100_00, b'{"max_tokens": NaN}'])
