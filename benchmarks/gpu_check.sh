@@ -203,14 +203,16 @@ for mod, why in need.items():
     except Exception as err:  # any import failure is reported, never a traceback
         missing.append(mod)
         print(f"  MISSING  {mod:24s} needed by {why}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+with open(os.path.join(os.environ["RUN_DIR"], "missing.txt"), "w") as f:
+    f.write(" ".join(missing))
+if "torch" in missing:
+    sys.exit("torch does not import: no phase can run")
 import torch
 print(f"python {sys.version.split()[0]}  torch {torch.__version__}  cuda {torch.version.cuda}  "
       f"device {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE'}")
 data = os.environ["DATA"]
 print(f"sample data: {data}" if data else "sample data: MISSING (needs minimind_tokenizer/ and rag/cmrc2018_dev_docs.jsonl; "
       "run `bash benchmarks/gpu_check.sh --stage-data` and carry .cache/shared-data): the train phase is skipped")
-with open(os.path.join(os.environ["RUN_DIR"], "missing.txt"), "w") as f:
-    f.write(" ".join(missing))
 if os.environ["DEVICE"] != "cpu" and not torch.cuda.is_available():
     sys.exit("gpu_check.sh needs a CUDA device (GPU_CHECK_DEVICE=cpu rehearses the script on a CPU)")
 EOF
@@ -303,6 +305,9 @@ main() {
                     --junitxml="$RUN/train-tests.xml" $TRAIN_TESTS
             fi
         esac
+    else
+        local name
+        for name in $PHASES; do record "$name" "SKIPPED (the versions phase failed)" 0; done
     fi
     summary || rc=1
     return $rc

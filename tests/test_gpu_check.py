@@ -127,6 +127,20 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path: Path, shared_data: Path) -> None:
     assert list((tmp_path / "results").glob("train-cpu-*.json")) and list((tmp_path / "results").glob("gpu-*.md"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer on a machine without CUDA")
+def test_gpu_check_without_a_gpu_still_ends_with_a_summary(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK_", "TRITON_"))}
+    env.update({"PYTHON": sys.executable, "GPU_CHECK_RESULTS": str(tmp_path / "results")})
+    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-2000:]
+    assert "gpu_check.sh needs a CUDA device" in log and "nothing was measured" in log
+    rows = _summary_rows(log)
+    assert rows["versions"].startswith("FAILED")
+    assert [rows[p] for p in ("kernel-tests", "kernels", "train", "train-tests")] == \
+        ["SKIPPED (the versions phase failed)"] * 4
+
+
 def test_interleaved_drops_a_failing_case_and_measures_the_rest() -> None:
     calls = {"good": 0, "bad": 0}
 
