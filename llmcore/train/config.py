@@ -107,7 +107,9 @@ class TrainConfig:
     peak_tflops: float | None = setting(None, "The device's dense bf16 peak in TFLOP/s for the `mfu` metric "
                                               "(default: known for common GPUs).", positive=True)
     # DPO (the stage registry shows these only for the stages that name them)
-    beta: float = setting(0.1, "DPO: strength of the KL constraint.", positive=True)
+    beta: float | None = setting(None, "DPO: strength of the KL constraint (0.1). GRPO/PPO: weight of the per-token KL "
+                                       "to the frozen --init model (GRPO 0.1, PPO 0.02; 0 loads no reference).",
+                                 minimum=0)
     dpo_logp: str = setting("sum", "DPO: sum or mean log-prob per response.", choices=DPO_LOGP)
     ref_logps: str = setting("model", "DPO: model (frozen reference each step) or precompute (one pass, then dropped).",
                              choices=REF_LOGPS)
@@ -134,10 +136,10 @@ class TrainConfig:
                                     "format (MiniMind's rules), model (with --reward-model), module:function.")
     reward_model: str | None = setting(None, "RL: a transformers sequence-classification model folder scoring the "
                                              "conversation (name `model` in --reward sets its weight).")
-    max_new_tokens: int = setting(256, "RL: longest response sampled (tokens).", positive=True)
+    max_new_tokens: int = setting(1024, "RL: longest response sampled (tokens).", positive=True)
     temperature: float = setting(0.8, "RL: sampling temperature of rollouts.", positive=True)
     top_p: float = setting(1.0, "RL: nucleus sampling of rollouts.", positive=True, maximum=1)
-    thinking_ratio: float = setting(0.0, "RL: share of prompts rendered with the template's open_thinking (the "
+    thinking_ratio: float = setting(0.9, "RL: share of prompts rendered with the template's open_thinking (the "
                                          "prompt ends in <think>).", minimum=0, maximum=1)
     ppo_epochs: int = setting(2, "PPO: passes over each rollout batch.", positive=True)
     mini_batch_size: int | None = setting(None, "PPO: responses per optimizer step within a rollout batch (default: "
@@ -197,6 +199,8 @@ class TrainConfig:
             values["min_lr"] = values["lr"] / 10
         cfg = TrainConfig(**values)
         cfg.validate(check_paths)
+        if check_paths:
+            st.check_data(cfg)
         if check_paths or cfg.init or cfg.model:
             st.validate(cfg)
         return cfg
@@ -233,8 +237,6 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not getattr(self, name) < 1:
                 raise LLMCoreError(f"{flag_name(name)} must be in [0, 1), got {getattr(self, name)}")
-        if check_paths and not Path(self.data).is_dir():
-            raise LLMCoreError(f"--data {self.data}: no such shard directory")
         if check_paths and self.init is not None and not Path(self.init).exists():
             raise LLMCoreError(f"--init {self.init}: no such run dir or checkpoint")
         if self.deepspeed is not None:

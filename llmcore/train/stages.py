@@ -105,6 +105,18 @@ class Stage(ABC):
         """How this stage changes, saves and reloads the model (see `ModelHook`); one per run."""
         return FullWeights(cfg)
 
+    def check_data(self, cfg: "TrainConfig") -> None:
+        """`--data` is what this stage reads: a shard dir made by `llmcore prep` (RL stages: a jsonl)."""
+        if not Path(cfg.data).is_dir():
+            raise LLMCoreError(f"--data {cfg.data}: no such shard directory")
+
+    def run(self, cfg: "TrainConfig", hooks: Any = None) -> Any:
+        """Train a resolved config into `cfg.out` and return the `RunSummary`: the Trainer's loop
+        (a stage with a loop of its own, such as RL's rollouts, overrides this)."""
+        from llmcore.train.trainer import Trainer
+
+        return Trainer.from_config(self, cfg, hooks).run()
+
     @abstractmethod
     def build_objective(self, ctx: ObjectiveContext) -> "Objective":
         """The objective this stage minimises, built once per run."""
@@ -144,6 +156,11 @@ class PreferenceStage(Stage):
 
     def loader_mode(self, cfg: "TrainConfig") -> str:
         return "pairs"
+
+    def validate(self, cfg: "TrainConfig") -> None:
+        super().validate(cfg)
+        if not cfg.beta:
+            raise LLMCoreError(f"--beta must be > 0 for {self.name}, got {cfg.beta!r}")
 
     def build_objective(self, ctx: ObjectiveContext) -> "Objective":
         from llmcore.checkpoint import load_model
@@ -276,7 +293,7 @@ SFT = register_stage(LanguageModelStage(
 DPO = register_stage(PreferenceStage(
     name="dpo", shard_kind="dpo", summary="DPO: preference pairs against a frozen reference model.",
     example="llmcore train dpo --data shards/dpo --init runs/sft --out runs/dpo --beta 0.1",
-    defaults=_defaults(lr=4e-8, micro_batch_size=4, global_batch_size=4, seq_len=1024, epochs=1.0),
+    defaults=_defaults(lr=4e-8, micro_batch_size=4, global_batch_size=4, seq_len=1024, epochs=1.0, beta=0.1),
     settings=("beta", "dpo_logp", "ref_logps"),
     needs_init="the policy starts from it and it is the frozen reference model",
     eval_key="dpo_loss", reports_perplexity=False, loss_unit="nats/pair",
@@ -306,3 +323,6 @@ DISTILL = register_stage(DistillStage(
 __all__ = ["Stage", "LanguageModelStage", "PreferenceStage", "LoRAStage", "DistillStage", "ObjectiveContext",
            "FullWeights", "register_stage", "get_stage", "all_stages", "stage_only_settings", "check_same_tokenizer",
            "PRETRAIN", "SFT", "DPO", "LORA", "DISTILL"]
+
+# RL stages (grpo, ppo) live in llmcore.rl.stages; importing them here registers them with the rest.
+from llmcore.rl import stages as _rl_stages  # noqa: E402,F401
