@@ -21,12 +21,20 @@ Invariants:
 - Text is emitted only once it decodes to whole characters and cannot be the start of a stop
   string; the streamed pieces join to exactly the non-streamed text. `usage.completion_tokens`
   counts every token the model produced for the request, the end-of-text token included.
+- Chat output is split by `llmcore.chat_format.OutputParser` (one parser, streamed or not): reasoning
+  into `reasoning_content`, `<tool_call>` blocks (when the request has tools) into `tool_calls` with
+  `finish_reason: "tool_calls"`; a block that is not a valid call stays content. Tools, tool messages
+  and assistant tool calls are rendered by the tokenizer's own chat template.
 - Bad requests (malformed or oversized body, unknown model, empty messages, a prompt plus
-  `max_tokens` past the model's context, out-of-range or unsupported fields, a wrong or missing API
-  key) get an OpenAI-style JSON error with a 4xx status; no traceback ever reaches a client.
+  `max_tokens` past the model's context, text that is not valid Unicode, out-of-range or unsupported
+  fields, a wrong or missing API key) get an OpenAI-style JSON error with a 4xx status; no traceback
+  ever reaches a client. Text longer than the context could hold is refused before it is tokenized
+  or embedded.
 - The server binds 127.0.0.1 unless told otherwise; with an API key, every request without
   `Authorization: Bearer KEY` is refused with 401 before its body is read (but GET of the chat page's
-  static files, `llmcore.webui`, which hold nothing).
+  static files, `llmcore.webui`, which hold nothing). An empty key is refused at start. Without a key
+  it binds only loopback and answers only requests whose `Host` names it and POST bodies typed
+  `application/json`, so no web page can drive it (CSRF, DNS rebinding).
 - Importing this module needs neither torch nor FastAPI; both are imported when a server is built.
 """
 

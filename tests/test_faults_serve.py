@@ -179,6 +179,17 @@ def test_tokenizer_larger_than_the_model_is_refused_at_start(tmp_path: Path, cap
         assert err.startswith("error:") and "--tokenizer" in err and "300" in err and "\n" not in err
 
 
+def test_thinking_with_a_template_without_it_is_refused_at_start(run_dir: Path, capsys: pytest.CaptureFixture[str]
+                                                                  ) -> None:
+    from llmcore.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # the run's MiniMind2 template has no open_thinking
+        main(["serve", "--ckpt", str(run_dir), "--port", "0", "--api-key", "k", "--thinking"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --thinking") and "open_thinking" in err and "\n" not in err, err
+
+
 def test_missing_rag_index_names_the_flag(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("llmcore.rag", reason="the RAG part is not installed")
     from llmcore.cli import main
