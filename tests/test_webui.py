@@ -42,6 +42,7 @@ REPLIES = [
                         "- pretrain, SFT, DPO and RL\n- `llmcore serve`, with this page\n\n"
                         "```bash\nllmcore serve --ckpt runs/dpo --port 8000\n```"),
     ("weather", '<tool_call>{"name": "get_weather", "arguments": {"city": "Beijing"}}</tool_call>'),
+    ("BADTOOL-PLEASE", "<tool_call>not json</tool_call> <tool_call>{\"arguments\": {}}</tool_call>"),
 ]
 DEFAULT_REPLY = "Hello! I am a scripted model."
 
@@ -398,6 +399,9 @@ def test_model_html_is_rendered_as_text(scripted: Served, open_page: Callable[[s
     assert p.page.locator(".msg script, .msg img, #messages [onerror]").count() == 0
     assert p.page.locator("script").count() == 1  # the page's own app.js, nothing added
     assert p.dialogs == []
+    bad = p.send("BADTOOL-PLEASE")  # tool-call markup that is not a call stays text, as the server leaves it
+    p.wait_done(bad)
+    assert bad.locator(".answer").text_content() == REPLIES[-1][1] and bad.locator(".tool-call").count() == 0
 
 
 def test_thinking_tool_calls_and_markdown(scripted: Served, open_page: Callable[[str], Page],

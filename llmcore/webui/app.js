@@ -220,16 +220,18 @@
     return { reasoning: "", answer: raw, thinking: false };
   }
 
-  // `<tool_call>{json}</tool_call>` blocks left in the text (a server that does not parse them).
+  // `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks left in the text (a request without
+  // `tools`, or another server): shown as tool calls. A block that is not such JSON stays text, as the
+  // server's own parser leaves it (llmcore.chat_format).
   function splitToolText(answer) {
     const calls = [];
-    const text = answer.replace(/<tool_call>\s*([\s\S]*?)\s*<\/tool_call>/g, (_, body) => {
-      try {
-        const obj = JSON.parse(body);
-        calls.push({ name: String(obj.name || "?"), arguments: obj.arguments === undefined ? {} : obj.arguments });
-      } catch (e) {
-        calls.push({ name: "?", arguments: body });
-      }
+    const text = answer.replace(/<tool_call>\s*([\s\S]*?)\s*<\/tool_call>/g, (block, body) => {
+      let obj = null;
+      try { obj = JSON.parse(body); } catch (e) { return block; }
+      const args = obj && obj.arguments === undefined ? {} : obj && obj.arguments;
+      if (!obj || typeof obj !== "object" || typeof obj.name !== "string" || !obj.name ||
+          args === null || typeof args !== "object" || Array.isArray(args)) return block;
+      calls.push({ name: obj.name, arguments: args });
       return "";
     });
     return { text, calls };
