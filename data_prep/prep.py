@@ -19,7 +19,6 @@ a named point.
 from __future__ import annotations
 
 import collections
-import hashlib
 import multiprocessing
 import os
 import shutil
@@ -37,7 +36,7 @@ from llmcore.data_prep.jsonl import DEFAULT_MAX_LINE_BYTES, REASONS, BadLine, in
 from llmcore.data_prep.kinds import EncodeOptions, ShardKind, get_kind
 from llmcore.data_prep.tokenizer import ChatTemplateError, Tokenizer, load_tokenizer
 from llmcore.errors import DataError, LLMCoreError
-from llmcore.io import check_out_dir, install_dir, remove_leftovers, temp_dir_for, write_json
+from llmcore.io import check_out_dir, install_dir, remove_leftovers, sha256_file, temp_dir_for, write_json
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,11 +256,7 @@ class _ShardWriter:
         self._sink.close()
         entry = self.shards[-1]
         path = self.out_dir / entry["file"]
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        entry.update(num_docs=self._docs, num_tokens=self._tokens, bytes=path.stat().st_size, sha256=digest.hexdigest())
+        entry.update(num_docs=self._docs, num_tokens=self._tokens, bytes=path.stat().st_size, sha256=sha256_file(path))
         self._writer = self._sink = None
 
     def write(self, columns: dict[str, tuple[np.ndarray, np.ndarray]], n_docs: int) -> None:

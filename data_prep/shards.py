@@ -6,7 +6,6 @@ from `format.py` and the columns from the shard kind (`kinds.py`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,16 +19,11 @@ import pyarrow as pa
 from llmcore.data_prep.format import FORMAT, FORMAT_VERSION, MANIFEST_FILE
 from llmcore.data_prep.kinds import ShardKind, get_kind
 from llmcore.errors import LLMCoreError
+from llmcore.io import sha256_file
 
 log = logging.getLogger(__name__)
 
 _REPREP = "re-run `llmcore prep`"
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks (hashlib releases the GIL, so threads hash in parallel)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class ShardReader:
@@ -127,7 +121,7 @@ class ShardReader:
                 raise LLMCoreError(f"{self.path / missing[0]}: the manifest has no sha256 for it; {_REPREP}")
             n = threads or min(8, os.cpu_count() or 1, max(1, len(shards)))
             with ThreadPoolExecutor(max_workers=n) as pool:
-                digests = list(pool.map(lambda s: file_sha256(self.path / s["file"]), shards))
+                digests = list(pool.map(lambda s: sha256_file(self.path / s["file"]), shards))
             for shard, digest in zip(shards, digests):
                 if digest != shard["sha256"]:
                     raise LLMCoreError(f"{self.path / shard['file']}: corrupt shard: sha256 {digest[:12]} does not match "

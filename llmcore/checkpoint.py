@@ -13,7 +13,6 @@ and config of a checkpoint that has one, so flipped or truncated bytes are an er
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmcore.errors import LLMCoreError
-from llmcore.io import atomic_write, write_text
+from llmcore.io import atomic_write, sha256_file, write_text
 from llmcore.model import LLM, ModelConfig, unwrap_model
 
 WEIGHTS = "model.safetensors"
@@ -41,17 +40,6 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 
 # ----------------------------------------------------------------------------------------------
 # manifests
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-sha256_file = _sha256
 
 
 def _holds_model(d: Path) -> bool:
@@ -73,7 +61,7 @@ def write_manifest(directory: str | Path) -> Path:
     """Write `manifest.json` (size and SHA-256 of every other file) into a finished checkpoint dir;
     it is the last file a save writes, so a dir with a manifest that verifies is complete."""
     directory = Path(directory)
-    files = {rel: {"size": (directory / rel).stat().st_size, "sha256": _sha256(directory / rel)}
+    files = {rel: {"size": (directory / rel).stat().st_size, "sha256": sha256_file(directory / rel)}
              for rel in _files_of(directory)}
     return write_text(directory / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1) + "\n")
 
@@ -107,7 +95,7 @@ def checkpoint_problem(directory: str | Path, only: tuple[str, ...] | None = Non
         size = path.stat().st_size
         if size != entry.get("size"):
             return f"{rel} has {size} bytes, the manifest says {entry.get('size')} (truncated or overwritten)"
-        if _sha256(path) != entry.get("sha256"):
+        if sha256_file(path) != entry.get("sha256"):
             return f"{rel} does not match its checksum (corrupted)"
     return None
 

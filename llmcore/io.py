@@ -45,6 +45,7 @@ __all__ = [
     "install_dir",
     "install_file",
     "remove_leftovers",
+    "sha256_file",
     "write_bytes",
     "write_json",
     "write_text",
@@ -156,6 +157,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (`hashlib.file_digest`; it releases the GIL, so threads hash in
+    parallel). The one file hash: checkpoint manifests, shard manifests, LoRA base records."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmcore.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG, WEIGHTS, resolve_checkpoint, sha256_file
+from llmcore.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG, WEIGHTS, resolve_checkpoint
 from llmcore.errors import LLMCoreError
-from llmcore.io import atomic_write, write_json, write_text
+from llmcore.io import atomic_write, sha256_file, write_json, write_text
 from llmcore.model import LLM, unwrap_model
 
 log = logging.getLogger(__name__)
