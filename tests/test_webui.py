@@ -428,6 +428,7 @@ def test_thinking_tool_calls_and_markdown(scripted: Served, open_page: Callable[
     assert reasoning.get_attribute("open") is not None
     shot = Path(os.environ.get("LLMCORE_WEBUI_SCREENSHOT") or tmp_path / "chat_page.png")
     shot.parent.mkdir(parents=True, exist_ok=True)
+    p.page.evaluate("() => { const m = document.getElementById('messages'); m.scrollTop = m.scrollHeight; }")
     p.page.screenshot(path=str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

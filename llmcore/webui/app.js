@@ -445,6 +445,7 @@
       showError(failed);
     }
     view.div.dataset.done = "1";
+    scrollDown();
   }
 
   function stop() {
