@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from llmcore.common import resolve_attn_backend
 from llmcore.errors import LLMCoreError
 from llmcore.io import atomic_write, sha256_file, write_text
 from llmcore.model import LLM, ModelConfig, unwrap_model
@@ -344,7 +345,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         from llmcore.convert import read_hf_folder
 
         config, state = read_hf_folder(ckpt)
-    config.attn_backend = runnable_backend(attn_backend or config.attn_backend, torch.device(device))
+    config.attn_backend = resolve_attn_backend(attn_backend or config.attn_backend, torch.device(device), strict=False)
     model = model_from_state(config, state, ckpt)
     model = model.to(device=device)
     if dtype is not None:
@@ -361,21 +362,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         if tok is not None:
             check_tokenizer_fits(config, tok, f"{ckpt}: its tokenizer {tok.path}", exact=False)
     return model, tok
-
-
-def runnable_backend(backend: str, device: torch.device) -> str:
-    """The attention backend to run a checkpoint with on `device`: `auto` is triton on CUDA and
-    sdpa elsewhere; a checkpoint trained with triton on a GPU runs with sdpa on a CPU (the backend
-    is how the math runs, not part of the weights), unless the Triton interpreter is on."""
-    import os
-
-    from llmcore.common import default_attn_backend
-
-    if backend == "auto":
-        return default_attn_backend(device)
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "sdpa"
-    return backend
 
 
 def _rope_for(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:

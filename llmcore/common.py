@@ -6,7 +6,10 @@ Invariants:
   count) is an LLMCoreError naming the flag, never a traceback.
 - Every command that runs a model (train, eval, generate, chat, serve, rag --answer, bench) resolves
   its `--device` here, so they all agree on what `auto` means.
-- `default_attn_backend(device)` is `triton` on CUDA (our kernels) and `sdpa` elsewhere.
+- `default_attn_backend(device)` is `triton` on CUDA (our kernels) and `sdpa` elsewhere;
+  `resolve_attn_backend(backend, device, strict=)` is the one resolver of `--attn-backend`: `auto`
+  becomes that default, and triton off CUDA without the Triton interpreter is refused (`strict`,
+  training) or replaced by sdpa (loading a checkpoint: the backend is how the math runs, not weights).
 """
 
 from __future__ import annotations
@@ -67,6 +70,21 @@ def default_attn_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "sdpa"
 
 
+def resolve_attn_backend(backend: str, device: torch.device, *, strict: bool) -> str:
+    """The attention backend a model runs with on `device`. `auto` is `default_attn_backend(device)`.
+    `triton` needs CUDA or the Triton interpreter (TRITON_INTERPRET=1, tests): otherwise `strict`
+    raises LLMCoreError (a training run asked for it), and not strict gives `sdpa` (a checkpoint
+    trained with triton on a GPU runs on a CPU)."""
+    if backend == "auto":
+        return default_attn_backend(device)
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if strict:
+            raise LLMCoreError(f"--attn-backend triton runs our Triton kernels, which need a CUDA device (this run "
+                               f"is on {device}); use --attn-backend sdpa or --device cuda")
+        return "sdpa"
+    return backend
+
+
 def device_name(device: torch.device) -> str:
     """A human name for reports: the GPU's name, or `cpu`."""
     if device.type == "cuda":
@@ -74,4 +92,5 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
-__all__ = ["DEVICE_HELP", "local_rank", "resolve_device", "to_device", "default_attn_backend", "device_name"]
+__all__ = ["DEVICE_HELP", "local_rank", "resolve_device", "to_device", "default_attn_backend", "resolve_attn_backend",
+           "device_name"]

@@ -154,11 +154,20 @@ def reward_words(rewards: dict[str, float]) -> str:
     return out
 
 
-def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
+def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int, schedule: str = "cosine",
+          decay_fraction: float = 0.2) -> float:
     """LR for optimizer step `step` (0-based): linear warmup to `lr`, then cosine down to `min_lr`
-    at the last step. One function for both engines."""
+    at the last step; or `schedule="wsd"`: warmup, flat at `lr`, then linear down to `min_lr` over
+    the last D = max(1, round(decay_fraction * total_steps)) steps (never inside the warmup), reaching
+    `min_lr` at the last step. One function for both engines; other optimizer groups (Muon) get their
+    own base lr times lr_at / lr."""
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
+    if schedule == "wsd":
+        start = max(total_steps - max(1, round(decay_fraction * total_steps)), warmup_steps)
+        if step < start:
+            return lr
+        return lr - (lr - min_lr) * min((step - start + 1) / max(total_steps - start, 1), 1.0)
     span = max(total_steps - warmup_steps - 1, 1)
     progress = min(max(step - warmup_steps, 0) / span, 1.0)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
@@ -390,17 +399,10 @@ def resolve_backend(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     """`--attn-backend auto` made concrete for the engine's device; triton needs CUDA or the
     Triton interpreter (TRITON_INTERPRET=1, tests only)."""
     import dataclasses
-    import os
 
-    from llmcore.common import default_attn_backend
+    from llmcore.common import resolve_attn_backend
 
-    backend = cfg.attn_backend
-    if backend == "auto":
-        backend = default_attn_backend(device)
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise LLMCoreError(f"--attn-backend triton runs our Triton kernels, which need a CUDA device (this run is on "
-                           f"{device}); use --attn-backend sdpa or --device cuda")
-    return dataclasses.replace(cfg, attn_backend=backend)
+    return dataclasses.replace(cfg, attn_backend=resolve_attn_backend(cfg.attn_backend, device, strict=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -519,7 +521,8 @@ class Trainer:
             counts = torch.tensor([count, real], dtype=torch.float64, device=self.engine.device)
             count, real = (int(x) for x in self.engine.all_sum(counts).tolist())
         denom = max(float(count), 1.0)
-        lr = lr_at(self.step, self.total_steps, self.cfg.lr, self.cfg.min_lr, self.cfg.warmup_steps)
+        lr = lr_at(self.step, self.total_steps, self.cfg.lr, self.cfg.min_lr, self.cfg.warmup_steps,
+                   self.cfg.lr_schedule, self.cfg.decay_fraction)
         sums: dict[str, torch.Tensor] = {}
         for i, (batch, _) in enumerate(micro):
             out = self.objective(self.engine.forward, batch, denom, self.accum, self.world)
