@@ -169,6 +169,9 @@
 
   // -- messages ---------------------------------------------------------------------------------
   function scrollDown() { el.messages.scrollTop = el.messages.scrollHeight; }
+  // Whether the reader is at the end of the conversation (a streaming answer keeps them there; someone
+  // who scrolled up to read is left where they are).
+  function atEnd() { return el.messages.scrollHeight - el.messages.scrollTop - el.messages.clientHeight < 40; }
 
   function addUser(text) {
     const div = document.createElement("div");
@@ -317,6 +320,7 @@
 
     function render() {
       pending = false;
+      const follow = atEnd();
       const t = splitThink(raw, thinkingOn);
       const reasoning = reasoningDelta + t.reasoning;
       const tt = splitToolText(t.answer);
@@ -329,7 +333,7 @@
       markdown(view.answer, answerText);
       const calls = toolCalls.filter(Boolean).map((c) => ({ name: c.name, arguments: c.arguments }));
       renderTools(view.tools, calls.concat(tt.calls));
-      scrollDown();
+      if (follow) scrollDown();
     }
     function schedule() {
       if (!pending) { pending = true; requestAnimationFrame(render); }
@@ -417,6 +421,7 @@
       setBusy(false);
     }
     if (userDiv.classList.contains("unsent")) return;
+    const follow = atEnd();
     render();
     view.div.classList.remove("streaming");
     view.summary.textContent = "Thinking";
@@ -445,7 +450,7 @@
       showError(failed);
     }
     view.div.dataset.done = "1";
-    scrollDown();
+    if (follow) scrollDown();
   }
 
   function stop() {
