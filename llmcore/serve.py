@@ -41,6 +41,7 @@ Invariants:
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations (Request)
 # as objects, and those classes are imported inside create_app.
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -68,6 +69,7 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_MAX_TOKENS = 512  # as `llmcore chat`; capped by the room left in the context
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 20  # top tokens listed per position (OpenAI allows 5, vLLM 20)
+MAX_PROMPTS = 64  # completion prompts in one request (each is its own job; they may share batches)
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy
 CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
@@ -340,18 +342,26 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def parse_prompt(body: dict[str, Any]) -> str | list[int]:
-    """The completion prompt: a string, a one-string list, or a list of token ids."""
+def _token_ids(value: Any) -> bool:
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
+
+
+def parse_prompts(body: dict[str, Any]) -> list[str | list[int]]:
+    """The completion prompts (OpenAI's forms): a string, a list of token ids, or a list of up to
+    MAX_PROMPTS strings or token-id lists (one choice each, as lm-eval batches them)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return check_text(prompt, "prompt")
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return list(prompt)
-    if isinstance(prompt, list) and len(prompt) > 1:
-        raise ApiError(400, "only one prompt per request is supported", param="prompt")
-    raise ApiError(400, "'prompt' is required: a string or a non-empty list of token ids", param="prompt")
+    if isinstance(prompt, str) or _token_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_ids(p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise ApiError(400, "'prompt' is required: a string, a non-empty list of token ids, or a list of those",
+                       param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
+    return [check_text(p, f"prompt[{i}]" if len(prompts) > 1 else "prompt") if isinstance(p, str) else list(p)
+            for i, p in enumerate(prompts)]
 
 
 # -- generation -----------------------------------------------------------------------------------
@@ -1010,20 +1020,38 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
         t0 = time.perf_counter()
         body = await read_json(request)
         check_model(body)
-        prompt = parse_prompt(body)
+        prompts = parse_prompts(body)
         params = parse_sampling(body, chat=False)
-        check_size(len(prompt), "the prompt", "prompt")
-        if isinstance(prompt, str):
-            prompt_ids = [tokenizer.bos_id] + await run_in_threadpool(tokenizer.encode, prompt)  # as `llmcore generate`
-        else:
-            bad = next((t for t in prompt if not 0 <= t < engine.model.config.vocab_size), None)
-            if bad is not None:
-                raise ApiError(400, f"token id {bad} is outside the vocabulary", param="prompt")
-            prompt_ids = prompt
-        resolve_max_tokens(prompt_ids, params, DEFAULT_COMPLETION_MAX_TOKENS)
-        job, events = start(prompt_ids, params, asyncio.get_running_loop())
+        if params.stream and len(prompts) > 1:
+            raise ApiError(400, "stream: true takes one prompt per request", param="prompt")
+        check_size(sum(len(p) for p in prompts), "the prompt", "prompt")
+        all_ids: list[list[int]] = []
+        all_params: list[SamplingParams] = []
+        for prompt in prompts:
+            if isinstance(prompt, str):  # as `llmcore generate`: bos in front
+                ids = [tokenizer.bos_id] + await run_in_threadpool(tokenizer.encode, prompt)
+            else:
+                bad = next((t for t in prompt if not 0 <= t < engine.model.config.vocab_size), None)
+                if bad is not None:
+                    raise ApiError(400, f"token id {bad} is outside the vocabulary", param="prompt")
+                ids = prompt
+            p = dataclasses.replace(params)  # each prompt's own budget (the room left differs)
+            resolve_max_tokens(ids, p, DEFAULT_COMPLETION_MAX_TOKENS)
+            all_ids.append(ids)
+            all_params.append(p)
+        loop = asyncio.get_running_loop()
+        started: list[tuple[Job, "asyncio.Queue[Event]"]] = []
+        try:
+            for ids, p in zip(all_ids, all_params):
+                started.append(start(ids, p, loop))
+        except ApiError:  # the queue filled up part way: the ones already queued are dropped
+            for job, _ in started:
+                job.cancelled.set()
+            raise
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if params.stream:
+            (job, events), prompt_ids = started[0], all_ids[0]
+
             def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
                 return {"id": rid, "object": "text_completion", "created": now, "model": options.model_name,
                         "system_fingerprint": None,
@@ -1031,26 +1059,34 @@ def create_app(engine: Engine, options: ServerOptions) -> Any:
 
             return StreamingResponse(stream(job, events, chunk, len(prompt_ids), params.include_usage, None, t0),
                                      media_type="text/event-stream", headers=sse_headers)
-        text, finish, n, scored = await collect(request, job, events)
-        log.info("%s: %d prompt + %d completion tokens in %.2fs (%s)", rid, len(prompt_ids), n,
-                 time.perf_counter() - t0, finish)
-        logprobs = None
-        if scored is not None:  # OpenAI's legacy logprobs object; with echo it covers the prompt's tokens too
-            first = 0 if params.echo else len(prompt_ids)
-            tokens = scored["tokens"][first:]
-            offsets, at = [], 0
-            for t in tokens:
-                offsets.append(at)
-                at += len(t)
-            top = scored["top_logprobs"]
-            logprobs = {"tokens": tokens, "token_logprobs": scored["token_logprobs"][first:],
-                        "top_logprobs": top[first:] if top is not None else None, "text_offset": offsets}
-        if params.echo:
-            text = (prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)) + text
+        tasks = [asyncio.ensure_future(collect(request, job, events)) for job, events in started]
+        try:
+            results = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:  # one failed or the client left: the others stop too (a no-op once done)
+                task.cancel()
+        choices, n_total = [], 0
+        for index, (prompt, prompt_ids, (text, finish, n, scored)) in enumerate(zip(prompts, all_ids, results)):
+            n_total += n
+            logprobs = None
+            if scored is not None:  # OpenAI's legacy logprobs object; with echo it covers the prompt's tokens too
+                first = 0 if params.echo else len(prompt_ids)
+                tokens = scored["tokens"][first:]
+                offsets, at = [], 0
+                for t in tokens:
+                    offsets.append(at)
+                    at += len(t)
+                top = scored["top_logprobs"]
+                logprobs = {"tokens": tokens, "token_logprobs": scored["token_logprobs"][first:],
+                            "top_logprobs": top[first:] if top is not None else None, "text_offset": offsets}
+            if params.echo:
+                text = (prompt if isinstance(prompt, str) else tokenizer.decode(prompt_ids)) + text
+            choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+        n_prompt = sum(len(ids) for ids in all_ids)
+        log.info("%s: %d prompt(s), %d prompt + %d completion tokens in %.2fs", rid, len(prompts), n_prompt, n_total,
+                 time.perf_counter() - t0)
         return {"id": rid, "object": "text_completion", "created": now, "model": options.model_name,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-                "usage": _usage(len(prompt_ids), n)}
+                "system_fingerprint": None, "choices": choices, "usage": _usage(n_prompt, n_total)}
 
     asgi: Any = _AuthMiddleware(app, options.api_key) if options.api_key is not None else _LocalOnlyMiddleware(app)
     if options.ui:  # the page's static files answer outside the key and Host checks; /ui/info stays inside

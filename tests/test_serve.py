@@ -392,6 +392,19 @@ def test_completion_logprobs_and_echo_as_lm_eval_reads_them(served: Served) -> N
         _assert_error(_raw(served, "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 1, **bad})), 400)
 
 
+def test_several_prompts_in_one_request_answer_as_each_alone(served: Served) -> None:
+    """lm-eval batches requests: a list of token-id lists (or strings) gets one choice per prompt, in order."""
+    batch = [served.tok.encode(t) for t in ("今天天气很好", "我们学习", "hello there, how")]
+    r = served.client.completions.create(model=MODEL, prompt=batch, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for ids, choice in zip(batch, r.choices):
+        assert choice.logprobs.token_logprobs[1:len(ids)] == pytest.approx(_reference_logprobs(served, ids), abs=1e-4)
+    assert r.usage.prompt_tokens == sum(len(ids) for ids in batch)
+    texts = ["你好", "为什么天是蓝的"]
+    r = served.client.completions.create(model=MODEL, prompt=texts, max_tokens=5, temperature=0)
+    assert [c.text for c in r.choices] == [served.greedy(_text_ids(served, t), 5)[0] for t in texts]
+
+
 def test_chat_without_max_tokens_gets_the_default_budget(served: Served) -> None:
     engine = Engine(served.model, served.tok)
     app_options = ServerOptions(model_name=MODEL, default_max_tokens=7)
@@ -549,7 +562,9 @@ def test_oversized_body_is_413(served: Served) -> None:
 
 
 def test_bad_completion_prompts(served: Served) -> None:
-    for body, needle in [({"model": MODEL}, "prompt"), ({"model": MODEL, "prompt": ["a", "b"]}, "one prompt"),
+    for body, needle in [({"model": MODEL}, "prompt"), ({"model": MODEL, "prompt": ["a", "b"], "stream": True}, "one prompt"),
+                         ({"model": MODEL, "prompt": ["a"] * 65}, "at most 64"), ({"model": MODEL, "prompt": ["a", 3]}, "prompt"),
+                         ({"model": MODEL, "prompt": [[1], [2, 999999]]}, "vocabulary"), ({"model": MODEL, "prompt": []}, "prompt"),
                          ({"model": MODEL, "prompt": [1, 999999]}, "vocabulary"), ({"model": MODEL, "prompt": 3}, "prompt")]:
         _assert_error(_raw(served, "/v1/completions", json.dumps(body)), 400, needle)
 
