@@ -240,7 +240,7 @@ class TrainConfig:
         if check_paths and self.init is not None and not Path(self.init).exists():
             raise LLMCoreError(f"--init {self.init}: no such run dir or checkpoint")
         if self.deepspeed is not None:
-            from llmcore.train.engine import deepspeed_config_path
+            from llmcore.launch import deepspeed_config_path
 
             deepspeed_config_path(self.deepspeed)
         from llmcore.common import resolve_device

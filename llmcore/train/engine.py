@@ -32,6 +32,7 @@ import torch
 
 from llmcore.common import resolve_device
 from llmcore.errors import LLMCoreError, install_hint
+from llmcore.launch import deepspeed_config_path
 from llmcore.train.config import TrainConfig
 from llmcore.common import to_device
 
@@ -66,20 +67,6 @@ def autocast_ctx(dtype: str, device: torch.device | str = "cpu") -> contextlib.A
             raise LLMCoreError("--dtype bf16: this GPU does not support bfloat16; use --dtype fp32")
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def deepspeed_config_path(spec: str) -> Path:
-    """A named DeepSpeed config shipped with llmcore (zero0 ... zero3-offload) or a JSON file."""
-    try:
-        from llmcore.launch import deepspeed_config_path as packaged
-    except ImportError:
-        packaged = None
-    if packaged is not None:
-        return packaged(spec)
-    path = Path(spec)
-    if not path.is_file():
-        raise LLMCoreError(f"--deepspeed {spec}: no such DeepSpeed config file")
-    return path
 
 
 class _EngineBase:
@@ -654,4 +641,4 @@ def make_engine(cfg: TrainConfig) -> PlainEngine | DeepSpeedEngine:
 
 
 __all__ = ["PlainEngine", "DeepSpeedEngine", "make_engine", "param_groups", "autocast_ctx", "resolve_dtype",
-           "init_distributed", "shutdown_distributed", "free_port", "build_ds_config", "deepspeed_config_path"]
+           "init_distributed", "shutdown_distributed", "free_port", "build_ds_config"]
