@@ -68,6 +68,18 @@ class TrainConfig:
     adam_beta2: float = setting(0.999, "AdamW beta2, in [0, 1).", minimum=0)
     adam_eps: float = setting(1e-8, "AdamW epsilon.", minimum=0)
     grad_clip: float = setting(1.0, "Max gradient norm (0: off).", minimum=0)
+    optimizer: str = setting("adamw", "adamw (MiniMind's) or muon (torch.optim.Muon, Nesterov, on the hidden weight "
+                                      "matrices; AdamW at --lr on embeddings, norms and MoE routers); plain engine "
+                                      "only.", choices=("adamw", "muon"))
+    muon_lr: float = setting(0.02, "Muon: peak learning rate of the hidden matrices (scaled by sqrt(max(1, rows/cols)); "
+                                   "follows the same schedule as --lr).", positive=True, maximum=1e30)
+    muon_momentum: float = setting(0.95, "Muon: Nesterov momentum, in [0, 1).", minimum=0)
+    muon_weight_decay: float = setting(0.0, "Muon: decoupled weight decay of the hidden matrices (p *= 1 - lr*wd).",
+                                       minimum=0)
+    lr_schedule: str = setting("cosine", "cosine (MiniMind's: warmup, then cosine to --min-lr) or wsd (warmup, flat "
+                                         "at --lr, then linear to --min-lr over the last --decay-fraction of steps).",
+                               choices=("cosine", "wsd"))
+    decay_fraction: float = setting(0.2, "wsd: share of the steps spent decaying to --min-lr.", positive=True, maximum=1)
     epochs: float | None = setting(None, "Passes over the data.", positive=True)
     max_steps: int | None = setting(None, "Optimizer steps (overrides --epochs).", positive=True)
     device: str = setting("auto", "auto (the local rank's GPU, else cuda:0 when CUDA is there, else cpu), cpu, "
@@ -234,6 +246,12 @@ class TrainConfig:
             raise LLMCoreError("give either --model PRESET (fresh weights) or --init RUN_DIR (start from a run), not both")
         if self.min_lr is not None and self.lr is not None and self.min_lr > self.lr:
             raise LLMCoreError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
+        if not self.muon_momentum < 1:
+            raise LLMCoreError(f"--muon-momentum must be in [0, 1), got {self.muon_momentum}")
+        if self.optimizer == "muon" and self.deepspeed is not None:
+            from llmcore.train.engine import MUON_DEEPSPEED
+
+            raise LLMCoreError(MUON_DEEPSPEED)
         for name in ("adam_beta1", "adam_beta2"):
             if not getattr(self, name) < 1:
                 raise LLMCoreError(f"{flag_name(name)} must be in [0, 1), got {getattr(self, name)}")
@@ -387,10 +405,10 @@ PER_INVOCATION = ("resume", "stop_after", "quiet", "allow_lr_change")  # never t
 WHERE = ("device", "deepspeed")
 # Changes that make the continued run differ from the one the checkpoint belongs to: refused.
 RESUME_FIXED = ("model", "init", "seq_len", "global_batch_size", "packing", "seed", "eval_docs", "on_long",
-                "beta", "dpo_logp")
+                "beta", "dpo_logp", "optimizer")
 # The learning-rate schedule and the optimizer: changed only with --allow-lr-change.
 RESUME_OPTIMIZER = ("lr", "min_lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
-                    "grad_clip")
+                    "grad_clip", "muon_lr", "muon_momentum", "muon_weight_decay", "lr_schedule", "decay_fraction")
 
 
 def saved_settings(run_dir: Path) -> dict[str, Any] | None:

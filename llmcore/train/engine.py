@@ -69,6 +69,12 @@ def autocast_ctx(dtype: str, device: torch.device | str = "cpu") -> contextlib.A
     return contextlib.nullcontext()
 
 
+# ZeRO flattens each group into 1-D partitions (stage 1/2) or shards the matrices (stage 3), and Muon
+# needs each whole matrix; DeepSpeed's own Muon falls back to SGD at stage 0. Refused, not approximated.
+MUON_DEEPSPEED = ("--optimizer muon runs on the plain engine only (one process): DeepSpeed ZeRO splits the "
+                  "matrices Muon orthogonalises; drop --deepspeed or use --optimizer adamw")
+
+
 class _EngineBase:
     """Device, precision and collectives shared by both engines."""
 
@@ -124,10 +130,10 @@ class PlainEngine(_EngineBase):
 
     def prepare(self, model: torch.nn.Module, accum: int) -> None:
         self.module = model.to(self.device)
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr,
-                                           betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), eps=self.cfg.adam_eps,
-                                           fused=fused or None)
+        from llmcore.train.optim import make_optimizer
+
+        # AdamW (fused on CUDA), or --optimizer muon: torch's Muon on the hidden matrices + AdamW.
+        self.optimizer = make_optimizer(model, self.cfg, fused=self.device.type == "cuda")
         self._fwd = torch.compile(model) if self.cfg.compile else model
 
     def forward(self, batch: dict[str, Any]) -> Any:
@@ -145,8 +151,9 @@ class PlainEngine(_EngineBase):
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        from llmcore.train.optim import set_lr
+
+        set_lr(self.optimizer, lr, self.cfg.lr)  # each group: its base lr times the schedule's factor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
@@ -462,6 +469,8 @@ class DeepSpeedEngine(_EngineBase):
     def prepare(self, model: torch.nn.Module, accum: int) -> None:
         import deepspeed
 
+        if getattr(self.cfg, "optimizer", "adamw") != "adamw":
+            raise LLMCoreError(MUON_DEEPSPEED)
         self.ds_config = build_ds_config(self.config_path, self.cfg, self.world, accum, self.dtype)
         self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
