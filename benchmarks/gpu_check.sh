@@ -117,8 +117,8 @@ plan() {  # plan NAME DEFAULT_LIMIT: sets LIMIT, or records the phase as skipped
     left=$(( DEADLINE - $(date +%s) - RESERVE_S - GRACE_S ))
     [ "$left" -lt "$limit" ] && limit=$left
     if [ "$limit" -lt "$MIN_PHASE_S" ]; then
-        echo "!!! $name skipped: ${left}s left before the summary's reserve (needs at least ${MIN_PHASE_S}s)"
-        record "$name" "SKIPPED (no time left)" 0
+        echo "!!! $name skipped: ${limit}s for it (${left}s left before the summary's reserve), under the ${MIN_PHASE_S}s minimum"
+        record "$name" "SKIPPED (no time left: ${limit}s, under ${MIN_PHASE_S}s)" 0
         return 1
     fi
     LIMIT=$limit
@@ -134,15 +134,16 @@ run_phase() {  # run_phase NAME SIGNAL CMD...: run CMD under LIMIT, its output a
     case $rc in
         0) status="ok" ;;
         124) status="STOPPED at its ${LIMIT}s limit (what it measured is kept)" ;;
-        137) status="KILLED after its ${LIMIT}s limit + ${GRACE_S}s grace (nothing written)" ;;
+        137) status="KILLED after its ${LIMIT}s limit + ${GRACE_S}s grace" ;;
         *) status="FAILED (exit $rc)" ;;
     esac
     local bench_json
     bench_json=$(ls -t "$RUN/$name"-*.json 2>/dev/null | head -n 1)
     if [ -n "$bench_json" ]; then  # parts of a benchmark that failed while the others went on
         local nfail
-        nfail=$(grep -o '"what": ' "$bench_json" | wc -l)
+        nfail=$(grep -c '^ *"error": ' "$bench_json")  # only a failure entry has an "error" key
         [ "$nfail" -gt 0 ] && status="$status, $nfail part(s) FAILED (see the summary)"
+        [ "$rc" -eq 137 ] && status="$status, partial results written before the kill"
     elif [ "$name" = "kernels" ] || [ "$name" = "train" ]; then
         status="$status, no results written"
     fi
@@ -262,7 +263,7 @@ summary() {
         case "${STATUS[$name]}" in *" failed"*|*" error"*) bad=1 ;; esac
     done
     for f in "$RUN"/*-*-*.json; do
-        [ -f "$f" ] && grep -q '"what": ' "$f" && bad=1  # a loop or shape that failed
+        [ -f "$f" ] && grep -q '^ *"error": ' "$f" && bad=1  # a loop or shape that failed
     done
     stamp "done in $(( $(date +%s) - started ))s (deadline ${TOTAL_S}s)"
     return $bad
