@@ -408,7 +408,6 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
 
                     facts["process_max_rss_gb"] = round(peak_memory_gb(device), 3)
                 res.measure_samples(f"{preset} {label}", s, "real tokens/s", **facts)
-                m.loop.close()
             measured = [lb for lb in samples if samples[lb].wall]
             for label in measured:
                 if label != base_label and base_label in measured:
@@ -417,6 +416,8 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
                     if not cuda:
                         res.ratio(f"{preset}: {label} vs minimind-style, per CPU-second", f"{preset} {label}",
                                   f"{preset} {base_label}", metric="per CPU-second", what="real tokens per CPU-second")
+            for m in loops.values():  # measured or not (a stop before its first round), each is closed
+                _drop(m.loop, device)
             loops.clear()
             if cuda:
                 torch.cuda.empty_cache()
