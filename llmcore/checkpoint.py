@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from llmcore.common import resolve_attn_backend
 from llmcore.errors import LLMCoreError
-from llmcore.io import atomic_write, sha256_file, write_text
+from llmcore.io import atomic_write, read_json, sha256_file, write_text
 from llmcore.model import LLM, ModelConfig, unwrap_model
 
 WEIGHTS = "model.safetensors"
@@ -36,7 +36,7 @@ MANIFEST = "manifest.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
 MANIFEST_FORMAT = 1
-_STEP_RE = re.compile(r"^step-(\d+)$")
+STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,8 +123,22 @@ def step_dirs(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def resume_point(run_dir: str | Path) -> tuple[Path | None, list[tuple[str, str]]]:
+    """The newest step dir whose manifest verifies, whether `checkpoints/latest` names it or not (a kill
+    between a save's rename and the write of `latest` leaves a complete step dir it does not name),
+    and `[(name, why skipped)]` for the newer ones. The one lookup of where a run resumes and of
+    the weights a run dir means (`resolve_checkpoint`, `CheckpointManager.resume_point`)."""
+    skipped: list[tuple[str, str]] = []
+    for step in step_dirs(run_dir):
+        problem = checkpoint_problem(step)
+        if problem is None:
+            return step, skipped
+        skipped.append((step.name, problem))
+    return None, skipped
 
 
 def model_state_dict(model: LLM) -> dict[str, torch.Tensor]:
@@ -145,14 +159,8 @@ def save_model(model: LLM, out_dir: str | Path) -> Path:
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, else one LLMCoreError line naming it (unreadable, not JSON, not an object)."""
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON or bad UTF-8
-        raise LLMCoreError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise LLMCoreError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    """A JSON object from `path`, else one LLMCoreError line naming it (missing, not JSON, not an object)."""
+    return read_json(path, object_only=True)
 
 
 def _is_hf_folder(path: Path) -> bool:
@@ -184,9 +192,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not latest.is_file() or not latest.read_text().strip():
         # A kill between a checkpoint's rename and the write of `latest`: the newest step dir whose
         # manifest verifies is complete.
-        for step in step_dirs(p):
-            if checkpoint_problem(step) is None:
-                return step
+        found, _ = resume_point(p)
+        if found is not None:
+            return found
     if latest.is_file():
         name = latest.read_text().strip()
         if not name:
@@ -202,8 +210,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
             if c.resolve().parent != root:
                 continue
             if _holds_model(c):
-                newer = [d for d in step_dirs(p) if _step_of(d) > _step_of(c) and checkpoint_problem(d) is None]
-                return newer[0] if newer else c
+                found, _ = resume_point(p)
+                return found if found is not None and _step_of(found) > _step_of(c) else c
         raise LLMCoreError(f"{latest} names {name!r}, but no complete checkpoint ({WEIGHTS} + {CONFIG}) is there")
     if not step_dirs(p) and _is_run_config(p / HF_CONFIG):
         # A training killed before its first save leaves config.json, tokenizer/ and metrics.
@@ -227,7 +235,7 @@ def _is_run_config(path: Path) -> bool:
 
 
 def _step_of(path: Path) -> int:
-    m = _STEP_RE.match(path.name)
+    m = STEP_RE.match(path.name)
     return int(m.group(1)) if m else -1
 
 

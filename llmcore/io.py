@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from llmcore.errors import LLMCoreError
+
 __all__ = [
     "atomic_dir",
     "atomic_write",
@@ -44,6 +46,7 @@ __all__ = [
     "fsync_dir",
     "install_dir",
     "install_file",
+    "read_json",
     "remove_leftovers",
     "sha256_file",
     "write_bytes",
@@ -157,6 +160,20 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def read_json(path: str | Path, *, object_only: bool = False) -> Any:
+    """The JSON value in `path`, else one LLMCoreError line naming the file: `missing`, `corrupt JSON`
+    (bad JSON or bad UTF-8, or unreadable), or with `object_only` anything but an object."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise LLMCoreError(f"{path}: missing") from None
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise LLMCoreError(f"{path}: corrupt JSON ({err})") from None
+    if object_only and not isinstance(data, dict):
+        raise LLMCoreError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def sha256_file(path: str | Path) -> str:
@@ -279,8 +296,6 @@ def check_out_dir(out: str | Path, *, overwrite: bool, what: str, inputs=(),
     - an empty or absent dir is fine; a non-empty one needs `overwrite`, and then
       `replaceable(out)` must return None (else the reason it is not `what`, e.g. "a shard dir").
     """
-    from llmcore.errors import LLMCoreError
-
     out = Path(out)
     for parent in out.parents:
         if parent.exists() or parent.is_symlink():

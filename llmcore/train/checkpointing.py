@@ -16,10 +16,8 @@ are removed on the next start. No file is read with a full unpickler: the RNG st
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -27,19 +25,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from llmcore.checkpoint import MANIFEST, checkpoint_problem, write_manifest
+from llmcore.checkpoint import MANIFEST, STEP_RE, checkpoint_problem, resume_point, step_dirs, write_manifest
 from llmcore.errors import LLMCoreError
-from llmcore.io import install_dir, write_json, write_text
+from llmcore.io import install_dir, read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
-
-STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Deprecated alias kept while trainer.py moves over: use `llmcore.io.write_json`."""
-    write_json(path, obj, ensure_ascii=True)
-
 
 def rank_suffix(rank: int) -> str:
     """Rank 0 keeps the names of the run-dir contract; other ranks add `_rankN`."""
@@ -69,16 +59,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def read_json_file(path: Path) -> Any:
-    """A checkpoint's JSON file, or a one-line LLMCoreError naming it."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LLMCoreError(f"{path}: missing") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise LLMCoreError(f"{path}: corrupt JSON ({err})") from None
 
 
 def read_rng_file(path: Path) -> dict[str, Any]:
@@ -210,14 +190,8 @@ class CheckpointManager:
 
     # -- discovery ------------------------------------------------------------------------------
     def steps(self) -> list[int]:
-        if not self.root.is_dir():
-            return []
-        out = []
-        for p in self.root.iterdir():
-            m = STEP_RE.match(p.name)
-            if m and p.is_dir():
-                out.append(int(m.group(1)))
-        return sorted(out)
+        """The step numbers of the run's step dirs, oldest first."""
+        return sorted(int(STEP_RE.match(p.name).group(1)) for p in step_dirs(self.root.parent))
 
     def has_checkpoints(self) -> bool:
         """Any step dir or `latest` at all (complete or not)."""
@@ -235,15 +209,9 @@ class CheckpointManager:
         return path
 
     def resume_point(self) -> tuple[Path | None, list[tuple[str, str]]]:
-        """(newest step dir that verifies against its manifest, [(name, why skipped)] for newer ones)."""
-        skipped: list[tuple[str, str]] = []
-        for step in reversed(self.steps()):
-            d = self.root / f"step-{step}"
-            problem = checkpoint_problem(d)
-            if problem is None:
-                return d, skipped
-            skipped.append((d.name, problem))
-        return None, skipped
+        """(newest step dir that verifies against its manifest, [(name, why skipped)] for newer ones):
+        `llmcore.checkpoint.resume_point` of this run dir."""
+        return resume_point(self.root.parent)
 
     def clean_partial(self) -> None:
         """Remove temp dirs that a killed save left behind (rank 0 only; call before any save)."""
@@ -339,16 +307,16 @@ class CheckpointManager:
         Written by another number of processes (an elastic resume), the loader state is rank 0's
         moved to the same global row for this run's world size (`rescale_loader_state`, needs
         `loader`), and ranks the old run did not have take rank 0's RNG state."""
-        trainer_state = read_json_file(step_dir / "trainer_state.json")
+        trainer_state = read_json(step_dir / "trainer_state.json")
         saved_world = int(trainer_state.get("world_size", 1))
         sfx = rank_suffix(self.rank)
-        own = read_json_file(step_dir / f"loader_state{sfx}.json") if saved_world == self.world else None
+        own = read_json(step_dir / f"loader_state{sfx}.json") if saved_world == self.world else None
         if own is not None and (loader is None or own.get("micro_batch_size") == loader.micro_batch_size):
             loader_state = own
         else:
             if loader is None:
                 raise LLMCoreError(f"{step_dir} was written by {saved_world} process(es); this run has {self.world}")
-            loader_state = rescale_loader_state(read_json_file(step_dir / "loader_state.json"), loader)
+            loader_state = rescale_loader_state(read_json(step_dir / "loader_state.json"), loader)
             if self.rank == 0:
                 log.info("resuming a checkpoint of %d process(es) on %d: continuing at the same global data position",
                          saved_world, self.world)
