@@ -70,6 +70,12 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = []
 
+    def set_thinking(self, on: bool) -> None:
+        """Turn thinking on or off for the next replies (the history is kept)."""
+        if on:
+            check_thinking(self.tokenizer, "/think")
+        self.thinking = on
+
     def _prompt_ids(self) -> list[int]:
         limit = self.model.config.max_position_embeddings - int(self.gen_kwargs["max_new_tokens"])
         history = list(self.messages)
@@ -109,7 +115,7 @@ class ChatSession:
 
 
 HELP = ('type a message and Enter; end a line with \\ to continue it, or put """ on a line to start and end a '
-        "block; /reset clears the history, /exit or Ctrl-D quits")
+        "block; /reset clears the history, /think turns thinking on or off, /exit or Ctrl-D quits")
 
 
 def enable_line_editing(history_file: Path | None = None) -> None:
@@ -170,7 +176,8 @@ def read_message(read_line: Callable[[str], str | None], prompt: str = "> ", mor
 
 def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, prompt: str = "> ",
              labels: bool | None = None) -> None:
-    """Read user messages until EOF or `/exit`; `/reset` clears the history. Answers stream to stdout.
+    """Read user messages until EOF or `/exit`; `/reset` clears the history, `/think` toggles thinking.
+    Answers stream to stdout.
 
     In a terminal the prompt is shown and lines are edited with readline (history kept across
     sessions); when stdout is not a terminal (a pipe, a file) each turn is written with role labels
@@ -205,6 +212,14 @@ def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, prompt: str = 
         if text == "/reset":
             session.reset()
             stdout.write("(history cleared)\n")
+            continue
+        if text == "/think":
+            try:
+                session.set_thinking(not session.thinking)
+            except LLMCoreError as err:
+                sys.stderr.write(f"error: {err}\n")
+                continue
+            stdout.write(f"(thinking {'on' if session.thinking else 'off'})\n")
             continue
         if labels:
             stdout.write(f"user: {text}\n")

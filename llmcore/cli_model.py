@@ -19,19 +19,6 @@ export_app = typer.Typer(help="Export a checkpoint to other formats.\n\nExample:
                          no_args_is_help=True)
 
 
-def _load(ckpt: Path, device: str, tokenizer: Optional[Path]) -> tuple[Any, Any]:
-    from llmcore.checkpoint import load_model
-
-    from llmcore.common import resolve_device
-
-    # --tokenizer must fit the model (vocab size, special ids, the stored tokenizer's vocabulary): checked in load_model.
-    model, tok = load_model(ckpt, device=resolve_device(device), tokenizer=tokenizer)
-    if tok is None:
-        raise LLMCoreError(f"{ckpt}: no tokenizer found (looked for tokenizer.json beside the weights and in the "
-                           "run dir's tokenizer/); pass --tokenizer DIR")
-    return model, tok
-
-
 @model_app.command("list")
 def list_presets() -> None:
     """The model presets with their shape and parameter count.
@@ -138,7 +125,7 @@ def generate_cmd(
     from llmcore.chat import chat_prompt_ids, stream_text
     from llmcore.generate import stream_generate
 
-    model, tok = _load(ckpt, device, tokenizer)
+    model, tok = load_model_and_tokenizer(ckpt, device, tokenizer=tokenizer)
     # Pretraining documents start with bos (`<|im_start|>`), so a plain prompt does too; the chat
     # template already opens with it.
     if thinking and not chat:
@@ -172,15 +159,15 @@ def chat_cmd(
     """Multi-turn chat REPL through the chat template; answers stream as they are generated.
 
     One message per line (end a line with a backslash to continue it, or put three double quotes on a line to open
-    and close a multi-line block); `/reset` clears the history, `/exit` (or EOF) quits. In a terminal
-    lines are edited with readline and the history is kept in ~/.local/state/llmcore/chat_history;
+    and close a multi-line block); `/reset` clears the history, `/think` toggles thinking, `/exit` (or EOF)
+    quits. In a terminal lines are edited with readline and the history is kept in ~/.local/state/llmcore/chat_history;
     when stdout is not a terminal each turn is labelled `user:` / `assistant:`.
 
     Example: llmcore chat --ckpt runs/sft      (or: echo "你好" | llmcore chat --ckpt runs/sft)
     """
     from llmcore.chat import HELP, ChatSession, enable_line_editing, run_repl
 
-    model, tok = _load(ckpt, device, tokenizer)
+    model, tok = load_model_and_tokenizer(ckpt, device, tokenizer=tokenizer)
     session = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
                           thinking=thinking)

@@ -71,6 +71,17 @@ def test_piped_transcript_labels_thinking_and_answer(toks) -> None:
     assert tty.getvalue() == "\x1b[2mthinking: 一加一\n\n是二\x1b[0m\n等于2。\n"
 
 
+def test_think_command_toggles_thinking_and_keeps_the_history(toks, capsys) -> None:
+    tok, _ = toks
+    session, model = _session(tok, thinking=False)
+    out = io.StringIO()
+    run_repl(session, io.StringIO("/think\n1+1\n/think\n北京\n"), out)
+    assert out.getvalue().startswith("(thinking on)\nuser: 1+1\nthinking: 一加一\n\n是二\nassistant: 等于2。\n"
+                                      "(thinking off)\nuser: 北京\n")
+    assert tok.decode(model.prompts[0]).endswith("<think>\n") and tok.decode(model.prompts[1]).endswith("</think>\n\n")
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+
+
 def test_thinking_needs_a_template_with_a_thinking_mode(tmp_path, capsys) -> None:
     from test_serve import _make_run
 
@@ -81,6 +92,11 @@ def test_thinking_needs_a_template_with_a_thinking_mode(tmp_path, capsys) -> Non
     tok = load_tokenizer(run / "tokenizer")
     with pytest.raises(LLMCoreError, match="open_thinking"):
         chat_prompt_ids(tok, "hi", thinking=True)
+    session = ChatSession(ScriptedLM(lambda p: [tok.eos_id], tok.vocab_size, tok.eos_id), tok, temperature=0)
+    out = io.StringIO()
+    run_repl(session, io.StringIO("/think\n"), out)
+    assert out.getvalue() == "" and not session.thinking
+    assert capsys.readouterr().err.startswith("error: /think: ")
     for argv, needle in ((["generate", "--ckpt", str(run), "--prompt", "hi", "--thinking"], "--chat"),
                          (["generate", "--ckpt", str(run), "--prompt", "hi", "--chat", "--thinking"], "open_thinking"),
                          (["chat", "--ckpt", str(run), "--thinking"], "open_thinking")):
