@@ -5,11 +5,12 @@ Library code logs; only this module prints (results to stdout, progress and note
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -22,15 +23,30 @@ rag_app = typer.Typer(
     no_args_is_help=True)
 
 
-def _log_to_stderr() -> None:
-    """RAG notes go to stderr, so stdout holds only results (`--json` prints exactly one object)."""
-    logger = logging.getLogger("llmcore.rag")
-    if not logger.handlers:
+def _notes_to_stderr(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command with RAG notes going to stderr, so stdout holds only results (`--json` prints exactly
+    one object); when the command ends, however it ends, the `llmcore.rag` logger is as it was (a later
+    library call in the same process logs as the caller configured)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        logger = logging.getLogger("llmcore.rag")
+        if logger.handlers:
+            return command(*args, **kwargs)
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter("%(message)s"))
+        level, propagate = logger.level, logger.propagate
         logger.addHandler(h)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+        try:
+            return command(*args, **kwargs)
+        finally:
+            logger.removeHandler(h)
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+    return run
 
 
 def _load_model(ckpt: Path, device: str) -> tuple[Any, Any]:
@@ -55,6 +71,7 @@ def _prompt_budget(model: Any, max_new_tokens: int, max_prompt_tokens: int) -> i
 
 
 @rag_app.command("index")
+@_notes_to_stderr
 def index_cmd(
     docs: Path = typer.Option(..., "--docs", help="jsonl, one document per line"),
     out: Path = typer.Option(..., "--out", help="index dir to write (absent, empty, or an index with --append/--overwrite)"),
@@ -83,7 +100,6 @@ def index_cmd(
         raise LLMCoreError("--replace only makes sense with --append")
     if append and overwrite:
         raise LLMCoreError("--append and --overwrite exclude each other")
-    _log_to_stderr()
     man = build_index(docs, out, embedder=embedder, text_field=text_field, id_field=id_field, title_field=title_field,
                       chunk_chars=chunk_chars, overlap=overlap, m=m, ef_construction=ef_construction,
                       batch_size=batch_size, append=append, replace=replace, overwrite=overwrite)
@@ -96,6 +112,7 @@ def index_cmd(
 
 
 @rag_app.command("query")
+@_notes_to_stderr
 def query_cmd(
     question: str = typer.Argument(..., help="the question"),
     index: Path = typer.Option(..., "--index", help="index dir from `llmcore rag index`"),
@@ -122,7 +139,6 @@ def query_cmd(
     from llmcore.rag.answer import answer_messages, answer_stream, fit_passages
     from llmcore.rag.index import Retriever, query_text
 
-    _log_to_stderr()
     if answer and ckpt is None:
         raise LLMCoreError("--answer needs --ckpt RUN_DIR")
     query_text(question)  # empty or not valid text: one line before anything loads
@@ -174,6 +190,7 @@ def query_cmd(
 
 
 @rag_app.command("eval")
+@_notes_to_stderr
 def eval_cmd(
     index: Path = typer.Option(..., "--index", help="index dir from `llmcore rag index`"),
     questions: Path = typer.Option(..., "--questions", help='jsonl lines {"question", "doc_id"[, "answers"]}'),
@@ -210,7 +227,6 @@ def eval_cmd(
             ctx = fit_passages(tok, question, passages, budget)
             return "".join(answer_stream(model, tok, question, ctx, max_new_tokens=max_new_tokens))
 
-    _log_to_stderr()
     res = evaluate(index, questions, ef=ef, k_search=k, limit=limit, latency_queries=latency_queries, hybrid=hybrid,
                    answer=answer_fn, answer_limit=answer_limit, context_k=context_k)
     if ckpt is not None:
