@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from llmcore.common import resolve_attn_backend
+from llmcore.common import resolve_attn_backend, resolve_device
 from llmcore.errors import LLMCoreError
 from llmcore.io import atomic_write, read_json, sha256_file, write_text
 from llmcore.model import LLM, ModelConfig, unwrap_model
@@ -369,6 +369,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         tok = load_tokenizer_for(ckpt)
         if tok is not None:
             check_tokenizer_fits(config, tok, f"{ckpt}: its tokenizer {tok.path}", exact=False)
+    return model, tok
+
+
+def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "auto", *, dtype: torch.dtype | None = None,
+                             attn_backend: str | None = None, tokenizer: str | Path | None = None,
+                             flag: str = "--ckpt") -> tuple[LLM, Any]:
+    """`load_model` for commands that decode text: `device` resolved like every `--device` (`auto`,
+    `cpu`, `cuda:N`), and a tokenizer required (the checkpoint's, or `tokenizer` for `--tokenizer`);
+    without one a one-line LLMCoreError naming `flag`. The one "load model + tokenizer or fail"."""
+    model, tok = load_model(path, device=resolve_device(device), dtype=dtype, attn_backend=attn_backend,
+                            tokenizer=tokenizer)
+    if tok is None:
+        raise LLMCoreError(f"{flag} {path}: no tokenizer found (looked for tokenizer.json beside the weights and in "
+                           "the run dir's tokenizer/); pass --tokenizer DIR")
     return model, tok
 
 

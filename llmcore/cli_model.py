@@ -123,6 +123,7 @@ def generate_cmd(
     import torch
 
     from llmcore.chat import chat_prompt_ids, stream_text
+    from llmcore.checkpoint import load_model_and_tokenizer
     from llmcore.generate import stream_generate
 
     model, tok = load_model_and_tokenizer(ckpt, device, tokenizer=tokenizer)
@@ -166,6 +167,7 @@ def chat_cmd(
     Example: llmcore chat --ckpt runs/sft      (or: echo "你好" | llmcore chat --ckpt runs/sft)
     """
     from llmcore.chat import HELP, ChatSession, enable_line_editing, run_repl
+    from llmcore.checkpoint import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(ckpt, device, tokenizer=tokenizer)
     session = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature,

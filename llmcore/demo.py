@@ -114,13 +114,11 @@ def _samples(run_dir: Path, prompts: list[str], chat: bool, max_new_tokens: int,
              agent: list[tuple[str, str | None, bool]] = ()) -> list[tuple[str, str]]:
     """Greedy replies to `prompts` (chat prompts through the template when `chat`), then to the
     `agent` prompts (with that tool's schema, or with the think block opened)."""
-    from llmcore.checkpoint import load_model
+    from llmcore.checkpoint import load_model_and_tokenizer
     from llmcore.data_prep.demo_data import TOOLS
     from llmcore.generate import generate
 
-    model, tok = load_model(run_dir)
-    if tok is None:
-        raise LLMCoreError(f"{run_dir}: no tokenizer next to the checkpoint")
+    model, tok = load_model_and_tokenizer(run_dir, "cpu", flag="run dir")
     if chat:
         ids = [tok.encode_prompt([{"role": "user", "content": p}]) for p in prompts]
     else:

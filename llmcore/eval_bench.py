@@ -479,7 +479,7 @@ def eval_bench(ckpt: str | Path, task: str, data: str | Path, out: str | Path | 
                device: str = "auto", overwrite: bool = False, progress: bool = True) -> BenchResult:
     """Load the model at `ckpt`, score `task` at `data`; with `out`, write results.json,
     predictions.jsonl and results.png there."""
-    from llmcore.checkpoint import load_model
+    from llmcore.checkpoint import load_model_and_tokenizer
     from llmcore.common import resolve_device
     from llmcore.io import check_out_dir, write_json, write_text
 
@@ -493,9 +493,7 @@ def eval_bench(ckpt: str | Path, task: str, data: str | Path, out: str | Path | 
     questions = _select(questions, subjects, limit)
     dev_ = resolve_device(device)
     dtype = torch.bfloat16 if dev_.type == "cuda" else torch.float32
-    model, tok = load_model(ckpt, device=dev_, dtype=dtype)
-    if tok is None:
-        raise LLMCoreError(f"--ckpt {ckpt}: no tokenizer beside the weights (eval bench needs one)")
+    model, tok = load_model_and_tokenizer(ckpt, dev_, dtype=dtype)
     result = run_bench(model, tok, task, questions, dev, shots=shots, batch_size=batch_size, progress=progress)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llmcore.checkpoint import load_model, resolve_checkpoint, save_model
+from llmcore.checkpoint import load_model, load_model_and_tokenizer, resolve_checkpoint, save_model
 from llmcore.cli import app
 from llmcore.errors import LLMCoreError
 from llmcore.generate import generate
@@ -83,6 +83,14 @@ def test_run_dir_follows_latest_and_finds_tokenizer(tmp_path: Path, tok_dir: Pat
     assert tok is not None and tok.eos_id == 2 and tok.decode(tok.encode("hello world")) == "hello world"
     # The step dir on its own also finds the run's tokenizer.
     assert load_model(run / "checkpoints" / "step-7")[1] is not None
+
+
+def test_load_model_and_tokenizer_needs_a_tokenizer(tmp_path: Path, tok_dir: Path) -> None:
+    bare = make_run_dir(tmp_path / "bare", tiny())
+    with pytest.raises(LLMCoreError, match=r"^--init .*: no tokenizer found .*pass --tokenizer DIR$"):
+        load_model_and_tokenizer(bare, "cpu", flag="--init")
+    model, tok = load_model_and_tokenizer(bare, "auto", tokenizer=tok_dir)
+    assert tok.eos_id == 2 and model.embed_tokens.weight.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_bad_paths_are_clear_errors(tmp_path: Path) -> None:

@@ -129,7 +129,7 @@ class RLTrainer:
 
     # -- setup ------------------------------------------------------------------------------------
     def _setup(self, checkpoint_manager: Any) -> None:
-        from llmcore.checkpoint import load_model
+        from llmcore.checkpoint import load_model, load_model_and_tokenizer
         from llmcore.train.metrics import MetricsLogger, read_metrics
 
         cfg, eng = self.cfg, self.engine
@@ -169,9 +169,8 @@ class RLTrainer:
                                "another --out")
         if not cfg.init:
             raise LLMCoreError(f"{self.stage.name} starts from a trained model: pass --init RUN_DIR (the SFT run)")
-        init_model, self.tok = load_model(cfg.init, device=eng.device, attn_backend=cfg.attn_backend)
-        if self.tok is None:
-            raise LLMCoreError(f"--init {cfg.init}: no tokenizer beside the weights (rollouts render prompts with it)")
+        init_model, self.tok = load_model_and_tokenizer(cfg.init, eng.device, attn_backend=cfg.attn_backend,
+                                                        flag="--init")
         self.eos_id = self.tok.eos_id
         policy = load_model(resume_from, device=eng.device, attn_backend=cfg.attn_backend,
                             with_tokenizer=False)[0] if resume_from is not None else init_model
