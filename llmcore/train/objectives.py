@@ -61,8 +61,6 @@ class LMObjective:
     """Pretrain and SFT: masked next-token cross-entropy, mean over every loss token of the global
     batch, plus the MoE load-balancing loss (averaged over micro batches and processes)."""
 
-    name = "lm"
-
     def count(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
@@ -101,8 +99,6 @@ class DPOObjective:
     batch. Rewards as TRL logs them: rewards/chosen = beta*(pi_c - ref_c), rewards/rejected =
     beta*(pi_r - ref_r), accuracy = mean(chosen > rejected), margin = mean(chosen - rejected).
     """
-
-    name = "dpo"
 
     def __init__(self, beta: float, average_logp: bool, ref_model: torch.nn.Module | None = None,
                  ref_cache: dict[bytes, float] | None = None,
@@ -208,8 +204,6 @@ class DistillObjective:
     the engine's autocast, on the student's device. Logged: `ce_loss` and `kd_loss` (the unweighted
     terms, kd_loss already times T^2) and `top1_agreement` (share of loss tokens where the student's
     argmax is the teacher's)."""
-
-    name = "distill"
 
     def __init__(self, teacher: torch.nn.Module, alpha: float, temperature: float,
                  autocast: Callable[[], Any] | None = None) -> None:
