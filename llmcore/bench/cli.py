@@ -230,6 +230,9 @@ def scale_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK, dat
                                     data_dir=data_dir, command=_command()), out)
 
 
+from llmcore.bench.recipe import register as _register_recipe; _register_recipe(bench_app)  # noqa: E402,E702
+
+
 @bench_app.command("report")
 def report_cmd(results: Path = typer.Option(DEFAULT_OUT, "--results", help="Folder of results files."),
                readme: Optional[Path] = typer.Option(None, "--readme", help="Also rewrite the block between "
