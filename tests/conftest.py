@@ -1,4 +1,6 @@
-"""Shared test setup: Triton in interpreter mode without a GPU, caches inside the project, real-data fixture."""
+"""Shared test setup: Triton in interpreter mode without a GPU, caches inside the project, and the
+fixtures several modules use (real data, the synthetic shards, one intra-op thread). Plain helpers
+live in test_train_common.py and _kernel_helpers.py."""
 
 from __future__ import annotations
 
@@ -34,3 +36,24 @@ def shared_data() -> Path:
     if not (path / "pretrain_sample.jsonl").exists():
         pytest.skip(f"real sample data not found at {path} (../shared/data is absent in this checkout)")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (modules opt in with `pytestmark =
+    pytest.mark.usefixtures("one_thread")`): on a busy 2-core machine two threads spin against each
+    other and tiny-model steps get ~20x slower. Restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shards() -> dict[str, Path]:
+    """Synthetic pretrain/SFT/DPO shard dirs and their tokenizer (built once per process, cached)."""
+    from test_train_common import build_shards
+
+    return build_shards()

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from typer.testing import CliRunner
 
 from llmcore.chat import ChatSession, read_message, run_repl
 from llmcore.checkpoint import load_model
 from llmcore.cli import app
-from test_train_common import one_thread, pretrained_run  # noqa: F401
+from test_train_common import pretrained_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def reader(lines: list[str]):

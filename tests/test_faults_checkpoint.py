@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_common import one_thread, shards  # noqa: F401  (fixtures)
-from test_train_common import assert_same_weights, losses, tiny_cfg, weights
+from test_train_common import assert_same_weights, losses, tiny_cfg
 
 from llmcore.checkpoint import MANIFEST, checkpoint_problem, load_model, write_manifest
 from llmcore.errors import LLMCoreError
 from llmcore.train import TrainHooks, train
 from llmcore.train.checkpointing import CheckpointManager, read_rng_file
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 KW = dict(max_steps=6, save_every=2, keep_last=1)
 

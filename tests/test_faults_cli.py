@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_train_common import one_thread, pretrained_run, shards  # noqa: F401  (fixtures)
+from test_train_common import pretrained_run
 
 from llmcore.errors import LLMCoreError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _resign(shard_dir: Path, name: str) -> None:
@@ -46,7 +48,7 @@ def _with_token(src: Path, dst: Path, value: int) -> Path:
     return dst
 
 
-def test_eval_refuses_a_flipped_byte(shards, tmp_path: Path, one_thread) -> None:  # noqa: F811
+def test_eval_refuses_a_flipped_byte(shards, tmp_path: Path, one_thread) -> None:
     """R4-flip-eval / R4-badsha-eval: train refuses this dir; eval used to score it."""
     from llmcore.evaluate import evaluate
 
@@ -60,7 +62,7 @@ def test_eval_refuses_a_flipped_byte(shards, tmp_path: Path, one_thread) -> None
         evaluate(pretrained_run(), bad, batch_size=2, seq_len=32, device="cpu", progress=False)
 
 
-def test_eval_refuses_an_id_at_or_above_the_vocab(shards, tmp_path: Path, one_thread) -> None:  # noqa: F811
+def test_eval_refuses_an_id_at_or_above_the_vocab(shards, tmp_path: Path, one_thread) -> None:
     """R4-bigid-eval: an IndexError traceback before."""
     from llmcore.checkpoint import load_model
     from llmcore.evaluate import evaluate
@@ -72,7 +74,7 @@ def test_eval_refuses_an_id_at_or_above_the_vocab(shards, tmp_path: Path, one_th
         evaluate(run, bad, batch_size=2, seq_len=32, device="cpu", progress=False)
 
 
-def test_eval_prints_progress_and_time_left_in_a_pipe(shards, one_thread, caplog: pytest.LogCaptureFixture,  # noqa: F811
+def test_eval_prints_progress_and_time_left_in_a_pipe(shards, one_thread, caplog: pytest.LogCaptureFixture,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """F6: 6 min 42 s without a line before; in a pipe (no terminal) it now logs lines with the time left."""
     import llmcore.evaluate as ev
@@ -89,7 +91,7 @@ def test_eval_prints_progress_and_time_left_in_a_pipe(shards, one_thread, caplog
 
 # ---------------------------------------------------------------- prep split (F6, README's held-out dir)
 
-def test_prep_split_holds_out_what_train_holds_out(shards, tmp_path: Path) -> None:  # noqa: F811
+def test_prep_split_holds_out_what_train_holds_out(shards, tmp_path: Path) -> None:
     from llmcore.cli import main
     from llmcore.data_prep.loaders import train_eval_split
     from llmcore.data_prep.shards import ShardReader
@@ -120,7 +122,7 @@ def test_prep_split_holds_out_what_train_holds_out(shards, tmp_path: Path) -> No
     ("out holds input", "holds the input"),
     ("out is a file", "exists and is not a directory"),
 ])
-def test_prep_split_bad_flags_are_one_line(shards, tmp_path: Path, how: str, msg: str) -> None:  # noqa: F811
+def test_prep_split_bad_flags_are_one_line(shards, tmp_path: Path, how: str, msg: str) -> None:
     from llmcore.data_prep.split import split_shards
 
     src = shards["pretrain"]
@@ -212,7 +214,7 @@ def test_every_help_shows_every_flag_name_whole_at_80_columns() -> None:
     assert seen > 100
 
 
-def test_prep_shows_progress_in_a_pipe(shards, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+def test_prep_shows_progress_in_a_pipe(shards, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """F6/F14: prep in a pipe printed nothing until it was done; now lines with MB done and the time left."""
     from llmcore.data_prep.prep import prep
 

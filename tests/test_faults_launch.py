@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from test_train_common import shards  # noqa: F401  (fixture)
 
 from llmcore.errors import LLMCoreError
 from llmcore.launch.cli import make_plan, node_commands, parse_hostfile
@@ -61,7 +60,7 @@ def test_binary_hostfile_and_directory(tmp_path: Path) -> None:
         parse_hostfile(tmp_path)
 
 
-def test_timeout_nan_is_refused(shards, tmp_path: Path) -> None:  # noqa: F811
+def test_timeout_nan_is_refused(shards, tmp_path: Path) -> None:
     """LM-timeout-nan."""
     hf = _hostfile(tmp_path, "node1 slots=1\nnode2 slots=1\n")
     with pytest.raises(LLMCoreError, match="--timeout nan"):
@@ -112,7 +111,7 @@ def _main(args: list[str]) -> None:
 
 
 def test_ssh_launch_runs_no_flag_or_env_value_in_a_shell_and_dry_run_prints_what_runs(
-        shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+        shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """LX-args-inject, LX-args-dryrun, LM-dsenv-newline: over ssh the node's shell never evaluates a training
     flag or an environment value, and --dry-run shows the very command each node's shell runs."""
     pytest.importorskip("deepspeed", reason="deepspeed not installed")
@@ -170,7 +169,7 @@ def test_a_proxycommand_host_never_reaches_ssh(tmp_path: Path, monkeypatch: pyte
     assert not (tmp_path / "PWNED_proxy").exists()
 
 
-def test_unsafe_exported_variable_and_working_dir_are_refused_over_ssh(shards, tmp_path: Path,  # noqa: F811
+def test_unsafe_exported_variable_and_working_dir_are_refused_over_ssh(shards, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("deepspeed", reason="deepspeed not installed")
     hf = _hostfile(tmp_path, "node1 slots=1\nnode2 slots=1\n")

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from test_train_common import one_thread, shards  # noqa: F401  (fixtures)
 from test_train_common import ROOT, tiny_cfg
 
 from llmcore.errors import LLMCoreError
 from llmcore.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _mode(path: Path) -> int:

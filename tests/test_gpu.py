@@ -26,14 +26,16 @@ import torch
 
 from llmcore.train import train
 from llmcore.train.metrics import read_metrics
-from test_train_common import losses, one_thread, pretrained_run, shards, sft_run, tiny_cfg  # noqa: F401
+from test_train_common import losses, pretrained_run, tiny_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
 
 BACKENDS = ("eager", "sdpa", "triton")
 
 
-def gpu_cfg(stage: str, shards, out, **kw):  # noqa: F811
+def gpu_cfg(stage: str, shards, out, **kw):
     base = dict(device="cuda", dtype="auto", max_steps=20, log_every=1)
     base.update(kw)
     return tiny_cfg(stage, shards, out, **base)
@@ -41,7 +43,7 @@ def gpu_cfg(stage: str, shards, out, **kw):  # noqa: F811
 
 @needs_cuda
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_pretrain_sft_dpo_on_cuda(shards, tmp_path, backend):  # noqa: F811
+def test_pretrain_sft_dpo_on_cuda(shards, tmp_path, backend):
     pre = train("pretrain", gpu_cfg("pretrain", shards, tmp_path / "pre", attn_backend=backend))
     rows = read_metrics(pre.run_dir / "metrics.jsonl")
     config = json.loads((pre.run_dir / "config.json").read_text())
@@ -57,7 +59,7 @@ def test_pretrain_sft_dpo_on_cuda(shards, tmp_path, backend):  # noqa: F811
 
 
 @needs_cuda
-def test_triton_matches_sdpa_in_bf16(shards, tmp_path):  # noqa: F811
+def test_triton_matches_sdpa_in_bf16(shards, tmp_path):
     a = train("pretrain", gpu_cfg("pretrain", shards, tmp_path / "a", attn_backend="sdpa", max_steps=5))
     b = train("pretrain", gpu_cfg("pretrain", shards, tmp_path / "b", attn_backend="triton", max_steps=5))
     for (_, la), (_, lb) in zip(losses(a.run_dir), losses(b.run_dir)):
@@ -65,7 +67,7 @@ def test_triton_matches_sdpa_in_bf16(shards, tmp_path):  # noqa: F811
 
 
 @needs_cuda
-def test_compile_with_triton_backend(shards, tmp_path):  # noqa: F811
+def test_compile_with_triton_backend(shards, tmp_path):
     eager = train("pretrain", gpu_cfg("pretrain", shards, tmp_path / "e", attn_backend="triton", max_steps=4))
     comp = train("pretrain", gpu_cfg("pretrain", shards, tmp_path / "c", attn_backend="triton", max_steps=4,
                                      compile=True))
@@ -75,7 +77,7 @@ def test_compile_with_triton_backend(shards, tmp_path):  # noqa: F811
 
 @needs_cuda
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
-def test_resume_on_gpu(shards, tmp_path, backend):  # noqa: F811
+def test_resume_on_gpu(shards, tmp_path, backend):
     full = train("pretrain", gpu_cfg("pretrain", shards, tmp_path / "full", attn_backend=backend, max_steps=8))
     cfg = gpu_cfg("pretrain", shards, tmp_path / "part", attn_backend=backend, max_steps=8, stop_after=4)
     train("pretrain", cfg)
@@ -92,7 +94,7 @@ def test_resume_on_gpu(shards, tmp_path, backend):  # noqa: F811
 
 
 @needs_cuda
-def test_gpu_checkpoint_runs_on_cpu_and_back(shards, tmp_path):  # noqa: F811
+def test_gpu_checkpoint_runs_on_cpu_and_back(shards, tmp_path):
     from llmcore.checkpoint import load_model
     from llmcore.evaluate import evaluate
     from llmcore.hf_export import export_hf
@@ -128,7 +130,7 @@ def _trainer(cfg):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
-def test_no_host_read_during_micro_steps(shards, tmp_path, monkeypatch, device):  # noqa: F811
+def test_no_host_read_during_micro_steps(shards, tmp_path, monkeypatch, device):
     """Between log points a step's micro batches never read a device value on the host (each read
     drains the device queue). Counted from the first micro batch's forward to the optimizer step."""
     import threading
@@ -215,7 +217,7 @@ def test_feed_thread_sets_its_ranks_device(monkeypatch):
     assert calls == [("llmcore-feed", torch.device("cuda", 3))]
 
 
-def test_eval_under_compile_adds_no_graph(shards, tmp_path, monkeypatch):  # noqa: F811
+def test_eval_under_compile_adds_no_graph(shards, tmp_path, monkeypatch):
     """--compile: evaluation (no-grad, eval mode, a trimmed last batch) must not recompile the
     training graph; and training after it reuses the graph it had."""
     import torch._dynamo

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from test_train_common import shards  # noqa: F401  (fixture)
 from test_train_common import tiny_cfg
 
 from llmcore.errors import LLMCoreError

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from test_train_common import one_thread, shards  # noqa: F401  (fixtures)
 from test_train_common import ROOT, losses, tiny_cfg
 
 from llmcore.train import train
 from llmcore.train.engine import free_port
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 pytest.importorskip("deepspeed", reason="deepspeed not installed")
 

@@ -1,9 +1,9 @@
 """Shared data and helpers for the training tests (no tests here).
 
 The shards are built once per test process from synthetic text the helper writes: a tokenizer is
-trained on it and `llmcore.data_prep.prep` makes pretrain, SFT and DPO shard dirs. Each
-test_train_* module gets them through its own `shards` fixture that calls `build_shards()`,
-which caches, so the whole suite builds them once.
+trained on it and `llmcore.data_prep.prep` makes pretrain, SFT and DPO shard dirs. Tests get them
+through the `shards` fixture in tests/conftest.py, which calls `build_shards()`; it caches, so the
+whole suite builds them once. Fixtures live in conftest.py; this module holds plain helpers only.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,21 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the cat dog bird sees eats runs jumps over under small big red blue green happy sad river tree "
          "house moon sun star light night day water fire stone 今天 天气 很好 我们 学习 模型 数据 训练 中文 "
          "句子 明天 下雨 山 水 花 鸟").split()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run each training test on one intra-op thread: on a busy 2-core machine two threads spin
-    against each other and tiny-model steps get ~20x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def shards() -> dict[str, Path]:
-    return build_shards()
 
 
 def _sentence(rng: random.Random, n: int) -> str:

@@ -14,8 +14,10 @@ from llmcore.common import default_attn_backend, resolve_device
 from llmcore.errors import LLMCoreError
 from llmcore.train import train
 from llmcore.train.metrics import read_metrics
-from test_train_common import one_thread, pretrained_run, shards, sft_run, tiny_cfg  # noqa: F401
+from test_train_common import pretrained_run, sft_run, tiny_cfg
 from test_train_errors import run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -47,7 +49,7 @@ def test_device_resolution_and_errors(monkeypatch):
 @pytest.mark.skipif(not NO_CUDA, reason="checks the error on a machine without CUDA")
 @pytest.mark.parametrize("command", [["train", "pretrain", "--model", "tiny", "--max-steps", "1"],
                                      ["eval"], ["generate", "--prompt", "hello"]])
-def test_device_cuda_without_cuda_is_one_line(shards, tmp_path, capsys, command):  # noqa: F811
+def test_device_cuda_without_cuda_is_one_line(shards, tmp_path, capsys, command):
     run = pretrained_run()
     if command[0] == "train":
         args = command + ["--data", str(shards["pretrain"]), "--out", str(tmp_path / "r")]
@@ -60,13 +62,13 @@ def test_device_cuda_without_cuda_is_one_line(shards, tmp_path, capsys, command)
     assert len(err.strip().splitlines()) == 1
 
 
-def test_triton_backend_on_cpu_without_interpreter_is_refused(shards, tmp_path, monkeypatch):  # noqa: F811
+def test_triton_backend_on_cpu_without_interpreter_is_refused(shards, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(LLMCoreError, match="need a CUDA device"):
         train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "r", attn_backend="triton", max_steps=1))
 
 
-def test_auto_precision_and_backend_resolve_for_the_cpu(shards, tmp_path):  # noqa: F811
+def test_auto_precision_and_backend_resolve_for_the_cpu(shards, tmp_path):
     s = train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "r", attn_backend="auto", dtype="auto",
                                    max_steps=2))
     config = json.loads((s.run_dir / "config.json").read_text())
@@ -78,7 +80,7 @@ def test_auto_precision_and_backend_resolve_for_the_cpu(shards, tmp_path):  # no
     assert "mfu" not in rows[0]  # no known peak for a CPU unless --peak-tflops names one
 
 
-def test_mfu_counts_causal_attention(shards, tmp_path):  # noqa: F811
+def test_mfu_counts_causal_attention(shards, tmp_path):
     from llmcore.model import ModelConfig, param_report
     from llmcore.train.speed import flops_per_token
 
@@ -107,7 +109,7 @@ def test_peak_table_names_the_card(monkeypatch):
     assert peak_tflops(torch.device("cuda", 0), 123.0)[0] == 123.0
 
 
-def test_model_batches_and_reference_live_on_the_engine_device(shards, tmp_path, monkeypatch):  # noqa: F811
+def test_model_batches_and_reference_live_on_the_engine_device(shards, tmp_path, monkeypatch):
     """Every tensor the model sees, and the DPO reference model, are on the engine's device."""
     from llmcore.train.trainer import Trainer
 
@@ -129,7 +131,7 @@ def test_model_batches_and_reference_live_on_the_engine_device(shards, tmp_path,
     assert seen and all(d == dev for d in seen)
 
 
-def test_device_feed_is_exact_and_resumable(shards):  # noqa: F811
+def test_device_feed_is_exact_and_resumable(shards):
     """The feed yields the loader's batches in order, its state is the position after the batches
     taken (not those built ahead), and a loader error reaches the consumer."""
     from llmcore.data_prep.loaders import make_loader
@@ -184,7 +186,7 @@ def test_one_backend_resolver_strict_for_training_lenient_for_loading(monkeypatc
     assert resolve_attn_backend("triton", cpu, strict=True) == "triton"
 
 
-def test_checkpoint_trained_with_triton_loads_on_cpu(shards, tmp_path, monkeypatch):  # noqa: F811
+def test_checkpoint_trained_with_triton_loads_on_cpu(shards, tmp_path, monkeypatch):
     """The attention backend is how the math runs, not part of the weights: a run dir whose model
     config says triton (as one trained on a GPU does) generates on a CPU through sdpa."""
     import shutil

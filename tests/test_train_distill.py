@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_train_common import one_thread, shards  # noqa: F401  (fixtures)
 from test_train_common import sft_run, tiny_cfg
 
 from llmcore.errors import LLMCoreError
@@ -19,6 +18,8 @@ from llmcore.model import LLM, ModelConfig
 from llmcore.train import train
 from llmcore.train.metrics import read_metrics
 from llmcore.train.objectives import DistillObjective
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _train_records(run: Path) -> list[dict]:

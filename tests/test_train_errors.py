@@ -7,13 +7,14 @@ import shutil
 
 import pytest
 
-from test_train_common import one_thread, shards  # noqa: F401  (fixtures)
 from test_train_common import losses, pretrained_run, tiny_cfg
 
 from llmcore.checkpoint import load_model
 from llmcore.cli import main
 from llmcore.errors import LLMCoreError
 from llmcore.train import TrainConfig, TrainingDiverged, build_config, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:

@@ -11,7 +11,8 @@ import pytest
 
 from llmcore.cli import main
 from llmcore.log import PlainHandler
-from test_train_common import one_thread, shards  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +33,7 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_piped_training_log(shards, tmp_path, capsys):  # noqa: F811
+def test_piped_training_log(shards, tmp_path, capsys):
     base = ["train", "pretrain", "--data", str(shards["pretrain"]), "--out", str(tmp_path / "r"), "--model", "tiny",
             "--seq-len", "48", "--micro-batch-size", "2", "--global-batch-size", "4", "--max-steps", "8",
             "--log-every", "5", "--eval-docs", "10", "--save-every", "4", "--attn-backend", "sdpa"]
@@ -56,7 +57,7 @@ def test_piped_training_log(shards, tmp_path, capsys):  # noqa: F811
     assert "eval_loss" in out
 
 
-def test_repeat_warning_shows_even_with_quiet(shards, tmp_path, capsys):  # noqa: F811
+def test_repeat_warning_shows_even_with_quiet(shards, tmp_path, capsys):
     args = ["train", "pretrain", "--data", str(shards["pretrain"]), "--out", str(tmp_path / "r"), "--model", "tiny",
             "--seq-len", "48", "--micro-batch-size", "2", "--global-batch-size", "4", "--max-steps", "400",
             "--stop-after", "1", "--repeat-warning", "2", "--attn-backend", "sdpa", "--quiet"]

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_common import one_thread, shards  # noqa: F401  (fixtures)
 from test_train_common import losses, sft_run, tiny_cfg
 
 from llmcore.checkpoint import load_model, resolve_checkpoint, write_manifest
 from llmcore.errors import LLMCoreError
 from llmcore.lora import LoRALinear, load_adapted
 from llmcore.train import Trainer, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def lora_cfg(shards, out: Path, **kw):

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_train_common import one_thread, shards  # noqa: F401  (fixtures)
 from test_train_common import build_shards, losses, tiny_cfg
 
 from llmcore.data_prep.loaders import make_loader
@@ -18,6 +17,8 @@ from llmcore.model import LLM, ModelConfig
 from llmcore.train import lr_at, train
 from llmcore.train.engine import PlainEngine, param_groups
 from llmcore.train.objectives import DPOObjective, LMObjective, sequence_logps
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(vocab: int, seed: int = 0) -> LLM:

@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 
-from test_train_common import one_thread, shards  # noqa: F401  (fixtures)
 from test_train_common import assert_same_weights, losses, tiny_cfg
 
 from llmcore.errors import LLMCoreError
 from llmcore.model import LLM, PRESETS, ModelConfig
 from llmcore.train import TrainConfig, lr_at, train
 from llmcore.train.optim import MuonAdamW, group_names, make_optimizer, set_lr
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 A, B, C = 3.4445, -4.7750, 2.0315  # Keller Jordan's quintic Newton-Schulz coefficients
 

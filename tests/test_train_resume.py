@@ -13,12 +13,13 @@ import textwrap
 import pytest
 import torch
 
-from test_train_common import one_thread, shards  # noqa: F401  (fixtures)
 from test_train_common import ROOT, assert_same_weights, losses, pretrained_run, tiny_cfg
 
 from llmcore.checkpoint import load_model
 from llmcore.launch import deepspeed_config_path
 from llmcore.train import TrainHooks, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _has_deepspeed() -> bool:

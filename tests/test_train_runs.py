@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from test_train_common import one_thread, shards  # noqa: F401  (fixtures)
 from test_train_common import losses, pretrained_run, sft_run, tiny_cfg
 
 from llmcore.checkpoint import load_model
@@ -19,6 +18,8 @@ from llmcore.evaluate import evaluate
 from llmcore.train import train
 from llmcore.train.metrics import read_metrics
 from llmcore.train.objectives import masked_ce_sum
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_pretrain_run_dir_contents_and_learning(shards, tmp_path):

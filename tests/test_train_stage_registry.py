@@ -12,11 +12,12 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from test_train_common import one_thread, shards  # noqa: F401  (fixtures)
 from test_train_common import losses, pretrained_run, weights
 
 from llmcore.errors import LLMCoreError
 from llmcore.train.stages import FullWeights, LanguageModelStage, _defaults, all_stages, get_stage, register_stage
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class NormOnly(FullWeights):
