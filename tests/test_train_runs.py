@@ -12,12 +12,10 @@ from test_train_common import losses, pretrained_run, sft_run, tiny_cfg
 
 from llmcore.checkpoint import load_model
 from llmcore.cli import main
-from llmcore.data_prep.loaders import make_loader
 from llmcore.data_prep.shards import ShardReader
 from llmcore.evaluate import evaluate
 from llmcore.train import train
 from llmcore.train.metrics import read_metrics
-from llmcore.train.objectives import masked_ce_sum
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -45,17 +43,31 @@ def test_pretrain_run_dir_contents_and_learning(shards, tmp_path):
     assert tok.fingerprint == cfg["tokenizer_fingerprint"]
 
 
-def test_evaluate_equals_direct_masked_ce_and_cli_prints_it(shards, capsys):
-    run = pretrained_run()
-    res = evaluate(run, shards["sft"], batch_size=3, seq_len=40)
-    # Direct: every SFT document alone, padded loader semantics (truncate to 41 tokens).
-    model, _ = load_model(run)
-    reader = ShardReader(shards["sft"])
-    total, n = 0.0, 0
+def per_document_ce(model, shard_dir, seq_len: int) -> tuple[float, int]:
+    """The oracle, written apart from the loaders and objectives: each SFT document alone, cut to
+    seq_len + 1 tokens; the token at t+1 is a label exactly where its loss_mask is 1 (the assistant
+    turns). Returns (summed cross-entropy, label count)."""
+    import torch.nn.functional as F
+
+    reader = ShardReader(shard_dir)
+    total, count = 0.0, 0
     with torch.no_grad():
-        for batch in make_loader(reader, "packed", 40, 1, shuffle=False, epochs=1):
-            s, c = masked_ce_sum(model(batch["input_ids"], position_ids=batch["position_ids"]).logits, batch["labels"])
-            total, n = total + float(s), n + int(c)
+        for i in range(len(reader)):
+            doc = reader.doc(i)
+            ids = torch.from_numpy(doc["tokens"][: seq_len + 1].astype("int64"))
+            keep = torch.from_numpy(doc["loss_mask"][: seq_len + 1].astype(bool))[1:]
+            logits = model(ids[None, :-1]).logits[0].double()
+            total += float(F.cross_entropy(logits[keep], ids[1:][keep], reduction="sum"))
+            count += int(keep.sum())
+    return total, count
+
+
+def test_evaluate_equals_per_document_masked_ce_and_cli_prints_it(shards, capsys):
+    run = pretrained_run()
+    # seq_len 64 cuts about 80 of the 120 conversations: the oracle cuts them the same way.
+    res = evaluate(run, shards["sft"], batch_size=3, seq_len=64, packing="padded")
+    model, _ = load_model(run)
+    total, n = per_document_ce(model.float().eval(), shards["sft"], 64)
     assert res.tokens == n
     assert res.loss == pytest.approx(total / n, rel=1e-5)
     assert res.perplexity == pytest.approx(math.exp(res.loss))
@@ -66,11 +78,16 @@ def test_evaluate_equals_direct_masked_ce_and_cli_prints_it(shards, capsys):
     assert "loss " in out and "perplexity " in out
 
 
-def test_sft_from_pretrain_writes_only_assistant_loss(shards, tmp_path):
-    s = train("sft", tiny_cfg("sft", shards, tmp_path / "sft", init=str(pretrained_run()), max_steps=3,
-                              packing="padded"))
-    assert s.steps == 3 and math.isfinite(s.loss)
-    assert json.loads((tmp_path / "sft" / "config.json").read_text())["train"]["packing"] == "padded"
+def test_sft_from_pretrain_loss_is_only_over_assistant_tokens(shards, tmp_path):
+    """Step 1's loss (the forward before any update) over one global batch holding every SFT
+    document once equals the per-document oracle over the assistant tokens only: a loss that also
+    counted user/system tokens, or dropped assistant ones, differs."""
+    n_docs = len(ShardReader(shards["sft"]))
+    s = train("sft", tiny_cfg("sft", shards, tmp_path / "sft", init=str(pretrained_run()), max_steps=1,
+                              packing="padded", micro_batch_size=n_docs, global_batch_size=n_docs))
+    model, _ = load_model(pretrained_run())
+    total, n = per_document_ce(model.float().eval(), shards["sft"], 128)
+    assert s.steps == 1 and losses(s.run_dir)[0][1] == pytest.approx(total / n, rel=1e-4)
 
 
 @pytest.mark.parametrize("ref_logps", ["model", "precompute"])
