@@ -1186,8 +1186,9 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
         import uvicorn
     except ImportError as err:
         raise LLMCoreError(f"llmcore serve needs FastAPI and uvicorn: {install_hint('serve')} ({err})") from None
-    from llmcore.checkpoint import load_model
+    from llmcore.checkpoint import load_model_and_tokenizer
     from llmcore.common import default_attn_backend, resolve_device
+
     if rag_k < 1:
         raise LLMCoreError(f"--rag-k must be at least 1, got {rag_k}")
     if max_body_bytes < 1024:
@@ -1204,11 +1205,8 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
             raise LLMCoreError(f"--host {host} is reachable from other machines: set --api-key (or "
                                "LLMCORE_API_KEY), or bind 127.0.0.1 (a key-less server answers only this machine)")
         retriever = open_retriever(rag) if rag is not None else None
-        # --tokenizer must fit the model (vocab size, special ids, stored vocabulary): checked in load_model.
-        model, tok = load_model(ckpt, device=dev, attn_backend=default_attn_backend(dev), tokenizer=tokenizer_dir)
-        if tok is None:
-            raise LLMCoreError(f"{ckpt}: no tokenizer found (looked beside the weights and in the run dir's "
-                               "tokenizer/); pass --tokenizer DIR")
+        # A tokenizer is required, and --tokenizer must fit the model (vocab size, special ids, stored vocabulary).
+        model, tok = load_model_and_tokenizer(ckpt, dev, attn_backend=default_attn_backend(dev), tokenizer=tokenizer_dir)
         if thinking:
             from llmcore.chat_format import check_thinking
 
