@@ -49,8 +49,16 @@ def test_demo_runs_every_stage_and_learns(tmp_path: Path, capsys: pytest.Capture
     # 30 tiny steps already beat a uniform guess on held-out text by a wide margin (the full-size
     # demo goes on to beat the unigram entropy, which is what its summary reports).
     assert summary["pretrain_eval_loss"] < math.log(512) - 0.5
-    assert 0.0 <= summary["dpo_reward_accuracy"] <= 1.0 and "held-out reward accuracy" in out
-    assert summary["nats_below_unigram"] == pytest.approx(summary["unigram_entropy"] - summary["pretrain_eval_loss"])
+    # The summary reports what the runs measured, read here from their metrics files ...
+    def last_eval(stage: str) -> dict:
+        lines = (tmp_path / "demo" / "runs" / stage / "metrics.jsonl").read_text().splitlines()
+        return [row for row in map(json.loads, lines) if "eval_loss" in row][-1]
+
+    assert summary["pretrain_eval_loss"] == last_eval("pretrain")["eval_loss"]
+    assert summary["dpo_reward_accuracy"] == last_eval("dpo")["eval_rewards/accuracy"]
+    assert "held-out reward accuracy" in out
+    # ... and the unigram entropy of the pretraining shards (unigram_entropy has its own oracle test).
+    assert summary["unigram_entropy"] == unigram_entropy(tmp_path / "demo" / "shards" / "pretrain")
 
 
 def test_demo_sft_data_has_tool_calls_and_reasoning(tmp_path: Path) -> None:
