@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # pytest exits 5 when nothing was collected; that is a failure here too (make stops on any non-zero).
+# ruff (lint + import order, [tool.ruff] in pyproject.toml) runs first: a lint error stops the run.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

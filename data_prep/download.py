@@ -115,7 +115,7 @@ def download(
                 raise LLMCoreError(f"download of {dataset}/{file} stalled: no data for {timeout:.0f} s")
         err_text = child.stderr.read() if child.stderr else ""
         if child.returncode != 0:
-            lines = [l for l in err_text.strip().splitlines() if l.strip()]
+            lines = [line for line in err_text.strip().splitlines() if line.strip()]
             raise LLMCoreError(f"download of {dataset}/{file} failed: {lines[-1] if lines else f'exit {child.returncode}'}")
         got = tmp / "files" / file
         if not got.is_file():

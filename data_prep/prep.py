@@ -32,12 +32,19 @@ import pyarrow as pa
 
 from llmcore.data_prep.faults import fault_point
 from llmcore.data_prep.format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, UINT16_LIMIT, shard_file_name
-from llmcore.data_prep.jsonl import DEFAULT_MAX_LINE_BYTES, REASONS, BadLine, input_files, open_input, parse_line, too_long
+from llmcore.data_prep.jsonl import (
+    DEFAULT_MAX_LINE_BYTES,
+    REASONS,
+    BadLine,
+    input_files,
+    open_input,
+    parse_line,
+    too_long,
+)
 from llmcore.data_prep.kinds import EncodeOptions, ShardKind, get_kind
 from llmcore.data_prep.tokenizer import ChatTemplateError, Tokenizer, load_tokenizer
 from llmcore.errors import DataError, LLMCoreError
 from llmcore.io import check_out_dir, install_dir, remove_leftovers, sha256_file, temp_dir_for, write_json
-
 
 # ---------------------------------------------------------------------------------------------
 # Worker side: one block of lines in, flat arrays out.
@@ -147,7 +154,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
                                     f"token id {int(doc_max[j])} does not fit uint16 (vocab size {tok.vocab_size} > {UINT16_LIMIT})"))
         res.bad.sort()
         if not keep.all():
-            columns = {name: _select_docs(v, l, keep) for name, (v, l) in columns.items()}
+            columns = {name: _select_docs(v, lens, keep) for name, (v, lens) in columns.items()}
 
     res.docs = int(keep.sum())
     res.columns = {
@@ -276,7 +283,7 @@ class _ShardWriter:
             take = min(n_docs - start, self.shard_docs - self._docs)
             self._writer.write_batch(batch.slice(start, take))
             self._docs += take
-            self._tokens += int(sum(l[start:start + take].sum() for l in lengths_by_col.values()))
+            self._tokens += int(sum(lens[start:start + take].sum() for lens in lengths_by_col.values()))
             start += take
 
     def finish(self) -> list[dict]:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from llmcore.data_prep.format import MANIFEST_FILE
 from llmcore.data_prep.loaders import train_eval_split
 from llmcore.data_prep.prep import _ShardWriter, shard_dir_problem
-from llmcore.data_prep.format import MANIFEST_FILE
 from llmcore.data_prep.shards import ShardReader
 from llmcore.errors import LLMCoreError
 from llmcore.io import check_out_dir, install_dir, remove_leftovers, temp_dir_for, write_json

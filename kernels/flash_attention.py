@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from llmcore.kernels._runtime import cast_rtne, check_device, is_interpreted, needs_bf16_fix, next_pow2
+
 # The plain-PyTorch side lives in llmcore.reference (one copy, shared with the model's eager path).
 from llmcore.reference import attention_reference as flash_attention_reference
 from llmcore.reference import cu_seqlens_from_position_ids

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from llmcore.kernels._runtime import cast_rtne, check_device, needs_bf16_fix
 from llmcore.kernels.rope import check_positions, rope_args, token_blocks
+
 # The plain-PyTorch side lives in llmcore.reference (one copy, shared with the model's eager path).
 from llmcore.reference import qk_norm_rope_reference
 

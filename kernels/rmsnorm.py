@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from llmcore.kernels._runtime import cast_rtne, check_device, needs_bf16_fix, next_pow2
+
 # The plain-PyTorch formula lives in llmcore.reference (one copy, shared with the model's eager path).
 from llmcore.reference import rms_norm_reference
 

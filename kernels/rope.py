@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from llmcore.kernels._runtime import cast_rtne, check_device, needs_bf16_fix, next_pow2
+
 # The plain-PyTorch side lives in llmcore.reference (one copy, shared with the model's eager path).
 from llmcore.reference import apply_rope_reference, rope_tables, rotate_half
 

@@ -38,8 +38,8 @@ def root(version: bool = typer.Option(False, "--version", help="Print the versio
 
 
 def _register_all() -> None:
-    from llmcore.data_prep import cli as data_cli
     from llmcore import cli_model, cli_train
+    from llmcore.data_prep import cli as data_cli
 
     data_cli.register(app)
     cli_model.register(app)

@@ -22,8 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from llmcore.errors import LLMCoreError
-
 # Prompts chosen to match what each stage saw: news text for the base model, the three kinds of
 # instructions (dialogue, translation, review sentiment) for the chat stages.
 PRETRAIN_PROMPTS = ["新华社北京", "今年我国经济", "这个酒店的服务"]
@@ -78,7 +76,12 @@ def _tokenizer_corpus(corpus: dict[str, Path], out: Path) -> Path:
     calls, and a tokenizer that never saw them would spell them out byte by byte."""
     import json
 
-    from llmcore.data_prep.tokenizer import MINIMIND3_CHAT_TEMPLATE, MINIMIND3_TOKENS, normalize_conversation, render_chat_template
+    from llmcore.data_prep.tokenizer import (
+        MINIMIND3_CHAT_TEMPLATE,
+        MINIMIND3_TOKENS,
+        normalize_conversation,
+        render_chat_template,
+    )
     from llmcore.io import atomic_write
 
     def rendered(conversation: list[dict]) -> str:
@@ -217,8 +220,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     _banner(f"7/7 DPO ({s.dpo_steps} steps)")
     # Longer rows than the other stages: a pair whose reply falls past seq_len teaches nothing.
     dpo_common = {**common, "seq_len": 512, "micro_batch_size": 8, "global_batch_size": 8}
-    dpo = train("dpo", TrainConfig(data=str(shards["dpo"]), out=str(runs["dpo"]), init=str(runs["sft"]),
-                                   max_steps=s.dpo_steps, lr=1e-4, beta=0.1, eval_every=0, **dpo_common))
+    train("dpo", TrainConfig(data=str(shards["dpo"]), out=str(runs["dpo"]), init=str(runs["sft"]),
+                             max_steps=s.dpo_steps, lr=1e-4, beta=0.1, eval_every=0, **dpo_common))
     _print_samples("DPO model answers", _samples(runs["dpo"], CHAT_PROMPTS, True, s.max_new_tokens, AGENT_PROMPTS))
 
     entropy = unigram_entropy(shards["pretrain"])

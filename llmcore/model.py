@@ -39,9 +39,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcore.errors import LLMCoreError
-from llmcore.reference import (apply_rope_rows, attention_mask, attention_reference, causal_mask,
-                               cu_seqlens_from_position_ids, document_ids, rms_norm_reference, rope_rows,
-                               rope_tables)
+from llmcore.reference import (
+    apply_rope_rows,
+    attention_mask,
+    attention_reference,
+    causal_mask,
+    document_ids,
+    rms_norm_reference,
+    rope_rows,
+    rope_tables,
+)
 
 BACKENDS = ("eager", "sdpa", "triton")
 

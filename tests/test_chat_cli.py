@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from llmcore.chat import ChatSession, read_message, run_repl
 from llmcore.checkpoint import load_model
 from llmcore.cli import app
+
 from test_train_common import pretrained_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

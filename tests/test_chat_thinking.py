@@ -8,11 +8,11 @@ import io
 
 import pytest
 
-from _scripted_model import ScriptedLM, text_replies
-from _toolcall_model import minimind3_tokenizer_dir
-
 from llmcore.chat import ChatSession, chat_prompt_ids, run_repl
 from llmcore.errors import LLMCoreError
+
+from _scripted_model import ScriptedLM, text_replies
+from _toolcall_model import minimind3_tokenizer_dir
 
 
 @pytest.fixture(scope="module")

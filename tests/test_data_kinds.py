@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from typer.testing import CliRunner
 
 from llmcore.data_prep import kinds
 from llmcore.data_prep.jsonl import BadLine, check_messages
-from llmcore.data_prep.kinds import KINDS, ShardKind, detect_kind, get_kind, masked_chats, marked_text
+from llmcore.data_prep.kinds import KINDS, ShardKind, detect_kind, get_kind, marked_text, masked_chats
 from llmcore.data_prep.prep import prep
 from llmcore.data_prep.shards import ShardReader
 from llmcore.data_prep.stats import compute_stats

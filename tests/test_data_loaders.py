@@ -169,9 +169,9 @@ def _row_keys(batch: dict) -> list[tuple]:
     (the padded width depends on the other pairs in the batch, the targets do not)."""
     if "num_pairs" in batch:
         n = batch["num_pairs"]
-        return [tuple(r[:60].tolist()) + tuple(l[l != -100].tolist()) for r, l in zip(batch["input_ids"][:n], batch["labels"][:n])]
-    return [tuple(r.tolist()) + tuple(l.tolist()) + tuple(p.tolist())
-            for r, l, p in zip(batch["input_ids"], batch["labels"], batch["position_ids"])]
+        return [tuple(r[:60].tolist()) + tuple(y[y != -100].tolist()) for r, y in zip(batch["input_ids"][:n], batch["labels"][:n])]
+    return [tuple(r.tolist()) + tuple(y.tolist()) + tuple(p.tolist())
+            for r, y, p in zip(batch["input_ids"], batch["labels"], batch["position_ids"])]
 
 
 @pytest.mark.parametrize("mode,kind", [("packed", "pretrain"), ("padded", "pretrain"), ("pairs", "dpo"),

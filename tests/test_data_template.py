@@ -13,8 +13,15 @@ import pytest
 from llmcore.data_prep.kinds import EncodeOptions
 from llmcore.data_prep.prep import prep
 from llmcore.data_prep.shards import ShardReader
-from llmcore.data_prep.tokenizer import (EMPTY_THINK, MINIMIND3_TOKENS, ChatTemplateError, Tokenizer, load_tokenizer,
-                                         normalize_conversation, train_tokenizer)
+from llmcore.data_prep.tokenizer import (
+    EMPTY_THINK,
+    MINIMIND3_TOKENS,
+    ChatTemplateError,
+    Tokenizer,
+    load_tokenizer,
+    normalize_conversation,
+    train_tokenizer,
+)
 from llmcore.errors import DataError, LLMCoreError
 
 WEATHER = {"name": "get_weather", "description": "查询城市天气",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -16,10 +15,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from llmcore.checkpoint import load_model, save_model
+from llmcore.checkpoint import save_model
 from llmcore.errors import DataError, LLMCoreError
-from llmcore.eval_bench import (FORMATS, Question, build_context, build_requests, encode_pair, eval_bench,
-                                load_task, run_bench, score_batch)
+from llmcore.eval_bench import (
+    FORMATS,
+    Question,
+    build_context,
+    build_requests,
+    encode_pair,
+    eval_bench,
+    load_task,
+    run_bench,
+    score_batch,
+)
 from llmcore.model import LLM, ModelConfig
 
 CMMLU_HEADER = ["", "Question", "A", "B", "C", "D", "Answer"]

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_common import assert_same_weights, losses, tiny_cfg
-
 from llmcore.checkpoint import MANIFEST, checkpoint_problem, load_model, write_manifest
 from llmcore.errors import LLMCoreError
 from llmcore.train import TrainHooks, train
 from llmcore.train.checkpointing import CheckpointManager, read_rng_file
+
+from test_train_common import assert_same_weights, losses, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

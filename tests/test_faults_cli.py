@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_train_common import pretrained_run
-
 from llmcore.errors import LLMCoreError
+
+from test_train_common import pretrained_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

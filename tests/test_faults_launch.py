@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-
 from llmcore.errors import LLMCoreError
 from llmcore.launch.cli import make_plan, node_commands, parse_hostfile
 from llmcore.launch.node import decode_payload, encode_payload

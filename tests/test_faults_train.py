@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from test_train_common import ROOT, tiny_cfg
-
 from llmcore.errors import LLMCoreError
 from llmcore.train import train
+
+from test_train_common import ROOT, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -343,9 +343,9 @@ def test_yaml_reads_1e_minus_3_as_a_number_and_quoted_numbers_get_a_hint(shards,
 
 
 def test_dpo_summary_progress_and_plot_are_readable(shards, tmp_path, capsys):
-    from test_train_common import pretrained_run
-
     from llmcore.train.metrics import loss_figure
+
+    from test_train_common import pretrained_run
 
     out = tmp_path / "dpo"
     code, stdout, err = run_cli(["train", "dpo", "--data", str(shards["dpo"]), "--init", str(pretrained_run()),

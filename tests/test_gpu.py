@@ -26,6 +26,7 @@ import torch
 
 from llmcore.train import train
 from llmcore.train.metrics import read_metrics
+
 from test_train_common import losses, pretrained_run, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -17,12 +17,18 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
-from _kernel_helpers import DEVICE
-from llmcore.kernels import (apply_rope, cu_seqlens_from_position_ids, document_bounds, flash_attention, rms_norm,
-                             rope_tables)
+from llmcore.kernels import (
+    apply_rope,
+    cu_seqlens_from_position_ids,
+    document_bounds,
+    flash_attention,
+    rms_norm,
+    rope_tables,
+)
 from llmcore.kernels.flash_attention import _segments
 from llmcore.model import LLM, ModelConfig
 
+from _kernel_helpers import DEVICE
 
 # aot_eager everywhere; Inductor too where it compiles quickly (CUDA: Triton code, not C++).
 BACKENDS = ["aot_eager", "inductor"] if DEVICE == "cuda" else ["aot_eager"]

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="the Triton kernels need the triton package")
 
-from _kernel_helpers import DEVICE  # noqa: E402  (after the importorskip)
-
 from llmcore.model import LLM, ModelConfig  # noqa: E402
+
+from _kernel_helpers import DEVICE  # noqa: E402  (after the importorskip)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

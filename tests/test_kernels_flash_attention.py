@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _kernel_helpers import DEVICE, assert_compiles_for_sm90, assert_refuses_cpu_tensors, cpu_only, needs_ptxas
 from llmcore.kernels import cu_seqlens_from_position_ids, flash_attention, flash_attention_reference
+
+from _kernel_helpers import DEVICE, assert_compiles_for_sm90, assert_refuses_cpu_tensors, cpu_only, needs_ptxas
 
 LOW_PRECISION = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.bfloat16]
 # fp32 to 1e-5; half precision: P and dS are rounded for their matmuls, so a few ulps of O(1) values.

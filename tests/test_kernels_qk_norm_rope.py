@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _kernel_helpers import DEVICE, assert_compiles_for_sm90, assert_refuses_cpu_tensors, cpu_only, needs_ptxas
 from llmcore.kernels import qk_norm_rope, qk_norm_rope_reference, rope_tables
+
+from _kernel_helpers import DEVICE, assert_compiles_for_sm90, assert_refuses_cpu_tensors, cpu_only, needs_ptxas
 
 LOW_PRECISION = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.bfloat16]
 # bf16: the kernel keeps fp32 between the rotation's and the norm's backward where eager rounds.

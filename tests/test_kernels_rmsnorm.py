@@ -6,12 +6,12 @@ Runs on CUDA when present (bf16/fp16 too), else on CPU through Triton's interpre
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from _kernel_helpers import DEVICE, assert_compiles_for_sm90, assert_refuses_cpu_tensors, cpu_only, needs_ptxas
 from llmcore.kernels import rms_norm, rms_norm_reference
+
+from _kernel_helpers import DEVICE, assert_compiles_for_sm90, assert_refuses_cpu_tensors, cpu_only, needs_ptxas
 
 LOW_PRECISION = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.bfloat16]
 # (abs, rel) tolerances: fp32 to ~1e-5; half precision to a couple of ulps of the output.

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from test_train_common import tiny_cfg
-
 from llmcore.errors import LLMCoreError
 from llmcore.launch import deepspeed_config_path
 from llmcore.launch.cli import deepspeed_env_lines, describe, make_plan, node_commands, parse_hostfile
 from llmcore.launch.node import decode_payload
 from llmcore.train.engine import build_ds_config
+
+from test_train_common import tiny_cfg
 
 
 def _hostfile(tmp_path: Path, text: str) -> Path:

@@ -57,9 +57,9 @@ def test_configs_are_package_data():
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 def test_zero3_offload_by_name_trains_like_the_plain_engine(tmp_path, monkeypatch):
-    from test_train_common import build_shards, losses, tiny_cfg
-
     from llmcore.train import train
+
+    from test_train_common import build_shards, losses, tiny_cfg
 
     monkeypatch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
     shards = build_shards()

@@ -7,7 +7,7 @@ import torch
 
 from llmcore.chat import stream_text
 from llmcore.errors import LLMCoreError
-from llmcore.generate import (apply_repetition_penalty, filter_logits, generate, sample_next, stream_generate)
+from llmcore.generate import apply_repetition_penalty, filter_logits, generate, sample_next, stream_generate
 from llmcore.model import LLM, ModelConfig
 
 
@@ -108,8 +108,10 @@ def test_temperature_sharpens_and_flattens() -> None:
 
 def test_sampling_is_reproducible_with_a_seed() -> None:
     model = tiny()
-    run = lambda s: generate(model, PROMPTS, 8, temperature=1.0, top_k=50, eos_id=None,
-                             generator=torch.Generator().manual_seed(s))
+    def run(seed: int) -> list:
+        return generate(model, PROMPTS, 8, temperature=1.0, top_k=50, eos_id=None,
+                        generator=torch.Generator().manual_seed(seed))
+
     assert run(1) == run(1) and run(1) != run(2)
 
 

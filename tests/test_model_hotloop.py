@@ -37,6 +37,7 @@ class _NoHostReads:
 def test_flash_document_bounds_once_per_forward_and_none_for_single_documents(monkeypatch) -> None:
     pytest.importorskip("triton")
     import llmcore.kernels as K
+
     from _kernel_helpers import DEVICE
 
     calls = []

@@ -475,9 +475,9 @@ def test_tokenizer_of_another_vocabulary_is_refused(tmp_path: Path, shared_data:
 
 
 def test_cli_import_then_generate_and_train_init(tmp_path: Path) -> None:
-    from test_train_common import build_shards, tiny_cfg
-
     from llmcore.train import train
+
+    from test_train_common import build_shards, tiny_cfg
 
     shards = build_shards()
     vocab = json.loads((shards["sft"] / "manifest.json").read_text())["tokenizer"]["vocab_size"]

@@ -12,9 +12,7 @@ import torch
 from llmcore.errors import DataError, LLMCoreError
 from llmcore.rl.data import read_rl_rows
 from llmcore.rl.losses import approx_kl, gae, group_advantages, kl_k3, policy_loss, value_loss, whiten
-from llmcore.rl.rewards import (exact_reward, format_reward, gt_hits, parse_rewards, repetition_penalty, score,
-                                total)
-
+from llmcore.rl.rewards import exact_reward, format_reward, gt_hits, parse_rewards, repetition_penalty, score, total
 
 # ---------------------------------------------------------------- advantages and losses
 

@@ -30,6 +30,7 @@ def policy_run(tmp_path_factory) -> Path:
     """A tiny model fine-tuned (a plain torch loop, independent of llmcore's trainer) on each prompt
     answered "是" half the time and "否" the other half: right about half the time."""
     from conftest import shared_data_dir
+
     from llmcore.data_prep.tokenizer import load_tokenizer
 
     tok_dir = shared_data_dir() / "minimind3_tokenizer"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from test_train_common import ROOT, losses, tiny_cfg
-
 from llmcore.launch import deepspeed_config_path
 from llmcore.train import train
 from llmcore.train.engine import free_port
+
+from test_train_common import ROOT, losses, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

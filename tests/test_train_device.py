@@ -9,13 +9,14 @@ import json
 
 import pytest
 import torch
+from test_train_errors import run_cli
 
 from llmcore.common import default_attn_backend, resolve_device
 from llmcore.errors import LLMCoreError
 from llmcore.train import train
 from llmcore.train.metrics import read_metrics
+
 from test_train_common import pretrained_run, sft_run, tiny_cfg
-from test_train_errors import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_train_common import sft_run, tiny_cfg
-
 from llmcore.errors import LLMCoreError
 from llmcore.model import LLM, ModelConfig
 from llmcore.train import train
 from llmcore.train.metrics import read_metrics
 from llmcore.train.objectives import DistillObjective
+
+from test_train_common import sft_run, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 
-from test_train_common import losses, pretrained_run, tiny_cfg
-
 from llmcore.checkpoint import load_model
 from llmcore.cli import main
 from llmcore.errors import LLMCoreError
 from llmcore.train import TrainConfig, TrainingDiverged, build_config, train
+
+from test_train_common import losses, pretrained_run, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -154,7 +154,6 @@ def test_cli_is_derived_from_the_config_per_stage(shards, tmp_path):
 
     from llmcore.cli import app
     from llmcore.train.config import TrainConfig, flag_name
-
     from llmcore.train.stages import all_stages, stage_only_settings
 
     runner = CliRunner()

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_common import losses, sft_run, tiny_cfg
-
 from llmcore.checkpoint import load_model, resolve_checkpoint, write_manifest
 from llmcore.errors import LLMCoreError
 from llmcore.lora import LoRALinear, load_adapted
 from llmcore.train import Trainer, train
+
+from test_train_common import losses, sft_run, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from test_train_common import assert_same_weights, losses, tiny_cfg
-
 from llmcore.errors import LLMCoreError
 from llmcore.model import LLM, PRESETS, ModelConfig
 from llmcore.train import TrainConfig, lr_at, train
 from llmcore.train.optim import MuonAdamW, group_names, make_optimizer, set_lr
+
+from test_train_common import assert_same_weights, losses, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

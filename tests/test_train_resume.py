@@ -13,11 +13,11 @@ import textwrap
 import pytest
 import torch
 
-from test_train_common import ROOT, assert_same_weights, losses, pretrained_run, tiny_cfg
-
 from llmcore.checkpoint import load_model
 from llmcore.launch import deepspeed_config_path
 from llmcore.train import TrainHooks, train
+
+from test_train_common import ROOT, assert_same_weights, losses, pretrained_run, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

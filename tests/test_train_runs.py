@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from test_train_common import losses, pretrained_run, sft_run, tiny_cfg
-
 from llmcore.checkpoint import load_model
 from llmcore.cli import main
 from llmcore.data_prep.shards import ShardReader
 from llmcore.evaluate import evaluate
 from llmcore.train import train
 from llmcore.train.metrics import read_metrics
+
+from test_train_common import losses, pretrained_run, sft_run, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

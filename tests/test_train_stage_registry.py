@@ -12,10 +12,10 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from test_train_common import losses, pretrained_run, weights
-
 from llmcore.errors import LLMCoreError
 from llmcore.train.stages import FullWeights, LanguageModelStage, _defaults, all_stages, get_stage, register_stage
+
+from test_train_common import losses, pretrained_run, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from llmcore.errors import LLMCoreError
 from llmcore.rl.data import RLRow, read_rl_rows
-from llmcore.rl.losses import (approx_kl, gae, group_advantages, policy_loss, token_logps, value_loss, whiten)
+from llmcore.rl.losses import approx_kl, gae, group_advantages, policy_loss, token_logps, value_loss, whiten
 from llmcore.rl.rewards import Reward, parse_rewards, score, total
 
 log = logging.getLogger(__name__)
