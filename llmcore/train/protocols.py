@@ -20,8 +20,15 @@ Batch = dict[str, Any]
 
 @runtime_checkable
 class Loader(Protocol):
-    """An endless iterator of batches with an exact, JSON-able position (see data_prep/loaders.py)."""
+    """An endless iterator of batches with an exact, JSON-able position (see data_prep/loaders.py).
+    The attributes are what the trainer's plan lines, the feed and the checkpoints read."""
 
+    mode: str  # "packed" | "bestfit" | "padded" | "pairs"
+    micro_batch_size: int  # rows per micro batch per process (a checkpoint's loader state is kept for it)
+    docs: Any  # the shard documents this loader reads (np.ndarray of indices); len() is the count
+    long_docs: int  # documents longer than seq_len + 1 (cut, or refused by `--on-long fail`)
+    docs_without_loss: int  # documents with no loss token left after cutting (all of them: an error)
+    tokens_per_epoch: int
     epoch: int
     steps_per_epoch: int  # micro batches per process per epoch
     rows_per_epoch: int
@@ -83,6 +90,7 @@ class Engine(Protocol):
     the gradient norm (a tensor on the device: reading it is the caller's sync)."""
 
     kind: str
+    cfg: Any  # the run's TrainConfig; `Trainer.from_config` sets it to the resolved settings
     device: torch.device
     rank: int
     world: int
