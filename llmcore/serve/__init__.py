@@ -18,22 +18,22 @@ torch nor FastAPI; both are imported when a server is built.
 from llmcore.serve.app import DISCONNECT_POLL_S, ServerOptions, create_app
 from llmcore.serve.cli import RunningServer, bind_socket, is_loopback, open_retriever, register, serve
 from llmcore.serve.requests import (
-                                    CHAT_ROLES,
-                                    DEFAULT_CHAT_MAX_TOKENS,
-                                    DEFAULT_COMPLETION_MAX_TOKENS,
-                                    DEFAULT_MAX_BODY_BYTES,
-                                    GREEDY_BELOW,
-                                    MAX_LOGPROBS,
-                                    MAX_PROMPTS,
-                                    MAX_STOP_STRINGS,
-                                    ApiError,
-                                    ChatOptions,
-                                    SamplingParams,
-                                    check_text,
-                                    parse_chat_options,
-                                    parse_messages,
-                                    parse_prompts,
-                                    parse_sampling,
+    CHAT_ROLES,
+    DEFAULT_CHAT_MAX_TOKENS,
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    DEFAULT_MAX_BODY_BYTES,
+    GREEDY_BELOW,
+    MAX_LOGPROBS,
+    MAX_PROMPTS,
+    MAX_STOP_STRINGS,
+    ApiError,
+    ChatOptions,
+    SamplingParams,
+    check_text,
+    parse_chat_options,
+    parse_messages,
+    parse_prompts,
+    parse_sampling,
 )
 from llmcore.serve.scheduler import BatchScheduler, Event, Job
 from llmcore.serve.security import check_api_key, host_names_this_server
