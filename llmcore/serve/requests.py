@@ -16,6 +16,11 @@ Invariants:
 - Tools are function tools only; `tool_choice` is `auto` or `none` (`none`: the model is not told about
   them); tools need a chat template that renders them, thinking one that has `open_thinking`.
 - Importing this module needs neither torch nor FastAPI.
+
+Why hand-written checks and not pydantic models: every refusal names its field in OpenAI's words
+(`'top_p' must be in (0.0, 1.0], got 0`) with `param` set, the first bad field in a fixed order wins,
+and `bool` is never a number; pydantic would need strict types plus a translation table from its
+error types back to these messages, as long as the checks themselves.
 """
 
 import json
