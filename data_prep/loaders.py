@@ -56,7 +56,7 @@ def first_rows(batch: dict, n: int) -> dict | None:
         if n >= b:
             return batch
         pick = torch.cat([torch.arange(n), b + torch.arange(n)])
-        out = {k: v[pick] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        out = {k: (v[pick] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         out["num_pairs"] = n
         return out
     if n >= batch["input_ids"].shape[0]:
@@ -322,7 +322,10 @@ class Loader:
             else:
                 self._padded_row(int(self._order[r]), T, ids[b], labels[b])
                 pos[b] = np.arange(T)
-        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "position_ids": torch.from_numpy(pos)}
+        # Padded rows hold one document each (position_ids == arange): the model may then skip the
+        # document mask, which it could only find out by reading the positions back from the device.
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "position_ids": torch.from_numpy(pos),
+                "single_documents": self.mode == "padded"}
 
     def _pairs_batch(self, rows: np.ndarray) -> dict:
         docs = [self.reader.doc(int(self._order[r])) for r in rows]
@@ -340,6 +343,7 @@ class Loader:
             "labels": torch.from_numpy(labels),
             "position_ids": torch.from_numpy(pos),
             "num_pairs": len(docs),
+            "single_documents": True,
         }
 
     # -- iteration and state ----------------------------------------------------------------

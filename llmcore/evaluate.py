@@ -57,6 +57,7 @@ def evaluate(ckpt: str | Path, data: str | Path, batch_size: int = 8, seq_len: i
     from llmcore.data_prep.loaders import first_rows, make_loader
     from llmcore.data_prep.shards import ShardReader
     from llmcore.train.objectives import masked_ce_sum, perplexity
+    from llmcore.train.protocols import model_positions
     from llmcore.train.stages import LanguageModelStage, all_stages
 
     if batch_size < 1:
@@ -94,7 +95,8 @@ def evaluate(ckpt: str | Path, data: str | Path, batch_size: int = 8, seq_len: i
             batch = first_rows(next(loader), loader.unwrapped_rows(step))
             if batch is not None:
                 count += int((batch["labels"] != IGNORE_INDEX).sum())
-                out = model(batch["input_ids"].to(dev), position_ids=batch["position_ids"].to(dev))
+                pos = model_positions(batch)
+                out = model(batch["input_ids"].to(dev), position_ids=None if pos is None else pos.to(dev))
                 s, _ = masked_ce_sum(out.logits, batch["labels"].to(dev))
                 total += s.double()
             bar.update(1)

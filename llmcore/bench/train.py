@@ -490,12 +490,9 @@ def _control_notes(res: BenchResult, device: torch.device) -> None:
                      f"document per row, same model, same optimizer), so its ratio, {wall['value']:.2f}x"
                      + (f" (per CPU-second {cpu['value']:.2f}x)" if cpu else "")
                      + ", shows how far this run's ratios can stray from the truth: read differences within that band "
-                       "as noise."
-                     + (" On CUDA the llmcore loop hands the model its position ids as device tensors, so the model "
-                        "cannot see (without a sync) that each row is one document: attention then takes the "
-                        "per-document path (SDPA with a mask, not its flash kernel), which the minimind-style loop "
-                        "(no position ids, is_causal) does not; the band is biased against llmcore by that much."
-                        if device.type == "cuda" else ""))
+                       "as noise. Its padded loader marks its rows as single documents, so the model gets no "
+                       "position ids and takes the same causal path (SDPA's flash kernel on CUDA) as the "
+                       "minimind-style loop.")
 
 
 def _speed_table(res: BenchResult) -> None:

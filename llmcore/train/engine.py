@@ -30,11 +30,11 @@ from typing import Any, Iterator
 
 import torch
 
-from llmcore.common import resolve_device
+from llmcore.common import resolve_device, to_device
 from llmcore.errors import LLMCoreError, install_hint
 from llmcore.launch import deepspeed_config_path
 from llmcore.train.config import TrainConfig
-from llmcore.common import to_device
+from llmcore.train.protocols import model_positions
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -138,7 +138,7 @@ class PlainEngine(_EngineBase):
 
     def forward(self, batch: dict[str, Any]) -> Any:
         with self.autocast():
-            return self._fwd(batch["input_ids"], position_ids=batch["position_ids"])
+            return self._fwd(batch["input_ids"], position_ids=model_positions(batch))
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -482,7 +482,7 @@ class DeepSpeedEngine(_EngineBase):
     def forward(self, batch: dict[str, Any]) -> Any:
         # With a bf16 section DeepSpeed holds bf16 weights itself; autocast covers fp32 inputs to them.
         with self.autocast(), peer_errors("the forward pass"):
-            return self.engine(batch["input_ids"], position_ids=batch["position_ids"])
+            return self.engine(batch["input_ids"], position_ids=model_positions(batch))
 
     def backward(self, loss: torch.Tensor) -> None:
         # The objective already divides by the global batch's loss-token count, so no extra 1/accum.

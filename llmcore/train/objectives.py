@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from llmcore.data_prep.loaders import IGNORE_INDEX
-from llmcore.train.protocols import StepTerms
+from llmcore.train.protocols import StepTerms, model_positions
 
 log = logging.getLogger("llmcore.train")
 
@@ -127,7 +127,7 @@ class DPOObjective:
         assert self.ref_model is not None
         ctx = self.autocast() if self.autocast is not None else contextlib.nullcontext()
         with ctx:
-            out = self.ref_model(batch["input_ids"], position_ids=batch["position_ids"])
+            out = self.ref_model(batch["input_ids"], position_ids=model_positions(batch))
         return sequence_logps(out.logits, batch["labels"], self.average)
 
     def __call__(self, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any], denom: float,
@@ -179,7 +179,7 @@ def precompute_reference(ref_model: torch.nn.Module, batches: Any, average: bool
     for batch in batches:
         ctx = autocast() if autocast is not None else contextlib.nullcontext()
         with ctx:
-            out = ref_model(batch["input_ids"], position_ids=batch["position_ids"])
+            out = ref_model(batch["input_ids"], position_ids=model_positions(batch))
         lp = sequence_logps(out.logits, batch["labels"], average)
         for i, l, v in zip(batch["input_ids"], batch["labels"], lp.tolist()):
             cache[row_key(i, l)] = v
@@ -218,7 +218,7 @@ class DistillObjective:
     def teacher_logits(self, batch: dict[str, Any]) -> torch.Tensor:
         ctx = self.autocast() if self.autocast is not None else contextlib.nullcontext()
         with ctx:
-            return self.teacher(batch["input_ids"], position_ids=batch["position_ids"]).logits
+            return self.teacher(batch["input_ids"], position_ids=model_positions(batch)).logits
 
     def __call__(self, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any], denom: float,
                  n_micro: int, world: int) -> StepTerms:

@@ -18,6 +18,14 @@ import torch
 Batch = dict[str, Any]
 
 
+def model_positions(batch: Batch) -> torch.Tensor | None:
+    """The `position_ids` to hand the model for a batch: None when the loader says every row is one
+    document starting at position 0 (`single_documents`, padded and pair rows), so the model takes
+    its plain causal path (SDPA's flash kernel, no document bounds) without reading the positions
+    back from the device to find that out; the positions otherwise (packed and best-fit rows)."""
+    return None if batch.get("single_documents") else batch["position_ids"]
+
+
 @runtime_checkable
 class Loader(Protocol):
     """An endless iterator of batches with an exact, JSON-able position (see data_prep/loaders.py).
@@ -125,4 +133,4 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-__all__ = ["Batch", "Loader", "Objective", "ModelHook", "Engine", "StepTerms"]
+__all__ = ["Batch", "model_positions", "Loader", "Objective", "ModelHook", "Engine", "StepTerms"]
