@@ -1,4 +1,5 @@
-"""Device and process-group setup: the one place llmcore decides where a model runs.
+"""Device resolution: the one place llmcore decides where a model runs and with which attention backend
+(the process group is `llmcore.train.engine`'s).
 
 Invariants:
 - `resolve_device("auto")` is the local rank's GPU under a launcher (LOCAL_RANK set), else `cuda:0`

@@ -106,10 +106,9 @@ def _tokenizer_corpus(corpus: dict[str, Path], out: Path) -> Path:
 
 def _last_eval(run_dir: Path) -> dict:
     """The newest eval line of a run's metrics.jsonl (empty when the run logged none)."""
-    import json
+    from llmcore.train.metrics import read_metrics
 
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r for r in lines if "eval_loss" in r]
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
     return evals[-1] if evals else {}
 
 
