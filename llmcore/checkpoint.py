@@ -389,4 +389,6 @@ def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "aut
 def _rope_for(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     from llmcore.model import rope_tables
 
-    return rope_tables(config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
+    head_dim = config.head_dim
+    assert head_dim is not None  # ModelConfig.__post_init__ fills it
+    return rope_tables(head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)

@@ -138,7 +138,7 @@ def _temp_file(path: Path) -> tuple[int, Path]:
     return fd, Path(tmp)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Write `path` atomically through `write(tmp_path)`, for writers that want a file name
     (safetensors' `save_file`, `torch.save`, matplotlib's `savefig`, `shutil.copyfile`).
 
@@ -271,7 +271,7 @@ def remove_leftovers(directory: str | Path, name: str) -> list[Path]:
     Only temps whose writer is dead are removed: a temp names its writer's pid and host, and one
     of a process still running on this host (or of another host) is kept."""
     directory = Path(directory)
-    removed = []
+    removed: list[Path] = []
     if not directory.is_dir():
         return removed
     for p in directory.iterdir():

@@ -39,7 +39,7 @@ def rank_suffix(rank: int) -> str:
 def rng_state() -> dict[str, Any]:
     """CPU RNG states as tensors and plain Python values (loadable with weights_only=True)."""
     py = random.getstate()
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple (name, keys, pos, has_gauss, cached)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [py[0], list(py[1]), py[2]],
@@ -191,7 +191,7 @@ class CheckpointManager:
     # -- discovery ------------------------------------------------------------------------------
     def steps(self) -> list[int]:
         """The step numbers of the run's step dirs, oldest first."""
-        return sorted(int(STEP_RE.match(p.name).group(1)) for p in step_dirs(self.root.parent))
+        return sorted(int(p.name.removeprefix("step-")) for p in step_dirs(self.root.parent))
 
     def has_checkpoints(self) -> bool:
         """Any step dir or `latest` at all (complete or not)."""
