@@ -57,3 +57,17 @@ def shards() -> dict[str, Path]:
     from test_train_common import build_shards
 
     return build_shards()
+
+
+@pytest.fixture
+def no_leftover_handlers():
+    """`llmcore.cli.main` adds a plain-line handler to the `llmcore` logger; take it away after the
+    test (modules that run the CLI in-process opt in with `usefixtures`)."""
+    import logging
+
+    from llmcore.log import PlainHandler
+
+    yield
+    logger = logging.getLogger("llmcore")
+    for h in [h for h in logger.handlers if isinstance(h, PlainHandler)]:
+        logger.removeHandler(h)

@@ -19,9 +19,9 @@ import pytest
 from llmcore.errors import LLMCoreError
 from llmcore.train import train
 
-from test_train_common import ROOT, tiny_cfg
+from test_train_common import ROOT, run_cli, tiny_cfg
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "no_leftover_handlers")  # tests/conftest.py
 
 
 def _mode(path: Path) -> int:
@@ -45,31 +45,6 @@ def test_every_checkpoint_file_follows_the_umask_weights_included(shards, tmp_pa
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_handlers():
-    """main() adds a plain-line handler to the `llmcore` logger; take it away after each test."""
-    import logging
-
-    from llmcore.log import PlainHandler
-
-    yield
-    logger = logging.getLogger("llmcore")
-    for h in [h for h in logger.handlers if isinstance(h, PlainHandler)]:
-        logger.removeHandler(h)
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    from llmcore.cli import main
-
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def cli_args(shards, out: Path, *extra: str, data: str = "pretrain") -> list[str]:

@@ -143,3 +143,16 @@ def sft_run() -> Path:
     out = shards["root"] / "runs" / "sft"
     train("sft", tiny_cfg("sft", shards, out, init=str(pretrained_run()), max_steps=3))
     return out
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """`llmcore ARGS` in this process: (exit code, stdout, stderr)."""
+    from llmcore.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -9,14 +9,13 @@ import json
 
 import pytest
 import torch
-from test_train_errors import run_cli
 
 from llmcore.common import default_attn_backend, resolve_device
 from llmcore.errors import LLMCoreError
 from llmcore.train import train
 from llmcore.train.metrics import read_metrics
 
-from test_train_common import pretrained_run, sft_run, tiny_cfg
+from test_train_common import pretrained_run, run_cli, sft_run, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -58,7 +57,7 @@ def test_device_cuda_without_cuda_is_one_line(shards, tmp_path, capsys, command)
         args = command + ["--ckpt", str(run), "--data", str(shards["pretrain"])]
     else:
         args = command + ["--ckpt", str(run)]
-    code, err = run_cli(args + ["--device", "cuda"], capsys)
+    code, _, err = run_cli(args + ["--device", "cuda"], capsys)
     assert code == 2 and err.startswith("error: ") and "CUDA is not available" in err
     assert len(err.strip().splitlines()) == 1
 

@@ -8,19 +8,12 @@ import shutil
 import pytest
 
 from llmcore.checkpoint import load_model
-from llmcore.cli import main
 from llmcore.errors import LLMCoreError
 from llmcore.train import TrainConfig, TrainingDiverged, build_config, train
 
-from test_train_common import losses, pretrained_run, tiny_cfg
+from test_train_common import losses, pretrained_run, run_cli, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    return int(exc.value.code or 0), capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -43,7 +36,7 @@ def test_bad_flags_exit_2_with_one_line(shards, tmp_path, capsys, args, message)
             "--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "2", "--quiet"]
     if "--model" not in args:
         base += ["--model", "tiny"]
-    code, err = run_cli(base + args, capsys)
+    code, _, err = run_cli(base + args, capsys)
     assert code == 2
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
@@ -141,7 +134,7 @@ def test_nan_loss_stops_cleanly_keeping_last_good_checkpoint(shards, tmp_path, c
     args = ["train", "pretrain", "--data", str(shards["pretrain"]), "--out", str(tmp_path / "nan2"), "--model", "tiny",
             "--seq-len", "48", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e30", "--min-lr", "1e30",
             "--grad-clip", "0", "--max-steps", "5", "--save-every", "1", "--quiet"]
-    code, err = run_cli(args, capsys)
+    code, _, err = run_cli(args, capsys)
     assert code == 2 and "error: " in err and "step 2" in err
 
 

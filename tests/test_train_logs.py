@@ -4,40 +4,20 @@ eval notice, the resumed-from line, and a summary with the uniform-guess referen
 
 from __future__ import annotations
 
-import logging
 import re
 
 import pytest
 
-from llmcore.cli import main
-from llmcore.log import PlainHandler
+from test_train_common import run_cli
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_handlers():
-    yield
-    logger = logging.getLogger("llmcore")
-    for h in [h for h in logger.handlers if isinstance(h, PlainHandler)]:
-        logger.removeHandler(h)
-
-
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+pytestmark = pytest.mark.usefixtures("one_thread", "no_leftover_handlers")  # tests/conftest.py
 
 
 def test_piped_training_log(shards, tmp_path, capsys):
     base = ["train", "pretrain", "--data", str(shards["pretrain"]), "--out", str(tmp_path / "r"), "--model", "tiny",
             "--seq-len", "48", "--micro-batch-size", "2", "--global-batch-size", "4", "--max-steps", "8",
             "--log-every", "5", "--eval-docs", "10", "--save-every", "4", "--attn-backend", "sdpa"]
-    code, out, err = run(base + ["--stop-after", "4"], capsys)
+    code, out, err = run_cli(base + ["--stop-after", "4"], capsys)
     assert code == 0, err
     lines = out.splitlines()
     plan = lines[0]
@@ -50,7 +30,7 @@ def test_piped_training_log(shards, tmp_path, capsys):
     assert "eta 0.0 min" not in out
     assert lines[-1].startswith("done: pretrain 4/8 steps") and "a uniform guess scores ln 400 = 5.99" in lines[-1]
 
-    code, out, err = run(base + ["--resume"], capsys)
+    code, out, err = run_cli(base + ["--resume"], capsys)
     assert code == 0, err
     assert "resumed from step 4 (checkpoint " in out and "step-4" in out
     assert "step 8: evaluating on 10 held-out documents" in out
@@ -61,7 +41,7 @@ def test_repeat_warning_shows_even_with_quiet(shards, tmp_path, capsys):
     args = ["train", "pretrain", "--data", str(shards["pretrain"]), "--out", str(tmp_path / "r"), "--model", "tiny",
             "--seq-len", "48", "--micro-batch-size", "2", "--global-batch-size", "4", "--max-steps", "400",
             "--stop-after", "1", "--repeat-warning", "2", "--attn-backend", "sdpa", "--quiet"]
-    code, out, err = run(args, capsys)
+    code, out, err = run_cli(args, capsys)
     assert code == 0, err
     # The count depends on how the test tokenizer cuts the synthetic text; > 2 is the point.
     m = re.search(r"warning: the run passes over its data (\d+\.\d) times \(more than --repeat-warning 2\)", err)
