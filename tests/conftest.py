@@ -39,6 +39,15 @@ def shared_data() -> Path:
 
 
 @pytest.fixture
+def minimind_tok_dir(shared_data: Path) -> Path:
+    """MiniMind's own tokenizer from the real sample data (skips with a reason when absent)."""
+    path = shared_data / "minimind_tokenizer"
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip(f"MiniMind tokenizer not found at {path}")
+    return path
+
+
+@pytest.fixture
 def one_thread():
     """One intra-op thread for the test (modules opt in with `pytestmark =
     pytest.mark.usefixtures("one_thread")`): on a busy 2-core machine two threads spin against each

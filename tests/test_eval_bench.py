@@ -34,24 +34,16 @@ CMMLU_HEADER = ["", "Question", "A", "B", "C", "D", "Answer"]
 CEVAL_HEADER = ["id", "question", "A", "B", "C", "D", "answer"]
 
 
-@pytest.fixture
-def tok_dir(shared_data: Path) -> Path:
-    path = shared_data / "minimind_tokenizer"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"MiniMind tokenizer not found at {path}")
-    return path
-
-
 def tiny(seed: int = 0, **overrides) -> LLM:
     torch.manual_seed(seed)
     return LLM(ModelConfig.from_preset("tiny", **{"initializer_range": 0.2, **overrides})).eval()
 
 
-def make_run(root: Path, model: LLM, tok_dir: Path) -> Path:
+def make_run(root: Path, model: LLM, minimind_tok_dir: Path) -> Path:
     run = root / "run"
     save_model(model, run / "checkpoints" / "step-1")
     (run / "checkpoints" / "latest").write_text("step-1\n")
-    shutil.copytree(tok_dir, run / "tokenizer")
+    shutil.copytree(minimind_tok_dir, run / "tokenizer")
     return run
 
 
@@ -98,10 +90,10 @@ def test_cmmlu_prompt_is_lm_evals_template() -> None:
     assert ceval.startswith("以下是中国关于法学的单项选择题，请选出其中的正确答案。\n\n")
 
 
-def test_encode_pair_moves_trailing_space_and_splits_the_whole(tok_dir: Path) -> None:
+def test_encode_pair_moves_trailing_space_and_splits_the_whole(minimind_tok_dir: Path) -> None:
     from llmcore.data_prep.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(tok_dir)
+    tok = load_tokenizer(minimind_tok_dir)
     ctx, cont = encode_pair(tok, "答案： ", "A")
     assert ctx == tok.encode("答案：") and ctx + cont == tok.encode("答案： A")
 
@@ -142,11 +134,11 @@ def test_reads_official_layouts_and_refuses_bad_files(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- scoring
 
 
-def test_kv_cache_scoring_equals_a_direct_forward(tok_dir: Path) -> None:
+def test_kv_cache_scoring_equals_a_direct_forward(minimind_tok_dir: Path) -> None:
     """Multi-token continuations, batched with left padding, against one plain forward per choice."""
     from llmcore.data_prep.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(tok_dir)
+    tok = load_tokenizer(minimind_tok_dir)
     model = tiny(seed=3)
     qs = [Question("all", "天空是什么颜色", ["蓝色的天空", "红", "一种非常长的颜色名称"], 0),
           Question("all", "一加一等于几？请回答", ["二", "三个苹果"], 1)]
@@ -162,11 +154,11 @@ def test_kv_cache_scoring_equals_a_direct_forward(tok_dir: Path) -> None:
             assert ll == pytest.approx(want, abs=1e-4)
 
 
-def test_a_model_built_to_prefer_one_letter_scores_exactly_that(tmp_path: Path, tok_dir: Path) -> None:
+def test_a_model_built_to_prefer_one_letter_scores_exactly_that(tmp_path: Path, minimind_tok_dir: Path) -> None:
     """Residual branches zeroed: logits = norm(E[last]) @ E.T; give " C" the last token's direction."""
     from llmcore.data_prep.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(tok_dir)
+    tok = load_tokenizer(minimind_tok_dir)
     model = tiny(seed=1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -176,7 +168,7 @@ def test_a_model_built_to_prefer_one_letter_scores_exactly_that(tmp_path: Path, 
         (c_id,) = tok.encode(" C")
         e = model.embed_tokens.weight
         e[c_id] = e[last] / e[last].norm() * 50
-    run = make_run(tmp_path, model, tok_dir)
+    run = make_run(tmp_path, model, minimind_tok_dir)
     res = eval_bench(run, "cmmlu", cmmlu_dir(tmp_path), out=tmp_path / "out", progress=False)
     gold_c = {"agronomy": 2 / 4, "anatomy": 1 / 3}  # questions whose answer is C
     for subject, want in gold_c.items():
@@ -200,10 +192,10 @@ def test_a_model_built_to_prefer_one_letter_scores_exactly_that(tmp_path: Path, 
         eval_bench(run, "cmmlu", tmp_path / "cmmlu", shots=6, progress=False)
 
 
-def test_acc_norm_divides_by_choice_length(tok_dir: Path) -> None:
+def test_acc_norm_divides_by_choice_length(minimind_tok_dir: Path) -> None:
     from llmcore.data_prep.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(tok_dir)
+    tok = load_tokenizer(minimind_tok_dir)
     qs = {"all": [Question("all", "一加一", ["二二二二二二二二", "三"], 0)]}
     res = run_bench(tiny(seed=2), tok, "mc", qs, {}, progress=False)
     lls = res.predictions[0]["loglikelihoods"]
@@ -214,7 +206,7 @@ def test_acc_norm_divides_by_choice_length(tok_dir: Path) -> None:
 # ---------------------------------------------------------------- parity with lm-eval
 
 
-def test_same_choices_and_accuracy_as_lm_eval(tmp_path: Path, tok_dir: Path, monkeypatch) -> None:
+def test_same_choices_and_accuracy_as_lm_eval(tmp_path: Path, minimind_tok_dir: Path, monkeypatch) -> None:
     """lm-eval 0.4 with its own CMMLU template, on the exported HF model, 2-shot: the same choice
     log-likelihoods (1e-4), predictions and accuracy as `llmcore eval bench`."""
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is a test extra (pip install -e '.[test]')")
@@ -225,7 +217,7 @@ def test_same_choices_and_accuracy_as_lm_eval(tmp_path: Path, tok_dir: Path, mon
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = tiny(seed=4)
-    run = make_run(tmp_path, model, tok_dir)
+    run = make_run(tmp_path, model, minimind_tok_dir)
     hf = export_hf(run, tmp_path / "hf_model")
     data = cmmlu_dir(tmp_path)
     template = Path(lm_eval.__file__).parent / "tasks" / "cmmlu" / "_default_template_yaml"
@@ -312,10 +304,10 @@ def test_download_benchmark_offline_is_one_line(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the command
 
 
-def test_cli_eval_bench_and_loss_default(tmp_path: Path, tok_dir: Path) -> None:
+def test_cli_eval_bench_and_loss_default(tmp_path: Path, minimind_tok_dir: Path) -> None:
     from llmcore.cli import app
 
-    run = make_run(tmp_path, tiny(), tok_dir)
+    run = make_run(tmp_path, tiny(), minimind_tok_dir)
     data = cmmlu_dir(tmp_path)
     runner = CliRunner()
     res = runner.invoke(app, ["eval", "bench", "--ckpt", str(run), "--task", "cmmlu", "--data", str(data),

@@ -33,14 +33,6 @@ def make_run_dir(root: Path, model: LLM, tokenizer_dir: Path | None = None, step
     return run
 
 
-@pytest.fixture
-def tok_dir(shared_data: Path) -> Path:
-    path = shared_data / "minimind_tokenizer"
-    if not (path / "tokenizer.json").is_file():
-        pytest.skip(f"MiniMind tokenizer not found at {path}")
-    return path
-
-
 X = torch.tensor([[1, 300, 301, 302, 1500, 20, 6000, 44, 45, 2, 1, 77]])
 
 
@@ -73,9 +65,9 @@ def test_load_with_dtype_and_backend(tmp_path: Path) -> None:
     assert model.rope_cos.dtype == torch.float32
 
 
-def test_run_dir_follows_latest_and_finds_tokenizer(tmp_path: Path, tok_dir: Path) -> None:
+def test_run_dir_follows_latest_and_finds_tokenizer(tmp_path: Path, minimind_tok_dir: Path) -> None:
     model = tiny()
-    run = make_run_dir(tmp_path, model, tok_dir)
+    run = make_run_dir(tmp_path, model, minimind_tok_dir)
     save_model(tiny(seed=5), run / "checkpoints" / "step-3")  # an older step that must not be picked
     assert resolve_checkpoint(run) == run / "checkpoints" / "step-7"
     loaded, tok = load_model(run)
@@ -85,11 +77,11 @@ def test_run_dir_follows_latest_and_finds_tokenizer(tmp_path: Path, tok_dir: Pat
     assert load_model(run / "checkpoints" / "step-7")[1] is not None
 
 
-def test_load_model_and_tokenizer_needs_a_tokenizer(tmp_path: Path, tok_dir: Path) -> None:
+def test_load_model_and_tokenizer_needs_a_tokenizer(tmp_path: Path, minimind_tok_dir: Path) -> None:
     bare = make_run_dir(tmp_path / "bare", tiny())
     with pytest.raises(LLMCoreError, match=r"^--init .*: no tokenizer found .*pass --tokenizer DIR$"):
         load_model_and_tokenizer(bare, "cpu", flag="--init")
-    model, tok = load_model_and_tokenizer(bare, "auto", tokenizer=tok_dir)
+    model, tok = load_model_and_tokenizer(bare, "auto", tokenizer=minimind_tok_dir)
     assert tok.eos_id == 2 and model.embed_tokens.weight.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -130,10 +122,10 @@ def test_corrupt_or_mismatched_weights_are_clear_errors(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- Hugging Face
 
 
-def test_hf_export_matches_transformers_and_imports_back(tmp_path: Path, tok_dir: Path) -> None:
+def test_hf_export_matches_transformers_and_imports_back(tmp_path: Path, minimind_tok_dir: Path) -> None:
     transformers = pytest.importorskip("transformers")
     model = tiny()
-    run = make_run_dir(tmp_path, model, tok_dir)
+    run = make_run_dir(tmp_path, model, minimind_tok_dir)
     out = export_hf(run, tmp_path / "hf")
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json"):
@@ -224,12 +216,12 @@ def test_cli_model_info() -> None:
     assert isinstance(bad.exception, LLMCoreError)
 
 
-def test_cli_generate_greedy_equals_library_and_hf(tmp_path: Path, tok_dir: Path) -> None:
+def test_cli_generate_greedy_equals_library_and_hf(tmp_path: Path, minimind_tok_dir: Path) -> None:
     from llmcore.data_prep.tokenizer import load_tokenizer
 
     model = tiny()
-    run = make_run_dir(tmp_path, model, tok_dir)
-    tok = load_tokenizer(tok_dir)
+    run = make_run_dir(tmp_path, model, minimind_tok_dir)
+    tok = load_tokenizer(minimind_tok_dir)
     prompt = "今天天气"
     runner = CliRunner()
     result = runner.invoke(app, ["generate", "--ckpt", str(run), "--prompt", prompt, "--max-new-tokens", "10",
@@ -246,8 +238,8 @@ def test_cli_generate_greedy_equals_library_and_hf(tmp_path: Path, tok_dir: Path
     assert again.output == result.output
 
 
-def test_cli_chat_repl_multi_turn(tmp_path: Path, tok_dir: Path) -> None:
-    run = make_run_dir(tmp_path, tiny(), tok_dir)
+def test_cli_chat_repl_multi_turn(tmp_path: Path, minimind_tok_dir: Path) -> None:
+    run = make_run_dir(tmp_path, tiny(), minimind_tok_dir)
     result = CliRunner().invoke(app, ["chat", "--ckpt", str(run), "--max-new-tokens", "5", "--temperature", "0",
                                       "--device", "cpu"], input="你好\n/reset\n再见\n/exit\nnever read\n")
     assert result.exit_code == 0, result.output
