@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -99,6 +100,7 @@ def run_recipe(device: torch.device, quick: bool = False, seeds: int | None = No
         prep("pretrain", [write_jsonl(rows, work / "rows.jsonl")], tok_dir, shards, workers=1)
         PRESETS[name] = {**PRESETS[preset], **(QUICK_SHAPE if quick else {})}
         runs: list[dict[str, Any]] = []
+        res.extra["runs"] = runs  # filled as runs finish, so a stopped benchmark keeps the finished ones
         for seed in range(seeds):
             for recipe, knobs in RECIPES.items():
                 out = work / f"{recipe}-{seed}"
@@ -110,7 +112,6 @@ def run_recipe(device: torch.device, quick: bool = False, seeds: int | None = No
                 r = runs[-1]
                 log.info("%s seed %d: final held-out loss %.4f after %s tokens, %.0f training s", recipe, seed,
                          r["final_eval_loss"], f"{r['tokens']:,}", r["seconds"])
-        res.extra["runs"] = runs
         _summarise(res, runs, seeds)
         res.plot = _plot
     finally:
@@ -194,8 +195,7 @@ def _summarise(res: BenchResult, runs: list[dict[str, Any]], seeds: int) -> None
     for seed in unreached:
         res.note(f"seed {seed}: llmcore's recipe did not reach MiniMind's final held-out loss within the same budget; "
                  "counted as the whole budget (share 1.0)")
-    med = sorted(shares_t)[len(shares_t) // 2]
-    med_s = sorted(shares_s)[len(shares_s) // 2]
+    med, med_s = statistics.median(shares_t), statistics.median(shares_s)
     res.extra["share_tokens"], res.extra["share_seconds"] = shares_t, shares_s
     res.note(f"llmcore's recipe reached MiniMind's final held-out loss with a median {med:.2f}x the tokens and "
              f"{med_s:.2f}x the training seconds over {seeds} seed(s) (per seed: "
@@ -218,13 +218,13 @@ def _plot(res: BenchResult, fig: Any) -> None:
             ax.plot([p[idx] for p in pts], [p[2] for p in pts], marker="o", ms=3, lw=1.2, alpha=0.8,
                     color=colors[r["recipe"]], label=label)
         if targets:
-            t = sorted(targets)[len(targets) // 2]
+            t = statistics.median(targets)
             ax.axhline(t, ls="--", lw=0.8, color="gray", label=f"MiniMind's final held-out loss (median {t:.3f})")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out loss (nats/token)")
         ax.legend(fontsize=8)
     share_t, share_s = res.extra.get("share_tokens", []), res.extra.get("share_seconds", [])
-    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")  # noqa: E731
+    med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
     axes[0].set_title(f"against tokens: llmcore needs {med(share_t):.2f}x (median)", fontsize=10)
     axes[1].set_title(f"against training seconds: {med(share_s):.2f}x (median)", fontsize=10)
     s = res.settings
