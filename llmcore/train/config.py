@@ -60,7 +60,7 @@ class TrainConfig:
                                             positive=True)
     # The bounds keep values inside what the fp32 optimizer state can hold (1e39 overflows it).
     lr: float | None = setting(None, "Peak learning rate.", positive=True, maximum=1e30)
-    min_lr: float | None = setting(None, "Floor of the cosine decay (default: lr/10, as MiniMind).", minimum=0,
+    min_lr: float | None = setting(None, "Floor of the cosine or WSD decay (default: lr/10, as MiniMind).", minimum=0,
                                    maximum=1e30)
     warmup_steps: int = setting(0, "Linear warmup steps from 0 (MiniMind uses none).", minimum=0)
     weight_decay: float = setting(0.01, "AdamW decay of 2-D weights (not norms, biases, embeddings).", minimum=0)
@@ -71,15 +71,17 @@ class TrainConfig:
     optimizer: str = setting("adamw", "adamw (MiniMind's) or muon (torch.optim.Muon, Nesterov, on the hidden weight "
                                       "matrices; AdamW at --lr on embeddings, norms and MoE routers); plain engine "
                                       "only.", choices=("adamw", "muon"))
-    muon_lr: float = setting(0.02, "Muon: peak learning rate of the hidden matrices (scaled by sqrt(max(1, rows/cols)); "
-                                   "follows the same schedule as --lr).", positive=True, maximum=1e30)
+    muon_lr: float = setting(0.02, "Muon: peak learning rate of the hidden matrices (scaled by "
+                                   "sqrt(max(1, rows/cols)); follows the same schedule as --lr).", positive=True,
+                             maximum=1e30)
     muon_momentum: float = setting(0.95, "Muon: Nesterov momentum, in [0, 1).", minimum=0)
     muon_weight_decay: float = setting(0.0, "Muon: decoupled weight decay of the hidden matrices (p *= 1 - lr*wd).",
                                        minimum=0)
     lr_schedule: str = setting("cosine", "cosine (MiniMind's: warmup, then cosine to --min-lr) or wsd (warmup, flat "
                                          "at --lr, then linear to --min-lr over the last --decay-fraction of steps).",
                                choices=("cosine", "wsd"))
-    decay_fraction: float = setting(0.2, "wsd: share of the steps spent decaying to --min-lr.", positive=True, maximum=1)
+    decay_fraction: float = setting(0.2, "wsd: share of the steps spent decaying to --min-lr.", positive=True,
+                                    maximum=1)
     epochs: float | None = setting(None, "Passes over the data.", positive=True)
     max_steps: int | None = setting(None, "Optimizer steps (overrides --epochs).", positive=True)
     device: str = setting("auto", "auto (the local rank's GPU, else cuda:0 when CUDA is there, else cpu), cpu, "
@@ -107,7 +109,7 @@ class TrainConfig:
                                   "change only what keeps the run exact (--max-steps, logging, saving ...).")
     allow_lr_change: bool = setting(False, "With --resume: accept a changed learning-rate schedule or optimizer "
                                            "setting (--lr, --min-lr, --warmup-steps, --weight-decay, --adam-*, "
-                                           "--grad-clip).")
+                                           "--grad-clip, --muon-*, --lr-schedule, --decay-fraction).")
     wandb: bool = setting(False, "Log to Weights & Biases (offline unless configured).")
     wandb_project: str = setting("llmcore", "wandb project name.")
     seed: int = setting(42, "Seed for init, data order and RNG.", minimum=0)
