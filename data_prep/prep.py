@@ -22,6 +22,7 @@ import collections
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -91,6 +92,9 @@ def _init_worker(tokenizer_dir: str, kind: str | ShardKind, field_name: str, sin
                  options: EncodeOptions | None = None) -> None:
     if in_pool:
         _die_with_parent()
+        # A pool worker must end when the pool terminates it (SIGTERM), whatever handler or SIG_IGN
+        # the parent process had installed when it forked us.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if single_thread:
         # Each pool process is one core's worth; the Rust thread pool would only oversubscribe.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"

@@ -210,6 +210,20 @@ def test_bench_user_error_is_one_line(capsys: pytest.CaptureFixture[str], tmp_pa
     assert len(err) == 1 and err[0].startswith("error: ") and "--data-dir" in err[0]
 
 
+def test_bench_user_error_leaves_the_signal_handlers_as_they_were(tmp_path: Path) -> None:
+    """An error from a benchmark must not leave SIGINT/SIGTERM ignored in the calling process: its
+    later children (prep's worker pool) would inherit SIG_IGN, and terminating them would hang."""
+    import signal
+
+    from llmcore.cli import main
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(SystemExit):
+        main(["bench", "train", "--quick", "--device", "cpu", "--data-dir", str(tmp_path / "nope"),
+              "--out", str(tmp_path)])
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 # ------------------------------------------------------------------------------------------------
 # report pages
 

@@ -101,9 +101,10 @@ def _run(bench: str, make: Callable[[], Any], out: Path) -> None:
 
         logging.getLogger(__name__).exception("bench %s crashed", bench)
         res, code, reason = harness.current_result(), CRASHED_EXIT, f"crashed: {harness.error_line(err)}"
-    finally:
-        for sig in previous:  # a second signal while the files are written must not cut them off
-            signal.signal(sig, signal.SIG_IGN)
+    # Not a `finally`: an LLMCoreError leaves above with the handlers restored, and must not leave
+    # SIGINT/SIGTERM ignored in the calling process (its later child processes would inherit that).
+    for sig in previous:  # a second signal while the files are written must not cut them off
+        signal.signal(sig, signal.SIG_IGN)
     try:
         if res is None:
             typer.echo(f"error: bench {bench} {reason}; nothing was measured yet", err=True)
