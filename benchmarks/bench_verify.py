@@ -27,7 +27,8 @@ from llmcore.data_prep.format import MANIFEST_FILE
 from llmcore.data_prep.kinds import get_kind
 from llmcore.data_prep.prep import _ShardWriter
 from llmcore.data_prep.shards import ShardReader
-from llmcore.io import sha256_file as file_sha256, write_json
+from llmcore.io import sha256_file as file_sha256
+from llmcore.io import write_json
 
 
 def build(out: Path, rows: int, vocab: int = 6400, seed: int = 0) -> dict:

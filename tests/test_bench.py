@@ -238,8 +238,7 @@ def _fake_result(out: Path, name: str, quick: bool, value: float | None) -> None
 
 
 def test_report_index_readme_block_and_targets(tmp_path: Path) -> None:
-    from llmcore.bench.report import (BEGIN, END, build_index, readme_block, replot, targets_summary,
-                                      update_readme)
+    from llmcore.bench.report import BEGIN, END, build_index, readme_block, replot, targets_summary, update_readme
 
     results = tmp_path / "benchmarks" / "results"
     _fake_result(results, "alpha", quick=False, value=None)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from test_bench import load_and_check, run_cli
 
 from llmcore.bench.recipe import crossing

@@ -16,10 +16,11 @@ import pytest
 
 pytest.importorskip("hnswlib", reason="hnswlib is not installed (pip install -e '.[rag]' in the checkout)")
 
+from test_rag import build, make_docs, snapshot, write_jsonl  # noqa: E402  (registers the test embedders)
+
 from llmcore.errors import LLMCoreError  # noqa: E402
 from llmcore.rag import Retriever, build_index  # noqa: E402
 from llmcore.rag.store import INDEX_FILE, MANIFEST, PASSAGES_FILE  # noqa: E402
-from test_rag import build, make_docs, snapshot, write_jsonl  # noqa: E402  (registers the test embedders)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -299,9 +300,10 @@ def test_cli_question_that_is_not_utf8_is_one_line(tmp_path: Path, capsys: pytes
 
 def test_a_long_question_is_cut_before_embedding(tmp_path: Path) -> None:
     """SR-longq-dos / RQ-120KB: only the first MAX_QUERY_CHARS characters are embedded."""
+    from test_rag import HashEmbedder
+
     from llmcore.rag.embedders import register_embedder
     from llmcore.rag.retriever import MAX_QUERY_CHARS
-    from test_rag import HashEmbedder
 
     seen: list[int] = []
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
 pytest.importorskip("openai", reason="the serve tests need the `openai` client")
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx")
 pytest.importorskip("fastapi", reason="llmcore serve needs fastapi (pip install -e '.[serve]')")
@@ -19,8 +20,7 @@ from test_serve import MODEL, Served, _assert_error, _make_run  # noqa: E402
 from llmcore.checkpoint import save_model  # noqa: E402
 from llmcore.errors import LLMCoreError  # noqa: E402
 from llmcore.model import LLM, ModelConfig  # noqa: E402
-from llmcore.serve import (Engine, ServerOptions, check_api_key, create_app,  # noqa: E402
-                           host_names_this_server, serve)
+from llmcore.serve import Engine, ServerOptions, check_api_key, create_app, host_names_this_server, serve  # noqa: E402
 
 
 @pytest.fixture(scope="module")

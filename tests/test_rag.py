@@ -15,8 +15,15 @@ pytest.importorskip("hnswlib", reason="hnswlib is not installed (pip install -e 
 
 from llmcore.cli import main  # noqa: E402
 from llmcore.errors import LLMCoreError  # noqa: E402
-from llmcore.rag import (DEFAULT_SYSTEM, Passage, Retriever, answer_messages, build_index,  # noqa: E402
-                         fit_passages, register_embedder)
+from llmcore.rag import (  # noqa: E402
+    DEFAULT_SYSTEM,
+    Passage,
+    Retriever,
+    answer_messages,
+    build_index,
+    fit_passages,
+    register_embedder,
+)
 from llmcore.rag.chunking import chunk_spans  # noqa: E402
 from llmcore.rag.embedders import Embedder, get_embedder  # noqa: E402
 from llmcore.rag.retriever import rrf  # noqa: E402

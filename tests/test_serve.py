@@ -30,8 +30,7 @@ from llmcore.checkpoint import load_model, save_model  # noqa: E402
 from llmcore.errors import LLMCoreError  # noqa: E402
 from llmcore.generate import generate  # noqa: E402
 from llmcore.model import LLM, ModelConfig  # noqa: E402
-from llmcore.serve import (ApiError, Engine, Job, RunningServer, SamplingParams, ServerOptions,  # noqa: E402
-                           bind_socket, create_app)
+from llmcore.serve import ApiError, Engine, Job, RunningServer, SamplingParams, ServerOptions, bind_socket, create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-run"

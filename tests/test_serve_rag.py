@@ -13,10 +13,11 @@ pytest.importorskip("hnswlib", reason="--rag needs hnswlib (pip install -e '.[ra
 pytest.importorskip("openai", reason="the serve tests need the `openai` client (pip install -e '.[test]')")
 pytest.importorskip("fastapi", reason="llmcore serve needs fastapi (pip install -e '.[serve]')")
 
+from test_serve import MODEL, Served, _assert_error, _make_run, _raw  # noqa: E402
+
 from llmcore.rag import Embedder, answer_messages, build_index, register_embedder  # noqa: E402
 from llmcore.rag.answer import prompt_ids  # noqa: E402
 from llmcore.serve import open_retriever  # noqa: E402
-from test_serve import MODEL, Served, _assert_error, _make_run, _raw  # noqa: E402
 
 
 class BigramEmbedder(Embedder):

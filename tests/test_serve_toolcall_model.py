@@ -17,8 +17,9 @@ import pytest
 openai = pytest.importorskip("openai", reason="the serve tests need the `openai` client")
 pytest.importorskip("fastapi", reason="llmcore serve needs fastapi (pip install -e '.[serve]')")
 
-from _toolcall_model import ASK, TOOL_RESULT, TOOLS, train_toolcall_run  # noqa: E402
 from test_serve import Served  # noqa: E402
+
+from _toolcall_model import ASK, TOOL_RESULT, TOOLS, train_toolcall_run  # noqa: E402
 
 MODEL = "tiny-run"  # Served's model name
 

@@ -18,11 +18,12 @@ openai = pytest.importorskip("openai", reason="the serve tests need the `openai`
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx")
 pytest.importorskip("fastapi", reason="llmcore serve needs fastapi (pip install -e '.[serve]')")
 
-from _scripted_model import ScriptedLM, text_replies  # noqa: E402
-from _toolcall_model import TOOLS, minimind3_tokenizer_dir  # noqa: E402
 from test_serve import _assert_error  # noqa: E402
 
 from llmcore.serve import Engine, RunningServer, ServerOptions, bind_socket, create_app  # noqa: E402
+
+from _scripted_model import ScriptedLM, text_replies  # noqa: E402
+from _toolcall_model import TOOLS, minimind3_tokenizer_dir  # noqa: E402
 
 MODEL = "tools-model"
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'

@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_train_common import build_shards, losses, tiny_cfg
-
 from llmcore.data_prep.loaders import make_loader
 from llmcore.data_prep.shards import ShardReader
 from llmcore.model import LLM, ModelConfig
 from llmcore.train import lr_at, train
 from llmcore.train.engine import PlainEngine, param_groups
 from llmcore.train.objectives import DPOObjective, LMObjective, sequence_logps
+
+from test_train_common import build_shards, losses, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

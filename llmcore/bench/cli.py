@@ -231,7 +231,10 @@ def scale_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK, dat
                                     data_dir=data_dir, command=_command()), out)
 
 
-from llmcore.bench.recipe import register as _register_recipe; _register_recipe(bench_app)  # noqa: E402,E702
+# Imported here, not at the top: recipe.py uses this module's helpers.
+from llmcore.bench.recipe import register as _register_recipe  # noqa: E402
+
+_register_recipe(bench_app)
 
 
 @bench_app.command("report")
@@ -268,9 +271,7 @@ def targets_cmd(results: Path = typer.Option(..., "--results", help="Folder hold
 
     Example: llmcore bench targets --results /tmp/gpu-run --out benchmarks/results
     """
-    from llmcore.bench.report import targets_summary
-
-    from llmcore.bench.report import coverage, load_results
+    from llmcore.bench.report import coverage, load_results, targets_summary
 
     paths, targets = targets_summary(results, out, name, phases)
     for t in targets:

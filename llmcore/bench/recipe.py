@@ -36,7 +36,7 @@ from typing import Any, Optional
 import torch
 
 from llmcore.bench.corpus import cmrc_passages, minimind_tokenizer_dir, pretrain_hq_rows, shared_data_dir, write_jsonl
-from llmcore.bench.harness import BenchResult, fmt
+from llmcore.bench.harness import BenchResult
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmcore.bench.corpus import (cmrc_passages, minimind_tokenizer_dir, pretrain_hq_rows, shared_data_dir,
-                                  write_jsonl)
-from llmcore.bench.harness import (BenchResult, Samples, bar_panel, error_line, fault_point, fmt, interleaved,
-                                   stop_requested, summarize)
+from llmcore.bench.corpus import cmrc_passages, minimind_tokenizer_dir, pretrain_hq_rows, shared_data_dir, write_jsonl
+from llmcore.bench.harness import (
+    BenchResult,
+    bar_panel,
+    error_line,
+    fault_point,
+    fmt,
+    interleaved,
+    stop_requested,
+    summarize,
+)
 from llmcore.errors import LLMCoreError
 
 log = logging.getLogger(__name__)

@@ -35,9 +35,23 @@ from llmcore.io import check_out_dir, remove_leftovers, temp_dir_for
 from llmcore.rag.chunking import check_chunking
 from llmcore.rag.documents import chunk_docs, embed_text, read_docs
 from llmcore.rag.embedders import DEFAULT_EMBEDDER, Embedder, get_embedder, get_embedder_name
-from llmcore.rag.store import (DEFAULT_EF, FORMAT, FORMAT_VERSION, INDEX_FILE, PASSAGES_FILE, index_dir_problem,
-                               install_index, is_index_dir, load_hnsw, load_hnswlib, read_manifest, read_passages,
-                               verify_files, write_manifest, write_passages)
+from llmcore.rag.store import (
+    DEFAULT_EF,
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    PASSAGES_FILE,
+    index_dir_problem,
+    install_index,
+    is_index_dir,
+    load_hnsw,
+    load_hnswlib,
+    read_manifest,
+    read_passages,
+    verify_files,
+    write_manifest,
+    write_passages,
+)
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from abc import ABC, abstractmethod
 import threading
+from abc import ABC, abstractmethod
 from typing import Any, Callable, Iterator
 
 import numpy as np

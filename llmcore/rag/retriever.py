@@ -29,8 +29,15 @@ from llmcore.errors import LLMCoreError
 from llmcore.rag.bm25 import BM25
 from llmcore.rag.documents import embed_text
 from llmcore.rag.embedders import Embedder, get_embedder, get_embedder_name
-from llmcore.rag.store import (DEFAULT_EF, INDEX_FILE, PASSAGES_FILE, load_hnsw, read_manifest, read_passages,
-                               verify_files)
+from llmcore.rag.store import (
+    DEFAULT_EF,
+    INDEX_FILE,
+    PASSAGES_FILE,
+    load_hnsw,
+    read_manifest,
+    read_passages,
+    verify_files,
+)
 
 log = logging.getLogger(__name__)
 

@@ -118,7 +118,7 @@ class DPOObjective:
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.ref_cache is not None:
-            keys = [row_key(i, l) for i, l in zip(batch["input_ids"], batch["labels"])]
+            keys = [row_key(ids, labels) for ids, labels in zip(batch["input_ids"], batch["labels"])]
             missing = [k for k in keys if k not in self.ref_cache]
             if missing:
                 raise RuntimeError(f"{len(missing)} rows have no precomputed reference log-prob")
@@ -181,8 +181,8 @@ def precompute_reference(ref_model: torch.nn.Module, batches: Any, average: bool
         with ctx:
             out = ref_model(batch["input_ids"], position_ids=model_positions(batch))
         lp = sequence_logps(out.logits, batch["labels"], average)
-        for i, l, v in zip(batch["input_ids"], batch["labels"], lp.tolist()):
-            cache[row_key(i, l)] = v
+        for ids, labels, v in zip(batch["input_ids"], batch["labels"], lp.tolist()):
+            cache[row_key(ids, labels)] = v
     return cache
 
 

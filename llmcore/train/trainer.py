@@ -32,8 +32,8 @@ from typing import Any, Callable
 
 import torch
 
-from llmcore.errors import LLMCoreError
 from llmcore.data_prep.loaders import first_rows
+from llmcore.errors import LLMCoreError
 from llmcore.io import write_json
 from llmcore.train.checkpointing import CheckpointManager, RunDirLock, set_rng_state
 from llmcore.train.config import TrainConfig
