@@ -347,7 +347,8 @@ class RLTrainer:
         sums = eng.all_sum(torch.tensor([local_tokens, float(len(ro.texts))], dtype=torch.float64,
                                         device=eng.device)).cpu()
         global_tokens, global_rows = float(sums[0]), float(sums[1])
-        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_schedule,
+                   cfg.decay_fraction)
         n = mask.shape[0]
         acc = {"policy_loss": 0.0, "clipped": 0.0, "kl": 0.0, "value_loss": 0.0, "updates": 0.0}
         grad_norm = torch.tensor(float("nan"))
