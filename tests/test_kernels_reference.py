@@ -32,7 +32,6 @@ def test_kernels_reexport_the_one_reference():
     assert kernels.flash_attention_reference is reference.attention_reference is model_mod.attention_reference
     assert kernels.rope_tables is reference.rope_tables is model_mod.rope_tables
     assert kernels.cu_seqlens_from_position_ids is reference.cu_seqlens_from_position_ids
-    assert model_mod.cu_seqlens_from_position_ids is reference.cu_seqlens_from_position_ids
     assert model_mod.document_ids is reference.document_ids
     from llmcore.kernels import rope as rope_mod
 
