@@ -215,6 +215,10 @@ def test_same_choices_and_accuracy_as_lm_eval(tmp_path: Path, minimind_tok_dir: 
     for var, sub in (("HF_HOME", "hf"), ("HF_DATASETS_CACHE", "hfds")):
         monkeypatch.setenv(var, str(tmp_path / sub))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # A one-process DeepSpeed run earlier in the session leaves its rendezvous variables set; lm-eval's
+    # accelerate would then try to join that process group.
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = tiny(seed=4)
     run = make_run(tmp_path, model, minimind_tok_dir)

@@ -161,7 +161,10 @@ def test_grpo_under_deepspeed_zero2_matches_the_plain_engine(policy_run: Path, r
            "--num-generations", "8", "--global-batch-size", "16", "--micro-batch-size", "8", "--max-new-tokens", "3",
            "--temperature", "1.0", "--thinking-ratio", "0", "--beta", "0", "--reward", "exact", "--max-steps", "2",
            "--log-every", "1", "--device", "cpu", "--dtype", "fp32", "--seed", "3", "--quiet", "--seq-len", "64"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+    # Without the rendezvous variables an in-process DeepSpeed run of this session may have left set
+    # (their port is still bound here): the child makes its own one-process group on a free port.
+    rendezvous = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
