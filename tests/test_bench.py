@@ -266,3 +266,28 @@ def test_report_index_readme_block_and_targets(tmp_path: Path) -> None:
     with pytest.raises(LLMCoreError, match="no benchmark results"):
         build_index(tmp_path / "empty")
 
+
+
+def test_bench_refuses_bad_presets_and_out_before_running(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from llmcore.cli import main
+
+    (tmp_path / "file").write_text("x")
+    for args, words in ((["train", "--presets", "bogus"], "--presets: unknown preset(s) bogus"),
+                        (["kernels", "--out", str(tmp_path / "file" / "x")], "is a file, not a folder")):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", *args, "--quick", "--device", "cpu", *([] if "--out" in args else ["--out", str(tmp_path)])])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert not list(tmp_path.glob("*.json"))  # nothing ran
+
+
+def test_quick_verdicts_are_labelled_not_measurements() -> None:
+    from llmcore.bench.report import headline, verdict_label
+
+    assert verdict_label("FAIL", quick=True) == "FAIL (quick run: not a measurement)"
+    assert verdict_label("PASS", quick=False) == "PASS" and verdict_label("NOT MEASURED", True) == "NOT MEASURED"
+    res = BenchResult("t", CPU, {}, quick=True)
+    res.target("x target", 0.5, 1.0)
+    assert headline({"bench": "t", "quick": True, "targets": res.targets})[0].startswith(
+        "**FAIL (quick run: not a measurement)** x target")

@@ -52,10 +52,13 @@ def _ints(text: Optional[str], flag: str) -> list[int] | None:
 
 
 def _finish(res: Any, out: Path) -> None:
+    from llmcore.bench.report import verdict_label
+
     paths = res.write(out)
     for t in res.targets:
         val = "not measured" if t["value"] is None else f"{t['value']:.3g}{t['unit']}"
-        typer.echo(f"{t['verdict']:>12}  {t['name']}: {val} (target {'>=' if t['higher_is_better'] else '<='} "
+        verdict = verdict_label(t["verdict"], res.quick)
+        typer.echo(f"{verdict:>12}  {t['name']}: {val} (target {'>=' if t['higher_is_better'] else '<='} "
                    f"{t['threshold']:g}{t['unit']})")
     for r in res.ratios[:12]:
         typer.echo(f"  {r['name']}: {r['value']:.3g}x")
@@ -67,12 +70,26 @@ def _finish(res: Any, out: Path) -> None:
 STOPPED_EXIT, CRASHED_EXIT = 124, 1
 
 
+def _check_out(out: Path) -> None:
+    """The results folder exists (made now) and is a folder, or one line naming --out."""
+    from llmcore.errors import LLMCoreError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise LLMCoreError(f"--out {out}: it or a folder above it is a file, not a folder") from None
+    except OSError as err:
+        raise LLMCoreError(f"--out {out}: cannot create it ({err.strerror or err})") from None
+
+
 def _run(bench: str, make: Callable[[], Any], out: Path) -> None:
     """`make()` the result and write it; on SIGINT/SIGTERM or a crash write the partial result."""
     import signal
     import threading
 
     from llmcore.bench import harness
+
+    _check_out(out)  # before the run: minutes of measuring must not end in "cannot write there"
     from llmcore.errors import LLMCoreError
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -180,7 +197,12 @@ def train_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK, dat
     Example: llmcore bench train --device cuda --presets minimind2-small,minimind-3
     """
     from llmcore.bench.train import run_train
+    from llmcore.errors import LLMCoreError
+    from llmcore.model import PRESETS
 
+    unknown = [p for p in (presets.split(",") if presets else []) if p not in PRESETS]
+    if unknown:
+        raise LLMCoreError(f"--presets: unknown preset(s) {', '.join(unknown)}; known: {', '.join(PRESETS)}")
     _run("train", lambda: run_train(_device(device), quick, presets.split(",") if presets else None,
                                     variants.split(",") if variants else None, seq_len, batch, rounds, steps, None,
                                     budget_s, data_dir, command=_command()), out)

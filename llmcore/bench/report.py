@@ -52,13 +52,19 @@ def latest(results: list[tuple[Path, dict[str, Any]]], include_quick: bool = Fal
     return pick
 
 
+def verdict_label(verdict: str, quick: bool) -> str:
+    """How a verdict is shown: a --quick run only checks that the benchmark runs, so its PASS/FAIL
+    is marked as not a measurement."""
+    return f"{verdict} (quick run: not a measurement)" if quick and verdict in ("PASS", "FAIL") else verdict
+
+
 def headline(d: dict[str, Any], limit: int = 8) -> list[str]:
     """A few lines that say what a result found: its targets, then its main ratios."""
     out = []
     for t in d.get("targets", []):
         val = "not measured" if t["value"] is None else f"{fmt(t['value'])}{t['unit']}"
-        out.append(f"**{t['verdict']}** {t['name']}: {val} (target {'≥' if t['higher_is_better'] else '≤'} "
-                   f"{fmt(t['threshold'])}{t['unit']})")
+        out.append(f"**{verdict_label(t['verdict'], d.get('quick', False))}** {t['name']}: {val} "
+                   f"(target {'≥' if t['higher_is_better'] else '≤'} {fmt(t['threshold'])}{t['unit']})")
     if d["bench"] == "scale":
         out += d.get("extra", {}).get("conclusions", [])
         return out
