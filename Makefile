@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # pytest exits 5 when nothing was collected; that is a failure here too (make stops on any non-zero).
-# ruff (lint + import order) and mypy (the modules in [tool.mypy] files) run first: an error stops the run.
+# ruff (format check, lint + import order) and mypy (the modules in [tool.mypy] files) run first: an error
+# stops the run.
 test: $(STAMP)
+	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest -q tests

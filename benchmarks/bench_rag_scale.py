@@ -56,17 +56,17 @@ def synthetic(n: int, dim: int, seed: int) -> np.ndarray:
         m = min(50_000, n - i)
         z = centers[rng.integers(0, clusters, m)] + 0.6 * rng.standard_normal((m, latent)).astype(np.float32)
         x = z @ proj + 0.05 * rng.standard_normal((m, dim)).astype(np.float32)
-        out[i:i + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        out[i : i + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
 
 
 def exact_top(base: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
     out = np.empty((len(q), k), dtype=np.int64)
     for i in range(0, len(q), 100):
-        s = q[i:i + 100] @ base.T
+        s = q[i : i + 100] @ base.T
         top = np.argpartition(-s, k - 1, axis=1)[:, :k]
         order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1)
-        out[i:i + 100] = np.take_along_axis(top, order, axis=1)
+        out[i : i + 100] = np.take_along_axis(top, order, axis=1)
     return out
 
 
@@ -84,10 +84,17 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="rag-scale-", dir=args.work))
-    res: dict = {"n": args.n, "dim": args.dim, "m": args.m, "ef_construction": args.ef_construction,
-                 "queries": args.queries, "cpus": os.cpu_count(),
-                 "affinity": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    res: dict = {
+        "n": args.n,
+        "dim": args.dim,
+        "m": args.m,
+        "ef_construction": args.ef_construction,
+        "queries": args.queries,
+        "cpus": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     try:
         rss0 = rss_mb()
         t0 = time.perf_counter()
@@ -97,8 +104,16 @@ def main() -> None:
         docs = ({"id": f"s{i}", "text": f"synthetic passage number {i}"} for i in range(args.n))
         rss_before = rss_mb()
         t0 = time.perf_counter()
-        man = build_index(docs, work / "idx", embedder="synthetic", vectors=vecs, m=args.m,
-                          ef_construction=args.ef_construction, num_threads=args.threads, progress=False)
+        man = build_index(
+            docs,
+            work / "idx",
+            embedder="synthetic",
+            vectors=vecs,
+            m=args.m,
+            ef_construction=args.ef_construction,
+            num_threads=args.threads,
+            progress=False,
+        )
         res["build_total_s"] = time.perf_counter() - t0
         res["build_hnsw_s"] = man["builds"][-1]["hnsw_s"]
         res["insert_per_s"] = args.n / res["build_hnsw_s"]
@@ -115,18 +130,23 @@ def main() -> None:
         res["exact_batched_ms_per_query"] = (time.perf_counter() - t0) / args.queries * 1e3
         t0 = time.perf_counter()
         for i in range(20):
-            exact_top(vecs, q[i:i + 1], 10)
+            exact_top(vecs, q[i : i + 1], 10)
         res["exact_single_ms_per_query"] = (time.perf_counter() - t0) / 20 * 1e3
         del vecs
 
         # Memory of a fresh process that only opens the index (what a query server pays).
-        probe = ("import sys, time; sys.path.insert(0, sys.argv[2]); from llmcore.rag import Retriever; "
-                 "import hnswlib, pyarrow.ipc; from benchmarks.bench_rag_scale import rss_mb; a = rss_mb(); t = time.perf_counter(); "
-                 "r = Retriever.open(sys.argv[1], load_embedder=False); "
-                 "print(rss_mb() - a, time.perf_counter() - t, rss_mb())")
-        added, res["open_verify_s"], total = map(float, subprocess.run(
-            [sys.executable, "-c", probe, str(work / "idx"), str(ROOT)], check=True, capture_output=True,
-            text=True).stdout.split())
+        probe = (
+            "import sys, time; sys.path.insert(0, sys.argv[2]); from llmcore.rag import Retriever; "
+            "import hnswlib, pyarrow.ipc; from benchmarks.bench_rag_scale import rss_mb; a = rss_mb(); t = time.perf_counter(); "
+            "r = Retriever.open(sys.argv[1], load_embedder=False); "
+            "print(rss_mb() - a, time.perf_counter() - t, rss_mb())"
+        )
+        added, res["open_verify_s"], total = map(
+            float,
+            subprocess.run(
+                [sys.executable, "-c", probe, str(work / "idx"), str(ROOT)], check=True, capture_output=True, text=True
+            ).stdout.split(),
+        )
         res["rss_open_mb"], res["rss_open_process_mb"] = added, total
         t0 = time.perf_counter()
         r = Retriever.open(work / "idx", load_embedder=False, verify=False)
@@ -143,8 +163,14 @@ def main() -> None:
                 got[i] = pids[0]
             rec = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got.tolist(), truth.tolist())]))
             us = np.asarray(lat) * 1e6
-            sweep.append({"ef": ef, "recall@10": rec, "p50_us": float(np.percentile(us, 50)),
-                          "p95_us": float(np.percentile(us, 95))})
+            sweep.append(
+                {
+                    "ef": ef,
+                    "recall@10": rec,
+                    "p50_us": float(np.percentile(us, 50)),
+                    "p95_us": float(np.percentile(us, 95)),
+                }
+            )
             print(f"ef {ef}: recall@10 {rec:.4f}, p50 {sweep[-1]['p50_us']:.0f} µs", file=sys.stderr)
         res["ef_sweep"] = sweep
         lat = []
@@ -161,24 +187,31 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(res, indent=2) + "\n")
     ef64 = next(s for s in res["ef_sweep"] if s["ef"] == 64)
-    lines = [f"# RAG index at scale: {args.n:,} passages (synthetic vectors, dim {args.dim})", "",
-             f"{res['date']}, {res['cpus']} CPUs (shared with other work), hnswlib cosine M={args.m}, "
-             f"ef_construction={args.ef_construction}. Built and opened through `build_index` / `Retriever`.", "",
-             "| measure | value |", "|---|---:|",
-             f"| HNSW build (insert {args.n:,} vectors) | {res['build_hnsw_s']:.1f} s ({res['insert_per_s']:.0f}/s) |",
-             f"| whole build_index (passages Arrow, checksums, atomic write included) | {res['build_total_s']:.1f} s |",
-             f"| peak RSS of the process (vectors {res['vectors_mb']:.0f} MB included) | {res['peak_rss_mb']:.0f} MB |",
-             f"| index.hnsw / passages.arrow | {res['files_mb']['index.hnsw']:.0f} MB / "
-             f"{res['files_mb']['passages.arrow']:.1f} MB |",
-             f"| open with sha256 check / without | {res['open_verify_s']:.2f} s / {res['open_noverify_s']:.2f} s |",
-             f"| memory of a process that opened the index (added by the open, imports excluded) | {res['rss_open_process_mb']:.0f} MB "
-             f"({res['rss_open_mb']:.0f} MB) |",
-             f"| query p50 / p95 at ef 64 (one thread, vectors only) | {ef64['p50_us'] / 1e3:.2f} / "
-             f"{ef64['p95_us'] / 1e3:.2f} ms |",
-             f"| query + passage lookup p50 (k=5, ef 64) | {res['search_and_lookup_p50_ms']:.2f} ms |",
-             f"| exact search (numpy, one query / batched) | {res['exact_single_ms_per_query']:.1f} / "
-             f"{res['exact_batched_ms_per_query']:.2f} ms per query |",
-             "", "| ef | recall@10 vs exact | p50 µs | p95 µs |", "|---:|---:|---:|---:|"]
+    lines = [
+        f"# RAG index at scale: {args.n:,} passages (synthetic vectors, dim {args.dim})",
+        "",
+        f"{res['date']}, {res['cpus']} CPUs (shared with other work), hnswlib cosine M={args.m}, "
+        f"ef_construction={args.ef_construction}. Built and opened through `build_index` / `Retriever`.",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| HNSW build (insert {args.n:,} vectors) | {res['build_hnsw_s']:.1f} s ({res['insert_per_s']:.0f}/s) |",
+        f"| whole build_index (passages Arrow, checksums, atomic write included) | {res['build_total_s']:.1f} s |",
+        f"| peak RSS of the process (vectors {res['vectors_mb']:.0f} MB included) | {res['peak_rss_mb']:.0f} MB |",
+        f"| index.hnsw / passages.arrow | {res['files_mb']['index.hnsw']:.0f} MB / "
+        f"{res['files_mb']['passages.arrow']:.1f} MB |",
+        f"| open with sha256 check / without | {res['open_verify_s']:.2f} s / {res['open_noverify_s']:.2f} s |",
+        f"| memory of a process that opened the index (added by the open, imports excluded) | {res['rss_open_process_mb']:.0f} MB "
+        f"({res['rss_open_mb']:.0f} MB) |",
+        f"| query p50 / p95 at ef 64 (one thread, vectors only) | {ef64['p50_us'] / 1e3:.2f} / "
+        f"{ef64['p95_us'] / 1e3:.2f} ms |",
+        f"| query + passage lookup p50 (k=5, ef 64) | {res['search_and_lookup_p50_ms']:.2f} ms |",
+        f"| exact search (numpy, one query / batched) | {res['exact_single_ms_per_query']:.1f} / "
+        f"{res['exact_batched_ms_per_query']:.2f} ms per query |",
+        "",
+        "| ef | recall@10 vs exact | p50 µs | p95 µs |",
+        "|---:|---:|---:|---:|",
+    ]
     for s in res["ef_sweep"]:
         lines.append(f"| {s['ef']} | {s['recall@10']:.4f} | {s['p50_us']:.0f} | {s['p95_us']:.0f} |")
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")

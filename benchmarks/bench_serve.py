@@ -32,9 +32,20 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = ["你好，请介绍一下你自己。", "中国的首都是哪里？", "请写一首关于春天的短诗。", "为什么天空是蓝色的？",
-             "推荐几本适合初学者的编程书。", "解释一下什么是机器学习。", "长城有多长？", "如何保持健康的生活习惯？",
-             "What is the capital of France?", "Tell me a joke about cats.", "1+1等于几？", "大熊猫吃什么？"]
+QUESTIONS = [
+    "你好，请介绍一下你自己。",
+    "中国的首都是哪里？",
+    "请写一首关于春天的短诗。",
+    "为什么天空是蓝色的？",
+    "推荐几本适合初学者的编程书。",
+    "解释一下什么是机器学习。",
+    "长城有多长？",
+    "如何保持健康的生活习惯？",
+    "What is the capital of France?",
+    "Tell me a joke about cats.",
+    "1+1等于几？",
+    "大熊猫吃什么？",
+]
 
 
 def make_random_run(preset: str, tokenizer: Path, out: Path) -> Path:
@@ -54,11 +65,33 @@ def make_random_run(preset: str, tokenizer: Path, out: Path) -> Path:
 
 
 def start_server(ckpt: Path, max_batch: int, device: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "llmcore", "serve", "--ckpt", str(ckpt), "--host", "127.0.0.1",
-                             "--port", "0", "--device", device, "--max-batch", str(max_batch), "--log-level",
-                             "warning", "--model-name", "bench"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llmcore",
+            "serve",
+            "--ckpt",
+            str(ckpt),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--device",
+            device,
+            "--max-batch",
+            str(max_batch),
+            "--log-level",
+            "warning",
+            "--model-name",
+            "bench",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.stderr is not None
     line = proc.stderr.readline()
     if " at http://127.0.0.1:" not in line:
@@ -68,8 +101,14 @@ def start_server(ckpt: Path, max_batch: int, device: str) -> tuple[subprocess.Po
 
 
 def one_request(client: httpx.Client, base: str, i: int, max_tokens: int) -> dict[str, Any]:
-    body = {"model": "bench", "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "bench",
+        "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     ttft = None
     usage: dict[str, int] = {}
@@ -84,8 +123,11 @@ def one_request(client: httpx.Client, base: str, i: int, max_tokens: int) -> dic
             if chunk.get("usage"):
                 usage = chunk["usage"]
     total = time.perf_counter() - t0
-    return {"ttft_s": ttft if ttft is not None else total, "latency_s": total,
-            "completion_tokens": usage.get("completion_tokens", 0)}
+    return {
+        "ttft_s": ttft if ttft is not None else total,
+        "latency_s": total,
+        "completion_tokens": usage.get("completion_tokens", 0),
+    }
 
 
 def pct(values: list[float], q: float) -> float:
@@ -97,16 +139,24 @@ def summarize(name: Any, results: list[dict[str, Any]], wall: float) -> dict[str
     ttft = [r["ttft_s"] for r in results]
     lat = [r["latency_s"] for r in results]
     tokens = sum(r["completion_tokens"] for r in results)
-    return {"max_batch": name, "requests_done": len(results), "wall_s": round(wall, 3),
-            "requests_per_s": round(len(results) / wall, 3), "completion_tokens": tokens,
-            "completion_tokens_per_s": round(tokens / wall, 1),
-            "ttft_p50_s": round(pct(ttft, 0.5), 4), "ttft_p95_s": round(pct(ttft, 0.95), 4),
-            "latency_p50_s": round(pct(lat, 0.5), 4), "latency_p95_s": round(pct(lat, 0.95), 4),
-            "mean_completion_tokens": round(tokens / max(len(results), 1), 1)}
+    return {
+        "max_batch": name,
+        "requests_done": len(results),
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(len(results) / wall, 3),
+        "completion_tokens": tokens,
+        "completion_tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_s": round(pct(ttft, 0.5), 4),
+        "ttft_p95_s": round(pct(ttft, 0.95), 4),
+        "latency_p50_s": round(pct(lat, 0.5), 4),
+        "latency_p95_s": round(pct(lat, 0.95), 4),
+        "mean_completion_tokens": round(tokens / max(len(results), 1), 1),
+    }
 
 
-def load_run(base: str, first: int, requests: int, concurrency: int, max_tokens: int, time_limit: float
-             ) -> tuple[list[dict[str, Any]], float]:
+def load_run(
+    base: str, first: int, requests: int, concurrency: int, max_tokens: int, time_limit: float
+) -> tuple[list[dict[str, Any]], float]:
     """`requests` streamed requests (question indices from `first`) from `concurrency` threads; (results, wall)."""
     results: list[dict[str, Any]] = []
     lock = threading.Lock()
@@ -163,8 +213,12 @@ class Direct:
         for i in range(first, first + requests):
             start = time.perf_counter()
             first_token, n = None, 0
-            for _ in stream_generate(self.model, chat_prompt_ids(self.tok, QUESTIONS[i % len(QUESTIONS)]),
-                                     max_new_tokens=self.max_tokens, eos_id=self.tok.eos_id):
+            for _ in stream_generate(
+                self.model,
+                chat_prompt_ids(self.tok, QUESTIONS[i % len(QUESTIONS)]),
+                max_new_tokens=self.max_tokens,
+                eos_id=self.tok.eos_id,
+            ):
                 first_token = first_token or time.perf_counter() - start
                 n += 1
             total = time.perf_counter() - start
@@ -183,8 +237,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--rounds", type=int, default=4, help="the settings take turns this many times")
-    ap.add_argument("--direct-requests", type=int, default=8,
-                    help="baseline: this many of the requests one by one through llmcore.generate in-process (0 = skip)")
+    ap.add_argument(
+        "--direct-requests",
+        type=int,
+        default=8,
+        help="baseline: this many of the requests one by one through llmcore.generate in-process (0 = skip)",
+    )
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per setting after which no request starts")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
@@ -219,8 +277,9 @@ def main() -> None:
                     raw.setdefault("direct", []).extend(res)
                     walls["direct"] = walls.get("direct", 0.0) + wall
                 for mb, _, base in servers:
-                    res, wall = load_run(base, r * per_round, per_round, args.concurrency, args.max_tokens,
-                                         args.time_limit / args.rounds)
+                    res, wall = load_run(
+                        base, r * per_round, per_round, args.concurrency, args.max_tokens, args.time_limit / args.rounds
+                    )
                     raw.setdefault(mb, []).extend(res)
                     walls[mb] = walls.get(mb, 0.0) + wall
                 print(f"round {r + 1}/{args.rounds} done", flush=True)
@@ -238,38 +297,57 @@ def main() -> None:
         r["requests_per_s_vs_first"] = round(r["requests_per_s"] / base_run["requests_per_s"], 2)
         r["tokens_per_s_vs_first"] = round(r["completion_tokens_per_s"] / base_run["completion_tokens_per_s"], 2)
     report = {
-        "kind": "serve", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": os.cpu_count(), "device": device_name(dev),
-                    "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
-        "settings": {"model": str(args.ckpt) if args.ckpt else f"{args.preset} (random weights)",
-                     "requests": args.requests, "rounds": args.rounds, "direct_requests": args.direct_requests,
-                     "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-                     "time_limit_s": args.time_limit, "request": "streamed greedy chat completion, one user message",
-                     "client": "httpx threads in another process, 127.0.0.1"},
+        "kind": "serve",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "device": device_name(dev),
+            "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
+        "settings": {
+            "model": str(args.ckpt) if args.ckpt else f"{args.preset} (random weights)",
+            "requests": args.requests,
+            "rounds": args.rounds,
+            "direct_requests": args.direct_requests,
+            "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens,
+            "time_limit_s": args.time_limit,
+            "request": "streamed greedy chat completion, one user message",
+            "client": "httpx threads in another process, 127.0.0.1",
+        },
         "runs": runs,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"serve-{dev.type}-{datetime.now(timezone.utc):%Y%m%d}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# llmcore serve load run ({report['date']})", "",
-             f"Model {report['settings']['model']} on {report['machine']['device']} "
-             f"({report['machine']['cpus']} CPUs, torch {report['machine']['torch']}, load average at the end "
-             f"{report['machine']['load_avg_at_end']}). {args.requests} streamed greedy chat requests, "
-             f"{args.concurrency} concurrent clients, max_tokens {args.max_tokens}, server in its own process on "
-             "127.0.0.1. The shared CPU makes absolute numbers noisy; the settings took turns in "
-             f"{args.rounds} rounds so the load fell on all of them.", "",
-             "`direct` is the baseline: the same requests one at a time through `llmcore.generate` in the "
-             "benchmark's process, on a thread as the server's worker (no HTTP, no concurrency); its TTFT has no "
-             "queueing in it.", "",
-             "| --max-batch | requests | req/s | tokens/s | TTFT p50 | TTFT p95 | latency p50 | latency p95 | "
-             "tokens/s vs first row |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# llmcore serve load run ({report['date']})",
+        "",
+        f"Model {report['settings']['model']} on {report['machine']['device']} "
+        f"({report['machine']['cpus']} CPUs, torch {report['machine']['torch']}, load average at the end "
+        f"{report['machine']['load_avg_at_end']}). {args.requests} streamed greedy chat requests, "
+        f"{args.concurrency} concurrent clients, max_tokens {args.max_tokens}, server in its own process on "
+        "127.0.0.1. The shared CPU makes absolute numbers noisy; the settings took turns in "
+        f"{args.rounds} rounds so the load fell on all of them.",
+        "",
+        "`direct` is the baseline: the same requests one at a time through `llmcore.generate` in the "
+        "benchmark's process, on a thread as the server's worker (no HTTP, no concurrency); its TTFT has no "
+        "queueing in it.",
+        "",
+        "| --max-batch | requests | req/s | tokens/s | TTFT p50 | TTFT p95 | latency p50 | latency p95 | "
+        "tokens/s vs first row |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in runs:
-        lines.append(f"| {r['max_batch']} | {r['requests_done']} | {r['requests_per_s']:.2f} | "
-                     f"{r['completion_tokens_per_s']:.0f} | {r['ttft_p50_s'] * 1000:.0f} ms | "
-                     f"{r['ttft_p95_s'] * 1000:.0f} ms | {r['latency_p50_s']:.2f} s | {r['latency_p95_s']:.2f} s | "
-                     f"{r['tokens_per_s_vs_first']:.2f}x |")
+        lines.append(
+            f"| {r['max_batch']} | {r['requests_done']} | {r['requests_per_s']:.2f} | "
+            f"{r['completion_tokens_per_s']:.0f} | {r['ttft_p50_s'] * 1000:.0f} ms | "
+            f"{r['ttft_p95_s'] * 1000:.0f} ms | {r['latency_p50_s']:.2f} s | {r['latency_p95_s']:.2f} s | "
+            f"{r['tokens_per_s_vs_first']:.2f}x |"
+        )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.json and {stem}.md")
 

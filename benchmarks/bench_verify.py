@@ -43,9 +43,21 @@ def build(out: Path, rows: int, vocab: int = 6400, seed: int = 0) -> dict:
         values = rng.integers(3, vocab, int(lengths.sum()), dtype=np.int64)
         writer.write({"tokens": (values.astype(np.uint16), lengths)}, n)
     shards = writer.finish()
-    manifest = {"format": "llmcore-shards", "format_version": 1, "kind": "pretrain", "columns": kind.manifest_columns(),
-                "tokenizer": {"fingerprint": "synthetic", "vocab_size": vocab, "path": "", "special_ids": {"pad": 0, "bos": 1, "eos": 2}},
-                "num_docs": sum(s["num_docs"] for s in shards), "num_tokens": sum(s["num_tokens"] for s in shards), "shards": shards}
+    manifest = {
+        "format": "llmcore-shards",
+        "format_version": 1,
+        "kind": "pretrain",
+        "columns": kind.manifest_columns(),
+        "tokenizer": {
+            "fingerprint": "synthetic",
+            "vocab_size": vocab,
+            "path": "",
+            "special_ids": {"pad": 0, "bos": 1, "eos": 2},
+        },
+        "num_docs": sum(s["num_docs"] for s in shards),
+        "num_tokens": sum(s["num_tokens"] for s in shards),
+        "shards": shards,
+    }
     write_json(out / MANIFEST_FILE, manifest)
     return manifest
 
@@ -59,13 +71,23 @@ def main() -> None:
     t = time.perf_counter()
     m = build(args.dir, args.rows)
     size = sum(s["bytes"] for s in m["shards"])
-    print(f"wrote {args.dir}: {m['num_docs']:,} rows, {m['num_tokens']:,} tokens, {len(m['shards'])} shards, "
-          f"{size / 1e6:,.0f} MB in {time.perf_counter() - t:.1f} s")
+    print(
+        f"wrote {args.dir}: {m['num_docs']:,} rows, {m['num_tokens']:,} tokens, {len(m['shards'])} shards, "
+        f"{size / 1e6:,.0f} MB in {time.perf_counter() - t:.1f} s"
+    )
     reader = ShardReader(args.dir)
-    res = {"rows": m["num_docs"], "tokens": m["num_tokens"], "shards": len(m["shards"]), "bytes": size, "cpus": os.cpu_count()}
-    for name, fn in [("verify (all checks)", lambda: reader.verify()),
-                     ("ids and counts only (checksums=False)", lambda: reader.verify(checksums=False)),
-                     ("sha256, one thread", lambda: [file_sha256(args.dir / s["file"]) for s in m["shards"]])]:
+    res = {
+        "rows": m["num_docs"],
+        "tokens": m["num_tokens"],
+        "shards": len(m["shards"]),
+        "bytes": size,
+        "cpus": os.cpu_count(),
+    }
+    for name, fn in [
+        ("verify (all checks)", lambda: reader.verify()),
+        ("ids and counts only (checksums=False)", lambda: reader.verify(checksums=False)),
+        ("sha256, one thread", lambda: [file_sha256(args.dir / s["file"]) for s in m["shards"]]),
+    ]:
         times = []
         for _ in range(3):
             t = time.perf_counter()

@@ -16,7 +16,10 @@ import typer
 from llmcore.data_prep.kinds import KINDS, ShardKind
 from llmcore.errors import LLMCoreError
 
-tokenizer_app = typer.Typer(help="Train a byte-level BPE tokenizer.\n\nExample: llmcore tokenizer train --input data.jsonl --vocab-size 6400 --out tok/", no_args_is_help=True)
+tokenizer_app = typer.Typer(
+    help="Train a byte-level BPE tokenizer.\n\nExample: llmcore tokenizer train --input data.jsonl --vocab-size 6400 --out tok/",
+    no_args_is_help=True,
+)
 prep_app = typer.Typer(
     help="Look at jsonl data, download it, and tokenize it into shard dirs.\n\n"
     "Example: llmcore prep pretrain --input data.jsonl --tokenizer tok/ --out shards/pretrain",
@@ -27,20 +30,32 @@ InputOpt = typer.Option(..., "--input", "-i", help="jsonl file (repeat for sever
 TokOpt = typer.Option(..., "--tokenizer", "-t", help="tokenizer dir (ours or MiniMind's)")
 OutShardOpt = typer.Option(..., "--out", "-o", help="shard dir to create")
 WorkersOpt = typer.Option(None, "--workers", "-w", help="worker processes (default: CPU count)")
-BadLineOpt = typer.Option("fail", "--on-bad-line", help="fail: stop at the first bad line; skip: drop and count bad lines")
-OverwriteOpt = typer.Option(False, "--overwrite", help="replace an existing shard dir of the same kind (never a dir holding an input)")
-MaxLineOpt = typer.Option(16 << 20, "--max-line-bytes", help="a longer line is a bad line (line_too_long), never read whole (default 16 MiB)")
+BadLineOpt = typer.Option(
+    "fail", "--on-bad-line", help="fail: stop at the first bad line; skip: drop and count bad lines"
+)
+OverwriteOpt = typer.Option(
+    False, "--overwrite", help="replace an existing shard dir of the same kind (never a dir holding an input)"
+)
+MaxLineOpt = typer.Option(
+    16 << 20, "--max-line-bytes", help="a longer line is a bad line (line_too_long), never read whole (default 16 MiB)"
+)
 
 
 @tokenizer_app.command("train")
 def tokenizer_train(
     input: list[Path] = InputOpt,
     out: Path = typer.Option(..., "--out", "-o", help="output tokenizer dir"),
-    vocab_size: int = typer.Option(6400, "--vocab-size", help="vocabulary size incl. the template's added tokens (36 for minimind3, 3 for chatml)"),
+    vocab_size: int = typer.Option(
+        6400, "--vocab-size", help="vocabulary size incl. the template's added tokens (36 for minimind3, 3 for chatml)"
+    ),
     field: str = typer.Option("text", "--field", help="jsonl field with the text"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing tokenizer dir that llmcore made"),
     max_line_bytes: int = MaxLineOpt,
-    template: str = typer.Option("minimind3", "--template", help="chat template and added tokens: minimind3 (tools, <think>) or chatml (MiniMind2)"),
+    template: str = typer.Option(
+        "minimind3",
+        "--template",
+        help="chat template and added tokens: minimind3 (tools, <think>) or chatml (MiniMind2)",
+    ),
 ) -> None:
     """Train byte-level BPE with MiniMind-3's added tokens and chat template (or --template chatml).
 
@@ -54,8 +69,16 @@ def tokenizer_train(
     """
     from llmcore.data_prep.tokenizer import load_tokenizer, train_tokenizer
 
-    path = train_tokenizer(input, out, vocab_size=vocab_size, field=field, show_progress=True, overwrite=overwrite,
-                           max_line_bytes=max_line_bytes, template=template)
+    path = train_tokenizer(
+        input,
+        out,
+        vocab_size=vocab_size,
+        field=field,
+        show_progress=True,
+        overwrite=overwrite,
+        max_line_bytes=max_line_bytes,
+        template=template,
+    )
     tok = load_tokenizer(path)
     typer.echo(f"wrote {path} (vocab {tok.vocab_size}, fingerprint {tok.fingerprint[:12]})")
 
@@ -78,7 +101,9 @@ def prep_stats(
     """
     from llmcore.data_prep.stats import compute_stats, format_stats
 
-    s = compute_stats(file, tokenizer_dir=tokenizer, field=field, plot=plot, progress=not as_json, max_line_bytes=max_line_bytes)
+    s = compute_stats(
+        file, tokenizer_dir=tokenizer, field=field, plot=plot, progress=not as_json, max_line_bytes=max_line_bytes
+    )
     typer.echo(json.dumps(s, ensure_ascii=False) if as_json else format_stats(s))
     if s["rows"] == 0:
         first = min(s["first_bad_line_by_reason"].items(), key=lambda kv: kv[1], default=None)
@@ -90,11 +115,16 @@ def prep_stats(
 def prep_download(
     dataset: str = typer.Option("gongjy/minimind_dataset", "--dataset", help="ModelScope dataset repo"),
     file: Optional[str] = typer.Option(None, "--file", help="file inside the repo"),
-    out: Path = typer.Option(..., "--out", "-o", help="directory to put the file in (with --benchmark: the benchmark's dir)"),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="directory to put the file in (with --benchmark: the benchmark's dir)"
+    ),
     timeout: float = typer.Option(30.0, "--timeout", help="give up after this many seconds without data"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing file"),
-    benchmark: Optional[str] = typer.Option(None, "--benchmark", help="cmmlu or ceval: fetch the benchmark's official "
-                                                                       "archive and unpack its layout as --out"),
+    benchmark: Optional[str] = typer.Option(
+        None,
+        "--benchmark",
+        help="cmmlu or ceval: fetch the benchmark's official archive and unpack its layout as --out",
+    ),
 ) -> None:
     """Download one file of a ModelScope dataset, or a benchmark for `eval bench` (needs the
     `download` extra: modelscope).
@@ -121,15 +151,38 @@ def prep_download(
     typer.echo(f"wrote {path} ({path.stat().st_size} bytes)")
 
 
-def _run_prep(kind: str, input: list[Path], tokenizer: Path, out: Path, workers, on_bad_line: str, overwrite: bool,
-              max_line_bytes: int = 16 << 20, field: str = "text", drop_empty_think: float = 0.0, seed: int = 0) -> None:
+def _run_prep(
+    kind: str,
+    input: list[Path],
+    tokenizer: Path,
+    out: Path,
+    workers,
+    on_bad_line: str,
+    overwrite: bool,
+    max_line_bytes: int = 16 << 20,
+    field: str = "text",
+    drop_empty_think: float = 0.0,
+    seed: int = 0,
+) -> None:
     from llmcore.data_prep.kinds import EncodeOptions
     from llmcore.data_prep.prep import prep
 
-    m = prep(kind, input, tokenizer, out, workers=workers, on_bad_line=on_bad_line, overwrite=overwrite, field=field,
-             progress=True, max_line_bytes=max_line_bytes,
-             options=EncodeOptions(drop_empty_think=drop_empty_think, seed=seed))
-    typer.echo(f"wrote {out}: {m['num_docs']} documents, {m['num_tokens']} tokens in {len(m['shards'])} shard(s), {m['seconds']} s")
+    m = prep(
+        kind,
+        input,
+        tokenizer,
+        out,
+        workers=workers,
+        on_bad_line=on_bad_line,
+        overwrite=overwrite,
+        field=field,
+        progress=True,
+        max_line_bytes=max_line_bytes,
+        options=EncodeOptions(drop_empty_think=drop_empty_think, seed=seed),
+    )
+    typer.echo(
+        f"wrote {out}: {m['num_docs']} documents, {m['num_tokens']} tokens in {len(m['shards'])} shard(s), {m['seconds']} s"
+    )
     if m["lines_skipped"]:
         typer.echo(f"skipped {m['lines_skipped']} bad lines:")
         for reason, n in sorted(m["skipped_by_reason"].items()):
@@ -149,8 +202,16 @@ _PREP_OPTIONS = [
 FieldOpt = typer.Option("text", "--field", help="jsonl field with the text")
 # Chat kinds: MiniMind's empty-think rule (its SFT drops the empty think block from 80% of rows).
 _CHAT_OPTIONS = [
-    ("drop_empty_think", float, typer.Option(0.0, "--drop-empty-think", metavar="P",
-     help="drop the empty <think>\\n\\n</think>\\n\\n blocks from this share of conversations (MiniMind-3: 0.8; default 0: rows equal the template)")),
+    (
+        "drop_empty_think",
+        float,
+        typer.Option(
+            0.0,
+            "--drop-empty-think",
+            metavar="P",
+            help="drop the empty <think>\\n\\n</think>\\n\\n blocks from this share of conversations (MiniMind-3: 0.8; default 0: rows equal the template)",
+        ),
+    ),
     ("seed", int, typer.Option(0, "--seed", help="seed that picks the conversations for --drop-empty-think")),
 ]
 
@@ -158,7 +219,9 @@ _CHAT_OPTIONS = [
 def _prep_command(kind: ShardKind):
     """Register `llmcore prep KIND` from the kind: its help, the shared flags (plus --field when the
     kind reads a named text field), running ``_run_prep``."""
-    options = _PREP_OPTIONS + ([("field", str, FieldOpt)] if kind.text_field else []) + (_CHAT_OPTIONS if kind.chat else [])
+    options = (
+        _PREP_OPTIONS + ([("field", str, FieldOpt)] if kind.text_field else []) + (_CHAT_OPTIONS if kind.chat else [])
+    )
 
     def command(**flags) -> None:
         _run_prep(kind.name, **flags)
@@ -166,7 +229,10 @@ def _prep_command(kind: ShardKind):
     command.__name__ = command.__qualname__ = f"prep_{kind.name}"
     command.__doc__ = kind.help
     command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann) for name, ann, opt in options]
+        [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=ann)
+            for name, ann, opt in options
+        ]
     )
     return prep_app.command(kind.name)(command)
 
@@ -191,8 +257,10 @@ def prep_split(
     from llmcore.data_prep.split import split_shards
 
     tr, ev = split_shards(input, eval_docs, out_train, out_eval, seed=seed, overwrite=overwrite)
-    typer.echo(f"wrote {out_train}: {tr['num_docs']:,} documents, {tr['num_tokens']:,} tokens; "
-               f"{out_eval}: {ev['num_docs']:,} documents, {ev['num_tokens']:,} tokens (held out, seed {seed})")
+    typer.echo(
+        f"wrote {out_train}: {tr['num_docs']:,} documents, {tr['num_tokens']:,} tokens; "
+        f"{out_eval}: {ev['num_docs']:,} documents, {ev['num_tokens']:,} tokens (held out, seed {seed})"
+    )
 
 
 @prep_app.command("inspect")
@@ -200,9 +268,18 @@ def prep_inspect(
     shard_dir: Path = typer.Argument(..., help="shard dir made by `llmcore prep`"),
     start: int = typer.Option(0, "--start", help="first document index"),
     count: int = typer.Option(3, "--count", "-n", help="number of documents"),
-    decode: bool = typer.Option(False, "--decode", help="add the text; spans that carry loss are wrapped in double square brackets"),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="tokenizer for --decode (default: the one in the manifest); refused when it is not the shards' tokenizer"),
-    verify: bool = typer.Option(False, "--verify", help="first check every shard (checksums, counts, ids below the vocab) as training does"),
+    decode: bool = typer.Option(
+        False, "--decode", help="add the text; spans that carry loss are wrapped in double square brackets"
+    ),
+    tokenizer: Optional[Path] = typer.Option(
+        None,
+        "--tokenizer",
+        "-t",
+        help="tokenizer for --decode (default: the one in the manifest); refused when it is not the shards' tokenizer",
+    ),
+    verify: bool = typer.Option(
+        False, "--verify", help="first check every shard (checksums, counts, ids below the vocab) as training does"
+    ),
 ) -> None:
     """Print documents of a shard dir as JSON lines (token ids, masks; with --decode the text).
 
@@ -213,7 +290,9 @@ def prep_inspect(
     reader = ShardReader(shard_dir)
     if verify:
         reader.verify()
-        typer.echo(f"verified {shard_dir}: {len(reader.manifest['shards'])} shard(s), {len(reader)} documents", err=True)
+        typer.echo(
+            f"verified {shard_dir}: {len(reader.manifest['shards'])} shard(s), {len(reader)} documents", err=True
+        )
     tok = None
     if decode or tokenizer is not None:  # a named tokenizer is always checked against the manifest
         from llmcore.data_prep.tokenizer import load_tokenizer

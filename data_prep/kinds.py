@@ -62,8 +62,10 @@ class EncodeOptions:
 
         from llmcore.data_prep.tokenizer import empty_think_drop
 
-        return [empty_think_drop(json.dumps(c, ensure_ascii=False, sort_keys=True), self.drop_empty_think, self.seed)
-                for c in conversations]
+        return [
+            empty_think_drop(json.dumps(c, ensure_ascii=False, sort_keys=True), self.drop_empty_think, self.seed)
+            for c in conversations
+        ]
 
 
 class ShardKind(ABC):
@@ -129,6 +131,7 @@ class ShardKind(ABC):
 # ---------------------------------------------------------------------------------------------
 # Encoding helpers shared by the kinds (numpy imported on use: they run in prep's workers).
 
+
 def flatten(id_lists: list[list[int]]) -> "tuple[np.ndarray, np.ndarray]":
     """Lists of ids as (flat int64 values, int64 lengths)."""
     import itertools
@@ -157,16 +160,23 @@ def with_bos_eos(values: "np.ndarray", lengths: "np.ndarray", bos: int, eos: int
     return out, out_len
 
 
-def encode_chats(tok: "Tokenizer", conversations: list[list[dict]], only_last: bool,
-                 drops: list[bool] | None = None) -> tuple[list[list[int]], "list[np.ndarray]"]:
+def encode_chats(
+    tok: "Tokenizer", conversations: list[list[dict]], only_last: bool, drops: list[bool] | None = None
+) -> tuple[list[list[int]], "list[np.ndarray]"]:
     """Chat-template token ids and loss masks (each assistant turn after its header through its
     <|im_end|>; only the final one when `only_last`) for each conversation."""
     encoded = tok.encode_chats(conversations, only_last=only_last, drop_empty_think=drops)  # typed specials stay text
     return [ids for ids, _ in encoded], [mask for _, mask in encoded]
 
 
-def masked_chats(tok: "Tokenizer", conversations: list[list[dict]], only_last: bool, tokens: str, mask: str,
-                 drops: list[bool] | None = None) -> Columns:
+def masked_chats(
+    tok: "Tokenizer",
+    conversations: list[list[dict]],
+    only_last: bool,
+    tokens: str,
+    mask: str,
+    drops: list[bool] | None = None,
+) -> Columns:
     """Columns `tokens` and `mask` for conversations (see `encode_chats`)."""
     import numpy as np
 
@@ -192,6 +202,7 @@ def _contents(messages: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # The kinds.
+
 
 class PretrainKind(ShardKind):
     name = "pretrain"
@@ -275,16 +286,23 @@ class DPOKind(ShardKind):
             return rejected
         # A pair that cannot teach anything: the same prompt must lead to two different replies.
         if chosen[:-1] != rejected[:-1]:
-            return BadLine("dpo_prompt_mismatch", "dpo pair: chosen and rejected have different prompts (the messages before the final reply differ)")
+            return BadLine(
+                "dpo_prompt_mismatch",
+                "dpo pair: chosen and rejected have different prompts (the messages before the final reply differ)",
+            )
         if chosen[-1] == rejected[-1]:
             return BadLine("dpo_identical", "dpo pair: chosen and rejected replies are the same")
         return chosen, rejected
 
-    def encode(self, tok: "Tokenizer", payloads: list[tuple[list[dict], list[dict]]], options: EncodeOptions | None = None) -> Columns:
+    def encode(
+        self, tok: "Tokenizer", payloads: list[tuple[list[dict], list[dict]]], options: EncodeOptions | None = None
+    ) -> Columns:
         # one draw per pair (keyed by the chosen side), so both sides keep or drop the same prompt blocks
         drops = (options or EncodeOptions()).drops([p[0] for p in payloads])
-        return {**masked_chats(tok, [p[0] for p in payloads], True, "chosen", "chosen_mask", drops),
-                **masked_chats(tok, [p[1] for p in payloads], True, "rejected", "rejected_mask", drops)}
+        return {
+            **masked_chats(tok, [p[0] for p in payloads], True, "chosen", "chosen_mask", drops),
+            **masked_chats(tok, [p[1] for p in payloads], True, "rejected", "rejected_mask", drops),
+        }
 
     def row_text(self, payload: tuple[list[dict], list[dict]]) -> str:
         return _contents(payload[0])  # the chosen side
@@ -293,8 +311,10 @@ class DPOKind(ShardKind):
         return [len(ids) for ids, _ in tok.encode_chats([p[0] for p in payloads])]
 
     def render(self, tok: "Tokenizer", doc: dict[str, list[int]]) -> dict[str, str]:
-        return {"chosen_text": marked_text(tok, doc["chosen"], doc["chosen_mask"]),
-                "rejected_text": marked_text(tok, doc["rejected"], doc["rejected_mask"])}
+        return {
+            "chosen_text": marked_text(tok, doc["chosen"], doc["chosen_mask"]),
+            "rejected_text": marked_text(tok, doc["rejected"], doc["rejected_mask"]),
+        }
 
 
 # ---------------------------------------------------------------------------------------------

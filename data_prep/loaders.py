@@ -141,7 +141,9 @@ class Loader:
         self.world_size = int(world_size)
         self.shuffle = shuffle
         self.epochs = epochs
-        self.docs = np.arange(len(reader), dtype=np.int64) if doc_indices is None else np.asarray(doc_indices, dtype=np.int64)
+        self.docs = (
+            np.arange(len(reader), dtype=np.int64) if doc_indices is None else np.asarray(doc_indices, dtype=np.int64)
+        )
         if len(self.docs) == 0:
             raise LLMCoreError(f"{reader.path}: no documents to load")
         self.pad_id = int(reader.special_ids.get("pad", 0))
@@ -160,7 +162,8 @@ class Loader:
             raise LLMCoreError(
                 f"{reader.path}: {self.long_docs} conversation(s) are longer than --seq-len {self.seq_len} + 1 tokens "
                 f"(the first is document {int(self.docs[first])}, {int(self._doc_lengths[first])} tokens); raise "
-                "--seq-len, or drop --on-long fail to truncate them at the end")
+                "--seq-len, or drop --on-long fail to truncate them at the end"
+            )
         # Truncated conversations whose assistant tokens all lie past the cut teach nothing.
         self.docs_without_loss = 0
         if self.long_docs and self._has_mask and mode != "packed":
@@ -276,7 +279,7 @@ class Loader:
             raise LLMCoreError(f"row_pieces is for bestfit rows, not {self.mode}")
         self._plan()
         rr = int(self._row_order[r])
-        return self._pieces[self._row_ptr[rr]:self._row_ptr[rr + 1]]
+        return self._pieces[self._row_ptr[rr] : self._row_ptr[rr + 1]]
 
     def _bestfit_row(self, r: int, ids: np.ndarray, labels: np.ndarray, pos: np.ndarray) -> None:
         width = self.seq_len + 1
@@ -287,10 +290,10 @@ class Loader:
         for doc, start, end in self.row_pieces(r).tolist():
             tokens, mask = self._tokens(doc)
             n = end - start
-            row[at:at + n] = tokens[start:end]
-            keep[at:at + n] = True if mask is None else mask[start:end].astype(bool)
+            row[at : at + n] = tokens[start:end]
+            keep[at : at + n] = True if mask is None else mask[start:end].astype(bool)
             keep[at] = False  # a piece's first token is no target: its label would cross from the previous piece
-            positions[at:at + n] = np.arange(n)
+            positions[at : at + n] = np.arange(n)
             at += n
         ids[:] = row[:-1]
         pos[:] = positions[:-1]
@@ -324,8 +327,12 @@ class Loader:
                 pos[b] = np.arange(T)
         # Padded rows hold one document each (position_ids == arange): the model may then skip the
         # document mask, which it could only find out by reading the positions back from the device.
-        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "position_ids": torch.from_numpy(pos),
-                "single_documents": self.mode == "padded"}
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(pos),
+            "single_documents": self.mode == "padded",
+        }
 
     def _pairs_batch(self, rows: np.ndarray) -> dict:
         docs = [self.reader.doc(int(self._order[r])) for r in rows]

@@ -50,6 +50,7 @@ from llmcore.io import check_out_dir, install_dir, remove_leftovers, sha256_file
 # ---------------------------------------------------------------------------------------------
 # Worker side: one block of lines in, flat arrays out.
 
+
 @dataclass
 class Chunk:
     source: int  # index into the input list
@@ -87,9 +88,15 @@ def _die_with_parent() -> None:
         pass
 
 
-def _init_worker(tokenizer_dir: str, kind: str | ShardKind, field_name: str, single_thread: bool,
-                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, in_pool: bool = False,
-                 options: EncodeOptions | None = None) -> None:
+def _init_worker(
+    tokenizer_dir: str,
+    kind: str | ShardKind,
+    field_name: str,
+    single_thread: bool,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    in_pool: bool = False,
+    options: EncodeOptions | None = None,
+) -> None:
     if in_pool:
         _die_with_parent()
         # A pool worker must end when the pool terminates it (SIGTERM), whatever handler or SIG_IGN
@@ -98,8 +105,13 @@ def _init_worker(tokenizer_dir: str, kind: str | ShardKind, field_name: str, sin
     if single_thread:
         # Each pool process is one core's worth; the Rust thread pool would only oversubscribe.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(tok=load_tokenizer(tokenizer_dir), kind=get_kind(kind), field=field_name, max_line_bytes=max_line_bytes,
-                   options=options)
+    _WORKER.update(
+        tok=load_tokenizer(tokenizer_dir),
+        kind=get_kind(kind),
+        field=field_name,
+        max_line_bytes=max_line_bytes,
+        options=options,
+    )
 
 
 def process_chunk(chunk: Chunk) -> ChunkResult:
@@ -154,16 +166,20 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
             for j in np.nonzero(doc_max >= UINT16_LIMIT)[0]:
                 if keep[j]:
                     keep[j] = False
-                    res.bad.append((line_nos[j], "token_id_overflow",
-                                    f"token id {int(doc_max[j])} does not fit uint16 (vocab size {tok.vocab_size} > {UINT16_LIMIT})"))
+                    res.bad.append(
+                        (
+                            line_nos[j],
+                            "token_id_overflow",
+                            f"token id {int(doc_max[j])} does not fit uint16 (vocab size {tok.vocab_size} > {UINT16_LIMIT})",
+                        )
+                    )
         res.bad.sort()
         if not keep.all():
             columns = {name: _select_docs(v, lens, keep) for name, (v, lens) in columns.items()}
 
     res.docs = int(keep.sum())
     res.columns = {
-        name: (values.astype(kind.columns[name], copy=False), lengths)
-        for name, (values, lengths) in columns.items()
+        name: (values.astype(kind.columns[name], copy=False), lengths) for name, (values, lengths) in columns.items()
     }
     return res
 
@@ -184,8 +200,10 @@ def _select_docs(values: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> t
 # ---------------------------------------------------------------------------------------------
 # Main side: reading blocks, ordering results, writing shards atomically.
 
-def _read_chunks(paths: list[Path], block_bytes: int, progress, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
-                 ) -> "collections.abc.Iterator[Chunk]":
+
+def _read_chunks(
+    paths: list[Path], block_bytes: int, progress, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> "collections.abc.Iterator[Chunk]":
     """Blocks of whole lines from each file in turn (plain or compressed). A line longer than a
     block makes a longer block, up to `max_line_bytes`; past that the rest of the line is read and
     dropped piece by piece, and the line becomes a one-line `too_long` chunk."""
@@ -287,7 +305,7 @@ class _ShardWriter:
             take = min(n_docs - start, self.shard_docs - self._docs)
             self._writer.write_batch(batch.slice(start, take))
             self._docs += take
-            self._tokens += int(sum(lens[start:start + take].sum() for lens in lengths_by_col.values()))
+            self._tokens += int(sum(lens[start : start + take].sum() for lens in lengths_by_col.values()))
             start += take
 
     def finish(self) -> list[dict]:
@@ -318,8 +336,10 @@ def shard_dir_problem(path: Path, kind: ShardKind) -> str | None:
 
 
 def _shard_write_error(out: Path, err: OSError) -> LLMCoreError:
-    return LLMCoreError(f"{out}: cannot write the shard dir: {err.strerror or err} "
-                        "(nothing was written there; any old shard dir is unchanged)")
+    return LLMCoreError(
+        f"{out}: cannot write the shard dir: {err.strerror or err} "
+        "(nothing was written there; any old shard dir is unchanged)"
+    )
 
 
 def prep(
@@ -359,8 +379,13 @@ def prep(
         raise LLMCoreError("--max-line-bytes must be at least 1")
     paths = input_files(inputs, try_open=True)  # fail on permission problems before any work
     out = Path(out_dir)
-    check_out_dir(out, overwrite=overwrite, what=f"a shard dir of kind {kind.name}", inputs=[*paths, Path(tokenizer_dir)],
-                  replaceable=lambda p: shard_dir_problem(p, kind))
+    check_out_dir(
+        out,
+        overwrite=overwrite,
+        what=f"a shard dir of kind {kind.name}",
+        inputs=[*paths, Path(tokenizer_dir)],
+        replaceable=lambda p: shard_dir_problem(p, kind),
+    )
     tok_dir = str(Path(tokenizer_dir))
     tok = load_tokenizer(tok_dir)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
@@ -370,7 +395,10 @@ def prep(
         tmp = temp_dir_for(out)
     except OSError as err:
         raise _shard_write_error(out, err) from err
-    sources = [{"path": str(p), "lines_read": 0, "blank_lines": 0, "docs": 0, "lines_skipped": 0, "skipped_by_reason": {}} for p in paths]
+    sources = [
+        {"path": str(p), "lines_read": 0, "blank_lines": 0, "docs": 0, "lines_skipped": 0, "skipped_by_reason": {}}
+        for p in paths
+    ]
     bar = None
     if progress:  # a bar on a terminal; in a pipe a line every 30 s with the time left
         import logging
@@ -404,7 +432,9 @@ def prep(
                 consume(process_chunk(chunk))
         else:
             ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok_dir, kind, field, True, max_line_bytes, True, options))
+            pool = ctx.Pool(
+                workers, initializer=_init_worker, initargs=(tok_dir, kind, field, True, max_line_bytes, True, options)
+            )
             in_flight: collections.deque = collections.deque()
             for chunk in chunks:
                 in_flight.append(pool.apply_async(process_chunk, (chunk,)))
@@ -439,7 +469,9 @@ def prep(
     return manifest
 
 
-def _manifest(kind: ShardKind, tok: Tokenizer, sources: list[dict], shards: list[dict], on_bad_line: str, field_name: str) -> dict:
+def _manifest(
+    kind: ShardKind, tok: Tokenizer, sources: list[dict], shards: list[dict], on_bad_line: str, field_name: str
+) -> dict:
     skipped: dict[str, int] = {}
     for s in sources:
         for reason, n in s["skipped_by_reason"].items():

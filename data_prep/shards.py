@@ -56,7 +56,9 @@ class ShardReader:
         self.kind: str = self.shard_kind.name
         self.columns = list(self.shard_kind.columns)
         shards = self.manifest.get("shards")
-        if not isinstance(shards, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in shards):
+        if not isinstance(shards, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("file"), str) for e in shards
+        ):
             raise LLMCoreError(f"{manifest_file}: corrupt manifest: no list of shards with file names; {_REPREP}")
         tokenizer = self.manifest.get("tokenizer")
         if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("fingerprint"), str):
@@ -70,37 +72,51 @@ class ShardReader:
             name = shard["file"]
             file = self.path / name
             if os.sep in name or name in (".", "..") or (os.altsep and os.altsep in name):
-                raise LLMCoreError(f"{manifest_file}: corrupt manifest: shard file {name!r} is not a plain file name; {_REPREP}")
+                raise LLMCoreError(
+                    f"{manifest_file}: corrupt manifest: shard file {name!r} is not a plain file name; {_REPREP}"
+                )
             try:
                 size = file.stat().st_size
             except OSError as err:
                 raise LLMCoreError(f"{file}: cannot open shard: {err.strerror or err}; {_REPREP}") from None
             if isinstance(shard.get("bytes"), int) and size != shard["bytes"]:
-                raise LLMCoreError(f"{file}: corrupt shard: {size} bytes, the manifest says {shard['bytes']} "
-                                   f"(truncated or changed); {_REPREP}")
+                raise LLMCoreError(
+                    f"{file}: corrupt shard: {size} bytes, the manifest says {shard['bytes']} "
+                    f"(truncated or changed); {_REPREP}"
+                )
             first = len(batch_sizes)
             try:
                 source = pa.memory_map(str(file), "r")
                 reader = pa.ipc.open_file(source)
                 if not reader.schema.equals(expected):
-                    raise LLMCoreError(f"{file}: corrupt shard: its columns are not those of a {self.kind} shard; {_REPREP}")
+                    raise LLMCoreError(
+                        f"{file}: corrupt shard: its columns are not those of a {self.kind} shard; {_REPREP}"
+                    )
                 for b in range(reader.num_record_batches):
                     batch = reader.get_batch(b)
                     batch_sizes.append(batch.num_rows)
                     for c in self.columns:
                         arr = batch.column(c)
-                        self._views[c].append((arr.values.to_numpy(zero_copy_only=True), arr.offsets.to_numpy(zero_copy_only=True)))
+                        self._views[c].append(
+                            (arr.values.to_numpy(zero_copy_only=True), arr.offsets.to_numpy(zero_copy_only=True))
+                        )
             except (OSError, pa.ArrowException, ValueError, IndexError) as err:
-                raise LLMCoreError(f"{file}: corrupt shard, cannot read it ({str(err).splitlines()[0] if str(err) else type(err).__name__}); {_REPREP}") from None
+                raise LLMCoreError(
+                    f"{file}: corrupt shard, cannot read it ({str(err).splitlines()[0] if str(err) else type(err).__name__}); {_REPREP}"
+                ) from None
             self._maps.append(source)
             self._shard_batches.append(range(first, len(batch_sizes)))
             rows = sum(batch_sizes[first:])
             if isinstance(shard.get("num_docs"), int) and rows != shard["num_docs"]:
-                raise LLMCoreError(f"{file}: corrupt shard: it holds {rows} documents, the manifest says {shard['num_docs']}; {_REPREP}")
+                raise LLMCoreError(
+                    f"{file}: corrupt shard: it holds {rows} documents, the manifest says {shard['num_docs']}; {_REPREP}"
+                )
         self._batch_starts = np.concatenate([[0], np.cumsum(batch_sizes, dtype=np.int64)])
         self._n = int(self._batch_starts[-1])
         if self._n != self.manifest.get("num_docs", self._n):
-            raise LLMCoreError(f"{self.path}: shard files hold {self._n} documents, manifest says {self.manifest['num_docs']}")
+            raise LLMCoreError(
+                f"{self.path}: shard files hold {self._n} documents, manifest says {self.manifest['num_docs']}"
+            )
         self._lengths: np.ndarray | None = None
 
     def verify(self, vocab_size: int | None = None, checksums: bool = True, threads: int | None = None) -> None:
@@ -124,8 +140,10 @@ class ShardReader:
                 digests = list(pool.map(lambda s: sha256_file(self.path / s["file"]), shards))
             for shard, digest in zip(shards, digests):
                 if digest != shard["sha256"]:
-                    raise LLMCoreError(f"{self.path / shard['file']}: corrupt shard: sha256 {digest[:12]} does not match "
-                                       f"the manifest's {shard['sha256'][:12]} (changed since prep); {_REPREP}")
+                    raise LLMCoreError(
+                        f"{self.path / shard['file']}: corrupt shard: sha256 {digest[:12]} does not match "
+                        f"the manifest's {shard['sha256'][:12]} (changed since prep); {_REPREP}"
+                    )
         token_cols = self.shard_kind.token_columns
         mask_cols = [c for c in self.columns if c not in token_cols]
         total_tokens = 0
@@ -137,8 +155,10 @@ class ShardReader:
                 for c in self.columns:
                     values, offsets = self._views[c][b]
                     if len(offsets) and (offsets[0] < 0 or offsets[-1] > len(values) or (np.diff(offsets) < 0).any()):
-                        raise LLMCoreError(f"{file}: corrupt shard: column {c} has offsets outside its values; {_REPREP}")
-                    used = values[offsets[0]:offsets[-1]] if len(offsets) else values[:0]
+                        raise LLMCoreError(
+                            f"{file}: corrupt shard: column {c} has offsets outside its values; {_REPREP}"
+                        )
+                    used = values[offsets[0] : offsets[-1]] if len(offsets) else values[:0]
                     lengths[c] = np.diff(offsets)
                     if c in token_cols:
                         tokens += int(lengths[c].sum())
@@ -146,23 +166,38 @@ class ShardReader:
                         if top >= limit:
                             at = int(offsets[0]) + int(np.argmax(used >= limit))
                             doc = int(self._batch_starts[b]) + int(np.searchsorted(offsets, at, side="right")) - 1
-                            raise LLMCoreError(f"{file}: corrupt shard: token id {top} (document {doc}) is not below "
-                                               f"the vocab size {limit}; {_REPREP}")
+                            raise LLMCoreError(
+                                f"{file}: corrupt shard: token id {top} (document {doc}) is not below "
+                                f"the vocab size {limit}; {_REPREP}"
+                            )
                     elif len(used) and int(used.max()) > 1:
-                        raise LLMCoreError(f"{file}: corrupt shard: column {c} holds {int(used.max())}, not a 0/1 mask; {_REPREP}")
+                        raise LLMCoreError(
+                            f"{file}: corrupt shard: column {c} holds {int(used.max())}, not a 0/1 mask; {_REPREP}"
+                        )
                 for c in mask_cols:
                     partner = c.removesuffix("_mask") if c.removesuffix("_mask") in token_cols else token_cols[0]
                     if not np.array_equal(lengths[c], lengths[partner]):
                         raise LLMCoreError(f"{file}: corrupt shard: column {c} is not as long as {partner}; {_REPREP}")
             if isinstance(shard.get("num_tokens"), int) and tokens != shard["num_tokens"]:
-                raise LLMCoreError(f"{file}: corrupt shard: it holds {tokens} tokens, the manifest says {shard['num_tokens']}; {_REPREP}")
+                raise LLMCoreError(
+                    f"{file}: corrupt shard: it holds {tokens} tokens, the manifest says {shard['num_tokens']}; {_REPREP}"
+                )
             total_tokens += tokens
         if isinstance(self.manifest.get("num_tokens"), int) and total_tokens != self.manifest["num_tokens"]:
-            raise LLMCoreError(f"{self.path}: shard files hold {total_tokens} tokens, the manifest says {self.manifest['num_tokens']}; {_REPREP}")
+            raise LLMCoreError(
+                f"{self.path}: shard files hold {total_tokens} tokens, the manifest says {self.manifest['num_tokens']}; {_REPREP}"
+            )
         seconds = time.perf_counter() - started
         size = sum(int(s.get("bytes") or 0) for s in shards)
-        log.log(logging.INFO if seconds >= 1 else logging.DEBUG, "verified %s: %d shard(s), %d documents, %.0f MB in %.1f s",
-                self.path, len(shards), self._n, size / 1e6, seconds)
+        log.log(
+            logging.INFO if seconds >= 1 else logging.DEBUG,
+            "verified %s: %d shard(s), %d documents, %.0f MB in %.1f s",
+            self.path,
+            len(shards),
+            self._n,
+            size / 1e6,
+            seconds,
+        )
 
     def __len__(self) -> int:
         return self._n
@@ -189,11 +224,15 @@ class ShardReader:
         out = {}
         for c in self.columns:
             values, offsets = self._views[c][b]
-            out[c] = values[offsets[j]:offsets[j + 1]]
+            out[c] = values[offsets[j] : offsets[j + 1]]
         return out
 
     def column_lengths(self, column: str) -> np.ndarray:
-        return np.concatenate([np.diff(off).astype(np.int64) for _, off in self._views[column]]) if self._n else np.zeros(0, np.int64)
+        return (
+            np.concatenate([np.diff(off).astype(np.int64) for _, off in self._views[column]])
+            if self._n
+            else np.zeros(0, np.int64)
+        )
 
     def lengths(self) -> np.ndarray:
         """Tokens per document (int64), as the kind defines it (for dpo the longer of chosen and rejected)."""

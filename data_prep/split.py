@@ -33,18 +33,28 @@ BLOCK_DOCS = 4096  # documents per record batch written
 def _write_part(reader: ShardReader, idx: np.ndarray, tmp: Path, shard_docs: int) -> list[dict]:
     writer = _ShardWriter(tmp, reader.shard_kind, shard_docs)
     for start in range(0, len(idx), BLOCK_DOCS):
-        docs = [reader.doc(int(i)) for i in idx[start:start + BLOCK_DOCS]]
+        docs = [reader.doc(int(i)) for i in idx[start : start + BLOCK_DOCS]]
         columns = {}
         for c in reader.columns:
             parts = [d[c] for d in docs]
-            columns[c] = (np.concatenate(parts) if parts else np.zeros(0, np.uint16),
-                          np.array([len(p) for p in parts], dtype=np.int64))
+            columns[c] = (
+                np.concatenate(parts) if parts else np.zeros(0, np.uint16),
+                np.array([len(p) for p in parts], dtype=np.int64),
+            )
         writer.write(columns, len(docs))
     return writer.finish()
 
 
-def split_shards(source: str | Path, eval_docs: int, out_train: str | Path, out_eval: str | Path, *, seed: int = 0,
-                 overwrite: bool = False, shard_docs: int = 200_000) -> tuple[dict, dict]:
+def split_shards(
+    source: str | Path,
+    eval_docs: int,
+    out_train: str | Path,
+    out_eval: str | Path,
+    *,
+    seed: int = 0,
+    overwrite: bool = False,
+    shard_docs: int = 200_000,
+) -> tuple[dict, dict]:
     """Write the documents of the shard dir `source` into `out_train` (all but `eval_docs`) and `out_eval`
     (`eval_docs` chosen by `seed` as training's `--eval-docs` chooses them); returns both manifests."""
     src, train_dir, eval_dir = Path(source), Path(out_train), Path(out_eval)
@@ -59,8 +69,14 @@ def split_shards(source: str | Path, eval_docs: int, out_train: str | Path, out_
         raise LLMCoreError(f"--eval-docs {eval_docs} leaves no training documents ({src} holds {len(reader)})")
     kind = reader.shard_kind
     for out, flag in ((train_dir, "--out-train"), (eval_dir, "--out-eval")):
-        check_out_dir(out, overwrite=overwrite, what=f"a shard dir of kind {kind.name}", inputs=[src],
-                      replaceable=lambda p: shard_dir_problem(p, kind), flag=flag)
+        check_out_dir(
+            out,
+            overwrite=overwrite,
+            what=f"a shard dir of kind {kind.name}",
+            inputs=[src],
+            replaceable=lambda p: shard_dir_problem(p, kind),
+            flag=flag,
+        )
     reader.verify()
     train_idx, eval_idx = train_eval_split(len(reader), eval_docs, seed)
     manifests, tmps = [], []
@@ -70,11 +86,21 @@ def split_shards(source: str | Path, eval_docs: int, out_train: str | Path, out_
             tmp = temp_dir_for(out)
             tmps.append(tmp)
             shards = _write_part(reader, idx, tmp, shard_docs)
-            manifest = {k: v for k, v in reader.manifest.items() if k not in ("shards", "num_docs", "num_tokens",
-                                                                               "seconds")}
-            manifest.update(num_docs=sum(s["num_docs"] for s in shards), num_tokens=sum(s["num_tokens"] for s in shards),
-                            shards=shards, split={"source": str(src.resolve()), "part": part, "eval_docs": eval_docs,
-                                                  "seed": seed, "source_docs": len(reader)})
+            manifest = {
+                k: v for k, v in reader.manifest.items() if k not in ("shards", "num_docs", "num_tokens", "seconds")
+            }
+            manifest.update(
+                num_docs=sum(s["num_docs"] for s in shards),
+                num_tokens=sum(s["num_tokens"] for s in shards),
+                shards=shards,
+                split={
+                    "source": str(src.resolve()),
+                    "part": part,
+                    "eval_docs": eval_docs,
+                    "seed": seed,
+                    "source_docs": len(reader),
+                },
+            )
             write_json(tmp / MANIFEST_FILE, manifest)
             manifests.append(manifest)
         for tmp, out in zip(tmps, (train_dir, eval_dir)):

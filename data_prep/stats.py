@@ -110,8 +110,9 @@ def compute_stats(
         result["chars_per_token"] = round(result["total_chars"] / max(1, result["total_tokens"]), 3)
         result["tokenizer"] = str(tokenizer_dir)
     if plot is not None:
-        result["plot"] = str(write_histogram(char_arr, tok_arr if tok is not None else None, plot, path.name,
-                                             plot_format))
+        result["plot"] = str(
+            write_histogram(char_arr, tok_arr if tok is not None else None, plot, path.name, plot_format)
+        )
     return result
 
 
@@ -137,13 +138,16 @@ def check_plot_path(out: str | Path, flag: str = "--plot") -> str:
     fmt = out.suffix[1:].lower() or "png"
     supported = FigureCanvasAgg.get_supported_filetypes()
     if fmt not in supported:
-        raise LLMCoreError(f"{flag} {out}: cannot write '.{fmt}' images; use .png, .svg or .pdf "
-                           f"(or one of {', '.join(sorted(supported))})")
+        raise LLMCoreError(
+            f"{flag} {out}: cannot write '.{fmt}' images; use .png, .svg or .pdf "
+            f"(or one of {', '.join(sorted(supported))})"
+        )
     return fmt
 
 
-def write_histogram(chars: np.ndarray, tokens: np.ndarray | None, out: str | Path, title: str,
-                    fmt: str | None = None) -> Path:
+def write_histogram(
+    chars: np.ndarray, tokens: np.ndarray | None, out: str | Path, title: str, fmt: str | None = None
+) -> Path:
     """Row-length histograms (characters, and tokens when counted). A long tail (max over 10x the
     p99, as on pretrain_sample.jsonl: p99 887, max 109,672) gets a log x axis with log-spaced bins,
     so the bulk and the outliers are both visible; otherwise the axis is linear. The axis label

@@ -48,17 +48,42 @@ SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2 in this order 
 # still single tokens, but `decode(skip_special_tokens=True)` keeps them, as MiniMind-3's files say.
 MINIMIND3_TOKENS: list[tuple[str, bool]] = [
     *((t, True) for t in SPECIAL_TOKENS),
-    *((f"<|{t}|>", True) for t in ("object_ref_start", "object_ref_end", "box_start", "box_end", "quad_start",
-                                   "quad_end", "vision_start", "vision_end", "vision_pad", "image_pad",
-                                   "video_pad", "audio_start", "audio_end", "audio_pad")),
+    *(
+        (f"<|{t}|>", True)
+        for t in (
+            "object_ref_start",
+            "object_ref_end",
+            "box_start",
+            "box_end",
+            "quad_start",
+            "quad_end",
+            "vision_start",
+            "vision_end",
+            "vision_pad",
+            "image_pad",
+            "video_pad",
+            "audio_start",
+            "audio_end",
+            "audio_pad",
+        )
+    ),
     *((t, True) for t in ("<tts_pad>", "<tts_text_bos>", "<tts_text_eod>", "<tts_text_bos_single>")),
-    *((t, False) for t in ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")),
+    *(
+        (t, False)
+        for t in ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
+    ),
     *((f"<|buffer{i}|>", False) for i in range(1, 10)),
 ]
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
 MARKER_FILE = "llmcore_tokenizer.json"  # written by `train_tokenizer`: says llmcore made this dir
 # What a tokenizer dir made by llmcore (or saved by transformers from one) may hold.
-TOKENIZER_DIR_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", MARKER_FILE}
+TOKENIZER_DIR_FILES = {
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    MARKER_FILE,
+}
 ASSISTANT_HEADER = "assistant\n"  # after the template's <|im_start|>: where a learned turn starts
 EMPTY_THINK = "<think>\n\n</think>\n\n"  # what MiniMind-3's template writes for a turn without reasoning
 
@@ -240,9 +265,13 @@ def _jinja_environment():
         @staticmethod
         def _check_name(name):
             if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"chat templates cannot store underscore-prefixed attributes ({name!r})")
+                raise jinja2.exceptions.SecurityError(
+                    f"chat templates cannot store underscore-prefixed attributes ({name!r})"
+                )
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -293,8 +322,13 @@ def _template_messages(messages: Sequence[dict]) -> list[dict]:
 _COMPILED: dict[str, object] = {}  # template text -> compiled template (templates are few and small)
 
 
-def render_chat_template(template: str, messages: Sequence[dict], tools: Sequence[dict] | None = None,
-                         add_generation_prompt: bool = False, **template_kwargs) -> str:
+def render_chat_template(
+    template: str,
+    messages: Sequence[dict],
+    tools: Sequence[dict] | None = None,
+    add_generation_prompt: bool = False,
+    **template_kwargs,
+) -> str:
     """Render a jinja chat template as transformers' `render_jinja_template` does: its sandboxed
     environment, None-valued message keys dropped, plain-JSON copies, reasoning aliases, `tools`,
     `documents=None`. `template_kwargs` are the named special tokens and any template options
@@ -308,14 +342,21 @@ def render_chat_template(template: str, messages: Sequence[dict], tools: Sequenc
     if tools is not None and not all(isinstance(t, dict) for t in tools):
         raise LLMCoreError("tools must be a list of JSON schemas (objects)")
     try:
-        return compiled.render(messages=_template_messages(messages), tools=_plain(tools), documents=None,
-                               add_generation_prompt=add_generation_prompt, **_plain(template_kwargs))
+        return compiled.render(
+            messages=_template_messages(messages),
+            tools=_plain(tools),
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **_plain(template_kwargs),
+        )
     except LLMCoreError:
         raise
     except Exception as err:  # jinja's errors, or TypeError etc. from the template's own expressions
         detail = str(err).splitlines()[0][:200] if str(err) else ""
-        raise ChatTemplateError(f"the chat template cannot render this conversation: {type(err).__name__}"
-                                + (f": {detail}" if detail else "")) from None
+        raise ChatTemplateError(
+            f"the chat template cannot render this conversation: {type(err).__name__}"
+            + (f": {detail}" if detail else "")
+        ) from None
 
 
 def _strings(value) -> Iterator[str]:
@@ -389,12 +430,15 @@ class Tokenizer:
         # transformers also stores several named templates as [{"name", "template"}]: "default", and
         # "tool_use" for calls with tools (its get_chat_template picks them the same way)
         self._named_templates: dict[str, str] = {}
-        if isinstance(raw, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
-                                         and isinstance(t.get("template"), str) for t in raw):
+        if isinstance(raw, list) and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in raw
+        ):
             self._named_templates = {t["name"]: t["template"] for t in raw}
             raw = self._named_templates.get("default")
         if not isinstance(raw, str):
-            raise LLMCoreError(f"{config_file}: chat_template is neither a template string nor named templates with a default")
+            raise LLMCoreError(
+                f"{config_file}: chat_template is neither a template string nor named templates with a default"
+            )
         self.chat_template: str = raw
 
         def special(key: str, default: str) -> tuple[str, int]:
@@ -483,24 +527,38 @@ class Tokenizer:
         out.update(bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token)
         return out
 
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
-                            tools: Sequence[dict] | None = None, **template_kwargs) -> str:
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = False,
+        tools: Sequence[dict] | None = None,
+        **template_kwargs,
+    ) -> str:
         """The conversation as text: exactly what transformers' `apply_chat_template(messages,
         tools=tools, add_generation_prompt=..., tokenize=False, **template_kwargs)` returns for this
         tokenizer dir (e.g. `open_thinking=True` for MiniMind-3's template). Messages are used as
         given: rows in MiniMind-3's format go through `normalize_conversation` first (the
         `encode_*` methods do that). ChatTemplateError when the template cannot render them."""
         try:
-            template = self._named_templates.get("tool_use", self.chat_template) if tools is not None else self.chat_template
-            return render_chat_template(template, messages, tools, add_generation_prompt,
-                                        **{**self._template_kwargs(), **template_kwargs})
+            template = (
+                self._named_templates.get("tool_use", self.chat_template) if tools is not None else self.chat_template
+            )
+            return render_chat_template(
+                template, messages, tools, add_generation_prompt, **{**self._template_kwargs(), **template_kwargs}
+            )
         except ChatTemplateError:
             raise
         except LLMCoreError as err:
             raise LLMCoreError(f"{self.path}: {err}") from None
 
-    def _render_plan(self, msgs: list[dict], tools: list[dict] | None, add_generation_prompt: bool, drop_think: bool,
-                     template_kwargs: dict) -> tuple[str, list[tuple[int, int, int]] | None]:
+    def _render_plan(
+        self,
+        msgs: list[dict],
+        tools: list[dict] | None,
+        add_generation_prompt: bool,
+        drop_think: bool,
+        template_kwargs: dict,
+    ) -> tuple[str, list[tuple[int, int, int]] | None]:
         """Render one normalised conversation; return the text and the template's own special tokens
         as (start, end, id), or None when no input string holds a special-token string (then every
         special in the text is the template's and the whole text encodes as one string).
@@ -527,7 +585,9 @@ class Tokenizer:
             if not used.intersection(marks):
                 break
         else:
-            raise ChatTemplateError("message text uses every private-use character range; cannot keep special-token strings as text")
+            raise ChatTemplateError(
+                "message text uses every private-use character range; cannot keep special-token strings as text"
+            )
         to_mark = dict(zip(specials, marks))
         from_mark = dict(zip(marks, specials))
 
@@ -539,7 +599,7 @@ class Tokenizer:
         controls: list[tuple[int, int, int]] = []
         pos = length = 0
         for m in re.compile(pattern.pattern + "|[" + "".join(marks) + "]").finditer(marked):
-            parts.append(marked[pos:m.start()])
+            parts.append(marked[pos : m.start()])
             length += m.start() - pos
             piece = m.group()
             if piece in from_mark:  # typed by the user: plain text
@@ -551,12 +611,15 @@ class Tokenizer:
             pos = m.end()
         parts.append(marked[pos:])
         if "".join(parts) != text:
-            raise ChatTemplateError("the chat template rewrites message text that holds special-token strings; "
-                                    "cannot tell its own special tokens from typed ones")
+            raise ChatTemplateError(
+                "the chat template rewrites message text that holds special-token strings; "
+                "cannot tell its own special tokens from typed ones"
+            )
         return text, controls
 
-    def _assistant_spans(self, text: str, controls: list[tuple[int, int, int]], n_assistant: int,
-                         only_last: bool) -> list[tuple[int, int]]:
+    def _assistant_spans(
+        self, text: str, controls: list[tuple[int, int, int]], n_assistant: int, only_last: bool
+    ) -> list[tuple[int, int]]:
         """Character spans that carry loss: from after each `<|im_start|>assistant\n` the template
         wrote through the `<|im_end|>` that closes that turn (to the end if none does)."""
         spans = []
@@ -564,7 +627,9 @@ class Tokenizer:
         for lo, hi, token_id in controls:
             if token_id == self.bos_id:
                 if start is not None:
-                    raise LLMCoreError("the chat template opens a turn inside an assistant turn; cannot place the loss mask")
+                    raise LLMCoreError(
+                        "the chat template opens a turn inside an assistant turn; cannot place the loss mask"
+                    )
                 if text.startswith(ASSISTANT_HEADER, hi):
                     start = hi + len(ASSISTANT_HEADER)
             elif token_id == self.eos_id and start is not None:
@@ -573,8 +638,10 @@ class Tokenizer:
         if start is not None:
             spans.append((start, len(text)))
         if len(spans) != n_assistant:
-            raise LLMCoreError(f"the chat template wrote {len(spans)} '{self.bos_token}{ASSISTANT_HEADER.strip()}' turns for "
-                               f"{n_assistant} assistant messages; cannot place the loss mask")
+            raise LLMCoreError(
+                f"the chat template wrote {len(spans)} '{self.bos_token}{ASSISTANT_HEADER.strip()}' turns for "
+                f"{n_assistant} assistant messages; cannot place the loss mask"
+            )
         return spans[-1:] if only_last else spans
 
     def chat_spans(self, messages: Sequence[dict], only_last: bool = False) -> tuple[str, list[tuple[int, int]]]:
@@ -593,11 +660,15 @@ class Tokenizer:
     def _check_rendered_fields(self, msgs: list[dict], tools) -> None:
         """Training rows must not lose data silently: tools, tool calls or reasoning that this
         template never reads (MiniMind2's ChatML) make the row a ChatTemplateError."""
-        fields = [("tools", bool(tools))] + [(key, any(key in m for m in msgs)) for key in ("tool_calls", "reasoning_content")]
+        fields = [("tools", bool(tools))] + [
+            (key, any(key in m for m in msgs)) for key in ("tool_calls", "reasoning_content")
+        ]
         for key, present in fields:
             if present and key not in self.chat_template:
-                raise ChatTemplateError(f"the tokenizer's chat template does not render {key}, so the row's {key} would be "
-                                        "lost; use a tokenizer with MiniMind-3's template (`tokenizer train`'s default)")
+                raise ChatTemplateError(
+                    f"the tokenizer's chat template does not render {key}, so the row's {key} would be "
+                    "lost; use a tokenizer with MiniMind-3's template (`tokenizer train`'s default)"
+                )
 
     @staticmethod
     def _check_trainable(msgs: list[dict]) -> None:
@@ -606,10 +677,15 @@ class Tokenizer:
         if not any(m["role"] == "assistant" for m in msgs):
             raise LLMCoreError("conversation has no assistant turn")
 
-    def encode_chats(self, conversations: Sequence[Sequence[dict]], only_last: bool = False,
-                     add_generation_prompt: bool = False, tools: Sequence[dict] | None = None,
-                     drop_empty_think: Sequence[bool] | None = None,
-                     **template_kwargs) -> list[tuple[list[int], np.ndarray]]:
+    def encode_chats(
+        self,
+        conversations: Sequence[Sequence[dict]],
+        only_last: bool = False,
+        add_generation_prompt: bool = False,
+        tools: Sequence[dict] | None = None,
+        drop_empty_think: Sequence[bool] | None = None,
+        **template_kwargs,
+    ) -> list[tuple[list[int], np.ndarray]]:
         """Token ids and uint8 loss masks of many conversations, batch-encoded (linear time in each).
 
         Each conversation goes through `normalize_conversation` (tools on its system message are
@@ -632,12 +708,17 @@ class Tokenizer:
                     self._check_trainable(msgs)
                     self._check_rendered_fields(msgs, row_tools if tools is None else tools)
                 drop = bool(drop_empty_think[index]) if drop_empty_think is not None else False
-                text, controls = self._render_plan(msgs, row_tools if tools is None else list(tools), add_generation_prompt,
-                                                   drop, template_kwargs)
+                text, controls = self._render_plan(
+                    msgs, row_tools if tools is None else list(tools), add_generation_prompt, drop, template_kwargs
+                )
                 spans = []
                 if not add_generation_prompt:
-                    spans = self._assistant_spans(text, controls if controls is not None else self._controls_of(text),
-                                                  sum(m["role"] == "assistant" for m in msgs), only_last)
+                    spans = self._assistant_spans(
+                        text,
+                        controls if controls is not None else self._controls_of(text),
+                        sum(m["role"] == "assistant" for m in msgs),
+                        only_last,
+                    )
             except ChatTemplateError as err:
                 raise ChatTemplateError(str(err), index) from None
             except RecursionError:  # a field nested deeper than the copies can follow
@@ -684,8 +765,9 @@ class Tokenizer:
         ids, mask = self.encode_chats([messages], only_last=only_last)[0]
         return ids, mask.tolist()
 
-    def encode_prompt(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
-                      open_thinking: bool = False) -> list[int]:
+    def encode_prompt(
+        self, messages: Sequence[dict], tools: Sequence[dict] | None = None, open_thinking: bool = False
+    ) -> list[int]:
         """Token ids of a generation prompt (the template's generation header; with MiniMind-3's
         template `<think>\n` when `open_thinking`, else an empty think block), with special-token
         strings inside messages and tools as plain text (for chat and serving). `tools` (JSON
@@ -759,9 +841,11 @@ def _iter_training_texts(inputs: Sequence[Path], field: str, counts: dict, max_l
             if isinstance(value, list):  # a conversation: train on its messages' text (MiniMind-3's fields included)
                 value = "\n".join(
                     x if isinstance(x, str) else json.dumps(x, ensure_ascii=False)
-                    for m in value if isinstance(m, dict)
+                    for m in value
+                    if isinstance(m, dict)
                     for x in (m.get("reasoning_content"), m.get("content"), m.get("tools"), m.get("tool_calls"))
-                    if x and isinstance(x, (str, list, dict)))
+                    if x and isinstance(x, (str, list, dict))
+                )
             if not isinstance(value, str) or not value:
                 counts["skipped"] += 1
                 continue
@@ -791,15 +875,22 @@ def train_tokenizer(
     from llmcore.data_prep.jsonl import DEFAULT_MAX_LINE_BYTES, input_files
 
     paths = input_files(inputs)
-    out = check_out_dir(out_dir, overwrite=overwrite, what="a tokenizer dir llmcore made", inputs=paths,
-                        replaceable=tokenizer_dir_problem)
+    out = check_out_dir(
+        out_dir,
+        overwrite=overwrite,
+        what="a tokenizer dir llmcore made",
+        inputs=paths,
+        replaceable=tokenizer_dir_problem,
+    )
     if template not in TEMPLATES:
         raise LLMCoreError(f"--template {template!r}: expected one of {', '.join(TEMPLATES)}")
     chat_template, added_tokens = TEMPLATES[template]
     added_names = [t for t, _ in added_tokens]
     if vocab_size < 256 + len(added_tokens):
-        raise LLMCoreError(f"vocab size {vocab_size} is too small: byte-level BPE with the {template} template's "
-                           f"{len(added_tokens)} added tokens needs at least {256 + len(added_tokens)}")
+        raise LLMCoreError(
+            f"vocab size {vocab_size} is too small: byte-level BPE with the {template} template's "
+            f"{len(added_tokens)} added tokens needs at least {256 + len(added_tokens)}"
+        )
 
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -811,7 +902,9 @@ def train_tokenizer(
         show_progress=show_progress,
     )
     counts = {"used": 0, "skipped": 0}
-    tok.train_from_iterator(_iter_training_texts(paths, field, counts, max_line_bytes or DEFAULT_MAX_LINE_BYTES), trainer=trainer)
+    tok.train_from_iterator(
+        _iter_training_texts(paths, field, counts, max_line_bytes or DEFAULT_MAX_LINE_BYTES), trainer=trainer
+    )
     if counts["used"] == 0:
         raise DataError(f'no usable "{field}" strings in the inputs', str(paths[0]), reason="empty_text")
     if counts["skipped"]:
@@ -827,7 +920,14 @@ def train_tokenizer(
         tok = tokenizers.Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
 
     added = {
-        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": special}
+        str(i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": special,
+        }
         for i, (t, special) in enumerate(added_tokens)
     }
     config = {
@@ -837,7 +937,9 @@ def train_tokenizer(
         "add_prefix_space": False,
         "added_tokens_decoder": added,
         # MiniMind-3 lists its named specials here; MiniMind2's ChatML config lists none
-        "additional_special_tokens": [t for t, special in added_tokens if special and t != PAD_TOKEN] if template != "chatml" else [],
+        "additional_special_tokens": [t for t, special in added_tokens if special and t != PAD_TOKEN]
+        if template != "chatml"
+        else [],
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
         "pad_token": PAD_TOKEN,
@@ -852,11 +954,22 @@ def train_tokenizer(
         with atomic_dir(out) as tmp:  # the whole dir appears at once; an old one is replaced only then
             tok.save(str(tmp / "tokenizer.json"))
             write_json(tmp / "tokenizer_config.json", config)
-            write_json(tmp / MARKER_FILE, {"format": "llmcore-tokenizer", "version": 1, "vocab_size": vocab_size,
-                                           "fingerprint": _fingerprint(tok), "inputs": [str(p) for p in paths], "field": field,
-                                           "template": template})
+            write_json(
+                tmp / MARKER_FILE,
+                {
+                    "format": "llmcore-tokenizer",
+                    "version": 1,
+                    "vocab_size": vocab_size,
+                    "fingerprint": _fingerprint(tok),
+                    "inputs": [str(p) for p in paths],
+                    "field": field,
+                    "template": template,
+                },
+            )
             fault_point("tokenizer:install")
     except OSError as err:
-        raise LLMCoreError(f"--out {out}: cannot write the tokenizer dir: {err.strerror or err} "
-                           "(nothing was written there; any old tokenizer dir is unchanged)") from err
+        raise LLMCoreError(
+            f"--out {out}: cannot write the tokenizer dir: {err.strerror or err} "
+            "(nothing was written there; any old tokenizer dir is unchanged)"
+        ) from err
     return out

@@ -76,8 +76,9 @@ def needs_bf16_fix(interpreted: bool, dtype: torch.dtype) -> bool:
     return interpreted and dtype == torch.bfloat16
 
 
-def compile_for_cuda(kernel: object, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
-                     arch: int = 90) -> dict:
+def compile_for_cuda(
+    kernel: object, args: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3, arch: int = 90
+) -> dict:
     """Compile a ``@triton.jit`` kernel to a CUDA binary without a GPU (Triton ships ptxas).
 
     Lets CPU-only CI catch errors that only compiled mode reports (types, layouts, shared
@@ -104,6 +105,7 @@ def compile_for_cuda(kernel: object, args: dict, constexprs: dict, num_warps: in
         else:
             signature[name] = "i32" if isinstance(value, int) else "fp32"
     source = ASTSource(kernel, signature, constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     return {"shared": int(compiled.metadata.shared), "cubin": len(compiled.asm["cubin"])}

@@ -108,19 +108,31 @@ def _store_tile(base, offs, stride, ok, value, HEAD_DIM: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
-def _kv_tile(k_base, v_base, stride_kt, stride_vt, n0, seq_len,
-             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _kv_tile(
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    n0,
+    seq_len,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """The key tile starting at ``n0`` (forward / dQ loops): its positions, which are inside the
     sequence, and its K and V rows (zeros past the sequence)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < seq_len
-    return (offs_n, n_ok, _load_tile(k_base, offs_n, stride_kt, n_ok, HEAD_DIM, BLOCK_D),
-            _load_tile(v_base, offs_n, stride_vt, n_ok, HEAD_DIM, BLOCK_D))
+    return (
+        offs_n,
+        n_ok,
+        _load_tile(k_base, offs_n, stride_kt, n_ok, HEAD_DIM, BLOCK_D),
+        _load_tile(v_base, offs_n, stride_vt, n_ok, HEAD_DIM, BLOCK_D),
+    )
 
 
 @triton.jit
-def _visible(rows, cols, cols_ok, row_lo, row_hi,
-             CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, KEY_ROWS: tl.constexpr):
+def _visible(rows, cols, cols_ok, row_lo, row_hi, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, KEY_ROWS: tl.constexpr):
     """Element mask of a score tile: ``cols`` inside the sequence, in causal order, and inside the
     row's document ``[row_lo, row_hi)``. Rows are queries and columns keys, or (KEY_ROWS, the
     transposed dK/dV tiles) rows are keys and columns queries."""
@@ -162,8 +174,19 @@ def _query_tile(seq_len, n_heads, group, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _query_tile_keys(SEG_START, SEG_END, b, seq_len, m_start, offs_m, m_ok, last_m,
-                     CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr):
+def _query_tile_keys(
+    SEG_START,
+    SEG_END,
+    b,
+    seq_len,
+    m_start,
+    offs_m,
+    m_ok,
+    last_m,
+    CAUSAL: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Key ranges a query tile visits (forward / dQ): ``[0, full_end)`` needs no element mask,
     ``[full_end, tail_end)`` does. With documents only the masked range is visited: it spans the
     tile's documents, and ``q_lo``/``q_hi`` are each query's document bounds (without documents
@@ -191,10 +214,28 @@ def _query_tile_keys(SEG_START, SEG_END, b, seq_len, m_start, offs_m, m_ok, last
 
 @triton.jit
 def _fwd_tiles(
-    acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-    start, end, offs_m, q_lo, q_hi, seq_len, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    start,
+    end,
+    offs_m,
+    q_lo,
+    q_hi,
+    seq_len,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    F32: tl.constexpr,
 ):
     for n0 in range(start, end, BLOCK_N):
         offs_n, n_ok, k, v = _kv_tile(k_base, v_base, stride_kt, stride_vt, n0, seq_len, HEAD_DIM, BLOCK_D, BLOCK_N)
@@ -218,14 +259,37 @@ def _fwd_tiles(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, SEG_START, SEG_END,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh,
-    seq_len, n_heads, group, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
-    FIX_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    SEG_START,
+    SEG_END,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    seq_len,
+    n_heads,
+    group,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    F32: tl.constexpr,
+    FIX_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_bh, b, h, hk, m_start, offs_m, m_ok, last_m = _query_tile(seq_len, n_heads, group, BLOCK_M)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, m_ok, HEAD_DIM, BLOCK_D)
@@ -238,20 +302,70 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    q_lo, q_hi, full_end, tail_end = _query_tile_keys(SEG_START, SEG_END, b, seq_len, m_start, offs_m, m_ok,
-                                                     last_m, CAUSAL, HAS_SEG, BLOCK_N)
+    q_lo, q_hi, full_end, tail_end = _query_tile_keys(
+        SEG_START, SEG_END, b, seq_len, m_start, offs_m, m_ok, last_m, CAUSAL, HAS_SEG, BLOCK_N
+    )
     if not HAS_SEG:
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-                                   0, full_end, offs_m, q_lo, q_hi, seq_len, qk_scale,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_SEG, F32)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt,
-                               full_end, tail_end, offs_m, q_lo, q_hi, seq_len, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_SEG, F32)
+        acc, m_i, l_i = _fwd_tiles(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            0,
+            full_end,
+            offs_m,
+            q_lo,
+            q_hi,
+            seq_len,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            False,
+            CAUSAL,
+            HAS_SEG,
+            F32,
+        )
+    acc, m_i, l_i = _fwd_tiles(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        full_end,
+        tail_end,
+        offs_m,
+        q_lo,
+        q_hi,
+        seq_len,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        HAS_SEG,
+        F32,
+    )
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    _store_tile(O + b * stride_ob + h * stride_oh, offs_m, stride_ot, m_ok,
-                cast_rtne(out, O.dtype.element_ty, FIX_BF16), HEAD_DIM, BLOCK_D)
+    _store_tile(
+        O + b * stride_ob + h * stride_oh,
+        offs_m,
+        stride_ot,
+        m_ok,
+        cast_rtne(out, O.dtype.element_ty, FIX_BF16),
+        HEAD_DIM,
+        BLOCK_D,
+    )
     tl.store(LSE + pid_bh.to(tl.int64) * seq_len + offs_m, m_i + tl.log2(l_safe), mask=m_ok)
 
 
@@ -262,11 +376,20 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_delta_kernel(
-    O, DO, DELTA,
-    stride_ob, stride_ot, stride_oh,
-    stride_db, stride_dt, stride_dh,
-    seq_len, n_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_db,
+    stride_dt,
+    stride_dh,
+    seq_len,
+    n_heads,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -281,10 +404,30 @@ def _bwd_delta_kernel(
 
 @triton.jit
 def _bwd_dkdv_tiles(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-    stride_qt, stride_dot, start, end, offs_n, k_lo, k_hi, seq_len, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    stride_qt,
+    stride_dot,
+    start,
+    end,
+    offs_n,
+    k_lo,
+    k_hi,
+    seq_len,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    F32: tl.constexpr,
 ):
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -315,16 +458,48 @@ def _bwd_dkdv_tiles(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, SEG_END,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    stride_dkb, stride_dkt, stride_dkh,
-    stride_dvb, stride_dvt, stride_dvh,
-    seq_len, n_heads, n_kv_heads, group, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
-    FIX_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    SEG_START,
+    SEG_END,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_dkb,
+    stride_dkt,
+    stride_dkh,
+    stride_dvb,
+    stride_dvt,
+    stride_dvh,
+    seq_len,
+    n_heads,
+    n_kv_heads,
+    group,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    F32: tl.constexpr,
+    FIX_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -369,34 +544,159 @@ def _bwd_dkdv_kernel(
         lse_base = LSE + bh * seq_len
         delta_base = DELTA + bh * seq_len
         if HAS_SEG:
-            dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                     stride_qt, stride_dot, lo, hi, offs_n, k_lo, k_hi, seq_len, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, True, F32)
+            dk, dv = _bwd_dkdv_tiles(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                stride_qt,
+                stride_dot,
+                lo,
+                hi,
+                offs_n,
+                k_lo,
+                k_hi,
+                seq_len,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_M,
+                True,
+                CAUSAL,
+                True,
+                F32,
+            )
         else:
             if CAUSAL:
-                dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                         stride_qt, stride_dot, n_start, diag_end, offs_n, k_lo, k_hi,
-                                         seq_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, False, F32)
-            dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                     stride_qt, stride_dot, full_start, full_end, offs_n, k_lo, k_hi,
-                                     seq_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, False, F32)
-            dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                                     stride_qt, stride_dot, tail_start, seq_len, offs_n, k_lo, k_hi,
-                                     seq_len, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, False, F32)
+                dk, dv = _bwd_dkdv_tiles(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    q_base,
+                    do_base,
+                    lse_base,
+                    delta_base,
+                    stride_qt,
+                    stride_dot,
+                    n_start,
+                    diag_end,
+                    offs_n,
+                    k_lo,
+                    k_hi,
+                    seq_len,
+                    qk_scale,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    BLOCK_M,
+                    True,
+                    CAUSAL,
+                    False,
+                    F32,
+                )
+            dk, dv = _bwd_dkdv_tiles(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                stride_qt,
+                stride_dot,
+                full_start,
+                full_end,
+                offs_n,
+                k_lo,
+                k_hi,
+                seq_len,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_M,
+                False,
+                CAUSAL,
+                False,
+                F32,
+            )
+            dk, dv = _bwd_dkdv_tiles(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                stride_qt,
+                stride_dot,
+                tail_start,
+                seq_len,
+                offs_n,
+                k_lo,
+                k_hi,
+                seq_len,
+                qk_scale,
+                HEAD_DIM,
+                BLOCK_D,
+                BLOCK_M,
+                True,
+                CAUSAL,
+                False,
+                F32,
+            )
 
     dk = dk * sm_scale
-    _store_tile(DK + b * stride_dkb + hk * stride_dkh, offs_n, stride_dkt, n_ok,
-                cast_rtne(dk, DK.dtype.element_ty, FIX_BF16), HEAD_DIM, BLOCK_D)
-    _store_tile(DV + b * stride_dvb + hk * stride_dvh, offs_n, stride_dvt, n_ok,
-                cast_rtne(dv, DV.dtype.element_ty, FIX_BF16), HEAD_DIM, BLOCK_D)
+    _store_tile(
+        DK + b * stride_dkb + hk * stride_dkh,
+        offs_n,
+        stride_dkt,
+        n_ok,
+        cast_rtne(dk, DK.dtype.element_ty, FIX_BF16),
+        HEAD_DIM,
+        BLOCK_D,
+    )
+    _store_tile(
+        DV + b * stride_dvb + hk * stride_dvh,
+        offs_n,
+        stride_dvt,
+        n_ok,
+        cast_rtne(dv, DV.dtype.element_ty, FIX_BF16),
+        HEAD_DIM,
+        BLOCK_D,
+    )
 
 
 @triton.jit
 def _bwd_dq_tiles(
-    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-    start, end, offs_m, q_lo, q_hi, seq_len, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    start,
+    end,
+    offs_m,
+    q_lo,
+    q_hi,
+    seq_len,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    F32: tl.constexpr,
 ):
     for n0 in range(start, end, BLOCK_N):
         offs_n, n_ok, k, v = _kv_tile(k_base, v_base, stride_kt, stride_vt, n0, seq_len, HEAD_DIM, BLOCK_D, BLOCK_N)
@@ -417,15 +717,43 @@ def _bwd_dq_tiles(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, SEG_START, SEG_END,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    stride_dqb, stride_dqt, stride_dqh,
-    seq_len, n_heads, group, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, F32: tl.constexpr,
-    FIX_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    SEG_START,
+    SEG_END,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    stride_dqb,
+    stride_dqt,
+    stride_dqh,
+    seq_len,
+    n_heads,
+    group,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    F32: tl.constexpr,
+    FIX_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_bh, b, h, hk, m_start, offs_m, m_ok, last_m = _query_tile(seq_len, n_heads, group, BLOCK_M)
     q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qt, m_ok, HEAD_DIM, BLOCK_D)
@@ -439,19 +767,71 @@ def _bwd_dq_kernel(
     v_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    q_lo, q_hi, full_end, tail_end = _query_tile_keys(SEG_START, SEG_END, b, seq_len, m_start, offs_m, m_ok,
-                                                     last_m, CAUSAL, HAS_SEG, BLOCK_N)
+    q_lo, q_hi, full_end, tail_end = _query_tile_keys(
+        SEG_START, SEG_END, b, seq_len, m_start, offs_m, m_ok, last_m, CAUSAL, HAS_SEG, BLOCK_N
+    )
     if not HAS_SEG:
-        dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                           0, full_end, offs_m, q_lo, q_hi, seq_len, qk_scale,
-                           HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_SEG, F32)
-    dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-                       full_end, tail_end, offs_m, q_lo, q_hi, seq_len, qk_scale,
-                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_SEG, F32)
+        dq = _bwd_dq_tiles(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            0,
+            full_end,
+            offs_m,
+            q_lo,
+            q_hi,
+            seq_len,
+            qk_scale,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            False,
+            CAUSAL,
+            HAS_SEG,
+            F32,
+        )
+    dq = _bwd_dq_tiles(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        full_end,
+        tail_end,
+        offs_m,
+        q_lo,
+        q_hi,
+        seq_len,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        HAS_SEG,
+        F32,
+    )
 
     dq = dq * sm_scale
-    _store_tile(DQ + b * stride_dqb + h * stride_dqh, offs_m, stride_dqt, m_ok,
-                cast_rtne(dq, DQ.dtype.element_ty, FIX_BF16), HEAD_DIM, BLOCK_D)
+    _store_tile(
+        DQ + b * stride_dqb + h * stride_dqh,
+        offs_m,
+        stride_dqt,
+        m_ok,
+        cast_rtne(dq, DQ.dtype.element_ty, FIX_BF16),
+        HEAD_DIM,
+        BLOCK_D,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,6 +883,7 @@ def _prune_head_dim(kind: str):
         else:
             kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64]
         return kept or configs
+
     return prune
 
 
@@ -514,8 +895,11 @@ def _build_launchers() -> dict:
     if is_interpreted(_fwd_kernel) or not _AUTOTUNE:
         return dict(_PLAIN)
     return {
-        kind: triton.autotune(configs=_cuda_configs(_CUDA[kind]), key=_AUTOTUNE_KEY,
-                              prune_configs_by={"early_config_prune": _prune_head_dim(kind)})(kernel)
+        kind: triton.autotune(
+            configs=_cuda_configs(_CUDA[kind]),
+            key=_AUTOTUNE_KEY,
+            prune_configs_by={"early_config_prune": _prune_head_dim(kind)},
+        )(kernel)
         for kind, kernel in _PLAIN.items()
     }
 
@@ -553,7 +937,9 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _segments(cu_seqlens: torch.Tensor, batch: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _segments(
+    cu_seqlens: torch.Tensor, batch: int, seq_len: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``[doc_start, doc_end)`` positions inside its row, flattened to ``(B*T,)`` int32.
 
     Documents are also cut at row boundaries, so a ``cu_seqlens`` that omits a row start still
@@ -591,7 +977,9 @@ def document_bounds(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"flash_attention: cu_seqlens must be 1-D with at least 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"flash_attention: cu_seqlens must be 1-D with at least 2 offsets, got shape {tuple(cu_seqlens.shape)}"
+        )
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"flash_attention: cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
     ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
@@ -600,7 +988,9 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
         # the check fails asynchronously instead.
         torch._assert_async(ok, "flash_attention: cu_seqlens must rise from 0 to batch*seq")
     elif not bool(ok):
-        raise ValueError(f"flash_attention: cu_seqlens must be non-decreasing from 0 to batch*seq={total}, got {cu_seqlens.tolist()}")
+        raise ValueError(
+            f"flash_attention: cu_seqlens must be non-decreasing from 0 to batch*seq={total}, got {cu_seqlens.tolist()}"
+        )
 
 
 # Two custom ops (forward returning O and the log-sum-exp, backward returning dQ, dK, dV) with fake
@@ -610,8 +1000,15 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
 
 
 @torch.library.custom_op("llmcore::flash_attention", mutates_args=())
-def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: torch.Tensor | None,
-               seg_end: torch.Tensor | None, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seg_start: torch.Tensor | None,
+    seg_end: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o, lse)``: o ``(B, T, H, D)`` contiguous in q's dtype, lse fp32 ``(B, H, T)`` (base 2)."""
     interpreted = check_device(_fwd_kernel, q, k, v)
     batch, seq_len, n_heads, head_dim = q.shape
@@ -628,11 +1025,28 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg_start: tor
     qk_scale = softmax_scale * _LOG2E
     grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
     _LAUNCH["fwd"][grid](
-        q, k, v, o, lse, seg_start, seg_end,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        seq_len, n_heads, n_heads // n_kv, qk_scale,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=causal, HAS_SEG=has_seg, F32=f32,
-        FIX_BF16=needs_bf16_fix(interpreted, q.dtype), **_tiles("fwd", _block_d(head_dim), interpreted, f32),
+        q,
+        k,
+        v,
+        o,
+        lse,
+        seg_start,
+        seg_end,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(o),
+        seq_len,
+        n_heads,
+        n_heads // n_kv,
+        qk_scale,
+        HEAD_DIM=head_dim,
+        BLOCK_D=_block_d(head_dim),
+        CAUSAL=causal,
+        HAS_SEG=has_seg,
+        F32=f32,
+        FIX_BF16=needs_bf16_fix(interpreted, q.dtype),
+        **_tiles("fwd", _block_d(head_dim), interpreted, f32),
     )
     return o, lse
 
@@ -644,9 +1058,18 @@ def _(q, k, v, seg_start, seg_end, causal, softmax_scale):
 
 
 @torch.library.custom_op("llmcore::flash_attention_backward", mutates_args=())
-def _flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-               lse: torch.Tensor, seg_start: torch.Tensor | None, seg_end: torch.Tensor | None, causal: bool,
-               softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flash_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    seg_start: torch.Tensor | None,
+    seg_end: torch.Tensor | None,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)``, contiguous, in the inputs' shapes and dtypes (recomputes the attention tiles)."""
     interpreted = check_device(_fwd_kernel, do, q, k, v, o, lse)
     batch, seq_len, n_heads, head_dim = q.shape
@@ -664,26 +1087,78 @@ def _flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     delta = torch.empty_like(lse)
     block = 64
     _bwd_delta_kernel[(triton.cdiv(seq_len, block), batch * n_heads)](
-        o, do, delta, *_strides(o), *_strides(do), seq_len, n_heads,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block, num_warps=4,
+        o,
+        do,
+        delta,
+        *_strides(o),
+        *_strides(do),
+        seq_len,
+        n_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=_block_d(head_dim),
+        BLOCK_M=block,
+        num_warps=4,
     )
     qk_scale = softmax_scale * _LOG2E
     group = n_heads // n_kv
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=causal, HAS_SEG=has_seg, F32=f32,
-                  FIX_BF16=needs_bf16_fix(interpreted, q.dtype))
+    common = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=_block_d(head_dim),
+        CAUSAL=causal,
+        HAS_SEG=has_seg,
+        F32=f32,
+        FIX_BF16=needs_bf16_fix(interpreted, q.dtype),
+    )
     grid_kv = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_N"]), batch * n_kv)  # noqa: E731
     _LAUNCH["dkdv"][grid_kv](
-        q, k, v, do, lse, delta, dk, dv, seg_start, seg_end,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        seq_len, n_heads, n_kv, group, qk_scale, softmax_scale,
-        **common, **_tiles("dkdv", _block_d(head_dim), interpreted, f32),
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        seg_start,
+        seg_end,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(do),
+        *_strides(dk),
+        *_strides(dv),
+        seq_len,
+        n_heads,
+        n_kv,
+        group,
+        qk_scale,
+        softmax_scale,
+        **common,
+        **_tiles("dkdv", _block_d(head_dim), interpreted, f32),
     )
     grid_q = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
     _LAUNCH["dq"][grid_q](
-        q, k, v, do, lse, delta, dq, seg_start, seg_end,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        seq_len, n_heads, group, qk_scale, softmax_scale,
-        **common, **_tiles("dq", _block_d(head_dim), interpreted, f32),
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        seg_start,
+        seg_end,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(do),
+        *_strides(dq),
+        seq_len,
+        n_heads,
+        group,
+        qk_scale,
+        softmax_scale,
+        **common,
+        **_tiles("dq", _block_d(head_dim), interpreted, f32),
     )
     return dq, dk, dv
 
@@ -703,8 +1178,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, seg_start, seg_end = ctx.saved_tensors
-    dq, dk, dv = torch.ops.llmcore.flash_attention_backward(do, q, k, v, o, lse, seg_start, seg_end,
-                                                            ctx.causal, ctx.scale)
+    dq, dk, dv = torch.ops.llmcore.flash_attention_backward(
+        do, q, k, v, o, lse, seg_start, seg_end, ctx.causal, ctx.scale
+    )
     return dq, dk, dv, None, None, None, None
 
 
@@ -749,13 +1225,18 @@ def flash_attention(
     if not 1 <= head_dim <= 256:
         raise ValueError(f"flash_attention: head_dim must be in [1, 256], got {head_dim}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"flash_attention: q, k, v must share one of fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"flash_attention: q, k, v must share one of fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if (cu_seqlens is not None) + (position_ids is not None) + (doc_bounds is not None) > 1:
         raise ValueError("flash_attention: give documents one way (cu_seqlens, position_ids or doc_bounds), not both")
-    if doc_bounds is not None and (len(doc_bounds) != 2 or any(
-            b.shape != (batch * seq_len,) or b.dtype != torch.int32 for b in doc_bounds)):
-        raise ValueError(f"flash_attention: doc_bounds must be two int32 tensors of shape ({batch * seq_len},) "
-                         "from document_bounds(position_ids)")
+    if doc_bounds is not None and (
+        len(doc_bounds) != 2 or any(b.shape != (batch * seq_len,) or b.dtype != torch.int32 for b in doc_bounds)
+    ):
+        raise ValueError(
+            f"flash_attention: doc_bounds must be two int32 tensors of shape ({batch * seq_len},) "
+            "from document_bounds(position_ids)"
+        )
     if position_ids is not None and tuple(position_ids.shape) != (batch, seq_len):
         raise ValueError(f"flash_attention: position_ids must be ({batch}, {seq_len}), got {tuple(position_ids.shape)}")
     if cu_seqlens is not None:

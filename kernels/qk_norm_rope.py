@@ -44,8 +44,23 @@ __all__ = ["qk_norm_rope", "qk_norm_rope_reference"]
 
 
 @triton.jit
-def _load_block(X, W, COS, SIN, POS, pid, n_tokens, seq_len, n_heads, half_dim, stride_table,
-                HAS_POS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _load_block(
+    X,
+    W,
+    COS,
+    SIN,
+    POS,
+    pid,
+    n_tokens,
+    seq_len,
+    n_heads,
+    half_dim,
+    stride_table,
+    HAS_POS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     """A program's tokens: element offsets and mask into the contiguous (tokens, heads, head_dim)
     tensors, both halves of x (fp32), of the weight and of the table rows (broadcast over heads)."""
     tok = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -84,15 +99,43 @@ def _rstd(x1, x2, half_dim, eps):
 
 @triton.jit
 def _qk_norm_rope_fwd_kernel(
-    X, W, Y, COS, SIN, POS,
-    n_tokens, seq_len, n_heads, half_dim, stride_table, eps,
-    HAS_POS: tl.constexpr, ROUND_N: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, FIX_BF16: tl.constexpr,
+    X,
+    W,
+    Y,
+    COS,
+    SIN,
+    POS,
+    n_tokens,
+    seq_len,
+    n_heads,
+    half_dim,
+    stride_table,
+    eps,
+    HAS_POS: tl.constexpr,
+    ROUND_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    FIX_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs, mask, x1, x2, w1, w2, c1, c2, s1, s2 = _load_block(
-        X, W, COS, SIN, POS, pid, n_tokens, seq_len, n_heads, half_dim, stride_table,
-        HAS_POS, BLOCK_T, BLOCK_H, BLOCK_HALF)
+        X,
+        W,
+        COS,
+        SIN,
+        POS,
+        pid,
+        n_tokens,
+        seq_len,
+        n_heads,
+        half_dim,
+        stride_table,
+        HAS_POS,
+        BLOCK_T,
+        BLOCK_H,
+        BLOCK_HALF,
+    )
     rstd = _rstd(x1, x2, half_dim, eps)
     # The normalised vector is rounded to the input dtype before the weight, and the weighted one
     # again when the weight has that dtype too (the product is then computed in it), as eager does.
@@ -109,15 +152,44 @@ def _qk_norm_rope_fwd_kernel(
 
 @triton.jit
 def _qk_norm_rope_bwd_kernel(
-    DY, X, W, DX, DW_PARTIAL, COS, SIN, POS,
-    n_tokens, seq_len, n_heads, half_dim, stride_table, eps,
+    DY,
+    X,
+    W,
+    DX,
+    DW_PARTIAL,
+    COS,
+    SIN,
+    POS,
+    n_tokens,
+    seq_len,
+    n_heads,
+    half_dim,
+    stride_table,
+    eps,
     HAS_POS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, FIX_BF16: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    FIX_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs, mask, x1, x2, w1, w2, c1, c2, s1, s2 = _load_block(
-        X, W, COS, SIN, POS, pid, n_tokens, seq_len, n_heads, half_dim, stride_table,
-        HAS_POS, BLOCK_T, BLOCK_H, BLOCK_HALF)
+        X,
+        W,
+        COS,
+        SIN,
+        POS,
+        pid,
+        n_tokens,
+        seq_len,
+        n_heads,
+        half_dim,
+        stride_table,
+        HAS_POS,
+        BLOCK_T,
+        BLOCK_H,
+        BLOCK_HALF,
+    )
     dy1 = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     dy2 = tl.load(DY + offs + half_dim, mask=mask, other=0.0).to(tl.float32)
     # Transposed rotation: the gradient reaching the normalised, weighted vector.
@@ -146,22 +218,46 @@ def _qk_norm_rope_bwd_kernel(
     tl.store(row + half_dim + d, dw2, mask=d_ok)
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None,
-            eps: float, interpreted: bool, dy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor | None,
+    eps: float,
+    interpreted: bool,
+    dy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward (``dy`` None): the normalised, rotated x. Backward: ``(dx, dweight)``."""
     batch, seq_len, n_heads, head_dim = x.shape
     n_tokens = batch * seq_len
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_t, block_h, block_half = token_blocks(n_heads, head_dim, interpreted)
     n_programs = triton.cdiv(n_tokens, block_t)
-    common = dict(HAS_POS=pos is not None, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
-                  FIX_BF16=needs_bf16_fix(interpreted, x.dtype), num_warps=4)
-    table_args = (cos, sin, pos if pos is not None else x, n_tokens, seq_len, n_heads, head_dim // 2,
-                  cos.stride(0), float(eps))
+    common = dict(
+        HAS_POS=pos is not None,
+        BLOCK_T=block_t,
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        FIX_BF16=needs_bf16_fix(interpreted, x.dtype),
+        num_warps=4,
+    )
+    table_args = (
+        cos,
+        sin,
+        pos if pos is not None else x,
+        n_tokens,
+        seq_len,
+        n_heads,
+        head_dim // 2,
+        cos.stride(0),
+        float(eps),
+    )
     if dy is None:
         if n_tokens:
-            _qk_norm_rope_fwd_kernel[(n_programs,)](x, weight, out, *table_args,
-                                                    ROUND_N=weight.dtype == x.dtype, **common)
+            _qk_norm_rope_fwd_kernel[(n_programs,)](
+                x, weight, out, *table_args, ROUND_N=weight.dtype == x.dtype, **common
+            )
         return out, None
     dw_partial = torch.zeros((max(n_programs, 1), head_dim), dtype=torch.float32, device=x.device)
     if n_tokens:
@@ -174,9 +270,16 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch
 
 
 @torch.library.custom_op("llmcore::qk_norm_rope", mutates_args=())
-def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                     cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _qk_norm_rope_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise and rotate q and k; new contiguous tensors in their dtypes."""
     interpreted = check_device(_qk_norm_rope_fwd_kernel, q, k, q_weight, k_weight, cos, sin)
     check_positions(position_ids, cos.shape[0], "qk_norm_rope")
@@ -192,23 +295,38 @@ def _(q, k, q_weight, k_weight, cos, sin, position_ids, eps):
 
 
 @torch.library.custom_op("llmcore::qk_norm_rope_backward", mutates_args=())
-def _qk_norm_rope_bwd(dq: torch.Tensor, dk: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor,
-                      k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qk_norm_rope_bwd(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dq_weight, dk_weight)`` in the inputs' shapes and dtypes (recomputes the norms)."""
     interpreted = check_device(_qk_norm_rope_fwd_kernel, dq, dk, q, k, q_weight, k_weight, cos, sin)
     cos, sin = cos.contiguous(), sin.contiguous()
-    dq_in, dqw = _launch(q.contiguous(), q_weight.contiguous(), cos, sin, position_ids, eps, interpreted,
-                         dy=dq.contiguous())
-    dk_in, dkw = _launch(k.contiguous(), k_weight.contiguous(), cos, sin, position_ids, eps, interpreted,
-                         dy=dk.contiguous())
+    dq_in, dqw = _launch(
+        q.contiguous(), q_weight.contiguous(), cos, sin, position_ids, eps, interpreted, dy=dq.contiguous()
+    )
+    dk_in, dkw = _launch(
+        k.contiguous(), k_weight.contiguous(), cos, sin, position_ids, eps, interpreted, dy=dk.contiguous()
+    )
     return dq_in, dk_in, dqw, dkw
 
 
 @_qk_norm_rope_bwd.register_fake
 def _(dq, dk, q, k, q_weight, k_weight, cos, sin, position_ids, eps):
-    return q.new_empty(q.shape), k.new_empty(k.shape), q_weight.new_empty(q_weight.shape), \
-        k_weight.new_empty(k_weight.shape)
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        q_weight.new_empty(q_weight.shape),
+        k_weight.new_empty(k_weight.shape),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -219,8 +337,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dq, dk):
     q, k, q_weight, k_weight, cos, sin, position_ids = ctx.saved_tensors
-    dq_in, dk_in, dqw, dkw = torch.ops.llmcore.qk_norm_rope_backward(dq, dk, q, k, q_weight, k_weight, cos, sin,
-                                                                     position_ids, ctx.eps)
+    dq_in, dk_in, dqw, dkw = torch.ops.llmcore.qk_norm_rope_backward(
+        dq, dk, q, k, q_weight, k_weight, cos, sin, position_ids, ctx.eps
+    )
     return dq_in, dk_in, dqw, dkw, None, None, None, None
 
 

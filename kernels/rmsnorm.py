@@ -33,9 +33,18 @@ __all__ = ["rms_norm", "rms_norm_reference"]
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X, W, Y, RSTD,
-    n_rows, n_cols, stride_x, stride_y, eps,
-    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, FIX_BF16: tl.constexpr,
+    X,
+    W,
+    Y,
+    RSTD,
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_y,
+    eps,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FIX_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # int64 row offsets: rows * stride can pass 2**31 for large batches of long sequences.
@@ -59,10 +68,21 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, X, W, RSTD, DX, DW_PARTIAL,
-    n_rows, n_cols, rows_per_program,
-    stride_dy, stride_x, stride_dx,
-    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, FIX_BF16: tl.constexpr,
+    DY,
+    X,
+    W,
+    RSTD,
+    DX,
+    DW_PARTIAL,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FIX_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -87,7 +107,9 @@ def _rms_norm_bwd_kernel(
         # d/dx of x*rstd(x): the mean term is the projection through rstd's dependence on x.
         proj = tl.sum(g * xhat, axis=1) / n_cols
         dx = rstd[:, None] * (g - xhat * proj[:, None])
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_rtne(dx, DX.dtype.element_ty, FIX_BF16), mask=mask)
+        tl.store(
+            DX + rows[:, None] * stride_dx + cols[None, :], cast_rtne(dx, DX.dtype.element_ty, FIX_BF16), mask=mask
+        )
 
     tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_ok)
 
@@ -138,8 +160,18 @@ def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     if n_rows > 0:
         grid = (triton.cdiv(n_rows, block_rows),)
         _rms_norm_fwd_kernel[grid](
-            x2, w, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), float(eps),
-            BLOCK_ROWS=block_rows, BLOCK_N=block_n, FIX_BF16=needs_bf16_fix(interpreted, x.dtype),
+            x2,
+            w,
+            y,
+            rstd,
+            n_rows,
+            n_cols,
+            x2.stride(0),
+            y.stride(0),
+            float(eps),
+            BLOCK_ROWS=block_rows,
+            BLOCK_N=block_n,
+            FIX_BF16=needs_bf16_fix(interpreted, x.dtype),
             num_warps=num_warps,
         )
     return y.view(x.shape), rstd
@@ -152,8 +184,9 @@ def _(x, weight, eps):
 
 
 @torch.library.custom_op("llmcore::rms_norm_backward", mutates_args=())
-def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                  rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dx, dweight)`` in x's and weight's shapes and dtypes."""
     n_cols = x.shape[-1]
     interpreted = check_device(_rms_norm_fwd_kernel, dy, x, weight, rstd)
@@ -176,10 +209,21 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dw_partial = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x2.device)
     if n_rows > 0:
         _rms_norm_bwd_kernel[(n_programs,)](
-            dy2, x2, w, rstd, dx, dw_partial,
-            n_rows, n_cols, rows_per_program,
-            dy2.stride(0), x2.stride(0), dx.stride(0),
-            BLOCK_ROWS=block_rows, BLOCK_N=block_n, FIX_BF16=needs_bf16_fix(interpreted, x2.dtype),
+            dy2,
+            x2,
+            w,
+            rstd,
+            dx,
+            dw_partial,
+            n_rows,
+            n_cols,
+            rows_per_program,
+            dy2.stride(0),
+            x2.stride(0),
+            dx.stride(0),
+            BLOCK_ROWS=block_rows,
+            BLOCK_N=block_n,
+            FIX_BF16=needs_bf16_fix(interpreted, x2.dtype),
             num_warps=num_warps,
         )
     dw = dw_partial.sum(dim=0).to(w.dtype)

@@ -35,10 +35,22 @@ __all__ = ["apply_rope", "apply_rope_reference", "rope_tables", "rotate_half"]
 
 @triton.jit
 def _rope_kernel(
-    X, Y, COS, SIN, POS,
-    n_tokens, seq_len, n_heads, half_dim, stride_table,
-    HAS_POS: tl.constexpr, BACKWARD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, FIX_BF16: tl.constexpr,
+    X,
+    Y,
+    COS,
+    SIN,
+    POS,
+    n_tokens,
+    seq_len,
+    n_heads,
+    half_dim,
+    stride_table,
+    HAS_POS: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    FIX_BF16: tl.constexpr,
 ):
     # X and Y are contiguous (tokens, heads, head_dim) with head_dim = 2 * half_dim.
     pid = tl.program_id(0)
@@ -92,8 +104,13 @@ def check_positions(position_ids: torch.Tensor | None, n_positions: int, name: s
 
 
 def _rope_launch(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None,
-    seq_len: int, backward: bool, interpreted: bool,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor | None,
+    seq_len: int,
+    backward: bool,
+    interpreted: bool,
 ) -> torch.Tensor:
     """Rotate a contiguous (B, T, heads, D) tensor; returns a new tensor of the same dtype."""
     batch, _, n_heads, head_dim = x.shape
@@ -105,10 +122,22 @@ def _rope_launch(
     block_t, block_h, block_half = token_blocks(n_heads, head_dim, interpreted)
     grid = (triton.cdiv(n_tokens, block_t),)
     _rope_kernel[grid](
-        x, y, cos, sin, pos if pos is not None else x,
-        n_tokens, seq_len, n_heads, half, cos.stride(0),
-        HAS_POS=pos is not None, BACKWARD=backward,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half, FIX_BF16=needs_bf16_fix(interpreted, x.dtype),
+        x,
+        y,
+        cos,
+        sin,
+        pos if pos is not None else x,
+        n_tokens,
+        seq_len,
+        n_heads,
+        half,
+        cos.stride(0),
+        HAS_POS=pos is not None,
+        BACKWARD=backward,
+        BLOCK_T=block_t,
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        FIX_BF16=needs_bf16_fix(interpreted, x.dtype),
         num_warps=4,
     )
     return y
@@ -120,8 +149,14 @@ def _rope_launch(
 
 
 @torch.library.custom_op("llmcore::rope", mutates_args=())
-def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             position_ids: torch.Tensor | None, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k (``backward``: by the transposed map); new contiguous tensors in their dtypes."""
     interpreted = check_device(_rope_kernel, q, k, cos, sin)
     # Reads the data, so only here (with real tensors, not while tracing).
@@ -153,19 +188,24 @@ def _backward(ctx, dq, dk):
 _rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def rope_args(name: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              position_ids: torch.Tensor | None) -> torch.Tensor | None:
+def rope_args(
+    name: str, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None
+) -> torch.Tensor | None:
     """Check the shapes RoPE needs (errors start with ``name``); returns ``position_ids`` as
     contiguous int64 on q's device, or None (positions ``arange(T)``)."""
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"{name}: q and k must be (batch, seq, heads, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}")
+        raise ValueError(
+            f"{name}: q and k must be (batch, seq, heads, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}"
+        )
     batch, seq_len, _, head_dim = q.shape
     if k.shape[0] != batch or k.shape[1] != seq_len or k.shape[3] != head_dim:
         raise ValueError(f"{name}: k {tuple(k.shape)} does not match q {tuple(q.shape)} in batch, seq or head_dim")
     if head_dim % 2:
         raise ValueError(f"{name}: head_dim must be even, got {head_dim}")
     if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != head_dim:
-        raise ValueError(f"{name}: cos/sin must both be (max_positions, {head_dim}), got {tuple(cos.shape)}, {tuple(sin.shape)}")
+        raise ValueError(
+            f"{name}: cos/sin must both be (max_positions, {head_dim}), got {tuple(cos.shape)}, {tuple(sin.shape)}"
+        )
     pos = None
     if position_ids is not None:
         if position_ids.shape != (batch, seq_len):

@@ -36,19 +36,29 @@ def stream_text(tokenizer: Any, token_iter: Iterator[int]) -> Iterator[str]:
         if text.endswith("\ufffd"):
             continue  # the last character is not complete yet
         if len(text) > len(emitted):
-            yield text[len(emitted):]
+            yield text[len(emitted) :]
         emitted = text
     text = tokenizer.decode(ids, skip_special_tokens=True)
     if len(text) > len(emitted):
-        yield text[len(emitted):]
+        yield text[len(emitted) :]
 
 
 class ChatSession:
     """A conversation with one model; `reply()` appends the user message and the model's answer."""
 
-    def __init__(self, model: LLM, tokenizer: Any, system: str | None = None, max_new_tokens: int = 512,
-                 temperature: float = 0.85, top_k: int = 0, top_p: float = 0.85, repetition_penalty: float = 1.0,
-                 seed: int | None = None, thinking: bool = False) -> None:
+    def __init__(
+        self,
+        model: LLM,
+        tokenizer: Any,
+        system: str | None = None,
+        max_new_tokens: int = 512,
+        temperature: float = 0.85,
+        top_k: int = 0,
+        top_p: float = 0.85,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        thinking: bool = False,
+    ) -> None:
         from llmcore.generate import check_sampling
 
         check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
@@ -57,11 +67,19 @@ class ChatSession:
         self.thinking = thinking
         context = model.config.max_position_embeddings
         if max_new_tokens >= context:
-            raise LLMCoreError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the model's context is "
-                               f"{context} tokens (prompt + reply)")
+            raise LLMCoreError(
+                f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the model's context is "
+                f"{context} tokens (prompt + reply)"
+            )
         self.model, self.tokenizer, self.system = model, tokenizer, system
-        self.gen_kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                               repetition_penalty=repetition_penalty, eos_id=tokenizer.eos_id)
+        self.gen_kwargs = dict(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            eos_id=tokenizer.eos_id,
+        )
         self.generator = torch.Generator(device=model.embed_tokens.weight.device)
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -114,8 +132,10 @@ class ChatSession:
         return "".join(parts)
 
 
-HELP = ('type a message and Enter; end a line with \\ to continue it, or put """ on a line to start and end a '
-        "block; /reset clears the history, /think turns thinking on or off, /exit or Ctrl-D quits")
+HELP = (
+    'type a message and Enter; end a line with \\ to continue it, or put """ on a line to start and end a '
+    "block; /reset clears the history, /think turns thinking on or off, /exit or Ctrl-D quits"
+)
 
 
 def enable_line_editing(history_file: Path | None = None) -> None:
@@ -174,8 +194,9 @@ def read_message(read_line: Callable[[str], str | None], prompt: str = "> ", mor
     return "\n".join(parts)
 
 
-def run_repl(session: ChatSession, stdin: TextIO, stdout: TextIO, prompt: str = "> ",
-             labels: bool | None = None) -> None:
+def run_repl(
+    session: ChatSession, stdin: TextIO, stdout: TextIO, prompt: str = "> ", labels: bool | None = None
+) -> None:
     """Read user messages until EOF or `/exit`; `/reset` clears the history, `/think` toggles thinking.
     Answers stream to stdout.
 

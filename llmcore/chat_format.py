@@ -33,6 +33,7 @@ TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 
 # -- prompts --------------------------------------------------------------------------------------
 
+
 def template_has_thinking(tokenizer: Any) -> bool:
     """Whether the tokenizer's chat template has a thinking switch (`open_thinking`)."""
     return "open_thinking" in (getattr(tokenizer, "chat_template", None) or "")
@@ -48,11 +49,15 @@ def check_thinking(tokenizer: Any, flag: str = "--thinking") -> None:
     silently ignored: MiniMind2's ChatML template, for one)."""
     if not template_has_thinking(tokenizer):
         where = getattr(tokenizer, "path", "this tokenizer")
-        raise LLMCoreError(f"{flag}: the chat template of {where} has no thinking mode (no 'open_thinking'); "
-                           "use a tokenizer with MiniMind-3's template")
+        raise LLMCoreError(
+            f"{flag}: the chat template of {where} has no thinking mode (no 'open_thinking'); "
+            "use a tokenizer with MiniMind-3's template"
+        )
 
 
-def prompt_ids(tokenizer: Any, messages: Sequence[dict], tools: list | None = None, thinking: bool = False) -> list[int]:
+def prompt_ids(
+    tokenizer: Any, messages: Sequence[dict], tools: list | None = None, thinking: bool = False
+) -> list[int]:
     """Token ids of a generation prompt through the tokenizer's own chat template (special-token
     strings in message text stay plain text; see `Tokenizer.encode_prompt`). `thinking` opens the
     think block (`open_thinking`, refused for a template without one); `tools` are rendered by the
@@ -64,6 +69,7 @@ def prompt_ids(tokenizer: Any, messages: Sequence[dict], tools: list | None = No
 
 # -- output ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class ToolCall:
     """One parsed call: `arguments` is a JSON string (OpenAI's format)."""
@@ -73,8 +79,11 @@ class ToolCall:
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
     def to_openai(self, index: int | None = None) -> dict[str, Any]:
-        d: dict[str, Any] = {"id": self.id, "type": "function",
-                             "function": {"name": self.name, "arguments": self.arguments}}
+        d: dict[str, Any] = {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
         if index is not None:
             d = {"index": index, **d}
         return d
@@ -159,13 +168,13 @@ class OutputParser:
                         self._emit(out, "content", self.buf)
                         self.buf = ""
                     return out
-                call = parse_tool_call(self.buf[len(TOOL_OPEN):end].strip())
+                call = parse_tool_call(self.buf[len(TOOL_OPEN) : end].strip())
                 if call is None:
-                    self._emit(out, "content", self.buf[:end + len(TOOL_CLOSE)])
+                    self._emit(out, "content", self.buf[: end + len(TOOL_CLOSE)])
                 else:
                     self.calls.append(call)
                     out.append(("tool_call", call))
-                self.buf, self.state, self.lead = self.buf[end + len(TOOL_CLOSE):], "content", True
+                self.buf, self.state, self.lead = self.buf[end + len(TOOL_CLOSE) :], "content", True
                 continue
             marker = THINK_CLOSE if self.state == "reasoning" else TOOL_OPEN if self.tools else None
             hit = self.buf.find(marker) if marker else -1
@@ -173,7 +182,7 @@ class OutputParser:
                 # The template writes "\n</think>" and "content\n<tool_call>": those newlines are not text.
                 self._emit(out, self.state, self.buf[:hit].rstrip("\n"))
                 if self.state == "reasoning":
-                    self.buf, self.state, self.lead = self.buf[hit + len(marker):], "content", True
+                    self.buf, self.state, self.lead = self.buf[hit + len(marker) :], "content", True
                 else:
                     self.buf, self.state = self.buf[hit:], "tool"
                 continue
@@ -182,10 +191,10 @@ class OutputParser:
                 self.buf = ""
                 return out
             keep = _partial_suffix(self.buf, marker)
-            head = self.buf[:len(self.buf) - keep]
+            head = self.buf[: len(self.buf) - keep]
             keep += len(head) - len(head.rstrip("\n"))  # newlines that may turn out to precede the marker
-            self._emit(out, self.state, self.buf[:len(self.buf) - keep])
-            self.buf = self.buf[len(self.buf) - keep:]
+            self._emit(out, self.state, self.buf[: len(self.buf) - keep])
+            self.buf = self.buf[len(self.buf) - keep :]
             return out
 
 

@@ -62,8 +62,10 @@ def write_manifest(directory: str | Path) -> Path:
     """Write `manifest.json` (size and SHA-256 of every other file) into a finished checkpoint dir;
     it is the last file a save writes, so a dir with a manifest that verifies is complete."""
     directory = Path(directory)
-    files = {rel: {"size": (directory / rel).stat().st_size, "sha256": sha256_file(directory / rel)}
-             for rel in _files_of(directory)}
+    files = {
+        rel: {"size": (directory / rel).stat().st_size, "sha256": sha256_file(directory / rel)}
+        for rel in _files_of(directory)
+    }
     return write_text(directory / MANIFEST, json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1) + "\n")
 
 
@@ -171,8 +173,9 @@ def _is_hf_folder(path: Path) -> bool:
     if kind is None:
         return False
     if kind not in HF_MODEL_TYPES:
-        raise LLMCoreError(f"{path / HF_CONFIG}: model_type {kind!r} is not one llmcore reads "
-                           f"({', '.join(HF_MODEL_TYPES)})")
+        raise LLMCoreError(
+            f"{path / HF_CONFIG}: model_type {kind!r} is not one llmcore reads ({', '.join(HF_MODEL_TYPES)})"
+        )
     return True
 
 
@@ -204,8 +207,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         candidates = [p / "checkpoints" / name, p / name, Path(name)]
         root = (p / "checkpoints").resolve()
         if not any(c.resolve().parent == root for c in candidates):
-            raise LLMCoreError(f"{latest} names {name!r}, which is not a step dir in {p / 'checkpoints'}; "
-                               "it must name one of this run's checkpoints (e.g. step-100)")
+            raise LLMCoreError(
+                f"{latest} names {name!r}, which is not a step dir in {p / 'checkpoints'}; "
+                "it must name one of this run's checkpoints (e.g. step-100)"
+            )
         for c in candidates:
             if c.resolve().parent != root:
                 continue
@@ -215,14 +220,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise LLMCoreError(f"{latest} names {name!r}, but no complete checkpoint ({WEIGHTS} + {CONFIG}) is there")
     if not step_dirs(p) and _is_run_config(p / HF_CONFIG):
         # A training killed before its first save leaves config.json, tokenizer/ and metrics.
-        raise LLMCoreError(f"{p}: run dir that has no checkpoint yet (its training stopped before the first save; "
-                           "continue it with `llmcore train STAGE --out RUN --resume`, which starts at step 0)")
+        raise LLMCoreError(
+            f"{p}: run dir that has no checkpoint yet (its training stopped before the first save; "
+            "continue it with `llmcore train STAGE --out RUN --resume`, which starts at step 0)"
+        )
     if (p / "checkpoints").is_dir():
         raise LLMCoreError(f"{p}: run dir without a complete checkpoint ({latest} is missing)")
     if (p / WEIGHTS).is_file():
         raise LLMCoreError(f"{p}: {CONFIG} is missing beside {WEIGHTS}")
-    raise LLMCoreError(f"{p}: not a run dir (no checkpoints/latest), checkpoint dir (no {WEIGHTS} + {CONFIG}) "
-                       "or transformers folder (no config.json + model.safetensors)")
+    raise LLMCoreError(
+        f"{p}: not a run dir (no checkpoints/latest), checkpoint dir (no {WEIGHTS} + {CONFIG}) "
+        "or transformers folder (no config.json + model.safetensors)"
+    )
 
 
 def _is_run_config(path: Path) -> bool:
@@ -289,28 +298,37 @@ def _first_difference(err: RuntimeError) -> str:
     return text[:300] + (" ..." if len(text) > 300 or len(lines) > 1 else "")
 
 
-def check_tokenizer_fits(config: ModelConfig, tok: Any, what: str, exact: bool = True,
-                         fingerprint: str | None = None) -> None:
+def check_tokenizer_fits(
+    config: ModelConfig, tok: Any, what: str, exact: bool = True, fingerprint: str | None = None
+) -> None:
     """Refuse a tokenizer that cannot be this model's (one line naming `what`): more ids than the
     embedding has rows; with `exact` (llmcore checkpoints, whose vocab size and special ids were taken
     from their tokenizer) another vocab size or other bos/eos/pad ids; with `fingerprint` (of the
     tokenizer stored with the checkpoint) another vocabulary."""
     if tok.vocab_size > config.vocab_size:
-        raise LLMCoreError(f"{what}: the tokenizer has {tok.vocab_size} ids but the model's embedding has "
-                           f"{config.vocab_size} rows; it is not this model's tokenizer")
+        raise LLMCoreError(
+            f"{what}: the tokenizer has {tok.vocab_size} ids but the model's embedding has "
+            f"{config.vocab_size} rows; it is not this model's tokenizer"
+        )
     if fingerprint is not None and tok.fingerprint != fingerprint:
-        raise LLMCoreError(f"{what}: another vocabulary than the tokenizer this model was trained with "
-                           f"(fingerprint {tok.fingerprint[:12]} vs {fingerprint[:12]}); its text would be garbage. "
-                           "Use the checkpoint's own tokenizer (leave --tokenizer out)")
+        raise LLMCoreError(
+            f"{what}: another vocabulary than the tokenizer this model was trained with "
+            f"(fingerprint {tok.fingerprint[:12]} vs {fingerprint[:12]}); its text would be garbage. "
+            "Use the checkpoint's own tokenizer (leave --tokenizer out)"
+        )
     if exact:
         if tok.vocab_size != config.vocab_size:
-            raise LLMCoreError(f"{what}: the tokenizer has {tok.vocab_size} ids but the model was trained with a "
-                               f"vocab of {config.vocab_size}; it is not this model's tokenizer")
+            raise LLMCoreError(
+                f"{what}: the tokenizer has {tok.vocab_size} ids but the model was trained with a "
+                f"vocab of {config.vocab_size}; it is not this model's tokenizer"
+            )
         ours = (tok.bos_id, tok.eos_id, tok.pad_id)
         model = (config.bos_token_id, config.eos_token_id, config.pad_token_id)
         if ours != model:
-            raise LLMCoreError(f"{what}: special ids bos/eos/pad {ours[0]}/{ours[1]}/{ours[2]} differ from the "
-                               f"model's {model[0]}/{model[1]}/{model[2]}; it is not this model's tokenizer")
+            raise LLMCoreError(
+                f"{what}: special ids bos/eos/pad {ours[0]}/{ours[1]}/{ours[2]} differ from the "
+                f"model's {model[0]}/{model[1]}/{model[2]}; it is not this model's tokenizer"
+            )
 
 
 def _stored_fingerprint(ckpt: Path) -> str | None:
@@ -329,16 +347,23 @@ def _stored_fingerprint(ckpt: Path) -> str | None:
     return None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               attn_backend: str | None = None, with_tokenizer: bool = True,
-               tokenizer: str | Path | None = None) -> tuple[LLM, Any | None]:
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    attn_backend: str | None = None,
+    with_tokenizer: bool = True,
+    tokenizer: str | Path | None = None,
+) -> tuple[LLM, Any | None]:
     """Load `(model, tokenizer_or_None)` from a run dir, checkpoint dir or transformers folder; model in
     eval mode. `tokenizer`: a tokenizer dir to use instead of the checkpoint's (the `--tokenizer` flag);
     it must fit the model (`check_tokenizer_fits`, against the stored tokenizer's vocabulary too)."""
     ckpt = resolve_checkpoint(path)
     if (ckpt / MANIFEST).is_file():
-        verify_checkpoint(ckpt, only=tuple(n for n in (WEIGHTS, CONFIG, ADAPTER_WEIGHTS, ADAPTER_CONFIG)
-                                            if (ckpt / n).exists()) or None)
+        verify_checkpoint(
+            ckpt,
+            only=tuple(n for n in (WEIGHTS, CONFIG, ADAPTER_WEIGHTS, ADAPTER_CONFIG) if (ckpt / n).exists()) or None,
+        )
     lora = (ckpt / ADAPTER_CONFIG).is_file()
     ours = lora or ((ckpt / CONFIG).is_file() and (ckpt / WEIGHTS).is_file())
     if lora:
@@ -372,17 +397,26 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model, tok
 
 
-def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "auto", *, dtype: torch.dtype | None = None,
-                             attn_backend: str | None = None, tokenizer: str | Path | None = None,
-                             flag: str = "--ckpt") -> tuple[LLM, Any]:
+def load_model_and_tokenizer(
+    path: str | Path,
+    device: str | torch.device = "auto",
+    *,
+    dtype: torch.dtype | None = None,
+    attn_backend: str | None = None,
+    tokenizer: str | Path | None = None,
+    flag: str = "--ckpt",
+) -> tuple[LLM, Any]:
     """`load_model` for commands that decode text: `device` resolved like every `--device` (`auto`,
     `cpu`, `cuda:N`), and a tokenizer required (the checkpoint's, or `tokenizer` for `--tokenizer`);
     without one a one-line LLMCoreError naming `flag`. The one "load model + tokenizer or fail"."""
-    model, tok = load_model(path, device=resolve_device(device), dtype=dtype, attn_backend=attn_backend,
-                            tokenizer=tokenizer)
+    model, tok = load_model(
+        path, device=resolve_device(device), dtype=dtype, attn_backend=attn_backend, tokenizer=tokenizer
+    )
     if tok is None:
-        raise LLMCoreError(f"{flag} {path}: no tokenizer found (looked for tokenizer.json beside the weights and in "
-                           "the run dir's tokenizer/); pass --tokenizer DIR")
+        raise LLMCoreError(
+            f"{flag} {path}: no tokenizer found (looked for tokenizer.json beside the weights and in "
+            "the run dir's tokenizer/); pass --tokenizer DIR"
+        )
     return model, tok
 
 

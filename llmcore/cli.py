@@ -32,8 +32,11 @@ def _show_version(value: bool) -> None:
 
 
 @app.callback()
-def root(version: bool = typer.Option(False, "--version", help="Print the version and exit.",
-                                      callback=_show_version, is_eager=True)) -> None:
+def root(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_show_version, is_eager=True
+    ),
+) -> None:
     """llmcore: tokenizer, data prep, model, pretrain/SFT/DPO training, chat and export."""
 
 

@@ -13,10 +13,13 @@ import typer
 from llmcore.common import DEVICE_HELP
 from llmcore.errors import LLMCoreError
 
-model_app = typer.Typer(help="Model presets and parameter counts.\n\nExample: llmcore model info minimind2-small",
-                        no_args_is_help=True)
-export_app = typer.Typer(help="Export a checkpoint to other formats.\n\nExample: llmcore export hf --ckpt runs/dpo --out hf/",
-                         no_args_is_help=True)
+model_app = typer.Typer(
+    help="Model presets and parameter counts.\n\nExample: llmcore model info minimind2-small", no_args_is_help=True
+)
+export_app = typer.Typer(
+    help="Export a checkpoint to other formats.\n\nExample: llmcore export hf --ckpt runs/dpo --out hf/",
+    no_args_is_help=True,
+)
 
 
 @model_app.command("list")
@@ -31,15 +34,22 @@ def list_presets() -> None:
     for name in PRESETS:
         cfg = ModelConfig.from_preset(name)
         r = param_report(cfg)
-        note = (f"MoE {cfg.num_experts}x top-{cfg.num_experts_per_tok}, {r['active_per_token'] / 1e6:.1f}M active"
-                if cfg.use_moe else "")
-        typer.echo(f"{name:16s} {r['total'] / 1e6:8.2f}M  {cfg.hidden_size:4d} {cfg.num_hidden_layers:6d} "
-                   f"{cfg.num_attention_heads:5d} {cfg.num_key_value_heads:3d} {cfg.vocab_size:6d}  {note}")
+        note = (
+            f"MoE {cfg.num_experts}x top-{cfg.num_experts_per_tok}, {r['active_per_token'] / 1e6:.1f}M active"
+            if cfg.use_moe
+            else ""
+        )
+        typer.echo(
+            f"{name:16s} {r['total'] / 1e6:8.2f}M  {cfg.hidden_size:4d} {cfg.num_hidden_layers:6d} "
+            f"{cfg.num_attention_heads:5d} {cfg.num_key_value_heads:3d} {cfg.vocab_size:6d}  {note}"
+        )
 
 
 @model_app.command("info")
-def info(name: str = typer.Argument(..., help="a preset (`llmcore model list`)"),
-         as_json: bool = typer.Option(False, "--json", help="print the counts as JSON")) -> None:
+def info(
+    name: str = typer.Argument(..., help="a preset (`llmcore model list`)"),
+    as_json: bool = typer.Option(False, "--json", help="print the counts as JSON"),
+) -> None:
     """Parameter counts of a preset: total, embedding, per block, and active per token for MoE.
 
     Example: llmcore model info minimind2-moe
@@ -77,14 +87,23 @@ def info(name: str = typer.Argument(..., help="a preset (`llmcore model list`)")
 
 @model_app.command("import")
 def import_cmd(
-    src: Path = typer.Argument(..., help="a MiniMind .pth (or .safetensors) state dict, or a transformers folder "
-                                         "(model_type minimind, qwen3, qwen3_moe or llama)"),
-    out: Path = typer.Option(..., "--out", help="run dir to write (generate/chat/eval/serve --ckpt and train --init "
-                                                "take it)"),
-    preset: Optional[str] = typer.Option(None, "--preset", help=".pth only: take RoPE, norm and routing settings from "
-                                                                "this preset (default: the preset whose shapes match)"),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer dir to store with the weights "
-                                                                       "(default: the one in the source folder)"),
+    src: Path = typer.Argument(
+        ...,
+        help="a MiniMind .pth (or .safetensors) state dict, or a transformers folder "
+        "(model_type minimind, qwen3, qwen3_moe or llama)",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="run dir to write (generate/chat/eval/serve --ckpt and train --init take it)"
+    ),
+    preset: Optional[str] = typer.Option(
+        None,
+        "--preset",
+        help=".pth only: take RoPE, norm and routing settings from "
+        "this preset (default: the preset whose shapes match)",
+    ),
+    tokenizer: Optional[Path] = typer.Option(
+        None, "--tokenizer", help="tokenizer dir to store with the weights (default: the one in the source folder)"
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier import at --out (nothing else)"),
 ) -> None:
     """Import MiniMind's or Hugging Face weights into a run dir (read without running code: weights_only / safetensors).
@@ -95,10 +114,14 @@ def import_cmd(
 
     result = import_model(src, out, preset=preset, tokenizer=tokenizer, overwrite=overwrite)
     preset_note = f", preset {result.preset}" if result.preset else ""
-    typer.echo(f"imported {src} ({result.kind}{preset_note}): {result.num_params / 1e6:.2f}M parameters -> {result.run_dir}")
+    typer.echo(
+        f"imported {src} ({result.kind}{preset_note}): {result.num_params / 1e6:.2f}M parameters -> {result.run_dir}"
+    )
     if result.tokenizer_dir is None:
-        typer.echo("note: no tokenizer stored; pass --tokenizer DIR to generate/chat/serve, or import again with "
-                   "--tokenizer (MiniMind's is its repo's model/ folder)")
+        typer.echo(
+            "note: no tokenizer stored; pass --tokenizer DIR to generate/chat/serve, or import again with "
+            "--tokenizer (MiniMind's is its repo's model/ folder)"
+        )
 
 
 def generate_cmd(
@@ -110,8 +133,12 @@ def generate_cmd(
     top_p: float = typer.Option(1.0, "--top-p", help="1 = off"),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the chat template as a user message"),
-    thinking: bool = typer.Option(False, "--thinking", help="with --chat: open the think block (MiniMind-3's "
-                                  "open_thinking); the model reasons, writes </think>, then answers"),
+    thinking: bool = typer.Option(
+        False,
+        "--thinking",
+        help="with --chat: open the think block (MiniMind-3's "
+        "open_thinking); the model reasons, writes </think>, then answers",
+    ),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for sampling"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the checkpoint's)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -135,8 +162,17 @@ def generate_cmd(
     gen = torch.Generator(device=model.embed_tokens.weight.device)
     if seed is not None:
         gen.manual_seed(seed)
-    tokens = stream_generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                             top_p=top_p, repetition_penalty=repetition_penalty, eos_id=tok.eos_id, generator=gen)
+    tokens = stream_generate(
+        model,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        eos_id=tok.eos_id,
+        generator=gen,
+    )
     for piece in stream_text(tok, tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -152,8 +188,12 @@ def chat_cmd(
     top_p: float = typer.Option(0.85, "--top-p", help="1 = off"),
     repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed for sampling"),
-    thinking: bool = typer.Option(False, "--thinking", help="open the think block (MiniMind-3's open_thinking): "
-                                  "the reasoning is shown apart, only the answer stays in the history"),
+    thinking: bool = typer.Option(
+        False,
+        "--thinking",
+        help="open the think block (MiniMind-3's open_thinking): "
+        "the reasoning is shown apart, only the answer stays in the history",
+    ),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the checkpoint's)"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
@@ -170,13 +210,24 @@ def chat_cmd(
     from llmcore.checkpoint import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(ckpt, device, tokenizer=tokenizer)
-    session = ChatSession(model, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                          thinking=thinking)
+    session = ChatSession(
+        model,
+        tok,
+        system=system,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        thinking=thinking,
+    )
     n_params = sum(p.numel() for p in model.parameters())
     # The banner goes to stderr: a piped transcript on stdout stays just the conversation.
-    typer.echo(f"llmcore chat: {ckpt} ({n_params / 1e6:.1f}M parameters) on {model.embed_tokens.weight.device}; "
-               f"{HELP}", err=True)
+    typer.echo(
+        f"llmcore chat: {ckpt} ({n_params / 1e6:.1f}M parameters) on {model.embed_tokens.weight.device}; {HELP}",
+        err=True,
+    )
     if sys.stdin.isatty():
         enable_line_editing()
     run_repl(session, sys.stdin, sys.stdout)
@@ -203,7 +254,9 @@ def merge_lora_cmd(
 def export_hf_cmd(
     ckpt: Path = typer.Option(..., "--ckpt", help="run dir or checkpoint dir"),
     out: Path = typer.Option(..., "--out", help="output folder (Llama, Qwen3 or Qwen3-MoE format)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier export at --out (never a run or checkpoint dir)"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="replace an earlier export at --out (never a run or checkpoint dir)"
+    ),
 ) -> None:
     """Export to a transformers folder: Qwen3ForCausalLM (QK-norm), Qwen3MoeForCausalLM (QK-norm MoE), else LlamaForCausalLM.
 

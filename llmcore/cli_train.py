@@ -62,8 +62,15 @@ def _shown_default(stage: Any, name: str, declared: Any) -> str | None:
 
 
 REQUIRED = ("data", "out")  # checked in TrainConfig.validate (not by click: --print-config needs neither)
-PATH_SETTINGS = {"data": "DIR", "out": "DIR", "init": "RUN", "tokenizer": "DIR", "model": "PRESET",
-                 "deepspeed": "NAME|JSON", "teacher": "RUN"}
+PATH_SETTINGS = {
+    "data": "DIR",
+    "out": "DIR",
+    "init": "RUN",
+    "tokenizer": "DIR",
+    "model": "PRESET",
+    "deepspeed": "NAME|JSON",
+    "teacher": "RUN",
+}
 
 
 def _metavar(name: str, typ: type, meta: Any) -> str | None:
@@ -95,16 +102,29 @@ def _options(stage: Any) -> list[inspect.Parameter]:
         if f.name in REQUIRED:
             text += "  [required]" if f.name == "out" else "  [required; --resume: the run's]"
         opt = typer.Option(None, decl, help=text, show_default=False, metavar=_metavar(f.name, typ, f.metadata))
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
-                                        annotation=Optional[typ]))
-    params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                                    default=typer.Option(None, "--config",
-                                                         help="TOML or YAML file with any of these settings; "
-                                                              "flags override it.")))
-    params.append(inspect.Parameter("print_config", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                                    default=typer.Option(False, "--print-config",
-                                                         help="Print the effective settings (defaults < config "
-                                                              "file < flags) as TOML and exit.")))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=Optional[typ]))
+    params.append(
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Optional[Path],
+            default=typer.Option(
+                None, "--config", help="TOML or YAML file with any of these settings; flags override it."
+            ),
+        )
+    )
+    params.append(
+        inspect.Parameter(
+            "print_config",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=bool,
+            default=typer.Option(
+                False,
+                "--print-config",
+                help="Print the effective settings (defaults < config file < flags) as TOML and exit.",
+            ),
+        )
+    )
     return params
 
 
@@ -145,8 +165,7 @@ def interrupted_line(stopped: Any, command: str) -> str:
     import signal
 
     name = signal.Signals(stopped.signum).name
-    where = (f"checkpoint saved in {stopped.checkpoint}" if stopped.checkpoint is not None
-             else "no checkpoint was saved")
+    where = f"checkpoint saved in {stopped.checkpoint}" if stopped.checkpoint is not None else "no checkpoint was saved"
     return f"stopped by {name} at step {stopped.step}/{stopped.total_steps}: {where}; resume with: {command}"
 
 
@@ -158,8 +177,9 @@ def _make_train_command(stage: Any) -> Any:
         print_config = kwargs.pop("print_config")
         flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
         if print_config:
-            typer.echo(config_as_toml(build_config(stage.name, flags, config_file, check_paths=False), stage.name),
-                       nl=False)
+            typer.echo(
+                config_as_toml(build_config(stage.name, flags, config_file, check_paths=False), stage.name), nl=False
+            )
             return
         cfg = build_config(stage.name, flags, config_file)
         if cfg.deepspeed is None:
@@ -209,7 +229,9 @@ def eval_command(
     ckpt: Path = typer.Option(..., "--ckpt", help="Run dir, checkpoint dir or exported HF folder."),
     data: Path = typer.Option(..., "--data", help="Pretrain or SFT shard dir."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward pass."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default: the run's training seq len; 512 for an exported HF folder)."),
+    seq_len: Optional[int] = typer.Option(
+        None, "--seq-len", help="Tokens per row (default: the run's training seq len; 512 for an exported HF folder)."
+    ),
     packed: bool = typer.Option(True, "--packed/--padded", help="Pack documents into rows or pad one per row."),
     max_batches: Optional[int] = typer.Option(None, "--max-batches", help="Stop after N batches."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -220,8 +242,15 @@ def eval_command(
     """
     from llmcore.evaluate import evaluate
 
-    res = evaluate(ckpt, data, batch_size=batch_size, seq_len=seq_len, packing="packed" if packed else "padded",
-                   max_batches=max_batches, device=device)
+    res = evaluate(
+        ckpt,
+        data,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        packing="packed" if packed else "padded",
+        max_batches=max_batches,
+        device=device,
+    )
     typer.echo(res.line())
 
 
@@ -230,8 +259,10 @@ def register(app: typer.Typer) -> None:
     from llmcore.train.stages import all_stages
 
     stages = all_stages()
-    group = typer.Typer(help=f"Train a model: {', '.join(s.name for s in stages)}.\n\nExample: {stages[0].example}",
-                        no_args_is_help=True)
+    group = typer.Typer(
+        help=f"Train a model: {', '.join(s.name for s in stages)}.\n\nExample: {stages[0].example}",
+        no_args_is_help=True,
+    )
     for stage in stages:
         group.command(stage.name)(_make_train_command(stage))
     app.add_typer(group, name="train")

@@ -80,8 +80,10 @@ def resolve_attn_backend(backend: str, device: torch.device, *, strict: bool) ->
         return default_attn_backend(device)
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         if strict:
-            raise LLMCoreError(f"--attn-backend triton runs our Triton kernels, which need a CUDA device (this run "
-                               f"is on {device}); use --attn-backend sdpa or --device cuda")
+            raise LLMCoreError(
+                f"--attn-backend triton runs our Triton kernels, which need a CUDA device (this run "
+                f"is on {device}); use --attn-backend sdpa or --device cuda"
+            )
         return "sdpa"
     return backend
 
@@ -93,5 +95,12 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
-__all__ = ["DEVICE_HELP", "local_rank", "resolve_device", "to_device", "default_attn_backend", "resolve_attn_backend",
-           "device_name"]
+__all__ = [
+    "DEVICE_HELP",
+    "local_rank",
+    "resolve_device",
+    "to_device",
+    "default_attn_backend",
+    "resolve_attn_backend",
+    "device_name",
+]

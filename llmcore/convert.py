@@ -40,11 +40,19 @@ from llmcore.model import LLM, PRESETS, ModelConfig
 logger = logging.getLogger(__name__)
 
 # config.json `model_type`s we read, and the architecture each stands for.
-HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                  "minimind": "MiniMindForCausalLM"}
+HF_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "minimind": "MiniMindForCausalLM",
+}
 # Weight files of a transformers folder, in the order transformers prefers them.
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                   "pytorch_model.bin.index.json")
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 RUN_STAGE = "import"  # the `stage` an imported run dir's config.json records
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 
@@ -64,16 +72,19 @@ def read_pickled_weights(path: Path) -> dict[str, torch.Tensor]:
         # torch's message is a page of advice; the line that matters names the global or the operand.
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if found:
-            raise LLMCoreError(f"{path}: not a weights-only state dict: it needs {found.group(1)}, and loading it "
-                               "would run code, which llmcore never does") from None
+            raise LLMCoreError(
+                f"{path}: not a weights-only state dict: it needs {found.group(1)}, and loading it "
+                "would run code, which llmcore never does"
+            ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(err))
-        raise LLMCoreError(f"{path}: cannot read it as a PyTorch state dict "
-                           f"({detail.group(1)[:160] if detail else 'not a weights-only pickle'})") from None
+        raise LLMCoreError(
+            f"{path}: cannot read it as a PyTorch state dict "
+            f"({detail.group(1)[:160] if detail else 'not a weights-only pickle'})"
+        ) from None
     except Exception as err:  # noqa: BLE001 - arbitrary bytes through the (safe) weights-only unpickler fail in
         # many ways (struct.error, KeyError, UnicodeDecodeError, ...); each means the file is not a state dict.
         first = (str(err).splitlines() or [type(err).__name__])[0][:160]
-        raise LLMCoreError(f"{path}: cannot read it as a PyTorch state dict ({type(err).__name__}: {first})") \
-            from None
+        raise LLMCoreError(f"{path}: cannot read it as a PyTorch state dict ({type(err).__name__}: {first})") from None
     if isinstance(data, dict) and isinstance(data.get("model"), dict) and "optimizer" in data:
         data = data["model"]
     if not isinstance(data, dict) or not data:
@@ -138,8 +149,10 @@ def to_llmcore_names(state: dict[str, torch.Tensor], where: Path) -> dict[str, t
             continue
         prefix, kind = fused.groups()
         if value.dim() != 3 or (kind == "gate_up_proj" and value.shape[1] % 2):
-            raise LLMCoreError(f"{where}: {key} has shape {tuple(value.shape)}, not fused experts "
-                               "(experts, 2 x intermediate, hidden) / (experts, hidden, intermediate)")
+            raise LLMCoreError(
+                f"{where}: {key} has shape {tuple(value.shape)}, not fused experts "
+                "(experts, 2 x intermediate, hidden) / (experts, hidden, intermediate)"
+            )
         for e in range(value.shape[0]):
             if kind == "gate_up_proj":
                 gate, up = value[e].chunk(2, dim=0)
@@ -150,8 +163,10 @@ def to_llmcore_names(state: dict[str, torch.Tensor], where: Path) -> dict[str, t
     head = state.get("lm_head.weight")
     embed = out.get("embed_tokens.weight")
     if head is not None and (embed is None or head.shape != embed.shape or not torch.equal(head.float(), embed)):
-        raise LLMCoreError(f"{where}: lm_head.weight differs from the token embedding (an untied output layer); "
-                           "llmcore models tie them, so these weights cannot be loaded without changing the model")
+        raise LLMCoreError(
+            f"{where}: lm_head.weight differs from the token embedding (an untied output layer); "
+            "llmcore models tie them, so these weights cannot be loaded without changing the model"
+        )
     return out
 
 
@@ -177,11 +192,17 @@ class Shapes:
     num_shared_experts: int
 
     def describe(self) -> str:
-        parts = [f"vocab {self.vocab_size}", f"hidden {self.hidden_size}", f"{self.num_hidden_layers} layers",
-                 f"q/k rows {self.q_rows}/{self.kv_rows}"]
+        parts = [
+            f"vocab {self.vocab_size}",
+            f"hidden {self.hidden_size}",
+            f"{self.num_hidden_layers} layers",
+            f"q/k rows {self.q_rows}/{self.kv_rows}",
+        ]
         parts.append(f"QK-norm head_dim {self.head_dim}" if self.qk_norm else "no QK-norm")
         if self.use_moe:
-            parts.append(f"{self.num_experts} experts of {self.moe_intermediate_size} + {self.num_shared_experts} shared")
+            parts.append(
+                f"{self.num_experts} experts of {self.moe_intermediate_size} + {self.num_shared_experts} shared"
+            )
         else:
             parts.append(f"MLP {self.intermediate_size}")
         return ", ".join(parts)
@@ -213,12 +234,25 @@ def read_shapes(state: dict[str, torch.Tensor], where: Path) -> Shapes:
     if use_moe:
         n_experts = _shape(state, "layers.0.mlp.gate.weight", where, 2)[0]
         moe_intermediate = _shape(state, "layers.0.mlp.experts.0.gate_proj.weight", where, 2)[0]
-        n_shared = len({int(m.group(1)) for k in state
-                        if (m := re.match(r"^layers\.0\.mlp\.shared_experts\.(\d+)\.", k))})
+        n_shared = len(
+            {int(m.group(1)) for k in state if (m := re.match(r"^layers\.0\.mlp\.shared_experts\.(\d+)\.", k))}
+        )
     else:
         intermediate = _shape(state, "layers.0.mlp.gate_proj.weight", where, 2)[0]
-    return Shapes(vocab, hidden, n_layers, qk_norm, head_dim, q_rows, kv_rows, use_moe, intermediate, n_experts,
-                  moe_intermediate, n_shared)
+    return Shapes(
+        vocab,
+        hidden,
+        n_layers,
+        qk_norm,
+        head_dim,
+        q_rows,
+        kv_rows,
+        use_moe,
+        intermediate,
+        n_experts,
+        moe_intermediate,
+        n_shared,
+    )
 
 
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -227,7 +261,9 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def config_from_shapes(state: dict[str, torch.Tensor], where: Path, preset: str | None = None) -> tuple[ModelConfig, str]:
+def config_from_shapes(
+    state: dict[str, torch.Tensor], where: Path, preset: str | None = None
+) -> tuple[ModelConfig, str]:
     """The config of a MiniMind `.pth` state dict (our names): the preset whose weights have exactly
     these names and shapes (vocab from the file), or with `preset` that preset's settings (RoPE, eps,
     routing, heads) with the sizes the shapes give. Returns (config, preset name)."""
@@ -241,8 +277,10 @@ def config_from_shapes(state: dict[str, torch.Tensor], where: Path, preset: str 
                 continue
             if _expected_shapes(cfg) == actual:
                 return cfg, name
-        raise LLMCoreError(f"{where}: its shapes ({s.describe()}) match no preset (`llmcore model list`); pass "
-                           "--preset NAME to take RoPE, norm and routing settings from NAME with these sizes")
+        raise LLMCoreError(
+            f"{where}: its shapes ({s.describe()}) match no preset (`llmcore model list`); pass "
+            "--preset NAME to take RoPE, norm and routing settings from NAME with these sizes"
+        )
     base = ModelConfig.from_preset(preset)  # refuses an unknown name with the known ones
     heads, head_dim = base.num_attention_heads, s.head_dim
     if head_dim is None:  # no QK-norm: heads from the preset, head_dim from the q rows
@@ -255,14 +293,23 @@ def config_from_shapes(state: dict[str, torch.Tensor], where: Path, preset: str 
         heads = s.q_rows // head_dim
     if s.kv_rows % head_dim:
         raise LLMCoreError(f"{where}: k_proj has {s.kv_rows} rows, not a multiple of head_dim {head_dim}")
-    sizes: dict[str, Any] = dict(vocab_size=s.vocab_size, hidden_size=s.hidden_size,
-                                 num_hidden_layers=s.num_hidden_layers, num_attention_heads=heads,
-                                 num_key_value_heads=s.kv_rows // head_dim, head_dim=head_dim, qk_norm=s.qk_norm,
-                                 use_moe=s.use_moe)
+    sizes: dict[str, Any] = dict(
+        vocab_size=s.vocab_size,
+        hidden_size=s.hidden_size,
+        num_hidden_layers=s.num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=s.kv_rows // head_dim,
+        head_dim=head_dim,
+        qk_norm=s.qk_norm,
+        use_moe=s.use_moe,
+    )
     if s.use_moe:
-        sizes.update(num_experts=s.num_experts, moe_intermediate_size=s.moe_intermediate_size,
-                     num_shared_experts=s.num_shared_experts,
-                     num_experts_per_tok=min(base.num_experts_per_tok, s.num_experts))
+        sizes.update(
+            num_experts=s.num_experts,
+            moe_intermediate_size=s.moe_intermediate_size,
+            num_shared_experts=s.num_shared_experts,
+            num_experts_per_tok=min(base.num_experts_per_tok, s.num_experts),
+        )
     else:
         sizes.update(intermediate_size=s.intermediate_size)
     return ModelConfig.from_preset(preset, **sizes), preset
@@ -283,9 +330,15 @@ def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         kind = scaling.get("rope_type") or scaling.get("type") or "default"
         if kind != "yarn":
             raise LLMCoreError(f"rope_scaling type {kind!r} is not supported (plain RoPE and YaRN are)")
-        scaling = {"type": "yarn", **{k: v for k, v in scaling.items()
-                                      if k in ("factor", "original_max_position_embeddings", "beta_fast",
-                                               "beta_slow", "attention_factor") and v is not None}}
+        scaling = {
+            "type": "yarn",
+            **{
+                k: v
+                for k, v in scaling.items()
+                if k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor")
+                and v is not None
+            },
+        }
     return float(theta), scaling
 
 
@@ -308,37 +361,54 @@ def config_from_hf(hf: dict[str, Any], state: dict[str, torch.Tensor]) -> ModelC
     if kind == "minimind" and hf.get("inference_rope_scaling") is False:
         scaling = None
     fields: dict[str, Any] = dict(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or (128 if kind in ("qwen3", "qwen3_moe") else None),
         intermediate_size=hf.get("intermediate_size"),
-        max_position_embeddings=hf.get("max_position_embeddings", 32768), rope_theta=theta, rope_scaling=scaling,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_word_embeddings=True,
-        bos_token_id=_int_or(hf.get("bos_token_id"), 1), eos_token_id=_int_or(hf.get("eos_token_id"), 2),
+        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=True,
+        bos_token_id=_int_or(hf.get("bos_token_id"), 1),
+        eos_token_id=_int_or(hf.get("eos_token_id"), 2),
         pad_token_id=_int_or(hf.get("pad_token_id"), 0),
         # MiniMind-3 has QK-norm and MiniMind2 has not; their config.json does not say, the weights do.
         qk_norm=kind in ("qwen3", "qwen3_moe") or (kind == "minimind" and "layers.0.self_attn.q_norm.weight" in state),
     )
     if kind == "qwen3_moe":
         if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
-            raise LLMCoreError("Qwen3-MoE with dense layers among the MoE ones (mlp_only_layers / "
-                               "decoder_sparse_step) is not supported: every llmcore MoE layer is sparse")
-        fields.update(use_moe=True, num_experts=hf.get("num_experts") or hf["num_local_experts"],
-                      num_experts_per_tok=hf["num_experts_per_tok"], num_shared_experts=0,
-                      moe_intermediate_size=hf["moe_intermediate_size"],
-                      norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                      aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+            raise LLMCoreError(
+                "Qwen3-MoE with dense layers among the MoE ones (mlp_only_layers / "
+                "decoder_sparse_step) is not supported: every llmcore MoE layer is sparse"
+            )
+        fields.update(
+            use_moe=True,
+            num_experts=hf.get("num_experts") or hf["num_local_experts"],
+            num_experts_per_tok=hf["num_experts_per_tok"],
+            num_shared_experts=0,
+            moe_intermediate_size=hf["moe_intermediate_size"],
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        )
     elif kind == "minimind" and hf.get("use_moe"):
         v2 = "n_routed_experts" in hf  # MiniMind2's names; MiniMind-3 says num_experts and has no shared experts
         top_k = hf.get("num_experts_per_tok", 2 if v2 else 1)
         norm = bool(hf.get("norm_topk_prob", True))
-        fields.update(use_moe=True, num_experts=hf.get("n_routed_experts" if v2 else "num_experts", 4),
-                      num_experts_per_tok=top_k, num_shared_experts=hf.get("n_shared_experts", 1) if v2 else 0,
-                      moe_intermediate_size=hf.get("moe_intermediate_size"),
-                      # MiniMind2 normalised the top-k weights only when k > 1; ours (as MiniMind-3 and
-                      # Qwen3-MoE) whenever asked, so a MiniMind2 top-1 model keeps its raw weights.
-                      norm_topk_prob=norm and not (v2 and top_k == 1),
-                      aux_loss_coef=float(hf.get("aux_loss_alpha" if v2 else "router_aux_loss_coef", 5e-4)))
+        fields.update(
+            use_moe=True,
+            num_experts=hf.get("n_routed_experts" if v2 else "num_experts", 4),
+            num_experts_per_tok=top_k,
+            num_shared_experts=hf.get("n_shared_experts", 1) if v2 else 0,
+            moe_intermediate_size=hf.get("moe_intermediate_size"),
+            # MiniMind2 normalised the top-k weights only when k > 1; ours (as MiniMind-3 and
+            # Qwen3-MoE) whenever asked, so a MiniMind2 top-1 model keeps its raw weights.
+            norm_topk_prob=norm and not (v2 and top_k == 1),
+            aux_loss_coef=float(hf.get("aux_loss_alpha" if v2 else "router_aux_loss_coef", 5e-4)),
+        )
     return ModelConfig(**fields)
 
 
@@ -351,16 +421,18 @@ def read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     hf = read_json_object(folder / "config.json")
     kind = hf.get("model_type")
     if not isinstance(kind, str) or kind not in HF_MODEL_TYPES:
-        raise LLMCoreError(f"{folder / 'config.json'}: model_type {kind!r} is not one llmcore reads "
-                           f"({', '.join(HF_MODEL_TYPES)})")
+        raise LLMCoreError(
+            f"{folder / 'config.json'}: model_type {kind!r} is not one llmcore reads ({', '.join(HF_MODEL_TYPES)})"
+        )
     state = to_llmcore_names(hf_weights(folder), folder)
     try:
         config = config_from_hf(hf, state)
     except KeyError as err:
         raise LLMCoreError(f"{folder / 'config.json'}: no {err.args[0]}") from None
     except (LLMCoreError, TypeError, ValueError, AttributeError) as err:  # a field of the wrong JSON type
-        raise LLMCoreError(f"{folder / 'config.json'}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") \
-            from None
+        raise LLMCoreError(
+            f"{folder / 'config.json'}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
     return config, state
 
 
@@ -385,8 +457,9 @@ def read_source(src: str | Path, preset: str | None = None) -> Source:
     if path.is_dir():
         kind = hf_folder_type(path)
         if kind is None:
-            raise LLMCoreError(f"{path}: not a transformers folder (config.json and one of "
-                               f"{', '.join(HF_WEIGHT_FILES)})")
+            raise LLMCoreError(
+                f"{path}: not a transformers folder (config.json and one of {', '.join(HF_WEIGHT_FILES)})"
+            )
         if preset is not None:
             raise LLMCoreError(f"--preset applies to .pth state dicts; {path} has its own config.json")
         config, state = read_hf_folder(path)
@@ -427,8 +500,13 @@ class ImportResult:
     num_params: int
 
 
-def import_model(src: str | Path, out: str | Path, preset: str | None = None, tokenizer: str | Path | None = None,
-                 overwrite: bool = False) -> ImportResult:
+def import_model(
+    src: str | Path,
+    out: str | Path,
+    preset: str | None = None,
+    tokenizer: str | Path | None = None,
+    overwrite: bool = False,
+) -> ImportResult:
     """`llmcore model import`: read `src` (see `read_source`) and write a run dir at `out` laid out as a
     finished training run (config.json, tokenizer/, checkpoints/step-0 with manifest, checkpoints/latest),
     so every `--ckpt` and `train --init` take it. The tokenizer is `tokenizer`, else the one in the
@@ -439,8 +517,9 @@ def import_model(src: str | Path, out: str | Path, preset: str | None = None, to
     src_path = Path(src).expanduser()
     out = Path(out).expanduser()
     inputs = (src_path,) + ((Path(tokenizer),) if tokenizer is not None else ())
-    check_out_dir(out, overwrite=overwrite, what="an earlier `model import`", inputs=inputs,
-                  replaceable=_import_dir_problem)
+    check_out_dir(
+        out, overwrite=overwrite, what="an earlier `model import`", inputs=inputs, replaceable=_import_dir_problem
+    )
     source = read_source(src_path, preset)
     model = model_from_state(source.config, source.state, src_path)
     tok = None
@@ -450,10 +529,18 @@ def import_model(src: str | Path, out: str | Path, preset: str | None = None, to
 
         tok = load_tokenizer(tok_dir)
         # A --tokenizer over a folder that brings its own must be that vocabulary.
-        own = (load_tokenizer(source.tokenizer_dir).fingerprint
-               if tokenizer is not None and source.tokenizer_dir is not None else None)
-        check_tokenizer_fits(model.config, tok, f"--tokenizer {tok_dir}" if tokenizer is not None else str(tok_dir),
-                             exact=False, fingerprint=own)
+        own = (
+            load_tokenizer(source.tokenizer_dir).fingerprint
+            if tokenizer is not None and source.tokenizer_dir is not None
+            else None
+        )
+        check_tokenizer_fits(
+            model.config,
+            tok,
+            f"--tokenizer {tok_dir}" if tokenizer is not None else str(tok_dir),
+            exact=False,
+            fingerprint=own,
+        )
     remove_leftovers(out.parent, out.name)
     try:
         with atomic_dir(out) as tmp:
@@ -463,14 +550,22 @@ def import_model(src: str | Path, out: str | Path, preset: str | None = None, to
             write_text(tmp / "checkpoints" / "latest", "step-0\n")
             if tok is not None:
                 tok.save(tmp / "tokenizer")
-            write_json(tmp / "config.json", {
-                "stage": RUN_STAGE, "model": model.config.to_dict(), "source": str(src_path.resolve()),
-                "source_format": source.kind, "preset": source.preset,
-                "tokenizer_fingerprint": tok.fingerprint if tok is not None else None,
-            })
+            write_json(
+                tmp / "config.json",
+                {
+                    "stage": RUN_STAGE,
+                    "model": model.config.to_dict(),
+                    "source": str(src_path.resolve()),
+                    "source_format": source.kind,
+                    "preset": source.preset,
+                    "tokenizer_fingerprint": tok.fingerprint if tok is not None else None,
+                },
+            )
     except OSError as err:
-        raise LLMCoreError(f"--out {out}: cannot write the run dir: {err.strerror or err} (nothing was written there)") \
-            from None
+        raise LLMCoreError(
+            f"--out {out}: cannot write the run dir: {err.strerror or err} (nothing was written there)"
+        ) from None
     logger.debug("imported %s (%s) into %s", src_path, source.kind, out)
-    return ImportResult(out, model.config, source.kind, source.preset, tok_dir if tok is not None else None,
-                        model.num_params())
+    return ImportResult(
+        out, model.config, source.kind, source.preset, tok_dir if tok is not None else None, model.num_params()
+    )

@@ -112,8 +112,9 @@ def _last_eval(run_dir: Path) -> dict:
     return evals[-1] if evals else {}
 
 
-def _samples(run_dir: Path, prompts: list[str], chat: bool, max_new_tokens: int,
-             agent: list[tuple[str, str | None, bool]] = ()) -> list[tuple[str, str]]:
+def _samples(
+    run_dir: Path, prompts: list[str], chat: bool, max_new_tokens: int, agent: list[tuple[str, str | None, bool]] = ()
+) -> list[tuple[str, str]]:
     """Greedy replies to `prompts` (chat prompts through the template when `chat`), then to the
     `agent` prompts (with that tool's schema, or with the think block opened)."""
     from llmcore.checkpoint import load_model_and_tokenizer
@@ -126,11 +127,21 @@ def _samples(run_dir: Path, prompts: list[str], chat: bool, max_new_tokens: int,
     else:
         ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
     for prompt, tool, thinking in agent:
-        ids.append(tok.encode_prompt([{"role": "user", "content": prompt}], tools=[TOOLS[tool]] if tool else None,
-                                     open_thinking=thinking))
+        ids.append(
+            tok.encode_prompt(
+                [{"role": "user", "content": prompt}], tools=[TOOLS[tool]] if tool else None, open_thinking=thinking
+            )
+        )
         prompts = [*prompts, f"[tools: {tool}] {prompt}" if tool else f"[thinking] {prompt}"]
-    outs = generate(model, ids, max_new_tokens=max_new_tokens, temperature=0.0, repetition_penalty=1.1,
-                    eos_id=tok.eos_id, pad_id=tok.pad_id)
+    outs = generate(
+        model,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        repetition_penalty=1.1,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+    )
     return [(p, tok.decode(o, skip_special_tokens=True)) for p, o in zip(prompts, outs)]
 
 
@@ -144,8 +155,15 @@ def _fresh_weights(s: DemoSettings, tok_dir: Path, out: Path) -> Path:
     from llmcore.model import LLM, ModelConfig
 
     tok = load_tokenizer(tok_dir)
-    config = ModelConfig.from_preset(s.model, qk_norm=s.qk_norm, vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
-                                     bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, attn_backend="sdpa")
+    config = ModelConfig.from_preset(
+        s.model,
+        qk_norm=s.qk_norm,
+        vocab_size=tok.vocab_size,
+        pad_token_id=tok.pad_id,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        attn_backend="sdpa",
+    )
     torch.manual_seed(0)
     save_model(LLM(config), out)
     write_manifest(out)
@@ -189,8 +207,9 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     print(format_stats(stats))
 
     _banner(f"3/7 tokenizer (byte-level BPE, vocab {s.vocab_size})")
-    tok_dir = train_tokenizer([_tokenizer_corpus(corpus, out / "data" / "tokenizer_corpus.jsonl")], out / "tokenizer",
-                              vocab_size=s.vocab_size)
+    tok_dir = train_tokenizer(
+        [_tokenizer_corpus(corpus, out / "data" / "tokenizer_corpus.jsonl")], out / "tokenizer", vocab_size=s.vocab_size
+    )
     print(f"tokenizer -> {tok_dir}")
 
     _banner("4/7 shards")
@@ -201,26 +220,65 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
         print(f"{kind:8s} {manifest['num_docs']:,} documents, {manifest['num_tokens']:,} tokens -> {shards[kind]}")
 
     runs = {k: out / "runs" / k for k in ("pretrain", "sft", "dpo")}
-    common = dict(seq_len=s.seq_len, micro_batch_size=s.micro_batch_size, global_batch_size=s.micro_batch_size,
-                  eval_docs=s.eval_docs, log_every=10, keep_last=1, attn_backend="sdpa")
+    common = dict(
+        seq_len=s.seq_len,
+        micro_batch_size=s.micro_batch_size,
+        global_batch_size=s.micro_batch_size,
+        eval_docs=s.eval_docs,
+        log_every=10,
+        keep_last=1,
+        attn_backend="sdpa",
+    )
 
     _banner(f"5/7 pretrain ({s.model} model{' with QK-norm' if s.qk_norm else ''}, {s.pretrain_steps} steps)")
     init = _fresh_weights(s, tok_dir, out / "runs" / "init")
-    pre = train("pretrain", TrainConfig(data=str(shards["pretrain"]), out=str(runs["pretrain"]), init=str(init),
-                                        max_steps=s.pretrain_steps, lr=2e-3, warmup_steps=20,
-                                        eval_every=100, **common))
+    pre = train(
+        "pretrain",
+        TrainConfig(
+            data=str(shards["pretrain"]),
+            out=str(runs["pretrain"]),
+            init=str(init),
+            max_steps=s.pretrain_steps,
+            lr=2e-3,
+            warmup_steps=20,
+            eval_every=100,
+            **common,
+        ),
+    )
     _print_samples("pretrained model continues", _samples(runs["pretrain"], PRETRAIN_PROMPTS, False, s.max_new_tokens))
 
     _banner(f"6/7 SFT ({s.sft_steps} steps)")
-    sft = train("sft", TrainConfig(data=str(shards["sft"]), out=str(runs["sft"]), init=str(runs["pretrain"]),
-                                   max_steps=s.sft_steps, lr=1e-3, warmup_steps=10, eval_every=50, **common))
+    sft = train(
+        "sft",
+        TrainConfig(
+            data=str(shards["sft"]),
+            out=str(runs["sft"]),
+            init=str(runs["pretrain"]),
+            max_steps=s.sft_steps,
+            lr=1e-3,
+            warmup_steps=10,
+            eval_every=50,
+            **common,
+        ),
+    )
     _print_samples("SFT model answers", _samples(runs["sft"], CHAT_PROMPTS, True, s.max_new_tokens, AGENT_PROMPTS))
 
     _banner(f"7/7 DPO ({s.dpo_steps} steps)")
     # Longer rows than the other stages: a pair whose reply falls past seq_len teaches nothing.
     dpo_common = {**common, "seq_len": 512, "micro_batch_size": 8, "global_batch_size": 8}
-    train("dpo", TrainConfig(data=str(shards["dpo"]), out=str(runs["dpo"]), init=str(runs["sft"]),
-                             max_steps=s.dpo_steps, lr=1e-4, beta=0.1, eval_every=0, **dpo_common))
+    train(
+        "dpo",
+        TrainConfig(
+            data=str(shards["dpo"]),
+            out=str(runs["dpo"]),
+            init=str(runs["sft"]),
+            max_steps=s.dpo_steps,
+            lr=1e-4,
+            beta=0.1,
+            eval_every=0,
+            **dpo_common,
+        ),
+    )
     _print_samples("DPO model answers", _samples(runs["dpo"], CHAT_PROMPTS, True, s.max_new_tokens, AGENT_PROMPTS))
 
     entropy = unigram_entropy(shards["pretrain"])
@@ -237,14 +295,20 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     }
     _banner("summary")
     print(f"unigram entropy of the pretraining tokens: {entropy:.3f} nats/token (perplexity {math.exp(entropy):.1f})")
-    print(f"pretrained model, held-out loss:            {held_out:.3f} nats/token (perplexity {math.exp(held_out):.1f})")
-    print(f"the model beats the context-free baseline by {entropy - held_out:.3f} nats/token "
-          f"({100 * (1 - held_out / entropy):.0f}% lower loss)")
+    print(
+        f"pretrained model, held-out loss:            {held_out:.3f} nats/token (perplexity {math.exp(held_out):.1f})"
+    )
+    print(
+        f"the model beats the context-free baseline by {entropy - held_out:.3f} nats/token "
+        f"({100 * (1 - held_out / entropy):.0f}% lower loss)"
+    )
     if sft.eval_loss is not None:
         print(f"SFT held-out loss on assistant tokens:     {sft.eval_loss:.3f}")
     if summary["dpo_reward_accuracy"] is not None:
-        print(f"DPO held-out reward accuracy:              {summary['dpo_reward_accuracy']:.2f} "
-              f"(0.50 = chance), margin {summary['dpo_reward_margin']:+.4f}")
+        print(
+            f"DPO held-out reward accuracy:              {summary['dpo_reward_accuracy']:.2f} "
+            f"(0.50 = chance), margin {summary['dpo_reward_margin']:+.4f}"
+        )
     print(f"plots: {out / 'pretrain_lengths.png'}, " + ", ".join(str(r / "loss.png") for r in runs.values()))
     print(f"runs:  {', '.join(str(r) for r in runs.values())}   (try: llmcore chat --ckpt {runs['dpo']})")
     print(f"total time {elapsed / 60:.1f} min")

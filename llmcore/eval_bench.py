@@ -80,14 +80,22 @@ def _letters_text(q: Question) -> str:
 
 
 def _letters(q: Question) -> list[str]:
-    return list(LETTERS[:len(q.choices)])
+    return list(LETTERS[: len(q.choices)])
 
 
 FORMATS: dict[str, TaskFormat] = {
-    "cmmlu": TaskFormat("cmmlu", lambda s: f"以下是关于{CMMLU_SUBJECTS.get(s, s)}的单项选择题，请直接给出正确答案的选项。\n\n",
-                        _letters_text, _letters),
-    "ceval": TaskFormat("ceval", lambda s: f"以下是中国关于{CEVAL_SUBJECTS.get(s, s)}的单项选择题，请选出其中的正确答案。\n\n",
-                        _letters_text, _letters),
+    "cmmlu": TaskFormat(
+        "cmmlu",
+        lambda s: f"以下是关于{CMMLU_SUBJECTS.get(s, s)}的单项选择题，请直接给出正确答案的选项。\n\n",
+        _letters_text,
+        _letters,
+    ),
+    "ceval": TaskFormat(
+        "ceval",
+        lambda s: f"以下是中国关于{CEVAL_SUBJECTS.get(s, s)}的单项选择题，请选出其中的正确答案。\n\n",
+        _letters_text,
+        _letters,
+    ),
     "mc": TaskFormat("mc", lambda s: "", lambda q: f"Question: {q.question}\nAnswer:", lambda q: list(q.choices)),
 }
 TASKS = tuple(FORMATS)
@@ -156,10 +164,13 @@ def _read_csv(path: Path, columns: Sequence[str], answer_col: str, subject: str)
 def _subject_files(folder: Path, known: dict[str, str], suffix: str, task: str) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for path in sorted(folder.glob("*.csv")):
-        subject = path.stem[:-len(suffix)] if suffix and path.stem.endswith(suffix) else path.stem
+        subject = path.stem[: -len(suffix)] if suffix and path.stem.endswith(suffix) else path.stem
         if subject not in known:
-            raise DataError(f"unknown {task} subject {subject!r} (file names are the official subject names, "
-                            f"e.g. {next(iter(known))}{suffix}.csv)", str(path))
+            raise DataError(
+                f"unknown {task} subject {subject!r} (file names are the official subject names, "
+                f"e.g. {next(iter(known))}{suffix}.csv)",
+                str(path),
+            )
         files[subject] = path
     return files
 
@@ -174,8 +185,9 @@ def _load_csv_task(data: Path, task: str) -> tuple[dict[str, list[Question]], di
     if not data.is_dir():
         raise LLMCoreError(f"--data {data}: not a directory (a {task} dir holds {eval_split}/ and dev/)")
     if not (data / eval_split).is_dir():
-        raise LLMCoreError(f"--data {data}: no {eval_split}/ folder (the official {task} layout: "
-                           f"{eval_split}/*.csv and dev/*.csv)")
+        raise LLMCoreError(
+            f"--data {data}: no {eval_split}/ folder (the official {task} layout: {eval_split}/*.csv and dev/*.csv)"
+        )
     eval_files = _subject_files(data / eval_split, known, suffixes[0], task)
     if not eval_files:
         raise LLMCoreError(f"--data {data}: {eval_split}/ holds no .csv files")
@@ -197,16 +209,22 @@ def _read_mc_jsonl(path: Path) -> list[Question]:
         q, choices = rec.get("question"), rec.get("choices")
         if not isinstance(q, str) or not q.strip():
             raise DataError("question must be a non-empty string", str(path), line)
-        if (not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS)
-                or not all(isinstance(c, str) and c.strip() for c in choices)):
+        if (
+            not isinstance(choices, list)
+            or not 2 <= len(choices) <= len(LETTERS)
+            or not all(isinstance(c, str) and c.strip() for c in choices)
+        ):
             raise DataError(f"choices must be a list of 2..{len(LETTERS)} non-empty strings", str(path), line)
         if "answer" not in rec:
             raise DataError("missing answer", str(path), line)
         subject = rec.get("subject", "all")
         if not isinstance(subject, str) or not subject.strip():
             raise DataError("subject must be a non-empty string", str(path), line)
-        out.append(Question(subject, q, list(choices), _answer_index(rec["answer"], len(choices), path, line),
-                            f"{path}:{line}"))
+        out.append(
+            Question(
+                subject, q, list(choices), _answer_index(rec["answer"], len(choices), path, line), f"{path}:{line}"
+            )
+        )
     if not out:
         raise DataError("no questions", str(path))
     return out
@@ -253,8 +271,7 @@ def build_context(fmt: TaskFormat, q: Question, shots: Sequence[Question]) -> st
     """lm-eval's plain-text context: description, solved shots, the question's text."""
     parts = [fmt.description(q.subject)]
     for s in shots:
-        parts.append(fmt.doc_to_text(s) + fmt.target_delimiter + fmt.doc_to_choice(s)[s.answer]
-                     + fmt.fewshot_delimiter)
+        parts.append(fmt.doc_to_text(s) + fmt.target_delimiter + fmt.doc_to_choice(s)[s.answer] + fmt.fewshot_delimiter)
     parts.append(fmt.doc_to_text(q))
     return "".join(parts)
 
@@ -267,11 +284,12 @@ def encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], l
         context = context[:-n_spaces]
     whole = tok.encode(context + continuation)
     context_ids = tok.encode(context)
-    return context_ids, whole[len(context_ids):]
+    return context_ids, whole[len(context_ids) :]
 
 
-def build_requests(fmt: TaskFormat, tok: Any, questions: Sequence[Question], dev: Sequence[Question],
-                   shots: int) -> list[Request]:
+def build_requests(
+    fmt: TaskFormat, tok: Any, questions: Sequence[Question], dev: Sequence[Question], shots: int
+) -> list[Request]:
     out = []
     for q in questions:
         context = build_context(fmt, q, dev[:shots])
@@ -317,16 +335,18 @@ def score_batch(model: Any, requests: Sequence[Request], pad_id: int = 0) -> lis
     n_choices = max(len(r.continuations) for r in requests)
     longest_cont = max(len(c) for r in requests for c in r.continuations)
     if longest_cont >= max_pos:
-        raise LLMCoreError(f"a choice of {requests[0].question.source} has {longest_cont} tokens, more than the "
-                           f"model's {max_pos} positions")
-    contexts = [r.context[-(max_pos - longest_cont):] for r in requests]
+        raise LLMCoreError(
+            f"a choice of {requests[0].question.source} has {longest_cont} tokens, more than the "
+            f"model's {max_pos} positions"
+        )
+    contexts = [r.context[-(max_pos - longest_cont) :] for r in requests]
     width = max(len(c) for c in contexts)
     b = len(requests)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     pos = torch.zeros((b, width), dtype=torch.long)
     for i, c in enumerate(contexts):
-        ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
-        pos[i, width - len(c):] = torch.arange(len(c))
+        ids[i, width - len(c) :] = torch.tensor(c, dtype=torch.long)
+        pos[i, width - len(c) :] = torch.arange(len(c))
     cache = model.new_kv_cache(b, width + (longest_cont - 1 if longest_cont > 1 else 0))
     last = model(ids.to(device), position_ids=pos.to(device), kv_cache=cache).logits[:, -1].float()
     first_lp = torch.log_softmax(last, dim=-1)  # (b, V): predicts each continuation's first token
@@ -344,14 +364,14 @@ def score_batch(model: Any, requests: Sequence[Request], pad_id: int = 0) -> lis
     for i, r in enumerate(requests):
         for j, cont in enumerate(r.continuations):
             if len(cont) > 1:
-                feed[i * n_choices + j, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                feed[i * n_choices + j, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
     logits = model(feed.to(device), kv_cache=rows).logits.float()
     lp = torch.log_softmax(logits, dim=-1)
     for i, r in enumerate(requests):
         for j, cont in enumerate(r.continuations):
             if len(cont) > 1:
                 target = torch.tensor(cont[1:], dtype=torch.long, device=device)
-                row = lp[i * n_choices + j, :len(cont) - 1]
+                row = lp[i * n_choices + j, : len(cont) - 1]
                 scores[i][j] += float(row.gather(-1, target.unsqueeze(-1)).sum())
     return scores
 
@@ -379,21 +399,27 @@ class BenchResult:
 
     def lines(self) -> list[str]:
         w = max(len(s) for s in self.subjects)
-        out = [f"{s:<{w}}  acc {v.acc:.4f}  acc_norm {v.acc_norm:.4f}  ({v.n} questions)"
-               for s, v in sorted(self.subjects.items())]
+        out = [
+            f"{s:<{w}}  acc {v.acc:.4f}  acc_norm {v.acc_norm:.4f}  ({v.n} questions)"
+            for s, v in sorted(self.subjects.items())
+        ]
         o = self.overall
-        out.append(f"{self.task} overall ({self.shots}-shot): acc {o.acc:.4f}  acc_norm {o.acc_norm:.4f}  "
-                   f"({o.n} questions, chance {self.chance:.4f}, {self.seconds:.1f} s)")
+        out.append(
+            f"{self.task} overall ({self.shots}-shot): acc {o.acc:.4f}  acc_norm {o.acc_norm:.4f}  "
+            f"({o.n} questions, chance {self.chance:.4f}, {self.seconds:.1f} s)"
+        )
         return out
 
 
-def _select(questions: dict[str, list[Question]], subjects: Sequence[str] | None,
-            limit: int | None) -> dict[str, list[Question]]:
+def _select(
+    questions: dict[str, list[Question]], subjects: Sequence[str] | None, limit: int | None
+) -> dict[str, list[Question]]:
     if subjects:
         unknown = [s for s in subjects if s not in questions]
         if unknown:
-            raise LLMCoreError(f"--subjects: {', '.join(unknown)} not in the data (have: "
-                               f"{', '.join(sorted(questions))})")
+            raise LLMCoreError(
+                f"--subjects: {', '.join(unknown)} not in the data (have: {', '.join(sorted(questions))})"
+            )
         questions = {s: questions[s] for s in subjects}
     if limit is not None:
         if limit < 1:
@@ -402,9 +428,16 @@ def _select(questions: dict[str, list[Question]], subjects: Sequence[str] | None
     return questions
 
 
-def run_bench(model: Any, tok: Any, task: str, questions: dict[str, list[Question]],
-              dev: dict[str, list[Question]], shots: int = 0, batch_size: int = 16,
-              progress: bool = True) -> BenchResult:
+def run_bench(
+    model: Any,
+    tok: Any,
+    task: str,
+    questions: dict[str, list[Question]],
+    dev: dict[str, list[Question]],
+    shots: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> BenchResult:
     """Score every question; `dev[subject][:shots]` are the solved examples of its prompt."""
     if not 0 <= shots <= MAX_SHOTS:
         raise LLMCoreError(f"--shots must be in 0..{MAX_SHOTS}, got {shots}")
@@ -414,13 +447,21 @@ def run_bench(model: Any, tok: Any, task: str, questions: dict[str, list[Questio
     if shots:
         short = [s for s in questions if len(dev.get(s, [])) < shots]
         if short:
-            raise LLMCoreError(f"--shots {shots}: the dev split has fewer examples for {', '.join(short[:5])}"
-                               f"{' ...' if len(short) > 5 else ''}")
+            raise LLMCoreError(
+                f"--shots {shots}: the dev split has fewer examples for {', '.join(short[:5])}"
+                f"{' ...' if len(short) > 5 else ''}"
+            )
     from tqdm import tqdm
 
     total = sum(len(qs) for qs in questions.values())
-    bar = tqdm(total=total, unit="question", desc=f"{task} {shots}-shot", file=sys.stderr,
-               disable=None if progress else True, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        unit="question",
+        desc=f"{task} {shots}-shot",
+        file=sys.stderr,
+        disable=None if progress else True,
+        dynamic_ncols=True,
+    )
     t0 = time.perf_counter()
     per: dict[str, SubjectScore] = {}
     preds: list[dict[str, Any]] = []
@@ -429,7 +470,7 @@ def run_bench(model: Any, tok: Any, task: str, questions: dict[str, list[Questio
         requests = build_requests(fmt, tok, qs, dev.get(subject, []), shots)
         hits = hits_norm = 0
         for start in range(0, len(requests), batch_size):
-            batch = requests[start:start + batch_size]
+            batch = requests[start : start + batch_size]
             for r, lls in zip(batch, score_batch(model, batch, pad_id=getattr(tok, "pad_id", 0))):
                 pred = max(range(len(lls)), key=lambda j: lls[j])
                 norm = [ll / len(s) for ll, s in zip(lls, r.choice_strings)]
@@ -437,8 +478,16 @@ def run_bench(model: Any, tok: Any, task: str, questions: dict[str, list[Questio
                 hits += pred == r.question.answer
                 hits_norm += pred_norm == r.question.answer
                 chance += 1 / len(lls)
-                preds.append({"subject": subject, "source": r.question.source, "gold": r.question.answer,
-                              "pred": pred, "pred_norm": pred_norm, "loglikelihoods": lls})
+                preds.append(
+                    {
+                        "subject": subject,
+                        "source": r.question.source,
+                        "gold": r.question.answer,
+                        "pred": pred,
+                        "pred_norm": pred_norm,
+                        "loglikelihoods": lls,
+                    }
+                )
             bar.update(len(batch))
         per[subject] = SubjectScore(hits / len(qs), hits_norm / len(qs), len(qs))
         acc_all += hits
@@ -474,9 +523,19 @@ def plot_result(result: BenchResult, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def eval_bench(ckpt: str | Path, task: str, data: str | Path, out: str | Path | None = None, shots: int = 0,
-               subjects: Sequence[str] | None = None, limit: int | None = None, batch_size: int = 16,
-               device: str = "auto", overwrite: bool = False, progress: bool = True) -> BenchResult:
+def eval_bench(
+    ckpt: str | Path,
+    task: str,
+    data: str | Path,
+    out: str | Path | None = None,
+    shots: int = 0,
+    subjects: Sequence[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> BenchResult:
     """Load the model at `ckpt`, score `task` at `data`; with `out`, write results.json,
     predictions.jsonl and results.png there."""
     from llmcore.checkpoint import load_model_and_tokenizer
@@ -487,8 +546,9 @@ def eval_bench(ckpt: str | Path, task: str, data: str | Path, out: str | Path | 
         raise LLMCoreError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     out_dir = None
     if out is not None:
-        out_dir = check_out_dir(out, overwrite=overwrite, what="eval bench results", inputs=(data, ckpt),
-                                replaceable=_results_dir_problem)
+        out_dir = check_out_dir(
+            out, overwrite=overwrite, what="eval bench results", inputs=(data, ckpt), replaceable=_results_dir_problem
+        )
     questions, dev = load_task(task, data)
     questions = _select(questions, subjects, limit)
     dev_ = resolve_device(device)
@@ -498,14 +558,26 @@ def eval_bench(ckpt: str | Path, task: str, data: str | Path, out: str | Path | 
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         summary = {
-            "format": "llmcore-eval-bench", "task": task, "ckpt": str(ckpt), "data": str(data), "shots": shots,
-            "limit": limit, "device": str(dev_), "seconds": round(result.seconds, 3), "chance": result.chance,
-            "overall": vars(result.overall), "subjects": {s: vars(v) for s, v in sorted(result.subjects.items())},
+            "format": "llmcore-eval-bench",
+            "task": task,
+            "ckpt": str(ckpt),
+            "data": str(data),
+            "shots": shots,
+            "limit": limit,
+            "device": str(dev_),
+            "seconds": round(result.seconds, 3),
+            "chance": result.chance,
+            "overall": vars(result.overall),
+            "subjects": {s: vars(v) for s, v in sorted(result.subjects.items())},
         }
-        write_text(out_dir / "predictions.jsonl",
-                   "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result.predictions))
-        plot_result(result, out_dir / "results.png", f"{task} {shots}-shot: {Path(str(ckpt)).name}  "
-                                                     f"(acc {result.overall.acc:.3f}, n={result.overall.n})")
+        write_text(
+            out_dir / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result.predictions)
+        )
+        plot_result(
+            result,
+            out_dir / "results.png",
+            f"{task} {shots}-shot: {Path(str(ckpt)).name}  (acc {result.overall.acc:.3f}, n={result.overall.n})",
+        )
         write_json(out_dir / "results.json", summary)
     if not math.isfinite(result.overall.acc):
         raise LLMCoreError("no questions were scored")
@@ -560,8 +632,9 @@ def _safe_extract(archive: Path, dest: Path) -> None:
                     dst.write(chunk)
 
 
-def download_benchmark(name: str, out: str | Path, timeout: float = 30.0, overwrite: bool = False,
-                       progress: bool = False) -> Path:
+def download_benchmark(
+    name: str, out: str | Path, timeout: float = 30.0, overwrite: bool = False, progress: bool = False
+) -> Path:
     """Fetch `name`'s official archive and install its official layout (e.g. `test/`, `dev/`) as
     `out`, atomically; offline this fails within seconds with one line."""
     from llmcore.data_prep.download import download
@@ -570,8 +643,12 @@ def download_benchmark(name: str, out: str | Path, timeout: float = 30.0, overwr
     if name not in BENCHMARK_ARCHIVES:
         raise LLMCoreError(f"--benchmark must be one of {', '.join(BENCHMARK_ARCHIVES)}, got {name!r}")
     dataset, file, marker = BENCHMARK_ARCHIVES[name]
-    out = check_out_dir(out, overwrite=overwrite, what=f"a {name} dir",
-                        replaceable=lambda p: None if (p / marker).is_dir() else f"it holds no {marker}/ folder")
+    out = check_out_dir(
+        out,
+        overwrite=overwrite,
+        what=f"a {name} dir",
+        replaceable=lambda p: None if (p / marker).is_dir() else f"it holds no {marker}/ folder",
+    )
     tmp = temp_dir_for(out)
     try:
         archive = download(dataset, file, tmp / "archive", timeout=timeout, progress=progress)

@@ -31,8 +31,10 @@ class EvalResult:
     seq_len: int = 0  # tokens per row used (the run's training seq len, or 512 for a folder without one)
 
     def line(self) -> str:
-        return (f"loss {self.loss:.4f}  perplexity {self.perplexity:.2f}  "
-                f"({self.tokens:,} tokens, {self.batches} batches, seq len {self.seq_len})")
+        return (
+            f"loss {self.loss:.4f}  perplexity {self.perplexity:.2f}  "
+            f"({self.tokens:,} tokens, {self.batches} batches, seq len {self.seq_len})"
+        )
 
 
 def _run_seq_len(ckpt: Path) -> int | None:
@@ -46,9 +48,17 @@ def _run_seq_len(ckpt: Path) -> int | None:
 
 
 @torch.no_grad()
-def evaluate(ckpt: str | Path, data: str | Path, batch_size: int = 8, seq_len: int | None = None,
-             packing: str = "packed", attn_backend: str | None = None, max_batches: int | None = None,
-             device: str = "auto", progress: bool = True) -> EvalResult:
+def evaluate(
+    ckpt: str | Path,
+    data: str | Path,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    packing: str = "packed",
+    attn_backend: str | None = None,
+    max_batches: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> EvalResult:
     """Mean masked next-token cross-entropy of the model at `ckpt` (run dir, checkpoint dir or HF
     folder) over one pass of the shards at `data` (a kind some language-model stage trains on),
     on `device` (auto: the GPU when there is one)."""

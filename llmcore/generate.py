@@ -45,8 +45,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Next token per row from (B, V) logits; temperature <= 0 means greedy (argmax)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -55,8 +60,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                   repetition_penalty: float) -> None:
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float
+) -> None:
     """One-line errors for settings that would sample nonsense or crash mid-generation (a NaN
     temperature, a negative one silently meaning greedy, top_p outside (0, 1], ...)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -71,23 +77,30 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
         raise LLMCoreError(f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty!r}")
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
         n = len(p)
-        ids[i, width - n:] = torch.tensor(list(p), dtype=torch.long)
-        pos[i, width - n:] = torch.arange(n)
+        ids[i, width - n :] = torch.tensor(list(p), dtype=torch.long)
+        pos[i, width - n :] = torch.arange(n)
     return ids.to(device), pos.to(device)
 
 
-def generate_steps(model: LLM, prompt_ids_batch: Sequence[Sequence[int]], max_new_tokens: int = 128,
-                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                   repetition_penalty: float = 1.0, eos_id: int | None = 2, use_cache: bool = True,
-                   generator: torch.Generator | None = None, pad_id: int = 0
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def generate_steps(
+    model: LLM,
+    prompt_ids_batch: Sequence[Sequence[int]],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    eos_id: int | None = 2,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield `(tokens, active)` per step: the (B,) new tokens and which rows were still generating.
 
     A row stops after producing `eos_id` (the eos is yielded with active=True, never afterwards).
@@ -98,8 +111,10 @@ def generate_steps(model: LLM, prompt_ids_batch: Sequence[Sequence[int]], max_ne
     cfg = model.config
     longest = max(len(p) for p in prompt_ids_batch)
     if longest + max_new_tokens > cfg.max_position_embeddings:
-        raise LLMCoreError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                           f"{cfg.max_position_embeddings} positions")
+        raise LLMCoreError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"{cfg.max_position_embeddings} positions"
+        )
     device = model.embed_tokens.weight.device
     ids, pos = _left_pad(prompt_ids_batch, pad_id, device)
     b, width = ids.shape
@@ -135,10 +150,20 @@ def generate_steps(model: LLM, prompt_ids_batch: Sequence[Sequence[int]], max_ne
 
 
 @torch.no_grad()
-def generate(model: LLM, prompt_ids_batch: Sequence[Sequence[int]], max_new_tokens: int = 128,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-             eos_id: int | None = 2, stream: StreamCallback | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None, pad_id: int = 0) -> list[list[int]]:
+def generate(
+    model: LLM,
+    prompt_ids_batch: Sequence[Sequence[int]],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    eos_id: int | None = 2,
+    stream: StreamCallback | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+) -> list[list[int]]:
     """Continue each prompt; returns the new tokens per prompt (eos not included).
 
     `stream(row, token)` is called for every new non-eos token as soon as it is chosen.
@@ -148,8 +173,19 @@ def generate(model: LLM, prompt_ids_batch: Sequence[Sequence[int]], max_new_toke
     model.eval()
     out: list[list[int]] = [[] for _ in prompt_ids_batch]
     try:
-        for tok, active in generate_steps(model, prompt_ids_batch, max_new_tokens, temperature, top_k, top_p,
-                                          repetition_penalty, eos_id, use_cache, generator, pad_id):
+        for tok, active in generate_steps(
+            model,
+            prompt_ids_batch,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            eos_id,
+            use_cache,
+            generator,
+            pad_id,
+        ):
             for row, (t, a) in enumerate(zip(tok.tolist(), active.tolist())):
                 if a and t != eos_id:
                     out[row].append(t)

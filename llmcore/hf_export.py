@@ -44,12 +44,16 @@ def hf_architecture(config: ModelConfig) -> str:
     """The transformers class an export of `config` is (`HF_EXPORT_TYPES`), or LLMCoreError saying why none is."""
     if config.use_moe:
         if config.num_shared_experts:
-            raise LLMCoreError(f"cannot export an MoE model with shared experts ({config.num_shared_experts}, as "
-                               "MiniMind2's MoE): no transformers class adds always-on experts to routed ones this way "
-                               "(Qwen3-MoE has none), so the export would not give the same logits")
+            raise LLMCoreError(
+                f"cannot export an MoE model with shared experts ({config.num_shared_experts}, as "
+                "MiniMind2's MoE): no transformers class adds always-on experts to routed ones this way "
+                "(Qwen3-MoE has none), so the export would not give the same logits"
+            )
         if not config.qk_norm:
-            raise LLMCoreError("cannot export an MoE model without QK-norm: transformers' Qwen3-MoE normalises q and k, "
-                               "and no transformers class has this router without it")
+            raise LLMCoreError(
+                "cannot export an MoE model without QK-norm: transformers' Qwen3-MoE normalises q and k, "
+                "and no transformers class has this router without it"
+            )
         return "Qwen3MoeForCausalLM"
     return "Qwen3ForCausalLM" if config.qk_norm else "LlamaForCausalLM"
 
@@ -67,10 +71,14 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
         # transformers' YaRN uses the same frequency blend; note its correction-range rounding can
         # differ from MiniMind's by one dim at the edges, so long-context logits may differ slightly.
         s = config.rope_scaling
-        rope_scaling = {"rope_type": "yarn", "factor": float(s.get("factor", 16)),
-                        "original_max_position_embeddings": int(s.get("original_max_position_embeddings", 2048)),
-                        "beta_fast": float(s.get("beta_fast", 32.0)), "beta_slow": float(s.get("beta_slow", 1.0)),
-                        "attention_factor": float(s.get("attention_factor", 1.0))}
+        rope_scaling = {
+            "rope_type": "yarn",
+            "factor": float(s.get("factor", 16)),
+            "original_max_position_embeddings": int(s.get("original_max_position_embeddings", 2048)),
+            "beta_fast": float(s.get("beta_fast", 32.0)),
+            "beta_slow": float(s.get("beta_slow", 1.0)),
+            "attention_factor": float(s.get("attention_factor", 1.0)),
+        }
         rope_parameters = {**rope_scaling, "rope_theta": config.rope_theta}
     out: dict[str, Any] = {
         "architectures": [arch],
@@ -103,10 +111,16 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
         del out["mlp_bias"]
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_hidden_layers)
     if arch == "Qwen3MoeForCausalLM":
-        out.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
-                   moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
-                   decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=config.aux_loss_coef,
-                   output_router_logits=False)
+        out.update(
+            num_experts=config.num_experts,
+            num_experts_per_tok=config.num_experts_per_tok,
+            moe_intermediate_size=config.moe_intermediate_size,
+            norm_topk_prob=config.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            router_aux_loss_coef=config.aux_loss_coef,
+            output_router_logits=False,
+        )
     return out
 
 
@@ -116,7 +130,11 @@ def _run_or_checkpoint(path: Path) -> str | None:
         return None
     if any((path / m).exists() for m in CHECKPOINT_MARKERS) or path.name.startswith(".step-"):
         return "a checkpoint dir"
-    if any((path / m).exists() for m in RUN_DIR_MARKERS) or (path / "tokenizer").is_dir() and (path / "config.json").is_file():
+    if (
+        any((path / m).exists() for m in RUN_DIR_MARKERS)
+        or (path / "tokenizer").is_dir()
+        and (path / "config.json").is_file()
+    ):
         return "a run dir"
     if path.name == "checkpoints" and (path / "latest").exists():
         return "a run's checkpoints dir"
@@ -135,8 +153,10 @@ def _export_dir_problem(path: Path) -> str | None:
         if p.name not in EXPORT_FILES:
             return f"it holds {p.name}, which an export does not write"
     if not _is_hf_export(path):
-        return ("it is not a transformers folder an export writes (config.json with model_type "
-                f"{', '.join(HF_EXPORT_TYPES.values())} + model.safetensors)")
+        return (
+            "it is not a transformers folder an export writes (config.json with model_type "
+            f"{', '.join(HF_EXPORT_TYPES.values())} + model.safetensors)"
+        )
     return None
 
 
@@ -145,8 +165,11 @@ def _is_hf_export(path: Path) -> bool:
         config = json.loads((path / "config.json").read_bytes())
     except (OSError, ValueError, RecursionError):
         return False
-    return (isinstance(config, dict) and config.get("model_type") in HF_EXPORT_TYPES.values()
-            and (path / "model.safetensors").is_file())
+    return (
+        isinstance(config, dict)
+        and config.get("model_type") in HF_EXPORT_TYPES.values()
+        and (path / "model.safetensors").is_file()
+    )
 
 
 def check_export_dir(out: Path, overwrite: bool, sources: tuple = ()) -> Path:
@@ -157,26 +180,38 @@ def check_export_dir(out: Path, overwrite: bool, sources: tuple = ()) -> Path:
     for p in (out, *out.parents):
         what = _run_or_checkpoint(p)
         if what and (p == out or what != "a run dir" or p / "checkpoints" in (out, *out.parents)):
-            raise LLMCoreError(f"--out {out}: {'is' if p == out else f'is inside {p}, which is'} {what}; "
-                               "export never writes there (its config.json or weights would be replaced)")
-    return check_out_dir(out, overwrite=overwrite, what="an earlier Hugging Face export", inputs=sources,
-                         replaceable=_export_dir_problem)
+            raise LLMCoreError(
+                f"--out {out}: {'is' if p == out else f'is inside {p}, which is'} {what}; "
+                "export never writes there (its config.json or weights would be replaced)"
+            )
+    return check_out_dir(
+        out, overwrite=overwrite, what="an earlier Hugging Face export", inputs=sources, replaceable=_export_dir_problem
+    )
 
 
-def export_model_hf(model: LLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None, overwrite: bool = False,
-                    sources: tuple = ()) -> Path:
+def export_model_hf(
+    model: LLM,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    overwrite: bool = False,
+    sources: tuple = (),
+) -> Path:
     """Write config.json, model.safetensors, generation_config.json and (if given) tokenizer files into
     `out_dir`, which appears complete or not at all. A non-empty `out_dir` is refused unless
     `overwrite` (then only an earlier export is replaced); run and checkpoint dirs always are."""
     config = unwrap_model(model).config
     hf_architecture(config)  # refuses what no transformers class computes, before anything is written
-    out = check_export_dir(Path(out_dir), overwrite, sources=tuple(sources) + ((tokenizer_dir,) if tokenizer_dir else ()))
+    out = check_export_dir(
+        Path(out_dir), overwrite, sources=tuple(sources) + ((tokenizer_dir,) if tokenizer_dir else ())
+    )
     remove_leftovers(out.parent, out.name)
     try:
         with atomic_dir(out) as tmp:
             _write_export(model, config, tmp, tokenizer_dir)
     except OSError as err:
-        raise LLMCoreError(f"--out {out}: cannot write the export: {err.strerror or err} (nothing was written there)") from err
+        raise LLMCoreError(
+            f"--out {out}: cannot write the export: {err.strerror or err} (nothing was written there)"
+        ) from err
     return out
 
 
@@ -186,9 +221,15 @@ def _write_export(model: LLM, config: ModelConfig, out: Path, tokenizer_dir: str
     cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     write_json(out / "config.json", cfg, ensure_ascii=True)
-    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-           "pad_token_id": config.pad_token_id, "do_sample": True, "temperature": 0.85, "top_p": 0.85,
-           "max_new_tokens": 512}
+    gen = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "do_sample": True,
+        "temperature": 0.85,
+        "top_p": 0.85,
+        "max_new_tokens": 512,
+    }
     write_json(out / "generation_config.json", gen, ensure_ascii=True)
     if tokenizer_dir is not None:
         copy_tokenizer_files(Path(tokenizer_dir), out)

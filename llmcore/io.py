@@ -193,8 +193,9 @@ def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
     return write_bytes(path, text.encode(encoding))
 
 
-def write_json(path: str | Path, obj: Any, *, indent: int | None = 2, ensure_ascii: bool = False,
-               sort_keys: bool = False) -> Path:
+def write_json(
+    path: str | Path, obj: Any, *, indent: int | None = 2, ensure_ascii: bool = False, sort_keys: bool = False
+) -> Path:
     """Write `obj` as JSON (indented, UTF-8, trailing newline) atomically and durably; returns `path`."""
     return write_text(path, json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys) + "\n")
 
@@ -275,7 +276,7 @@ def remove_leftovers(directory: str | Path, name: str) -> list[Path]:
     if not directory.is_dir():
         return removed
     for p in directory.iterdir():
-        rest = p.name[len(name) + 2:]
+        rest = p.name[len(name) + 2 :]
         if p.name.startswith(f".{name}.") and (rest.startswith(("tmp-", "old-")) or ".tmp" in rest):
             if _writer_alive(rest):
                 continue
@@ -287,8 +288,15 @@ def remove_leftovers(directory: str | Path, name: str) -> list[Path]:
     return removed
 
 
-def check_out_dir(out: str | Path, *, overwrite: bool, what: str, inputs=(),
-                  replaceable: Callable[[Path], str | None] | None = None, flag: str = "--out") -> Path:
+def check_out_dir(
+    out: str | Path,
+    *,
+    overwrite: bool,
+    what: str,
+    inputs=(),
+    replaceable: Callable[[Path], str | None] | None = None,
+    flag: str = "--out",
+) -> Path:
     """Refuse an output dir that a write would damage; returns `out` as a Path.
 
     - a path below a regular file, or an existing non-directory, is refused;
@@ -310,12 +318,16 @@ def check_out_dir(out: str | Path, *, overwrite: bool, what: str, inputs=(),
     for inp in inputs:
         rp = Path(inp).resolve()
         if rp == real or real in rp.parents:
-            raise LLMCoreError(f"{flag} {out} holds the input {inp}; writing there would replace it (pick another {flag})")
+            raise LLMCoreError(
+                f"{flag} {out} holds the input {inp}; writing there would replace it (pick another {flag})"
+            )
     if not any(out.iterdir()):
         return out
     if not overwrite:
         raise LLMCoreError(f"{flag} {out}: output dir exists and is not empty (pass --overwrite to replace it)")
     why = replaceable(out) if replaceable is not None else "it is not one llmcore wrote"
     if why:
-        raise LLMCoreError(f"{flag} {out}: --overwrite replaces only {what}, and {why}; remove it yourself or pick another {flag}")
+        raise LLMCoreError(
+            f"{flag} {out}: --overwrite replaces only {what}, and {why}; remove it yourself or pick another {flag}"
+        )
     return out

@@ -63,8 +63,15 @@ class Progress:
     and the time left, so a long command is never silent. `update(n)` after each piece; `close()`.
     `total=None` (unknown) shows the count and rate only. The unit "B" (bytes) is shown in MB."""
 
-    def __init__(self, total: int | None, unit: str, desc: str, logger: logging.Logger, every: float | None = None,
-                 enabled: bool = True) -> None:
+    def __init__(
+        self,
+        total: int | None,
+        unit: str,
+        desc: str,
+        logger: logging.Logger,
+        every: float | None = None,
+        enabled: bool = True,
+    ) -> None:
         import time
 
         from tqdm import tqdm
@@ -74,8 +81,15 @@ class Progress:
         self.done = 0
         self._time = time.perf_counter
         self.t0 = self._last = self._time()
-        self.bar = tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True,
-                        unit_scale=unit == "B" or total is None, disable=None if enabled else True)
+        self.bar = tqdm(
+            total=total,
+            unit=unit,
+            desc=desc,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            unit_scale=unit == "B" or total is None,
+            disable=None if enabled else True,
+        )
         self.lines = enabled and self.bar.disable
 
     def update(self, n: int = 1) -> None:
@@ -94,8 +108,9 @@ class Progress:
                 return
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
             total = f"{self.total / scale:.1f}" if mb else f"{self.total:,}"
-            self.log.info("%s: %s/%s %s, %.2f %s/s, %s left", self.desc, done, total, units, rate / scale, unit,
-                          _duration(left))
+            self.log.info(
+                "%s: %s/%s %s, %.2f %s/s, %s left", self.desc, done, total, units, rate / scale, unit, _duration(left)
+            )
 
     def close(self) -> None:
         self.bar.close()

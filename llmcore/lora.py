@@ -78,8 +78,10 @@ def target_modules(model: nn.Module, targets: str) -> list[str]:
         wanted = ATTENTION_TARGETS if spec == "attention" else tuple(t.strip() for t in spec.split(",") if t.strip())
         missing = [t for t in wanted if not any(n == t or n.rsplit(".", 1)[-1] == t for n in linears)]
         if missing or not wanted:
-            raise LLMCoreError(f"--lora-targets {targets!r}: {', '.join(missing) or 'nothing'} names no linear layer "
-                               f"of this model; use attention, all-linear or some of {', '.join(short)}")
+            raise LLMCoreError(
+                f"--lora-targets {targets!r}: {', '.join(missing) or 'nothing'} names no linear layer "
+                f"of this model; use attention, all-linear or some of {', '.join(short)}"
+            )
         chosen = [n for n in linears if n in wanted or n.rsplit(".", 1)[-1] in wanted]
     if not chosen:
         raise LLMCoreError(f"--lora-targets {targets!r} selects no linear layer of this model")
@@ -105,8 +107,11 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, modules: list[str], se
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' weights as contiguous fp32 CPU tensors, keyed like the model's parameters."""
     inner = unwrap_model(model)
-    return {n: p.detach().float().cpu().contiguous() for n, p in inner.named_parameters()
-            if n.endswith((".lora_A", ".lora_B"))}
+    return {
+        n: p.detach().float().cpu().contiguous()
+        for n, p in inner.named_parameters()
+        if n.endswith((".lora_A", ".lora_B"))
+    }
 
 
 def lora_modules(model: nn.Module) -> list[str]:
@@ -143,8 +148,10 @@ def describe_base(init: str | Path) -> dict[str, str]:
     """The record of a base that adapters are trained on: its checkpoint dir (absolute) and weights sha256."""
     base = resolve_checkpoint(init)
     if (base / ADAPTER_CONFIG).is_file():
-        raise LLMCoreError(f"--init {init} is a LoRA run; merge it first (`llmcore model merge-lora --ckpt {init} "
-                           "--out DIR`) and train the new adapters on the merged model")
+        raise LLMCoreError(
+            f"--init {init} is a LoRA run; merge it first (`llmcore model merge-lora --ckpt {init} "
+            "--out DIR`) and train the new adapters on the merged model"
+        )
     return {"path": str(base.resolve()), "sha256": base_fingerprint(base), "given": str(init)}
 
 
@@ -153,8 +160,13 @@ def read_adapter_config(ckpt: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
         assert isinstance(meta, dict) and meta.get("format") == ADAPTER_FORMAT
-        int(meta["rank"]), float(meta["alpha"]), list(meta["modules"]), str(meta["base"]["path"]), \
-            str(meta["base"]["sha256"])
+        (
+            int(meta["rank"]),
+            float(meta["alpha"]),
+            list(meta["modules"]),
+            str(meta["base"]["path"]),
+            str(meta["base"]["sha256"]),
+        )
     except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
         raise LLMCoreError(f"{path}: not an llmcore LoRA adapter config ({type(err).__name__})") from None
     return meta
@@ -164,13 +176,17 @@ def checked_base(ckpt: Path, meta: dict[str, Any]) -> Path:
     """The base checkpoint dir a LoRA checkpoint names, if it is there and its weights are unchanged."""
     base = Path(meta["base"]["path"])
     if not base.is_dir():
-        raise LLMCoreError(f"{ckpt}: its base model {base} is missing (a LoRA checkpoint holds only the adapters; "
-                           "restore the base there, or merge adapters while the base exists)")
+        raise LLMCoreError(
+            f"{ckpt}: its base model {base} is missing (a LoRA checkpoint holds only the adapters; "
+            "restore the base there, or merge adapters while the base exists)"
+        )
     found = base_fingerprint(base)
     if found != meta["base"]["sha256"]:
-        raise LLMCoreError(f"{ckpt}: its base model {base} has changed since the adapters were trained (weights "
-                           f"sha256 {found[:12]}..., expected {meta['base']['sha256'][:12]}...); the adapters fit "
-                           "only the original base")
+        raise LLMCoreError(
+            f"{ckpt}: its base model {base} has changed since the adapters were trained (weights "
+            f"sha256 {found[:12]}..., expected {meta['base']['sha256'][:12]}...); the adapters fit "
+            "only the original base"
+        )
     return base
 
 
@@ -206,8 +222,10 @@ def load_adapted(ckpt: str | Path, attn_backend: str | None = None) -> LLM:
     with torch.no_grad():
         for name, t in state.items():
             if params[name].shape != t.shape:
-                raise LLMCoreError(f"{ckpt / ADAPTER_WEIGHTS}: {name} has shape {tuple(t.shape)}, the model needs "
-                                   f"{tuple(params[name].shape)}")
+                raise LLMCoreError(
+                    f"{ckpt / ADAPTER_WEIGHTS}: {name} has shape {tuple(t.shape)}, the model needs "
+                    f"{tuple(params[name].shape)}"
+                )
             params[name].copy_(t)
     return model
 
@@ -260,9 +278,17 @@ class LoRAHook:
         modules = target_modules(model, self.cfg.lora_targets)
         apply_lora(model, self.rank, self.alpha, modules, seed=self.cfg.seed)
         trainable, total = trainable_report(model)
-        log.info("LoRA rank %d, alpha %g on %d layers (%s): %s trainable parameters of %s (%.2f%%); base %s frozen",
-                 self.rank, self.alpha, len(modules), self.cfg.lora_targets, f"{trainable:,}", f"{total:,}",
-                 100 * trainable / max(total, 1), self.base["path"])
+        log.info(
+            "LoRA rank %d, alpha %g on %d layers (%s): %s trainable parameters of %s (%.2f%%); base %s frozen",
+            self.rank,
+            self.alpha,
+            len(modules),
+            self.cfg.lora_targets,
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / max(total, 1),
+            self.base["path"],
+        )
         return model
 
     def save(self, model: nn.Module, step_dir: Path) -> None:
@@ -283,10 +309,14 @@ def save_adapters(model: nn.Module, out_dir: Path, base: dict[str, str], rank: i
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = adapter_state(model)
-    atomic_write(out_dir / ADAPTER_WEIGHTS,
-                 lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "llmcore": ADAPTER_FORMAT}))
-    write_json(out_dir / ADAPTER_CONFIG, {"format": ADAPTER_FORMAT, "rank": rank, "alpha": alpha,
-                                          "modules": lora_modules(model), "base": base})
+    atomic_write(
+        out_dir / ADAPTER_WEIGHTS,
+        lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "llmcore": ADAPTER_FORMAT}),
+    )
+    write_json(
+        out_dir / ADAPTER_CONFIG,
+        {"format": ADAPTER_FORMAT, "rank": rank, "alpha": alpha, "modules": lora_modules(model), "base": base},
+    )
     write_text(out_dir / CONFIG, json.dumps(unwrap_model(model).config.to_dict(), indent=2) + "\n")
 
 
@@ -295,8 +325,9 @@ def _merge_dir_problem(path: Path) -> str | None:
     if not ((path / WEIGHTS).is_file() and (path / CONFIG).is_file()):
         return f"it has no {WEIGHTS} + {CONFIG}"
     for p in path.iterdir():
-        if p.name not in (WEIGHTS, CONFIG, "manifest.json") and not p.name.startswith(("tokenizer", "llmcore_tokenizer",
-                                                                                           "special_tokens")):
+        if p.name not in (WEIGHTS, CONFIG, "manifest.json") and not p.name.startswith(
+            ("tokenizer", "llmcore_tokenizer", "special_tokens")
+        ):
             return f"it holds {p.name}, which a merge does not write"
     return None
 
@@ -310,8 +341,13 @@ def merge_lora(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     src = resolve_checkpoint(ckpt)
     if not (src / ADAPTER_CONFIG).is_file():
         raise LLMCoreError(f"--ckpt {ckpt}: not a LoRA run or checkpoint (no {ADAPTER_CONFIG}); nothing to merge")
-    out = check_out_dir(Path(out), overwrite=overwrite, what="an earlier merge", inputs=(Path(ckpt), src),
-                        replaceable=_merge_dir_problem)
+    out = check_out_dir(
+        Path(out),
+        overwrite=overwrite,
+        what="an earlier merge",
+        inputs=(Path(ckpt), src),
+        replaceable=_merge_dir_problem,
+    )
     model, _ = load_model(src, with_tokenizer=False)
     tok = load_tokenizer_for(src)
     with atomic_dir(out) as tmp:
@@ -322,5 +358,18 @@ def merge_lora(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> Pa
     return out
 
 
-__all__ = ["LoRALinear", "LoRAHook", "apply_lora", "target_modules", "adapter_state", "load_adapted", "merged_state",
-           "merge_lora", "save_adapters", "describe_base", "base_fingerprint", "ATTENTION_TARGETS", "ADAPTER_FORMAT"]
+__all__ = [
+    "LoRALinear",
+    "LoRAHook",
+    "apply_lora",
+    "target_modules",
+    "adapter_state",
+    "load_adapted",
+    "merged_state",
+    "merge_lora",
+    "save_adapters",
+    "describe_base",
+    "base_fingerprint",
+    "ATTENTION_TARGETS",
+    "ADAPTER_FORMAT",
+]

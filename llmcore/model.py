@@ -144,21 +144,21 @@ class ModelConfig:
 # Sane upper limits per integer field (a few times the largest public models' values). They exist so a
 # corrupt or hostile model_config.json fails in microseconds instead of allocating until memory runs out.
 _INT_LIMITS: dict[str, tuple[int, int]] = {
-    "vocab_size": (1, 2 ** 20),
+    "vocab_size": (1, 2**20),
     "hidden_size": (1, 65536),
     "num_hidden_layers": (1, 1024),
     "num_attention_heads": (1, 1024),
     "num_key_value_heads": (1, 1024),
     "head_dim": (2, 1024),
-    "intermediate_size": (1, 2 ** 20),
-    "max_position_embeddings": (1, 2 ** 20),
-    "bos_token_id": (0, 2 ** 20),
-    "eos_token_id": (0, 2 ** 20),
-    "pad_token_id": (0, 2 ** 20),
+    "intermediate_size": (1, 2**20),
+    "max_position_embeddings": (1, 2**20),
+    "bos_token_id": (0, 2**20),
+    "eos_token_id": (0, 2**20),
+    "pad_token_id": (0, 2**20),
     "num_experts": (1, 1024),
     "num_shared_experts": (0, 1024),
     "num_experts_per_tok": (1, 1024),
-    "moe_intermediate_size": (1, 2 ** 20),
+    "moe_intermediate_size": (1, 2**20),
 }
 _OPTIONAL_INTS = frozenset({"head_dim", "intermediate_size", "moe_intermediate_size"})
 _MAX_PARAMS = 1e12
@@ -204,10 +204,13 @@ def _check_fields(cfg: "ModelConfig") -> None:
     experts = cfg.num_experts + cfg.num_shared_experts if cfg.use_moe else 1
     estimate = cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * cfg.hidden_size * (
         2 * (cfg.num_attention_heads + cfg.num_key_value_heads) * head_dim
-        + 3 * experts * ((cfg.moe_intermediate_size or mlp) if cfg.use_moe else mlp))
+        + 3 * experts * ((cfg.moe_intermediate_size or mlp) if cfg.use_moe else mlp)
+    )
     if estimate > _MAX_PARAMS:
-        raise LLMCoreError(f"model config: about {estimate:.2e} parameters (num_hidden_layers, hidden_size, "
-                           f"intermediate_size, ...), more than the {_MAX_PARAMS:.0e} llmcore builds")
+        raise LLMCoreError(
+            f"model config: about {estimate:.2e} parameters (num_hidden_layers, hidden_size, "
+            f"intermediate_size, ...), more than the {_MAX_PARAMS:.0e} llmcore builds"
+        )
     scaling = cfg.rope_scaling
     if scaling is not None:
         if not isinstance(scaling, dict):
@@ -224,27 +227,55 @@ def _check_fields(cfg: "ModelConfig") -> None:
 _RETIRED_KEYS = frozenset({"extra"})
 
 _MINIMIND3: dict[str, Any] = dict(
-    hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=96,
-    intermediate_size=2432, qk_norm=True, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
-    vocab_size=6400, tie_word_embeddings=True)
+    hidden_size=768,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=96,
+    intermediate_size=2432,
+    qk_norm=True,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=32768,
+    vocab_size=6400,
+    tie_word_embeddings=True,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=1024),
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024
+    ),
     # Sized for `make demo`: learns visibly in a few CPU minutes (~2.4M parameters at vocab 4096).
-    "demo": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
-                 max_position_embeddings=2048),
+    "demo": dict(
+        hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048
+    ),
     "minimind2-small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2),
     "minimind2": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2),
-    "minimind2-moe": dict(hidden_size=640, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                          use_moe=True, num_experts=4, num_shared_experts=1, num_experts_per_tok=2),
+    "minimind2-moe": dict(
+        hidden_size=640,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        use_moe=True,
+        num_experts=4,
+        num_shared_experts=1,
+        num_experts_per_tok=2,
+    ),
     # MiniMind-3 (Qwen3-style): QK-norm, head_dim 96, MLP ceil(768*pi/64)*64 = 2432, eps 1e-6.
     # 63,912,192 parameters, MiniMind's own count.
     "minimind-3": dict(_MINIMIND3),
     # The same with 4 routed SwiGLU experts of the dense MLP's size, top-1, no shared expert
     # (MiniMind-3's MOEFeedForward): 198,416,640 parameters.
-    "minimind-3-moe": dict(_MINIMIND3, use_moe=True, num_experts=4, num_experts_per_tok=1, norm_topk_prob=True,
-                           num_shared_experts=0, moe_intermediate_size=2432, aux_loss_coef=5e-4),
+    "minimind-3-moe": dict(
+        _MINIMIND3,
+        use_moe=True,
+        num_experts=4,
+        num_experts_per_tok=1,
+        norm_topk_prob=True,
+        num_shared_experts=0,
+        moe_intermediate_size=2432,
+        aux_loss_coef=5e-4,
+    ),
 }
 
 
@@ -261,8 +292,14 @@ class KVCache:
     Filled in place by `LLM.forward`; `length` counts the cached tokens (same for every row).
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
@@ -329,8 +366,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, cfg.attn_backend)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x: torch.Tensor, rope: dict[str, Any], attn: dict[str, Any], layer: int,
-                kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: dict[str, Any], attn: dict[str, Any], layer: int, kv_cache: KVCache | None
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
@@ -341,8 +379,16 @@ class Attention(nn.Module):
             from llmcore.kernels import qk_norm_rope
 
             # One fused pass (normalise, scale, rotate) instead of two norms and a rotation.
-            q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, rope["cos_table"], rope["sin_table"],
-                                rope["position_ids"], self.eps)
+            q, k = qk_norm_rope(
+                q,
+                k,
+                self.q_norm.weight,
+                self.k_norm.weight,
+                rope["cos_table"],
+                rope["sin_table"],
+                rope["position_ids"],
+                self.eps,
+            )
         else:
             if self.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
@@ -355,10 +401,10 @@ class Attention(nn.Module):
 
         if kv_cache is not None:
             start = kv_cache.length
-            kv_cache.k[layer][:, start:start + t] = k
-            kv_cache.v[layer][:, start:start + t] = v
-            k = kv_cache.k[layer][:, :start + t]
-            v = kv_cache.v[layer][:, :start + t]
+            kv_cache.k[layer][:, start : start + t] = k
+            kv_cache.v[layer][:, start : start + t] = v
+            k = kv_cache.k[layer][:, : start + t]
+            v = kv_cache.v[layer][:, : start + t]
 
         p = self.dropout if self.training else 0.0
         mode = attn["mode"]
@@ -373,8 +419,12 @@ class Attention(nn.Module):
         else:
             # (B, H, T, D) layout for SDPA; enable_gqa lets it broadcast K/V heads without a copy.
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=attn["mask"], is_causal=attn["mask"] is None, dropout_p=p,
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=attn["mask"],
+                is_causal=attn["mask"] is None,
+                dropout_p=p,
                 enable_gqa=self.n_kv != self.n_heads,
             ).transpose(1, 2)
         out = out.reshape(b, t, self.n_heads * self.head_dim)
@@ -437,7 +487,8 @@ class MoE(nn.Module):
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
         self.shared_experts = nn.ModuleList(
-            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_shared_experts))
+            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_shared_experts)
+        )
         # 16-byte rows for bf16 operands of the grouped GEMMs.
         self.aligned = cfg.hidden_size % 8 == 0 and cfg.moe_intermediate_size % 8 == 0
 
@@ -461,9 +512,12 @@ class MoE(nn.Module):
         Not under DeepSpeed ZeRO-3 (parameters carry `ds_id`): there an expert's weights are
         gathered only when its own module runs, and the grouped path reads them directly.
         """
-        return (self.aligned and self._compute_dtype(x) == torch.bfloat16
-                and not hasattr(self.experts[0].gate_proj.weight, "ds_id")
-                and _grouped_mm_device(x.device.type, x.device.index or 0))
+        return (
+            self.aligned
+            and self._compute_dtype(x) == torch.bfloat16
+            and not hasattr(self.experts[0].gate_proj.weight, "ds_id")
+            and _grouped_mm_device(x.device.type, x.device.index or 0)
+        )
 
     def _experts_grouped(self, xs: torch.Tensor, sorted_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """All routed experts on the expert-sorted rows `xs` in three grouped GEMMs (bf16)."""
@@ -498,7 +552,8 @@ class MoE(nn.Module):
         order = flat_idx.argsort(stable=True)
         token_of = order // self.top_k  # token index of each sorted assignment
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
-            0, flat_idx, torch.ones_like(flat_idx))
+            0, flat_idx, torch.ones_like(flat_idx)
+        )
         xs = x_flat.index_select(0, token_of)
         if self.use_grouped(x):
             ys = self._experts_grouped(xs, flat_idx[order], counts)
@@ -524,8 +579,9 @@ class Block(nn.Module):
         self.mlp: nn.Module = MoE(cfg) if cfg.use_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: dict[str, Any], attn: dict[str, Any], layer: int,
-                kv_cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, rope: dict[str, Any], attn: dict[str, Any], layer: int, kv_cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, attn, layer, kv_cache))
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
@@ -590,8 +646,9 @@ class LLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> ModelOutput:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> ModelOutput:
         b, t = input_ids.shape
         backend = self.config.attn_backend
         start = kv_cache.length if kv_cache is not None else 0
@@ -612,11 +669,14 @@ class LLM(nn.Module):
         attn: dict[str, Any] = {"mode": "sdpa" if backend == "triton" else backend, "mask": None}
         if kv_cache is not None:
             # Documents continue across calls: the first new token starts a document only if its position is 0.
-            prev = kv_cache.doc[:, start - 1:start] if start > 0 else torch.zeros(b, 1, dtype=torch.long,
-                                                                                  device=input_ids.device)
+            prev = (
+                kv_cache.doc[:, start - 1 : start]
+                if start > 0
+                else torch.zeros(b, 1, dtype=torch.long, device=input_ids.device)
+            )
             doc = prev + document_ids(position_ids, first_is_start=start == 0)
-            kv_cache.doc[:, start:start + t] = doc
-            attn["mask"] = attention_mask(doc, kv_cache.doc[:, :start + t])
+            kv_cache.doc[:, start : start + t] = doc
+            attn["mask"] = attention_mask(doc, kv_cache.doc[:, : start + t])
             kv_cache.next_pos = position_ids[:, -1] + 1
         elif backend == "triton":
             attn["mode"] = "flash"
@@ -661,8 +721,9 @@ def unwrap_model(model: nn.Module) -> LLM:
         if wrapped is None:
             wrapped = getattr(inner, "module", None)
         if not isinstance(wrapped, nn.Module):
-            raise TypeError(f"unwrap_model: {type(model).__name__} holds no llmcore LLM "
-                            f"(stopped at {type(inner).__name__})")
+            raise TypeError(
+                f"unwrap_model: {type(model).__name__} holds no llmcore LLM (stopped at {type(inner).__name__})"
+            )
         inner = wrapped
     return inner
 
@@ -683,8 +744,13 @@ def param_report(config: ModelConfig) -> dict[str, Any]:
     mlp = sum(p.numel() for p in block.mlp.parameters())
     norms = per_block - attn - mlp
     report: dict[str, Any] = {
-        "total": total, "embedding": embedding, "per_block": per_block, "attention_per_block": attn,
-        "mlp_per_block": mlp, "norms_per_block": norms, "final_norm": model.norm.weight.numel(),
+        "total": total,
+        "embedding": embedding,
+        "per_block": per_block,
+        "attention_per_block": attn,
+        "mlp_per_block": mlp,
+        "norms_per_block": norms,
+        "final_norm": model.norm.weight.numel(),
         "blocks": config.num_hidden_layers,
     }
     if config.use_moe:

@@ -30,8 +30,13 @@ import torch.nn.functional as F
 # RoPE (rotate-half layout of HF Llama / MiniMind)
 
 
-def rope_tables(head_dim: int, max_positions: int, theta: float = 1e6, scaling: dict[str, Any] | None = None,
-                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int,
+    max_positions: int,
+    theta: float = 1e6,
+    scaling: dict[str, Any] | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 `(cos, sin)` tables of shape `(max_positions, head_dim)`, each half repeated.
 
     Row `p` serves a token at position `p`. Computed in float64 on `device` (CPU by default).
@@ -50,13 +55,15 @@ def rope_tables(head_dim: int, max_positions: int, theta: float = 1e6, scaling: 
         beta_fast, beta_slow = scaling.get("beta_fast", 32.0), scaling.get("beta_slow", 1.0)
         attn_factor = scaling.get("attention_factor", 1.0)
         if max_positions > orig:
+
             def corr_dim(n_rot: float) -> float:
                 return head_dim * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
 
             low = max(math.floor(corr_dim(beta_fast)), 0)
             high = min(math.ceil(corr_dim(beta_slow)), head_dim // 2 - 1)
-            ramp = ((torch.arange(head_dim // 2, dtype=torch.float64, device=device) - low)
-                    / max(high - low, 1e-3)).clamp(0, 1)
+            ramp = (
+                (torch.arange(head_dim // 2, dtype=torch.float64, device=device) - low) / max(high - low, 1e-3)
+            ).clamp(0, 1)
             inv_freq = inv_freq * (1 - ramp + ramp / factor)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float64, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
@@ -74,8 +81,9 @@ def rope_rows(cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor) 
     return cos.float()[position_ids].unsqueeze(2), sin.float()[position_ids].unsqueeze(2)
 
 
-def apply_rope_rows(q: torch.Tensor, k: torch.Tensor, cos_rows: torch.Tensor, sin_rows: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope_rows(
+    q: torch.Tensor, k: torch.Tensor, cos_rows: torch.Tensor, sin_rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`x * cos + rotate_half(x) * sin` in fp32 for q `(B, T, H, D)` and k `(B, T, Hkv, D)`, with
     `cos_rows`/`sin_rows` from `rope_rows`; outputs in q's and k's dtypes."""
     # One cast per use, as the model's eager path always had: for bf16 inputs the two partial
@@ -86,8 +94,9 @@ def apply_rope_rows(q: torch.Tensor, k: torch.Tensor, cos_rows: torch.Tensor, si
     return q_out.to(q.dtype), k_out.to(k.dtype)
 
 
-def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE with the kernel `apply_rope`'s signature: `(max_positions, D)` tables, row `p` for a
     token at position `p` from `position_ids` `(B, T)` or `arange(T)`; fp32 math, outputs in q's
     and k's dtypes."""
@@ -112,17 +121,25 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5)
     return weight * normed.to(x.dtype)
 
 
-def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                           cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None = None,
-                           eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def qk_norm_rope_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3 / MiniMind-3 QK-norm then RoPE, with the kernel `qk_norm_rope`'s signature.
 
     q `(B, T, H, D)`, k `(B, T, Hkv, D)`; `q_weight`/`k_weight` `(D,)` (one RMSNorm weight per
     layer shared by all heads); tables and `position_ids` as `apply_rope_reference`. Exactly what
     the model's eager path does: `rms_norm_reference` over head_dim, then the rotation.
     """
-    return apply_rope_reference(rms_norm_reference(q, q_weight, eps), rms_norm_reference(k, k_weight, eps),
-                                cos, sin, position_ids)
+    return apply_rope_reference(
+        rms_norm_reference(q, q_weight, eps), rms_norm_reference(k, k_weight, eps), cos, sin, position_ids
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,8 +21,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _TRITON_PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 cpu_only = pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA the compiled kernels run; the error is for CPU tensors")
-needs_ptxas = pytest.mark.skipif(shutil.which("ptxas") is None and not _TRITON_PTXAS.exists(),
-                                 reason="Triton's bundled ptxas not found")
+needs_ptxas = pytest.mark.skipif(
+    shutil.which("ptxas") is None and not _TRITON_PTXAS.exists(), reason="Triton's bundled ptxas not found"
+)
 
 
 def _run_compiled(code: str, timeout: int, **env_overrides: str) -> subprocess.CompletedProcess:

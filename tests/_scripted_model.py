@@ -24,8 +24,9 @@ class _Cache:
 
 
 class ScriptedLM(torch.nn.Module):
-    def __init__(self, reply: Callable[[list[int]], list[int]], vocab_size: int, eos_id: int,
-                 context: int = 1024) -> None:
+    def __init__(
+        self, reply: Callable[[list[int]], list[int]], vocab_size: int, eos_id: int, context: int = 1024
+    ) -> None:
         super().__init__()
         self.config = ModelConfig.from_preset("tiny", vocab_size=vocab_size, max_position_embeddings=context)
         self.embed_tokens = torch.nn.Embedding(1, 1)  # only for `.weight.device`
@@ -35,12 +36,15 @@ class ScriptedLM(torch.nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int) -> _Cache:
         return _Cache()
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                kv_cache: _Cache | None = None) -> SimpleNamespace:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache: _Cache | None = None
+    ) -> SimpleNamespace:
         if kv_cache is None:
             raise AssertionError("generation runs with the KV cache")
         b = input_ids.shape[0]
-        if not kv_cache.replies:  # the prompt call: rows are left-padded, each real prompt starts at its last position 0
+        if (
+            not kv_cache.replies
+        ):  # the prompt call: rows are left-padded, each real prompt starts at its last position 0
             for row in range(b):
                 pos = position_ids[row].tolist() if position_ids is not None else list(range(input_ids.shape[1]))
                 start = max(i for i, p in enumerate(pos) if p == 0)
@@ -58,8 +62,10 @@ class ScriptedLM(torch.nn.Module):
 def text_replies(tokenizer, script: list[tuple[str, str]], default: str = "") -> Callable[[list[int]], list[int]]:
     """`reply` for ScriptedLM: the first `(needle, text)` whose needle is in the decoded prompt gives the
     reply text; encoded with its special tokens (e.g. none) and ended with eos."""
+
     def reply(prompt: list[int]) -> list[int]:
         decoded = tokenizer.decode(prompt)
         text = next((t for needle, t in script if needle in decoded), default)
         return tokenizer.encode(text) + [tokenizer.eos_id]
+
     return reply

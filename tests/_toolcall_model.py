@@ -17,15 +17,27 @@ from typing import Any
 import pytest
 import torch
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "查询城市天气",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "城市名"}},
-                   "required": ["city"]}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "查询城市天气",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "城市名"}},
+            "required": ["city"],
+        },
+    },
+}
 TOOLS = [WEATHER_TOOL]
 ASK = [{"role": "user", "content": "北京天气怎么样？"}]
-CALL = {"role": "assistant", "content": "",
-        "tool_calls": [{"id": "call_1", "type": "function",
-                        "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]}
+CALL = {
+    "role": "assistant",
+    "content": "",
+    "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}
+    ],
+}
 TOOL_RESULT = {"role": "tool", "tool_call_id": "call_1", "content": '{"weather": "晴", "temp": 25}'}
 ANSWER = {"role": "assistant", "content": "北京今天晴，25度。"}
 
@@ -44,10 +56,11 @@ def minimind3_tokenizer_dir() -> Path:
 
 def _reply_text(hf_tok: Any, before: list[dict], reply: dict, tools: list | None, thinking: bool) -> str:
     full = hf_tok.apply_chat_template(before + [reply], tools=tools, tokenize=False)
-    prompt = hf_tok.apply_chat_template(before, tools=tools, tokenize=False, add_generation_prompt=True,
-                                        open_thinking=thinking)
+    prompt = hf_tok.apply_chat_template(
+        before, tools=tools, tokenize=False, add_generation_prompt=True, open_thinking=thinking
+    )
     assert full.startswith(prompt), "the template does not extend the generation prompt"
-    return full[len(prompt):].rstrip("\n")  # ends with <|im_end|>, the eos
+    return full[len(prompt) :].rstrip("\n")  # ends with <|im_end|>, the eos
 
 
 def train_toolcall_run(root: Path, max_steps: int = 300) -> Path:
@@ -71,8 +84,8 @@ def train_toolcall_run(root: Path, max_steps: int = 300) -> Path:
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     for i, (p, r) in enumerate(rows):
         seq = torch.tensor(p + r)
-        ids[i, :len(seq)] = seq
-        labels[i, len(p) - 1:len(seq) - 1] = torch.tensor(r)  # position t predicts token t+1
+        ids[i, : len(seq)] = seq
+        labels[i, len(p) - 1 : len(seq) - 1] = torch.tensor(r)  # position t predicts token t+1
     torch.manual_seed(0)
     model = LLM(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=512))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -85,8 +98,13 @@ def train_toolcall_run(root: Path, max_steps: int = 300) -> Path:
         opt.step()
         if step % 10 == 0 and loss.item() < 0.3:
             model.eval()
-            out = generate(model, [p for p, _ in rows], max_new_tokens=max(len(r) for _, r in rows), temperature=0,
-                           eos_id=tok.eos_id)
+            out = generate(
+                model,
+                [p for p, _ in rows],
+                max_new_tokens=max(len(r) for _, r in rows),
+                temperature=0,
+                eos_id=tok.eos_id,
+            )
             if all(o + [tok.eos_id] == r for o, (_, r) in zip(out, rows)):
                 break
     else:

@@ -37,8 +37,21 @@ def load_and_check(out: Path, bench: str) -> dict:
     assert {p.suffix for p in files} == {".json", ".md", ".png"}, files
     json_path = next(p for p in files if p.suffix == ".json")
     d = json.loads(json_path.read_text())
-    for key in ("schema", "bench", "device", "date", "quick", "machine", "settings", "load", "measurements",
-                "ratios", "targets", "notes", "warnings"):
+    for key in (
+        "schema",
+        "bench",
+        "device",
+        "date",
+        "quick",
+        "machine",
+        "settings",
+        "load",
+        "measurements",
+        "ratios",
+        "targets",
+        "notes",
+        "warnings",
+    ):
         assert key in d, key
     assert d["bench"] == bench and d["device"] == "cpu" and d["quick"] is True
     for key in ("cpu", "cpu_count", "torch", "triton", "python"):
@@ -84,6 +97,7 @@ def test_interleaved_rotates_order_and_counts_units() -> None:
         def run() -> float:
             calls.append(name)
             return units
+
         return run
 
     s = interleaved({"a": case("a", 10), "b": case("b", 20), "c": case("c", 30)}, rounds=3, warmup=1)
@@ -151,8 +165,23 @@ def test_bench_kernels_quick_cpu_is_a_correctness_sweep(tmp_path: Path) -> None:
 
 def test_bench_kernels_timing_code_dry_run(tmp_path: Path) -> None:
     """The CUDA timing path, run on CPU at toy shapes (labelled meaningless): ratios and targets."""
-    run_cli(["bench", "kernels", "--dry-run-timing", "--device", "cpu", "--seqs", "16", "--hiddens", "32",
-             "--repeats", "1", "--out", str(tmp_path)])
+    run_cli(
+        [
+            "bench",
+            "kernels",
+            "--dry-run-timing",
+            "--device",
+            "cpu",
+            "--seqs",
+            "16",
+            "--hiddens",
+            "32",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     d = load_and_check(tmp_path, "kernels")
     assert "DRY RUN" in d["title"]
     names = {r["name"] for r in d["ratios"]}
@@ -203,8 +232,19 @@ def test_bench_user_error_is_one_line(capsys: pytest.CaptureFixture[str], tmp_pa
     from llmcore.cli import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["bench", "train", "--quick", "--device", "cpu", "--data-dir", str(tmp_path / "nope"),
-              "--out", str(tmp_path)])
+        main(
+            [
+                "bench",
+                "train",
+                "--quick",
+                "--device",
+                "cpu",
+                "--data-dir",
+                str(tmp_path / "nope"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "--data-dir" in err[0]
@@ -219,8 +259,19 @@ def test_bench_user_error_leaves_the_signal_handlers_as_they_were(tmp_path: Path
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(SystemExit):
-        main(["bench", "train", "--quick", "--device", "cpu", "--data-dir", str(tmp_path / "nope"),
-              "--out", str(tmp_path)])
+        main(
+            [
+                "bench",
+                "train",
+                "--quick",
+                "--device",
+                "cpu",
+                "--data-dir",
+                str(tmp_path / "nope"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
@@ -250,7 +301,11 @@ def test_report_index_readme_block_and_targets(tmp_path: Path) -> None:
     readme.write_text(f"# top\n\nkeep me\n\n{BEGIN}\nold numbers\n{END}\n\n## after\nkeep me too\n")
     update_readme(readme, readme_block(results, tmp_path))
     text = readme.read_text()
-    assert "old numbers" not in text and text.startswith("# top\n\nkeep me\n\n") and text.endswith("## after\nkeep me too\n")
+    assert (
+        "old numbers" not in text
+        and text.startswith("# top\n\nkeep me\n\n")
+        and text.endswith("## after\nkeep me too\n")
+    )
     block = text.split(BEGIN)[1].split(END)[0]
     assert "alpha target" in block and "PASS" in block and "benchmarks/results/alpha-cpu-" in block
     assert "beta" not in block  # quick runs never reach the README
@@ -267,13 +322,14 @@ def test_report_index_readme_block_and_targets(tmp_path: Path) -> None:
         build_index(tmp_path / "empty")
 
 
-
 def test_bench_refuses_bad_presets_and_out_before_running(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from llmcore.cli import main
 
     (tmp_path / "file").write_text("x")
-    for args, words in ((["train", "--presets", "bogus"], "--presets: unknown preset(s) bogus"),
-                        (["kernels", "--out", str(tmp_path / "file" / "x")], "is a file, not a folder")):
+    for args, words in (
+        (["train", "--presets", "bogus"], "--presets: unknown preset(s) bogus"),
+        (["kernels", "--out", str(tmp_path / "file" / "x")], "is a file, not a folder"),
+    ):
         with pytest.raises(SystemExit) as exc:
             main(["bench", *args, "--quick", "--device", "cpu", *([] if "--out" in args else ["--out", str(tmp_path)])])
         assert exc.value.code == 2
@@ -290,4 +346,5 @@ def test_quick_verdicts_are_labelled_not_measurements() -> None:
     res = BenchResult("t", CPU, {}, quick=True)
     res.target("x target", 0.5, 1.0)
     assert headline({"bench": "t", "quick": True, "targets": res.targets})[0].startswith(
-        "**FAIL (quick run: not a measurement)** x target")
+        "**FAIL (quick run: not a measurement)** x target"
+    )

@@ -22,8 +22,12 @@ def test_bench_recipe_quick(tmp_path: Path, shared_data: Path) -> None:
     run_cli(["bench", "recipe", "--quick", "--device", "cpu", "--out", str(tmp_path), "--data-dir", str(shared_data)])
     d = load_and_check(tmp_path, "recipe")
     runs = d["extra"]["runs"]
-    assert sorted((r["recipe"], r["seed"]) for r in runs) == [("llmcore", 0), ("llmcore", 1), ("minimind", 0),
-                                                               ("minimind", 1)]
+    assert sorted((r["recipe"], r["seed"]) for r in runs) == [
+        ("llmcore", 0),
+        ("llmcore", 1),
+        ("minimind", 0),
+        ("minimind", 1),
+    ]
     for seed in (0, 1):
         mm, lc = (next(r for r in runs if r["recipe"] == k and r["seed"] == seed) for k in ("minimind", "llmcore"))
         assert mm["tokens"] == lc["tokens"] and mm["steps"] == lc["steps"]  # the same budget and batch

@@ -65,18 +65,20 @@ def test_sampling_settings_and_bad_input_are_one_line_errors():
     from llmcore.generate import generate
 
     model, tok = load_model(pretrained_run())
-    for kwargs, message in (({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
-                            ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
-                            ({"top_p": 0.0}, "top_p must be in"), ({"top_k": -2}, "top_k must be"),
-                            ({"repetition_penalty": float("inf")}, "repetition_penalty")):
+    for kwargs, message in (
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
+        ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+        ({"top_p": 0.0}, "top_p must be in"),
+        ({"top_k": -2}, "top_k must be"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ):
         with pytest.raises(LLMCoreError, match=message):
             generate(model, [[1, 5, 6]], max_new_tokens=2, **kwargs)
     with pytest.raises(LLMCoreError, match="leaves no room for a prompt"):
         ChatSession(model, tok, max_new_tokens=model.config.max_position_embeddings)
     # A line that is not valid UTF-8 (surrogate-escaped by the stdin decoder) is skipped with a note.
     out = io.StringIO()
-    run_repl(ChatSession(model, tok, max_new_tokens=2, temperature=0.0),
-             io.StringIO("bad \udcff bytes\nhi\n"), out)
+    run_repl(ChatSession(model, tok, max_new_tokens=2, temperature=0.0), io.StringIO("bad \udcff bytes\nhi\n"), out)
     assert out.getvalue().count("user: ") == 1 and "user: hi" in out.getvalue()
 
 

@@ -22,7 +22,7 @@ def _stream(text: str, thinking: bool, tools: bool, seed: int = 0) -> tuple[str,
     deltas, i = [], 0
     while i < len(text):
         n = rng.randint(1, 4)
-        deltas += p.feed(text[i:i + n])
+        deltas += p.feed(text[i : i + n])
         i += n
     deltas += p.finish()
     reasoning = "".join(d[1] for d in deltas if d[0] == "reasoning") if thinking else None
@@ -36,17 +36,48 @@ CASES = [
     ("想一想\n\n再想\n</think>\n\n答案是 2。", True, False, "答案是 2。", "想一想\n\n再想", []),
     ("没有结束的思考", True, False, "", "没有结束的思考", []),
     ('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', False, True, "", None, [("f", {"x": 1})]),
-    ('先查一下\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "g", '
-     '"arguments": {"s": "北京"}}\n</tool_call>', False, True, "先查一下", None, [("f", {}), ("g", {"s": "北京"})]),
-    ('r\n</think>\n\n<tool_call>\n{"name": "f", "arguments": "{\\"a\\": 2}"}\n</tool_call>', True, True, "", "r",
-     [("f", {"a": 2})]),
+    (
+        '先查一下\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "g", '
+        '"arguments": {"s": "北京"}}\n</tool_call>',
+        False,
+        True,
+        "先查一下",
+        None,
+        [("f", {}), ("g", {"s": "北京"})],
+    ),
+    (
+        'r\n</think>\n\n<tool_call>\n{"name": "f", "arguments": "{\\"a\\": 2}"}\n</tool_call>',
+        True,
+        True,
+        "",
+        "r",
+        [("f", {"a": 2})],
+    ),
     # not a call: bad JSON, missing name, non-object arguments, unclosed block -> content, as written
-    ('<tool_call>\n{"name": "f", "arguments": {x}}\n</tool_call>', False, True,
-     '<tool_call>\n{"name": "f", "arguments": {x}}\n</tool_call>', None, []),
-    ('<tool_call>\n{"arguments": {}}\n</tool_call>', False, True, '<tool_call>\n{"arguments": {}}\n</tool_call>',
-     None, []),
-    ('<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>', False, True,
-     '<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>', None, []),
+    (
+        '<tool_call>\n{"name": "f", "arguments": {x}}\n</tool_call>',
+        False,
+        True,
+        '<tool_call>\n{"name": "f", "arguments": {x}}\n</tool_call>',
+        None,
+        [],
+    ),
+    (
+        '<tool_call>\n{"arguments": {}}\n</tool_call>',
+        False,
+        True,
+        '<tool_call>\n{"arguments": {}}\n</tool_call>',
+        None,
+        [],
+    ),
+    (
+        '<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>',
+        False,
+        True,
+        '<tool_call>\n{"name": "f", "arguments": [1]}\n</tool_call>',
+        None,
+        [],
+    ),
     ('ok <tool_call>\n{"name": "f"', False, True, 'ok <tool_call>\n{"name": "f"', None, []),
     ("a </tool_call> b", False, True, "a </tool_call> b", None, []),
 ]
@@ -79,24 +110,44 @@ def test_tool_call_ids_are_unique_and_arguments_are_json_strings() -> None:
     a, b = parse_tool_call('{"name": "f", "arguments": {"城市": "北京"}}'), parse_tool_call('{"name": "f"}')
     assert a is not None and b is not None and a.id != b.id and a.id.startswith("call_")
     assert a.arguments == '{"城市": "北京"}' and b.arguments == "{}"
-    assert a.to_openai(0) == {"index": 0, "id": a.id, "type": "function",
-                              "function": {"name": "f", "arguments": '{"城市": "北京"}'}}
+    assert a.to_openai(0) == {
+        "index": 0,
+        "id": a.id,
+        "type": "function",
+        "function": {"name": "f", "arguments": '{"城市": "北京"}'},
+    }
     assert parse_tool_call("[" * 100000) is None  # deep nesting is not a crash
 
 
 # -- the template as the reference ----------------------------------------------------------------
 
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "查询天气",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                          "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "查询天气",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 TURNS = [
     {"role": "assistant", "content": "北京今天晴。"},
     {"role": "assistant", "content": "答案是 4。", "reasoning_content": "2+2\n\n等于 4"},
-    {"role": "assistant", "content": "",
-     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]},
-    {"role": "assistant", "content": "我查一下。", "reasoning_content": "需要工具",
-     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}},
-                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "上海"}}}]},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}],
+    },
+    {
+        "role": "assistant",
+        "content": "我查一下。",
+        "reasoning_content": "需要工具",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}},
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "上海"}}},
+        ],
+    },
 ]
 
 
@@ -118,12 +169,14 @@ def test_what_the_template_writes_parses_back_to_the_message(hf_tok, turn: int) 
     thinking = bool(msg.get("reasoning_content"))
     convo = [{"role": "user", "content": "北京天气怎么样？"}, msg]
     full = hf_tok.apply_chat_template(convo, tools=TOOLS, tokenize=False)
-    prompt = hf_tok.apply_chat_template(convo[:1], tools=TOOLS, tokenize=False, add_generation_prompt=True,
-                                        open_thinking=thinking)
+    prompt = hf_tok.apply_chat_template(
+        convo[:1], tools=TOOLS, tokenize=False, add_generation_prompt=True, open_thinking=thinking
+    )
     assert full.startswith(prompt) and full.endswith("<|im_end|>\n")
-    output = full[len(prompt):-len("<|im_end|>\n")]  # what the model generates before its eos
+    output = full[len(prompt) : -len("<|im_end|>\n")]  # what the model generates before its eos
     parsed = parse_output(output, thinking=thinking, tools=True)
     assert parsed.content == msg["content"]
     assert parsed.reasoning == (msg["reasoning_content"] if thinking else None)
     assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == [
-        (c["function"]["name"], c["function"]["arguments"]) for c in msg.get("tool_calls", [])]
+        (c["function"]["name"], c["function"]["arguments"]) for c in msg.get("tool_calls", [])
+    ]

@@ -43,8 +43,9 @@ def test_reasoning_apart_and_only_the_answer_in_history(toks) -> None:
     assert "".join(session.reply_stream("北京呢？")) == "北京是首都。"
     # Each prompt is what transformers renders: the history without reasoning, the new turn opening <think>.
     for prompt, n in zip(model.prompts, (1, 3)):
-        ref = hf.apply_chat_template(session.messages[:n], tokenize=False, add_generation_prompt=True,
-                                     open_thinking=True)
+        ref = hf.apply_chat_template(
+            session.messages[:n], tokenize=False, add_generation_prompt=True, open_thinking=True
+        )
         assert ref.endswith("<|im_start|>assistant\n<think>\n")
         assert prompt == hf(ref, add_special_tokens=False)["input_ids"]
 
@@ -63,8 +64,10 @@ def test_piped_transcript_labels_thinking_and_answer(toks) -> None:
     session, _ = _session(tok)
     out = io.StringIO()
     run_repl(session, io.StringIO("1+1等于几？\n北京呢？\n"), out)
-    assert out.getvalue() == ("user: 1+1等于几？\nthinking: 一加一\n\n是二\nassistant: 等于2。\n"
-                              "user: 北京呢？\nthinking: 想一想北京。\nassistant: 北京是首都。\n")
+    assert out.getvalue() == (
+        "user: 1+1等于几？\nthinking: 一加一\n\n是二\nassistant: 等于2。\n"
+        "user: 北京呢？\nthinking: 想一想北京。\nassistant: 北京是首都。\n"
+    )
     # In a terminal the reasoning is dimmed and the answer follows on its own line.
     tty = io.StringIO()
     run_repl(_session(tok)[0], io.StringIO("1+1\n"), tty, labels=False)
@@ -76,8 +79,9 @@ def test_think_command_toggles_thinking_and_keeps_the_history(toks, capsys) -> N
     session, model = _session(tok, thinking=False)
     out = io.StringIO()
     run_repl(session, io.StringIO("/think\n1+1\n/think\n北京\n"), out)
-    assert out.getvalue().startswith("(thinking on)\nuser: 1+1\nthinking: 一加一\n\n是二\nassistant: 等于2。\n"
-                                      "(thinking off)\nuser: 北京\n")
+    assert out.getvalue().startswith(
+        "(thinking on)\nuser: 1+1\nthinking: 一加一\n\n是二\nassistant: 等于2。\n(thinking off)\nuser: 北京\n"
+    )
     assert tok.decode(model.prompts[0]).endswith("<think>\n") and tok.decode(model.prompts[1]).endswith("</think>\n\n")
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
 
@@ -97,9 +101,11 @@ def test_thinking_needs_a_template_with_a_thinking_mode(tmp_path, capsys) -> Non
     run_repl(session, io.StringIO("/think\n"), out)
     assert out.getvalue() == "" and not session.thinking
     assert capsys.readouterr().err.startswith("error: /think: ")
-    for argv, needle in ((["generate", "--ckpt", str(run), "--prompt", "hi", "--thinking"], "--chat"),
-                         (["generate", "--ckpt", str(run), "--prompt", "hi", "--chat", "--thinking"], "open_thinking"),
-                         (["chat", "--ckpt", str(run), "--thinking"], "open_thinking")):
+    for argv, needle in (
+        (["generate", "--ckpt", str(run), "--prompt", "hi", "--thinking"], "--chat"),
+        (["generate", "--ckpt", str(run), "--prompt", "hi", "--chat", "--thinking"], "open_thinking"),
+        (["chat", "--ckpt", str(run), "--thinking"], "open_thinking"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
@@ -128,14 +134,30 @@ def test_cli_thinking_end_to_end(tmp_path, capsys, monkeypatch) -> None:
 
     seen: list[bool] = []
     real = Tokenizer.encode_prompt
-    monkeypatch.setattr(Tokenizer, "encode_prompt",
-                        lambda self, msgs, tools=None, open_thinking=False: seen.append(open_thinking)
-                        or real(self, msgs, tools=tools, open_thinking=open_thinking))
+    monkeypatch.setattr(
+        Tokenizer,
+        "encode_prompt",
+        lambda self, msgs, tools=None, open_thinking=False: (
+            seen.append(open_thinking) or real(self, msgs, tools=tools, open_thinking=open_thinking)
+        ),
+    )
     for argv, stdin in ((["generate", "--chat", "--prompt", "你好"], ""), (["chat"], "你好\n")):
         monkeypatch.setattr(sys, "stdin", _io.StringIO(stdin))
         with pytest.raises(SystemExit) as exit_info:
-            main([*argv, "--ckpt", str(run), "--thinking", "--max-new-tokens", "4", "--temperature", "0",
-                  "--device", "cpu"])
+            main(
+                [
+                    *argv,
+                    "--ckpt",
+                    str(run),
+                    "--thinking",
+                    "--max-new-tokens",
+                    "4",
+                    "--temperature",
+                    "0",
+                    "--device",
+                    "cpu",
+                ]
+            )
         assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert seen == [True, True]  # both commands asked the template for the open think block

@@ -48,14 +48,23 @@ def tok(tmp_path_factory) -> Path:
 
 
 def test_help_has_examples():
-    for cmd in (["tokenizer", "train"], ["prep", "stats"], ["prep", "download"], ["prep", "pretrain"], ["prep", "sft"],
-                ["prep", "dpo"], ["prep", "inspect"]):
+    for cmd in (
+        ["tokenizer", "train"],
+        ["prep", "stats"],
+        ["prep", "download"],
+        ["prep", "pretrain"],
+        ["prep", "sft"],
+        ["prep", "dpo"],
+        ["prep", "inspect"],
+    ):
         res = invoke(*cmd, "--help")
         assert res.exit_code == 0 and "Example: llmcore " + " ".join(cmd) in " ".join(res.output.split()), cmd
 
 
 def test_prep_and_inspect_sft(tmp_path, tok):
-    src = _write(tmp_path / "s.jsonl", [{"conversations": _conv("问题一", "回答一")}, {"conversations": _conv("q2", "a2")}])
+    src = _write(
+        tmp_path / "s.jsonl", [{"conversations": _conv("问题一", "回答一")}, {"conversations": _conv("q2", "a2")}]
+    )
     res = invoke("prep", "sft", "--input", src, "--tokenizer", tok, "--out", tmp_path / "sh", "--workers", "1")
     assert res.exit_code == 0, res.output
     assert "2 documents" in res.output
@@ -89,8 +98,12 @@ def test_deepspeed_launcher_local_rank_is_dropped_before_parsing(monkeypatch):
     from llmcore.cli import without_launcher_local_rank
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert without_launcher_local_rank(["--local_rank=1", "train", "pretrain", "--seed", "3"]) == \
-        ["train", "pretrain", "--seed", "3"]
+    assert without_launcher_local_rank(["--local_rank=1", "train", "pretrain", "--seed", "3"]) == [
+        "train",
+        "pretrain",
+        "--seed",
+        "3",
+    ]
     assert os.environ["LOCAL_RANK"] == "1"
     assert without_launcher_local_rank(["--local-rank", "0", "eval", "--help"]) == ["eval", "--help"]
 
@@ -99,8 +112,23 @@ def test_cli_errors_are_one_line(tmp_path, tok):
     src = _write(tmp_path / "p.jsonl", [{"text": "ok"}], raw={1: b"{not json"})
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, "-m", "llmcore", "prep", "pretrain", "--input", str(src), "--tokenizer", str(tok), "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "llmcore",
+            "prep",
+            "pretrain",
+            "--input",
+            str(src),
+            "--tokenizer",
+            str(tok),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 2
     err_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -110,11 +138,31 @@ def test_cli_errors_are_one_line(tmp_path, tok):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     proc = subprocess.run(
-        [sys.executable, "-m", "llmcore", "prep", "pretrain", "-i", str(tmp_path / "p.jsonl"), "-t", str(tok), "-o", str(tmp_path / "full"),
-         "--on-bad-line", "skip"],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "llmcore",
+            "prep",
+            "pretrain",
+            "-i",
+            str(tmp_path / "p.jsonl"),
+            "-t",
+            str(tok),
+            "-o",
+            str(tmp_path / "full"),
+            "--on-bad-line",
+            "skip",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ") and "--overwrite" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+        and "--overwrite" in proc.stderr
+    )
     assert "Traceback" not in proc.stderr
 
 
@@ -125,7 +173,10 @@ def test_stats(tmp_path, tok):
     assert s["rows"] == 5 and s["kind"] == "pretrain"
     assert s["chars_per_row"]["min"] == 10 and s["chars_per_row"]["max"] == 100 and s["chars_per_row"]["mean"] == 40.0
     assert s["chars_per_row"]["p50"] == 30
-    assert s["bad_by_reason"] == {"malformed_json": 1, "empty_text": 1} and s["first_bad_line_by_reason"]["malformed_json"] == 3
+    assert (
+        s["bad_by_reason"] == {"malformed_json": 1, "empty_text": 1}
+        and s["first_bad_line_by_reason"]["malformed_json"] == 3
+    )
     assert s["tokens_per_row"]["min"] >= 3 and s["total_tokens"] > 0
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bad lines   2" in format_stats(s)
@@ -145,7 +196,18 @@ def test_download_offline_fails_fast_and_leaves_nothing(tmp_path):
     pytest.importorskip("modelscope")
     out = tmp_path / "dl"
     t0 = time.monotonic()
-    res = invoke("prep", "download", "--dataset", "gongjy/minimind_dataset", "--file", "pretrain_hq.jsonl", "--out", out, "--timeout", "10")
+    res = invoke(
+        "prep",
+        "download",
+        "--dataset",
+        "gongjy/minimind_dataset",
+        "--file",
+        "pretrain_hq.jsonl",
+        "--out",
+        out,
+        "--timeout",
+        "10",
+    )
     elapsed = time.monotonic() - t0
     if res.exit_code == 0:
         pytest.skip("this machine can reach ModelScope; the offline path cannot be tested here")
@@ -192,18 +254,41 @@ def test_demo_corpus(tmp_path, tok):
 
 def test_tokenizer_template_flag_and_prep_empty_think_flags(tmp_path):
     src = _write(tmp_path / "c.jsonl", [{"text": "hello world 你好 世界"}] * 30)
-    res = invoke("tokenizer", "train", "-i", src, "-o", tmp_path / "chatml", "--vocab-size", "300", "--template", "chatml")
+    res = invoke(
+        "tokenizer", "train", "-i", src, "-o", tmp_path / "chatml", "--vocab-size", "300", "--template", "chatml"
+    )
     assert res.exit_code == 0, res.output
-    assert "You are a helpful assistant" in json.loads((tmp_path / "chatml" / "tokenizer_config.json").read_text())["chat_template"]
+    assert (
+        "You are a helpful assistant"
+        in json.loads((tmp_path / "chatml" / "tokenizer_config.json").read_text())["chat_template"]
+    )
     res = invoke("tokenizer", "train", "-i", src, "-o", tmp_path / "q", "--template", "qwen")
-    assert isinstance(res.exception, LLMCoreError) and str(res.exception) == "--template 'qwen': expected one of minimind3, chatml"
+    assert (
+        isinstance(res.exception, LLMCoreError)
+        and str(res.exception) == "--template 'qwen': expected one of minimind3, chatml"
+    )
     res = invoke("tokenizer", "train", "-i", src, "-o", tmp_path / "m3", "--vocab-size", "300")
     assert res.exit_code == 0, res.output
     rows = [{"conversations": _conv(f"q{i}", f"a{i}")} for i in range(40)]
     sft = _write(tmp_path / "s.jsonl", rows)
-    res = invoke("prep", "sft", "-i", sft, "-t", tmp_path / "m3", "-o", tmp_path / "sh", "--drop-empty-think", "0.5", "--seed", "3")
+    res = invoke(
+        "prep",
+        "sft",
+        "-i",
+        sft,
+        "-t",
+        tmp_path / "m3",
+        "-o",
+        tmp_path / "sh",
+        "--drop-empty-think",
+        "0.5",
+        "--seed",
+        "3",
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "sh" / "manifest.json").read_text())["empty_think"] == {"drop": 0.5, "seed": 3}
     res = invoke("prep", "sft", "-i", sft, "-t", tmp_path / "m3", "-o", tmp_path / "sh2", "--drop-empty-think", "2")
-    assert isinstance(res.exception, LLMCoreError) and str(res.exception).startswith("--drop-empty-think must be between 0 and 1")
+    assert isinstance(res.exception, LLMCoreError) and str(res.exception).startswith(
+        "--drop-empty-think must be between 0 and 1"
+    )
     assert "--drop-empty-think" not in invoke("prep", "pretrain", "--help").output

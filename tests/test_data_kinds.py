@@ -24,9 +24,11 @@ CHAT = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": 
 
 
 def test_reading_shards_imports_neither_tokenizer_nor_writer():
-    code = ("import sys, llmcore.data_prep.shards; "
-            "print(sorted(m for m in ('llmcore.data_prep.prep', 'llmcore.data_prep.tokenizer', 'tokenizers', "
-            "'multiprocessing.pool') if m in sys.modules))")
+    code = (
+        "import sys, llmcore.data_prep.shards; "
+        "print(sorted(m for m in ('llmcore.data_prep.prep', 'llmcore.data_prep.tokenizer', 'tokenizers', "
+        "'multiprocessing.pool') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -113,7 +115,9 @@ def test_a_new_kind_is_one_class_and_one_registry_line(tmp_path, monkeypatch, wo
     src = tmp_path / "kto.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"text": m["content"] * 3}, ensure_ascii=False) + "\n" for m in CHAT * 20), encoding="utf-8")
+    corpus.write_text(
+        "".join(json.dumps({"text": m["content"] * 3}, ensure_ascii=False) + "\n" for m in CHAT * 20), encoding="utf-8"
+    )
     tok_dir = train_tokenizer([corpus], tmp_path / "tok", vocab_size=300)
     tok = load_tokenizer(tok_dir)
 

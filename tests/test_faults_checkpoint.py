@@ -46,6 +46,7 @@ def _run_killed_at(shards, out: Path, point) -> None:
     if pid == 0:  # child
         code = 0
         try:
+
             def on_file(path: Path) -> None:
                 if point(path):
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -128,20 +129,33 @@ def test_without_latest_a_fresh_run_is_refused_and_resume_continues_at_the_newes
     with pytest.raises(LLMCoreError, match=r"already holds checkpoints \(step-2, step-4\)"):
         train("pretrain", tiny_cfg("pretrain", shards, out, max_steps=6, save_every=2, keep_last=2))
     assert (out / "metrics.jsonl").read_text() == before and (ck / "step-2").is_dir() and (ck / "step-4").is_dir()
-    resumed = train("pretrain", tiny_cfg("pretrain", shards, out, max_steps=6, save_every=2, keep_last=2,
-                                         resume=True))
+    resumed = train("pretrain", tiny_cfg("pretrain", shards, out, max_steps=6, save_every=2, keep_last=2, resume=True))
     assert resumed.steps == 6 and losses(out) == losses(full)
 
 
-@pytest.mark.parametrize("damage", ["bitflip-weights", "truncate-weights", "truncate-optimizer", "truncate-rng",
-                                    "corrupt-trainer-state", "no-manifest"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "bitflip-weights",
+        "truncate-weights",
+        "truncate-optimizer",
+        "truncate-rng",
+        "corrupt-trainer-state",
+        "no-manifest",
+    ],
+)
 def test_damaged_newest_checkpoint_is_skipped_on_resume(shards, tmp_path, full, damage, caplog):
     out = tmp_path / "run"
     ck = _two_checkpoints(shards, out)
     step4 = ck / "step-4"
-    target = {"bitflip-weights": "model.safetensors", "truncate-weights": "model.safetensors",
-              "truncate-optimizer": "optimizer.pt", "truncate-rng": "rng_state.pt",
-              "corrupt-trainer-state": "trainer_state.json", "no-manifest": MANIFEST}[damage]
+    target = {
+        "bitflip-weights": "model.safetensors",
+        "truncate-weights": "model.safetensors",
+        "truncate-optimizer": "optimizer.pt",
+        "truncate-rng": "rng_state.pt",
+        "corrupt-trainer-state": "trainer_state.json",
+        "no-manifest": MANIFEST,
+    }[damage]
     path = step4 / target
     data = bytearray(path.read_bytes())
     if damage == "bitflip-weights":
@@ -162,8 +176,9 @@ def test_damaged_newest_checkpoint_is_skipped_on_resume(shards, tmp_path, full, 
             load_model(out)  # `latest` names step-4
     # Resume says what it skipped and why, continues from step-2, and reaches the same end.
     with caplog.at_level(logging.WARNING):
-        resumed = train("pretrain", tiny_cfg("pretrain", shards, out, max_steps=6, save_every=2, keep_last=2,
-                                             resume=True))
+        resumed = train(
+            "pretrain", tiny_cfg("pretrain", shards, out, max_steps=6, save_every=2, keep_last=2, resume=True)
+        )
     assert f"skipping checkpoints/step-4: {target if damage != 'no-manifest' else 'no manifest.json'}" in caplog.text
     assert resumed.steps == 6 and losses(out) == losses(full)
     assert_same_weights(out, full)
@@ -241,8 +256,17 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.parametrize("target", ["model.safetensors", "optimizer.pt", "rng_state.pt", "loader_state.json",
-                                    "trainer_state.json", "model_config.json"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "model.safetensors",
+        "optimizer.pt",
+        "rng_state.pt",
+        "loader_state.json",
+        "trainer_state.json",
+        "model_config.json",
+    ],
+)
 def test_a_planted_pickle_is_refused_and_never_runs(shards, tmp_path, target):
     out = tmp_path / "run"
     ck = _two_checkpoints(shards, out)
@@ -284,12 +308,13 @@ def test_deepspeed_checkpoint_files_are_never_unpickled(shards, tmp_path):
     (d / "optimizer.safetensors").write_bytes(pickle.dumps(Payload(marker)))
     write_manifest(d)
     with pytest.raises(LLMCoreError, match="optimizer.safetensors: cannot read the optimizer state"):
-        train("pretrain", tiny_cfg("pretrain", shards, out, resume=True, max_steps=4, save_every=2,
-                                   deepspeed="zero1"))
+        train("pretrain", tiny_cfg("pretrain", shards, out, resume=True, max_steps=4, save_every=2, deepspeed="zero1"))
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("outside", ["../../../../../../../../etc/passwd", "/etc/passwd", "../step-2/model.safetensors"])
+@pytest.mark.parametrize(
+    "outside", ["../../../../../../../../etc/passwd", "/etc/passwd", "../step-2/model.safetensors"]
+)
 def test_a_manifest_naming_a_file_outside_the_checkpoint_is_refused_unread(shards, tmp_path, outside):
     out = tmp_path / "run"
     ck = _two_checkpoints(shards, out)

@@ -74,8 +74,9 @@ def test_eval_refuses_an_id_at_or_above_the_vocab(shards, tmp_path: Path, one_th
         evaluate(run, bad, batch_size=2, seq_len=32, device="cpu", progress=False)
 
 
-def test_eval_prints_progress_and_time_left_in_a_pipe(shards, one_thread, caplog: pytest.LogCaptureFixture,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eval_prints_progress_and_time_left_in_a_pipe(
+    shards, one_thread, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """F6: 6 min 42 s without a line before; in a pipe (no terminal) it now logs lines with the time left."""
     import llmcore.evaluate as ev
     import llmcore.log
@@ -91,6 +92,7 @@ def test_eval_prints_progress_and_time_left_in_a_pipe(shards, one_thread, caplog
 
 # ---------------------------------------------------------------- prep split (F6, README's held-out dir)
 
+
 def test_prep_split_holds_out_what_train_holds_out(shards, tmp_path: Path) -> None:
     from llmcore.cli import main
     from llmcore.data_prep.loaders import train_eval_split
@@ -99,8 +101,22 @@ def test_prep_split_holds_out_what_train_holds_out(shards, tmp_path: Path) -> No
     src = ShardReader(shards["pretrain"])
     before = {p.name: p.read_bytes() for p in shards["pretrain"].iterdir()}
     with pytest.raises(SystemExit) as ex:
-        main(["prep", "split", "--input", str(shards["pretrain"]), "--eval-docs", "25", "--seed", "3",
-              "--out-train", str(tmp_path / "tr"), "--out-eval", str(tmp_path / "ev")])
+        main(
+            [
+                "prep",
+                "split",
+                "--input",
+                str(shards["pretrain"]),
+                "--eval-docs",
+                "25",
+                "--seed",
+                "3",
+                "--out-train",
+                str(tmp_path / "tr"),
+                "--out-eval",
+                str(tmp_path / "ev"),
+            ]
+        )
     assert ex.value.code in (0, None)
     tr, ev = ShardReader(tmp_path / "tr"), ShardReader(tmp_path / "ev")
     tr.verify()
@@ -115,13 +131,16 @@ def test_prep_split_holds_out_what_train_holds_out(shards, tmp_path: Path) -> No
     assert {p.name: p.read_bytes() for p in shards["pretrain"].iterdir()} == before
 
 
-@pytest.mark.parametrize("how, msg", [
-    ("too many", "leaves no training documents"),
-    ("zero", "--eval-docs 0: must be >= 1"),
-    ("same out", "are the same dir"),
-    ("out holds input", "holds the input"),
-    ("out is a file", "exists and is not a directory"),
-])
+@pytest.mark.parametrize(
+    "how, msg",
+    [
+        ("too many", "leaves no training documents"),
+        ("zero", "--eval-docs 0: must be >= 1"),
+        ("same out", "are the same dir"),
+        ("out holds input", "holds the input"),
+        ("out is a file", "exists and is not a directory"),
+    ],
+)
 def test_prep_split_bad_flags_are_one_line(shards, tmp_path: Path, how: str, msg: str) -> None:
     from llmcore.data_prep.split import split_shards
 
@@ -145,6 +164,7 @@ def test_prep_split_bad_flags_are_one_line(shards, tmp_path: Path, how: str, msg
 
 # ---------------------------------------------------------------- prep stats --plot (R6-stats-plot-*)
 
+
 def _stats_input(tmp_path: Path) -> Path:
     p = tmp_path / "pre.jsonl"
     p.write_text("".join(json.dumps({"text": "字" * (10 + i)}) + "\n" for i in range(30)), encoding="utf-8")
@@ -161,13 +181,17 @@ def test_stats_plot_names(tmp_path: Path, name: str, fmt_magic: bytes) -> None:
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
-@pytest.mark.parametrize("how, msg", [
-    ("dir", "is a directory; give a file name"),          # R6-stats-plot-dir
-    ("xyz", "cannot write '.xyz' images"),                # R6-stats-plot-xyz
-    ("below file", "is a file, not a directory"),
-])
-def test_stats_plot_bad_paths_are_one_line_before_reading(tmp_path: Path, how: str, msg: str,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "how, msg",
+    [
+        ("dir", "is a directory; give a file name"),  # R6-stats-plot-dir
+        ("xyz", "cannot write '.xyz' images"),  # R6-stats-plot-xyz
+        ("below file", "is a file, not a directory"),
+    ],
+)
+def test_stats_plot_bad_paths_are_one_line_before_reading(
+    tmp_path: Path, how: str, msg: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from llmcore.cli import main
 
     src = _stats_input(tmp_path)
@@ -181,6 +205,7 @@ def test_stats_plot_bad_paths_are_one_line_before_reading(tmp_path: Path, how: s
 
 
 # ---------------------------------------------------------------- --help at 80 columns (F10)
+
 
 def _commands(cmd, path=()):
     if hasattr(cmd, "commands"):  # a group (typer vendors its own click)
@@ -226,8 +251,9 @@ def test_prep_shows_progress_in_a_pipe(shards, tmp_path: Path, caplog: pytest.Lo
     assert lines and " MB, " in lines[-1] and lines[-1].endswith("left"), lines
 
 
-def test_stats_shows_progress_in_a_pipe(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stats_shows_progress_in_a_pipe(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """In a pipe `prep stats` said nothing until the table; now a count and rate every 30 s (no total is known)."""
     import llmcore.log
     from llmcore.data_prep.stats import compute_stats

@@ -25,19 +25,22 @@ def _hostfile(tmp_path: Path, text: str | bytes) -> Path:
     return p
 
 
-@pytest.mark.parametrize("line, message", [
-    ("-oProxyCommand=touch${IFS}/tmp/PWNED slots=1", "is not a host name or IP address"),   # LH-proxy
-    ("node2;touch${IFS}x slots=1", "is not a host name or IP address"),                     # LH-semicolon
-    ("$(touch${IFS}x) slots=1", "is not a host name or IP address"),                        # LH-dollar
-    ("`id` slots=1", "is not a host name or IP address"),                                   # LH-backtick
-    ("nöde slots=1", "is not a host name or IP address"),                                   # LH-unicode
-    ("node\x1b[31m slots=1", "is not a host name or IP address"),                           # LH-escape
-    ("a" * 5000 + " slots=1", "is not a host name or IP address"),                          # LH-longhost
-    ("node-.x slots=1", "is not a host name or IP address"),
-    ("node2 slots=1_000", "slots must be a whole number, got '1_000'"),                     # LH-slots_underscore
-    ("node2 slots=\u0663", "slots must be a whole number"),                                  # LH-slots_arabic
-    ("node2 slots=99999999999", "at most 1024 per node"),                                   # LH-slots_huge
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("-oProxyCommand=touch${IFS}/tmp/PWNED slots=1", "is not a host name or IP address"),  # LH-proxy
+        ("node2;touch${IFS}x slots=1", "is not a host name or IP address"),  # LH-semicolon
+        ("$(touch${IFS}x) slots=1", "is not a host name or IP address"),  # LH-dollar
+        ("`id` slots=1", "is not a host name or IP address"),  # LH-backtick
+        ("nöde slots=1", "is not a host name or IP address"),  # LH-unicode
+        ("node\x1b[31m slots=1", "is not a host name or IP address"),  # LH-escape
+        ("a" * 5000 + " slots=1", "is not a host name or IP address"),  # LH-longhost
+        ("node-.x slots=1", "is not a host name or IP address"),
+        ("node2 slots=1_000", "slots must be a whole number, got '1_000'"),  # LH-slots_underscore
+        ("node2 slots=\u0663", "slots must be a whole number"),  # LH-slots_arabic
+        ("node2 slots=99999999999", "at most 1024 per node"),  # LH-slots_huge
+    ],
+)
 def test_bad_hosts_and_slots_are_one_line_errors_naming_the_line(tmp_path: Path, line: str, message: str) -> None:
     with pytest.raises(LLMCoreError) as err:
         parse_hostfile(_hostfile(tmp_path, "node1 slots=1\n" + line + "\n"))
@@ -46,8 +49,9 @@ def test_bad_hosts_and_slots_are_one_line_errors_naming_the_line(tmp_path: Path,
 
 
 def test_good_host_forms(tmp_path: Path) -> None:
-    hosts = parse_hostfile(_hostfile(tmp_path, "node-1.cluster.local slots=8\n10.0.0.2 slots=4\nfe80::1 slots=2\n"
-                                                "gpu_node_3 slots=1\n"))
+    hosts = parse_hostfile(
+        _hostfile(tmp_path, "node-1.cluster.local slots=8\n10.0.0.2 slots=4\nfe80::1 slots=2\ngpu_node_3 slots=1\n")
+    )
     assert list(hosts.items()) == [("node-1.cluster.local", 8), ("10.0.0.2", 4), ("fe80::1", 2), ("gpu_node_3", 1)]
 
 
@@ -63,8 +67,23 @@ def test_timeout_nan_is_refused(shards, tmp_path: Path) -> None:
     """LM-timeout-nan."""
     hf = _hostfile(tmp_path, "node1 slots=1\nnode2 slots=1\n")
     with pytest.raises(LLMCoreError, match="--timeout nan"):
-        make_plan(hf, ["train", "pretrain", "--deepspeed", "zero2", "--data", str(shards["pretrain"]), "--out",
-                       str(tmp_path / "r"), "--model", "tiny"], master_addr="10.0.0.1", timeout=float("nan"))
+        make_plan(
+            hf,
+            [
+                "train",
+                "pretrain",
+                "--deepspeed",
+                "zero2",
+                "--data",
+                str(shards["pretrain"]),
+                "--out",
+                str(tmp_path / "r"),
+                "--model",
+                "tiny",
+            ],
+            master_addr="10.0.0.1",
+            timeout=float("nan"),
+        )
 
 
 def test_payload_roundtrip_is_shell_safe() -> None:
@@ -110,7 +129,8 @@ def _main(args: list[str]) -> None:
 
 
 def test_ssh_launch_runs_no_flag_or_env_value_in_a_shell_and_dry_run_prints_what_runs(
-        shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """LX-args-inject, LX-args-dryrun, LM-dsenv-newline: over ssh the node's shell never evaluates a training
     flag or an environment value, and --dry-run shows the very command each node's shell runs."""
     pytest.importorskip("deepspeed", reason="deepspeed not installed")
@@ -124,15 +144,39 @@ def test_ssh_launch_runs_no_flag_or_env_value_in_a_shell_and_dry_run_prints_what
         f.chmod(0o755)
     hf = _hostfile(work, "node1 slots=1\nnode2 slots=1\n")
     evil_out = f"runs/L2$(touch {tmp_path}/PWNED_args)"
-    train = ["train", "pretrain", "--deepspeed", "zero2", "--data", str(shards["pretrain"]), "--model", "tiny",
-             "--out", evil_out, "--seq-len", "64", "--micro-batch-size", "1", "--global-batch-size", "2",
-             "--max-steps", "1"]
+    train = [
+        "train",
+        "pretrain",
+        "--deepspeed",
+        "zero2",
+        "--data",
+        str(shards["pretrain"]),
+        "--model",
+        "tiny",
+        "--out",
+        evil_out,
+        "--seq-len",
+        "64",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "2",
+        "--max-steps",
+        "1",
+    ]
     for k in list(os.environ):
         if k.startswith(("NCCL_", "WANDB_")):
             monkeypatch.delenv(k)
-    env = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", LOG_DIR=str(logs), PYEXE=sys.executable,
-               RECORD=str(bin_dir / "record"), WANDB_PROJECT=f"p$(touch {tmp_path}/PWNED_env)",
-               NCCL_DEBUG=f"INFO\nLD_PRELOAD={tmp_path}/evil.so", HOME=str(tmp_path / "home"), DS_ACCELERATOR="cpu")
+    env = dict(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        LOG_DIR=str(logs),
+        PYEXE=sys.executable,
+        RECORD=str(bin_dir / "record"),
+        WANDB_PROJECT=f"p$(touch {tmp_path}/PWNED_env)",
+        NCCL_DEBUG=f"INFO\nLD_PRELOAD={tmp_path}/evil.so",
+        HOME=str(tmp_path / "home"),
+        DS_ACCELERATOR="cpu",
+    )
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(work)
@@ -153,27 +197,59 @@ def test_ssh_launch_runs_no_flag_or_env_value_in_a_shell_and_dry_run_prints_what
         assert "LD_PRELOAD" not in node_env  # the newline in NCCL_DEBUG did not become a second export
 
 
-def test_a_proxycommand_host_never_reaches_ssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_proxycommand_host_never_reaches_ssh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """LX-proxycommand: the hostfile is refused before DeepSpeed's ssh check could run the option."""
     from llmcore.cli import main
 
     hf = _hostfile(tmp_path, f"-oProxyCommand=touch${{IFS}}{tmp_path}/PWNED_proxy slots=1\nnode2 slots=1\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as ex:
-        main(["launch", "--hostfile", str(hf), "--master-addr", "127.0.0.1", "--", "train", "pretrain",
-              "--deepspeed", "zero2", "--data", "x", "--out", "y"])
+        main(
+            [
+                "launch",
+                "--hostfile",
+                str(hf),
+                "--master-addr",
+                "127.0.0.1",
+                "--",
+                "train",
+                "pretrain",
+                "--deepspeed",
+                "zero2",
+                "--data",
+                "x",
+                "--out",
+                "y",
+            ]
+        )
     err = capsys.readouterr().err
     assert ex.value.code == 2 and err.startswith("error: --hostfile") and "line 1" in err and err.count("\n") == 1
     assert not (tmp_path / "PWNED_proxy").exists()
 
 
-def test_unsafe_exported_variable_and_working_dir_are_refused_over_ssh(shards, tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unsafe_exported_variable_and_working_dir_are_refused_over_ssh(
+    shards, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("deepspeed", reason="deepspeed not installed")
     hf = _hostfile(tmp_path, "node1 slots=1\nnode2 slots=1\n")
-    train = ["train", "pretrain", "--deepspeed", "zero2", "--data", str(shards["pretrain"]), "--out",
-             str(tmp_path / "r"), "--model", "tiny", "--micro-batch-size", "1", "--global-batch-size", "2"]
+    train = [
+        "train",
+        "pretrain",
+        "--deepspeed",
+        "zero2",
+        "--data",
+        str(shards["pretrain"]),
+        "--out",
+        str(tmp_path / "r"),
+        "--model",
+        "tiny",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "2",
+    ]
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONSTARTUP", "$(touch x)")  # DeepSpeed exports PYTHON* itself
@@ -194,4 +270,8 @@ def test_node_entry_refuses_a_bad_payload_in_one_line(capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit) as ex:
         main(["--local_rank=0", "llmcore1.!!notbase64"])
     err = capsys.readouterr().err
-    assert ex.value.code == 2 and err.startswith("error: llmcore.launch.node: not a launch payload") and err.count("\n") == 1
+    assert (
+        ex.value.code == 2
+        and err.startswith("error: llmcore.launch.node: not a launch payload")
+        and err.count("\n") == 1
+    )

@@ -31,6 +31,7 @@ def _tree(d: Path) -> dict[str, bytes]:
 
 # ---------------------------------------------------------------- data loss (RO-*)
 
+
 def test_append_keeps_files_llmcore_did_not_write_including_the_docs(tmp_path: Path) -> None:
     """RO-append-extra: --append with the docs file inside the index dir, beside a notes file."""
     out = build(tmp_path)
@@ -104,21 +105,25 @@ def test_out_below_a_file_is_one_line(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- broken manifests (RC-man_*)
 
+
 def _edit_manifest(out: Path, fn) -> None:
     m = json.loads((out / MANIFEST).read_text())
     fn(m)
     (out / MANIFEST).write_text(json.dumps(m))
 
 
-@pytest.mark.parametrize("case,edit,msg", [
-    ("no counts", lambda m: m.pop("counts"), "'counts' is missing"),
-    ("files a list", lambda m: m.__setitem__("files", []), "'files' is missing or not an object"),
-    ("dim a string", lambda m: m["embedder"].__setitem__("dim", "abc"), "embedder.dim = 'abc'"),
-    ("no embedder name", lambda m: m["embedder"].pop("name"), "embedder.name"),
-    ("negative passages", lambda m: m["counts"].__setitem__("passages", -1), "counts.passages = -1"),
-    ("m a float", lambda m: m["hnsw"].__setitem__("m", 3.5), "hnsw.m = 3.5"),
-    ("other space", lambda m: m.__setitem__("space", "l2"), "space 'l2'"),
-])
+@pytest.mark.parametrize(
+    "case,edit,msg",
+    [
+        ("no counts", lambda m: m.pop("counts"), "'counts' is missing"),
+        ("files a list", lambda m: m.__setitem__("files", []), "'files' is missing or not an object"),
+        ("dim a string", lambda m: m["embedder"].__setitem__("dim", "abc"), "embedder.dim = 'abc'"),
+        ("no embedder name", lambda m: m["embedder"].pop("name"), "embedder.name"),
+        ("negative passages", lambda m: m["counts"].__setitem__("passages", -1), "counts.passages = -1"),
+        ("m a float", lambda m: m["hnsw"].__setitem__("m", 3.5), "hnsw.m = 3.5"),
+        ("other space", lambda m: m.__setitem__("space", "l2"), "space 'l2'"),
+    ],
+)
 def test_broken_manifest_is_one_line_for_query_and_append(tmp_path: Path, case: str, edit, msg: str) -> None:
     out = build(tmp_path)
     _edit_manifest(out, edit)
@@ -160,8 +165,9 @@ CHILD = textwrap.dedent("""
 
 def _open_in_child(dirs: list[Path]) -> dict[str, list]:
     """Open and search each index dir in a child process: a crash there fails the test, not pytest."""
-    res = subprocess.run([sys.executable, "-c", CHILD, *map(str, dirs)], capture_output=True, text=True,
-                         timeout=300, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, *map(str, dirs)], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert res.returncode == 0, f"the child died (rc {res.returncode}): {res.stderr[-2000:]}"
     out = {}
     for line in res.stdout.splitlines():
@@ -212,12 +218,19 @@ def test_crafted_hnsw_files_are_one_line_errors_never_a_crash(tmp_path: Path) ->
         "maxlevel": lambda b: struct.pack_into("<i", b, 48, 1000),
         "neighbor0": lambda b: (struct.pack_into("<H", b, 96, 1), struct.pack_into("<I", b, 100, 0x7FFFFFF0)),
         "linkcount0": lambda b: struct.pack_into("<H", b, 96 + _hnsw_fields(b)["per_el"], 60000),
-        "upper_neighbor": lambda b: (struct.pack_into("<H", b, _first_upper(b)[1], 1),
-                                     struct.pack_into("<I", b, _first_upper(b)[1] + 4, 0x7FFFFFF0)),
-        "upper_low_level": lambda b: (struct.pack_into("<H", b, _first_upper(b)[1], 1),
-                                      struct.pack_into("<I", b, _first_upper(b)[1] + 4,
-                                                       next(i for i in range(_hnsw_fields(b)["count"])
-                                                            if i != _first_upper(b)[0] and not _has_upper(b, i)))),
+        "upper_neighbor": lambda b: (
+            struct.pack_into("<H", b, _first_upper(b)[1], 1),
+            struct.pack_into("<I", b, _first_upper(b)[1] + 4, 0x7FFFFFF0),
+        ),
+        "upper_low_level": lambda b: (
+            struct.pack_into("<H", b, _first_upper(b)[1], 1),
+            struct.pack_into(
+                "<I",
+                b,
+                _first_upper(b)[1] + 4,
+                next(i for i in range(_hnsw_fields(b)["count"]) if i != _first_upper(b)[0] and not _has_upper(b, i)),
+            ),
+        ),
         "count": lambda b: struct.pack_into("<Q", b, 16, 10**9),
         "label": lambda b: struct.pack_into("<Q", b, 96 + _hnsw_fields(b)["label_off"], 10**12),
         "nan": lambda b: struct.pack_into("<f", b, 96 + _hnsw_fields(b)["data_off"], float("nan")),
@@ -275,6 +288,7 @@ def test_crafted_passages_with_invalid_utf8_is_one_line(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- questions (RQ-*, RE-*, SR-*)
+
 
 def test_question_with_a_lone_surrogate_is_one_line(tmp_path: Path) -> None:
     """SR-surrogate / RQ-badutf8: a lone surrogate (JSON "\\ud800", or argv bytes that are not UTF-8)."""
@@ -358,21 +372,38 @@ def test_concurrent_queries_do_not_wait_for_each_other() -> None:
     assert emb._made == 2 and len(emb._free) == 2
 
 
-@pytest.mark.parametrize("args, msg", [
-    (["--limit", "0"], "--limit 0: must be >= 1"),              # RE-limit0
-    (["--limit", "-1"], "--limit -1: must be >= 1"),            # RE-limitneg
-    (["-k", "0"], "-k 0: must be >= 1"),                        # RE-k0
-    (["--name", "../../escaped"], "--name '../../escaped'"),   # RE-name-trav
-])
-def test_rag_eval_bad_flags_are_one_line(tmp_path: Path, args: list[str], msg: str,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--limit", "0"], "--limit 0: must be >= 1"),  # RE-limit0
+        (["--limit", "-1"], "--limit -1: must be >= 1"),  # RE-limitneg
+        (["-k", "0"], "-k 0: must be >= 1"),  # RE-k0
+        (["--name", "../../escaped"], "--name '../../escaped'"),  # RE-name-trav
+    ],
+)
+def test_rag_eval_bad_flags_are_one_line(
+    tmp_path: Path, args: list[str], msg: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from llmcore.cli import main
 
     out = build(tmp_path)
     q = write_jsonl(tmp_path / "q.jsonl", [{"question": "天地玄黄", "doc_id": "d0"}])
     with pytest.raises(SystemExit) as ex:
-        main(["rag", "eval", "--index", str(out), "--questions", str(q), "--out", str(tmp_path / "rep"),
-              "--latency-queries", "1", *args])
+        main(
+            [
+                "rag",
+                "eval",
+                "--index",
+                str(out),
+                "--questions",
+                str(q),
+                "--out",
+                str(tmp_path / "rep"),
+                "--latency-queries",
+                "1",
+                *args,
+            ]
+        )
     assert ex.value.code == 2 and msg in capsys.readouterr().err
     assert not list(tmp_path.parent.glob("escaped*")) and not list(tmp_path.glob("escaped*"))
 
@@ -396,7 +427,9 @@ def test_rag_eval_question_with_a_lone_surrogate(tmp_path: Path) -> None:
     """RE-surrogate."""
     from llmcore.rag.evaluate import read_questions
 
-    q = write_jsonl(tmp_path / "q.jsonl", [{"question": "天", "doc_id": "d0"}, '{"question": "a\\ud800", "doc_id": "d0"}'])
+    q = write_jsonl(
+        tmp_path / "q.jsonl", [{"question": "天", "doc_id": "d0"}, '{"question": "a\\ud800", "doc_id": "d0"}']
+    )
     with pytest.raises(LLMCoreError, match=r"q.jsonl:2: a string holds the lone surrogate"):
         read_questions(q)
 

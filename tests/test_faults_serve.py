@@ -35,10 +35,15 @@ def served(run_dir: Path) -> Iterator[Served]:
     s.stop()
 
 
-def _post(s: Served, path: str, body: Any, headers: dict[str, str] | None = None,
-          content: bytes | None = None) -> httpx.Response:
-    return httpx.post(s.url + path, content=content if content is not None else json.dumps(body), timeout=60,
-                      headers={"Content-Type": "application/json", **(headers or {})})
+def _post(
+    s: Served, path: str, body: Any, headers: dict[str, str] | None = None, content: bytes | None = None
+) -> httpx.Response:
+    return httpx.post(
+        s.url + path,
+        content=content if content is not None else json.dumps(body),
+        timeout=60,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
 
 
 def _chat(content: Any = "hi", **extra: Any) -> dict[str, Any]:
@@ -47,8 +52,10 @@ def _chat(content: Any = "hi", **extra: Any) -> dict[str, Any]:
 
 # -- keys and browsers ----------------------------------------------------------------------------
 
-def test_empty_or_unusable_api_key_is_refused_at_start(run_dir: Path, capsys: pytest.CaptureFixture[str],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_empty_or_unusable_api_key_is_refused_at_start(
+    run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from llmcore.cli import main
 
     for bad in ("", "   ", " k ", "k\x00"):
@@ -68,8 +75,9 @@ def test_empty_or_unusable_api_key_is_refused_at_start(run_dir: Path, capsys: py
         assert err.startswith("error:") and "empty" in err and "\n" not in err, err
 
 
-def test_keyless_server_on_a_reachable_address_is_refused(run_dir: Path, capsys: pytest.CaptureFixture[str],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keyless_server_on_a_reachable_address_is_refused(
+    run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from llmcore.cli import main
 
     monkeypatch.delenv("LLMCORE_API_KEY", raising=False)
@@ -80,25 +88,42 @@ def test_keyless_server_on_a_reachable_address_is_refused(run_dir: Path, capsys:
     assert err.startswith("error:") and "--api-key" in err and "\n" not in err, err
 
 
-@pytest.mark.parametrize("host,ok", [("127.0.0.1:8000", True), ("localhost", True), ("LOCALHOST:1", True),
-                                     ("[::1]:8000", True), ("ui.localhost:3000", True), ("10.0.0.7", True),
-                                     ("evil.example", False), ("evil.example:8000", False),
-                                     ("localhost.evil.example", False), ("127.0.0.1.nip.io", False)])
+@pytest.mark.parametrize(
+    "host,ok",
+    [
+        ("127.0.0.1:8000", True),
+        ("localhost", True),
+        ("LOCALHOST:1", True),
+        ("[::1]:8000", True),
+        ("ui.localhost:3000", True),
+        ("10.0.0.7", True),
+        ("evil.example", False),
+        ("evil.example:8000", False),
+        ("localhost.evil.example", False),
+        ("127.0.0.1.nip.io", False),
+    ],
+)
 def test_host_names(host: str, ok: bool) -> None:
     assert host_names_this_server(host) is ok
 
 
 def test_keyless_server_refuses_foreign_hosts_and_non_json_bodies(served: Served) -> None:
     # A page on evil.example (CSRF with a text/plain "simple request", or DNS rebinding to read answers).
-    r = _post(served, "/v1/chat/completions", _chat(), {"Content-Type": "text/plain", "Origin": "http://evil.example",
-                                                        "Host": "evil.example"})
+    r = _post(
+        served,
+        "/v1/chat/completions",
+        _chat(),
+        {"Content-Type": "text/plain", "Origin": "http://evil.example", "Host": "evil.example"},
+    )
     _assert_error(r, 403, "Host")
     _assert_error(httpx.get(served.url + "/v1/models", headers={"Host": "evil.example:80"}, timeout=30), 403, "Host")
     for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""):
         _assert_error(_post(served, "/v1/chat/completions", _chat(), {"Content-Type": ctype}), 415, "Content-Type")
     port = served.url.rsplit(":", 1)[1]
     for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
-        r = _post(served, "/v1/chat/completions", _chat(), {"Host": host, "Content-Type": "application/json; charset=utf-8"})
+        r = _post(
+            served, "/v1/chat/completions", _chat(), {"Host": host, "Content-Type": "application/json; charset=utf-8"}
+        )
         assert r.status_code == 200, r.text
 
 
@@ -119,13 +144,19 @@ def test_two_authorization_headers_are_refused(run_dir: Path) -> None:
 SURROGATE = b'"a\\ud800b"'  # valid JSON; not valid Unicode text
 
 
-@pytest.mark.parametrize("path,template,param", [
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": %s}], "max_tokens": 2}', "content"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}]}',
-     "content"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "stop": [%s]}', "stop"),
-    ("/v1/completions", b'{"prompt": %s, "max_tokens": 2}', "prompt"),
-])
+@pytest.mark.parametrize(
+    "path,template,param",
+    [
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": %s}], "max_tokens": 2}', "content"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}]}',
+            "content",
+        ),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "stop": [%s]}', "stop"),
+        ("/v1/completions", b'{"prompt": %s, "max_tokens": 2}', "prompt"),
+    ],
+)
 def test_lone_surrogates_are_400(served: Served, path: str, template: bytes, param: str) -> None:
     err = _assert_error(_post(served, path, None, content=template % SURROGATE), 400, "surrogate")
     assert param in err["param"]
@@ -152,7 +183,9 @@ def test_huge_prompts_are_refused_before_any_encoding(served: Served, monkeypatc
     assert max(len(served.tok.decode([i])) for i in range(served.tok.vocab_size)) <= 16
     err = _assert_error(_post(served, "/v1/chat/completions", _chat("x" * too_many_chars)), 400, "characters")
     assert err["code"] == "context_length_exceeded"
-    _assert_error(_post(served, "/v1/completions", {"prompt": "x" * too_many_chars, "max_tokens": 1}), 400, "characters")
+    _assert_error(
+        _post(served, "/v1/completions", {"prompt": "x" * too_many_chars, "max_tokens": 1}), 400, "characters"
+    )
     msgs = [{"role": "user", "content": "<|im_end|>"}] * 1025  # the quadratic-encoding attack (SX-locate-dos)
     _assert_error(_post(served, "/v1/chat/completions", {"messages": msgs, "max_tokens": 1}), 400, "1025 messages")
     assert calls == []
@@ -160,8 +193,10 @@ def test_huge_prompts_are_refused_before_any_encoding(served: Served, monkeypatc
 
 # -- the command ----------------------------------------------------------------------------------
 
-def test_tokenizer_larger_than_the_model_is_refused_at_start(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_tokenizer_larger_than_the_model_is_refused_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from test_serve import _tokenizer_dir
 
     from llmcore.cli import main
@@ -170,8 +205,10 @@ def test_tokenizer_larger_than_the_model_is_refused_at_start(tmp_path: Path, cap
     small = tmp_path / "small-vocab"
     save_model(LLM(ModelConfig.from_preset("tiny", vocab_size=300)), small)
     monkeypatch.setenv("LLMCORE_API_KEY", "k")
-    for argv in (["serve", "--ckpt", str(small), "--port", "0", "--tokenizer", str(tok_dir)],
-                 ["generate", "--ckpt", str(small), "--tokenizer", str(tok_dir), "--prompt", "hi"]):
+    for argv in (
+        ["serve", "--ckpt", str(small), "--port", "0", "--tokenizer", str(tok_dir)],
+        ["generate", "--ckpt", str(small), "--tokenizer", str(tok_dir), "--prompt", "hi"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
@@ -179,8 +216,9 @@ def test_tokenizer_larger_than_the_model_is_refused_at_start(tmp_path: Path, cap
         assert err.startswith("error:") and "--tokenizer" in err and "300" in err and "\n" not in err
 
 
-def test_thinking_with_a_template_without_it_is_refused_at_start(run_dir: Path, capsys: pytest.CaptureFixture[str]
-                                                                  ) -> None:
+def test_thinking_with_a_template_without_it_is_refused_at_start(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from llmcore.cli import main
 
     with pytest.raises(SystemExit) as exit_info:  # the run's MiniMind2 template has no open_thinking
@@ -202,6 +240,7 @@ def test_missing_rag_index_names_the_flag(run_dir: Path, tmp_path: Path, capsys:
 
 # -- retrieval ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def rag_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, Any]]:
     pytest.importorskip("hnswlib", reason="--rag needs hnswlib (pip install -e '.[rag]')")
@@ -219,7 +258,8 @@ def rag_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serve
 
 
 def test_rag_long_question_refused_before_embedding_and_search_does_not_block_others(
-        rag_served: tuple[Served, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    rag_served: tuple[Served, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     s, retriever = rag_served
     searched: list[str] = []
     entered, release = threading.Event(), threading.Event()
@@ -235,8 +275,13 @@ def test_rag_long_question_refused_before_embedding_and_search_does_not_block_ot
     monkeypatch.setattr(retriever, "search", search)
     err = _assert_error(_post(s, "/v1/chat/completions", _chat("问" * 3000)), 400, "question")
     assert err["code"] == "context_length_exceeded" and searched == []
-    _assert_error(_post(s, "/v1/chat/completions", None, content=b'{"messages": [{"role": "user", "content": '
-                                                                     + SURROGATE + b'}]}'), 400, "surrogate")
+    _assert_error(
+        _post(
+            s, "/v1/chat/completions", None, content=b'{"messages": [{"role": "user", "content": ' + SURROGATE + b"}]}"
+        ),
+        400,
+        "surrogate",
+    )
     result: dict[str, httpx.Response] = {}
     t = threading.Thread(target=lambda: result.update(r=_post(s, "/v1/chat/completions", _chat("slow"))))
     t.start()

@@ -48,17 +48,41 @@ def test_every_checkpoint_file_follows_the_umask_weights_included(shards, tmp_pa
 
 
 def cli_args(shards, out: Path, *extra: str, data: str = "pretrain") -> list[str]:
-    return ["train", "pretrain", "--data", str(shards[data]), "--out", str(out), "--model", "tiny", "--seq-len", "48",
-            "--micro-batch-size", "2", "--global-batch-size", "4", "--log-every", "1", "--attn-backend", "sdpa",
-            "--seed", "3", "--lr", "0.003", *extra]
+    return [
+        "train",
+        "pretrain",
+        "--data",
+        str(shards[data]),
+        "--out",
+        str(out),
+        "--model",
+        "tiny",
+        "--seq-len",
+        "48",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--log-every",
+        "1",
+        "--attn-backend",
+        "sdpa",
+        "--seed",
+        "3",
+        "--lr",
+        "0.003",
+        *extra,
+    ]
 
 
 def _wait_for(predicate, what: str, proc: subprocess.Popen | None = None, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the training subprocess ended (rc {proc.returncode}) before {what}: "
-                        f"{proc.stderr.read() if proc.stderr else ''}")
+            pytest.fail(
+                f"the training subprocess ended (rc {proc.returncode}) before {what}: "
+                f"{proc.stderr.read() if proc.stderr else ''}"
+            )
         if time.monotonic() > deadline:
             if proc is not None:
                 proc.kill()
@@ -93,16 +117,20 @@ def test_save_minutes_checkpoints_on_time_without_save_every(shards, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_saves_a_checkpoint_says_how_to_resume_and_locks_out_a_second_writer(shards, tmp_path, capsys,
-                                                                                     sig):
+def test_a_signal_saves_a_checkpoint_says_how_to_resume_and_locks_out_a_second_writer(shards, tmp_path, capsys, sig):
     from llmcore.checkpoint import checkpoint_problem
 
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     # save-every 0 and the 30-minute default: without the signal nothing would be saved before step 100000.
-    proc = subprocess.Popen([sys.executable, "-m", "llmcore", *cli_args(shards, out, "--max-steps", "100000",
-                                                                          "--save-every", "0")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmcore", *cli_args(shards, out, "--max-steps", "100000", "--save-every", "0")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for(lambda: _logged_steps(out) >= 2, "two logged steps", proc)
         # A second training into the same --out while the first runs: one line, exit 2, nothing touched.
@@ -120,8 +148,10 @@ def test_a_signal_saves_a_checkpoint_says_how_to_resume_and_locks_out_a_second_w
     step = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
     assert step >= 2 and checkpoint_problem(out / "checkpoints" / f"step-{step}") is None
     name = signal.Signals(sig).name
-    assert last.startswith(f"stopped by {name} at step {step}/100000: checkpoint saved in "
-                           f"{out / 'checkpoints' / f'step-{step}'}; resume with: llmcore train pretrain --data "), last
+    assert last.startswith(
+        f"stopped by {name} at step {step}/100000: checkpoint saved in "
+        f"{out / 'checkpoints' / f'step-{step}'}; resume with: llmcore train pretrain --data "
+    ), last
     assert last.endswith(" --resume") and "Traceback" not in stderr
     # The printed command continues the run (the lock died with its process); one more step here.
     import shlex
@@ -150,8 +180,11 @@ def test_a_run_killed_before_its_first_save_says_it_has_no_checkpoint_yet(shards
     with pytest.raises(Stop):
         train("pretrain", tiny_cfg("pretrain", shards, out, max_steps=6, save_every=0), hooks=TrainHooks(on_step=stop))
     assert (out / "config.json").is_file() and not (out / "checkpoints").exists()
-    with pytest.raises(LLMCoreError, match=r"run dir that has no checkpoint yet \(its training stopped before the "
-                                           r"first save; continue it with `llmcore train STAGE --out RUN --resume`"):
+    with pytest.raises(
+        LLMCoreError,
+        match=r"run dir that has no checkpoint yet \(its training stopped before the "
+        r"first save; continue it with `llmcore train STAGE --out RUN --resume`",
+    ):
         resolve_checkpoint(out)
     code, _, err = run_cli(["generate", "--ckpt", str(out), "--prompt", "hi", "--max-new-tokens", "2"], capsys)
     assert code == 2 and "has no checkpoint yet" in err and "not a run dir" not in err, err
@@ -211,9 +244,21 @@ def finished_run(shards, tmp_path_factory) -> Path:
     from llmcore.train import build_config
 
     out = tmp_path_factory.mktemp("resume") / "run"
-    flags = dict(data=str(shards["pretrain"]), out=str(out), model="tiny", seq_len=48, micro_batch_size=2,
-                 global_batch_size=4, log_every=1, attn_backend="sdpa", seed=3, lr=0.003, max_steps=4, stop_after=2,
-                 quiet=True)
+    flags = dict(
+        data=str(shards["pretrain"]),
+        out=str(out),
+        model="tiny",
+        seq_len=48,
+        micro_batch_size=2,
+        global_batch_size=4,
+        log_every=1,
+        attn_backend="sdpa",
+        seed=3,
+        lr=0.003,
+        max_steps=4,
+        stop_after=2,
+        quiet=True,
+    )
     train("pretrain", build_config("pretrain", flags))
     return out
 
@@ -226,15 +271,17 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--model", "demo"], "--model: the run has 'tiny', this command gives 'demo'"),
-    (["--seq-len", "32"], "--seq-len: the run has 48, this command gives 32"),
-    (["--global-batch-size", "8"], "--global-batch-size: the run has 4, this command gives 8"),
-    (["--seed", "4"], "--seed: the run has 3, this command gives 4"),
-    (["--packing", "padded"], "--packing: the run has 'packed', this command gives 'padded'"),
-])
-def test_resume_refuses_a_change_that_alters_the_run_and_changes_nothing(finished_run, tmp_path, capsys, flags,
-                                                                         named):
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--model", "demo"], "--model: the run has 'tiny', this command gives 'demo'"),
+        (["--seq-len", "32"], "--seq-len: the run has 48, this command gives 32"),
+        (["--global-batch-size", "8"], "--global-batch-size: the run has 4, this command gives 8"),
+        (["--seed", "4"], "--seed: the run has 3, this command gives 4"),
+        (["--packing", "padded"], "--packing: the run has 'packed', this command gives 'padded'"),
+    ],
+)
+def test_resume_refuses_a_change_that_alters_the_run_and_changes_nothing(finished_run, tmp_path, capsys, flags, named):
     run = _copy(finished_run, tmp_path)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".train.lock"}
     code, _, err = run_cli(["train", "pretrain", "--out", str(run), "--resume", *flags], capsys)
@@ -245,8 +292,9 @@ def test_resume_refuses_a_change_that_alters_the_run_and_changes_nothing(finishe
 
 def test_resume_refuses_other_data_and_another_stage(finished_run, shards, tmp_path, capsys):
     run = _copy(finished_run, tmp_path)
-    code, _, err = run_cli(["train", "pretrain", "--out", str(run), "--resume",
-                            "--data", str(shards["pretrain_other"])], capsys)
+    code, _, err = run_cli(
+        ["train", "pretrain", "--out", str(run), "--resume", "--data", str(shards["pretrain_other"])], capsys
+    )
     assert code == 2 and f"--data: the run trained on '{shards['pretrain']}'" in err, err
     with pytest.raises(LLMCoreError, match=r"is a `train pretrain` run, not `train sft`"):
         train("sft", tiny_cfg("sft", shards, run, model="tiny", resume=True))
@@ -256,8 +304,9 @@ def test_resume_needs_allow_lr_change_for_the_schedule(finished_run, tmp_path, c
     run = _copy(finished_run, tmp_path)
     code, _, err = run_cli(["train", "pretrain", "--out", str(run), "--resume", "--lr", "0.001"], capsys)
     assert code == 2 and "--lr 0.003 -> 0.001" in err and "pass --allow-lr-change" in err, err
-    code, _, err = run_cli(["train", "pretrain", "--out", str(run), "--resume", "--lr", "0.001", "--allow-lr-change",
-                            "--quiet"], capsys)
+    code, _, err = run_cli(
+        ["train", "pretrain", "--out", str(run), "--resume", "--lr", "0.001", "--allow-lr-change", "--quiet"], capsys
+    )
     assert code == 0, err
     assert "--resume: --lr 0.003 -> 0.001" in err and "--resume: --min-lr 0.0003 -> 0.0001" in err, err
     saved = json.loads((run / "config.json").read_text())["train"]
@@ -266,8 +315,9 @@ def test_resume_needs_allow_lr_change_for_the_schedule(finished_run, tmp_path, c
 
 def test_resume_applies_and_reports_max_steps_and_logging(finished_run, tmp_path, capsys):
     run = _copy(finished_run, tmp_path)
-    code, out, err = run_cli(["train", "pretrain", "--out", str(run), "--resume", "--max-steps", "5",
-                              "--log-every", "2"], capsys)
+    code, out, err = run_cli(
+        ["train", "pretrain", "--out", str(run), "--resume", "--max-steps", "5", "--log-every", "2"], capsys
+    )
     assert code == 0, err
     assert "--resume: --max-steps 4 -> 5" in err and "--resume: --log-every 1 -> 2" in err, err
     assert "resumed from step 2" in out and out.strip().splitlines()[-1].startswith("done: pretrain 5/5 steps")
@@ -312,8 +362,11 @@ def test_yaml_reads_1e_minus_3_as_a_number_and_quoted_numbers_get_a_hint(shards,
     cfg = build_config("pretrain", {"data": str(shards["pretrain"]), "out": "o"}, y)
     assert cfg.lr == 1e-3 and cfg.min_lr == 5e-5 and cfg.max_steps == 1000 and isinstance(cfg.max_steps, int)
     y.write_text('lr: "1e-3"\n')
-    with pytest.raises(LLMCoreError, match=r"c.yaml: lr must be a number, got '1e-3' \(a quoted string; write the "
-                                           r"number without quotes\)"):
+    with pytest.raises(
+        LLMCoreError,
+        match=r"c.yaml: lr must be a number, got '1e-3' \(a quoted string; write the "
+        r"number without quotes\)",
+    ):
         build_config("pretrain", {"data": str(shards["pretrain"]), "out": "o"}, y)
 
 
@@ -323,21 +376,50 @@ def test_dpo_summary_progress_and_plot_are_readable(shards, tmp_path, capsys):
     from test_train_common import pretrained_run
 
     out = tmp_path / "dpo"
-    code, stdout, err = run_cli(["train", "dpo", "--data", str(shards["dpo"]), "--init", str(pretrained_run()),
-                                 "--out", str(out), "--seq-len", "64", "--micro-batch-size", "2",
-                                 "--global-batch-size", "4", "--max-steps", "2", "--eval-docs", "4", "--lr", "1e-3",
-                                 "--attn-backend", "sdpa"], capsys)
+    code, stdout, err = run_cli(
+        [
+            "train",
+            "dpo",
+            "--data",
+            str(shards["dpo"]),
+            "--init",
+            str(pretrained_run()),
+            "--out",
+            str(out),
+            "--seq-len",
+            "64",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "4",
+            "--max-steps",
+            "2",
+            "--eval-docs",
+            "4",
+            "--lr",
+            "1e-3",
+            "--attn-backend",
+            "sdpa",
+        ],
+        capsys,
+    )
     assert code == 0, err
     done = stdout.strip().splitlines()[-1]
-    assert re.search(r"loss \d\.\d{4} eval_loss \d\.\d{4} \(ln 2 = 0\.6931 = chance\), reward accuracy \d+% "
-                     r"\(chance 50%\), margin [-+]\d\.\d{4}, eval reward accuracy \d+%, margin [-+]\d\.\d{4}, ",
-                     done), done
+    assert re.search(
+        r"loss \d\.\d{4} eval_loss \d\.\d{4} \(ln 2 = 0\.6931 = chance\), reward accuracy \d+% "
+        r"\(chance 50%\), margin [-+]\d\.\d{4}, eval reward accuracy \d+%, margin [-+]\d\.\d{4}, ",
+        done,
+    ), done
     steps = [ln for ln in stdout.splitlines() if ln.startswith("step 1/2 loss")]
     assert steps and re.search(r"loss \d\.\d{4} \(reward accuracy \d+%, margin [-+]\d\.\d{4}\) lr ", steps[0]), steps
     # The start notes name only flags `train dpo` has, and call its rows pairs.
     assert "--on-long" not in stdout + err and " pairs = " in stdout.splitlines()[0]
-    fig = loss_figure(out / "metrics.jsonl", panels=(("rewards/accuracy",), ("rewards/margin", "rewards/chosen")),
-                      loss_unit="nats/pair", chance_loss=math.log(2))
+    fig = loss_figure(
+        out / "metrics.jsonl",
+        panels=(("rewards/accuracy",), ("rewards/margin", "rewards/chosen")),
+        loss_unit="nats/pair",
+        chance_loss=math.log(2),
+    )
     labels = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes if ax.get_legend()]
     assert "ln 2 = 0.693 = chance" in labels[0] and "50% = chance" in labels[1] and "0 = chance" in labels[2]
     assert fig.axes[0].yaxis.get_major_formatter().get_useOffset() is False
@@ -351,9 +433,12 @@ def test_first_step_time_and_estimate_and_timed_progress_in_a_pipe(shards, tmp_p
     assert code == 0, err
     lines = out.splitlines()
     first = [ln for ln in lines if ln.startswith("first step took ")]
-    assert len(first) == 1 and re.fullmatch(r"first step took \d+\.\d\d s; at that pace the 3 remaining steps take "
-                                            r"about \d+:\d\d \(the first step includes start-up; the progress lines "
-                                            r"refine it\)", first[0]), first
+    assert len(first) == 1 and re.fullmatch(
+        r"first step took \d+\.\d\d s; at that pace the 3 remaining steps take "
+        r"about \d+:\d\d \(the first step includes start-up; the progress lines "
+        r"refine it\)",
+        first[0],
+    ), first
     # --log-every 100 logs steps 1 and 4; a pipe still gets a progress line for steps 2 and 3.
     assert [ln.split()[1] for ln in lines if ln.startswith("step ") and " loss " in ln] == ["1/4", "2/4", "3/4", "4/4"]
     from llmcore.train.metrics import read_metrics
@@ -371,7 +456,6 @@ def test_summary_says_when_its_eval_loss_is_from_an_earlier_step(shards, tmp_pat
     assert "eval_loss" in line and "[at step" not in line, line  # measured at the last step
 
 
-
 def test_sigterm_to_two_processes_saves_one_checkpoint_from_both(shards, tmp_path):
     """torchrun forwards SIGTERM to both ranks; they agree on the step, save together (each rank its
     own loader/RNG state) and exit 143; rank 0 prints the line once."""
@@ -381,14 +465,51 @@ def test_sigterm_to_two_processes_saves_one_checkpoint_from_both(shards, tmp_pat
     from llmcore.train.engine import free_port
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "llmcore", "train", "pretrain", "--deepspeed", str(deepspeed_config_path("zero1")),
-           "--data", str(shards["pretrain"]), "--out", str(out), "--model", "tiny", "--seq-len", "48",
-           "--micro-batch-size", "1", "--global-batch-size", "4", "--max-steps", "100000", "--log-every", "1",
-           "--save-every", "0", "--attn-backend", "sdpa", "--dtype", "fp32"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "llmcore",
+        "train",
+        "pretrain",
+        "--deepspeed",
+        str(deepspeed_config_path("zero1")),
+        "--data",
+        str(shards["pretrain"]),
+        "--out",
+        str(out),
+        "--model",
+        "tiny",
+        "--seq-len",
+        "48",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "4",
+        "--max-steps",
+        "100000",
+        "--log-every",
+        "1",
+        "--save-every",
+        "0",
+        "--attn-backend",
+        "sdpa",
+        "--dtype",
+        "fp32",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
+    }
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: _logged_steps(out) >= 2, "two logged steps", proc)
@@ -401,8 +522,9 @@ def test_sigterm_to_two_processes_saves_one_checkpoint_from_both(shards, tmp_pat
     step = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
     ck = out / "checkpoints" / f"step-{step}"
     assert checkpoint_problem(ck) is None
-    assert {"loader_state.json", "loader_state_rank1.json", "rng_state.pt", "rng_state_rank1.pt"} <= \
-        {p.name for p in ck.iterdir()}
+    assert {"loader_state.json", "loader_state_rank1.json", "rng_state.pt", "rng_state_rank1.pt"} <= {
+        p.name for p in ck.iterdir()
+    }
     assert stderr.count(f"stopped by SIGTERM at step {step}/100000: checkpoint saved in {ck}") == 1, stderr[-3000:]
 
 
@@ -412,8 +534,11 @@ def test_train_help_reads_at_80_columns():
     from llmcore.cli import app
 
     out = CliRunner().invoke(app, ["train", "pretrain", "--help"], terminal_width=80).output
-    assert "[default: 512]" in out and "(512)" not in out and "[default: minimind2-small (when no --init)]" in \
-        " ".join(out.split())
+    assert (
+        "[default: 512]" in out
+        and "(512)" not in out
+        and "[default: minimind2-small (when no --init)]" in " ".join(out.split())
+    )
     assert "--data DIR" in out and "--seq-len N" in out and "--lr X" in out and "--packing packed|bestfit|padded" in out
     assert "<str>" not in out and "<int>" not in out and "--compile / --no-compile" in out
     assert max(len(line) for line in out.splitlines()) <= 80
@@ -422,9 +547,23 @@ def test_train_help_reads_at_80_columns():
 def test_resume_inherits_what_the_run_is_not_where_it_ran(tmp_path):
     from llmcore.train.config import saved_settings
 
-    (tmp_path / "config.json").write_text(json.dumps({"stage": "pretrain", "train": {
-        "seq_len": 48, "seed": 3, "device": "cuda:1", "deepspeed": "zero2", "stop_after": 2, "resume": True,
-        "quiet": True, "no_such_setting": 1}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "stage": "pretrain",
+                "train": {
+                    "seq_len": 48,
+                    "seed": 3,
+                    "device": "cuda:1",
+                    "deepspeed": "zero2",
+                    "stop_after": 2,
+                    "resume": True,
+                    "quiet": True,
+                    "no_such_setting": 1,
+                },
+            }
+        )
+    )
     assert saved_settings(tmp_path) == {"seq_len": 48, "seed": 3}
 
 
@@ -436,8 +575,12 @@ def test_first_step_line_says_when_a_cpu_run_will_take_hours():
     from llmcore.train.trainer import Trainer
 
     def line(device: str, model: str | None, first_s: float) -> str:
-        fake = SimpleNamespace(total_steps=2000, step=1, engine=SimpleNamespace(device=torch.device(device)),
-                               cfg=SimpleNamespace(model=model))
+        fake = SimpleNamespace(
+            total_steps=2000,
+            step=1,
+            engine=SimpleNamespace(device=torch.device(device)),
+            cfg=SimpleNamespace(model=model),
+        )
         return Trainer._first_step_line(fake, first_s)
 
     slow = line("cpu", "minimind2-small", 95.31)

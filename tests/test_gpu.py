@@ -31,7 +31,9 @@ from test_train_common import losses, pretrained_run, tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_check.sh)"
+)
 
 BACKENDS = ("eager", "sdpa", "triton")
 
@@ -54,8 +56,10 @@ def test_pretrain_sft_dpo_on_cuda(shards, tmp_path, backend):
     assert last < first
     sft = train("sft", gpu_cfg("sft", shards, tmp_path / "sft", init=str(pre.run_dir), attn_backend=backend))
     assert sft.loss == sft.loss
-    dpo = train("dpo", gpu_cfg("dpo", shards, tmp_path / "dpo", init=str(sft.run_dir), attn_backend=backend,
-                               max_steps=10, lr=1e-3))
+    dpo = train(
+        "dpo",
+        gpu_cfg("dpo", shards, tmp_path / "dpo", init=str(sft.run_dir), attn_backend=backend, max_steps=10, lr=1e-3),
+    )
     assert dpo.loss == dpo.loss
 
 
@@ -70,8 +74,9 @@ def test_triton_matches_sdpa_in_bf16(shards, tmp_path):
 @needs_cuda
 def test_compile_with_triton_backend(shards, tmp_path):
     eager = train("pretrain", gpu_cfg("pretrain", shards, tmp_path / "e", attn_backend="triton", max_steps=4))
-    comp = train("pretrain", gpu_cfg("pretrain", shards, tmp_path / "c", attn_backend="triton", max_steps=4,
-                                     compile=True))
+    comp = train(
+        "pretrain", gpu_cfg("pretrain", shards, tmp_path / "c", attn_backend="triton", max_steps=4, compile=True)
+    )
     for (_, la), (_, lb) in zip(losses(eager.run_dir), losses(comp.run_dir)):
         assert abs(la - lb) < 0.05 * max(abs(la), 1.0)
 
@@ -136,8 +141,16 @@ def test_no_host_read_during_micro_steps(shards, tmp_path, monkeypatch, device):
     drains the device queue). Counted from the first micro batch's forward to the optimizer step."""
     import threading
 
-    cfg = tiny_cfg("pretrain", shards, tmp_path / "r", device=device, micro_batch_size=2, global_batch_size=8,
-                   log_every=10, max_steps=10)
+    cfg = tiny_cfg(
+        "pretrain",
+        shards,
+        tmp_path / "r",
+        device=device,
+        micro_batch_size=2,
+        global_batch_size=8,
+        log_every=10,
+        max_steps=10,
+    )
     trainer = _trainer(cfg)
     trainer.sync_every = 10  # what CUDA does; the CPU reads every step on purpose (it costs nothing there)
     active = [False]
@@ -153,6 +166,7 @@ def test_no_host_read_during_micro_steps(shards, tmp_path, monkeypatch, device):
                 if frame.name not in HOST_TENSOR_READERS:
                     reads.append(f"Tensor.{name} at {frame.filename.split('/')[-1]}:{frame.lineno} ({frame.name})")
             return orig(self, *a, **k)
+
         return wrapper
 
     for name in HOST_READS:

@@ -42,8 +42,9 @@ CPU = torch.device("cpu")
 def _copy_checkout(dst: Path) -> Path:
     """The parts of the working tree the script runs (no .git, no venv, no caches)."""
     for name in ("benchmarks", "llmcore", "kernels", "data_prep", "tests"):
-        shutil.copytree(ROOT / name, dst / name, symlinks=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "results", "*.pyc"))
+        shutil.copytree(
+            ROOT / name, dst / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "results", "*.pyc")
+        )
     (dst / "benchmarks" / "results").mkdir()
     shutil.copy(ROOT / "pyproject.toml", dst / "pyproject.toml")
     return dst
@@ -54,7 +55,7 @@ def _summary_rows(log: str) -> dict[str, str]:
     lines = log.splitlines()
     start = max(i for i, line in enumerate(lines) if line.startswith("phase ") and "status" in line)
     rows = {}
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line.startswith("==="):
             break
         parts = line.split(None, 2)
@@ -67,27 +68,47 @@ def _summary_rows(log: str) -> dict[str, str]:
 def test_gpu_check_rehearsal_on_cpu(tmp_path: Path, shared_data: Path) -> None:
     repo = _copy_checkout(tmp_path / "checkout")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPU_CHECK_", "LLMCORE_", "TRITON_"))}
-    staged = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), "--stage-data"], capture_output=True,
-                            text=True, env={**env, "LLMCORE_SHARED_DATA": str(shared_data)}, timeout=60)
+    staged = subprocess.run(
+        ["bash", str(repo / "benchmarks" / "gpu_check.sh"), "--stage-data"],
+        capture_output=True,
+        text=True,
+        env={**env, "LLMCORE_SHARED_DATA": str(shared_data)},
+        timeout=60,
+    )
     assert staged.returncode == 0, staged.stderr
     assert (repo / ".cache" / "shared-data" / "minimind_tokenizer" / "tokenizer.json").is_file()
 
     total, reserve, grace = 150, 12, 10
-    env.update({
-        "PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_QUICK": "1",
-        "GPU_CHECK_RESULTS": str(tmp_path / "results"), "OUT": str(tmp_path / "out"),
-        "GPU_CHECK_TOTAL_S": str(total), "GPU_CHECK_SUMMARY_S": str(reserve), "GPU_CHECK_GRACE_S": str(grace),
-        "GPU_CHECK_MIN_PHASE_S": "15", "GPU_CHECK_KERNELS_S": "25", "GPU_CHECK_TRAIN_TESTS_S": "1",
-        "GPU_CHECK_KERNEL_TESTS": "tests/test_kernels_rmsnorm.py -k reference_is_hf_llama_formula",
-        "GPU_CHECK_TRAIN_TESTS": "tests/test_gpu.py",
-        "GPU_CHECK_KERNELS_ARGS": "--dry-run-timing --seqs 16 --hiddens 32 --repeats 1",
-        "GPU_CHECK_TRAIN_ARGS": "--variants minimind,sdpa,sdpa:padded",
-        "LLMCORE_BENCH_FAULT": "raise:train warm-up tiny llmcore sdpa packed,hang:kernels measure peak: bf16 matmul",
-    })
+    env.update(
+        {
+            "PYTHON": sys.executable,
+            "GPU_CHECK_DEVICE": "cpu",
+            "GPU_CHECK_QUICK": "1",
+            "GPU_CHECK_RESULTS": str(tmp_path / "results"),
+            "OUT": str(tmp_path / "out"),
+            "GPU_CHECK_TOTAL_S": str(total),
+            "GPU_CHECK_SUMMARY_S": str(reserve),
+            "GPU_CHECK_GRACE_S": str(grace),
+            "GPU_CHECK_MIN_PHASE_S": "15",
+            "GPU_CHECK_KERNELS_S": "25",
+            "GPU_CHECK_TRAIN_TESTS_S": "1",
+            "GPU_CHECK_KERNEL_TESTS": "tests/test_kernels_rmsnorm.py -k reference_is_hf_llama_formula",
+            "GPU_CHECK_TRAIN_TESTS": "tests/test_gpu.py",
+            "GPU_CHECK_KERNELS_ARGS": "--dry-run-timing --seqs 16 --hiddens 32 --repeats 1",
+            "GPU_CHECK_TRAIN_ARGS": "--variants minimind,sdpa,sdpa:padded",
+            "LLMCORE_BENCH_FAULT": "raise:train warm-up tiny llmcore sdpa packed,hang:kernels measure peak: bf16 matmul",
+        }
+    )
     (tmp_path / "out").mkdir()
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=total + 60)
+    proc = subprocess.run(
+        ["bash", str(repo / "benchmarks" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=total + 60,
+    )
     elapsed = time.monotonic() - t0
     log = proc.stdout + proc.stderr
     assert elapsed <= total + 5, f"the script took {elapsed:.0f}s, over its {total}s deadline\n{log[-3000:]}"
@@ -130,8 +151,11 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path: Path, shared_data: Path) -> None:
     assert "FAILED  train-cpu" in log and "NOT MEASURED  kernels-cpu" in log
     md = (tmp_path / "out" / "gpu_check_summary.md").read_text()
     assert "## Failed (not measured)" in md and "tiny llmcore sdpa packed fp32" in md and "SKIPPED" in md
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"gpu_check.log", "gpu_check_summary.md",
-                                                             "gpu_check_results.tar.gz"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "gpu_check.log",
+        "gpu_check_summary.md",
+        "gpu_check_results.tar.gz",
+    }
     assert list((tmp_path / "results").glob("train-cpu-*.json")) and list((tmp_path / "results").glob("gpu-*.md"))
 
 
@@ -145,8 +169,9 @@ def test_gpu_check_without_a_gpu_still_ends_with_a_summary(tmp_path: Path) -> No
     assert "gpu_check.sh needs a CUDA device" in log and "nothing was measured" in log
     rows = _summary_rows(log)
     assert rows["versions"].startswith("FAILED")
-    assert [rows[p] for p in ("kernel-tests", "kernels", "train", "train-tests")] == \
-        ["SKIPPED (the versions phase failed)"] * 4
+    assert [rows[p] for p in ("kernel-tests", "kernels", "train", "train-tests")] == [
+        "SKIPPED (the versions phase failed)"
+    ] * 4
 
 
 def test_interleaved_drops_a_failing_case_and_measures_the_rest() -> None:
@@ -226,8 +251,9 @@ def test_shared_data_found_from_the_resolved_checkout(tmp_path: Path) -> None:
     code = "from llmcore.bench.corpus import data_candidates as d, __file__ as f; print(f); print(d()[0])"
     env = {k: v for k, v in os.environ.items() if k != "LLMCORE_SHARED_DATA"}
     env["PYTHONPATH"] = str(shim.parent)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     loaded_from, first = out.stdout.split()
     assert loaded_from.startswith(str(shim))  # the symlinked copy was imported ...

@@ -28,13 +28,32 @@ SECTIONS: dict[str, list[str]] = {
     "Reading jsonl": ["llmcore.data_prep.jsonl", "llmcore.data_prep.faults"],
     "Loaders": ["llmcore.data_prep.loaders", "llmcore.data_prep.loaders:Loader"],
     "Reference ops and kernels": ["llmcore.reference", "llmcore.kernels"],
-    "Model": ["llmcore.model", "llmcore.model:LLM", "llmcore.generate", "llmcore.checkpoint", "llmcore.convert",
-              "llmcore.lora"],
-    "Training": ["llmcore.train", "llmcore.train.trainer:Trainer", "llmcore.train.stages", "llmcore.train.stages:Stage",
-                 "llmcore.train.config", "llmcore.train.config:TrainConfig", "llmcore.train.engine",
-                 "llmcore.train.engine:PlainEngine", "llmcore.train.optim", "llmcore.train.feed",
-                 "llmcore.train.feed:DeviceFeed", "llmcore.train.checkpointing", "llmcore.train.speed",
-                 "llmcore.launch", "llmcore.launch.cli", "llmcore.launch.node"],
+    "Model": [
+        "llmcore.model",
+        "llmcore.model:LLM",
+        "llmcore.generate",
+        "llmcore.checkpoint",
+        "llmcore.convert",
+        "llmcore.lora",
+    ],
+    "Training": [
+        "llmcore.train",
+        "llmcore.train.trainer:Trainer",
+        "llmcore.train.stages",
+        "llmcore.train.stages:Stage",
+        "llmcore.train.config",
+        "llmcore.train.config:TrainConfig",
+        "llmcore.train.engine",
+        "llmcore.train.engine:PlainEngine",
+        "llmcore.train.optim",
+        "llmcore.train.feed",
+        "llmcore.train.feed:DeviceFeed",
+        "llmcore.train.checkpointing",
+        "llmcore.train.speed",
+        "llmcore.launch",
+        "llmcore.launch.cli",
+        "llmcore.launch.node",
+    ],
 }
 # Backticked calls in those sections that are examples or other libraries' APIs, not our signatures.
 NOT_SIGNATURES = {"torch.load", "torch.compile", "replaceable"}
@@ -150,13 +169,16 @@ def test_listed_signature_matches_the_code(section: str, name: str, args: str):
     positions = [real.index(n) for n in listed]
     assert positions == sorted(positions), f"{name}: INTERNALS lists ({args}), the code's order is {real}"
     if not partial:
-        required = [p.name for p in params if p.default is inspect.Parameter.empty
-                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        required = [
+            p.name
+            for p in params
+            if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
         unlisted = [n for n in required if n not in listed]
         assert not unlisted, f"{name}: required parameter(s) {unlisted} missing from INTERNALS ({args})"
 
 
 def test_the_check_catches_drift():
-    assert doc_params('path, *, indent=2, write: Callable[[Path], None], ...') == (["path", "indent", "write"], True)
+    assert doc_params("path, *, indent=2, write: Callable[[Path], None], ...") == (["path", "indent", "write"], True)
     with pytest.raises(AttributeError):
         resolve("no_such_function", ["llmcore.io"])

@@ -53,7 +53,11 @@ def test_atomic_write_keeps_old_content_when_the_writer_raises(tmp_path):
     with pytest.raises(Boom):
         io.atomic_write(p, lambda tmp: (seen.append(tmp), half_then_fail(tmp)))
     # the temp file is beside the target and keeps its suffix (matplotlib picks the format by it)
-    assert seen[0].parent == tmp_path and seen[0].name.startswith(".model.safetensors.") and seen[0].suffix == ".safetensors"
+    assert (
+        seen[0].parent == tmp_path
+        and seen[0].name.startswith(".model.safetensors.")
+        and seen[0].suffix == ".safetensors"
+    )
     assert p.read_bytes() == b"old"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["model.safetensors"]
     with pytest.raises(Boom):

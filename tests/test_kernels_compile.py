@@ -95,8 +95,11 @@ def test_rope_compiles_whole(packed, backend):
 def test_flash_attention_compiles_whole(docs, backend):
     batch, seq = 2, 21
     pos = _packed_positions(batch, seq, [6, 1, 9], first=3)
-    kw = {"none": {}, "position_ids": {"position_ids": pos},
-          "cu_seqlens": {"cu_seqlens": cu_seqlens_from_position_ids(pos)}}[docs]
+    kw = {
+        "none": {},
+        "position_ids": {"position_ids": pos},
+        "cu_seqlens": {"cu_seqlens": cu_seqlens_from_position_ids(pos)},
+    }[docs]
     q, k, v = _randn(batch, seq, 4, 16, seed=4), _randn(batch, seq, 2, 16, seed=5), _randn(batch, seq, 2, 16, seed=6)
     _assert_same(lambda a, b, c: flash_attention(a, b, c, causal=True, **kw), [q, k, v], backend)
 
@@ -110,8 +113,13 @@ def test_inductor_on_cpu_calls_the_ops_as_extern_kernels():
         q, k = apply_rope(q, k, cos, sin)
         return rms_norm(x, w, 1e-5), flash_attention(q, k, v, causal=True)
 
-    inputs = [_randn(2, 5, 48), _randn(48, seed=1), _randn(1, 9, 2, 16, seed=2), _randn(1, 9, 1, 16, seed=3),
-              _randn(1, 9, 1, 16, seed=4)]
+    inputs = [
+        _randn(2, 5, 48),
+        _randn(48, seed=1),
+        _randn(1, 9, 2, 16, seed=2),
+        _randn(1, 9, 1, 16, seed=3),
+        _randn(1, 9, 1, 16, seed=4),
+    ]
     _assert_same(block, inputs, "inductor")
 
 
@@ -158,9 +166,10 @@ def test_opcheck_custom_ops():
     start, end = document_bounds(torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]], device=DEVICE))
     torch.library.opcheck(ops.flash_attention.default, (q, k, v, start, end, True, 0.25))
     o, lse = ops.flash_attention(q, k, v, None, None, False, 0.25)
-    torch.library.opcheck(ops.flash_attention_backward.default,
-                          (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse, start, end,
-                           True, 0.25))
+    torch.library.opcheck(
+        ops.flash_attention_backward.default,
+        (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse, start, end, True, 0.25),
+    )
 
 
 # ---------------------------------------------------------------- the model
@@ -208,8 +217,9 @@ def test_triton_model_graph_holds_the_ops_and_takes_new_lengths():
         return make_boxed_func(gm.forward)
 
     model = _tiny_triton_model()
-    compiled = torch.compile(model, fullgraph=True, dynamic=True,
-                             backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    compiled = torch.compile(
+        model, fullgraph=True, dynamic=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record)
+    )
     gen = torch.Generator().manual_seed(2)
     x = torch.randint(0, model.config.vocab_size, (2, 12), generator=gen).to(DEVICE)
     compiled(x, position_ids=torch.tensor(PACKED, device=DEVICE)).logits.sum().backward()

@@ -48,9 +48,17 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
 
 
 def loss_curve(backend: str, init: dict[str, torch.Tensor]) -> list[float]:
-    config = ModelConfig.from_preset("tiny", hidden_size=192, num_attention_heads=2, num_key_value_heads=1,
-                                     intermediate_size=200, vocab_size=VOCAB, qk_norm=True, attn_backend=backend,
-                                     num_hidden_layers=1)
+    config = ModelConfig.from_preset(
+        "tiny",
+        hidden_size=192,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=200,
+        vocab_size=VOCAB,
+        qk_norm=True,
+        attn_backend=backend,
+        num_hidden_layers=1,
+    )
     assert config.head_dim == 96
     model = LLM(config)
     model.load_state_dict(init)
@@ -69,9 +77,18 @@ def loss_curve(backend: str, init: dict[str, torch.Tensor]) -> list[float]:
 
 def test_triton_and_eager_loss_curves_agree_for_20_steps_on_odd_shapes() -> None:
     torch.manual_seed(0)
-    init = LLM(ModelConfig.from_preset("tiny", hidden_size=192, num_attention_heads=2, num_key_value_heads=1,
-                                       intermediate_size=200, vocab_size=VOCAB, qk_norm=True,
-                                       num_hidden_layers=1)).state_dict()
+    init = LLM(
+        ModelConfig.from_preset(
+            "tiny",
+            hidden_size=192,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=200,
+            vocab_size=VOCAB,
+            qk_norm=True,
+            num_hidden_layers=1,
+        )
+    ).state_dict()
     eager = loss_curve("eager", init)
     triton = loss_curve("triton", init)
     assert eager[-1] < eager[0] - 0.5, eager  # the run learns, so the curves carry information

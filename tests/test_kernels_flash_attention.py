@@ -19,8 +19,12 @@ TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (4e-2, 4e-2), torch.float16:
 
 def _qkv(batch, seq, heads, kv_heads, head_dim, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(batch, seq, heads, head_dim), (batch, seq, kv_heads, head_dim), (batch, seq, kv_heads, head_dim),
-              (batch, seq, heads, head_dim)]
+    shapes = [
+        (batch, seq, heads, head_dim),
+        (batch, seq, kv_heads, head_dim),
+        (batch, seq, kv_heads, head_dim),
+        (batch, seq, heads, head_dim),
+    ]
     return [torch.randn(s, generator=gen).to(DEVICE, dtype) for s in shapes]
 
 
@@ -147,7 +151,9 @@ def test_reference_matches_sdpa():
     mask = (doc[:, :, None] == doc[:, None, :]) & torch.ones(seq, seq, dtype=torch.bool, device=DEVICE).tril()
     rep = heads // kv_heads
     expected = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2), v.repeat_interleave(rep, 2).transpose(1, 2),
+        q.transpose(1, 2),
+        k.repeat_interleave(rep, 2).transpose(1, 2),
+        v.repeat_interleave(rep, 2).transpose(1, 2),
         attn_mask=mask[:, None],
     ).transpose(1, 2)
     got = flash_attention_reference(q, k, v, causal=True, cu_seqlens=cu)
@@ -194,7 +200,9 @@ def test_default_scale_is_inverse_sqrt_head_dim():
 @cpu_only
 def test_flash_attention_cpu_without_interpreter_raises_clearly():
     assert_refuses_cpu_tensors(
-        "flash_attention", "flash_attention(torch.randn(1, 4, 2, 16), torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16))")
+        "flash_attention",
+        "flash_attention(torch.randn(1, 4, 2, 16), torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16))",
+    )
 
 
 @needs_ptxas

@@ -90,8 +90,9 @@ def test_qk_norm_rope_eps_matters():
         want = qk_norm_rope_reference(q, k, w, w, cos, sin, None, eps)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    assert (qk_norm_rope(q, k, w, w, cos, sin, None, 1e-2)[0] - qk_norm_rope(q, k, w, w, cos, sin, None, 1e-6)[0]
-            ).abs().max() > 0.1
+    assert (
+        qk_norm_rope(q, k, w, w, cos, sin, None, 1e-2)[0] - qk_norm_rope(q, k, w, w, cos, sin, None, 1e-6)[0]
+    ).abs().max() > 0.1
 
 
 def test_reference_equals_float64_formula():
@@ -142,9 +143,10 @@ def test_qk_norm_rope_compiles_whole_and_opcheck():
     args = (q.requires_grad_(), k.requires_grad_(), qw.requires_grad_(), kw.requires_grad_(), cos, sin, pos, 1e-6)
     torch.library.opcheck(ops.qk_norm_rope.default, args)
     torch.library.opcheck(ops.qk_norm_rope.default, (*args[:6], None, 1e-6))
-    torch.library.opcheck(ops.qk_norm_rope_backward.default,
-                          (torch.randn_like(q), torch.randn_like(k), *(t.detach() for t in args[:4]), cos, sin, pos,
-                           1e-6))
+    torch.library.opcheck(
+        ops.qk_norm_rope_backward.default,
+        (torch.randn_like(q), torch.randn_like(k), *(t.detach() for t in args[:4]), cos, sin, pos, 1e-6),
+    )
 
 
 @cpu_only
@@ -152,7 +154,8 @@ def test_qk_norm_rope_cpu_without_interpreter_raises_clearly():
     assert_refuses_cpu_tensors(
         "qk_norm_rope, rope_tables",
         "qk_norm_rope(torch.randn(1, 4, 2, 16), torch.randn(1, 4, 1, 16), torch.ones(16), torch.ones(16), "
-        "*rope_tables(16, 8))")
+        "*rope_tables(16, 8))",
+    )
 
 
 @needs_ptxas
@@ -175,15 +178,19 @@ def test_qk_norm_rope_compiles_for_sm90():
     """)
 
 
-@pytest.mark.skipif(DEVICE == "cuda", reason="the CPU dry run of the timing code; on CUDA `bench kernels` times for real")
+@pytest.mark.skipif(
+    DEVICE == "cuda", reason="the CPU dry run of the timing code; on CUDA `bench kernels` times for real"
+)
 def test_bench_kernels_times_qk_norm_rope_and_head_dim_96():
     from llmcore.bench.kernels import run_kernels
 
     res = run_kernels(torch.device("cpu"), dry_run_timing=True, seqs=[16], hiddens=[32], repeats=1)
     ratios = {r["name"] for r in res.ratios}
     assert {f"qk_norm_rope B1 T16 H8/4 D96 fwd+bwd: triton vs {base}" for base in ("eager", "compile")} <= ratios
-    assert any(m.get("op") == "attention" and "D96 causal" in m["shape"] and m.get("impl") == "triton"
-               for m in res.measurements)
+    assert any(
+        m.get("op") == "attention" and "D96 causal" in m["shape"] and m.get("impl") == "triton"
+        for m in res.measurements
+    )
     sweep = run_kernels(torch.device("cpu"), quick=True)
     checks = [c for c in sweep.extra["checks"] if c["op"] == "qk_norm_rope"]
     assert len(checks) == 3 and all(c["ok"] for c in checks)

@@ -19,8 +19,10 @@ from llmcore.model import LLM, ModelConfig
 
 
 def test_reference_and_model_import_no_triton():
-    code = ("import sys\nimport llmcore.reference, llmcore.model, llmcore.checkpoint\n"
-            "print('TRITON' if 'triton' in sys.modules else 'CLEAN')\n")
+    code = (
+        "import sys\nimport llmcore.reference, llmcore.model, llmcore.checkpoint\n"
+        "print('TRITON' if 'triton' in sys.modules else 'CLEAN')\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "CLEAN", out.stdout + out.stderr
 
@@ -46,6 +48,7 @@ def test_eager_model_runs_the_reference(monkeypatch):
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(model_mod, "attention_reference", counted("attention", reference.attention_reference))
@@ -71,8 +74,9 @@ def test_rope_tables_signature_and_yarn():
     torch.testing.assert_close(cos[:, :8], cos[:, 8:], atol=0, rtol=0)  # each half repeated
     assert float(sin[5, 0]) == pytest.approx(torch.tensor(5.0).sin().item(), abs=1e-7)
     # YaRN below its original length changes nothing but the attention factor.
-    c2, _ = reference.rope_tables(16, 40, scaling={"type": "yarn", "original_max_position_embeddings": 64,
-                                                   "attention_factor": 0.5})
+    c2, _ = reference.rope_tables(
+        16, 40, scaling={"type": "yarn", "original_max_position_embeddings": 64, "attention_factor": 0.5}
+    )
     torch.testing.assert_close(c2, cos * 0.5, atol=1e-7, rtol=0)
 
 
@@ -141,15 +145,23 @@ def test_attention_mask_causal_offset_and_documents():
 def _qkv(batch, seq, heads, kv_heads, head_dim, seed, kv_seq=None):
     gen = torch.Generator().manual_seed(seed)
     kv_seq = kv_seq or seq
-    return (torch.randn(batch, seq, heads, head_dim, generator=gen),
-            torch.randn(batch, kv_seq, kv_heads, head_dim, generator=gen),
-            torch.randn(batch, kv_seq, kv_heads, head_dim, generator=gen))
+    return (
+        torch.randn(batch, seq, heads, head_dim, generator=gen),
+        torch.randn(batch, kv_seq, kv_heads, head_dim, generator=gen),
+        torch.randn(batch, kv_seq, kv_heads, head_dim, generator=gen),
+    )
 
 
 def _sdpa(q, k, v, mask=None, is_causal=False, scale=None):
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                          is_causal=is_causal, scale=scale,
-                                          enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=q.shape[2] != k.shape[2],
+    ).transpose(1, 2)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -161,8 +173,9 @@ def test_attention_reference_documents_match_sdpa(causal):
     doc = reference.document_ids(pos)
     expected = _sdpa(q, k, v, mask=reference.attention_mask(doc, doc, causal))
     by_pos = reference.attention_reference(q, k, v, causal=causal, position_ids=pos)
-    by_cu = reference.attention_reference(q, k, v, causal=causal,
-                                          cu_seqlens=reference.cu_seqlens_from_position_ids(pos))
+    by_cu = reference.attention_reference(
+        q, k, v, causal=causal, cu_seqlens=reference.cu_seqlens_from_position_ids(pos)
+    )
     torch.testing.assert_close(by_pos, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(by_cu, by_pos, atol=0, rtol=0)
     assert by_pos.shape == q.shape
@@ -170,10 +183,15 @@ def test_attention_reference_documents_match_sdpa(causal):
 
 def test_attention_reference_plain_causal_scale_and_cache_offset():
     q, k, v = _qkv(2, 29, 4, 1, 32, seed=4)
-    torch.testing.assert_close(reference.attention_reference(q, k, v), _sdpa(q, k, v, is_causal=True),
-                               atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(reference.attention_reference(q, k, v, causal=False, softmax_scale=0.3),
-                               _sdpa(q, k, v, scale=0.3), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        reference.attention_reference(q, k, v), _sdpa(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        reference.attention_reference(q, k, v, causal=False, softmax_scale=0.3),
+        _sdpa(q, k, v, scale=0.3),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     # The last 3 queries against all 29 keys (decoding with a cache) = the last 3 rows of the full result.
     full = reference.attention_reference(q, k, v)
     tail = reference.attention_reference(q[:, -3:], k, v)
@@ -184,12 +202,20 @@ def test_attention_reference_explicit_mask_and_errors():
     q, k, v = _qkv(1, 9, 2, 2, 16, seed=5)
     doc = torch.tensor([[1, 1, 1, 2, 2, 2, 2, 3, 3]])
     mask = reference.attention_mask(doc, doc)
-    torch.testing.assert_close(reference.attention_reference(q, k, v, causal=False, mask=mask),
-                               reference.attention_reference(q, k, v, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1]])),
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        reference.attention_reference(q, k, v, causal=False, mask=mask),
+        reference.attention_reference(q, k, v, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1]])),
+        atol=0,
+        rtol=0,
+    )
     with pytest.raises(ValueError, match="not both"):
-        reference.attention_reference(q, k, v, position_ids=torch.zeros(1, 9, dtype=torch.long),
-                                      cu_seqlens=torch.tensor([0, 9], dtype=torch.int32))
+        reference.attention_reference(
+            q,
+            k,
+            v,
+            position_ids=torch.zeros(1, 9, dtype=torch.long),
+            cu_seqlens=torch.tensor([0, 9], dtype=torch.int32),
+        )
     q2, k2, v2 = _qkv(1, 3, 2, 2, 16, seed=6, kv_seq=9)
     with pytest.raises(ValueError, match="one length"):
         reference.attention_reference(q2, k2, v2, position_ids=torch.zeros(1, 3, dtype=torch.long))

@@ -36,7 +36,9 @@ def _run(fn, x, w, dy, eps):
 
 def _close(actual, expected, dtype, what, scale=1.0):
     atol, rtol = TOL[dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.float(), expected.float(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 123), (2, 5, 512), (4, 768), (1, 1, 1000), (65, 64)])

@@ -142,7 +142,8 @@ def test_rope_rejects_out_of_range_positions_off_gpu():
 @cpu_only
 def test_rope_cpu_without_interpreter_raises_clearly():
     assert_refuses_cpu_tensors(
-        "apply_rope, rope_tables", "apply_rope(torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8), *rope_tables(8, 8))")
+        "apply_rope, rope_tables", "apply_rope(torch.randn(1, 4, 2, 8), torch.randn(1, 4, 1, 8), *rope_tables(8, 8))"
+    )
 
 
 @needs_ptxas

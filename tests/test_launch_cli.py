@@ -26,18 +26,36 @@ def _hostfile(tmp_path: Path, text: str) -> Path:
 
 
 def _train(shards, out: Path, *extra: str) -> list[str]:
-    return ["train", "pretrain", "--deepspeed", "zero2", "--data", str(shards["pretrain"]), "--out", str(out),
-            "--model", "tiny", "--micro-batch-size", "2", "--global-batch-size", "16", *extra]
+    return [
+        "train",
+        "pretrain",
+        "--deepspeed",
+        "zero2",
+        "--data",
+        str(shards["pretrain"]),
+        "--out",
+        str(out),
+        "--model",
+        "tiny",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "16",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("node1 slots=8\nnode2 8\n", "line 2: expected 'HOST slots=N', got 'node2 8'"),
-    ("node1 slots=8\nnode2 slots=0\n", "line 2: node2 has slots=0; each node needs at least one"),
-    ("node1 slots=-2\n", "line 1: node1 has slots=-2"),
-    ("node1 slots=two\n", "line 1: slots must be a whole number, got 'two'"),
-    ("node1 slots=8\n# a comment\nnode1 slots=4\n", "line 3: node1 is listed twice"),
-    ("# only comments\n\n", "no hosts"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("node1 slots=8\nnode2 8\n", "line 2: expected 'HOST slots=N', got 'node2 8'"),
+        ("node1 slots=8\nnode2 slots=0\n", "line 2: node2 has slots=0; each node needs at least one"),
+        ("node1 slots=-2\n", "line 1: node1 has slots=-2"),
+        ("node1 slots=two\n", "line 1: slots must be a whole number, got 'two'"),
+        ("node1 slots=8\n# a comment\nnode1 slots=4\n", "line 3: node1 is listed twice"),
+        ("# only comments\n\n", "no hosts"),
+    ],
+)
 def test_bad_hostfiles_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(LLMCoreError) as err:
         parse_hostfile(_hostfile(tmp_path, text))
@@ -49,21 +67,27 @@ def test_hostfile_with_comments_and_blank_lines(tmp_path):
     assert list(hosts.items()) == [("node1", 8), ("node2", 4)]
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(num_nodes=3), "--num-nodes 3: the hostfile lists only 2 node(s)"),
-    (dict(num_gpus=4), "--num-gpus 4: more than the hostfile's slots on node1 (2), node2 (1)"),
-    (dict(master_addr="10.0.0.1:29500"), "--master-addr '10.0.0.1:29500': not an IP address or host name the nodes "
-                                         "can reach (give the port with --master-port)"),
-    (dict(master_addr="http://node1"), "not an IP address or host name"),
-    (dict(master_addr="node 1"), "not an IP address or host name"),
-    (dict(master_port=70000), "--master-port 70000"),
-    (dict(no_ssh=True, master_addr="10.0.0.1"), "--no-ssh: pass --node-rank"),
-    (dict(no_ssh=True, node_rank=0), "--no-ssh: pass --master-addr"),
-    (dict(no_ssh=True, node_rank=2, master_addr="10.0.0.1"), "--node-rank 2: the hostfile has 2 node(s)"),
-    (dict(node_rank=1), "--node-rank goes with --no-ssh"),
-    (dict(include="node1", num_nodes=1), "cannot be combined"),
-    (dict(timeout=0), "--timeout 0"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(num_nodes=3), "--num-nodes 3: the hostfile lists only 2 node(s)"),
+        (dict(num_gpus=4), "--num-gpus 4: more than the hostfile's slots on node1 (2), node2 (1)"),
+        (
+            dict(master_addr="10.0.0.1:29500"),
+            "--master-addr '10.0.0.1:29500': not an IP address or host name the nodes "
+            "can reach (give the port with --master-port)",
+        ),
+        (dict(master_addr="http://node1"), "not an IP address or host name"),
+        (dict(master_addr="node 1"), "not an IP address or host name"),
+        (dict(master_port=70000), "--master-port 70000"),
+        (dict(no_ssh=True, master_addr="10.0.0.1"), "--no-ssh: pass --node-rank"),
+        (dict(no_ssh=True, node_rank=0), "--no-ssh: pass --master-addr"),
+        (dict(no_ssh=True, node_rank=2, master_addr="10.0.0.1"), "--node-rank 2: the hostfile has 2 node(s)"),
+        (dict(node_rank=1), "--node-rank goes with --no-ssh"),
+        (dict(include="node1", num_nodes=1), "cannot be combined"),
+        (dict(timeout=0), "--timeout 0"),
+    ],
+)
 def test_bad_launch_flags_are_one_line_errors(shards, tmp_path, kw, message):
     hf = _hostfile(tmp_path, "node1 slots=2\nnode2 slots=1\n")
     with pytest.raises(LLMCoreError) as err:
@@ -87,8 +111,9 @@ def test_plan_and_dry_run_commands(shards, tmp_path, monkeypatch):
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth0")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     hf = _hostfile(tmp_path, "node1 slots=4\nnode2 slots=4\nnode3 slots=4\n")
-    plan = make_plan(hf, _train(shards, tmp_path / "run"), num_nodes=2, master_addr="10.0.0.1", master_port=29511,
-                     timeout=120)
+    plan = make_plan(
+        hf, _train(shards, tmp_path / "run"), num_nodes=2, master_addr="10.0.0.1", master_port=29511, timeout=120
+    )
     text = describe(plan)
     assert "2 node(s), world size 8" in text
     assert "node 0: node1, 4 process(es), global ranks 0-3" in text
@@ -106,12 +131,19 @@ def test_plan_and_dry_run_commands(shards, tmp_path, monkeypatch):
         assert argv[-2:-1] == ["llmcore.launch.node"]
 
     # --no-ssh: every node runs DeepSpeed's runner itself, with its own --node_rank.
-    plan = make_plan(hf, _train(shards, tmp_path / "run", "--global-batch-size", "24"), no_ssh=True, node_rank=2,
-                     master_addr="10.0.0.1")
+    plan = make_plan(
+        hf,
+        _train(shards, tmp_path / "run", "--global-batch-size", "24"),
+        no_ssh=True,
+        node_rank=2,
+        master_addr="10.0.0.1",
+    )
     assert "<- this node" in describe(plan).splitlines()[3]
     cmds = node_commands(plan)
-    assert len(cmds) == 3 and all("deepspeed.launcher.runner" in c and f"--node_rank={i}" in c and "--no_ssh" in c
-                                  for i, (_, c) in enumerate(cmds))
+    assert len(cmds) == 3 and all(
+        "deepspeed.launcher.runner" in c and f"--node_rank={i}" in c and "--no_ssh" in c
+        for i, (_, c) in enumerate(cmds)
+    )
 
 
 def test_dry_run_cli_starts_nothing(shards, tmp_path):
@@ -120,8 +152,19 @@ def test_dry_run_cli_starts_nothing(shards, tmp_path):
     from llmcore.cli import app
 
     hf = _hostfile(tmp_path, "node1 slots=1\nnode2 slots=1\n")
-    res = CliRunner().invoke(app, ["launch", "--hostfile", str(hf), "--master-addr", "127.0.0.1", "--dry-run", "--",
-                                   *_train(shards, tmp_path / "run", "--global-batch-size", "4")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "launch",
+            "--hostfile",
+            str(hf),
+            "--master-addr",
+            "127.0.0.1",
+            "--dry-run",
+            "--",
+            *_train(shards, tmp_path / "run", "--global-batch-size", "4"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "[node 0: node1]" in res.output and "[node 1: node2]" in res.output and "dry run" in res.output
     assert not (tmp_path / "run").exists()
@@ -139,12 +182,15 @@ def test_deepspeed_env_file_lines_are_checked(tmp_path, monkeypatch):
         deepspeed_env_lines()
 
 
-@pytest.mark.parametrize("key, value, flag", [
-    ("train_micro_batch_size_per_gpu", 8, "--micro-batch-size 4"),
-    ("gradient_accumulation_steps", 3, "--global-batch-size"),
-    ("train_batch_size", 64, "--global-batch-size 16"),
-    ("gradient_clipping", 0.5, "--grad-clip 1.0"),
-])
+@pytest.mark.parametrize(
+    "key, value, flag",
+    [
+        ("train_micro_batch_size_per_gpu", 8, "--micro-batch-size 4"),
+        ("gradient_accumulation_steps", 3, "--global-batch-size"),
+        ("train_batch_size", 64, "--global-batch-size 16"),
+        ("gradient_clipping", 0.5, "--grad-clip 1.0"),
+    ],
+)
 def test_a_config_that_disagrees_with_a_flag_is_an_error_naming_both(shards, tmp_path, key, value, flag):
     own = tmp_path / "ds.json"
     own.write_text(json.dumps({key: value, "zero_optimization": {"stage": 2}}))
@@ -165,8 +211,9 @@ def test_precision_and_optimizer_disagreements(shards, tmp_path):
     with pytest.raises(LLMCoreError, match="sets lr 0.1, but --lr"):
         build_ds_config(own, cfg, world=2, accum=2, dtype="fp32")
     # "auto", absent, or equal values agree; the shipped configs are all "auto".
-    own.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_clipping": "auto",
-                               "bf16": {"enabled": "auto"}}))
+    own.write_text(
+        json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_clipping": "auto", "bf16": {"enabled": "auto"}})
+    )
     ds = build_ds_config(own, cfg, world=2, accum=2, dtype="fp32")
     assert ds["train_batch_size"] == 16 and "bf16" not in ds
     for name in ("zero0", "zero1", "zero2", "zero3", "zero3-offload"):
@@ -181,8 +228,9 @@ def test_include_and_exclude_use_deepspeeds_syntax(shards, tmp_path):
     plan = make_plan(hf, _train(shards, tmp_path / "run"), include="node1:0,1@node3:2,3", master_addr="10.0.0.1")
     assert plan.world == 4 and list(plan.resources) == ["node1", "node3"]
     assert "--include=node1:0,1@node3:2,3" in runner_command(plan)
-    plan = make_plan(hf, _train(shards, tmp_path / "run", "--global-batch-size", "32"), exclude="node2",
-                     master_addr="10.0.0.1")
+    plan = make_plan(
+        hf, _train(shards, tmp_path / "run", "--global-batch-size", "32"), exclude="node2", master_addr="10.0.0.1"
+    )
     assert plan.world == 8 and list(plan.resources) == ["node1", "node3"]
     with pytest.raises(LLMCoreError, match="--include node9"):
         make_plan(hf, _train(shards, tmp_path / "run"), include="node9", master_addr="10.0.0.1")

@@ -28,16 +28,41 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 pytest.importorskip("deepspeed", reason="deepspeed not installed")
 
 STEPS = 6
-FLAGS = ["--model", "tiny", "--seq-len", "48", "--micro-batch-size", "1", "--global-batch-size", "6",
-         "--max-steps", str(STEPS), "--log-every", "1", "--lr", "3e-3", "--seed", "3", "--quiet",
-         "--attn-backend", "sdpa", "--dtype", "fp32"]
+FLAGS = [
+    "--model",
+    "tiny",
+    "--seq-len",
+    "48",
+    "--micro-batch-size",
+    "1",
+    "--global-batch-size",
+    "6",
+    "--max-steps",
+    str(STEPS),
+    "--log-every",
+    "1",
+    "--lr",
+    "3e-3",
+    "--seed",
+    "3",
+    "--quiet",
+    "--attn-backend",
+    "sdpa",
+    "--dtype",
+    "fp32",
+]
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
-            **extra}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
+        **extra,
+    }
 
 
 def start_nodes(tmp: Path, n: int, train_args: list[str], timeout_s: int = 60) -> list[subprocess.Popen]:
@@ -47,12 +72,31 @@ def start_nodes(tmp: Path, n: int, train_args: list[str], timeout_s: int = 60) -
     port = str(free_port())
     procs = []
     for rank in range(n):
-        cmd = [sys.executable, "-m", "llmcore", "launch", "--hostfile", str(hostfile), "--no-ssh", "--node-rank",
-               str(rank), "--master-addr", "127.0.0.1", "--master-port", port, "--timeout", str(timeout_s), "--",
-               "train", "pretrain", *train_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "llmcore",
+            "launch",
+            "--hostfile",
+            str(hostfile),
+            "--no-ssh",
+            "--node-rank",
+            str(rank),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            port,
+            "--timeout",
+            str(timeout_s),
+            "--",
+            "train",
+            "pretrain",
+            *train_args,
+        ]
         log = open(tmp / f"node{rank}-of-{n}.log", "w")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
     return procs
 
 
@@ -96,8 +140,10 @@ def assert_close(got: list[tuple[int, float]], want: list[tuple[int, float]]) ->
 @pytest.fixture(scope="module")
 def reference(shards, tmp_path_factory) -> list[tuple[int, float]]:
     out = tmp_path_factory.mktemp("ref") / "run"
-    train("pretrain", tiny_cfg("pretrain", shards, out, micro_batch_size=2, global_batch_size=6, max_steps=STEPS,
-                               dtype="fp32"))
+    train(
+        "pretrain",
+        tiny_cfg("pretrain", shards, out, micro_batch_size=2, global_batch_size=6, max_steps=STEPS, dtype="fp32"),
+    )
     return losses(out)
 
 
@@ -110,8 +156,12 @@ def test_two_nodes_zero1_then_elastic_resume_on_one_process(shards, tmp_path, re
     assert json.loads((step3 / "trainer_state.json").read_text())["world_size"] == 2
     assert not (step3 / "engine").exists() and (step3 / "optimizer.safetensors").is_file()
     # Resume on 1 process (the plain engine): same global data position, the curve continues.
-    resumed = train("pretrain", tiny_cfg("pretrain", shards, out, micro_batch_size=2, global_batch_size=6,
-                                         max_steps=STEPS, dtype="fp32", resume=True))
+    resumed = train(
+        "pretrain",
+        tiny_cfg(
+            "pretrain", shards, out, micro_batch_size=2, global_batch_size=6, max_steps=STEPS, dtype="fp32", resume=True
+        ),
+    )
     assert resumed.steps == STEPS
     assert_close(losses(out), reference)
 
@@ -173,8 +223,20 @@ def test_killing_a_node_stops_the_other_with_an_error_and_the_run_resumes(shards
     assert "training failed on node 0" in log
     assert took < 60, took
     # Resume from the newest intact checkpoint on 1 process, to the same end as the reference.
-    resumed = train("pretrain", tiny_cfg("pretrain", shards, out, micro_batch_size=2, global_batch_size=6,
-                                         max_steps=400, stop_after=1, dtype="fp32", resume=True))
+    resumed = train(
+        "pretrain",
+        tiny_cfg(
+            "pretrain",
+            shards,
+            out,
+            micro_batch_size=2,
+            global_batch_size=6,
+            max_steps=400,
+            stop_after=1,
+            dtype="fp32",
+            resume=True,
+        ),
+    )
     start = resumed.steps - 1
     assert start >= 4 and start % 2 == 0
     got = losses(out)

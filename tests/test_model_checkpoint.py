@@ -127,8 +127,13 @@ def test_hf_export_matches_transformers_and_imports_back(tmp_path: Path, minimin
     model = tiny()
     run = make_run_dir(tmp_path, model, minimind_tok_dir)
     out = export_hf(run, tmp_path / "hf")
-    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                 "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         assert (out / name).is_file(), name
 
     hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -140,8 +145,14 @@ def test_hf_export_matches_transformers_and_imports_back(tmp_path: Path, minimin
 
     prompt = [1, 300, 301, 302, 1500]
     with torch.no_grad():
-        hf_greedy = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long),
-                                max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        hf_greedy = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, 5, dtype=torch.long),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     ours_greedy = generate(model, [prompt], 12, eos_id=None)[0]
     assert hf_greedy[0, 5:].tolist() == ours_greedy
 
@@ -224,24 +235,56 @@ def test_cli_generate_greedy_equals_library_and_hf(tmp_path: Path, minimind_tok_
     tok = load_tokenizer(minimind_tok_dir)
     prompt = "今天天气"
     runner = CliRunner()
-    result = runner.invoke(app, ["generate", "--ckpt", str(run), "--prompt", prompt, "--max-new-tokens", "10",
-                                 "--temperature", "0", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--ckpt",
+            str(run),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "10",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    expected = tok.decode(generate(model, [[tok.bos_id] + tok.encode(prompt)], 10, eos_id=2)[0],
-                          skip_special_tokens=True)
+    expected = tok.decode(
+        generate(model, [[tok.bos_id] + tok.encode(prompt)], 10, eos_id=2)[0], skip_special_tokens=True
+    )
     assert expected  # an immediate eos would make the comparison vacuous
     assert result.output == expected + "\n"
     # The exported folder, run through `llmcore generate`, continues the same way.
     assert runner.invoke(app, ["export", "hf", "--ckpt", str(run), "--out", str(tmp_path / "hf")]).exit_code == 0
-    again = runner.invoke(app, ["generate", "--ckpt", str(tmp_path / "hf"), "--prompt", prompt,
-                                "--max-new-tokens", "10", "--temperature", "0", "--device", "cpu"])
+    again = runner.invoke(
+        app,
+        [
+            "generate",
+            "--ckpt",
+            str(tmp_path / "hf"),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "10",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert again.output == result.output
 
 
 def test_cli_chat_repl_multi_turn(tmp_path: Path, minimind_tok_dir: Path) -> None:
     run = make_run_dir(tmp_path, tiny(), minimind_tok_dir)
-    result = CliRunner().invoke(app, ["chat", "--ckpt", str(run), "--max-new-tokens", "5", "--temperature", "0",
-                                      "--device", "cpu"], input="你好\n/reset\n再见\n/exit\nnever read\n")
+    result = CliRunner().invoke(
+        app,
+        ["chat", "--ckpt", str(run), "--max-new-tokens", "5", "--temperature", "0", "--device", "cpu"],
+        input="你好\n/reset\n再见\n/exit\nnever read\n",
+    )
     assert result.exit_code == 0, result.output
     assert "(history cleared)" in result.output
     assert len(result.output.strip().splitlines()) >= 3

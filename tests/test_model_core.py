@@ -27,8 +27,9 @@ def ids(b: int, t: int, seed: int = 1) -> torch.Tensor:
 # ---------------------------------------------------------------- presets and config
 
 
-@pytest.mark.parametrize("name,published", [("minimind2-small", 25.8e6), ("minimind2", 104e6),
-                                            ("minimind2-moe", 145e6)])
+@pytest.mark.parametrize(
+    "name,published", [("minimind2-small", 25.8e6), ("minimind2", 104e6), ("minimind2-moe", 145e6)]
+)
 def test_preset_param_counts_match_minimind(name: str, published: float) -> None:
     total = param_report(ModelConfig.from_preset(name))["total"]
     assert abs(total - published) / published < 0.01, total
@@ -82,8 +83,12 @@ def test_unwrap_model_through_compile_and_module_wrappers() -> None:
 
 def test_yarn_scales_only_low_frequencies() -> None:
     plain_cos, plain_sin = rope_tables(64, 4096, 1e6)
-    yarn_cos, yarn_sin = rope_tables(64, 4096, 1e6, {"type": "yarn", "factor": 16, "original_max_position_embeddings": 2048,
-                                              "beta_fast": 32, "beta_slow": 1})
+    yarn_cos, yarn_sin = rope_tables(
+        64,
+        4096,
+        1e6,
+        {"type": "yarn", "factor": 16, "original_max_position_embeddings": 2048, "beta_fast": 32, "beta_slow": 1},
+    )
     # The first (fastest) frequency is kept; the slowest is interpolated by the factor.
     assert torch.allclose(plain_cos[:, 0], yarn_cos[:, 0])
     assert not torch.allclose(plain_cos[:, 31], yarn_cos[:, 31])
@@ -125,7 +130,7 @@ def test_kv_cache_matches_full_forward_every_step() -> None:
         # a prefill of 5 tokens, then one token per step
         pieces = [model(x[:, :5], kv_cache=cache).logits]
         for t in range(5, 14):
-            pieces.append(model(x[:, t:t + 1], kv_cache=cache).logits)
+            pieces.append(model(x[:, t : t + 1], kv_cache=cache).logits)
         assert cache.length == 14
         # fp32, but prefill and decode multiply different shapes (other reduction orders): logits of
         # this large-init model differ by up to ~1e-5 depending on the BLAS threads.
@@ -197,7 +202,7 @@ def test_triton_backend_matches_eager_packed() -> None:
     with torch.no_grad():
         cache = model.new_kv_cache(2, 8)
         steps = [model(x[:, :5], position_ids=pos[:, :5], kv_cache=cache).logits]
-        steps += [model(x[:, t:t + 1], position_ids=pos[:, t:t + 1], kv_cache=cache).logits for t in range(5, 8)]
+        steps += [model(x[:, t : t + 1], position_ids=pos[:, t : t + 1], kv_cache=cache).logits for t in range(5, 8)]
     torch.testing.assert_close(torch.cat(steps, 1), ref.detach(), atol=1e-4, rtol=1e-4)
 
 
@@ -265,8 +270,9 @@ def test_moe_model_kv_cache_and_packing() -> None:
     x = ids(1, 10)
     full = model(x).logits
     cache = model.new_kv_cache(1, 10)
-    steps = [model(x[:, :4], kv_cache=cache).logits] + [model(x[:, t:t + 1], kv_cache=cache).logits
-                                                        for t in range(4, 10)]
+    steps = [model(x[:, :4], kv_cache=cache).logits] + [
+        model(x[:, t : t + 1], kv_cache=cache).logits for t in range(4, 10)
+    ]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
     pos = torch.cat([torch.arange(4), torch.arange(6)]).unsqueeze(0)
     torch.testing.assert_close(model(x, position_ids=pos).logits[:, 4:], model(x[:, 4:]).logits, atol=1e-5, rtol=0)

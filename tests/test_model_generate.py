@@ -22,7 +22,7 @@ def argmax_loop(model: LLM, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [400, 500, 600, 700]]
@@ -90,8 +90,10 @@ def test_top_p_keeps_the_smallest_nucleus() -> None:
 def test_top_p_below_float32_resolution_keeps_the_top_token() -> None:
     # 1e-300 is a valid top_p in (0, 1] but 0 in float32: the top token must still be sampled (was a crash).
     logits = torch.tensor([[0.1, 2.0, -1.0, 0.5], [3.0, 0.0, 0.0, 0.0]])
-    assert torch.isfinite(filter_logits(logits, top_p=1e-300)).tolist() == [[False, True, False, False],
-                                                                           [True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=1e-300)).tolist() == [
+        [False, True, False, False],
+        [True, False, False, False],
+    ]
     g = torch.Generator().manual_seed(0)
     assert sample_next(logits, temperature=1.0, top_p=1e-300, generator=g).tolist() == [1, 0]
 
@@ -108,9 +110,11 @@ def test_temperature_sharpens_and_flattens() -> None:
 
 def test_sampling_is_reproducible_with_a_seed() -> None:
     model = tiny()
+
     def run(seed: int) -> list:
-        return generate(model, PROMPTS, 8, temperature=1.0, top_k=50, eos_id=None,
-                        generator=torch.Generator().manual_seed(seed))
+        return generate(
+            model, PROMPTS, 8, temperature=1.0, top_k=50, eos_id=None, generator=torch.Generator().manual_seed(seed)
+        )
 
     assert run(1) == run(1) and run(1) != run(2)
 

@@ -24,6 +24,7 @@ class _NoHostReads:
         def refuse(name: str):
             def call(*args, **kwargs):
                 raise AssertionError(f"{name} called in the hot loop")
+
             return call
 
         for name in ("item", "tolist"):
@@ -104,8 +105,9 @@ def test_eager_builds_no_document_mask_for_single_document_rows(monkeypatch) -> 
 
 def _moe(top_k: int = 2, shared: int = 1, seed: int = 0) -> MoE:
     torch.manual_seed(seed)
-    cfg = ModelConfig.from_preset("tiny", use_moe=True, num_experts=4, num_experts_per_tok=top_k,
-                                  num_shared_experts=shared)
+    cfg = ModelConfig.from_preset(
+        "tiny", use_moe=True, num_experts=4, num_experts_per_tok=top_k, num_shared_experts=shared
+    )
     return MoE(cfg)
 
 
@@ -164,8 +166,15 @@ def test_moe_model_forward_backward_reads_nothing_on_the_host(monkeypatch) -> No
 
 def test_moe_bf16_compiles_as_one_graph() -> None:
     torch.manual_seed(0)
-    model = LLM(ModelConfig.from_preset("tiny", use_moe=True, num_experts_per_tok=1, num_shared_experts=0,
-                                        attn_backend="eager")).bfloat16().train()
+    model = (
+        LLM(
+            ModelConfig.from_preset(
+                "tiny", use_moe=True, num_experts_per_tok=1, num_shared_experts=0, attn_backend="eager"
+            )
+        )
+        .bfloat16()
+        .train()
+    )
     x = _ids(2, 12)
 
     def run(fn):

@@ -46,21 +46,46 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def hf_llama(seed: int = 0):
     # The `tiny` preset's shapes and settings (what MiniMind2's architecture is at that size).
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   rms_norm_eps=1e-5, rope_parameters=ROPE, tie_word_embeddings=True,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_parameters=ROPE,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return randomize(transformers.LlamaForCausalLM(cfg), seed)
 
 
 def hf_qwen3(moe: bool = False, top_k: int = 1, norm: bool = True, seed: int = 0):
     # head_dim 24 != hidden / heads: the config's head_dim must be honoured, as minimind-3's 96 is.
-    common = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=24, max_position_embeddings=256, rms_norm_eps=1e-6,
-                  rope_parameters=ROPE, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        rope_parameters=ROPE,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     if moe:
-        cfg = transformers.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=top_k, norm_topk_prob=norm,
-                                          moe_intermediate_size=80)
+        cfg = transformers.Qwen3MoeConfig(
+            **common, num_experts=4, num_experts_per_tok=top_k, norm_topk_prob=norm, moe_intermediate_size=80
+        )
         return randomize(transformers.Qwen3MoeForCausalLM(cfg), seed)
     return randomize(transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common)), seed)
 
@@ -93,8 +118,10 @@ def minimind_pth(hf, path: Path, resume: bool = False) -> Path:
     state = {k: v.half() for k, v in load_file(str(folder / "model.safetensors")).items()}
     state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
     shutil.rmtree(folder)
-    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 0, "step": 9} if resume
-               else state, path)
+    torch.save(
+        {"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 0, "step": 9} if resume else state,
+        path,
+    )
     with torch.no_grad():  # the reference computes with the fp16-rounded weights the file holds
         for p in hf.parameters():
             p.copy_(p.half().float())
@@ -186,7 +213,12 @@ def test_minimind3_pth_with_preset_matches_qwen3(tmp_path: Path, moe: bool) -> N
     assert (cfg.qk_norm, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads) == (True, 24, 4, 2)
     assert cfg.rms_norm_eps == 1e-6 and cfg.rope_theta == 1e6
     if moe:
-        assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.num_shared_experts, cfg.moe_intermediate_size) == (4, 1, 0, 80)
+        assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.num_shared_experts, cfg.moe_intermediate_size) == (
+            4,
+            1,
+            0,
+            80,
+        )
     assert_same_logits(load_model(result.run_dir)[0], hf_logits(hf))
 
 
@@ -203,16 +235,39 @@ def test_full_size_minimind_shapes_infer_the_preset(preset: str) -> None:
 def _minimind3_config(hf, moe: bool) -> dict:
     """config.json as MiniMind-3's MiniMindConfig writes it (its own names, model_type minimind)."""
     c = hf.config
-    cfg = {"architectures": ["MiniMindForCausalLM"], "model_type": "minimind", "auto_map": {
-        "AutoConfig": "model_minimind.MiniMindConfig", "AutoModelForCausalLM": "model_minimind.MiniMindForCausalLM"},
-        "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers, "use_moe": moe, "dropout": 0.0,
-        "vocab_size": V, "bos_token_id": 1, "eos_token_id": 2, "flash_attn": True,
-        "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
-        "head_dim": c.head_dim, "hidden_act": "silu", "intermediate_size": c.intermediate_size,
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": True,
-        "inference_rope_scaling": False, "rope_scaling": None, "num_experts": 4, "num_experts_per_tok": 1,
-        "moe_intermediate_size": getattr(c, "moe_intermediate_size", c.intermediate_size), "norm_topk_prob": True,
-        "router_aux_loss_coef": 5e-4, "torch_dtype": "float16"}
+    cfg = {
+        "architectures": ["MiniMindForCausalLM"],
+        "model_type": "minimind",
+        "auto_map": {
+            "AutoConfig": "model_minimind.MiniMindConfig",
+            "AutoModelForCausalLM": "model_minimind.MiniMindForCausalLM",
+        },
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "use_moe": moe,
+        "dropout": 0.0,
+        "vocab_size": V,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "flash_attn": True,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "intermediate_size": c.intermediate_size,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": True,
+        "inference_rope_scaling": False,
+        "rope_scaling": None,
+        "num_experts": 4,
+        "num_experts_per_tok": 1,
+        "moe_intermediate_size": getattr(c, "moe_intermediate_size", c.intermediate_size),
+        "norm_topk_prob": True,
+        "router_aux_loss_coef": 5e-4,
+        "torch_dtype": "float16",
+    }
     return cfg
 
 
@@ -242,10 +297,24 @@ def test_minimind_transformers_folder(tmp_path: Path, moe: bool, shared_data: Pa
 def test_minimind2_folder_config_keeps_its_routing() -> None:
     """MiniMind2's config names (n_routed_experts, n_shared_experts, aux_loss_alpha); its top-k weights
     were renormalised only for k > 1, so a top-1 MiniMind2 MoE keeps the raw probability."""
-    hf = {"model_type": "minimind", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "vocab_size": V, "intermediate_size": None, "rms_norm_eps": 1e-5,
-          "rope_theta": 1e6, "use_moe": True, "n_routed_experts": 4, "n_shared_experts": 1,
-          "num_experts_per_tok": 1, "norm_topk_prob": True, "aux_loss_alpha": 0.01, "inference_rope_scaling": False}
+    hf = {
+        "model_type": "minimind",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": V,
+        "intermediate_size": None,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "use_moe": True,
+        "n_routed_experts": 4,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 1,
+        "norm_topk_prob": True,
+        "aux_loss_alpha": 0.01,
+        "inference_rope_scaling": False,
+    }
     cfg = config_from_hf(hf, {})
     assert (cfg.num_experts, cfg.num_shared_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob) == (4, 1, 1, False)
     assert not cfg.qk_norm and cfg.intermediate_size == 192 and cfg.aux_loss_coef == 0.01
@@ -307,7 +376,7 @@ def test_bad_sources_are_one_line_errors_and_write_nothing(tmp_path: Path) -> No
     for i in range(60):
         damaged = bytearray(data)
         if i % 3 == 0:
-            damaged = damaged[:rng.randrange(len(damaged))]
+            damaged = damaged[: rng.randrange(len(damaged))]
         elif i % 3 == 1:
             for _ in range(5):
                 damaged[rng.randrange(len(damaged))] = rng.randrange(256)
@@ -336,10 +405,20 @@ def test_bad_sources_are_one_line_errors_and_write_nothing(tmp_path: Path) -> No
 
 
 def test_config_json_fields_of_wrong_type_are_one_line_errors(tmp_path: Path) -> None:
-    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=2,
-                                      num_experts_per_tok=1, moe_intermediate_size=16, tie_word_embeddings=True,
-                                      max_position_embeddings=64)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_experts=2,
+        num_experts_per_tok=1,
+        moe_intermediate_size=16,
+        tie_word_embeddings=True,
+        max_position_embeddings=64,
+    )
     transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "src")
     good = json.loads((tmp_path / "src" / "config.json").read_text())
     for key in good:
@@ -382,9 +461,19 @@ def test_import_out_dir_rules_and_no_half_written_run(tmp_path: Path, monkeypatc
 
 def _ours(moe: bool = False, top_k: int = 1, norm: bool = True, qk_norm: bool = True, shared: int = 0) -> LLM:
     torch.manual_seed(5)
-    cfg = ModelConfig.from_preset("tiny", qk_norm=qk_norm, head_dim=24, rms_norm_eps=1e-6, initializer_range=0.2,
-                                  use_moe=moe, num_experts=4, num_experts_per_tok=top_k, norm_topk_prob=norm,
-                                  num_shared_experts=shared, moe_intermediate_size=80)
+    cfg = ModelConfig.from_preset(
+        "tiny",
+        qk_norm=qk_norm,
+        head_dim=24,
+        rms_norm_eps=1e-6,
+        initializer_range=0.2,
+        use_moe=moe,
+        num_experts=4,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=norm,
+        num_shared_experts=shared,
+        moe_intermediate_size=80,
+    )
     return randomize(LLM(cfg), seed=6)
 
 
@@ -398,8 +487,9 @@ def _run_dir(root: Path, model: LLM, tok_dir: Path | None) -> Path:
 
 
 @pytest.mark.parametrize("moe,top_k,norm", [(False, 1, True), (True, 1, True), (True, 2, False)])
-def test_export_qwen3_matches_transformers(tmp_path: Path, shared_data: Path, moe: bool, top_k: int,
-                                           norm: bool) -> None:
+def test_export_qwen3_matches_transformers(
+    tmp_path: Path, shared_data: Path, moe: bool, top_k: int, norm: bool
+) -> None:
     tok_dir = shared_data / "minimind3_tokenizer"
     model = _ours(moe, top_k, norm)
     out = export_hf(_run_dir(tmp_path, model, tok_dir), tmp_path / "hf")
@@ -410,29 +500,50 @@ def test_export_qwen3_matches_transformers(tmp_path: Path, shared_data: Path, mo
     assert_same_logits(model, hf_logits(hf))
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
-    prompt = hf_tok.apply_chat_template([{"role": "user", "content": "北京的天气怎么样？"}],
-                                        tools=[{"type": "function", "function": {"name": "get_weather",
-                                                                                 "parameters": {"type": "object"}}}],
-                                        add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt = hf_tok.apply_chat_template(
+        [{"role": "user", "content": "北京的天气怎么样？"}],
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
     assert isinstance(prompt, list) and len(prompt) > 5
     with torch.no_grad():
-        hf_ids = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+        hf_ids = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :]
     ours = generate(model, [prompt], 12, eos_id=None)[0]
     assert hf_ids.tolist() == ours
     assert hf_tok.decode(hf_ids) == hf_tok.decode(ours)
     # The template exported is MiniMind-3's own (tools, <think>), not a ChatML fallback.
     src_template = json.loads((tok_dir / "tokenizer_config.json").read_text())["chat_template"]
     assert hf_tok.chat_template == src_template and "<tool_call>" in hf_tok.decode(
-        hf_tok.apply_chat_template([{"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "f", "arguments": {}}}]}], tokenize=True, return_dict=False))
+        hf_tok.apply_chat_template(
+            [
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}],
+                }
+            ],
+            tokenize=True,
+            return_dict=False,
+        )
+    )
     # ... and the export loads back into llmcore bit for bit.
     assert torch.equal(load_model(out)[0](X).logits, model(X).logits)
 
 
 def test_export_refuses_what_transformers_cannot_compute(tmp_path: Path) -> None:
-    for model, why in ((_ours(moe=True, top_k=2, shared=1), "shared experts"),
-                       (_ours(moe=True, top_k=2, qk_norm=False), "without QK-norm")):
+    for model, why in (
+        (_ours(moe=True, top_k=2, shared=1), "shared experts"),
+        (_ours(moe=True, top_k=2, qk_norm=False), "without QK-norm"),
+    ):
         run = _run_dir(tmp_path / why.replace(" ", "_"), model, None)
         _one_line_error(lambda: export_hf(run, tmp_path / "hf"), why)
         assert not (tmp_path / "hf").exists()
@@ -454,11 +565,41 @@ def test_tokenizer_of_another_vocabulary_is_refused(tmp_path: Path, shared_data:
     assert str(mm3) in msg
     assert load_model(run, tokenizer=mm2)[1].fingerprint == load_model(run)[1].fingerprint
     runner = CliRunner()
-    result = runner.invoke(app, ["generate", "--ckpt", str(run), "--tokenizer", str(mm3), "--prompt", "你好",
-                                 "--max-new-tokens", "3", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--ckpt",
+            str(run),
+            "--tokenizer",
+            str(mm3),
+            "--prompt",
+            "你好",
+            "--max-new-tokens",
+            "3",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code != 0 and "another vocabulary" in str(result.exception)
-    ok = runner.invoke(app, ["generate", "--ckpt", str(run), "--tokenizer", str(mm2), "--prompt", "你好",
-                             "--max-new-tokens", "3", "--temperature", "0", "--device", "cpu"])
+    ok = runner.invoke(
+        app,
+        [
+            "generate",
+            "--ckpt",
+            str(run),
+            "--tokenizer",
+            str(mm2),
+            "--prompt",
+            "你好",
+            "--max-new-tokens",
+            "3",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert ok.exit_code == 0, ok.output
 
     # Bare weights (no stored tokenizer): vocab size and special ids must be the model's.
@@ -481,19 +622,46 @@ def test_cli_import_then_generate_and_train_init(tmp_path: Path) -> None:
 
     shards = build_shards()
     vocab = json.loads((shards["sft"] / "manifest.json").read_text())["tokenizer"]["vocab_size"]
-    cfg = transformers.Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                   max_position_embeddings=256, rope_parameters=ROPE, tie_word_embeddings=True,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = transformers.Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=256,
+        rope_parameters=ROPE,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     hf = randomize(transformers.Qwen3ForCausalLM(cfg))
     hf.save_pretrained(tmp_path / "src")
     runner = CliRunner()
-    result = runner.invoke(app, ["model", "import", str(tmp_path / "src"), "--out", str(tmp_path / "mm"),
-                                 "--tokenizer", str(shards["tok"])])
+    result = runner.invoke(
+        app,
+        ["model", "import", str(tmp_path / "src"), "--out", str(tmp_path / "mm"), "--tokenizer", str(shards["tok"])],
+    )
     assert result.exit_code == 0, result.output
     assert "Qwen3ForCausalLM folder" in result.output and str(tmp_path / "mm") in result.output
-    gen = runner.invoke(app, ["generate", "--ckpt", str(tmp_path / "mm"), "--prompt", "the", "--max-new-tokens", "4",
-                              "--temperature", "0", "--device", "cpu"])
+    gen = runner.invoke(
+        app,
+        [
+            "generate",
+            "--ckpt",
+            str(tmp_path / "mm"),
+            "--prompt",
+            "the",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert gen.exit_code == 0, gen.output
     summary = train("sft", tiny_cfg("sft", shards, tmp_path / "sft", init=str(tmp_path / "mm"), max_steps=2))
     assert summary.steps == 2

@@ -51,19 +51,54 @@ def test_qk_norm_parameter_names_follow_qwen3() -> None:
 def _qwen3_pair(moe: bool, backend: str) -> tuple[torch.nn.Module, LLM]:
     """A random transformers Qwen3 (or Qwen3-MoE) model and our model holding the same weights."""
     torch.manual_seed(0)
-    common = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=24, max_position_embeddings=128, rope_theta=1e6, rms_norm_eps=1e-6,
-                  tie_word_embeddings=True, attention_dropout=0.0)
-    ours = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                head_dim=24, max_position_embeddings=128, rope_theta=1e6, rms_norm_eps=1e-6, qk_norm=True,
-                attn_backend=backend)
+    common = dict(
+        vocab_size=160,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=128,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
+    )
+    ours = dict(
+        vocab_size=160,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=128,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        qk_norm=True,
+        attn_backend=backend,
+    )
     if moe:
-        hf_cfg = transformers.Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=48, num_experts=4,
-                                             num_experts_per_tok=1, norm_topk_prob=True, decoder_sparse_step=1,
-                                             mlp_only_layers=[])
+        hf_cfg = transformers.Qwen3MoeConfig(
+            **common,
+            intermediate_size=96,
+            moe_intermediate_size=48,
+            num_experts=4,
+            num_experts_per_tok=1,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
         hf = transformers.Qwen3MoeForCausalLM(hf_cfg)
-        cfg = ModelConfig(**ours, use_moe=True, num_experts=4, num_experts_per_tok=1, norm_topk_prob=True,
-                          num_shared_experts=0, moe_intermediate_size=48, intermediate_size=96)
+        cfg = ModelConfig(
+            **ours,
+            use_moe=True,
+            num_experts=4,
+            num_experts_per_tok=1,
+            norm_topk_prob=True,
+            num_shared_experts=0,
+            moe_intermediate_size=48,
+            intermediate_size=96,
+        )
     else:
         hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, intermediate_size=96))
         cfg = ModelConfig(**ours, intermediate_size=96)
@@ -115,8 +150,15 @@ def test_minimind3_moe_router_and_aux_loss_follow_minimind() -> None:
     # MiniMind-3's MOEFeedForward written out: softmax router, top-1, weights renormalised (so 1),
     # aux = E * sum_i load_i * mean_prob_i * coef with load_i the share of tokens routed to i.
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("tiny", use_moe=True, num_experts=4, num_experts_per_tok=1, norm_topk_prob=True,
-                                  num_shared_experts=0, aux_loss_coef=5e-4)
+    cfg = ModelConfig.from_preset(
+        "tiny",
+        use_moe=True,
+        num_experts=4,
+        num_experts_per_tok=1,
+        norm_topk_prob=True,
+        num_shared_experts=0,
+        aux_loss_coef=5e-4,
+    )
     layer = MoE(cfg)
     x = torch.randn(3, 7, 64)
     y, aux = layer(x)
@@ -134,16 +176,40 @@ def test_minimind3_moe_router_and_aux_loss_follow_minimind() -> None:
 # ---------------------------------------------------------------- ModelConfig field checks
 
 
-@pytest.mark.parametrize("field,value", [
-    ("num_hidden_layers", 100_000_000), ("num_hidden_layers", 0), ("num_hidden_layers", 8.0),
-    ("num_hidden_layers", True), ("num_hidden_layers", "8"), ("hidden_size", 1 << 20), ("vocab_size", 2 ** 21),
-    ("vocab_size", -1), ("head_dim", 10 ** 6), ("intermediate_size", 0), ("max_position_embeddings", 2 ** 31),
-    ("num_experts", 10 ** 5), ("num_shared_experts", -1), ("eos_token_id", -2), ("moe_intermediate_size", 1.5),
-    ("rope_theta", float("nan")), ("rope_theta", 0.0), ("rope_theta", "1e6"), ("rms_norm_eps", float("inf")),
-    ("rms_norm_eps", -1e-6), ("dropout", 1.5), ("initializer_range", -0.02), ("aux_loss_coef", float("nan")),
-    ("qk_norm", 1), ("use_moe", "yes"), ("tie_word_embeddings", None), ("attn_backend", 3),
-    ("rope_scaling", "yarn"), ("rope_scaling", {"type": "yarn", "factor": float("inf")}),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("num_hidden_layers", 100_000_000),
+        ("num_hidden_layers", 0),
+        ("num_hidden_layers", 8.0),
+        ("num_hidden_layers", True),
+        ("num_hidden_layers", "8"),
+        ("hidden_size", 1 << 20),
+        ("vocab_size", 2**21),
+        ("vocab_size", -1),
+        ("head_dim", 10**6),
+        ("intermediate_size", 0),
+        ("max_position_embeddings", 2**31),
+        ("num_experts", 10**5),
+        ("num_shared_experts", -1),
+        ("eos_token_id", -2),
+        ("moe_intermediate_size", 1.5),
+        ("rope_theta", float("nan")),
+        ("rope_theta", 0.0),
+        ("rope_theta", "1e6"),
+        ("rms_norm_eps", float("inf")),
+        ("rms_norm_eps", -1e-6),
+        ("dropout", 1.5),
+        ("initializer_range", -0.02),
+        ("aux_loss_coef", float("nan")),
+        ("qk_norm", 1),
+        ("use_moe", "yes"),
+        ("tie_word_embeddings", None),
+        ("attn_backend", 3),
+        ("rope_scaling", "yarn"),
+        ("rope_scaling", {"type": "yarn", "factor": float("inf")}),
+    ],
+)
 def test_config_refuses_bad_types_and_ranges_naming_the_field(field: str, value: object) -> None:
     d = ModelConfig.from_preset("tiny").to_dict()
     d[field] = value
@@ -155,15 +221,23 @@ def test_config_refuses_bad_types_and_ranges_naming_the_field(field: str, value:
 
 
 def test_config_refuses_fields_in_range_whose_product_is_not_buildable() -> None:
-    d = {**ModelConfig.from_preset("tiny").to_dict(), "hidden_size": 65536, "num_hidden_layers": 1024,
-         "num_attention_heads": 512, "num_key_value_heads": 512, "head_dim": None, "intermediate_size": 2 ** 20}
+    d = {
+        **ModelConfig.from_preset("tiny").to_dict(),
+        "hidden_size": 65536,
+        "num_hidden_layers": 1024,
+        "num_attention_heads": 512,
+        "num_key_value_heads": 512,
+        "head_dim": None,
+        "intermediate_size": 2**20,
+    }
     with pytest.raises(LLMCoreError, match="parameters"):
         ModelConfig.from_dict(d)
 
 
 def test_config_accepts_ints_for_float_fields_and_null_optionals() -> None:
-    cfg = ModelConfig.from_dict({**ModelConfig.from_preset("tiny").to_dict(), "rope_theta": 10000,
-                                 "head_dim": None, "intermediate_size": None})
+    cfg = ModelConfig.from_dict(
+        {**ModelConfig.from_preset("tiny").to_dict(), "rope_theta": 10000, "head_dim": None, "intermediate_size": None}
+    )
     assert cfg.rope_theta == 10000 and cfg.head_dim == 16 and cfg.intermediate_size == 192
 
 
@@ -184,7 +258,9 @@ def test_triton_backend_with_qk_norm_matches_eager_packed() -> None:
             if name.endswith(("q_norm.weight", "k_norm.weight")):
                 p.uniform_(0.5, 1.5)
     x = torch.randint(0, 6400, (2, 13), generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4], [3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]], device=DEVICE)
+    pos = torch.tensor(
+        [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4], [3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]], device=DEVICE
+    )
 
     def run():
         model.zero_grad(set_to_none=True)
@@ -239,8 +315,9 @@ def test_qk_norm_kv_cache_matches_full_forward_on_every_backend() -> None:
         for backend in ("sdpa", "triton"):
             model.set_attn_backend(backend)
             cache = model.new_kv_cache(2, 9)
-            steps = [model(x[:, :4], kv_cache=cache).logits] + [model(x[:, t:t + 1], kv_cache=cache).logits
-                                                                for t in range(4, 9)]
+            steps = [model(x[:, :4], kv_cache=cache).logits] + [
+                model(x[:, t : t + 1], kv_cache=cache).logits for t in range(4, 9)
+            ]
             torch.testing.assert_close(torch.cat(steps, 1), full, atol=3e-5, rtol=1e-5, msg=lambda m: f"{backend}: {m}")
 
 

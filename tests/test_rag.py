@@ -50,7 +50,9 @@ class HashEmbedder(Embedder):
 register_embedder("test-hash", lambda: HashEmbedder())
 register_embedder("test-other", lambda: HashEmbedder("test-other", 96))
 
-SYLLABLES = "天地玄黄宇宙洪荒日月盈昃辰宿列张寒来暑往秋收冬藏闰余成岁律吕调阳云腾致雨露结为霜金生丽水玉出昆冈剑号巨阙珠称夜光"
+SYLLABLES = (
+    "天地玄黄宇宙洪荒日月盈昃辰宿列张寒来暑往秋收冬藏闰余成岁律吕调阳云腾致雨露结为霜金生丽水玉出昆冈剑号巨阙珠称夜光"
+)
 
 
 def make_docs(n: int = 12, seed: int = 0) -> list[dict]:
@@ -65,8 +67,9 @@ def make_docs(n: int = 12, seed: int = 0) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
-                    encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -90,11 +93,13 @@ def no_temp_left(parent: Path) -> bool:
 
 # ---------------------------------------------------------------- chunking
 
+
 @pytest.mark.parametrize("chunk,overlap", [(16, 0), (40, 10), (120, 20), (480, 64)])
 def test_chunk_spans_cover_the_text_within_bounds(chunk: int, overlap: int) -> None:
     rng = random.Random(chunk)
     texts = ["短。", "x" * chunk, "y" * (chunk + 1)] + [
-        "".join(rng.choice(SYLLABLES + "。，\n ab") for _ in range(rng.randint(1, 2000))) for _ in range(30)]
+        "".join(rng.choice(SYLLABLES + "。，\n ab") for _ in range(rng.randint(1, 2000))) for _ in range(30)
+    ]
     for text in texts:
         spans = chunk_spans(text, chunk, overlap)
         assert spans[0][0] == 0 and spans[-1][1] == len(text)
@@ -120,6 +125,7 @@ def test_chunk_settings_are_checked(chunk: int, overlap: int) -> None:
 
 # ---------------------------------------------------------------- build and search
 
+
 def test_build_open_search_roundtrip(tmp_path: Path) -> None:
     docs = make_docs()
     out = build(tmp_path, docs)
@@ -143,7 +149,7 @@ def test_build_open_search_roundtrip(tmp_path: Path) -> None:
         assert len(res) == 3 and res[0].doc_id == d["id"]
         assert res[0].score >= res[1].score >= res[2].score
         for p in res:
-            assert isinstance(p, Passage) and by_id[p.doc_id][p.start:p.end] == p.text
+            assert isinstance(p, Passage) and by_id[p.doc_id][p.start : p.end] == p.text
             assert -1.0 <= p.score <= 1.0 + 1e-5
     # HNSW agrees with exact search on this tiny index.
     vecs = r.embed_queries([d["text"][:50] for d in docs])
@@ -182,8 +188,13 @@ def test_append_adds_refuses_duplicates_and_replaces(tmp_path: Path) -> None:
         build_index(extra, out, append=True, replace=True, embedder="test-other", progress=False)
 
     new_text = "全新的内容完全不同" * 20
-    man = build_index(write_jsonl(tmp_path / "rep.jsonl", [{"id": "d2", "text": new_text}]), out, append=True,
-                      replace=True, progress=False)
+    man = build_index(
+        write_jsonl(tmp_path / "rep.jsonl", [{"id": "d2", "text": new_text}]),
+        out,
+        append=True,
+        replace=True,
+        progress=False,
+    )
     assert man["counts"]["docs"] == 12 and man["counts"]["deleted"] > 0
     r = Retriever.open(out)
     hit = r.search(new_text[:40], 1)[0]
@@ -200,8 +211,13 @@ def test_overwrite_and_out_dir_rules(tmp_path: Path) -> None:
     with pytest.raises(LLMCoreError, match="already an index"):
         build_index(docs_path, out, embedder="test-hash", progress=False)
     assert snapshot(out) == before
-    build_index(write_jsonl(tmp_path / "two.jsonl", make_docs(2, seed=5)), out, embedder="test-hash",
-                overwrite=True, progress=False)
+    build_index(
+        write_jsonl(tmp_path / "two.jsonl", make_docs(2, seed=5)),
+        out,
+        embedder="test-hash",
+        overwrite=True,
+        progress=False,
+    )
     assert json.loads((out / MANIFEST).read_text())["counts"]["docs"] == 2
     other = tmp_path / "other"
     other.mkdir()
@@ -226,14 +242,18 @@ BAD_DOCS = {
     "empty text": ([{"id": "a", "text": "  \n"}], "empty text"),
     "text not a string": ([{"id": "a", "text": 5}], "must be a string"),
     "missing id": ([{"text": "abc"}], "missing id field 'id'"),
-    "duplicate ids": ([{"id": "a", "text": "abc"}, {"id": "b", "text": "x"}, {"id": "a", "text": "y"}],
-                      "duplicate id 'a' \\(first on line 1\\)"),
+    "duplicate ids": (
+        [{"id": "a", "text": "abc"}, {"id": "b", "text": "x"}, {"id": "a", "text": "y"}],
+        "duplicate id 'a' \\(first on line 1\\)",
+    ),
     "bad json": (["{not json"], "malformed JSON"),
     "not an object": (["[1, 2]"], "expected a JSON object"),
     "lone surrogate in text": (['{"id": "s", "text": "abc\\ud800def"}'], ":1: a string holds the lone surrogate"),
     "lone surrogate in id": (['{"id": "\\udc80", "text": "abc"}'], ":1: a string holds the lone surrogate"),
-    "nested 100,000 deep": (['{"id": "a", "text": "x", "n": ' + "[" * 100_000 + "]" * 100_000 + "}"],
-                            ":1: JSON is nested too deeply"),
+    "nested 100,000 deep": (
+        ['{"id": "a", "text": "x", "n": ' + "[" * 100_000 + "]" * 100_000 + "}"],
+        ":1: JSON is nested too deeply",
+    ),
     "5,000-digit number": (['{"id": "a", "text": "x", "n": ' + "9" * 5000 + "}"], ":1: malformed JSON"),
 }
 
@@ -274,15 +294,18 @@ def _flip(path: Path, at: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage,msg", [
-    ("truncate index", "truncated or corrupted"),
-    ("flip index byte", "corrupted \\(sha256"),
-    ("flip passages byte", "corrupted \\(sha256"),
-    ("delete passages", "passages.arrow is missing"),
-    ("manifest garbage", "corrupted manifest"),
-    ("other version", "format version 99"),
-    ("no manifest", "not an llmcore RAG index"),
-])
+@pytest.mark.parametrize(
+    "damage,msg",
+    [
+        ("truncate index", "truncated or corrupted"),
+        ("flip index byte", "corrupted \\(sha256"),
+        ("flip passages byte", "corrupted \\(sha256"),
+        ("delete passages", "passages.arrow is missing"),
+        ("manifest garbage", "corrupted manifest"),
+        ("other version", "format version 99"),
+        ("no manifest", "not an llmcore RAG index"),
+    ],
+)
 def test_damaged_index_is_refused(tmp_path: Path, damage: str, msg: str) -> None:
     out = build(tmp_path)
     idx, pas, man = out / INDEX_FILE, out / PASSAGES_FILE, out / MANIFEST
@@ -337,6 +360,7 @@ def test_rrf_fuses_ranks() -> None:
 
 # ---------------------------------------------------------------- CLI
 
+
 def run_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
     try:
         main([str(a) for a in args])
@@ -351,8 +375,25 @@ def test_cli_index_query_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     docs = make_docs(10)
     dpath = write_jsonl(tmp_path / "docs.jsonl", docs)
     out = tmp_path / "idx"
-    code, so, se = run_cli(capsys, "rag", "index", "--docs", dpath, "--out", out, "--embedder", "test-hash",
-                           "--chunk-chars", "100", "--overlap", "10", "--m", "8", "--ef-construction", "50")
+    code, so, se = run_cli(
+        capsys,
+        "rag",
+        "index",
+        "--docs",
+        dpath,
+        "--out",
+        out,
+        "--embedder",
+        "test-hash",
+        "--chunk-chars",
+        "100",
+        "--overlap",
+        "10",
+        "--m",
+        "8",
+        "--ef-construction",
+        "50",
+    )
     assert code == 0, se
     assert "10 docs" in so and "test-hash" in so
     assert json.loads((out / MANIFEST).read_text())["hnsw"]["m"] == 8
@@ -365,8 +406,11 @@ def test_cli_index_query_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     code, so, _ = run_cli(capsys, "rag", "query", "--index", out, docs[4]["text"][5:60], "-k", "1")
     assert code == 0 and "doc d4" in so and "score" in so
 
-    for args, msg in [(("-k", "100000"), "larger than the index"), (("--embedder", "test-other"), "refusing"),
-                      (("--answer",), "--answer needs --ckpt")]:
+    for args, msg in [
+        (("-k", "100000"), "larger than the index"),
+        (("--embedder", "test-other"), "refusing"),
+        (("--answer",), "--answer needs --ckpt"),
+    ]:
         code, so, se = run_cli(capsys, "rag", "query", "--index", out, "天地", *args)
         assert code == 2 and se.startswith("error: ") and msg in se and se.count("\n") == 1, se
     code, _, se = run_cli(capsys, "rag", "query", "--index", out, " ")
@@ -376,12 +420,34 @@ def test_cli_index_query_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
     qs = [{"question": d["text"][10:50], "doc_id": d["id"], "answers": [d["text"][12:16]]} for d in docs]
     qpath = write_jsonl(tmp_path / "q.jsonl", qs)
-    code, so, se = run_cli(capsys, "rag", "eval", "--index", out, "--questions", qpath, "--out", tmp_path / "rep",
-                           "--name", "t", "--json", "--latency-queries", "5")
+    code, so, se = run_cli(
+        capsys,
+        "rag",
+        "eval",
+        "--index",
+        out,
+        "--questions",
+        qpath,
+        "--out",
+        tmp_path / "rep",
+        "--name",
+        "t",
+        "--json",
+        "--latency-queries",
+        "5",
+    )
     assert code == 0, se
     m = json.loads(so)
-    for key in ("recall@1", "recall@5", "recall@10", "mrr", "hnsw_recall@10", "build_s", "query_p50_ms",
-                "query_p95_ms"):
+    for key in (
+        "recall@1",
+        "recall@5",
+        "recall@10",
+        "mrr",
+        "hnsw_recall@10",
+        "build_s",
+        "query_p50_ms",
+        "query_p95_ms",
+    ):
         assert key in m and isinstance(m[key], float), key
     assert m["recall@1"] >= 0.9 and m["recall@10"] == 1.0 and m["hnsw_recall@10"] == 1.0
     assert m["exact"]["recall@10"] == 1.0 and "hybrid" in m and m["n_questions"] == 10
@@ -389,20 +455,29 @@ def test_cli_index_query_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert {p.name for p in (tmp_path / "rep").iterdir()} == {"t.json", "t.md", "t-recall-vs-ef.png"}
     assert "| dense, HNSW |" in (tmp_path / "rep" / "t.md").read_text()
 
-    code, _, se = run_cli(capsys, "rag", "eval", "--index", out, "--questions",
-                          write_jsonl(tmp_path / "bad.jsonl", [{"question": "", "doc_id": "d1"}]))
-    assert code == 2 and "empty \"question\"" in se
+    code, _, se = run_cli(
+        capsys,
+        "rag",
+        "eval",
+        "--index",
+        out,
+        "--questions",
+        write_jsonl(tmp_path / "bad.jsonl", [{"question": "", "doc_id": "d1"}]),
+    )
+    assert code == 2 and 'empty "question"' in se
 
 
 # ---------------------------------------------------------------- answer prompt
+
 
 def test_answer_messages_format() -> None:
     ps = [Passage("d1", "第一段资料。", 0.9, 0, 6, 0, "标题"), Passage("d2", "second passage", 0.5, 10, 24, 3)]
     msgs = answer_messages(" 问什么？ ", ps)
     assert msgs[0] == {"role": "system", "content": DEFAULT_SYSTEM}
     assert msgs[1]["role"] == "user"
-    assert msgs[1]["content"] == ("参考资料：\n[1] 《标题》(d1)\n第一段资料。\n[2] (d2)\nsecond passage\n\n"
-                                  "问题：问什么？\n请根据参考资料回答。")
+    assert msgs[1]["content"] == (
+        "参考资料：\n[1] 《标题》(d1)\n第一段资料。\n[2] (d2)\nsecond passage\n\n问题：问什么？\n请根据参考资料回答。"
+    )
     assert answer_messages("q", ps, system="S")[0]["content"] == "S"
     with pytest.raises(LLMCoreError, match="empty question"):
         answer_messages(" ", ps)
@@ -412,7 +487,9 @@ class CharTok:
     """One token per character of the rendered prompt."""
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + (
+            "<assistant>" if add_generation_prompt else ""
+        )
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
@@ -451,23 +528,85 @@ def test_query_answer_streams_from_a_tiny_model(tmp_path: Path, capsys: pytest.C
     tok.save(ckpt)
     out = build(tmp_path, docs)
     question = docs[1]["text"][:30]
-    code, so, se = run_cli(capsys, "rag", "query", "--index", out, question, "-k", "2", "--answer", "--ckpt", ckpt,
-                           "--device", "cpu", "--max-new-tokens", "5", "--show-prompt", "--max-prompt-tokens", "400")
+    code, so, se = run_cli(
+        capsys,
+        "rag",
+        "query",
+        "--index",
+        out,
+        question,
+        "-k",
+        "2",
+        "--answer",
+        "--ckpt",
+        ckpt,
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "5",
+        "--show-prompt",
+        "--max-prompt-tokens",
+        "400",
+    )
     assert code == 0, se
     assert "--- prompt ---" in so and "answer: " in so and "doc d1" in so
     prompt = so.split("--- prompt ---\n", 1)[1].split("\n--- end of prompt ---", 1)[0]
     assert f"问题：{question}" in prompt and "参考资料：\n[1]" in prompt and DEFAULT_SYSTEM in prompt
     assert len(tok.encode(prompt)) <= 400
-    code, so, se = run_cli(capsys, "rag", "query", "--index", out, question, "-k", "2", "--answer", "--ckpt", ckpt,
-                           "--device", "cpu", "--max-new-tokens", "5", "--json")
+    code, so, se = run_cli(
+        capsys,
+        "rag",
+        "query",
+        "--index",
+        out,
+        question,
+        "-k",
+        "2",
+        "--answer",
+        "--ckpt",
+        ckpt,
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    )
     assert code == 0, se
     res = json.loads(so)
     assert isinstance(res["answer"], str) and res["context_passages"] >= 1
-    qpath = write_jsonl(tmp_path / "q.jsonl", [{"question": docs[i]["text"][:20], "doc_id": docs[i]["id"],
-                                                "answers": [docs[i]["text"][2:4], "不会出现的答案"]} for i in range(3)])
-    code, so, se = run_cli(capsys, "rag", "eval", "--index", out, "--questions", qpath, "--ckpt", ckpt, "--device",
-                           "cpu", "--answer-limit", "2", "--max-new-tokens", "4", "--latency-queries", "2",
-                           "--out", tmp_path / "rep", "--json")
+    qpath = write_jsonl(
+        tmp_path / "q.jsonl",
+        [
+            {
+                "question": docs[i]["text"][:20],
+                "doc_id": docs[i]["id"],
+                "answers": [docs[i]["text"][2:4], "不会出现的答案"],
+            }
+            for i in range(3)
+        ],
+    )
+    code, so, se = run_cli(
+        capsys,
+        "rag",
+        "eval",
+        "--index",
+        out,
+        "--questions",
+        qpath,
+        "--ckpt",
+        ckpt,
+        "--device",
+        "cpu",
+        "--answer-limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--latency-queries",
+        "2",
+        "--out",
+        tmp_path / "rep",
+        "--json",
+    )
     assert code == 0, se
     m = json.loads(so)
     assert m["answer_n"] == 2 and 0.0 <= m["answer_contains_gold"] <= 1.0 and len(m["answer_examples"]) == 2

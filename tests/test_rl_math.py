@@ -80,7 +80,9 @@ def test_value_clipping_by_hand() -> None:
     old = torch.tensor([[0.5, 0.5, 0.5]])
     ret = torch.tensor([[0.8, 0.9, 1.0]])
     # 0.5*max(.04, .01); 0.5*max(.49, .36); 0.5*max(.0625, .09): the clipped term wins only in the last.
-    assert float(value_loss(v, old, ret, torch.ones(1, 3), denom=3, clip=0.2)) == pytest.approx((0.02 + 0.245 + 0.045) / 3)
+    assert float(value_loss(v, old, ret, torch.ones(1, 3), denom=3, clip=0.2)) == pytest.approx(
+        (0.02 + 0.245 + 0.045) / 3
+    )
 
 
 def test_whiten_and_approx_kl() -> None:
@@ -88,7 +90,9 @@ def test_whiten_and_approx_kl() -> None:
     m = torch.tensor([[1, 1, 1, 0]])
     w = whiten(x, m)
     assert w[0, :3].tolist() == pytest.approx([-1.2247, 0.0, 1.2247], abs=1e-4) and float(w[0, 3]) == 0
-    assert float(approx_kl(torch.tensor([[0.1, 0.5]]), torch.zeros(1, 2), torch.tensor([[1, 0]]))) == pytest.approx(0.005)
+    assert float(approx_kl(torch.tensor([[0.1, 0.5]]), torch.zeros(1, 2), torch.tensor([[1, 0]]))) == pytest.approx(
+        0.005
+    )
 
 
 # ---------------------------------------------------------------- rewards
@@ -98,7 +102,9 @@ def test_exact_reward_string_and_list() -> None:
     assert exact_reward([], "<think>\nhmm\n</think>\n\n 42 ", {"gt": "42"}) == 1.0
     assert exact_reward([], "答案是 41", {"gt": "42"}) == 0.0
     assert gt_hits("The total is 1,000 and Paris", ["1000", "paris", "london"]) == 2
-    assert exact_reward([], "<think>x</think>It is 3.0 km, Paris.", {"gt": ["3", "Paris", "Rome"]}) == pytest.approx(2 / 3)
+    assert exact_reward([], "<think>x</think>It is 3.0 km, Paris.", {"gt": ["3", "Paris", "Rome"]}) == pytest.approx(
+        2 / 3
+    )
     with pytest.raises(ValueError, match="no gt"):
         exact_reward([], "x", {})
 
@@ -115,9 +121,11 @@ def test_format_reward_by_hand() -> None:
 
 def test_reward_specs_weights_and_failures(tmp_path: Path) -> None:
     plugin = tmp_path / "my_rewards.py"
-    plugin.write_text("def length(prompt, response, sample):\n    return len(response)\n"
-                      "def boom(prompt, response, sample):\n    raise RuntimeError('bad day')\n"
-                      "def nan(prompt, response, sample):\n    return float('nan')\n")
+    plugin.write_text(
+        "def length(prompt, response, sample):\n    return len(response)\n"
+        "def boom(prompt, response, sample):\n    raise RuntimeError('bad day')\n"
+        "def nan(prompt, response, sample):\n    return float('nan')\n"
+    )
     rewards = parse_rewards(["exact:2", f"{plugin}:length:0.5"])
     assert [(r.name, r.weight) for r in rewards] == [("exact", 2.0), (f"{plugin}:length", 0.5)]
     values = score(rewards, [], "42", {"gt": "42"})
@@ -142,30 +150,55 @@ def test_reward_specs_weights_and_failures(tmp_path: Path) -> None:
 def test_rl_rows_and_their_errors(tmp_path: Path) -> None:
     good = tmp_path / "rl.jsonl"
     tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
-    good.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
-        {"conversations": [{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": ""}], "gt": "2"},
-        {"conversations": [{"role": "system", "content": "", "tools": json.dumps(tools)},
-                           {"role": "user", "content": "add"}, {"role": "assistant", "content": ""}],
-         "gt": ["3", 4], "extra": 7},
-    ]) + "\n")
+    good.write_text(
+        "\n".join(
+            json.dumps(r, ensure_ascii=False)
+            for r in [
+                {
+                    "conversations": [{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": ""}],
+                    "gt": "2",
+                },
+                {
+                    "conversations": [
+                        {"role": "system", "content": "", "tools": json.dumps(tools)},
+                        {"role": "user", "content": "add"},
+                        {"role": "assistant", "content": ""},
+                    ],
+                    "gt": ["3", 4],
+                    "extra": 7,
+                },
+            ]
+        )
+        + "\n"
+    )
     rows = read_rl_rows(good)
     assert rows[0].prompt == [{"role": "user", "content": "1+1=?"}] and rows[0].sample["gt"] == "2"
     assert rows[1].tools == tools and rows[1].sample["extra"] == 7 and rows[1].sample["source"].endswith("rl.jsonl:2")
 
     def bad(line: str, match: str) -> None:
         p = tmp_path / "bad.jsonl"
-        p.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"},
-                                                   {"role": "assistant", "content": ""}]}) + "\n" + line + "\n")
+        p.write_text(
+            json.dumps({"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]})
+            + "\n"
+            + line
+            + "\n"
+        )
         with pytest.raises(DataError, match=match):
             read_rl_rows(p)
 
     bad("{not json", r"bad\.jsonl:2: malformed JSON")
     bad(json.dumps({"conversations": []}), r"bad\.jsonl:2: \"conversations\" must be a non-empty list")
     bad(json.dumps({"conversations": [{"role": "user", "content": "hi"}]}), r"bad\.jsonl:2: the last message must be")
-    bad(json.dumps({"conversations": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": ""}]}),
-        r"bad\.jsonl:2: conversations\[0\]\.role is 'robot'")
-    bad(json.dumps({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}],
-                    "gt": {"a": 1}}), r"bad\.jsonl:2: gt must be a string or a list")
+    bad(
+        json.dumps({"conversations": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": ""}]}),
+        r"bad\.jsonl:2: conversations\[0\]\.role is 'robot'",
+    )
+    bad(
+        json.dumps(
+            {"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], "gt": {"a": 1}}
+        ),
+        r"bad\.jsonl:2: gt must be a string or a list",
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(DataError, match="empty.jsonl: no rows"):

@@ -39,14 +39,17 @@ def policy_run(tmp_path_factory) -> Path:
     tok = load_tokenizer(tok_dir)
     torch.manual_seed(0)
     model = LLM(ModelConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=256))
-    rows = [tok.encode_chat([{"role": "user", "content": p}, {"role": "assistant", "content": answer}])
-            for p in PROMPTS for answer in ("是", "否")]
+    rows = [
+        tok.encode_chat([{"role": "user", "content": p}, {"role": "assistant", "content": answer}])
+        for p in PROMPTS
+        for answer in ("是", "否")
+    ]
     width = max(len(ids) for ids, _ in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)  # right-padded: causal attention never sees the pad
     mask = torch.zeros(len(rows), width)
     for i, (t, m) in enumerate(rows):
-        ids[i, :len(t)] = torch.tensor(t)
-        mask[i, :len(m)] = torch.tensor(m, dtype=torch.float32)
+        ids[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(120):
@@ -66,17 +69,42 @@ def policy_run(tmp_path_factory) -> Path:
 @pytest.fixture
 def rl_data(tmp_path: Path) -> Path:
     path = tmp_path / "rl.jsonl"
-    path.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": p},
-                                                          {"role": "assistant", "content": ""}], "gt": "是"},
-                                       ensure_ascii=False) + "\n" for p in PROMPTS))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {"conversations": [{"role": "user", "content": p}, {"role": "assistant", "content": ""}], "gt": "是"},
+                ensure_ascii=False,
+            )
+            + "\n"
+            for p in PROMPTS
+        )
+    )
     return path
 
 
 def rl_cfg(data: Path, init: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(data), init=str(init), out=str(out), lr=2e-3, min_lr=2e-3, num_generations=8,
-                global_batch_size=16, micro_batch_size=8, max_new_tokens=3, temperature=1.0, thinking_ratio=0.0,
-                beta=0.0, reward="exact", max_steps=24, log_every=1, device="cpu", dtype="fp32", seed=3, quiet=True,
-                seq_len=64)
+    base = dict(
+        data=str(data),
+        init=str(init),
+        out=str(out),
+        lr=2e-3,
+        min_lr=2e-3,
+        num_generations=8,
+        global_batch_size=16,
+        micro_batch_size=8,
+        max_new_tokens=3,
+        temperature=1.0,
+        thinking_ratio=0.0,
+        beta=0.0,
+        reward="exact",
+        max_steps=24,
+        log_every=1,
+        device="cpu",
+        dtype="fp32",
+        seed=3,
+        quiet=True,
+        seq_len=64,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -138,13 +166,16 @@ def test_ppo_runs_with_a_value_head_and_resumes(policy_run: Path, rl_data: Path,
 
 def test_bad_rows_and_rewards_are_one_line(policy_run: Path, tmp_path: Path) -> None:
     data = tmp_path / "rl.jsonl"
-    data.write_text(json.dumps({"conversations": [{"role": "user", "content": "q"},
-                                                  {"role": "assistant", "content": ""}]}) + "\n{oops\n")
+    data.write_text(
+        json.dumps({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]})
+        + "\n{oops\n"
+    )
     with pytest.raises(DataError, match=r"rl\.jsonl:2: malformed JSON"):
         train("grpo", rl_cfg(data, policy_run, tmp_path / "a"))
     assert not (tmp_path / "a").exists()
-    data.write_text(json.dumps({"conversations": [{"role": "user", "content": "q"},
-                                                  {"role": "assistant", "content": ""}]}) + "\n")
+    data.write_text(
+        json.dumps({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}) + "\n"
+    )
     with pytest.raises(LLMCoreError, match=r"reward exact raised ValueError: the row has no gt field .*rl\.jsonl:1"):
         train("grpo", rl_cfg(data, policy_run, tmp_path / "b", global_batch_size=8, max_steps=1))
     with pytest.raises(LLMCoreError, match="--data .*: no such file"):
@@ -156,16 +187,63 @@ def test_bad_rows_and_rewards_are_one_line(policy_run: Path, tmp_path: Path) -> 
 def test_grpo_under_deepspeed_zero2_matches_the_plain_engine(policy_run: Path, rl_data: Path, tmp_path: Path) -> None:
     pytest.importorskip("deepspeed", reason="deepspeed not installed")
     train("grpo", rl_cfg(rl_data, policy_run, tmp_path / "plain", max_steps=2))
-    cmd = [sys.executable, "-m", "llmcore", "train", "grpo", "--data", str(rl_data), "--init", str(policy_run),
-           "--out", str(tmp_path / "z2"), "--deepspeed", "zero2", "--lr", "2e-3", "--min-lr", "2e-3",
-           "--num-generations", "8", "--global-batch-size", "16", "--micro-batch-size", "8", "--max-new-tokens", "3",
-           "--temperature", "1.0", "--thinking-ratio", "0", "--beta", "0", "--reward", "exact", "--max-steps", "2",
-           "--log-every", "1", "--device", "cpu", "--dtype", "fp32", "--seed", "3", "--quiet", "--seq-len", "64"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmcore",
+        "train",
+        "grpo",
+        "--data",
+        str(rl_data),
+        "--init",
+        str(policy_run),
+        "--out",
+        str(tmp_path / "z2"),
+        "--deepspeed",
+        "zero2",
+        "--lr",
+        "2e-3",
+        "--min-lr",
+        "2e-3",
+        "--num-generations",
+        "8",
+        "--global-batch-size",
+        "16",
+        "--micro-batch-size",
+        "8",
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "1.0",
+        "--thinking-ratio",
+        "0",
+        "--beta",
+        "0",
+        "--reward",
+        "exact",
+        "--max-steps",
+        "2",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--seed",
+        "3",
+        "--quiet",
+        "--seq-len",
+        "64",
+    ]
     # Without the rendezvous variables an in-process DeepSpeed run of this session may have left set
     # (their port is still bound here): the child makes its own one-process group on a free port.
     rendezvous = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in rendezvous},
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     a = read_metrics(tmp_path / "plain" / "metrics.jsonl")

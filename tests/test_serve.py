@@ -34,8 +34,16 @@ from llmcore.serve import ApiError, Engine, Job, RunningServer, SamplingParams, 
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-run"
-CHAT_PROMPTS = ["你好", "今天天气怎么样？", "写一首诗", "1+1=?", "Tell me a story.", "为什么天是蓝的", "hello there",
-                "介绍一下北京"]
+CHAT_PROMPTS = [
+    "你好",
+    "今天天气怎么样？",
+    "写一首诗",
+    "1+1=?",
+    "Tell me a story.",
+    "为什么天是蓝的",
+    "hello there",
+    "介绍一下北京",
+]
 
 
 def _tokenizer_dir(tmp: Path) -> Path:
@@ -47,8 +55,10 @@ def _tokenizer_dir(tmp: Path) -> Path:
         return shared
     from llmcore.data_prep.tokenizer import train_tokenizer
 
-    lines = [f"第{i}天，我们学习了{i * 7 % 13}个新的词语。Day {i}: the quick brown fox jumps over {i} lazy dogs."
-             for i in range(400)]
+    lines = [
+        f"第{i}天，我们学习了{i * 7 % 13}个新的词语。Day {i}: the quick brown fox jumps over {i} lazy dogs."
+        for i in range(400)
+    ]
     corpus = tmp / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines))
     return train_tokenizer([corpus], tmp / "tok", vocab_size=600)
@@ -60,8 +70,9 @@ def _make_run(root: Path) -> Path:
 
     tok_dir = _tokenizer_dir(root)
     torch.manual_seed(0)
-    model = LLM(ModelConfig.from_preset("tiny", initializer_range=0.2,
-                                        vocab_size=load_tokenizer(tok_dir).vocab_size)).eval()
+    model = LLM(
+        ModelConfig.from_preset("tiny", initializer_range=0.2, vocab_size=load_tokenizer(tok_dir).vocab_size)
+    ).eval()
     run = root / MODEL
     save_model(model, run / "checkpoints" / "step-1")
     (run / "checkpoints" / "latest").write_text("step-1\n")
@@ -72,17 +83,31 @@ def _make_run(root: Path) -> Path:
 class Served:
     """A started server plus the model and tokenizer it serves (for reference generations)."""
 
-    def __init__(self, run: Path, api_key: str | None = None, max_batch: int = 8, max_body_bytes: int = 1 << 16,
-                 retriever: Any = None, cors_origins: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        run: Path,
+        api_key: str | None = None,
+        max_batch: int = 8,
+        max_body_bytes: int = 1 << 16,
+        retriever: Any = None,
+        cors_origins: list[str] | None = None,
+    ) -> None:
         self.run = run
         self.model, self.tok = load_model(run)
         self.engine = Engine(self.model, self.tok, max_batch=max_batch).start()
-        app = create_app(self.engine, ServerOptions(model_name=MODEL, api_key=api_key, max_body_bytes=max_body_bytes,
-                                                    retriever=retriever, cors_origins=cors_origins or []))
+        app = create_app(
+            self.engine,
+            ServerOptions(
+                model_name=MODEL,
+                api_key=api_key,
+                max_body_bytes=max_body_bytes,
+                retriever=retriever,
+                cors_origins=cors_origins or [],
+            ),
+        )
         self.server = RunningServer(app, bind_socket("127.0.0.1", 0), self.engine).start()
         self.url = self.server.url
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "unused", max_retries=0,
-                                    timeout=60)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "unused", max_retries=0, timeout=60)
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> tuple[str, int]:
         """What `llmcore generate --temperature 0` prints for these prompt ids, and tokens produced (eos counted)."""
@@ -112,6 +137,7 @@ def _text_ids(s: Served, prompt: str) -> list[int]:
 
 # -- answers --------------------------------------------------------------------------------------
 
+
 def test_models_list(served: Served) -> None:
     models = served.client.models.list()
     assert [m.id for m in models.data] == [MODEL]
@@ -121,8 +147,9 @@ def test_models_list(served: Served) -> None:
 
 
 def test_chat_completion_is_greedy_generate(served: Served) -> None:
-    r = served.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "你好"}],
-                                              max_tokens=24, temperature=0)
+    r = served.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "你好"}], max_tokens=24, temperature=0
+    )
     ids = chat_prompt_ids(served.tok, "你好")  # `llmcore generate --chat`
     text, produced = served.greedy(ids, 24)
     assert text.strip(), "the tiny model should say something; an empty answer makes this test vacuous"
@@ -130,7 +157,10 @@ def test_chat_completion_is_greedy_generate(served: Served) -> None:
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].finish_reason == ("length" if produced == 24 else "stop")
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
-        len(ids), produced, len(ids) + produced)
+        len(ids),
+        produced,
+        len(ids) + produced,
+    )
     assert r.model == MODEL and r.id.startswith("chatcmpl-")
 
 
@@ -138,8 +168,19 @@ def test_greedy_answers_equal_the_llmcore_generate_command(served: Served, capsy
     from llmcore.cli import main
 
     for chat, prompt in [(True, "你好"), (False, "The capital of China is")]:
-        argv = ["generate", "--ckpt", str(served.run), "--prompt", prompt, "--max-new-tokens", "20",
-                "--temperature", "0", "--device", "cpu"] + (["--chat"] if chat else [])
+        argv = [
+            "generate",
+            "--ckpt",
+            str(served.run),
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "20",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        ] + (["--chat"] if chat else [])
         capsys.readouterr()
         with pytest.raises(SystemExit) as done:
             main(argv)
@@ -147,11 +188,19 @@ def test_greedy_answers_equal_the_llmcore_generate_command(served: Served, capsy
         printed = capsys.readouterr().out
         assert printed.endswith("\n")
         if chat:
-            answer = served.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                                           max_tokens=20, temperature=0).choices[0].message.content
+            answer = (
+                served.client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=20, temperature=0
+                )
+                .choices[0]
+                .message.content
+            )
         else:
-            answer = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=20,
-                                                      temperature=0).choices[0].text
+            answer = (
+                served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
+                .choices[0]
+                .text
+            )
         assert answer == printed[:-1] and answer.strip()
 
 
@@ -161,8 +210,16 @@ def test_completion_and_stream_join_to_the_greedy_text(served: Served) -> None:
     r = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0)
     assert r.choices[0].text == text and len(text) > 5
     assert r.usage.prompt_tokens == len(_text_ids(served, prompt)) and r.usage.completion_tokens == produced
-    chunks = list(served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0,
-                                                   stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        served.client.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=30,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     pieces = [c.choices[0].text for c in chunks if c.choices]
     assert len([p for p in pieces if p]) > 3, "the answer should arrive in several chunks"
     assert "".join(pieces) == text
@@ -173,8 +230,9 @@ def test_completion_and_stream_join_to_the_greedy_text(served: Served) -> None:
 def test_chat_stream_joins_to_the_non_streamed_answer(served: Served) -> None:
     msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "写一首诗"}]
     full = served.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=0)
-    chunks = list(served.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=0,
-                                                        stream=True))
+    chunks = list(
+        served.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=40, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == full.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
@@ -185,8 +243,13 @@ def test_chat_stream_joins_to_the_non_streamed_answer(served: Served) -> None:
 
 
 def test_raw_sse_ends_with_done(served: Served) -> None:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
-            "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": True,
+    }
     with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=30) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
@@ -198,14 +261,18 @@ def test_raw_sse_ends_with_done(served: Served) -> None:
 def test_stop_strings_cut_the_text_streamed_or_not(served: Served) -> None:
     prompt = "Once upon a time"
     text, _ = served.greedy(_text_ids(served, prompt), 40)
-    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert len(stop) == 2 and stop.strip(), f"need a stop string from the middle of {text!r}"
-    expected = text[:text.find(stop)]
-    r = served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0,
-                                         stop=[stop, "never-there"])
+    expected = text[: text.find(stop)]
+    r = served.client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=[stop, "never-there"]
+    )
     assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
-    chunks = list(served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0,
-                                                   stop=stop, stream=True))
+    chunks = list(
+        served.client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stop=stop, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens < 40
@@ -222,14 +289,26 @@ def test_max_tokens_gives_length_and_exact_count(served: Served) -> None:
 
 def test_seeded_sampling_is_reproducible_and_equals_generate(served: Served) -> None:
     def ask(seed: int) -> str:
-        return served.client.completions.create(model=MODEL, prompt="Hello", max_tokens=20, temperature=1.0,
-                                                top_p=0.9, seed=seed).choices[0].text
+        return (
+            served.client.completions.create(
+                model=MODEL, prompt="Hello", max_tokens=20, temperature=1.0, top_p=0.9, seed=seed
+            )
+            .choices[0]
+            .text
+        )
 
     a, b, c = ask(7), ask(7), ask(8)
     assert a == b and a != c
     gen = torch.Generator().manual_seed(7)  # `llmcore generate --temperature 1 --top-p 0.9 --seed 7`
-    out = generate(served.model, [_text_ids(served, "Hello")], max_new_tokens=20, temperature=1.0, top_p=0.9,
-                   eos_id=served.tok.eos_id, generator=gen)[0]
+    out = generate(
+        served.model,
+        [_text_ids(served, "Hello")],
+        max_new_tokens=20,
+        temperature=1.0,
+        top_p=0.9,
+        eos_id=served.tok.eos_id,
+        generator=gen,
+    )[0]
     assert a == served.tok.decode(out, skip_special_tokens=True)
 
 
@@ -243,8 +322,13 @@ def test_eight_concurrent_streams_each_get_their_own_answer(served: Served) -> N
         try:
             client = openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=60)
             barrier.wait(timeout=30)
-            stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": CHAT_PROMPTS[i]}],
-                                                    max_tokens=max_tokens[i], temperature=0, stream=True)
+            stream = client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": CHAT_PROMPTS[i]}],
+                max_tokens=max_tokens[i],
+                temperature=0,
+                stream=True,
+            )
             results[i] = "".join(c.choices[0].delta.content or "" for c in stream)
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
@@ -262,10 +346,12 @@ def test_eight_concurrent_streams_each_get_their_own_answer(served: Served) -> N
 
 # -- the engine on its own: batching and cancellation ---------------------------------------------
 
+
 def _job(ids: list[int], max_tokens: int, **kw: Any) -> tuple[Job, list[Any]]:
     events: list[Any] = []
-    return Job(ids, SamplingParams(max_tokens=max_tokens, temperature=kw.pop("temperature", 0.0), **kw),
-               events.append), events
+    return Job(
+        ids, SamplingParams(max_tokens=max_tokens, temperature=kw.pop("temperature", 0.0), **kw), events.append
+    ), events
 
 
 def test_engine_batches_waiting_requests_and_keeps_rows_apart(served: Served) -> None:
@@ -363,14 +449,15 @@ def test_completion_logprobs_and_echo_as_lm_eval_reads_them(served: Served) -> N
     it sums token_logprobs[ctxlen:-1] and calls the continuation greedy when each equals the top logprob."""
     context, continuation = served.tok.encode("今天天气"), served.tok.encode("很好")
     ids = context + continuation
-    r = served.client.completions.create(model=MODEL, prompt=[ids], max_tokens=1, temperature=0, logprobs=1,
-                                         echo=True, seed=1234)
+    r = served.client.completions.create(
+        model=MODEL, prompt=[ids], max_tokens=1, temperature=0, logprobs=1, echo=True, seed=1234
+    )
     lp = r.choices[0].logprobs
     ref = _reference_logprobs(served, ids)
     assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids) + 1 == len(lp.tokens)
-    assert lp.token_logprobs[1:len(ids)] == pytest.approx(ref, abs=1e-4)
-    assert lp.tokens[:len(ids)] == [served.tok.decode([i]) for i in ids]
-    assert sum(lp.token_logprobs[len(context):-1]) == pytest.approx(sum(ref[len(context) - 1:]), abs=1e-3)
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(ref, abs=1e-4)
+    assert lp.tokens[: len(ids)] == [served.tok.decode([i]) for i in ids]
+    assert sum(lp.token_logprobs[len(context) : -1]) == pytest.approx(sum(ref[len(context) - 1 :]), abs=1e-3)
     # the generated (greedy) token is the top one, and the top entry holds the most likely logprob
     assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()), abs=1e-5)
     greedy = served.greedy(ids, 1)[0]
@@ -383,11 +470,16 @@ def test_completion_logprobs_and_echo_as_lm_eval_reads_them(served: Served) -> N
     out = generate(served.model, [prompt_ids], max_new_tokens=6, temperature=0, eos_id=served.tok.eos_id)[0]
     assert lp.tokens == [served.tok.decode([i]) for i in out]
     full_ref = _reference_logprobs(served, prompt_ids + out)
-    assert lp.token_logprobs == pytest.approx(full_ref[len(prompt_ids) - 1:], abs=1e-4)
+    assert lp.token_logprobs == pytest.approx(full_ref[len(prompt_ids) - 1 :], abs=1e-4)
     assert all(3 <= len(t) <= 4 for t in lp.top_logprobs)
     assert r.choices[0].text == served.greedy(prompt_ids, 6)[0]
-    for bad in ({"logprobs": 21}, {"logprobs": -1}, {"logprobs": True}, {"echo": "yes"},
-                {"logprobs": 1, "stream": True}):
+    for bad in (
+        {"logprobs": 21},
+        {"logprobs": -1},
+        {"logprobs": True},
+        {"echo": "yes"},
+        {"logprobs": 1, "stream": True},
+    ):
         _assert_error(_raw(served, "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 1, **bad})), 400)
 
 
@@ -397,7 +489,7 @@ def test_several_prompts_in_one_request_answer_as_each_alone(served: Served) -> 
     r = served.client.completions.create(model=MODEL, prompt=batch, max_tokens=1, temperature=0, logprobs=1, echo=True)
     assert [c.index for c in r.choices] == [0, 1, 2]
     for ids, choice in zip(batch, r.choices):
-        assert choice.logprobs.token_logprobs[1:len(ids)] == pytest.approx(_reference_logprobs(served, ids), abs=1e-4)
+        assert choice.logprobs.token_logprobs[1 : len(ids)] == pytest.approx(_reference_logprobs(served, ids), abs=1e-4)
     assert r.usage.prompt_tokens == sum(len(ids) for ids in batch)
     texts = ["你好", "为什么天是蓝的"]
     r = served.client.completions.create(model=MODEL, prompt=texts, max_tokens=5, temperature=0)
@@ -410,8 +502,9 @@ def test_chat_without_max_tokens_gets_the_default_budget(served: Served) -> None
     server = RunningServer(create_app(engine.start(), app_options), bind_socket("127.0.0.1", 0), engine).start()
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello there"}],
-                                           temperature=0)
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hello there"}], temperature=0
+        )
         text, produced = served.greedy(chat_prompt_ids(served.tok, "hello there"), 7)
         assert r.choices[0].message.content == text and r.usage.completion_tokens == produced
     finally:
@@ -449,10 +542,21 @@ def test_disconnected_request_still_queued_is_dropped(served: Served) -> None:
 
 # -- refusals -------------------------------------------------------------------------------------
 
-def _raw(s: Served, path: str, content: bytes | str | None = None, method: str = "POST",
-         headers: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.request(method, s.url + path, content=content, timeout=30,
-                         headers={"Content-Type": "application/json", **(headers or {})})
+
+def _raw(
+    s: Served,
+    path: str,
+    content: bytes | str | None = None,
+    method: str = "POST",
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    return httpx.request(
+        method,
+        s.url + path,
+        content=content,
+        timeout=30,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
 
 
 def _assert_error(r: httpx.Response, status: int, needle: str = "") -> dict[str, Any]:
@@ -471,21 +575,39 @@ BAD_BODIES = {
     "no messages": ({"model": MODEL}, 400, "messages"),
     "bad role": ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     "bad content": ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "content"),
-    "max_tokens past the context": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                     "max_tokens": 1024}, 400, "context"),
-    "max_tokens zero": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400,
-                        "max_tokens"),
-    "temperature string": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
-                           400, "temperature"),
-    "temperature too high": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3},
-                             400, "temperature"),
+    "max_tokens past the context": (
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1024},
+        400,
+        "context",
+    ),
+    "max_tokens zero": (
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+        400,
+        "max_tokens",
+    ),
+    "temperature string": (
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+        400,
+        "temperature",
+    ),
+    "temperature too high": (
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 3},
+        400,
+        "temperature",
+    ),
     "top_p zero": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
     "n=2": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n=1"),
     "stop not strings": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": [1]}, 400, "stop"),
-    "five stops": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": list("abcde")}, 400,
-                   "stop"),
-    "stream not bool": ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400,
-                        "stream"),
+    "five stops": (
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": list("abcde")},
+        400,
+        "stop",
+    ),
+    "stream not bool": (
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+        400,
+        "stream",
+    ),
     "body not an object": ([1, 2], 400, "object"),
 }
 
@@ -497,15 +619,29 @@ def test_bad_chat_requests_are_4xx_json(served: Served, case: str) -> None:
 
 
 WEIRD_VALUES = ["x", -1, 2**70, 1e308, True, [1, "a"], {"a": 1}]
-CHAT_FIELDS = ["model", "messages", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop",
-               "seed", "n", "stream_options", "response_format"]
+CHAT_FIELDS = [
+    "model",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "stop",
+    "seed",
+    "n",
+    "stream_options",
+    "response_format",
+]
 COMPLETION_FIELDS = ["prompt", "echo", "best_of", "logprobs"]
 
 
 def test_no_field_value_gives_a_server_error(served: Served) -> None:
     """Every odd value of every field is answered with 200 or a 4xx JSON error, never a 5xx."""
-    cases = [("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                                       "max_tokens": 2}, f) for f in CHAT_FIELDS]
+    cases = [
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}, f)
+        for f in CHAT_FIELDS
+    ]
     cases += [("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}, f) for f in COMPLETION_FIELDS]
     seen = set()
     with httpx.Client(timeout=30) as client:
@@ -513,8 +649,9 @@ def test_no_field_value_gives_a_server_error(served: Served) -> None:
             for value in WEIRD_VALUES:
                 body = {**base, name: value}
 
-                r = client.post(served.url + path, content=json.dumps(body),
-                                headers={"Content-Type": "application/json"})
+                r = client.post(
+                    served.url + path, content=json.dumps(body), headers={"Content-Type": "application/json"}
+                )
                 seen.add(r.status_code)
                 assert r.status_code < 500, (path, name, value, r.text)
                 if r.status_code != 200:
@@ -555,16 +692,23 @@ def test_oversized_body_is_413(served: Served) -> None:
             yield b"x" * 4096
         yield b'"}]}'
 
-    r = httpx.post(served.url + "/v1/completions", content=chunked(), timeout=30,
-                   headers={"Content-Type": "application/json"})
+    r = httpx.post(
+        served.url + "/v1/completions", content=chunked(), timeout=30, headers={"Content-Type": "application/json"}
+    )
     _assert_error(r, 413, "limit")
 
 
 def test_bad_completion_prompts(served: Served) -> None:
-    for body, needle in [({"model": MODEL}, "prompt"), ({"model": MODEL, "prompt": ["a", "b"], "stream": True}, "one prompt"),
-                         ({"model": MODEL, "prompt": ["a"] * 65}, "at most 64"), ({"model": MODEL, "prompt": ["a", 3]}, "prompt"),
-                         ({"model": MODEL, "prompt": [[1], [2, 999999]]}, "vocabulary"), ({"model": MODEL, "prompt": []}, "prompt"),
-                         ({"model": MODEL, "prompt": [1, 999999]}, "vocabulary"), ({"model": MODEL, "prompt": 3}, "prompt")]:
+    for body, needle in [
+        ({"model": MODEL}, "prompt"),
+        ({"model": MODEL, "prompt": ["a", "b"], "stream": True}, "one prompt"),
+        ({"model": MODEL, "prompt": ["a"] * 65}, "at most 64"),
+        ({"model": MODEL, "prompt": ["a", 3]}, "prompt"),
+        ({"model": MODEL, "prompt": [[1], [2, 999999]]}, "vocabulary"),
+        ({"model": MODEL, "prompt": []}, "prompt"),
+        ({"model": MODEL, "prompt": [1, 999999]}, "vocabulary"),
+        ({"model": MODEL, "prompt": 3}, "prompt"),
+    ]:
         _assert_error(_raw(served, "/v1/completions", json.dumps(body)), 400, needle)
 
 
@@ -588,9 +732,16 @@ def test_api_key_is_required(run_dir: Path) -> None:
         assert [m.id for m in s.client.models.list().data] == [MODEL]
         # A browser UI on an allowed origin: the preflight (never carrying the key) passes, the call needs the key.
         origin = {"Origin": "http://ui.localhost:3000"}
-        pre = _raw(s, "/v1/chat/completions", method="OPTIONS",
-                   headers={**origin, "Access-Control-Request-Method": "POST",
-                            "Access-Control-Request-Headers": "authorization,content-type"})
+        pre = _raw(
+            s,
+            "/v1/chat/completions",
+            method="OPTIONS",
+            headers={
+                **origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin["Origin"]
         _assert_error(_raw(s, "/v1/models", method="GET", headers=origin), 401)
         ok = _raw(s, "/v1/models", method="GET", headers={**origin, "Authorization": "Bearer sekret"})
@@ -603,13 +754,16 @@ def test_api_key_is_required(run_dir: Path) -> None:
 
 # -- the command ----------------------------------------------------------------------------------
 
+
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from llmcore.cli import main
 
-    for argv, needle in [(["serve", "--ckpt", str(tmp_path / "missing")], "no such checkpoint"),
-                         (["serve", "--ckpt", str(tmp_path), "--device", "cuda:7"], "--device"),
-                         (["serve", "--ckpt", str(tmp_path), "--host", "256.1.1.1"], "--host"),
-                         (["serve", "--ckpt", str(tmp_path), "--rag-k", "0"], "--rag-k")]:
+    for argv, needle in [
+        (["serve", "--ckpt", str(tmp_path / "missing")], "no such checkpoint"),
+        (["serve", "--ckpt", str(tmp_path), "--device", "cuda:7"], "--device"),
+        (["serve", "--ckpt", str(tmp_path), "--host", "256.1.1.1"], "--host"),
+        (["serve", "--ckpt", str(tmp_path), "--rag-k", "0"], "--rag-k"),
+    ]:
         if "cuda:7" in argv and torch.cuda.device_count() > 7:
             continue
         with pytest.raises(SystemExit) as exit_info:
@@ -621,17 +775,36 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_cli_serves_on_a_free_port_and_stops_on_sigint(run_dir: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LLMCORE_API_KEY": "k1"}
-    proc = subprocess.Popen([sys.executable, "-m", "llmcore", "serve", "--ckpt", str(run_dir), "--port", "0",
-                             "--device", "cpu", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llmcore",
+            "serve",
+            "--ckpt",
+            str(run_dir),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
     try:
         line = proc.stderr.readline()  # "serving 'tiny-run' on cpu at http://127.0.0.1:PORT/v1 (...)"
         assert "serving" in line and "http://127.0.0.1:" in line, line + (proc.stderr.read() if proc.poll() else "")
         base = line.split(" at ", 1)[1].split()[0]
         client = openai.OpenAI(base_url=base, api_key="k1", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == [MODEL]
-        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "你好"}], max_tokens=5,
-                                           temperature=0)
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "你好"}], max_tokens=5, temperature=0
+        )
         assert r.usage.completion_tokens >= 1
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base, api_key="k2", max_retries=0).models.list()

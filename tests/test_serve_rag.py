@@ -60,13 +60,15 @@ def test_rag_answers_with_the_retrieved_passages_in_the_prompt(rag_served: tuple
     passages = retriever.search(question, 3)  # type: ignore[attr-defined]
     assert passages[0].doc_id == "panda"
     ids = prompt_ids(s.tok, question, passages)  # what `rag query --answer -k 3` gives the model
-    r = s.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
-                                         max_tokens=16, temperature=0)
+    r = s.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=16, temperature=0
+    )
     assert r.usage.prompt_tokens == len(ids)
     assert r.choices[0].message.content == s.greedy(ids, 16)[0]
     # Streaming goes through the same prompt.
-    chunks = s.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
-                                              max_tokens=16, temperature=0, stream=True)
+    chunks = s.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=16, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == r.choices[0].message.content
 
 

@@ -39,16 +39,20 @@ def test_trained_model_calls_the_tool_and_answers_from_its_result(served: Served
     assert choice.finish_reason == "tool_calls", choice
     (call,) = choice.message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "北京"}
-    messages = ASK + [choice.message.model_dump(exclude_none=True),
-                      {"role": "tool", "tool_call_id": call.id, "content": TOOL_RESULT["content"]}]
+    messages = ASK + [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": TOOL_RESULT["content"]},
+    ]
     r2 = c.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, temperature=0, max_tokens=48)
     assert r2.choices[0].finish_reason == "stop"
     assert r2.choices[0].message.content == "北京今天晴，25度。" and not r2.choices[0].message.tool_calls
     # Streamed, the call arrives as one tool_calls delta.
     calls, finish = [], None
-    for chunk in c.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=48,
-                                           stream=True):
+    for chunk in c.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, temperature=0, max_tokens=48, stream=True
+    ):
         calls += chunk.choices[0].delta.tool_calls or []
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls" and [(t.function.name, json.loads(t.function.arguments)) for t in calls] == [
-        ("get_weather", {"city": "北京"})]
+        ("get_weather", {"city": "北京"})
+    ]

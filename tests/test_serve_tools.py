@@ -30,8 +30,11 @@ CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n<
 SCRIPT = [
     ("<tool_response>", "北京今天晴，25度。"),
     ("坏参数", '<tool_call>\n{"name": "get_weather", "arguments": {city: 北京}}\n</tool_call>'),
-    ("两个城市", '我分别查一下。\n' + CALL + '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "上海"}}'
-                 '\n</tool_call>'),
+    (
+        "两个城市",
+        "我分别查一下。\n" + CALL + '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "上海"}}'
+        "\n</tool_call>",
+    ),
     ("get_weather", CALL),  # the tools are in the prompt
     ("1+1", "一加一，\n\n是二。\n</think>\n\n等于2。"),
 ]
@@ -53,10 +56,12 @@ class ToolServer:
         self.url = self.server.url
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
-    def reference_prompt(self, messages: list[dict[str, Any]], tools: list | None = None, thinking: bool = False
-                         ) -> list[int]:
-        text = self.hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
-                                           open_thinking=thinking)
+    def reference_prompt(
+        self, messages: list[dict[str, Any]], tools: list | None = None, thinking: bool = False
+    ) -> list[int]:
+        text = self.hf.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=True, open_thinking=thinking
+        )
         return self.hf(text, add_special_tokens=False)["input_ids"]
 
     def stop(self) -> None:
@@ -97,14 +102,21 @@ def test_tool_call_becomes_tool_calls_and_the_conversation_continues(ts: ToolSer
     assert json.loads(call.function.arguments) == {"city": "北京"}
     assert ts.model.prompts[-1] == ts.reference_prompt(ASK, TOOLS)
     # The client runs the tool and sends the assistant turn and the tool's result back.
-    messages = ASK + [choice.message.model_dump(exclude_none=True),
-                      {"role": "tool", "tool_call_id": call.id, "content": '{"weather": "晴", "temp": 25}'}]
+    messages = ASK + [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"weather": "晴", "temp": 25}'},
+    ]
     r2 = ts.client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, temperature=0, max_tokens=64)
     assert r2.choices[0].finish_reason == "stop" and r2.choices[0].message.content == "北京今天晴，25度。"
     assert not r2.choices[0].message.tool_calls
-    reference = ASK + [{"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]},
-        messages[-1]]
+    reference = ASK + [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}],
+        },
+        messages[-1],
+    ]
     assert ts.model.prompts[-1] == ts.reference_prompt(reference, TOOLS)
 
 
@@ -117,11 +129,14 @@ def test_streamed_tool_calls_equal_the_whole_answer(ts: ToolServer) -> None:
     content, _, calls, finish = _stream(ts, messages=two, tools=TOOLS, temperature=0, max_tokens=96)
     whole = ts.client.chat.completions.create(model=MODEL, messages=two, tools=TOOLS, temperature=0, max_tokens=96)
     assert content == whole.choices[0].message.content == "我分别查一下。" and finish == "tool_calls"
-    assert [json.loads(c["arguments"]) for c in calls] == [
-        json.loads(c.function.arguments) for c in whole.choices[0].message.tool_calls] == [{"city": "北京"},
-                                                                                          {"city": "上海"}]
-    one = ts.client.chat.completions.create(model=MODEL, messages=two, tools=TOOLS, temperature=0, max_tokens=96,
-                                            parallel_tool_calls=False)
+    assert (
+        [json.loads(c["arguments"]) for c in calls]
+        == [json.loads(c.function.arguments) for c in whole.choices[0].message.tool_calls]
+        == [{"city": "北京"}, {"city": "上海"}]
+    )
+    one = ts.client.chat.completions.create(
+        model=MODEL, messages=two, tools=TOOLS, temperature=0, max_tokens=96, parallel_tool_calls=False
+    )
     assert [json.loads(c.function.arguments) for c in one.choices[0].message.tool_calls] == [{"city": "北京"}]
 
 
@@ -135,49 +150,68 @@ def test_tool_call_with_arguments_that_are_not_json_is_content(ts: ToolServer) -
 
 
 def test_tool_choice_none_renders_no_tools_and_parses_none(ts: ToolServer) -> None:
-    r = ts.client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", temperature=0,
-                                          max_tokens=16)
+    r = ts.client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=16
+    )
     assert r.choices[0].message.content == "你好！" and r.choices[0].finish_reason == "stop"
     assert ts.model.prompts[-1] == ts.reference_prompt(ASK)
 
 
 def test_without_tools_a_tool_call_block_is_plain_content(ts: ToolServer) -> None:
-    r = ts.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "坏参数"}],
-                                          temperature=0, max_tokens=64)
+    r = ts.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "坏参数"}], temperature=0, max_tokens=64
+    )
     assert r.choices[0].message.content == SCRIPT[1][1] and not r.choices[0].message.tool_calls
 
 
 def test_thinking_per_request_and_as_the_server_default(ts: ToolServer) -> None:
     msgs = [{"role": "user", "content": "1+1等于几？"}]
-    r = ts.client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=64,
-                                          extra_body={"chat_template_kwargs": {"open_thinking": True}})
+    r = ts.client.chat.completions.create(
+        model=MODEL,
+        messages=msgs,
+        temperature=0,
+        max_tokens=64,
+        extra_body={"chat_template_kwargs": {"open_thinking": True}},
+    )
     m = r.choices[0].message
     assert (m.content, m.reasoning_content, r.choices[0].finish_reason) == ("等于2。", "一加一，\n\n是二。", "stop")
     assert ts.model.prompts[-1] == ts.reference_prompt(msgs, thinking=True)
-    content, reasoning, _, _ = _stream(ts, messages=msgs, temperature=0, max_tokens=64,
-                                       extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    content, reasoning, _, _ = _stream(
+        ts, messages=msgs, temperature=0, max_tokens=64, extra_body={"chat_template_kwargs": {"enable_thinking": True}}
+    )
     assert (content, reasoning) == ("等于2。", "一加一，\n\n是二。")
     default_on = ToolServer(thinking=True)
     try:
         r = default_on.client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=64)
         assert r.choices[0].message.reasoning_content == "一加一，\n\n是二。"
         assert default_on.model.prompts[-1] == default_on.reference_prompt(msgs, thinking=True)
-        r = default_on.client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, max_tokens=64,
-                                                      extra_body={"chat_template_kwargs": {"open_thinking": False}})
+        r = default_on.client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,
+            temperature=0,
+            max_tokens=64,
+            extra_body={"chat_template_kwargs": {"open_thinking": False}},
+        )
         assert default_on.model.prompts[-1] == default_on.reference_prompt(ASK)
     finally:
         default_on.stop()
 
 
 def _post(ts: ToolServer, body: dict[str, Any]) -> httpx.Response:
-    return httpx.post(ts.url + "/v1/chat/completions", content=json.dumps(body), timeout=30,
-                      headers={"Content-Type": "application/json"})
+    return httpx.post(
+        ts.url + "/v1/chat/completions",
+        content=json.dumps(body),
+        timeout=30,
+        headers={"Content-Type": "application/json"},
+    )
 
 
 BAD = {
     "tool_choice required": ({"tools": TOOLS, "tool_choice": "required"}, "tool_choice"),
-    "tool_choice named": ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
-                          "tool_choice"),
+    "tool_choice named": (
+        {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+        "tool_choice",
+    ),
     "tools not a list": ({"tools": {"a": 1}}, "tools"),
     "tool without a name": ({"tools": [{"type": "function", "function": {}}]}, "tools[0]"),
     "non-function tool": ({"tools": [{"type": "code_interpreter"}]}, "tools[0]"),
@@ -185,10 +219,31 @@ BAD = {
     "parallel not bool": ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     "unknown template kwarg": ({"chat_template_kwargs": {"evil": 1}}, "chat_template_kwargs"),
     "thinking not bool": ({"chat_template_kwargs": {"open_thinking": "yes"}}, "chat_template_kwargs"),
-    "arguments not JSON": ({"messages": ASK + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{city"}}]}]}, "not JSON"),
-    "arguments not an object": ({"messages": ASK + [{"role": "assistant", "tool_calls": [
-        {"type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]}, "JSON object"),
+    "arguments not JSON": (
+        {
+            "messages": ASK
+            + [
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{city"}}],
+                }
+            ]
+        },
+        "not JSON",
+    ),
+    "arguments not an object": (
+        {
+            "messages": ASK
+            + [
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "[1]"}}],
+                }
+            ]
+        },
+        "JSON object",
+    ),
     "tool_calls not a list": ({"messages": ASK + [{"role": "assistant", "tool_calls": {"a": 1}}]}, "tool_calls"),
     "tool content missing": ({"messages": ASK + [{"role": "tool"}]}, "content"),
 }
@@ -207,11 +262,16 @@ def test_thinking_on_a_template_without_it_is_a_400(tmp_path) -> None:
 
     tok = load_tokenizer(_tokenizer_dir(tmp_path))  # MiniMind2's ChatML template: tools, no thinking
     engine = Engine(ScriptedLM(lambda p: [tok.eos_id], tok.vocab_size, tok.eos_id), tok).start()
-    server = RunningServer(create_app(engine, ServerOptions(model_name=MODEL)), bind_socket("127.0.0.1", 0),
-                           engine).start()
+    server = RunningServer(
+        create_app(engine, ServerOptions(model_name=MODEL)), bind_socket("127.0.0.1", 0), engine
+    ).start()
     try:
-        r = httpx.post(server.url + "/v1/chat/completions", timeout=30, headers={"Content-Type": "application/json"},
-                       content=json.dumps({"messages": ASK, "chat_template_kwargs": {"open_thinking": True}}))
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            timeout=30,
+            headers={"Content-Type": "application/json"},
+            content=json.dumps({"messages": ASK, "chat_template_kwargs": {"open_thinking": True}}),
+        )
         _assert_error(r, 400, "thinking")
     finally:
         server.stop()

@@ -21,9 +21,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-WORDS = ("the cat dog bird sees eats runs jumps over under small big red blue green happy sad river tree "
-         "house moon sun star light night day water fire stone 今天 天气 很好 我们 学习 模型 数据 训练 中文 "
-         "句子 明天 下雨 山 水 花 鸟").split()
+WORDS = (
+    "the cat dog bird sees eats runs jumps over under small big red blue green happy sad river tree "
+    "house moon sun star light night day water fire stone 今天 天气 很好 我们 学习 模型 数据 训练 中文 "
+    "句子 明天 下雨 山 水 花 鸟"
+).split()
 
 
 def _sentence(rng: random.Random, n: int) -> str:
@@ -52,27 +54,37 @@ def build_shards() -> dict[str, Path]:
     root = Path(tempfile.mkdtemp(prefix="llmcore-train-tests-"))
     atexit.register(shutil.rmtree, root, True)
     rng = random.Random(0)
-    pre = [{"text": " ".join(_sentence(rng, rng.randint(4, 14)) for _ in range(rng.randint(1, 4)))}
-           for _ in range(300)]
+    pre = [{"text": " ".join(_sentence(rng, rng.randint(4, 14)) for _ in range(rng.randint(1, 4)))} for _ in range(300)]
     sft = []
     for _ in range(120):
-        turns = [{"role": "user", "content": _sentence(rng, rng.randint(3, 8))},
-                 {"role": "assistant", "content": _sentence(rng, rng.randint(2, 12))}]
+        turns = [
+            {"role": "user", "content": _sentence(rng, rng.randint(3, 8))},
+            {"role": "assistant", "content": _sentence(rng, rng.randint(2, 12))},
+        ]
         if rng.random() < 0.3:
-            turns += [{"role": "user", "content": _sentence(rng, 4)},
-                      {"role": "assistant", "content": _sentence(rng, rng.randint(2, 6))}]
+            turns += [
+                {"role": "user", "content": _sentence(rng, 4)},
+                {"role": "assistant", "content": _sentence(rng, rng.randint(2, 6))},
+            ]
         if rng.random() < 0.3:
             turns.insert(0, {"role": "system", "content": "you are a helpful assistant."})
         sft.append({"conversations": turns})
     dpo = []
     for _ in range(60):
         prompt = [{"role": "user", "content": _sentence(rng, rng.randint(3, 8))}]
-        dpo.append({"chosen": prompt + [{"role": "assistant", "content": _sentence(rng, rng.randint(3, 10))}],
-                    "rejected": prompt + [{"role": "assistant", "content": _sentence(rng, rng.randint(2, 8))}]})
+        dpo.append(
+            {
+                "chosen": prompt + [{"role": "assistant", "content": _sentence(rng, rng.randint(3, 10))}],
+                "rejected": prompt + [{"role": "assistant", "content": _sentence(rng, rng.randint(2, 8))}],
+            }
+        )
     src = root / "src"
     src.mkdir()
-    paths = {"pretrain": _write_jsonl(src / "pre.jsonl", pre), "sft": _write_jsonl(src / "sft.jsonl", sft),
-             "dpo": _write_jsonl(src / "dpo.jsonl", dpo)}
+    paths = {
+        "pretrain": _write_jsonl(src / "pre.jsonl", pre),
+        "sft": _write_jsonl(src / "sft.jsonl", sft),
+        "dpo": _write_jsonl(src / "dpo.jsonl", dpo),
+    }
     out: dict[str, Path] = {}
     out["tok"] = train_tokenizer([paths["pretrain"]], root / "tok", vocab_size=400)
     out["tok_other"] = train_tokenizer([paths["pretrain"]], root / "tok_other", vocab_size=350)
@@ -89,9 +101,18 @@ def tiny_cfg(stage: str, shards: dict[str, Path], out: Path, **kw: Any) -> Any:
     """A small, fast, fully deterministic config: tiny model, fp32, log every step."""
     from llmcore.train import TrainConfig
 
-    base: dict[str, Any] = dict(data=str(shards[stage]), out=str(out), seq_len=48, micro_batch_size=2,
-                                global_batch_size=4, max_steps=6, log_every=1, quiet=True, seed=3,
-                                attn_backend="sdpa")
+    base: dict[str, Any] = dict(
+        data=str(shards[stage]),
+        out=str(out),
+        seq_len=48,
+        micro_batch_size=2,
+        global_batch_size=4,
+        max_steps=6,
+        log_every=1,
+        quiet=True,
+        seed=3,
+        attn_backend="sdpa",
+    )
     if stage == "pretrain":
         base.update(model="tiny", lr=3e-3)
     elif stage == "sft":

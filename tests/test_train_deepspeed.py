@@ -21,8 +21,23 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 deepspeed = pytest.importorskip("deepspeed", reason="deepspeed not installed")
 
-COMMON = ["--model", "tiny", "--seq-len", "48", "--global-batch-size", "4", "--max-steps", "4", "--log-every", "1",
-          "--lr", "3e-3", "--seed", "3", "--quiet"]
+COMMON = [
+    "--model",
+    "tiny",
+    "--seq-len",
+    "48",
+    "--global-batch-size",
+    "4",
+    "--max-steps",
+    "4",
+    "--log-every",
+    "1",
+    "--lr",
+    "3e-3",
+    "--seed",
+    "3",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +56,37 @@ def test_two_process_zero_matches_one_process(shards, tmp_path, reference, stage
         head = [str(runner)] if runner.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
         head += ["--num_gpus", "2", "--master_port", str(free_port()), "--module", "llmcore"]
     else:
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port()), "-m", "llmcore"]
-    cmd = head + ["train", "pretrain",
-                      "--deepspeed", str(deepspeed_config_path(f"zero{stage}")), "--data", str(shards["pretrain"]),
-                      "--out", str(out), "--micro-batch-size", "1", *COMMON]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))}
+        head = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "llmcore",
+        ]
+    cmd = head + [
+        "train",
+        "pretrain",
+        "--deepspeed",
+        str(deepspeed_config_path(f"zero{stage}")),
+        "--data",
+        str(shards["pretrain"]),
+        "--out",
+        str(out),
+        "--micro-batch-size",
+        "1",
+        *COMMON,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
+    }
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     got = losses(out)
@@ -59,6 +97,14 @@ def test_two_process_zero_matches_one_process(shards, tmp_path, reference, stage
     assert (ck / "latest").read_text().strip() == "step-4"
     # Every rank wrote its own loader and RNG state; rank 0 the shared files.
     names = {p.name for p in (ck / "step-4").iterdir()}
-    assert {"model.safetensors", "optimizer.safetensors", "loader_state.json", "loader_state_rank1.json",
-            "rng_state.pt", "rng_state_rank1.pt", "trainer_state.json", "manifest.json"} <= names
+    assert {
+        "model.safetensors",
+        "optimizer.safetensors",
+        "loader_state.json",
+        "loader_state_rank1.json",
+        "rng_state.pt",
+        "rng_state_rank1.pt",
+        "trainer_state.json",
+        "manifest.json",
+    } <= names
     assert "engine" not in names  # DeepSpeed's own (pickled, per-rank) checkpoint files are not written

@@ -47,8 +47,10 @@ def test_device_resolution_and_errors(monkeypatch):
 
 
 @pytest.mark.skipif(not NO_CUDA, reason="checks the error on a machine without CUDA")
-@pytest.mark.parametrize("command", [["train", "pretrain", "--model", "tiny", "--max-steps", "1"],
-                                     ["eval"], ["generate", "--prompt", "hello"]])
+@pytest.mark.parametrize(
+    "command",
+    [["train", "pretrain", "--model", "tiny", "--max-steps", "1"], ["eval"], ["generate", "--prompt", "hello"]],
+)
 def test_device_cuda_without_cuda_is_one_line(shards, tmp_path, capsys, command):
     run = pretrained_run()
     if command[0] == "train":
@@ -69,8 +71,7 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(shards, tmp_path, 
 
 
 def test_auto_precision_and_backend_resolve_for_the_cpu(shards, tmp_path):
-    s = train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "r", attn_backend="auto", dtype="auto",
-                                   max_steps=2))
+    s = train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "r", attn_backend="auto", dtype="auto", max_steps=2))
     config = json.loads((s.run_dir / "config.json").read_text())
     assert config["device"] == "cpu" and config["train"]["attn_backend"] == "sdpa"
     saved = json.loads((s.run_dir / "checkpoints" / "step-2" / "model_config.json").read_text())
@@ -114,8 +115,9 @@ def test_model_batches_and_reference_live_on_the_engine_device(shards, tmp_path,
     from llmcore.train.trainer import Trainer
 
     seen: list[torch.device] = []
-    trainer = Trainer.from_config("dpo", tiny_cfg("dpo", shards, tmp_path / "d", init=str(sft_run()),
-                                                   max_steps=2).resolved("dpo"))
+    trainer = Trainer.from_config(
+        "dpo", tiny_cfg("dpo", shards, tmp_path / "d", init=str(sft_run()), max_steps=2).resolved("dpo")
+    )
     dev = trainer.engine.device
     assert dev == resolve_device("auto")
     assert all(p.device == dev for p in trainer.model.parameters())
@@ -141,8 +143,12 @@ def test_device_feed_is_exact_and_resumable(shards):
     reader = ShardReader(shards["pretrain"])
     plain = make_loader(reader, "packed", 32, 2, seed=5)
     expected = [next(plain) for _ in range(7)]
-    feed = DeviceFeed(make_loader(reader, "packed", 32, 2, seed=5), torch.device("cpu"),
-                      lambda b: {"real": int((b["input_ids"] != 0).sum())}, depth=3)
+    feed = DeviceFeed(
+        make_loader(reader, "packed", 32, 2, seed=5),
+        torch.device("cpu"),
+        lambda b: {"real": int((b["input_ids"] != 0).sum())},
+        depth=3,
+    )
     got = [next(feed) for _ in range(4)]
     for (batch, facts), want in zip(got, expected):
         assert torch.equal(batch["input_ids"], want["input_ids"]) and torch.equal(batch["labels"], want["labels"])

@@ -61,8 +61,10 @@ def test_gradient_equals_direct_kl_div_computation(alpha, temperature):
         t = teacher(ids).logits
     keep = labels != -100
     ce = F.cross_entropy(s[keep], labels[keep])
-    kl = F.kl_div(F.log_softmax(s[keep] / temperature, -1), F.softmax(t[keep] / temperature, -1),
-                  reduction="batchmean") * temperature ** 2
+    kl = (
+        F.kl_div(F.log_softmax(s[keep] / temperature, -1), F.softmax(t[keep] / temperature, -1), reduction="batchmean")
+        * temperature**2
+    )
     (alpha * ce + (1 - alpha) * kl).backward()
     assert float(out.terms["ce_loss"]) == pytest.approx(float(ce.detach()), rel=1e-5)
     assert float(out.terms["kd_loss"]) == pytest.approx(float(kl.detach()), rel=1e-5)
@@ -77,8 +79,20 @@ def test_agreement_rises_for_a_smaller_student_on_pretrain_shards(shards, tmp_pa
     teacher = tmp_path / "teacher"
     train("pretrain", tiny_cfg("pretrain", shards, teacher, model="demo", max_steps=30, lr=3e-3, quiet=True))
     out = tmp_path / "kd"
-    train("distill", tiny_cfg("pretrain", shards, out, model="tiny", teacher=str(teacher), max_steps=24, lr=1e-2,
-                              kd_alpha=0.0, eval_docs=20).resolved("distill"))
+    train(
+        "distill",
+        tiny_cfg(
+            "pretrain",
+            shards,
+            out,
+            model="tiny",
+            teacher=str(teacher),
+            max_steps=24,
+            lr=1e-2,
+            kd_alpha=0.0,
+            eval_docs=20,
+        ).resolved("distill"),
+    )
     recs = _train_records(out)
     agree = [r["top1_agreement"] for r in recs]
     kd = [r["kd_loss"] for r in recs]
@@ -92,14 +106,33 @@ def test_teacher_with_another_vocabulary_is_one_line(shards, tmp_path, capsys):
     other = tmp_path / "other"
     train("pretrain", tiny_cfg("pretrain", {**shards, "pretrain": shards["pretrain_other"]}, other, max_steps=1))
     with pytest.raises(LLMCoreError, match="has a vocabulary of 350 tokens, the student 400") as info:
-        train("distill", tiny_cfg("pretrain", shards, tmp_path / "kd", model="tiny", teacher=str(other),
-                                  max_steps=1).resolved("distill"))
+        train(
+            "distill",
+            tiny_cfg("pretrain", shards, tmp_path / "kd", model="tiny", teacher=str(other), max_steps=1).resolved(
+                "distill"
+            ),
+        )
     assert "\n" not in str(info.value)
     from llmcore.cli import main
 
     with pytest.raises(SystemExit) as ex:
-        main(["train", "distill", "--data", str(shards["sft"]), "--model", "tiny", "--out", str(tmp_path / "c"),
-              "--teacher", str(other), "--max-steps", "1", "--quiet"])
+        main(
+            [
+                "train",
+                "distill",
+                "--data",
+                str(shards["sft"]),
+                "--model",
+                "tiny",
+                "--out",
+                str(tmp_path / "c"),
+                "--teacher",
+                str(other),
+                "--max-steps",
+                "1",
+                "--quiet",
+            ]
+        )
     assert ex.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --teacher") and "vocabulary" in err[0]
@@ -119,8 +152,20 @@ def test_zero1_gives_the_plain_engine_losses(shards, tmp_path):
     runs = {}
     for name, ds in (("plain", None), ("zero1", str(deepspeed_config_path("zero1")))):
         runs[name] = tmp_path / name
-        train("distill", tiny_cfg("sft", shards, runs[name], init=str(sft_run()), teacher=str(sft_run()),
-                                  model=None, max_steps=3, lr=1e-3, deepspeed=ds).resolved("distill"))
+        train(
+            "distill",
+            tiny_cfg(
+                "sft",
+                shards,
+                runs[name],
+                init=str(sft_run()),
+                teacher=str(sft_run()),
+                model=None,
+                max_steps=3,
+                lr=1e-3,
+                deepspeed=ds,
+            ).resolved("distill"),
+        )
     a, b = _train_records(runs["plain"]), _train_records(runs["zero1"])
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b):

@@ -16,24 +16,42 @@ from test_train_common import losses, pretrained_run, run_cli, tiny_cfg
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--global-batch-size", "6", "--micro-batch-size", "4"], "not a multiple of --micro-batch-size"),
-    (["--lr", "-1"], "--lr must be"),
-    (["--dtype", "fp8"], "--dtype must be one of"),
-    (["--attn-backend", "flash"], "--attn-backend must be one of"),
-    (["--seq-len", "0"], "--seq-len must be a positive integer"),
-    (["--min-lr", "1", "--lr", "0.1"], "must not exceed --lr"),
-    (["--init", "/nonexistent/run"], "either --model PRESET"),
-    (["--deepspeed", "/nonexistent/ds.json"], "no such DeepSpeed config"),
-    (["--model", "giant"], "unknown model preset"),
-    (["--epochs", "nan"], "--epochs must be a finite number"),
-    (["--lr", "1e39"], "--lr must be <= 1e+30"),
-    (["--device", "tpu"], "expected auto, cpu, cuda or cuda:N"),
-    (["--packing", "stream"], "--packing must be one of packed, bestfit, padded"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--global-batch-size", "6", "--micro-batch-size", "4"], "not a multiple of --micro-batch-size"),
+        (["--lr", "-1"], "--lr must be"),
+        (["--dtype", "fp8"], "--dtype must be one of"),
+        (["--attn-backend", "flash"], "--attn-backend must be one of"),
+        (["--seq-len", "0"], "--seq-len must be a positive integer"),
+        (["--min-lr", "1", "--lr", "0.1"], "must not exceed --lr"),
+        (["--init", "/nonexistent/run"], "either --model PRESET"),
+        (["--deepspeed", "/nonexistent/ds.json"], "no such DeepSpeed config"),
+        (["--model", "giant"], "unknown model preset"),
+        (["--epochs", "nan"], "--epochs must be a finite number"),
+        (["--lr", "1e39"], "--lr must be <= 1e+30"),
+        (["--device", "tpu"], "expected auto, cpu, cuda or cuda:N"),
+        (["--packing", "stream"], "--packing must be one of packed, bestfit, padded"),
+    ],
+)
 def test_bad_flags_exit_2_with_one_line(shards, tmp_path, capsys, args, message):
-    base = ["train", "pretrain", "--data", str(shards["pretrain"]), "--out", str(tmp_path / "run"), "--max-steps", "1",
-            "--seq-len", "32", "--micro-batch-size", "2", "--global-batch-size", "2", "--quiet"]
+    base = [
+        "train",
+        "pretrain",
+        "--data",
+        str(shards["pretrain"]),
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "1",
+        "--seq-len",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "2",
+        "--quiet",
+    ]
     if "--model" not in args:
         base += ["--model", "tiny"]
     code, _, err = run_cli(base + args, capsys)
@@ -102,9 +120,13 @@ def test_toml_config_file_and_flag_precedence(shards, tmp_path):
     with pytest.raises(LLMCoreError, match="unknown training setting"):
         build_config("pretrain", {"data": str(shards["pretrain"]), "out": "o"}, toml)
     # Values in files are type-checked against the setting's declared type, never coerced from strings.
-    for text, message in (('lr = "1e-3"', "lr must be a number"), ('compile = "no"', "compile must be true or false"),
-                          ("seq_len = 1.5", "seq_len must be an integer"), ("epochs = nan", "--epochs must be a finite"),
-                          ('dtype = "fp8"', "--dtype must be one of")):
+    for text, message in (
+        ('lr = "1e-3"', "lr must be a number"),
+        ('compile = "no"', "compile must be true or false"),
+        ("seq_len = 1.5", "seq_len must be an integer"),
+        ("epochs = nan", "--epochs must be a finite"),
+        ('dtype = "fp8"', "--dtype must be one of"),
+    ):
         toml.write_text(text + "\n")
         with pytest.raises(LLMCoreError, match=message):
             build_config("pretrain", {"data": str(shards["pretrain"]), "out": "o"}, toml)
@@ -131,9 +153,33 @@ def test_nan_loss_stops_cleanly_keeping_last_good_checkpoint(shards, tmp_path, c
     assert [s for s, _ in losses(out)] == [1]  # the bad step logged nothing
 
     # Through the CLI: one error line, exit code 2.
-    args = ["train", "pretrain", "--data", str(shards["pretrain"]), "--out", str(tmp_path / "nan2"), "--model", "tiny",
-            "--seq-len", "48", "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e30", "--min-lr", "1e30",
-            "--grad-clip", "0", "--max-steps", "5", "--save-every", "1", "--quiet"]
+    args = [
+        "train",
+        "pretrain",
+        "--data",
+        str(shards["pretrain"]),
+        "--out",
+        str(tmp_path / "nan2"),
+        "--model",
+        "tiny",
+        "--seq-len",
+        "48",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--lr",
+        "1e30",
+        "--min-lr",
+        "1e30",
+        "--grad-clip",
+        "0",
+        "--max-steps",
+        "5",
+        "--save-every",
+        "1",
+        "--quiet",
+    ]
     code, _, err = run_cli(args, capsys)
     assert code == 2 and "error: " in err and "step 2" in err
 
@@ -150,8 +196,9 @@ def test_cli_is_derived_from_the_config_per_stage(shards, tmp_path):
     from llmcore.train.stages import all_stages, stage_only_settings
 
     runner = CliRunner()
-    helps = {st.name: runner.invoke(app, ["train", st.name, "--help"], terminal_width=200).output
-             for st in all_stages()}
+    helps = {
+        st.name: runner.invoke(app, ["train", st.name, "--help"], terminal_width=200).output for st in all_stages()
+    }
     for st in all_stages():
         others = stage_only_settings() - set(st.settings)
         for f in fields(TrainConfig):
@@ -161,15 +208,24 @@ def test_cli_is_derived_from_the_config_per_stage(shards, tmp_path):
     assert "--packing" in pre_help and "--packing" not in dpo_help
     assert "4e-08" in dpo_help and "0.0005" in pre_help  # each stage's own default lr
 
-    args = ["train", "pretrain", "--data", str(shards["pretrain"]), "--out", str(tmp_path / "o"), "--lr", "0.003",
-            "--no-compile", "--print-config"]
+    args = [
+        "train",
+        "pretrain",
+        "--data",
+        str(shards["pretrain"]),
+        "--out",
+        str(tmp_path / "o"),
+        "--lr",
+        "0.003",
+        "--no-compile",
+        "--print-config",
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0 and "lr = 0.003" in res.output and "micro_batch_size = 32" in res.output
     saved = tmp_path / "effective.toml"
     saved.write_text(res.output)
     again = build_config("pretrain", {}, saved)
-    assert again == build_config("pretrain", {"data": str(shards["pretrain"]), "out": str(tmp_path / "o"),
-                                             "lr": 0.003})
+    assert again == build_config("pretrain", {"data": str(shards["pretrain"]), "out": str(tmp_path / "o"), "lr": 0.003})
     assert not (tmp_path / "o").exists()  # --print-config trains nothing
 
 

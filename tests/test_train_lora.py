@@ -120,10 +120,10 @@ def test_merged_equals_adapters_in_llmcore_merge_lora_and_transformers(lora_run,
 def test_generate_eval_and_overwrite_take_a_lora_run(lora_run, shards, tmp_path, capsys):
     from llmcore.cli import main
 
-    for args in (["generate", "--ckpt", str(lora_run), "--prompt", "the cat", "--max-new-tokens", "4", "--device",
-                  "cpu"],
-                 ["eval", "--ckpt", str(lora_run), "--data", str(shards["sft"]), "--max-batches", "2", "--device",
-                  "cpu"]):
+    for args in (
+        ["generate", "--ckpt", str(lora_run), "--prompt", "the cat", "--max-new-tokens", "4", "--device", "cpu"],
+        ["eval", "--ckpt", str(lora_run), "--data", str(shards["sft"]), "--max-batches", "2", "--device", "cpu"],
+    ):
         with pytest.raises(SystemExit) as info:
             main(args)
         assert info.value.code in (0, None), capsys.readouterr()
@@ -156,8 +156,7 @@ def test_all_linear_and_named_targets(shards, tmp_path):
     t = Trainer.from_config("lora", lora_cfg(shards, tmp_path / "a", lora_targets="all-linear"))
     kinds = {n.rsplit(".", 2)[-2] for n, p in t.model.named_parameters() if p.requires_grad}
     assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    t = Trainer.from_config("lora", lora_cfg(shards, tmp_path / "b", lora_targets="v_proj, gate_proj",
-                                             lora_alpha=8.0))
+    t = Trainer.from_config("lora", lora_cfg(shards, tmp_path / "b", lora_targets="v_proj, gate_proj", lora_alpha=8.0))
     mods = [m for m in t.model.modules() if isinstance(m, LoRALinear)]
     assert len(mods) == 2 * t.model.config.num_hidden_layers and all(m.scaling == 2.0 for m in mods)
 
@@ -169,8 +168,23 @@ def test_targets_naming_no_layer_is_one_line(shards, tmp_path, capsys):
     from llmcore.cli import main
 
     with pytest.raises(SystemExit) as ex:
-        main(["train", "lora", "--data", str(shards["sft"]), "--init", str(sft_run()), "--out", str(tmp_path / "y"),
-              "--lora-targets", "lm_head", "--max-steps", "1", "--quiet"])
+        main(
+            [
+                "train",
+                "lora",
+                "--data",
+                str(shards["sft"]),
+                "--init",
+                str(sft_run()),
+                "--out",
+                str(tmp_path / "y"),
+                "--lora-targets",
+                "lm_head",
+                "--max-steps",
+                "1",
+                "--quiet",
+            ]
+        )
     assert ex.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --lora-targets 'lm_head': lm_head names no linear layer")
@@ -246,10 +260,16 @@ def test_parity_with_peft_on_the_same_targets(lora_run, tmp_path):
     for m in ours.modules():
         if isinstance(m, LoRALinear):
             m.scaling = alpha / m.rank  # the same adapters at another scale, on both sides
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(export_hf(sft_run(), tmp_path / "hf")),
-                                                           torch_dtype=torch.float32)
-    config = peft.LoraConfig(r=meta["rank"], lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(export_hf(sft_run(), tmp_path / "hf")), torch_dtype=torch.float32
+    )
+    config = peft.LoraConfig(
+        r=meta["rank"],
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
     model = peft.get_peft_model(hf, config).eval()
     params = dict(model.named_parameters())
     adapters = _adapters(lora_run)
@@ -258,7 +278,8 @@ def test_parity_with_peft_on_the_same_targets(lora_run, tmp_path):
             for ab in ("lora_A", "lora_B"):
                 params[f"base_model.model.model.{m}.{ab}.default.weight"].copy_(adapters[f"{m}.{ab}"])
     assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) == sum(
-        t.numel() for t in adapters.values())
+        t.numel() for t in adapters.values()
+    )
     x = _batch(ours, 2)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, ours(x).logits, atol=1e-5, rtol=0)

@@ -126,7 +126,7 @@ def test_accumulated_micro_batches_give_the_big_batch_gradient(shards):
     reader = ShardReader(shards["sft"])
     vocab = reader.manifest["tokenizer"]["vocab_size"]
     big = next(make_loader(reader, "padded", 64, 8, seed=5))
-    micros = [{k: (v[i:i + 2] if isinstance(v, torch.Tensor) else v) for k, v in big.items()} for i in range(0, 8, 2)]
+    micros = [{k: (v[i : i + 2] if isinstance(v, torch.Tensor) else v) for k, v in big.items()} for i in range(0, 8, 2)]
     counts = [int((m["labels"] != -100).sum()) for m in micros]
     assert len(set(counts)) > 1, "test data should give micro batches of unequal loss-token counts"
     obj = LMObjective()
@@ -135,7 +135,9 @@ def test_accumulated_micro_batches_give_the_big_batch_gradient(shards):
         model = tiny_model(vocab, 7)
         total = sum(obj.count(b) for b in batches)
         for b in batches:
-            obj(lambda x: model(x["input_ids"], position_ids=x["position_ids"]), b, total, len(batches), 1).loss.backward()
+            obj(
+                lambda x: model(x["input_ids"], position_ids=x["position_ids"]), b, total, len(batches), 1
+            ).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     g_big, g_acc = grads([big]), grads(micros)
@@ -144,10 +146,12 @@ def test_accumulated_micro_batches_give_the_big_batch_gradient(shards):
 
 
 def test_training_with_accumulation_logs_the_big_batch_losses(shards, tmp_path):
-    a = train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "acc", micro_batch_size=1, global_batch_size=4,
-                                   max_steps=3))
-    b = train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "big", micro_batch_size=4, global_batch_size=4,
-                                   max_steps=3))
+    a = train(
+        "pretrain", tiny_cfg("pretrain", shards, tmp_path / "acc", micro_batch_size=1, global_batch_size=4, max_steps=3)
+    )
+    b = train(
+        "pretrain", tiny_cfg("pretrain", shards, tmp_path / "big", micro_batch_size=4, global_batch_size=4, max_steps=3)
+    )
     la, lb = losses(a.run_dir), losses(b.run_dir)
     assert [s for s, _ in la] == [1, 2, 3]
     for (_, x), (_, y) in zip(la, lb):

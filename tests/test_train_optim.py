@@ -83,21 +83,39 @@ def test_muon_update_is_newton_schulz_of_nesterov_momentum_and_torch_muon():
         assert sv.min() > 0.5 and sv.max() < 1.5  # orthogonalised: singular values near 1
 
 
-MUON_TINY = [f"layers.{i}.{m}.weight" for i in range(2) for m in
-             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+MUON_TINY = [
+    f"layers.{i}.{m}.weight"
+    for i in range(2)
+    for m in (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+]
 
 
 def test_parameter_groups_are_as_documented():
     model = _tiny_model()
     assert group_names(model, "muon") == {
         "muon": MUON_TINY,
-        "adamw_no_decay": ["embed_tokens.weight", "layers.0.input_layernorm.weight",
-                           "layers.0.post_attention_layernorm.weight", "layers.1.input_layernorm.weight",
-                           "layers.1.post_attention_layernorm.weight", "norm.weight"]}
+        "adamw_no_decay": [
+            "embed_tokens.weight",
+            "layers.0.input_layernorm.weight",
+            "layers.0.post_attention_layernorm.weight",
+            "layers.1.input_layernorm.weight",
+            "layers.1.post_attention_layernorm.weight",
+            "norm.weight",
+        ],
+    }
     # adamw: MiniMind's groups (decay the 2-D hidden weights, not norms or the tied embedding)
     assert group_names(model, "adamw") == {
-        "adamw_decay": MUON_TINY, "adamw_no_decay": group_names(model, "muon")["adamw_no_decay"]}
+        "adamw_decay": MUON_TINY,
+        "adamw_no_decay": group_names(model, "muon")["adamw_no_decay"],
+    }
     # The optimizer holds exactly those parameters, with the documented rates and decay.
     names = {id(p): n for n, p in model.named_parameters()}
     opt = make_optimizer(model, _cfg())
@@ -105,8 +123,14 @@ def test_parameter_groups_are_as_documented():
     assert got == [(1e-3, 0.0, group_names(model, "muon")["adamw_no_decay"]), (0.02, 0.1, MUON_TINY)]
     assert opt.muon.param_groups[0]["nesterov"] and opt.muon.param_groups[0]["momentum"] == 0.95
     # MoE: the router (mlp.gate) stays with AdamW, every expert's matrices go to Muon.
-    moe = _tiny_model(num_hidden_layers=1, use_moe=True, num_experts=2, num_experts_per_tok=1,
-                      num_shared_experts=0, moe_intermediate_size=32)
+    moe = _tiny_model(
+        num_hidden_layers=1,
+        use_moe=True,
+        num_experts=2,
+        num_experts_per_tok=1,
+        num_shared_experts=0,
+        moe_intermediate_size=32,
+    )
     groups = group_names(moe, "muon")
     assert "layers.0.mlp.gate.weight" in groups["adamw_decay"]
     assert "layers.0.mlp.experts.1.down_proj.weight" in groups["muon"]

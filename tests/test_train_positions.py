@@ -13,15 +13,21 @@ from llmcore.train.protocols import model_positions
 
 
 def test_padded_and_pair_rows_are_marked_single_documents(shards) -> None:
-    for kind, mode, single in (("pretrain", "padded", True), ("pretrain", "packed", False),
-                               ("sft", "bestfit", False), ("dpo", "pairs", True)):
+    for kind, mode, single in (
+        ("pretrain", "padded", True),
+        ("pretrain", "packed", False),
+        ("sft", "bestfit", False),
+        ("dpo", "pairs", True),
+    ):
         batch = next(make_loader(ShardReader(shards[kind]), mode, 32, 2, seed=0))
         assert bool(batch.get("single_documents")) is single, (kind, mode)
         pos = model_positions(batch)
         if single:
             assert pos is None
             # The claim holds: every row's positions are 0..T-1 (one document starting at 0).
-            assert torch.equal(batch["position_ids"], torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]))
+            assert torch.equal(
+                batch["position_ids"], torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+            )
         else:
             assert pos is batch["position_ids"]
         assert first_rows(batch, 1).get("single_documents") == batch.get("single_documents")

@@ -42,9 +42,12 @@ def _interrupt_at(step: int) -> TrainHooks:
     return TrainHooks(on_step=on_step)
 
 
-ENGINES = [pytest.param(None, id="plain"),
-           pytest.param("zero0", id="deepspeed-zero0",
-                        marks=pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed"))]
+ENGINES = [
+    pytest.param(None, id="plain"),
+    pytest.param(
+        "zero0", id="deepspeed-zero0", marks=pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed")
+    ),
+]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -80,8 +83,9 @@ def test_resume_equals_uninterrupted_run(shards, tmp_path, stage, engine):
 def test_one_process_deepspeed_matches_plain_engine(shards, tmp_path):
     kw = dict(max_steps=4)
     plain = train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "plain", **kw))
-    ds = train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "ds", deepspeed=str(deepspeed_config_path("zero1")),
-                                    **kw))
+    ds = train(
+        "pretrain", tiny_cfg("pretrain", shards, tmp_path / "ds", deepspeed=str(deepspeed_config_path("zero1")), **kw)
+    )
     assert plain.steps == ds.steps == 4
     for (s1, a), (s2, b) in zip(losses(tmp_path / "plain"), losses(tmp_path / "ds")):
         assert s1 == s2 and a == pytest.approx(b, abs=1e-5)
@@ -109,8 +113,9 @@ def test_kill_during_checkpoint_write_keeps_previous_and_resume_works(shards, tm
     out = tmp_path / "run"
     script = KILL_SCRIPT.format(tests=str(ROOT / "tests"), out=str(out), shards={k: str(v) for k, v in shards.items()})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     ck = out / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step-2"

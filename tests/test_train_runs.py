@@ -22,8 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def test_pretrain_run_dir_contents_and_learning(shards, tmp_path):
     out = tmp_path / "pre"
-    s = train("pretrain", tiny_cfg("pretrain", shards, out, max_steps=12, eval_docs=20, eval_every=6, save_every=6,
-                                   log_every=2))
+    s = train(
+        "pretrain",
+        tiny_cfg("pretrain", shards, out, max_steps=12, eval_docs=20, eval_every=6, save_every=6, log_every=2),
+    )
     assert s.steps == 12 and s.tokens > 0 and s.checkpoint == out / "checkpoints" / "step-12"
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["stage"] == "pretrain" and cfg["model"]["hidden_size"] == 64 and cfg["train"]["seq_len"] == 48
@@ -32,8 +34,17 @@ def test_pretrain_run_dir_contents_and_learning(shards, tmp_path):
     train_rows = [r for r in rows if "eval_loss" not in r]
     assert [r["step"] for r in train_rows] == [1, 2, 4, 6, 8, 10, 12]  # step 1 is always logged
     for r in train_rows:
-        assert {"step", "loss", "lr", "tokens", "tokens_per_s", "step_s", "peak_mem_gb", "grad_norm",
-                "epoch"} <= r.keys()
+        assert {
+            "step",
+            "loss",
+            "lr",
+            "tokens",
+            "tokens_per_s",
+            "step_s",
+            "peak_mem_gb",
+            "grad_norm",
+            "epoch",
+        } <= r.keys()
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [6, 12] and all("eval_ppl" in r for r in evals)
     assert (out / "loss.png").stat().st_size > 1000
@@ -83,8 +94,19 @@ def test_sft_from_pretrain_loss_is_only_over_assistant_tokens(shards, tmp_path):
     document once equals the per-document oracle over the assistant tokens only: a loss that also
     counted user/system tokens, or dropped assistant ones, differs."""
     n_docs = len(ShardReader(shards["sft"]))
-    s = train("sft", tiny_cfg("sft", shards, tmp_path / "sft", init=str(pretrained_run()), max_steps=1,
-                              packing="padded", micro_batch_size=n_docs, global_batch_size=n_docs))
+    s = train(
+        "sft",
+        tiny_cfg(
+            "sft",
+            shards,
+            tmp_path / "sft",
+            init=str(pretrained_run()),
+            max_steps=1,
+            packing="padded",
+            micro_batch_size=n_docs,
+            global_batch_size=n_docs,
+        ),
+    )
     model, _ = load_model(pretrained_run())
     total, n = per_document_ce(model.float().eval(), shards["sft"], 128)
     assert s.steps == 1 and losses(s.run_dir)[0][1] == pytest.approx(total / n, rel=1e-4)
@@ -93,8 +115,9 @@ def test_sft_from_pretrain_loss_is_only_over_assistant_tokens(shards, tmp_path):
 @pytest.mark.parametrize("ref_logps", ["model", "precompute"])
 def test_dpo_logs_trl_metrics_and_moves_rewards(shards, tmp_path, ref_logps):
     out = tmp_path / ref_logps
-    s = train("dpo", tiny_cfg("dpo", shards, out, init=str(sft_run()), max_steps=4, ref_logps=ref_logps,
-                              eval_docs=8, lr=5e-3))
+    s = train(
+        "dpo", tiny_cfg("dpo", shards, out, init=str(sft_run()), max_steps=4, ref_logps=ref_logps, eval_docs=8, lr=5e-3)
+    )
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" not in r]
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "dpo_loss"} <= rows[0].keys()
     # Step 1: policy == reference, so the loss is log 2 and every reward is 0.
@@ -106,8 +129,10 @@ def test_dpo_logs_trl_metrics_and_moves_rewards(shards, tmp_path, ref_logps):
 
 def test_dpo_precomputed_reference_matches_reference_model(shards, tmp_path):
     a = train("dpo", tiny_cfg("dpo", shards, tmp_path / "a", init=str(sft_run()), max_steps=3, lr=5e-3))
-    b = train("dpo", tiny_cfg("dpo", shards, tmp_path / "b", init=str(sft_run()), max_steps=3, lr=5e-3,
-                              ref_logps="precompute"))
+    b = train(
+        "dpo",
+        tiny_cfg("dpo", shards, tmp_path / "b", init=str(sft_run()), max_steps=3, lr=5e-3, ref_logps="precompute"),
+    )
     for (_, x), (_, y) in zip(losses(a.run_dir), losses(b.run_dir)):
         assert x == pytest.approx(y, abs=1e-5)
 
@@ -117,7 +142,9 @@ def test_wandb_offline_and_bf16_run(shards, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     out = tmp_path / "wb"
-    s = train("pretrain", tiny_cfg("pretrain", shards, out, max_steps=2, wandb=True, wandb_project="llmcore-test",
-                                   dtype="bf16"))
+    s = train(
+        "pretrain",
+        tiny_cfg("pretrain", shards, out, max_steps=2, wandb=True, wandb_project="llmcore-test", dtype="bf16"),
+    )
     assert s.steps == 2 and math.isfinite(s.loss)
     assert (out / "wandb").is_dir() and (out / "wandb_id.txt").is_file()

@@ -42,12 +42,19 @@ class NormTuneStage(LanguageModelStage):
 def toy_stage():
     from llmcore.train import stages
 
-    stage = register_stage(NormTuneStage(
-        name="normtune", shard_kind="pretrain", summary="Toy: train only the norm weights.",
-        example="llmcore train normtune --data shards/pretrain --init runs/pre --out runs/nt",
-        defaults=_defaults(lr=1e-2, micro_batch_size=2, global_batch_size=4, seq_len=48, epochs=1.0,
-                           packing="packed"),
-        settings=("packing",), needs_init="it tunes a trained model's norms"))
+    stage = register_stage(
+        NormTuneStage(
+            name="normtune",
+            shard_kind="pretrain",
+            summary="Toy: train only the norm weights.",
+            example="llmcore train normtune --data shards/pretrain --init runs/pre --out runs/nt",
+            defaults=_defaults(
+                lr=1e-2, micro_batch_size=2, global_batch_size=4, seq_len=48, epochs=1.0, packing="packed"
+            ),
+            settings=("packing",),
+            needs_init="it tunes a trained model's norms",
+        )
+    )
     yield stage
     stages._REGISTRY.pop("normtune", None)
 
@@ -69,8 +76,23 @@ def test_toy_stage_registered_outside_gets_a_working_command(shards, tmp_path, t
     help_out = runner.invoke(app, ["train", "normtune", "--help"])
     assert help_out.exit_code == 0 and "Toy: train only the norm weights." in help_out.output
     out = tmp_path / "nt"
-    common = ["train", "normtune", "--data", str(shards["pretrain"]), "--init", str(init), "--out", str(out),
-              "--log-every", "1", "--quiet", "--seed", "3", "--attn-backend", "sdpa"]
+    common = [
+        "train",
+        "normtune",
+        "--data",
+        str(shards["pretrain"]),
+        "--init",
+        str(init),
+        "--out",
+        str(out),
+        "--log-every",
+        "1",
+        "--quiet",
+        "--seed",
+        "3",
+        "--attn-backend",
+        "sdpa",
+    ]
     res = runner.invoke(app, [*common, "--max-steps", "3"])
     assert res.exit_code == 0, res.output
     assert [s for s, _ in losses(out)] == [1, 2, 3]

@@ -28,8 +28,15 @@ from llmcore.serve import Engine, RunningServer, ServerOptions, bind_socket, cre
 from llmcore.webui import CSP  # noqa: E402
 
 CHROMIUM = os.environ.get("LLMCORE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 KEY = "right-key-123"
 STEP_DELAY_S = 0.02  # per generated token of the scripted model: streaming is visible, Stop has time
 
@@ -37,17 +44,21 @@ XSS = 'Here: <script>alert(1)</script> and <img src=x onerror="alert(2)"> end.'
 REPLIES = [
     ("XSS-PLEASE", XSS),
     ("LONG-PLEASE", " ".join(f"word{i}" for i in range(400))),
-    ("What is llmcore", "<think>The user asks what llmcore is; answer in three points.</think>"
-                        "llmcore trains **small LLMs** end to end:\n\n- a tokenizer and Arrow shards\n"
-                        "- pretrain, SFT, DPO and RL\n- `llmcore serve`, with this page\n\n"
-                        "```bash\nllmcore serve --ckpt runs/dpo --port 8000\n```"),
+    (
+        "What is llmcore",
+        "<think>The user asks what llmcore is; answer in three points.</think>"
+        "llmcore trains **small LLMs** end to end:\n\n- a tokenizer and Arrow shards\n"
+        "- pretrain, SFT, DPO and RL\n- `llmcore serve`, with this page\n\n"
+        "```bash\nllmcore serve --ckpt runs/dpo --port 8000\n```",
+    ),
     ("weather", '<tool_call>{"name": "get_weather", "arguments": {"city": "Beijing"}}</tool_call>'),
-    ("BADTOOL-PLEASE", "<tool_call>not json</tool_call> <tool_call>{\"arguments\": {}}</tool_call>"),
+    ("BADTOOL-PLEASE", '<tool_call>not json</tool_call> <tool_call>{"arguments": {}}</tool_call>'),
 ]
 DEFAULT_REPLY = "Hello! I am a scripted model."
 
 
 # -- servers --------------------------------------------------------------------------------------
+
 
 def _tokenizer(name: str = "minimind_tokenizer") -> Any:
     from conftest import shared_data_dir
@@ -80,8 +91,9 @@ class ScriptedLM(torch.nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int) -> _Cache:
         return _Cache()
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                kv_cache: _Cache | None = None) -> SimpleNamespace:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, kv_cache: _Cache | None = None
+    ) -> SimpleNamespace:
         assert kv_cache is not None
         b = input_ids.shape[0]
         if not kv_cache.replies:  # the prompt call: left-padded rows, each prompt starts at its last position 0
@@ -145,6 +157,7 @@ def tiny(tok: Any) -> Iterator[Served]:
 
 # -- the page over plain HTTP (no browser) --------------------------------------------------------
 
+
 def test_page_files_headers_and_info(scripted: Served, keyed: Served) -> None:
     for path, ctype in [("/", "text/html"), ("/ui/app.js", "text/javascript"), ("/ui/style.css", "text/css")]:
         r = httpx.get(scripted.url + path)
@@ -194,9 +207,28 @@ def test_cli_serve_no_ui(tok: Any, tmp_path: Path) -> None:
     shutil.copytree(shared_data_dir() / "minimind_tokenizer", run / "tokenizer")
     env = {**os.environ, "PYTHONPATH": str(root)}
     env.pop("LLMCORE_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "llmcore", "serve", "--ckpt", str(run), "--port", "0",
-                             "--device", "cpu", "--log-level", "warning", "--no-ui"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llmcore",
+            "serve",
+            "--ckpt",
+            str(run),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
+            "--no-ui",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=root,
+    )
     try:
         line = proc.stderr.readline()  # "serving 'tiny-run' on cpu at http://127.0.0.1:PORT/v1 (...)"
         assert "serving" in line and "chat page" not in line, line + (proc.stderr.read() if proc.poll() else "")
@@ -214,10 +246,12 @@ def test_cli_serve_no_ui(tok: Any, tmp_path: Path) -> None:
 
 # -- the page in a browser ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright "
-                                                                 "(pip install -e '.[test]')")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the browser tests need playwright (pip install -e '.[test]')"
+    )
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
     pw = sync_api.sync_playwright().start()
@@ -310,8 +344,7 @@ def test_streamed_answer_from_a_tiny_model(tiny: Served, open_page: Callable[[st
     assert msg.get_attribute("data-prompt-tokens") == str(ref["usage"]["prompt_tokens"])
 
 
-def test_stop_ends_the_request_and_keeps_the_partial_answer(scripted: Served,
-                                                            open_page: Callable[[str], Page]) -> None:
+def test_stop_ends_the_request_and_keeps_the_partial_answer(scripted: Served, open_page: Callable[[str], Page]) -> None:
     p = open_page(scripted.url)
     p.page.locator("#model-info").filter(has_text="scripted").wait_for()
     p.settings(**{"Max tokens": 1500})
@@ -320,8 +353,9 @@ def test_stop_ends_the_request_and_keeps_the_partial_answer(scripted: Served,
     answer = msg.locator(".answer")
     p.page.wait_for_function("() => document.querySelector('.msg.assistant .answer').textContent.length > 20")
     first = len(answer.text_content())
-    p.page.wait_for_function("n => document.querySelector('.msg.assistant .answer').textContent.length > n",
-                             arg=first)  # the answer grows while it streams
+    p.page.wait_for_function(
+        "n => document.querySelector('.msg.assistant .answer').textContent.length > n", arg=first
+    )  # the answer grows while it streams
     assert p.button("Send").is_disabled() and p.button("Stop").is_enabled()
     p.button("Stop").click()
     p.wait_done(msg)
@@ -404,8 +438,7 @@ def test_model_html_is_rendered_as_text(scripted: Served, open_page: Callable[[s
     assert bad.locator(".answer").text_content() == REPLIES[-1][1] and bad.locator(".tool-call").count() == 0
 
 
-def test_thinking_tool_calls_and_markdown(scripted: Served, open_page: Callable[[str], Page],
-                                          tmp_path: Path) -> None:
+def test_thinking_tool_calls_and_markdown(scripted: Served, open_page: Callable[[str], Page], tmp_path: Path) -> None:
     p = open_page(scripted.url)
     p.page.locator("#model-info").filter(has_text="scripted").wait_for()
     msg = p.send("What is llmcore?")
@@ -473,8 +506,7 @@ def _delta(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
     return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
 
-def test_tool_call_deltas_errors_and_dropped_connections(scripted: Served,
-                                                         open_page: Callable[[str], Page]) -> None:
+def test_tool_call_deltas_errors_and_dropped_connections(scripted: Served, open_page: Callable[[str], Page]) -> None:
     """What other servers' streams (and failures) look like, played to the page by the browser itself."""
     p = open_page(scripted.url)
     p.page.locator("#model-info").filter(has_text="scripted").wait_for()
@@ -482,24 +514,48 @@ def test_tool_call_deltas_errors_and_dropped_connections(scripted: Served,
     p.page.route("**/v1/chat/completions", lambda route: route.fulfill(**replies.pop(0)) if replies else route.abort())
     sse = {"status": 200, "headers": {"content-type": "text/event-stream"}}
     # Streamed reasoning_content and a tool call whose arguments come in two pieces.
-    replies.append({**sse, "body": _sse(
-        _delta({"role": "assistant", "content": ""}), _delta({"reasoning_content": "Plan: "}),
-        _delta({"reasoning_content": "ask the weather tool."}),
-        _delta({"tool_calls": [{"index": 0, "id": "call_7", "type": "function",
-                                "function": {"name": "get_weather", "arguments": '{"city": '}}]}),
-        _delta({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}),
-        _delta({}, "tool_calls"), "[DONE]")})
+    replies.append(
+        {
+            **sse,
+            "body": _sse(
+                _delta({"role": "assistant", "content": ""}),
+                _delta({"reasoning_content": "Plan: "}),
+                _delta({"reasoning_content": "ask the weather tool."}),
+                _delta(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "call_7",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": '{"city": '},
+                            }
+                        ]
+                    }
+                ),
+                _delta({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}),
+                _delta({}, "tool_calls"),
+                "[DONE]",
+            ),
+        }
+    )
     msg = p.send("weather in Paris?")
     p.wait_done(msg)
     assert msg.locator(".reasoning-text").text_content() == "Plan: ask the weather tool."
     assert msg.locator(".tool-name").inner_text() == "get_weather"
     assert json.loads(msg.locator(".tool-call pre").text_content()) == {"city": "Paris"}
     assert "tool calls" in msg.locator(".status").inner_text()
-    assert p.history()[1]["tool_calls"] == [{"id": "call_7", "type": "function",
-                                             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+    assert p.history()[1]["tool_calls"] == [
+        {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    ]
     # A 4xx: the server's own message is shown, the text given back, nothing added to the history.
-    replies.append({"status": 400, "content_type": "application/json",
-                    "body": json.dumps({"error": {"message": "'temperature' must be in [0.0, 2.0], got 5.0"}})})
+    replies.append(
+        {
+            "status": 400,
+            "content_type": "application/json",
+            "body": json.dumps({"error": {"message": "'temperature' must be in [0.0, 2.0], got 5.0"}}),
+        }
+    )
     p.page.get_by_label("Message", exact=True).fill("too hot")
     p.button("Send").click()
     p.page.get_by_role("alert").filter(has_text="must be in [0.0, 2.0]").wait_for()

@@ -17,8 +17,9 @@ from llmcore.log import setup_cli_logging
 def main(argv: list[str] | None = None) -> None:
     setup_cli_logging()
     try:
-        bench_app(args=sys.argv[1:] if argv is None else argv, prog_name="python -m llmcore.bench",
-                  standalone_mode=True)
+        bench_app(
+            args=sys.argv[1:] if argv is None else argv, prog_name="python -m llmcore.bench", standalone_mode=True
+        )
     except LLMCoreError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)

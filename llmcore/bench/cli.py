@@ -23,12 +23,15 @@ from llmcore.common import DEVICE_HELP
 bench_app = typer.Typer(
     help="Benchmarks against baselines measured in the same run; results in benchmarks/results/.\n\n"
     "Example: llmcore bench train --quick && llmcore bench report --readme README.md",
-    no_args_is_help=True)
+    no_args_is_help=True,
+)
 
 DEFAULT_OUT = Path("benchmarks/results")
 _DEVICE = typer.Option("auto", "--device", help=DEVICE_HELP)
 _OUT = typer.Option(DEFAULT_OUT, "--out", help="Folder for <name>-<device>-<date>.{json,md,png}.")
-_QUICK = typer.Option(False, "--quick", help="Toy sizes, well under a minute: tests the benchmark, not the code's speed.")
+_QUICK = typer.Option(
+    False, "--quick", help="Toy sizes, well under a minute: tests the benchmark, not the code's speed."
+)
 _DATA = typer.Option(None, "--data-dir", help="Shared sample data (default $LLMCORE_SHARED_DATA or ../shared/data).")
 
 
@@ -36,7 +39,7 @@ def _command() -> str:
     """The command line as typed (for the report), starting at `bench`."""
     args = sys.argv[1:]
     if "bench" in args:
-        args = args[args.index("bench") + 1:]
+        args = args[args.index("bench") + 1 :]
     return "llmcore bench " + " ".join(shlex.quote(a) for a in args)
 
 
@@ -58,8 +61,10 @@ def _finish(res: Any, out: Path) -> None:
     for t in res.targets:
         val = "not measured" if t["value"] is None else f"{t['value']:.3g}{t['unit']}"
         verdict = verdict_label(t["verdict"], res.quick)
-        typer.echo(f"{verdict:>12}  {t['name']}: {val} (target {'>=' if t['higher_is_better'] else '<='} "
-                   f"{t['threshold']:g}{t['unit']})")
+        typer.echo(
+            f"{verdict:>12}  {t['name']}: {val} (target {'>=' if t['higher_is_better'] else '<='} "
+            f"{t['threshold']:g}{t['unit']})"
+        )
     for r in res.ratios[:12]:
         typer.echo(f"  {r['name']}: {r['value']:.3g}x")
     if len(res.ratios) > 12:
@@ -93,8 +98,9 @@ def _run(bench: str, make: Callable[[], Any], out: Path) -> None:
     from llmcore.errors import LLMCoreError
 
     def on_signal(signum: int, frame: Any) -> None:
-        harness.request_stop(f"stopped by {signal.Signals(signum).name} after "
-                             f"{time.perf_counter() - t0:.0f}s (a deadline or Ctrl-C)")
+        harness.request_stop(
+            f"stopped by {signal.Signals(signum).name} after {time.perf_counter() - t0:.0f}s (a deadline or Ctrl-C)"
+        )
         raise KeyboardInterrupt
 
     t0 = time.perf_counter()
@@ -162,36 +168,64 @@ def _device(spec: str) -> Any:
 
 
 @bench_app.command("kernels")
-def kernels_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK,
-                batch: Optional[int] = typer.Option(None, "--batch", help="Batch (default 32 on CUDA)."),
-                seqs: Optional[str] = typer.Option(None, "--seqs", help="Sequence lengths, e.g. 512,1024,2048,4096."),
-                hiddens: Optional[str] = typer.Option(None, "--hiddens", help="RMSNorm hidden sizes, e.g. 512,768."),
-                repeats: Optional[int] = typer.Option(None, "--repeats", help="Interleaved rounds (default 3)."),
-                budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Seconds for the whole benchmark; "
-                                                         "shapes that do not fit are skipped and named."),
-                dry_run_timing: bool = typer.Option(False, "--dry-run-timing", hidden=True,
-                                                    help="Run the CUDA timing code on CPU at toy shapes (tests).")) -> None:
+def kernels_cmd(
+    device: str = _DEVICE,
+    out: Path = _OUT,
+    quick: bool = _QUICK,
+    batch: Optional[int] = typer.Option(None, "--batch", help="Batch (default 32 on CUDA)."),
+    seqs: Optional[str] = typer.Option(None, "--seqs", help="Sequence lengths, e.g. 512,1024,2048,4096."),
+    hiddens: Optional[str] = typer.Option(None, "--hiddens", help="RMSNorm hidden sizes, e.g. 512,768."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Interleaved rounds (default 3)."),
+    budget_s: Optional[float] = typer.Option(
+        None, "--budget-s", help="Seconds for the whole benchmark; shapes that do not fit are skipped and named."
+    ),
+    dry_run_timing: bool = typer.Option(
+        False, "--dry-run-timing", hidden=True, help="Run the CUDA timing code on CPU at toy shapes (tests)."
+    ),
+) -> None:
     """Triton kernels vs eager PyTorch, torch.compile and SDPA/cuDNN (GPU); a correctness sweep on CPU.
 
     Example: llmcore bench kernels --device cuda --seqs 512,1024,2048,4096
     """
     from llmcore.bench.kernels import run_kernels
 
-    _run("kernels", lambda: run_kernels(_device(device), quick, batch, _ints(seqs, "--seqs"), _ints(hiddens, "--hiddens"),
-                                        repeats, dry_run_timing, budget_s=budget_s, command=_command()), out)
+    _run(
+        "kernels",
+        lambda: run_kernels(
+            _device(device),
+            quick,
+            batch,
+            _ints(seqs, "--seqs"),
+            _ints(hiddens, "--hiddens"),
+            repeats,
+            dry_run_timing,
+            budget_s=budget_s,
+            command=_command(),
+        ),
+        out,
+    )
 
 
 @bench_app.command("train")
-def train_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK, data_dir: Optional[Path] = _DATA,
-              presets: Optional[str] = typer.Option(None, "--presets", help="Model presets (default minimind2-small,minimind-3)."),
-              variants: Optional[str] = typer.Option(
-                  None, "--variants", help="Loops, e.g. minimind,triton+compile,sdpa:padded,sdpa:bf16 (default per device)."),
-              seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default 512)."),
-              batch: Optional[int] = typer.Option(None, "--batch", help="Micro batch (default 32 on CUDA, 4 on CPU)."),
-              rounds: Optional[int] = typer.Option(None, "--rounds", help="Interleaved rounds (default 5 CUDA, 3 CPU)."),
-              steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per round (default 5 CUDA, 1 CPU)."),
-              budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Seconds for the whole benchmark; loops "
-                                                       "that do not fit are skipped and named.")) -> None:
+def train_cmd(
+    device: str = _DEVICE,
+    out: Path = _OUT,
+    quick: bool = _QUICK,
+    data_dir: Optional[Path] = _DATA,
+    presets: Optional[str] = typer.Option(
+        None, "--presets", help="Model presets (default minimind2-small,minimind-3)."
+    ),
+    variants: Optional[str] = typer.Option(
+        None, "--variants", help="Loops, e.g. minimind,triton+compile,sdpa:padded,sdpa:bf16 (default per device)."
+    ),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default 512)."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Micro batch (default 32 on CUDA, 4 on CPU)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Interleaved rounds (default 5 CUDA, 3 CPU)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per round (default 5 CUDA, 1 CPU)."),
+    budget_s: Optional[float] = typer.Option(
+        None, "--budget-s", help="Seconds for the whole benchmark; loops that do not fit are skipped and named."
+    ),
+) -> None:
     """End-to-end pretraining real tokens/s, MFU and memory: llmcore backends vs a MiniMind-style loop.
 
     Example: llmcore bench train --device cuda --presets minimind2-small,minimind-3
@@ -203,30 +237,57 @@ def train_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK, dat
     unknown = [p for p in (presets.split(",") if presets else []) if p not in PRESETS]
     if unknown:
         raise LLMCoreError(f"--presets: unknown preset(s) {', '.join(unknown)}; known: {', '.join(PRESETS)}")
-    _run("train", lambda: run_train(_device(device), quick, presets.split(",") if presets else None,
-                                    variants.split(",") if variants else None, seq_len, batch, rounds, steps, None,
-                                    budget_s, data_dir, command=_command()), out)
+    _run(
+        "train",
+        lambda: run_train(
+            _device(device),
+            quick,
+            presets.split(",") if presets else None,
+            variants.split(",") if variants else None,
+            seq_len,
+            batch,
+            rounds,
+            steps,
+            None,
+            budget_s,
+            data_dir,
+            command=_command(),
+        ),
+        out,
+    )
 
 
 @bench_app.command("data")
-def data_cmd(device: str = typer.Option("cpu", "--device", help="Always the CPU (data prep runs there)."),
-             out: Path = _OUT, quick: bool = _QUICK, data_dir: Optional[Path] = _DATA,
-             input: Optional[Path] = typer.Option(None, "--input", help="jsonl to prep (default the shared pretrain sample)."),
-             repeats: Optional[int] = typer.Option(None, "--repeats", help="Interleaved repeats (default 5)."),
-             workers: Optional[int] = typer.Option(None, "--workers", help="prep workers (default: one per core).")) -> None:
+def data_cmd(
+    device: str = typer.Option("cpu", "--device", help="Always the CPU (data prep runs there)."),
+    out: Path = _OUT,
+    quick: bool = _QUICK,
+    data_dir: Optional[Path] = _DATA,
+    input: Optional[Path] = typer.Option(None, "--input", help="jsonl to prep (default the shared pretrain sample)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Interleaved repeats (default 5)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="prep workers (default: one per core)."),
+) -> None:
     """Prep tokens/s vs the tokenizer's batch encode, prep memory vs input size, loader speed, real-token share.
 
     Example: llmcore bench data
     """
     from llmcore.bench.data import run_data
 
-    _run("data", lambda: run_data(_device("cpu"), quick, input, repeats, workers, None, data_dir, command=_command()), out)
+    _run(
+        "data",
+        lambda: run_data(_device("cpu"), quick, input, repeats, workers, None, data_dir, command=_command()),
+        out,
+    )
 
 
 @bench_app.command("generate")
-def generate_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK,
-                 preset: Optional[str] = typer.Option(None, "--preset", help="Model preset (default minimind2-small)."),
-                 repeats: Optional[int] = typer.Option(None, "--repeats", help="Interleaved repeats (default 3).")) -> None:
+def generate_cmd(
+    device: str = _DEVICE,
+    out: Path = _OUT,
+    quick: bool = _QUICK,
+    preset: Optional[str] = typer.Option(None, "--preset", help="Model preset (default minimind2-small)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Interleaved repeats (default 3)."),
+) -> None:
     """Generation tokens/s with and without the KV cache over prompt/output lengths and batch sizes.
 
     Example: llmcore bench generate --preset minimind2-small
@@ -237,20 +298,31 @@ def generate_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK,
 
 
 @bench_app.command("scale")
-def scale_cmd(device: str = _DEVICE, out: Path = _OUT, quick: bool = _QUICK, data_dir: Optional[Path] = _DATA,
-              budget_minutes: Optional[float] = typer.Option(None, "--budget-minutes",
-                                                             help="Bound on the whole study (default 15 CPU, 6 GPU)."),
-              epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per size (default 4 CPU, 8 GPU)."),
-              seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default 256 CPU, 512 GPU)."),
-              batch: Optional[int] = typer.Option(None, "--batch", help="Rows per step (default 8 CPU, 32 GPU).")) -> None:
+def scale_cmd(
+    device: str = _DEVICE,
+    out: Path = _OUT,
+    quick: bool = _QUICK,
+    data_dir: Optional[Path] = _DATA,
+    budget_minutes: Optional[float] = typer.Option(
+        None, "--budget-minutes", help="Bound on the whole study (default 15 CPU, 6 GPU)."
+    ),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per size (default 4 CPU, 8 GPU)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default 256 CPU, 512 GPU)."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Rows per step (default 8 CPU, 32 GPU)."),
+) -> None:
     """Model-size study: train and held-out loss of several sizes on one small corpus.
 
     Example: llmcore bench scale --budget-minutes 15
     """
     from llmcore.bench.scale import run_scale
 
-    _run("scale", lambda: run_scale(_device(device), quick, budget_minutes, epochs, seq_len, batch,
-                                    data_dir=data_dir, command=_command()), out)
+    _run(
+        "scale",
+        lambda: run_scale(
+            _device(device), quick, budget_minutes, epochs, seq_len, batch, data_dir=data_dir, command=_command()
+        ),
+        out,
+    )
 
 
 # Imported here, not at the top: recipe.py uses this module's helpers.
@@ -260,13 +332,22 @@ _register_recipe(bench_app)
 
 
 @bench_app.command("report")
-def report_cmd(results: Path = typer.Option(DEFAULT_OUT, "--results", help="Folder of results files."),
-               readme: Optional[Path] = typer.Option(None, "--readme", help="Also rewrite the block between "
-                                                     "<!-- bench:begin --> and <!-- bench:end --> in this file "
-                                                     "(e.g. README.md)."),
-               replot: bool = typer.Option(False, "--replot", help="First redraw every result's png and md from its "
-                                           "json (after a report format change; nothing is re-measured)."),
-               ) -> None:
+def report_cmd(
+    results: Path = typer.Option(DEFAULT_OUT, "--results", help="Folder of results files."),
+    readme: Optional[Path] = typer.Option(
+        None,
+        "--readme",
+        help="Also rewrite the block between "
+        "<!-- bench:begin --> and <!-- bench:end --> in this file "
+        "(e.g. README.md).",
+    ),
+    replot: bool = typer.Option(
+        False,
+        "--replot",
+        help="First redraw every result's png and md from its "
+        "json (after a report format change; nothing is re-measured).",
+    ),
+) -> None:
     """Index page (results/README.md) of all results with their plots; optionally the README's section.
 
     Example: llmcore bench report --readme README.md
@@ -284,11 +365,14 @@ def report_cmd(results: Path = typer.Option(DEFAULT_OUT, "--results", help="Fold
 
 
 @bench_app.command("targets")
-def targets_cmd(results: Path = typer.Option(..., "--results", help="Folder holding one run's results files."),
-                out: Path = _OUT, name: Optional[str] = typer.Option(None, "--name", help="File stem (default gpu-<card>)."),
-                phases: Optional[Path] = typer.Option(None, "--phases", help="gpu_check.sh's phase table "
-                                                      "(name<TAB>status<TAB>seconds lines) to include."),
-                ) -> None:
+def targets_cmd(
+    results: Path = typer.Option(..., "--results", help="Folder holding one run's results files."),
+    out: Path = _OUT,
+    name: Optional[str] = typer.Option(None, "--name", help="File stem (default gpu-<card>)."),
+    phases: Optional[Path] = typer.Option(
+        None, "--phases", help="gpu_check.sh's phase table (name<TAB>status<TAB>seconds lines) to include."
+    ),
+) -> None:
     """PASS/FAIL of every design-card target in one run's results; writes <name>.{json,md,png}.
 
     Example: llmcore bench targets --results /tmp/gpu-run --out benchmarks/results

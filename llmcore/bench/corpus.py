@@ -48,8 +48,10 @@ def shared_data_dir(override: str | Path | None = None) -> Path:
 
 def need(path: Path, what: str) -> Path:
     if not path.exists():
-        raise LLMCoreError(f"{what} not found at {path} (pass --data-dir DIR or set LLMCORE_SHARED_DATA to the "
-                           "folder holding pretrain_sample.jsonl, rag/ and minimind_tokenizer/)")
+        raise LLMCoreError(
+            f"{what} not found at {path} (pass --data-dir DIR or set LLMCORE_SHARED_DATA to the "
+            "folder holding pretrain_sample.jsonl, rag/ and minimind_tokenizer/)"
+        )
     return path
 
 
@@ -105,5 +107,15 @@ def read_texts(path: Path, limit: int | None = None) -> list[str]:
     return out
 
 
-__all__ = ["shared_data_dir", "data_candidates", "minimind_tokenizer_dir", "cmrc_passages", "pretrain_hq_rows", "write_jsonl",
-           "read_texts", "ROW_MIN", "ROW_MAX", "need"]
+__all__ = [
+    "shared_data_dir",
+    "data_candidates",
+    "minimind_tokenizer_dir",
+    "cmrc_passages",
+    "pretrain_hq_rows",
+    "write_jsonl",
+    "read_texts",
+    "ROW_MIN",
+    "ROW_MAX",
+    "need",
+]

@@ -30,9 +30,15 @@ def default_grid(device: torch.device, quick: bool) -> list[tuple[int, int, int]
     return [(32, 32, 1), (128, 32, 1), (32, 32, 4)]
 
 
-def run_generate(device: torch.device, quick: bool = False, preset: str | None = None,
-                 grid: list[tuple[int, int, int]] | None = None, repeats: int | None = None,
-                 backend: str | None = None, command: str | None = None) -> BenchResult:
+def run_generate(
+    device: torch.device,
+    quick: bool = False,
+    preset: str | None = None,
+    grid: list[tuple[int, int, int]] | None = None,
+    repeats: int | None = None,
+    backend: str | None = None,
+    command: str | None = None,
+) -> BenchResult:
     """The generation benchmark (see the module docstring); returns the result, not yet written."""
     from llmcore.common import default_attn_backend
     from llmcore.generate import generate
@@ -43,10 +49,22 @@ def run_generate(device: torch.device, quick: bool = False, preset: str | None =
     repeats = repeats or (2 if quick or device.type != "cuda" else 3)
     backend = backend or ("sdpa" if device.type != "cuda" else default_attn_backend(device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    settings = {"preset": preset, "attn_backend": backend, "dtype": str(dtype).replace("torch.", ""),
-                "grid (prompt, new, batch)": grid, "repeats": repeats, "decoding": "greedy, no eos"}
-    res = BenchResult("generate", device, settings, quick=quick, command=command,
-                      title="Generation benchmark: tokens/s with and without the KV cache")
+    settings = {
+        "preset": preset,
+        "attn_backend": backend,
+        "dtype": str(dtype).replace("torch.", ""),
+        "grid (prompt, new, batch)": grid,
+        "repeats": repeats,
+        "decoding": "greedy, no eos",
+    }
+    res = BenchResult(
+        "generate",
+        device,
+        settings,
+        quick=quick,
+        command=command,
+        title="Generation benchmark: tokens/s with and without the KV cache",
+    )
     torch.manual_seed(0)
     # Generation uses the cache's masks (sdpa/eager paths); the triton backend serves training.
     model = LLM(ModelConfig.from_preset(preset, attn_backend="sdpa" if backend == "triton" else backend))
@@ -62,20 +80,33 @@ def run_generate(device: torch.device, quick: bool = False, preset: str | None =
             return float(sum(len(o) for o in out))
 
         key = f"prompt {prompt}, new {new}, batch {batch}"
-        s = interleaved({f"{key}: KV cache": lambda: run(True), f"{key}: no cache": lambda: run(False)},
-                        repeats, warmup=1, device=device, progress=lambda m: log.debug("%s", m))
+        s = interleaved(
+            {f"{key}: KV cache": lambda: run(True), f"{key}: no cache": lambda: run(False)},
+            repeats,
+            warmup=1,
+            device=device,
+            progress=lambda m: log.debug("%s", m),
+        )
         for name, sm in s.items():
-            res.measure_samples(name, sm, "new tokens/s", prompt=prompt, new=new, batch=batch,
-                                cache=name.endswith("KV cache"))
+            res.measure_samples(
+                name, sm, "new tokens/s", prompt=prompt, new=new, batch=batch, cache=name.endswith("KV cache")
+            )
         r = res.ratio(f"{key}: KV cache vs no cache", f"{key}: KV cache", f"{key}: no cache", metric="throughput")
         cached = res.find(f"{key}: KV cache", "throughput")
         plain = res.find(f"{key}: no cache", "throughput")
-        rows.append([prompt, new, batch, fmt(cached["median"]), fmt(plain["median"]), f"{fmt(r['value'])}x" if r else "-"])
+        rows.append(
+            [prompt, new, batch, fmt(cached["median"]), fmt(plain["median"]), f"{fmt(r['value'])}x" if r else "-"]
+        )
         log.info("generate %s: cache %s tok/s, no cache %s tok/s", key, fmt(cached["median"]), fmt(plain["median"]))
-    res.table("New tokens per second (all rows)", ["prompt", "new tokens", "batch", "KV cache", "no cache",
-                                                   "cache speed-up"], rows)
-    res.note("Without the cache every new token re-runs the whole sequence, so its cost grows with the square of "
-             "the length; the cache's gain grows with prompt + output length.")
+    res.table(
+        "New tokens per second (all rows)",
+        ["prompt", "new tokens", "batch", "KV cache", "no cache", "cache speed-up"],
+        rows,
+    )
+    res.note(
+        "Without the cache every new token re-runs the whole sequence, so its cost grows with the square of "
+        "the length; the cache's gain grows with prompt + output length."
+    )
     res.plot = _plot
     return res
 
@@ -89,8 +120,14 @@ def _plot(res: BenchResult, fig: Any) -> None:
         for b, color in zip(batches, colors):
             pts = sorted((m["prompt"] + m["new"], m["median"]) for m in ms if m["cache"] == cache and m["batch"] == b)
             if pts:
-                ax1.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=marker, color=color,
-                         label=f"{'KV cache' if cache else 'no cache'}, batch {b}")
+                ax1.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    style,
+                    marker=marker,
+                    color=color,
+                    label=f"{'KV cache' if cache else 'no cache'}, batch {b}",
+                )
     ax1.set_xlabel("prompt + new tokens (final sequence length)")
     ax1.set_ylabel("new tokens per second (all rows, median)")
     ax1.set_yscale("log")
@@ -113,8 +150,11 @@ def _plot(res: BenchResult, fig: Any) -> None:
     ax2.set_xlabel("KV cache speed-up (paired ratio of tokens/s)")
     ax2.set_title("cache vs no cache", fontsize=10)
     ax2.margins(x=0.15)
-    fig.suptitle(f"llmcore generation: {res.settings['preset']}, {res.settings['attn_backend']}, "
-                 f"{res.settings['dtype']}, greedy", fontsize=11)
+    fig.suptitle(
+        f"llmcore generation: {res.settings['preset']}, {res.settings['attn_backend']}, "
+        f"{res.settings['dtype']}, greedy",
+        fontsize=11,
+    )
 
 
 __all__ = ["run_generate"]

@@ -133,16 +133,27 @@ def _version(dist: str) -> str | None:
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What ran the benchmark: CPU model and cores, GPU name and memory, library versions."""
     info: dict[str, Any] = {
-        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "cpu_flags": cpu_flags(),
-        "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-        "platform": platform.platform(terse=True), "torch": torch.__version__, "triton": _version("triton"),
-        "cuda": torch.version.cuda, "device": str(device), "gpu": None,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "device": str(device),
+        "gpu": None,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
-                    gpu_capability=f"{props.major}.{props.minor}", cudnn=torch.backends.cudnn.version(),
-                    gpu_count=torch.cuda.device_count())
+        info.update(
+            gpu=props.name,
+            gpu_memory_gb=round(props.total_memory / 2**30, 1),
+            gpu_capability=f"{props.major}.{props.minor}",
+            cudnn=torch.backends.cudnn.version(),
+            gpu_count=torch.cuda.device_count(),
+        )
     return info
 
 
@@ -176,8 +187,13 @@ def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
     if not vals:
         return {"median": None, "min": None, "max": None, "spread": None, "n": 0}
     med = statistics.median(vals)
-    return {"median": med, "min": min(vals), "max": max(vals),
-            "spread": (max(vals) - min(vals)) / abs(med) if med else None, "n": len(vals)}
+    return {
+        "median": med,
+        "min": min(vals),
+        "max": max(vals),
+        "spread": (max(vals) - min(vals)) / abs(med) if med else None,
+        "n": len(vals),
+    }
 
 
 @dataclass
@@ -206,10 +222,16 @@ class Samples:
 Case = Callable[[], float | None]
 
 
-def interleaved(cases: dict[str, Case], rounds: int, warmup: int = 1, device: torch.device | None = None,
-                progress: Callable[[str], None] | None = None, budget_s: float | None = None,
-                cpu_clock: Callable[[], float] = time.process_time,
-                on_error: Callable[[str, Exception], None] | None = None) -> dict[str, Samples]:
+def interleaved(
+    cases: dict[str, Case],
+    rounds: int,
+    warmup: int = 1,
+    device: torch.device | None = None,
+    progress: Callable[[str], None] | None = None,
+    budget_s: float | None = None,
+    cpu_clock: Callable[[], float] = time.process_time,
+    on_error: Callable[[str, Exception], None] | None = None,
+) -> dict[str, Samples]:
     """Run every case `warmup` times (untimed, timed as a whole into `warmup_s`), then `rounds`
     interleaved rounds of one timed call each, the order rotated by one every round.
 
@@ -331,8 +353,13 @@ class LoadMonitor:
         s = self.samples or [0.0]
         mean = sum(s) / len(s)
         high = mean > cpus + 1
-        return {"load_1min_mean": round(mean, 2), "load_1min_max": round(max(s), 2), "cpu_count": cpus,
-                "samples": len(self.samples), "high": high}
+        return {
+            "load_1min_mean": round(mean, 2),
+            "load_1min_max": round(max(s), 2),
+            "cpu_count": cpus,
+            "samples": len(self.samples),
+            "high": high,
+        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,8 +383,15 @@ class BenchResult:
     - `table(title, columns, rows)`, `note(text)`, `warn(text)`: extra report content;
     - `plot`: a function `(result, fig) -> None` that draws the png."""
 
-    def __init__(self, name: str, device: torch.device, settings: dict[str, Any], quick: bool = False,
-                 title: str | None = None, command: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        device: torch.device,
+        settings: dict[str, Any],
+        quick: bool = False,
+        title: str | None = None,
+        command: str | None = None,
+    ) -> None:
         self.name = name
         self.device = device
         self.settings = dict(settings)
@@ -400,16 +434,25 @@ class BenchResult:
         return res
 
     # -- recording -------------------------------------------------------------------------
-    def measure(self, case: str, metric: str, unit: str, values: Sequence[float], higher_is_better: bool = True,
-                **facts: Any) -> dict[str, Any]:
+    def measure(
+        self, case: str, metric: str, unit: str, values: Sequence[float], higher_is_better: bool = True, **facts: Any
+    ) -> dict[str, Any]:
         fault_point(f"{self.name} measure {case}")
-        entry = {"case": case, "metric": metric, "unit": unit, "higher_is_better": higher_is_better,
-                 "values": [_round(float(v), 6) for v in values], **summarize(values), **facts}
+        entry = {
+            "case": case,
+            "metric": metric,
+            "unit": unit,
+            "higher_is_better": higher_is_better,
+            "values": [_round(float(v), 6) for v in values],
+            **summarize(values),
+            **facts,
+        }
         self.measurements.append(entry)
         return entry
 
-    def measure_samples(self, case: str, samples: Samples, unit: str, metric: str = "throughput",
-                        **facts: Any) -> dict[str, Any]:
+    def measure_samples(
+        self, case: str, samples: Samples, unit: str, metric: str = "throughput", **facts: Any
+    ) -> dict[str, Any]:
         """Rate (units per wall second) of a case's samples, with seconds per repeat and, on CPU,
         units per CPU-second and the CPU share (CPU seconds / wall seconds / torch threads)."""
         extra: dict[str, Any] = {"seconds": summarize(samples.wall), "warmup_s": round(samples.warmup_s, 3)}
@@ -429,8 +472,9 @@ class BenchResult:
                 return m
         raise KeyError(f"no measurement {case!r} ({metric})")
 
-    def ratio(self, name: str, numerator: str, denominator: str, metric: str | None = None,
-              what: str = "") -> dict[str, Any] | None:
+    def ratio(
+        self, name: str, numerator: str, denominator: str, metric: str | None = None, what: str = ""
+    ) -> dict[str, Any] | None:
         """numerator / denominator of one metric of two measured cases (see the module docstring)."""
         try:
             a, b = self.find(numerator, metric), self.find(denominator, metric)
@@ -446,20 +490,38 @@ class BenchResult:
         else:
             s = {"median": statistics.median(va) / statistics.median(vb), "min": None, "max": None, "n": 0}
             method = "ratio of medians"
-        entry = {"name": name, "numerator": numerator, "denominator": denominator, "metric": a["metric"],
-                 "value": s["median"], "min": s["min"], "max": s["max"], "method": method, "what": what}
+        entry = {
+            "name": name,
+            "numerator": numerator,
+            "denominator": denominator,
+            "metric": a["metric"],
+            "value": s["median"],
+            "min": s["min"],
+            "max": s["max"],
+            "method": method,
+            "what": what,
+        }
         self.ratios.append(entry)
         return entry
 
-    def target(self, name: str, value: float | None, threshold: float, unit: str = "x", higher: bool = True,
-               source: str = "") -> dict[str, Any]:
+    def target(
+        self, name: str, value: float | None, threshold: float, unit: str = "x", higher: bool = True, source: str = ""
+    ) -> dict[str, Any]:
         """A design-card target; a value that could not be measured is `NOT MEASURED`, never a pass."""
         if value is None or value != value:
             verdict = "NOT MEASURED"
         else:
             verdict = "PASS" if (value >= threshold if higher else value <= threshold) else "FAIL"
-        entry = {"name": name, "value": value, "threshold": threshold, "unit": unit, "higher_is_better": higher,
-                 "verdict": verdict, "source": source, "device": self.machine.get("gpu") or self.machine["cpu"]}
+        entry = {
+            "name": name,
+            "value": value,
+            "threshold": threshold,
+            "unit": unit,
+            "higher_is_better": higher,
+            "verdict": verdict,
+            "source": source,
+            "device": self.machine.get("gpu") or self.machine["cpu"],
+        }
         self.targets.append(entry)
         return entry
 
@@ -488,10 +550,12 @@ class BenchResult:
             self.load_report = self.load.stop()
             self.elapsed_s = time.perf_counter() - self._t0
             if self.load_report["high"]:
-                self.warn(f"the machine was busy during this run: mean 1-minute load "
-                          f"{self.load_report['load_1min_mean']} (max {self.load_report['load_1min_max']}) on "
-                          f"{self.load_report['cpu_count']} CPUs; wall-clock numbers are noisy, prefer the ratios "
-                          "(interleaved) and the per-CPU-second figures")
+                self.warn(
+                    f"the machine was busy during this run: mean 1-minute load "
+                    f"{self.load_report['load_1min_mean']} (max {self.load_report['load_1min_max']}) on "
+                    f"{self.load_report['cpu_count']} CPUs; wall-clock numbers are noisy, prefer the ratios "
+                    "(interleaved) and the per-CPU-second figures"
+                )
 
     def device_tag(self) -> str:
         return getattr(self, "_device_tag", None) or device_tag(self.device)
@@ -502,13 +566,27 @@ class BenchResult:
     def to_dict(self) -> dict[str, Any]:
         self.finish()
         return {
-            "schema": SCHEMA_VERSION, "bench": self.name, "title": self.title, "command": self.command,
-            "device": self.device_tag(), "date": self.started.strftime("%Y-%m-%d"),
-            "started": self.started.isoformat(timespec="seconds"), "elapsed_s": round(self.elapsed_s or 0.0, 1),
-            "quick": self.quick, "machine": self.machine, "settings": self.settings, "load": self.load_report,
-            "measurements": self.measurements, "ratios": self.ratios, "targets": self.targets,
-            "tables": self.tables, "notes": self.notes, "warnings": self.warnings, "extra": self.extra,
-            "failures": self.failures, "interrupted": self.interrupted,
+            "schema": SCHEMA_VERSION,
+            "bench": self.name,
+            "title": self.title,
+            "command": self.command,
+            "device": self.device_tag(),
+            "date": self.started.strftime("%Y-%m-%d"),
+            "started": self.started.isoformat(timespec="seconds"),
+            "elapsed_s": round(self.elapsed_s or 0.0, 1),
+            "quick": self.quick,
+            "machine": self.machine,
+            "settings": self.settings,
+            "load": self.load_report,
+            "measurements": self.measurements,
+            "ratios": self.ratios,
+            "targets": self.targets,
+            "tables": self.tables,
+            "notes": self.notes,
+            "warnings": self.warnings,
+            "extra": self.extra,
+            "failures": self.failures,
+            "interrupted": self.interrupted,
         }
 
     def write(self, out_dir: str | Path, stem: str | None = None) -> dict[str, Path]:
@@ -566,13 +644,18 @@ def fmt(x: Any, digits: int = 3) -> str:
 
 
 def machine_line(m: dict[str, Any]) -> str:
-    parts = [f"CPU {m['cpu']} ({m['cpu_count']} cores visible, torch threads {m['torch_threads']}"
-             + (f", {' '.join(m['cpu_flags'])}" if m.get("cpu_flags") else "") + ")"]
+    parts = [
+        f"CPU {m['cpu']} ({m['cpu_count']} cores visible, torch threads {m['torch_threads']}"
+        + (f", {' '.join(m['cpu_flags'])}" if m.get("cpu_flags") else "")
+        + ")"
+    ]
     if m.get("gpu"):
-        parts.append(f"GPU {m['gpu']} ({m.get('gpu_memory_gb')} GiB, sm {m.get('gpu_capability')}, "
-                     f"cuDNN {m.get('cudnn')})")
-    parts.append(f"torch {m['torch']}, triton {m.get('triton') or '-'}, CUDA {m.get('cuda') or '-'}, "
-                 f"Python {m['python']}")
+        parts.append(
+            f"GPU {m['gpu']} ({m.get('gpu_memory_gb')} GiB, sm {m.get('gpu_capability')}, cuDNN {m.get('cudnn')})"
+        )
+    parts.append(
+        f"torch {m['torch']}, triton {m.get('triton') or '-'}, CUDA {m.get('cuda') or '-'}, Python {m['python']}"
+    )
     return "; ".join(parts)
 
 
@@ -589,37 +672,71 @@ def render_markdown(d: dict[str, Any], png_name: str) -> str:
     if d.get("command"):
         lines += [f"Command: `{d['command']}`", ""]
     load = d.get("load") or {}
-    lines += [f"Run {d['started']} UTC, {d['elapsed_s']} s. Machine: {machine_line(d['machine'])}.",
-              f"Load (1-minute average) during the run: mean {load.get('load_1min_mean')}, max "
-              f"{load.get('load_1min_max')} on {load.get('cpu_count')} CPUs.", ""]
+    lines += [
+        f"Run {d['started']} UTC, {d['elapsed_s']} s. Machine: {machine_line(d['machine'])}.",
+        f"Load (1-minute average) during the run: mean {load.get('load_1min_mean')}, max "
+        f"{load.get('load_1min_max')} on {load.get('cpu_count')} CPUs.",
+        "",
+    ]
     if d.get("interrupted"):
-        lines += [f"> **Interrupted:** {d['interrupted']}. Everything below was measured before that; what "
-                  "is missing was not measured.", ""]
+        lines += [
+            f"> **Interrupted:** {d['interrupted']}. Everything below was measured before that; what "
+            "is missing was not measured.",
+            "",
+        ]
     for w in d["warnings"]:
         lines += [f"> **Warning:** {w}", ""]
     if d.get("failures"):
-        lines += ["## Failed (not measured)", ""] + md_table(["part", "error"], [[f["what"], f["error"].replace("|", "/")]
-                                                                               for f in d["failures"]]) + [""]
-    lines += ["Settings: " + ", ".join(f"{k} `{v}`" for k, v in d["settings"].items()), "", f"![{d['bench']}]({png_name})", ""]
+        lines += (
+            ["## Failed (not measured)", ""]
+            + md_table(["part", "error"], [[f["what"], f["error"].replace("|", "/")] for f in d["failures"]])
+            + [""]
+        )
+    lines += [
+        "Settings: " + ", ".join(f"{k} `{v}`" for k, v in d["settings"].items()),
+        "",
+        f"![{d['bench']}]({png_name})",
+        "",
+    ]
     if d["targets"]:
         lines += ["## Targets", ""]
-        lines += md_table(["target", "measured", "threshold", "verdict"],
-                          [[t["name"], fmt(t["value"]) + (t["unit"] if t["value"] is not None else ""),
-                            ("≥ " if t["higher_is_better"] else "≤ ") + fmt(t["threshold"]) + t["unit"],
-                            f"**{t['verdict']}**"] for t in d["targets"]])
+        lines += md_table(
+            ["target", "measured", "threshold", "verdict"],
+            [
+                [
+                    t["name"],
+                    fmt(t["value"]) + (t["unit"] if t["value"] is not None else ""),
+                    ("≥ " if t["higher_is_better"] else "≤ ") + fmt(t["threshold"]) + t["unit"],
+                    f"**{t['verdict']}**",
+                ]
+                for t in d["targets"]
+            ],
+        )
         lines.append("")
     if d["ratios"]:
         lines += ["## Ratios (both sides measured in this run)", ""]
-        lines += md_table(["ratio", "value", "min .. max", "numerator", "denominator", "how"],
-                          [[r["name"], f"{fmt(r['value'])}x",
-                            f"{fmt(r['min'])} .. {fmt(r['max'])}" if r.get("min") is not None else "-",
-                            r["numerator"], r["denominator"], r["method"]] for r in d["ratios"]])
+        lines += md_table(
+            ["ratio", "value", "min .. max", "numerator", "denominator", "how"],
+            [
+                [
+                    r["name"],
+                    f"{fmt(r['value'])}x",
+                    f"{fmt(r['min'])} .. {fmt(r['max'])}" if r.get("min") is not None else "-",
+                    r["numerator"],
+                    r["denominator"],
+                    r["method"],
+                ]
+                for r in d["ratios"]
+            ],
+        )
         lines.append("")
     for t in d["tables"]:
         lines += [f"## {t['title']}", ""] + md_table(t["columns"], t["rows"]) + [""]
     if d["measurements"]:
         cpu = any("per_cpu_second" in m for m in d["measurements"])
-        cols = ["case", "metric", "median", "unit", "min .. max", "n"] + (["per CPU-second", "CPU share"] if cpu else [])
+        cols = ["case", "metric", "median", "unit", "min .. max", "n"] + (
+            ["per CPU-second", "CPU share"] if cpu else []
+        )
         rows = []
         for m in d["measurements"]:
             row = [m["case"], m["metric"], fmt(m["median"]), m["unit"], f"{fmt(m['min'])} .. {fmt(m['max'])}", m["n"]]
@@ -627,17 +744,27 @@ def render_markdown(d: dict[str, Any], png_name: str) -> str:
                 pc, sh = m.get("per_cpu_second"), m.get("cpu_share")
                 row += [fmt(pc["median"]) if pc else "-", fmt(sh["median"]) if sh else "-"]
             rows.append(row)
-        lines += ["## All measurements", "", "Medians over the interleaved repeats; min .. max is the spread."
-                  + (" CPU share = CPU-seconds / wall seconds / torch threads (below 1: the process waited for "
-                     "the cores or for I/O)." if cpu else ""), ""]
+        lines += [
+            "## All measurements",
+            "",
+            "Medians over the interleaved repeats; min .. max is the spread."
+            + (
+                " CPU share = CPU-seconds / wall seconds / torch threads (below 1: the process waited for "
+                "the cores or for I/O)."
+                if cpu
+                else ""
+            ),
+            "",
+        ]
         lines += md_table(cols, rows) + [""]
     if d["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in d["notes"]] + [""]
     return "\n".join(lines)
 
 
-def render_png(d: dict[str, Any], path: Path, draw: Callable[[Any], None],
-               figsize: tuple[float, float] = (12, 5.5)) -> None:
+def render_png(
+    d: dict[str, Any], path: Path, draw: Callable[[Any], None], figsize: tuple[float, float] = (12, 5.5)
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -667,9 +794,18 @@ def _default_plot(d: dict[str, Any], fig: Any) -> None:
     ax.set_title(d["title"])
 
 
-def bar_panel(ax: Any, labels: list[str], values: list[float | None], spreads: list[tuple[float, float] | None],
-              title: str, xlabel: str, colors: list[str] | None = None, texts: list[str] | None = None,
-              ref_line: float | None = None, ref_label: str | None = None) -> None:
+def bar_panel(
+    ax: Any,
+    labels: list[str],
+    values: list[float | None],
+    spreads: list[tuple[float, float] | None],
+    title: str,
+    xlabel: str,
+    colors: list[str] | None = None,
+    texts: list[str] | None = None,
+    ref_line: float | None = None,
+    ref_label: str | None = None,
+) -> None:
     """A horizontal bar chart with min..max whiskers and each value written at its bar's end."""
     ys = list(range(len(labels)))[::-1]
     vals = [v or 0.0 for v in values]
@@ -680,8 +816,13 @@ def bar_panel(ax: Any, labels: list[str], values: list[float | None], spreads: l
             continue
         if s is not None and s[0] is not None and s[1] is not None:
             ax.plot([s[0], s[1]], [y, y], color="black", lw=1)
-        ax.text(max(v, s[1] if s and s[1] is not None else v), y, " " + (texts[i] if texts else fmt(v)),
-                va="center", fontsize=8)
+        ax.text(
+            max(v, s[1] if s and s[1] is not None else v),
+            y,
+            " " + (texts[i] if texts else fmt(v)),
+            va="center",
+            fontsize=8,
+        )
     if ref_line is not None:
         ax.axvline(ref_line, color="gray", ls="--", lw=1, label=ref_label)
         if ref_label:
@@ -693,7 +834,31 @@ def bar_panel(ax: Any, labels: list[str], values: list[float | None], spreads: l
     ax.margins(x=0.18)
 
 
-__all__ = ["machine_info", "device_tag", "slug", "today", "summarize", "Samples", "interleaved", "LoadMonitor",
-           "BenchResult", "render_markdown", "render_png", "fmt", "md_table", "machine_line", "bar_panel",
-           "cpu_model", "synchronize", "cpu_seconds_with_children", "fault_point", "InjectedFault", "request_stop",
-           "stop_requested", "clear_stop", "current_result", "error_line", "FAULT_ENV"]
+__all__ = [
+    "machine_info",
+    "device_tag",
+    "slug",
+    "today",
+    "summarize",
+    "Samples",
+    "interleaved",
+    "LoadMonitor",
+    "BenchResult",
+    "render_markdown",
+    "render_png",
+    "fmt",
+    "md_table",
+    "machine_line",
+    "bar_panel",
+    "cpu_model",
+    "synchronize",
+    "cpu_seconds_with_children",
+    "fault_point",
+    "InjectedFault",
+    "request_stop",
+    "stop_requested",
+    "clear_stop",
+    "current_result",
+    "error_line",
+    "FAULT_ENV",
+]

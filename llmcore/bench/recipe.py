@@ -44,8 +44,14 @@ log = logging.getLogger(__name__)
 MINIMIND = {"optimizer": "adamw", "lr": 5e-4, "lr_schedule": "cosine", "warmup_steps": 0}
 # llmcore's: Muon (0.02, Keller Jordan's) on the hidden matrices, AdamW on embeddings and norms at the
 # demo preset's swept pretraining lr, warmup-stable-decay with the last 20% decaying to lr/10.
-LLMCORE = {"optimizer": "muon", "muon_lr": 0.02, "lr": 2e-3, "lr_schedule": "wsd", "decay_fraction": 0.2,
-           "warmup_steps": 0}
+LLMCORE = {
+    "optimizer": "muon",
+    "muon_lr": 0.02,
+    "lr": 2e-3,
+    "lr_schedule": "wsd",
+    "decay_fraction": 0.2,
+    "warmup_steps": 0,
+}
 RECIPES = {"minimind": MINIMIND, "llmcore": LLMCORE}
 LABELS = {"minimind": "MiniMind (AdamW 5e-4, cosine)", "llmcore": "llmcore (Muon 0.02 + AdamW 2e-3, WSD)"}
 QUICK_SHAPE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
@@ -64,10 +70,18 @@ def crossing(points: list[tuple[float, float, float]], target: float) -> tuple[f
     return None
 
 
-def run_recipe(device: torch.device, quick: bool = False, seeds: int | None = None, epochs: float | None = None,
-               seq_len: int | None = None, batch: int | None = None, preset: str | None = None,
-               evals: int | None = None, data_dir: str | Path | None = None,
-               command: str | None = None) -> BenchResult:
+def run_recipe(
+    device: torch.device,
+    quick: bool = False,
+    seeds: int | None = None,
+    epochs: float | None = None,
+    seq_len: int | None = None,
+    batch: int | None = None,
+    preset: str | None = None,
+    evals: int | None = None,
+    data_dir: str | Path | None = None,
+    command: str | None = None,
+) -> BenchResult:
     """The recipe comparison (see the module docstring); returns the result, not yet written."""
     from llmcore.data_prep.prep import prep
     from llmcore.model import PRESETS
@@ -86,13 +100,27 @@ def run_recipe(device: torch.device, quick: bool = False, seeds: int | None = No
     if quick:
         rows = [r[:150] for r in rows[:40]]
     eval_docs = max(4, len(rows) // 10)
-    settings = {"corpus": f"{len(rows)} pretrain_hq-shaped rows cut from the CMRC2018 dev passages",
-                "held_out_documents": eval_docs, "preset": preset + (" (toy shape)" if quick else ""),
-                "seq_len": seq_len, "batch": batch, "epochs": epochs, "seeds": seeds, "evaluations": evals,
-                "recipes": {k: {**v, "min_lr": "lr/10"} for k, v in RECIPES.items()},
-                "tokenizer": "MiniMind's (vocab 6400)", "threads": torch.get_num_threads()}
-    res = BenchResult("recipe", device, settings, quick=quick, command=command,
-                      title="Recipe: tokens and seconds to MiniMind's held-out loss (Muon + WSD vs AdamW + cosine)")
+    settings = {
+        "corpus": f"{len(rows)} pretrain_hq-shaped rows cut from the CMRC2018 dev passages",
+        "held_out_documents": eval_docs,
+        "preset": preset + (" (toy shape)" if quick else ""),
+        "seq_len": seq_len,
+        "batch": batch,
+        "epochs": epochs,
+        "seeds": seeds,
+        "evaluations": evals,
+        "recipes": {k: {**v, "min_lr": "lr/10"} for k, v in RECIPES.items()},
+        "tokenizer": "MiniMind's (vocab 6400)",
+        "threads": torch.get_num_threads(),
+    }
+    res = BenchResult(
+        "recipe",
+        device,
+        settings,
+        quick=quick,
+        command=command,
+        title="Recipe: tokens and seconds to MiniMind's held-out loss (Muon + WSD vs AdamW + cosine)",
+    )
     work = Path(tempfile.mkdtemp(prefix="llmcore-bench-recipe-"))
     name = "bench-recipe-model"
     try:
@@ -104,14 +132,35 @@ def run_recipe(device: torch.device, quick: bool = False, seeds: int | None = No
         for seed in range(seeds):
             for recipe, knobs in RECIPES.items():
                 out = work / f"{recipe}-{seed}"
-                cfg = TrainConfig(data=str(shards), out=str(out), model=name, seq_len=seq_len, micro_batch_size=batch,
-                                  global_batch_size=batch, epochs=float(epochs), eval_docs=eval_docs, log_every=1,
-                                  device=str(device), quiet=True, seed=seed, packing="packed", save_every=0,
-                                  save_minutes=0.0, attn_backend="sdpa" if not cuda else "auto", **knobs)
+                cfg = TrainConfig(
+                    data=str(shards),
+                    out=str(out),
+                    model=name,
+                    seq_len=seq_len,
+                    micro_batch_size=batch,
+                    global_batch_size=batch,
+                    epochs=float(epochs),
+                    eval_docs=eval_docs,
+                    log_every=1,
+                    device=str(device),
+                    quiet=True,
+                    seed=seed,
+                    packing="packed",
+                    save_every=0,
+                    save_minutes=0.0,
+                    attn_backend="sdpa" if not cuda else "auto",
+                    **knobs,
+                )
                 runs.append(_train_one(Trainer, TrainHooks, cfg, recipe, seed, evals))
                 r = runs[-1]
-                log.info("%s seed %d: final held-out loss %.4f after %s tokens, %.0f training s", recipe, seed,
-                         r["final_eval_loss"], f"{r['tokens']:,}", r["seconds"])
+                log.info(
+                    "%s seed %d: final held-out loss %.4f after %s tokens, %.0f training s",
+                    recipe,
+                    seed,
+                    r["final_eval_loss"],
+                    f"{r['tokens']:,}",
+                    r["seconds"],
+                )
         _summarise(res, runs, seeds)
         res.plot = _plot
     finally:
@@ -136,6 +185,7 @@ def _train_one(Trainer: Any, TrainHooks: Any, cfg: Any, recipe: str, seed: int, 
                 return fn(*a, **k)
             finally:
                 paused[0] += time.perf_counter() - s
+
         return wrapper
 
     trainer.evaluate, trainer.save = timed(trainer.evaluate), timed(trainer.save)
@@ -145,9 +195,17 @@ def _train_one(Trainer: Any, TrainHooks: Any, cfg: Any, recipe: str, seed: int, 
         recs = [json.loads(line) for line in f if line.strip()]
     held = [(r["tokens"], times.get(r["step"], float("nan")), r["eval_loss"]) for r in recs if "eval_loss" in r]
     train = [(r["tokens"], r["loss"]) for r in recs if "loss" in r and "eval_loss" not in r]
-    return {"recipe": recipe, "seed": seed, "held_out": held, "train": train, "tokens": summary.tokens,
-            "steps": summary.steps, "seconds": times.get(summary.steps, float("nan")),
-            "final_eval_loss": held[-1][2], "eval_every": trainer.cfg.eval_every}
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "held_out": held,
+        "train": train,
+        "tokens": summary.tokens,
+        "steps": summary.steps,
+        "seconds": times.get(summary.steps, float("nan")),
+        "final_eval_loss": held[-1][2],
+        "eval_every": trainer.cfg.eval_every,
+    }
 
 
 def _summarise(res: BenchResult, runs: list[dict[str, Any]], seeds: int) -> None:
@@ -167,39 +225,73 @@ def _summarise(res: BenchResult, runs: list[dict[str, Any]], seeds: int) -> None
         base_s.append(mm["seconds"])
         shares_t.append(hit[0] / mm["tokens"])
         shares_s.append(hit[1] / mm["seconds"])
-        rows.append([seed, f"{target:.4f}", f"{lc['final_eval_loss']:.4f}", f"{hit[0]:,.0f} / {mm['tokens']:,}",
-                     f"{shares_t[-1]:.2f}" + (" (not reached)" if seed in unreached else ""),
-                     f"{hit[1]:.0f} / {mm['seconds']:.0f}", f"{shares_s[-1]:.2f}"])
+        rows.append(
+            [
+                seed,
+                f"{target:.4f}",
+                f"{lc['final_eval_loss']:.4f}",
+                f"{hit[0]:,.0f} / {mm['tokens']:,}",
+                f"{shares_t[-1]:.2f}" + (" (not reached)" if seed in unreached else ""),
+                f"{hit[1]:.0f} / {mm['seconds']:.0f}",
+                f"{shares_s[-1]:.2f}",
+            ]
+        )
     for recipe in RECIPES:
         vals = [by[(recipe, s)]["final_eval_loss"] for s in range(seeds)]
         res.measure(f"{LABELS[recipe]}: final held-out loss", "loss", "nats/token", vals, higher_is_better=False)
         secs = [by[(recipe, s)]["seconds"] for s in range(seeds)]
         toks = [by[(recipe, s)]["tokens"] for s in range(seeds)]
-        res.measure(f"{LABELS[recipe]}: training speed", "throughput", "tokens/s",
-                    [t / s for t, s in zip(toks, secs)])
+        res.measure(f"{LABELS[recipe]}: training speed", "throughput", "tokens/s", [t / s for t, s in zip(toks, secs)])
     res.measure("llmcore: to MiniMind's final held-out loss", "tokens", "tokens", need_t, higher_is_better=False)
     res.measure("MiniMind: to its final held-out loss", "tokens", "tokens", base_t, higher_is_better=False)
     res.measure("llmcore: to MiniMind's final held-out loss", "seconds", "s", need_s, higher_is_better=False)
     res.measure("MiniMind: to its final held-out loss", "seconds", "s", base_s, higher_is_better=False)
-    tok_ratio = res.ratio("tokens llmcore needs / MiniMind's (same final held-out loss)",
-                          "llmcore: to MiniMind's final held-out loss", "MiniMind: to its final held-out loss",
-                          metric="tokens", what="share of the tokens (below 1: llmcore's recipe is faster per token)")
-    res.ratio("training seconds llmcore needs / MiniMind's (same final held-out loss)",
-              "llmcore: to MiniMind's final held-out loss", "MiniMind: to its final held-out loss",
-              metric="seconds", what="share of the training seconds (below 1: faster in time)")
-    res.target("recipe: share of MiniMind's tokens to reach its final held-out loss",
-               tok_ratio["value"] if tok_ratio else None, 0.7, higher=False, source="median over seeds")
-    res.table("Per seed (paired: same initial weights, rows and held-out documents)",
-              ["seed", "MiniMind final held-out", "llmcore final held-out", "tokens (llmcore / MiniMind)",
-               "token share", "training s (llmcore / MiniMind)", "time share"], rows)
+    tok_ratio = res.ratio(
+        "tokens llmcore needs / MiniMind's (same final held-out loss)",
+        "llmcore: to MiniMind's final held-out loss",
+        "MiniMind: to its final held-out loss",
+        metric="tokens",
+        what="share of the tokens (below 1: llmcore's recipe is faster per token)",
+    )
+    res.ratio(
+        "training seconds llmcore needs / MiniMind's (same final held-out loss)",
+        "llmcore: to MiniMind's final held-out loss",
+        "MiniMind: to its final held-out loss",
+        metric="seconds",
+        what="share of the training seconds (below 1: faster in time)",
+    )
+    res.target(
+        "recipe: share of MiniMind's tokens to reach its final held-out loss",
+        tok_ratio["value"] if tok_ratio else None,
+        0.7,
+        higher=False,
+        source="median over seeds",
+    )
+    res.table(
+        "Per seed (paired: same initial weights, rows and held-out documents)",
+        [
+            "seed",
+            "MiniMind final held-out",
+            "llmcore final held-out",
+            "tokens (llmcore / MiniMind)",
+            "token share",
+            "training s (llmcore / MiniMind)",
+            "time share",
+        ],
+        rows,
+    )
     for seed in unreached:
-        res.note(f"seed {seed}: llmcore's recipe did not reach MiniMind's final held-out loss within the same budget; "
-                 "counted as the whole budget (share 1.0)")
+        res.note(
+            f"seed {seed}: llmcore's recipe did not reach MiniMind's final held-out loss within the same budget; "
+            "counted as the whole budget (share 1.0)"
+        )
     med, med_s = statistics.median(shares_t), statistics.median(shares_s)
     res.extra["share_tokens"], res.extra["share_seconds"] = shares_t, shares_s
-    res.note(f"llmcore's recipe reached MiniMind's final held-out loss with a median {med:.2f}x the tokens and "
-             f"{med_s:.2f}x the training seconds over {seeds} seed(s) (per seed: "
-             f"{', '.join(f'{x:.2f}' for x in shares_t)} tokens; {', '.join(f'{x:.2f}' for x in shares_s)} seconds).")
+    res.note(
+        f"llmcore's recipe reached MiniMind's final held-out loss with a median {med:.2f}x the tokens and "
+        f"{med_s:.2f}x the training seconds over {seeds} seed(s) (per seed: "
+        f"{', '.join(f'{x:.2f}' for x in shares_t)} tokens; {', '.join(f'{x:.2f}' for x in shares_s)} seconds)."
+    )
     if any(math.isnan(x) for x in shares_s):
         res.warn("a run's training seconds were not recorded; its time share is nan")
 
@@ -215,8 +307,16 @@ def _plot(res: BenchResult, fig: Any) -> None:
             pts = r["held_out"]
             label = LABELS[r["recipe"]] if r["recipe"] not in seen else None
             seen.add(r["recipe"])
-            ax.plot([p[idx] for p in pts], [p[2] for p in pts], marker="o", ms=3, lw=1.2, alpha=0.8,
-                    color=colors[r["recipe"]], label=label)
+            ax.plot(
+                [p[idx] for p in pts],
+                [p[2] for p in pts],
+                marker="o",
+                ms=3,
+                lw=1.2,
+                alpha=0.8,
+                color=colors[r["recipe"]],
+                label=label,
+            )
         if targets:
             t = statistics.median(targets)
             ax.axhline(t, ls="--", lw=0.8, color="gray", label=f"MiniMind's final held-out loss (median {t:.3f})")
@@ -228,8 +328,11 @@ def _plot(res: BenchResult, fig: Any) -> None:
     axes[0].set_title(f"against tokens: llmcore needs {med(share_t):.2f}x (median)", fontsize=10)
     axes[1].set_title(f"against training seconds: {med(share_s):.2f}x (median)", fontsize=10)
     s = res.settings
-    fig.suptitle(f"{s['preset']}, seq {s['seq_len']}, batch {s['batch']}, {s['epochs']:g} epoch(s), {s['seeds']} seeds "
-                 f"(one line per seed)", fontsize=11)
+    fig.suptitle(
+        f"{s['preset']}, seq {s['seq_len']}, batch {s['batch']}, {s['epochs']:g} epoch(s), {s['seeds']} seeds "
+        f"(one line per seed)",
+        fontsize=11,
+    )
 
 
 def register(bench_app: Any) -> None:
@@ -239,25 +342,39 @@ def register(bench_app: Any) -> None:
     from llmcore.bench import cli
 
     @bench_app.command("recipe")
-    def recipe_cmd(device: str = cli._DEVICE, out: Path = cli._OUT, quick: bool = cli._QUICK,
-                   data_dir: Optional[Path] = cli._DATA,
-                   seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per recipe (default 3)."),
-                   epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the rows (default 1 "
-                                                          "CPU, 4 GPU)."),
-                   seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default 256 CPU, "
-                                                         "512 GPU)."),
-                   batch: Optional[int] = typer.Option(None, "--batch", help="Rows per step (default 8 CPU, 32 GPU)."),
-                   preset: Optional[str] = typer.Option(None, "--preset", help="Model (default demo CPU, minimind-3 "
-                                                        "GPU)."),
-                   evals: Optional[int] = typer.Option(None, "--evals", help="Held-out evaluations per run "
-                                                       "(default 10).")) -> None:
+    def recipe_cmd(
+        device: str = cli._DEVICE,
+        out: Path = cli._OUT,
+        quick: bool = cli._QUICK,
+        data_dir: Optional[Path] = cli._DATA,
+        seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per recipe (default 3)."),
+        epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the rows (default 1 CPU, 4 GPU)."),
+        seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default 256 CPU, 512 GPU)."),
+        batch: Optional[int] = typer.Option(None, "--batch", help="Rows per step (default 8 CPU, 32 GPU)."),
+        preset: Optional[str] = typer.Option(None, "--preset", help="Model (default demo CPU, minimind-3 GPU)."),
+        evals: Optional[int] = typer.Option(None, "--evals", help="Held-out evaluations per run (default 10)."),
+    ) -> None:
         """MiniMind's recipe (AdamW 5e-4, cosine) against llmcore's (Muon + WSD): share of tokens and seconds
         to reach MiniMind's final held-out loss, same model, rows, budget and batch, several seeds.
 
         Example: llmcore bench recipe --device cpu
         """
-        cli._run("recipe", lambda: run_recipe(cli._device(device), quick, seeds, epochs, seq_len, batch, preset,
-                                              evals, data_dir=data_dir, command=cli._command()), out)
+        cli._run(
+            "recipe",
+            lambda: run_recipe(
+                cli._device(device),
+                quick,
+                seeds,
+                epochs,
+                seq_len,
+                batch,
+                preset,
+                evals,
+                data_dir=data_dir,
+                command=cli._command(),
+            ),
+            out,
+        )
 
 
 def plot_for(res: BenchResult) -> Any:

@@ -50,8 +50,12 @@ class Size:
     kv_heads: int
 
     def overrides(self) -> dict[str, Any]:
-        return dict(hidden_size=self.hidden, num_hidden_layers=self.layers, num_attention_heads=self.heads,
-                    num_key_value_heads=self.kv_heads)
+        return dict(
+            hidden_size=self.hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+        )
 
 
 def default_sizes(device: torch.device, quick: bool) -> list[Size]:
@@ -74,9 +78,18 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_scale(device: torch.device, quick: bool = False, budget_minutes: float | None = None, epochs: int | None = None,
-              seq_len: int | None = None, batch: int | None = None, eval_share: float = 0.1,
-              data_dir: str | Path | None = None, seed: int = 0, command: str | None = None) -> BenchResult:
+def run_scale(
+    device: torch.device,
+    quick: bool = False,
+    budget_minutes: float | None = None,
+    epochs: int | None = None,
+    seq_len: int | None = None,
+    batch: int | None = None,
+    eval_share: float = 0.1,
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    command: str | None = None,
+) -> BenchResult:
     """The scale study (see the module docstring); returns the result, not yet written."""
     from llmcore.data_prep.prep import prep
     from llmcore.data_prep.shards import ShardReader
@@ -99,19 +112,57 @@ def run_scale(device: torch.device, quick: bool = False, budget_minutes: float |
         passages = [p[:120] for p in passages[:12]]
     lengths = [len(t) + 2 for t in tok.encode_batch(passages)]
     work = Path(tempfile.mkdtemp(prefix="llmcore-bench-scale-"))
-    settings = {"corpus": "pretrain_hq-shaped rows (257-519 chars) cut from the CMRC2018 dev passages", "epochs": epochs, "seq_len": seq_len, "batch": batch,
-                "eval_share": eval_share, "budget_minutes": round(budget_s / 60, 2), "lr": f"{BASE_LR} x 192/hidden",
-                "schedule": "warmup 5% then cosine to lr/10", "tokenizer": "MiniMind's (vocab 6400)", "seed": seed}
-    res = BenchResult("scale", device, settings, quick=quick, command=command,
-                      title="Scale study: model size against a small corpus (train and held-out loss)")
+    settings = {
+        "corpus": "pretrain_hq-shaped rows (257-519 chars) cut from the CMRC2018 dev passages",
+        "epochs": epochs,
+        "seq_len": seq_len,
+        "batch": batch,
+        "eval_share": eval_share,
+        "budget_minutes": round(budget_s / 60, 2),
+        "lr": f"{BASE_LR} x 192/hidden",
+        "schedule": "warmup 5% then cosine to lr/10",
+        "tokenizer": "MiniMind's (vocab 6400)",
+        "seed": seed,
+    }
+    res = BenchResult(
+        "scale",
+        device,
+        settings,
+        quick=quick,
+        command=command,
+        title="Scale study: model size against a small corpus (train and held-out loss)",
+    )
     try:
-        def config(size: Size, shards: Path, out: Path, eval_docs: int, max_steps: int | None,
-                   total_epochs: float, eval_every: int) -> Any:
+
+        def config(
+            size: Size,
+            shards: Path,
+            out: Path,
+            eval_docs: int,
+            max_steps: int | None,
+            total_epochs: float,
+            eval_every: int,
+        ) -> Any:
             lr = BASE_LR * 192 / size.hidden if not quick else 3e-3
-            cfg = TrainConfig(data=str(shards), out=str(out), model="demo", seq_len=seq_len, micro_batch_size=batch,
-                              global_batch_size=batch, lr=lr, epochs=float(total_epochs), max_steps=max_steps,
-                              eval_docs=eval_docs, eval_every=eval_every, log_every=1 if not cuda else 5,
-                              device=str(device), quiet=True, seed=seed, packing="packed", save_every=0)
+            cfg = TrainConfig(
+                data=str(shards),
+                out=str(out),
+                model="demo",
+                seq_len=seq_len,
+                micro_batch_size=batch,
+                global_batch_size=batch,
+                lr=lr,
+                epochs=float(total_epochs),
+                max_steps=max_steps,
+                eval_docs=eval_docs,
+                eval_every=eval_every,
+                log_every=1 if not cuda else 5,
+                device=str(device),
+                quiet=True,
+                seed=seed,
+                packing="packed",
+                save_every=0,
+            )
             return cfg
 
         # 1. probe: tokens/s of each size on the whole corpus (3 timed steps after 1 warm-up).
@@ -123,7 +174,9 @@ def run_scale(device: torch.device, quick: bool = False, budget_minutes: float |
             if quick:  # --quick keeps every size whatever its speed, so there is nothing to plan
                 probe[size.name] = float("nan")
                 continue
-            cfg = config(size, all_shards, work / f"probe-{size.hidden}-{size.layers}", 0, 10**6, 1.0, 0).resolved("pretrain")
+            cfg = config(size, all_shards, work / f"probe-{size.hidden}-{size.layers}", 0, 10**6, 1.0, 0).resolved(
+                "pretrain"
+            )
             trainer = _trainer_for(Trainer, cfg, size)
             trainer.train_step()
             t0, tokens0 = time.perf_counter(), trainer.tokens
@@ -150,13 +203,17 @@ def run_scale(device: torch.device, quick: bool = False, budget_minutes: float |
             per_token = sum(overhead * epochs / probe[s.name] for s in chosen)
             if left / per_token >= min_tokens:
                 break
-            res.note(f"{chosen[-1].name} left out: the budget of {budget_s / 60:.1f} min cannot fit {epochs} epochs of "
-                     f"even {min_docs} documents with it (probe: {fmt(probe[chosen[-1].name])} tokens/s)")
+            res.note(
+                f"{chosen[-1].name} left out: the budget of {budget_s / 60:.1f} min cannot fit {epochs} epochs of "
+                f"even {min_docs} documents with it (probe: {fmt(probe[chosen[-1].name])} tokens/s)"
+            )
             chosen.pop()
         fit = min_tokens if quick else left / sum(overhead * epochs / probe[s.name] for s in chosen)
         if fit < min_tokens:
-            res.warn(f"the budget of {budget_s / 60:.1f} min is too short for {epochs} epochs of {min_docs} documents "
-                     f"even for {chosen[0].name}; running that minimum anyway")
+            res.warn(
+                f"the budget of {budget_s / 60:.1f} min is too short for {epochs} epochs of {min_docs} documents "
+                f"even for {chosen[0].name}; running that minimum anyway"
+            )
         corpus_tokens = max(min_tokens, min(corpus_tokens, int(fit)))
         n_docs, acc = 0, 0
         for n in lengths:
@@ -176,11 +233,24 @@ def run_scale(device: torch.device, quick: bool = False, budget_minutes: float |
         train_tokens, eval_tokens = int(doc_len[train_idx].sum()), int(doc_len[eval_idx].sum())
         steps_per_epoch = max(1, math.ceil(train_tokens / (seq_len + 1) / batch))
         eval_every = max(1, steps_per_epoch // (1 if quick else 4))
-        res.extra["plan"] = {"documents": n_docs, "train_documents": len(train_idx), "eval_documents": len(eval_idx),
-                             "train_tokens": train_tokens, "eval_tokens": eval_tokens, "steps_per_epoch": steps_per_epoch,
-                             "eval_every_steps": eval_every, "sizes": [s.name for s in chosen]}
-        log.info("scale plan: %d documents (%s train tokens, %s held-out tokens), %d epochs, sizes %s", n_docs,
-                 f"{train_tokens:,}", f"{eval_tokens:,}", epochs, ", ".join(s.name for s in chosen))
+        res.extra["plan"] = {
+            "documents": n_docs,
+            "train_documents": len(train_idx),
+            "eval_documents": len(eval_idx),
+            "train_tokens": train_tokens,
+            "eval_tokens": eval_tokens,
+            "steps_per_epoch": steps_per_epoch,
+            "eval_every_steps": eval_every,
+            "sizes": [s.name for s in chosen],
+        }
+        log.info(
+            "scale plan: %d documents (%s train tokens, %s held-out tokens), %d epochs, sizes %s",
+            n_docs,
+            f"{train_tokens:,}",
+            f"{eval_tokens:,}",
+            epochs,
+            ", ".join(s.name for s in chosen),
+        )
 
         # 3. train each size on the same documents.
         curves: list[dict[str, Any]] = []
@@ -188,12 +258,19 @@ def run_scale(device: torch.device, quick: bool = False, budget_minutes: float |
             elapsed = time.perf_counter() - t_start
             estimate = 0.0 if quick else overhead * epochs * train_tokens / probe[size.name]
             if size is not chosen[0] and not quick and elapsed + estimate > budget_s + 30:
-                res.note(f"{size.name} skipped: {estimate:.0f}s estimated, {budget_s - elapsed:.0f}s of the budget left")
+                res.note(
+                    f"{size.name} skipped: {estimate:.0f}s estimated, {budget_s - elapsed:.0f}s of the budget left"
+                )
                 continue
             out = work / f"run-{size.hidden}-{size.layers}"
             cfg = config(size, shards, out, eval_docs, None, epochs, eval_every).resolved("pretrain")
-            log.info("training %s (%s parameters, lr %.2g) for %d epochs", size.name,
-                     f"{param_count(size, vocab):,}", cfg.lr, epochs)
+            log.info(
+                "training %s (%s parameters, lr %.2g) for %d epochs",
+                size.name,
+                f"{param_count(size, vocab):,}",
+                cfg.lr,
+                epochs,
+            )
             t0 = time.perf_counter()
             trainer = _trainer_for(Trainer, cfg, size)
             summary = trainer.run()
@@ -203,29 +280,84 @@ def run_scale(device: torch.device, quick: bool = False, budget_minutes: float |
             eval_pts = [(r["tokens"], r["eval_loss"]) for r in recs if "eval_loss" in r]
             n_params = param_count(size, vocab)
             best = min(eval_pts, key=lambda p: p[1])
-            curves.append({"size": size.name, "hidden": size.hidden, "layers": size.layers, "params": n_params,
-                           "train": _smooth(train_pts, max(1, eval_every // cfg.log_every)), "eval": eval_pts,
-                           "best_eval_loss": best[1], "best_eval_tokens": best[0], "final_eval_loss": eval_pts[-1][1],
-                           "final_train_loss": _tail_mean(train_pts, max(1, steps_per_epoch // 2)),
-                           "seconds": seconds, "tokens_per_s": summary.tokens_per_s, "lr": cfg.lr,
-                           "epochs_at_best": best[0] / max(train_tokens, 1)})
-            res.measure(f"{size.name}: best held-out loss", "loss", "nats/token", [best[1]], higher_is_better=False,
-                        params=n_params)
-            res.measure(f"{size.name}: training speed", "throughput", "tokens/s", [summary.tokens_per_s], params=n_params)
-            log.info("%s: best held-out loss %.3f at %.1f epochs, final %.3f, train %.3f (%.0fs)", size.name, best[1],
-                     curves[-1]["epochs_at_best"], eval_pts[-1][1], curves[-1]["final_train_loss"], seconds)
+            curves.append(
+                {
+                    "size": size.name,
+                    "hidden": size.hidden,
+                    "layers": size.layers,
+                    "params": n_params,
+                    "train": _smooth(train_pts, max(1, eval_every // cfg.log_every)),
+                    "eval": eval_pts,
+                    "best_eval_loss": best[1],
+                    "best_eval_tokens": best[0],
+                    "final_eval_loss": eval_pts[-1][1],
+                    "final_train_loss": _tail_mean(train_pts, max(1, steps_per_epoch // 2)),
+                    "seconds": seconds,
+                    "tokens_per_s": summary.tokens_per_s,
+                    "lr": cfg.lr,
+                    "epochs_at_best": best[0] / max(train_tokens, 1),
+                }
+            )
+            res.measure(
+                f"{size.name}: best held-out loss",
+                "loss",
+                "nats/token",
+                [best[1]],
+                higher_is_better=False,
+                params=n_params,
+            )
+            res.measure(
+                f"{size.name}: training speed", "throughput", "tokens/s", [summary.tokens_per_s], params=n_params
+            )
+            log.info(
+                "%s: best held-out loss %.3f at %.1f epochs, final %.3f, train %.3f (%.0fs)",
+                size.name,
+                best[1],
+                curves[-1]["epochs_at_best"],
+                eval_pts[-1][1],
+                curves[-1]["final_train_loss"],
+                seconds,
+            )
         res.extra["curves"] = curves
         base = curves[0]["size"] if curves else None
         for c in curves[1:]:
-            res.ratio(f"best held-out loss: {c['size']} vs {base}", f"{c['size']}: best held-out loss",
-                      f"{base}: best held-out loss", what="loss ratio (below 1: the bigger model is better)")
+            res.ratio(
+                f"best held-out loss: {c['size']} vs {base}",
+                f"{c['size']}: best held-out loss",
+                f"{base}: best held-out loss",
+                what="loss ratio (below 1: the bigger model is better)",
+            )
         _conclusions(res, curves, train_tokens)
-        res.table("Sizes", ["size", "parameters", "tokens / parameter (1 epoch)", "best held-out loss",
-                            "at epoch", "final held-out", "final train", "gap (held-out - train)", "tokens/s", "time s"],
-                  [[c["size"], f"{c['params']:,}", f"{train_tokens / c['params']:.2f}", f"{c['best_eval_loss']:.3f}",
-                    f"{c['epochs_at_best']:.1f}", f"{c['final_eval_loss']:.3f}", f"{c['final_train_loss']:.3f}",
-                    f"{c['final_eval_loss'] - c['final_train_loss']:+.3f}", fmt(c["tokens_per_s"]), f"{c['seconds']:.0f}"]
-                   for c in curves])
+        res.table(
+            "Sizes",
+            [
+                "size",
+                "parameters",
+                "tokens / parameter (1 epoch)",
+                "best held-out loss",
+                "at epoch",
+                "final held-out",
+                "final train",
+                "gap (held-out - train)",
+                "tokens/s",
+                "time s",
+            ],
+            [
+                [
+                    c["size"],
+                    f"{c['params']:,}",
+                    f"{train_tokens / c['params']:.2f}",
+                    f"{c['best_eval_loss']:.3f}",
+                    f"{c['epochs_at_best']:.1f}",
+                    f"{c['final_eval_loss']:.3f}",
+                    f"{c['final_train_loss']:.3f}",
+                    f"{c['final_eval_loss'] - c['final_train_loss']:+.3f}",
+                    fmt(c["tokens_per_s"]),
+                    f"{c['seconds']:.0f}",
+                ]
+                for c in curves
+            ],
+        )
         res.plot = _plot
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -251,7 +383,7 @@ def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, flo
     """Mean of each `window` consecutive logged train losses (at the window's last token count)."""
     out = []
     for i in range(0, len(points) - window + 1, window):
-        chunk = points[i:i + window]
+        chunk = points[i : i + window]
         out.append((chunk[-1][0], sum(p[1] for p in chunk) / len(chunk)))
     return out or points
 
@@ -267,28 +399,35 @@ def _conclusions(res: BenchResult, curves: list[dict[str, Any]], train_tokens: i
     for prev, cur in zip(curves, curves[1:]):
         gain = prev["best_eval_loss"] - cur["best_eval_loss"]
         ratio = cur["params"] / prev["params"]
-        verdict = ("pays" if gain > 0.02 else "makes no difference beyond noise (0.02)" if gain > -0.02
-                   else "does worse")
-        lines.append(f"{cur['size']} ({cur['params'] / 1e6:.1f}M parameters, {ratio:.1f}x {prev['size']}): best held-out "
-                     f"loss {cur['best_eval_loss']:.3f} vs {prev['best_eval_loss']:.3f} ({gain:+.3f} nats/token): "
-                     f"the bigger model {verdict}.")
+        verdict = "pays" if gain > 0.02 else "makes no difference beyond noise (0.02)" if gain > -0.02 else "does worse"
+        lines.append(
+            f"{cur['size']} ({cur['params'] / 1e6:.1f}M parameters, {ratio:.1f}x {prev['size']}): best held-out "
+            f"loss {cur['best_eval_loss']:.3f} vs {prev['best_eval_loss']:.3f} ({gain:+.3f} nats/token): "
+            f"the bigger model {verdict}."
+        )
     for c in curves:
         epochs = res.settings["epochs"]
         rise = c["final_eval_loss"] - c["best_eval_loss"]
         if rise > 0.01 and c["epochs_at_best"] < epochs - 0.3:
-            lines.append(f"{c['size']} starts to overfit after about {c['epochs_at_best']:.1f} epochs: its held-out loss "
-                         f"then rises by {rise:.3f} while its train loss keeps falling (final gap "
-                         f"{c['final_eval_loss'] - c['final_train_loss']:+.3f}).")
+            lines.append(
+                f"{c['size']} starts to overfit after about {c['epochs_at_best']:.1f} epochs: its held-out loss "
+                f"then rises by {rise:.3f} while its train loss keeps falling (final gap "
+                f"{c['final_eval_loss'] - c['final_train_loss']:+.3f})."
+            )
         else:
-            lines.append(f"{c['size']} did not overfit within {epochs} epochs (held-out loss at its best at the end, "
-                         f"gap {c['final_eval_loss'] - c['final_train_loss']:+.3f}).")
+            lines.append(
+                f"{c['size']} did not overfit within {epochs} epochs (held-out loss at its best at the end, "
+                f"gap {c['final_eval_loss'] - c['final_train_loss']:+.3f})."
+            )
     if curves:
         best = min(curves, key=lambda c: c["best_eval_loss"])
-        lines.append(f"Best held-out loss: {best['size']} ({best['params'] / 1e6:.1f}M parameters), "
-                     f"{train_tokens / best['params']:.4f} training tokens per parameter per epoch. Chinchilla's rule of "
-                     f"thumb is about 20 tokens per parameter (over all epochs); at {train_tokens:,} tokens per "
-                     "epoch, sizes far above that ratio memorise the corpus before they generalise: choose the "
-                     "size where the held-out curve's minimum stops improving, and stop training at that minimum.")
+        lines.append(
+            f"Best held-out loss: {best['size']} ({best['params'] / 1e6:.1f}M parameters), "
+            f"{train_tokens / best['params']:.4f} training tokens per parameter per epoch. Chinchilla's rule of "
+            f"thumb is about 20 tokens per parameter (over all epochs); at {train_tokens:,} tokens per "
+            "epoch, sizes far above that ratio memorise the corpus before they generalise: choose the "
+            "size where the held-out curve's minimum stops improving, and stop training at that minimum."
+        )
     res.extra["conclusions"] = lines
     for line in lines:
         res.note(line)
@@ -309,8 +448,15 @@ def _plot(res: BenchResult, fig: Any) -> None:
     train_tokens = res.extra.get("plan", {}).get("train_tokens", 1)
     for c, color in zip(curves, colors):
         ax1.plot([p[0] / 1e6 for p in c["train"]], [p[1] for p in c["train"]], ls="--", color=color, lw=1)
-        ax1.plot([p[0] / 1e6 for p in c["eval"]], [p[1] for p in c["eval"]], ls="-", marker="o", ms=3, color=color,
-                 label=f"{c['size']} ({c['params'] / 1e6:.1f}M)")
+        ax1.plot(
+            [p[0] / 1e6 for p in c["eval"]],
+            [p[1] for p in c["eval"]],
+            ls="-",
+            marker="o",
+            ms=3,
+            color=color,
+            label=f"{c['size']} ({c['params'] / 1e6:.1f}M)",
+        )
         ax1.plot([c["best_eval_tokens"] / 1e6], [c["best_eval_loss"]], marker="*", ms=12, color=color)
     ax1.set_xlabel(f"training tokens seen (millions; one epoch = {train_tokens / 1e6:.2f}M)")
     ax1.set_ylabel("loss (nats/token)")
@@ -322,16 +468,24 @@ def _plot(res: BenchResult, fig: Any) -> None:
     ax2.plot(params, [c["final_eval_loss"] for c in curves], marker="o", label="final held-out loss")
     ax2.plot(params, [c["final_train_loss"] for c in curves], marker="s", ls="--", label="final train loss")
     for c in curves:
-        ax2.annotate(c["size"], (c["params"] / 1e6, c["final_train_loss"]), textcoords="offset points", xytext=(4, -12),
-                     fontsize=8)
+        ax2.annotate(
+            c["size"],
+            (c["params"] / 1e6, c["final_train_loss"]),
+            textcoords="offset points",
+            xytext=(4, -12),
+            fontsize=8,
+        )
     ax2.set_xscale("log")
     ax2.set_xlabel("parameters (millions, log scale)")
     ax2.set_ylabel("loss (nats/token)")
     ax2.set_title(f"after {res.settings['epochs']} epochs, against model size", fontsize=10)
     ax2.legend(fontsize=8)
     plan = res.extra.get("plan", {})
-    fig.suptitle(f"Scale study: {plan.get('train_documents', '?')} rows cut from CMRC2018 passages ({train_tokens:,} tokens) for "
-                 f"{res.settings['epochs']} epochs, {plan.get('eval_documents', '?')} held out", fontsize=11)
+    fig.suptitle(
+        f"Scale study: {plan.get('train_documents', '?')} rows cut from CMRC2018 passages ({train_tokens:,} tokens) for "
+        f"{res.settings['epochs']} epochs, {plan.get('eval_documents', '?')} held out",
+        fontsize=11,
+    )
 
 
 __all__ = ["run_scale", "Size", "default_sizes"]

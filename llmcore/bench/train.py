@@ -105,16 +105,32 @@ def default_variants(device: torch.device, preset: str, quick: bool) -> list[Var
         return [Variant("minimind"), Variant("llmcore", "sdpa"), Variant("llmcore", "sdpa", packing="padded")]
     if device.type == "cuda" and preset != "minimind2-small":
         # Shape coverage (head dim 96, QK-norm): the main backends without the controls.
-        return [Variant("minimind"), Variant("llmcore", "triton"), Variant("llmcore", "triton", True),
-                Variant("llmcore", "sdpa")]
+        return [
+            Variant("minimind"),
+            Variant("llmcore", "triton"),
+            Variant("llmcore", "triton", True),
+            Variant("llmcore", "sdpa"),
+        ]
     if device.type == "cuda":
         # Compilation dominates the cost on a GPU, so the uncompiled loops come first, then the target's.
-        return [Variant("minimind"), Variant("llmcore", "triton"), Variant("llmcore", "triton", True),
-                Variant("llmcore", "sdpa"), Variant("llmcore", "eager"), Variant("llmcore", "triton", packing="padded"),
-                Variant("llmcore", "sdpa", True), Variant("llmcore", "eager", True)]
+        return [
+            Variant("minimind"),
+            Variant("llmcore", "triton"),
+            Variant("llmcore", "triton", True),
+            Variant("llmcore", "sdpa"),
+            Variant("llmcore", "eager"),
+            Variant("llmcore", "triton", packing="padded"),
+            Variant("llmcore", "sdpa", True),
+            Variant("llmcore", "eager", True),
+        ]
     if preset == "minimind2-small":
-        return [Variant("minimind"), Variant("llmcore", "sdpa"), Variant("llmcore", "sdpa", True),
-                Variant("llmcore", "sdpa", dtype="bf16"), Variant("llmcore", "sdpa", packing="padded")]
+        return [
+            Variant("minimind"),
+            Variant("llmcore", "sdpa"),
+            Variant("llmcore", "sdpa", True),
+            Variant("llmcore", "sdpa", dtype="bf16"),
+            Variant("llmcore", "sdpa", packing="padded"),
+        ]
     return [Variant("minimind"), Variant("llmcore", "sdpa")]
 
 
@@ -125,8 +141,16 @@ def default_variants(device: torch.device, preset: str, quick: bool) -> list[Var
 class MiniMindLoop:
     """The MiniMind-style loop (see the module docstring); `step()` returns real input tokens."""
 
-    def __init__(self, preset: str, token_rows: list[list[int]], tok: Any, seq_len: int, batch: int,
-                 device: torch.device, seed: int) -> None:
+    def __init__(
+        self,
+        preset: str,
+        token_rows: list[list[int]],
+        tok: Any,
+        seq_len: int,
+        batch: int,
+        device: torch.device,
+        seed: int,
+    ) -> None:
         from llmcore.model import LLM, ModelConfig
 
         self.device = device
@@ -147,7 +171,7 @@ class MiniMindLoop:
         self.model = LLM(cfg).to(device).train()
         self.config = cfg
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=MINIMIND_LR)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
 
     def step(self) -> int:
         n = self.x.shape[0]
@@ -183,14 +207,37 @@ class MiniMindLoop:
 class LLMCoreLoop:
     """`llmcore train pretrain` built through `Trainer.from_config`; `step()` returns real input tokens."""
 
-    def __init__(self, preset: str, shards: Path, run_dir: Path, v: Variant, seq_len: int, batch: int,
-                 device: torch.device, seed: int) -> None:
+    def __init__(
+        self,
+        preset: str,
+        shards: Path,
+        run_dir: Path,
+        v: Variant,
+        seq_len: int,
+        batch: int,
+        device: torch.device,
+        seed: int,
+    ) -> None:
         from llmcore.train import TrainConfig, Trainer
 
-        cfg = TrainConfig(data=str(shards), out=str(run_dir), model=preset, seq_len=seq_len, micro_batch_size=batch,
-                          global_batch_size=batch, max_steps=10**7, lr=MINIMIND_LR, compile=v.compile,
-                          attn_backend=v.backend, packing=v.packing, dtype=v.dtype, device=str(device), quiet=True,
-                          seed=seed, log_every=10**6).resolved("pretrain")
+        cfg = TrainConfig(
+            data=str(shards),
+            out=str(run_dir),
+            model=preset,
+            seq_len=seq_len,
+            micro_batch_size=batch,
+            global_batch_size=batch,
+            max_steps=10**7,
+            lr=MINIMIND_LR,
+            compile=v.compile,
+            attn_backend=v.backend,
+            packing=v.packing,
+            dtype=v.dtype,
+            device=str(device),
+            quiet=True,
+            seed=seed,
+            log_every=10**6,
+        ).resolved("pretrain")
         self.trainer = Trainer.from_config("pretrain", cfg)
         self.config = self.trainer.model.config
 
@@ -269,11 +316,21 @@ def real_token_share(shards: Path, mode: str, seq_len: int, batch: int = 16) -> 
     return real / max(total, 1)
 
 
-def run_train(device: torch.device, quick: bool = False, presets: list[str] | None = None,
-              variants: list[str] | None = None, seq_len: int | None = None, batch: int | None = None,
-              rounds: int | None = None, steps: int | None = None, warmup: int | None = None,
-              budget_s: float | None = None, data_dir: str | Path | None = None, seed: int = 0,
-              command: str | None = None) -> BenchResult:
+def run_train(
+    device: torch.device,
+    quick: bool = False,
+    presets: list[str] | None = None,
+    variants: list[str] | None = None,
+    seq_len: int | None = None,
+    batch: int | None = None,
+    rounds: int | None = None,
+    steps: int | None = None,
+    warmup: int | None = None,
+    budget_s: float | None = None,
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    command: str | None = None,
+) -> BenchResult:
     """The training benchmark (see the module docstring); returns the result, not yet written."""
     from llmcore.data_prep.tokenizer import load_tokenizer
     from llmcore.train.speed import flops_per_token, peak_tflops
@@ -292,37 +349,73 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
     peak, card = peak_tflops(device)
     tok = load_tokenizer(tok_dir)
     rows = pretrain_hq_rows(cmrc_passages(ddir), seed=seed, limit=200 if quick else None)
-    settings = {"presets": presets, "seq_len": seq_len, "micro_batch": batch, "rounds": rounds,
-                "steps_per_round": steps, "warmup_steps": f"{warmup} (+1 for compiled loops)", "budget_s": budget_s, "lr": MINIMIND_LR,
-                "rows": f"{len(rows)} pretrain_hq-shaped rows (257-519 chars) from CMRC2018 dev passages",
-                "tokenizer": "MiniMind's (vocab 6400)", "bf16_peak_tflops": peak}
-    res = BenchResult("train", device, settings, quick=quick, command=command,
-                      title="Training benchmark: llmcore vs a MiniMind-style loop (real tokens/s)")
+    settings = {
+        "presets": presets,
+        "seq_len": seq_len,
+        "micro_batch": batch,
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "warmup_steps": f"{warmup} (+1 for compiled loops)",
+        "budget_s": budget_s,
+        "lr": MINIMIND_LR,
+        "rows": f"{len(rows)} pretrain_hq-shaped rows (257-519 chars) from CMRC2018 dev passages",
+        "tokenizer": "MiniMind's (vocab 6400)",
+        "bf16_peak_tflops": peak,
+    }
+    res = BenchResult(
+        "train",
+        device,
+        settings,
+        quick=quick,
+        command=command,
+        title="Training benchmark: llmcore vs a MiniMind-style loop (real tokens/s)",
+    )
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="llmcore-bench-train-"))
     try:
         token_rows = tok.encode_batch(rows)
         n_tokens = [len(t) + 2 for t in token_rows]
         shards = _prep_shards(rows, tok_dir, work, "rows")
-        res.extra["rows"] = {"count": len(rows), "chars_mean": sum(map(len, rows)) / len(rows),
-                             "tokens_mean": sum(n_tokens) / len(n_tokens), "tokens_max": max(n_tokens),
-                             "truncated_share": sum(n > seq_len + 1 for n in n_tokens) / len(n_tokens)}
-        shares = [["pretrain_hq-shaped rows (CMRC2018)", real_token_share(shards, "padded", seq_len),
-                   real_token_share(shards, "packed", seq_len)]]
+        res.extra["rows"] = {
+            "count": len(rows),
+            "chars_mean": sum(map(len, rows)) / len(rows),
+            "tokens_mean": sum(n_tokens) / len(n_tokens),
+            "tokens_max": max(n_tokens),
+            "truncated_share": sum(n > seq_len + 1 for n in n_tokens) / len(n_tokens),
+        }
+        shares = [
+            [
+                "pretrain_hq-shaped rows (CMRC2018)",
+                real_token_share(shards, "padded", seq_len),
+                real_token_share(shards, "packed", seq_len),
+            ]
+        ]
         sample = ddir / "pretrain_sample.jsonl"
         if sample.is_file():
             from llmcore.bench.corpus import read_texts
 
             texts = read_texts(sample, limit=500 if quick else None)
             sample_shards = _prep_shards(texts, tok_dir, work, "sample")
-            shares.append([f"pretrain_sample.jsonl ({len(texts)} docs)", real_token_share(sample_shards, "padded", seq_len),
-                           real_token_share(sample_shards, "packed", seq_len)])
-        res.table(f"Real-token share of rows at seq {seq_len} (MiniMind's tokenizer)",
-                  ["data", "padded (one document per row)", "packed"],
-                  [[n, f"{a:.1%}", f"{b:.2%}"] for n, a, b in shares])
+            shares.append(
+                [
+                    f"pretrain_sample.jsonl ({len(texts)} docs)",
+                    real_token_share(sample_shards, "padded", seq_len),
+                    real_token_share(sample_shards, "packed", seq_len),
+                ]
+            )
+        res.table(
+            f"Real-token share of rows at seq {seq_len} (MiniMind's tokenizer)",
+            ["data", "padded (one document per row)", "packed"],
+            [[n, f"{a:.1%}", f"{b:.2%}"] for n, a, b in shares],
+        )
         res.extra["real_token_share"] = [{"data": n, "padded": a, "packed": b} for n, a, b in shares]
-        log.info("rows: %d, %.0f tokens mean; real-token share padded %.1f%%, packed %.2f%%", len(rows),
-                 res.extra["rows"]["tokens_mean"], 100 * shares[0][1], 100 * shares[0][2])
+        log.info(
+            "rows: %d, %.0f tokens mean; real-token share padded %.1f%%, packed %.2f%%",
+            len(rows),
+            res.extra["rows"]["tokens_mean"],
+            100 * shares[0][1],
+            100 * shares[0][2],
+        )
 
         chosen = [parse_variant(v) for v in variants] if variants else None
         for pi, preset in enumerate(presets):
@@ -375,7 +468,9 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
                     _drop(loop, device)
                     continue
                 m.resident = _resident_bytes(device) - before
-                log.info("[%s] %s ready in %.1fs (incl. %d warm-up steps)", preset, label, time.perf_counter() - t0, warmup)
+                log.info(
+                    "[%s] %s ready in %.1fs (incl. %d warm-up steps)", preset, label, time.perf_counter() - t0, warmup
+                )
                 m.warmup_s = time.perf_counter() - t0
                 loops[label] = m
             for label in skipped:
@@ -390,8 +485,15 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
                 res.fail(f"{p} {label} (while timed)", err)
                 _drop(loops.pop(label).loop, device)
 
-            samples = interleaved(dict(loops), rounds, warmup=0, device=device, budget_s=max(left, 0.0),
-                                  progress=lambda s, p=preset: log.info("[%s] %s", p, s), on_error=timing_failed)
+            samples = interleaved(
+                dict(loops),
+                rounds,
+                warmup=0,
+                device=device,
+                budget_s=max(left, 0.0),
+                progress=lambda s, p=preset: log.info("[%s] %s", p, s),
+                on_error=timing_failed,
+            )
             base_label = Variant("minimind").label(device)
             model_cfg = next(iter(loops.values())).loop.config if loops else None
             fpt = flops_per_token(model_cfg, seq_len) if model_cfg is not None else 0.0
@@ -401,9 +503,12 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
                     continue
                 m = loops[label]
                 s.warmup_s = m.warmup_s
-                facts: dict[str, Any] = {"preset": preset, "loop": label,
-                                         "step_s": summarize([w / steps for w in s.wall]),
-                                         "tokens_per_step": sum(s.units) / max(len(s.units), 1) / steps}
+                facts: dict[str, Any] = {
+                    "preset": preset,
+                    "loop": label,
+                    "step_s": summarize([w / steps for w in s.wall]),
+                    "tokens_per_step": sum(s.units) / max(len(s.units), 1) / steps,
+                }
                 if cuda:
                     facts["peak_memory_gb"] = round((m.resident + m.transient) / 2**30, 3)
                     if peak:
@@ -418,36 +523,60 @@ def run_train(device: torch.device, quick: bool = False, presets: list[str] | No
             measured = [lb for lb in samples if samples[lb].wall]
             for label in measured:
                 if label != base_label and base_label in measured:
-                    res.ratio(f"{preset}: {label} vs minimind-style", f"{preset} {label}", f"{preset} {base_label}",
-                              metric="throughput", what="real tokens/s")
+                    res.ratio(
+                        f"{preset}: {label} vs minimind-style",
+                        f"{preset} {label}",
+                        f"{preset} {base_label}",
+                        metric="throughput",
+                        what="real tokens/s",
+                    )
                     if not cuda:
-                        res.ratio(f"{preset}: {label} vs minimind-style, per CPU-second", f"{preset} {label}",
-                                  f"{preset} {base_label}", metric="per CPU-second", what="real tokens per CPU-second")
+                        res.ratio(
+                            f"{preset}: {label} vs minimind-style, per CPU-second",
+                            f"{preset} {label}",
+                            f"{preset} {base_label}",
+                            metric="per CPU-second",
+                            what="real tokens per CPU-second",
+                        )
             for m in loops.values():  # measured or not (a stop before its first round), each is closed
                 _drop(m.loop, device)
             loops.clear()
             if cuda:
                 torch.cuda.empty_cache()
             if stop_requested():
-                for later in presets[pi + 1:]:
+                for later in presets[pi + 1 :]:
                     res.note(f"{later}: not measured ({stop_requested()})")
                 break
         targets_for(res)
-        res.note("Real tokens = non-pad input positions (what a padded loop wastes does not count). MFU counts the "
-                 "real tokens only: 6N + 6·L·H·Q·T FLOPs per token over the card's dense bf16 peak (the attention "
-                 "term counted causally, half of the PaLM convention's 12·L·H·Q·T; the PaLM-convention MFU is in "
-                 "`mfu_palm`).")
-        res.note("The MiniMind-style loop uses our model's sdpa backend without position ids (one causal document per "
-                 "row), pre-tokenized rows fed from memory and torch's default AdamW; llmcore loops run "
-                 "Trainer.train_step() with its own loader and feed.")
+        res.note(
+            "Real tokens = non-pad input positions (what a padded loop wastes does not count). MFU counts the "
+            "real tokens only: 6N + 6·L·H·Q·T FLOPs per token over the card's dense bf16 peak (the attention "
+            "term counted causally, half of the PaLM convention's 12·L·H·Q·T; the PaLM-convention MFU is in "
+            "`mfu_palm`)."
+        )
+        res.note(
+            "The MiniMind-style loop uses our model's sdpa backend without position ids (one causal document per "
+            "row), pre-tokenized rows fed from memory and torch's default AdamW; llmcore loops run "
+            "Trainer.train_step() with its own loader and feed."
+        )
         if not cuda and any("+compile" in m.get("loop", "") for m in res.measurements):
-            res.note("CPU caveat: once torch.compile has run in a process, eager code in the same process can slow "
-                     "down (inductor's OpenMP threads compete for the cores; seen on this 2-core machine), which "
-                     "penalises the uncompiled loops, the baseline included; compare the per-round values.")
+            res.note(
+                "CPU caveat: once torch.compile has run in a process, eager code in the same process can slow "
+                "down (inductor's OpenMP threads compete for the cores; seen on this 2-core machine), which "
+                "penalises the uncompiled loops, the baseline included; compare the per-round values."
+            )
         if not cuda:
-            res.note("CPU: bf16 autocast on this CPU uses " + ("AMX" if "amx_bf16" in res.machine["cpu_flags"] else
-                     "AVX-512 BF16 (no AMX)" if "avx512_bf16" in res.machine["cpu_flags"] else "no bf16 hardware")
-                     + "; MiniMind's trainer runs fp32 on CPU, so the baseline is fp32.")
+            res.note(
+                "CPU: bf16 autocast on this CPU uses "
+                + (
+                    "AMX"
+                    if "amx_bf16" in res.machine["cpu_flags"]
+                    else "AVX-512 BF16 (no AMX)"
+                    if "avx512_bf16" in res.machine["cpu_flags"]
+                    else "no bf16 hardware"
+                )
+                + "; MiniMind's trainer runs fp32 on CPU, so the baseline is fp32."
+            )
         res.plot = _plot
         res.figsize = (16, 6.5)
     finally:
@@ -463,8 +592,12 @@ def _targets(res: BenchResult, device: torch.device, presets: list[str]) -> None
     if device.type == "cuda":
         if "minimind2-small" in presets:
             label = Variant("llmcore", "triton", True).label(device)
-            res.target("minimind2-small seq 512: llmcore triton+compile vs minimind-style (real tokens/s)",
-                       ratio_of("minimind2-small", label), 4.0, source=label)
+            res.target(
+                "minimind2-small seq 512: llmcore triton+compile vs minimind-style (real tokens/s)",
+                ratio_of("minimind2-small", label),
+                4.0,
+                source=label,
+            )
             try:
                 mfu = (res.find(f"minimind2-small {label}", "throughput").get("mfu") or {}).get("median")
             except KeyError:
@@ -472,11 +605,19 @@ def _targets(res: BenchResult, device: torch.device, presets: list[str]) -> None
             res.target("minimind2-small seq 512: MFU of llmcore triton+compile", mfu, 0.25, unit="", source=label)
     elif "minimind2-small" in presets:
         # DESIGN.md: llmcore may use bf16 autocast on CPU, MiniMind's trainer runs fp32 there.
-        for v in (Variant("llmcore", "sdpa", dtype="bf16"), Variant("llmcore", "sdpa", True), Variant("llmcore", "sdpa")):
+        for v in (
+            Variant("llmcore", "sdpa", dtype="bf16"),
+            Variant("llmcore", "sdpa", True),
+            Variant("llmcore", "sdpa"),
+        ):
             label = v.label(device)
             if any(m.get("loop") == label for m in res.measurements):
-                res.target(f"CPU minimind2-small seq 512: {label} vs minimind-style (real tokens/s)",
-                           ratio_of("minimind2-small", label), 2.5, source=label)
+                res.target(
+                    f"CPU minimind2-small seq 512: {label} vs minimind-style (real tokens/s)",
+                    ratio_of("minimind2-small", label),
+                    2.5,
+                    source=label,
+                )
 
 
 CONTROL = "Control: "
@@ -489,17 +630,24 @@ def _control_notes(res: BenchResult, device: torch.device) -> None:
     for preset in dict.fromkeys(m["preset"] for m in res.measurements if "preset" in m):
         for v in (Variant("llmcore", "sdpa", packing="padded"), Variant("llmcore", "triton", packing="padded")):
             label = v.label(device)
-            wall = next((r for r in res.ratios if r["numerator"] == f"{preset} {label}" and r["metric"] == "throughput"), None)
+            wall = next(
+                (r for r in res.ratios if r["numerator"] == f"{preset} {label}" and r["metric"] == "throughput"), None
+            )
             if wall is None:
                 continue
-            cpu = next((r for r in res.ratios if r["numerator"] == f"{preset} {label}" and r["metric"] == "per CPU-second"), None)
-            res.note(f"{CONTROL}{preset} `{label}` does the same work per row as the minimind-style loop (one padded "
-                     f"document per row, same model, same optimizer), so its ratio, {wall['value']:.2f}x"
-                     + (f" (per CPU-second {cpu['value']:.2f}x)" if cpu else "")
-                     + ", shows how far this run's ratios can stray from the truth: read differences within that band "
-                       "as noise. Its padded loader marks its rows as single documents, so the model gets no "
-                       "position ids and takes the same causal path (SDPA's flash kernel on CUDA) as the "
-                       "minimind-style loop.")
+            cpu = next(
+                (r for r in res.ratios if r["numerator"] == f"{preset} {label}" and r["metric"] == "per CPU-second"),
+                None,
+            )
+            res.note(
+                f"{CONTROL}{preset} `{label}` does the same work per row as the minimind-style loop (one padded "
+                f"document per row, same model, same optimizer), so its ratio, {wall['value']:.2f}x"
+                + (f" (per CPU-second {cpu['value']:.2f}x)" if cpu else "")
+                + ", shows how far this run's ratios can stray from the truth: read differences within that band "
+                "as noise. Its padded loader marks its rows as single documents, so the model gets no "
+                "position ids and takes the same causal path (SDPA's flash kernel on CUDA) as the "
+                "minimind-style loop."
+            )
 
 
 def _speed_table(res: BenchResult) -> None:
@@ -515,19 +663,28 @@ def _speed_table(res: BenchResult) -> None:
         if entry.get("metric") != "throughput" or "loop" not in entry:
             continue
         r = ratio(entry["case"], "throughput")
-        row = [entry["preset"], entry["loop"], fmt(entry["median"]), f"{fmt(entry['min'])} .. {fmt(entry['max'])}",
-               fmt(entry["step_s"]["median"]) + " s",
-               f"{entry['mfu']['median']:.1%}" if (entry.get("mfu") or {}).get("median") is not None else "-",
-               fmt(entry.get("peak_memory_gb", entry.get("process_max_rss_gb"))),
-               f"{fmt(r['value'])}x" if r else "1x (baseline)"]
+        row = [
+            entry["preset"],
+            entry["loop"],
+            fmt(entry["median"]),
+            f"{fmt(entry['min'])} .. {fmt(entry['max'])}",
+            fmt(entry["step_s"]["median"]) + " s",
+            f"{entry['mfu']['median']:.1%}" if (entry.get("mfu") or {}).get("median") is not None else "-",
+            fmt(entry.get("peak_memory_gb", entry.get("process_max_rss_gb"))),
+            f"{fmt(r['value'])}x" if r else "1x (baseline)",
+        ]
         if not cuda:
             rc = ratio(entry["case"], "per CPU-second")
             row.append(f"{fmt(rc['value'])}x" if rc else "1x (baseline)")
         rows.append(row)
     mem_col = "peak memory GiB" if cuda else "process max RSS GiB (all loops)"
     res.tables[:] = [t for t in res.tables if t["title"] != "Real tokens per second"]
-    res.table("Real tokens per second", ["preset", "loop", "real tokens/s", "min .. max", "step", "MFU", mem_col,
-                                         "vs minimind-style"] + ([] if cuda else ["same, per CPU-second"]), rows)
+    res.table(
+        "Real tokens per second",
+        ["preset", "loop", "real tokens/s", "min .. max", "step", "MFU", mem_col, "vs minimind-style"]
+        + ([] if cuda else ["same, per CPU-second"]),
+        rows,
+    )
 
 
 def targets_for(res: BenchResult) -> None:
@@ -542,8 +699,9 @@ def targets_for(res: BenchResult) -> None:
 def _plot(res: BenchResult, fig: Any) -> None:
     presets = list(dict.fromkeys(m["preset"] for m in res.measurements if "preset" in m))
     n = len(presets) + 1
-    grid = fig.add_gridspec(1, n, width_ratios=[1.4] * len(presets) + [1.0], wspace=0.9, left=0.12, right=0.97,
-                            top=0.86, bottom=0.2)
+    grid = fig.add_gridspec(
+        1, n, width_ratios=[1.4] * len(presets) + [1.0], wspace=0.9, left=0.12, right=0.97, top=0.86, bottom=0.2
+    )
     fig.manual_layout = True
     for i, preset in enumerate(presets):
         ax = fig.add_subplot(grid[0, i])
@@ -554,9 +712,16 @@ def _plot(res: BenchResult, fig: Any) -> None:
         for m in ms:
             r = next((x for x in res.ratios if x["numerator"] == m["case"] and x["metric"] == "throughput"), None)
             texts.append(f"{fmt(m['median'])} ({fmt(r['value'])}x)" if r else f"{fmt(m['median'])} (baseline)")
-        bar_panel(ax, labels, [m["median"] for m in ms], [(m["min"], m["max"]) for m in ms],
-                  f"{preset}", "real (non-pad) tokens/s\nbar: median, line: min..max, (x): paired ratio", colors,
-                  texts=texts)
+        bar_panel(
+            ax,
+            labels,
+            [m["median"] for m in ms],
+            [(m["min"], m["max"]) for m in ms],
+            f"{preset}",
+            "real (non-pad) tokens/s\nbar: median, line: min..max, (x): paired ratio",
+            colors,
+            texts=texts,
+        )
         ax.margins(x=0.45)
     ax = fig.add_subplot(grid[0, n - 1])
     shares = res.extra.get("real_token_share", [])
@@ -573,8 +738,11 @@ def _plot(res: BenchResult, fig: Any) -> None:
     ax.set_xlabel("% of row positions\nthat are real tokens")
     ax.set_title(f"real-token share, seq {res.settings['seq_len']}", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"llmcore vs a MiniMind-style loop: pretraining, seq {res.settings['seq_len']}, micro batch "
-                 f"{res.settings['micro_batch']} ({res.machine.get('gpu') or 'CPU'})", fontsize=11)
+    fig.suptitle(
+        f"llmcore vs a MiniMind-style loop: pretraining, seq {res.settings['seq_len']}, micro batch "
+        f"{res.settings['micro_batch']} ({res.machine.get('gpu') or 'CPU'})",
+        fontsize=11,
+    )
 
 
 __all__ = ["run_train", "Variant", "parse_variant", "MiniMindLoop", "LLMCoreLoop", "real_token_share"]

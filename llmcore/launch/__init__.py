@@ -32,7 +32,11 @@ def deepspeed_config_path(name_or_path: str | Path) -> Path:
     if path.is_file():
         return path
     if path.exists():
-        raise LLMCoreError(f"--deepspeed {spec}: not a file; expected one of {', '.join(DEEPSPEED_CONFIGS)} "
-                           "or the path of a DeepSpeed JSON config")
-    raise LLMCoreError(f"--deepspeed {spec}: no such DeepSpeed config; expected one of "
-                       f"{', '.join(DEEPSPEED_CONFIGS)} or the path of a DeepSpeed JSON config file")
+        raise LLMCoreError(
+            f"--deepspeed {spec}: not a file; expected one of {', '.join(DEEPSPEED_CONFIGS)} "
+            "or the path of a DeepSpeed JSON config"
+        )
+    raise LLMCoreError(
+        f"--deepspeed {spec}: no such DeepSpeed config; expected one of "
+        f"{', '.join(DEEPSPEED_CONFIGS)} or the path of a DeepSpeed JSON config file"
+    )

@@ -44,16 +44,29 @@ from llmcore.errors import LLMCoreError
 _LINE_RE = re.compile(r"^(\S+)\s+slots=(\S+)\s*$")
 # A host name: dot-separated labels of ASCII letters, digits, `-` and `_`, never starting or ending
 # with `-` (so never an ssh option); 253 characters at most.
-_HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9_-]{0,61}"
-                      r"[A-Za-z0-9])?)*$")
+_HOST_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9_-]{0,61}"
+    r"[A-Za-z0-9])?)*$"
+)
 _SLOTS_RE = re.compile(r"^-?[0-9]+$")
 MAX_SLOTS = 1024
 # Characters that mean nothing to a POSIX shell (DeepSpeed's own "no quoting needed" set, less `%`,
 # which pdsh substitutes): a value made only of these reaches a node's shell as itself.
 _SHELL_SAFE = re.compile(r"[\w@+=:,./-]*", re.ASCII)
 # Variables a run needs on every node, by exact name or prefix (NCCL_/GLOO_ tune the transports).
-ENV_NAMES = ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "WANDB_ENTITY", "TORCH_EXTENSIONS_DIR", "DS_BUILD_OPS",
-             "DS_ACCELERATOR", "LLMCORE_DIST_TIMEOUT", "OMP_NUM_THREADS", "HF_HOME", "TP_SOCKET_IFNAME")
+ENV_NAMES = (
+    "WANDB_MODE",
+    "WANDB_PROJECT",
+    "WANDB_DIR",
+    "WANDB_ENTITY",
+    "TORCH_EXTENSIONS_DIR",
+    "DS_BUILD_OPS",
+    "DS_ACCELERATOR",
+    "LLMCORE_DIST_TIMEOUT",
+    "OMP_NUM_THREADS",
+    "HF_HOME",
+    "TP_SOCKET_IFNAME",
+)
 ENV_PREFIXES = ("NCCL_", "GLOO_")
 
 
@@ -90,8 +103,10 @@ def parse_hostfile(path: str | Path) -> "collections.OrderedDict[str, int]":
             raise LLMCoreError(f"--hostfile {path} line {i}: expected 'HOST slots=N', got {raw.strip()[:80]!r}")
         host, slots_text = m.group(1), m.group(2)
         if not _is_host(host):
-            raise LLMCoreError(f"--hostfile {path} line {i}: {host[:80]!r} is not a host name or IP address "
-                               "(letters, digits, '-', '_' and '.', not starting with '-')")
+            raise LLMCoreError(
+                f"--hostfile {path} line {i}: {host[:80]!r} is not a host name or IP address "
+                "(letters, digits, '-', '_' and '.', not starting with '-')"
+            )
         if not _SLOTS_RE.match(slots_text):
             raise LLMCoreError(f"--hostfile {path} line {i}: slots must be a whole number, got {slots_text[:40]!r}")
         slots = int(slots_text)
@@ -151,8 +166,9 @@ class Plan:
         return base64.urlsafe_b64encode(json.dumps(self.resources).encode()).decode()
 
 
-def _filter_resources(hosts: "collections.OrderedDict[str, int]", include: str, exclude: str, num_nodes: int,
-                      num_gpus: int) -> "collections.OrderedDict[str, list[int]]":
+def _filter_resources(
+    hosts: "collections.OrderedDict[str, int]", include: str, exclude: str, num_nodes: int, num_gpus: int
+) -> "collections.OrderedDict[str, list[int]]":
     if (include or exclude) and (num_nodes > 0 or num_gpus > 0):
         raise LLMCoreError("--include/--exclude and --num-nodes/--num-gpus cannot be combined; use one or the other")
     if include and exclude:
@@ -162,8 +178,11 @@ def _filter_resources(hosts: "collections.OrderedDict[str, int]", include: str, 
         from deepspeed.launcher.runner import parse_resource_filter
 
         try:
-            resources = parse_resource_filter(collections.OrderedDict((h, list(range(n))) for h, n in hosts.items()),
-                                              include_str=include, exclude_str=exclude)
+            resources = parse_resource_filter(
+                collections.OrderedDict((h, list(range(n))) for h, n in hosts.items()),
+                include_str=include,
+                exclude_str=exclude,
+            )
         except (ValueError, KeyError) as err:
             flag = "--include" if include else "--exclude"
             raise LLMCoreError(f"{flag} {include or exclude}: {err}") from None
@@ -171,14 +190,17 @@ def _filter_resources(hosts: "collections.OrderedDict[str, int]", include: str, 
             raise LLMCoreError(f"--include/--exclude leave no hosts of {', '.join(hosts)}")
     if num_nodes > 0:
         if num_nodes > len(resources):
-            raise LLMCoreError(f"--num-nodes {num_nodes}: the hostfile lists only {len(resources)} node(s) "
-                               f"({', '.join(resources)})")
+            raise LLMCoreError(
+                f"--num-nodes {num_nodes}: the hostfile lists only {len(resources)} node(s) ({', '.join(resources)})"
+            )
         resources = collections.OrderedDict(list(resources.items())[:num_nodes])
     if num_gpus > 0:
         short = [h for h, s in resources.items() if len(s) < num_gpus]
         if short:
-            raise LLMCoreError(f"--num-gpus {num_gpus}: more than the hostfile's slots on "
-                               + ", ".join(f"{h} ({len(resources[h])})" for h in short))
+            raise LLMCoreError(
+                f"--num-gpus {num_gpus}: more than the hostfile's slots on "
+                + ", ".join(f"{h} ({len(resources[h])})" for h in short)
+            )
         resources = collections.OrderedDict((h, list(range(num_gpus))) for h in resources)
     return resources
 
@@ -190,8 +212,10 @@ def resolve_training(train_args: list[str]) -> tuple[str, Any]:
     from llmcore.train import build_config
 
     if len(train_args) < 2 or train_args[0] != "train":
-        raise LLMCoreError("expected the training command after `--`, e.g. "
-                           "llmcore launch --hostfile H -- train pretrain --deepspeed zero2 --data D --out RUN")
+        raise LLMCoreError(
+            "expected the training command after `--`, e.g. "
+            "llmcore launch --hostfile H -- train pretrain --deepspeed zero2 --data D --out RUN"
+        )
     stage = train_args[1]
     group = typer.main.get_command(app)
     train_group = group.commands["train"]  # type: ignore[attr-defined]
@@ -210,8 +234,10 @@ def resolve_training(train_args: list[str]) -> tuple[str, Any]:
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()}
     cfg = build_config(stage, flags, config_file)
     if cfg.deepspeed is None:
-        raise LLMCoreError("llmcore launch runs DeepSpeed: add --deepspeed NAME (zero1, zero2, zero3, zero3-offload) "
-                           "to the training flags")
+        raise LLMCoreError(
+            "llmcore launch runs DeepSpeed: add --deepspeed NAME (zero1, zero2, zero3, zero3-offload) "
+            "to the training flags"
+        )
     if not cfg.out:
         raise LLMCoreError(f"train {stage}: --out is required")
     return stage, cfg
@@ -260,15 +286,27 @@ def deepspeed_env_lines() -> list[tuple[str, str]]:
             key, value = raw.split("=", 1)
             key, value = key.strip(), value.strip()
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) or not _shell_safe(value):
-                raise LLMCoreError(f"{path} line {i}: {key[:40]}={value[:40]!r} holds characters a shell interprets; "
-                                   "DeepSpeed's ssh launcher would run them on every node (remove the line)")
+                raise LLMCoreError(
+                    f"{path} line {i}: {key[:40]}={value[:40]!r} holds characters a shell interprets; "
+                    "DeepSpeed's ssh launcher would run them on every node (remove the line)"
+                )
             out.append((key, value))
     return out
 
 
-def make_plan(hostfile: Path, train_args: list[str], include: str = "", exclude: str = "", num_nodes: int = -1,
-              num_gpus: int = -1, master_addr: str | None = None, master_port: int = 29500, no_ssh: bool = False,
-              node_rank: int | None = None, timeout: float = 600.0) -> Plan:
+def make_plan(
+    hostfile: Path,
+    train_args: list[str],
+    include: str = "",
+    exclude: str = "",
+    num_nodes: int = -1,
+    num_gpus: int = -1,
+    master_addr: str | None = None,
+    master_port: int = 29500,
+    no_ssh: bool = False,
+    node_rank: int | None = None,
+    timeout: float = 600.0,
+) -> Plan:
     """Check everything a launch needs, in order (hostfile, filters, master, node rank, training
     flags, DeepSpeed config vs flags); raises a one-line LLMCoreError on the first problem."""
     from llmcore.launch import deepspeed_config_path
@@ -282,25 +320,31 @@ def make_plan(hostfile: Path, train_args: list[str], include: str = "", exclude:
         raise LLMCoreError(f"--timeout {timeout:g}: must be a positive number of seconds")
     if no_ssh:
         if node_rank is None:
-            raise LLMCoreError(f"--no-ssh: pass --node-rank (0..{len(resources) - 1}), this node's line in the hostfile")
+            raise LLMCoreError(
+                f"--no-ssh: pass --node-rank (0..{len(resources) - 1}), this node's line in the hostfile"
+            )
         if master_addr is None:
             raise LLMCoreError("--no-ssh: pass --master-addr, the address of node 0 that every node can reach")
     if node_rank is not None:
         if not no_ssh:
             raise LLMCoreError("--node-rank goes with --no-ssh (with ssh, the launcher starts every node itself)")
         if not 0 <= node_rank < len(resources):
-            raise LLMCoreError(f"--node-rank {node_rank}: the hostfile has {len(resources)} node(s), so 0.."
-                               f"{len(resources) - 1}")
+            raise LLMCoreError(
+                f"--node-rank {node_rank}: the hostfile has {len(resources)} node(s), so 0..{len(resources) - 1}"
+            )
     if master_addr is None:
         master_addr = next(iter(resources))  # the first node; the ssh launcher reaches it by this name
     check_master_addr(master_addr)
     stage, cfg = resolve_training(train_args)
-    plan = Plan(Path(hostfile), resources, master_addr, master_port, no_ssh, node_rank, timeout, list(train_args),
-                stage, cfg)
+    plan = Plan(
+        Path(hostfile), resources, master_addr, master_port, no_ssh, node_rank, timeout, list(train_args), stage, cfg
+    )
     world = plan.world
     if cfg.global_batch_size % (cfg.micro_batch_size * world):
-        raise LLMCoreError(f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
-                           f"{cfg.micro_batch_size} x {world} process(es) = {cfg.micro_batch_size * world}")
+        raise LLMCoreError(
+            f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
+            f"{cfg.micro_batch_size} x {world} process(es) = {cfg.micro_batch_size * world}"
+        )
     plan.accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
     # The precision the ranks will run: --dtype, or for `auto` the device's default. This node is
     # one of the nodes with --no-ssh; with ssh it may be a login node without GPUs, so then a
@@ -325,8 +369,12 @@ def make_plan(hostfile: Path, train_args: list[str], include: str = "", exclude:
     else:
         raise errors[0]
     plan.env = run_env(timeout, cpu=cfg.device == "cpu" or (no_ssh and _device_type() == "cpu"))
-    plan.filters = ([f"--include={include}"] if include else []) + ([f"--exclude={exclude}"] if exclude else []) \
-        + ([f"--num_nodes={num_nodes}"] if num_nodes > 0 else []) + ([f"--num_gpus={num_gpus}"] if num_gpus > 0 else [])
+    plan.filters = (
+        ([f"--include={include}"] if include else [])
+        + ([f"--exclude={exclude}"] if exclude else [])
+        + ([f"--num_nodes={num_nodes}"] if num_nodes > 0 else [])
+        + ([f"--num_gpus={num_gpus}"] if num_gpus > 0 else [])
+    )
     return plan
 
 
@@ -338,20 +386,31 @@ def _device_type() -> str:
 
 def describe(plan: Plan) -> str:
     cfg = plan.cfg
-    mode = (f"no ssh: this invocation is node {plan.node_rank} of {len(plan.resources)}; run the same command "
-            f"with --node-rank 0..{len(plan.resources) - 1} on each node") if plan.no_ssh else \
-        "ssh: DeepSpeed's launcher (pdsh) starts every node from here"
+    mode = (
+        (
+            f"no ssh: this invocation is node {plan.node_rank} of {len(plan.resources)}; run the same command "
+            f"with --node-rank 0..{len(plan.resources) - 1} on each node"
+        )
+        if plan.no_ssh
+        else "ssh: DeepSpeed's launcher (pdsh) starts every node from here"
+    )
     lines = [f"llmcore launch: {len(plan.resources)} node(s), world size {plan.world} ({mode})"]
     for i, (host, ranks) in enumerate(plan.ranks()):
         span = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
         here = "  <- this node" if plan.no_ssh and i == plan.node_rank else ""
         lines.append(f"  node {i}: {host}, {len(ranks)} process(es), global ranks {span}{here}")
-    lines.append(f"  master {plan.master_addr}:{plan.master_port}; a lost node stops the others within "
-                 f"{plan.timeout:g}s (LLMCORE_DIST_TIMEOUT)")
-    lines.append(f"  batch: global {cfg.global_batch_size} rows/step = micro {cfg.micro_batch_size} x accumulation "
-                 f"{plan.accum} x world {plan.world}; each rank: {plan.accum} micro batch(es) of {cfg.micro_batch_size}"
-                 f" per step")
-    lines.append(f"  train {plan.stage} --deepspeed {cfg.deepspeed} --out {cfg.out}" + (" (resume)" if cfg.resume else ""))
+    lines.append(
+        f"  master {plan.master_addr}:{plan.master_port}; a lost node stops the others within "
+        f"{plan.timeout:g}s (LLMCORE_DIST_TIMEOUT)"
+    )
+    lines.append(
+        f"  batch: global {cfg.global_batch_size} rows/step = micro {cfg.micro_batch_size} x accumulation "
+        f"{plan.accum} x world {plan.world}; each rank: {plan.accum} micro batch(es) of {cfg.micro_batch_size}"
+        f" per step"
+    )
+    lines.append(
+        f"  train {plan.stage} --deepspeed {cfg.deepspeed} --out {cfg.out}" + (" (resume)" if cfg.resume else "")
+    )
     lines.append("  env: " + " ".join(f"{k}={v}" for k, v in sorted(plan.env.items())))
     return "\n".join(lines)
 
@@ -365,8 +424,17 @@ def runner_command(plan: Plan, node_rank: int | None = None) -> list[str]:
     reads them); a --no-ssh node runs it as an argv list, so the flags go as they are."""
     from llmcore.launch.node import encode_payload
 
-    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(plan.hostfile),
-           *plan.filters, f"--master_addr={plan.master_addr}", f"--master_port={plan.master_port}"]
+    cmd = [
+        sys.executable,
+        "-u",
+        "-m",
+        "deepspeed.launcher.runner",
+        "--hostfile",
+        str(plan.hostfile),
+        *plan.filters,
+        f"--master_addr={plan.master_addr}",
+        f"--master_port={plan.master_port}",
+    ]
     if plan.no_ssh:
         cmd += ["--no_ssh", f"--node_rank={node_rank if node_rank is not None else plan.node_rank}"]
         return cmd + ["--module", "llmcore", *plan.train_args]
@@ -391,18 +459,24 @@ def runner_env(plan: Plan) -> dict[str, str]:
         return env
     cwd = os.path.abspath(".")
     if not _shell_safe(cwd):
-        raise LLMCoreError(f"working dir {cwd!r}: DeepSpeed's ssh launcher puts it unquoted into each node's shell "
-                           "command; launch from a dir whose path holds only letters, digits and @+=:,./-_")
+        raise LLMCoreError(
+            f"working dir {cwd!r}: DeepSpeed's ssh launcher puts it unquoted into each node's shell "
+            "command; launch from a dir whose path holds only letters, digits and @+=:,./-_"
+        )
     for k, v in plan.env.items():
         if not _shell_safe(v):
             env.pop(k)
     for k, v in env.items():
         if _ds_exported(k) and not _shell_safe(v) and k != "PYTHONPATH":
-            raise LLMCoreError(f"environment variable {k}={v[:40]!r} holds characters a shell interprets; DeepSpeed's "
-                               "ssh launcher would run them on every node (unset it or use --no-ssh)")
+            raise LLMCoreError(
+                f"environment variable {k}={v[:40]!r} holds characters a shell interprets; DeepSpeed's "
+                "ssh launcher would run them on every node (unset it or use --no-ssh)"
+            )
     if not _shell_safe(env.get("PYTHONPATH", "")):
-        raise LLMCoreError(f"PYTHONPATH={env['PYTHONPATH'][:60]!r} holds characters a shell interprets; DeepSpeed's "
-                           "ssh launcher would run them on every node (unset it or use --no-ssh)")
+        raise LLMCoreError(
+            f"PYTHONPATH={env['PYTHONPATH'][:60]!r} holds characters a shell interprets; DeepSpeed's "
+            "ssh launcher would run them on every node (unset it or use --no-ssh)"
+        )
     deepspeed_env_lines()  # checked here, so a bad line fails before anything starts
     return env
 
@@ -423,9 +497,18 @@ def node_commands(plan: Plan) -> list[tuple[str, str]]:
             out.append((host, f"env {env_words} {shlex.join(runner_command(plan, i))}"))
         return out
     if not _over_ssh(plan):  # one host: DeepSpeed starts its launcher here as an argv list
-        cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={plan.world_info()}",
-               f"--master_addr={plan.master_addr}", f"--master_port={plan.master_port}", "--module", NODE_MODULE,
-               encode_payload(plan.train_args, plan.env)]
+        cmd = [
+            sys.executable,
+            "-u",
+            "-m",
+            "deepspeed.launcher.launch",
+            f"--world_info={plan.world_info()}",
+            f"--master_addr={plan.master_addr}",
+            f"--master_port={plan.master_port}",
+            "--module",
+            NODE_MODULE,
+            encode_payload(plan.train_args, plan.env),
+        ]
         return [(next(iter(plan.resources)), f"env {env_words} {shlex.join(cmd)}")]
     # Built by DeepSpeed's own PDSHRunner from the runner's own arguments and environment, as its
     # runner.main builds it (PYTHONPATH, the exported variables, .deepspeed_env), so it is the string
@@ -445,7 +528,7 @@ def node_commands(plan: Plan) -> list[tuple[str, str]]:
     for k, v in deepspeed_env_lines():
         runner.add_export(k, v)
     cmd, _, _ = runner.get_cmd(dict(env), plan.resources)
-    remote = " ".join(cmd[cmd.index("-w") + 2:])  # pdsh joins its command words with spaces
+    remote = " ".join(cmd[cmd.index("-w") + 2 :])  # pdsh joins its command words with spaces
     return [(host, remote.replace("%n", str(i))) for i, host in enumerate(plan.resources)]
 
 
@@ -454,28 +537,42 @@ def launch_command(
     hostfile: Path = typer.Option(..., "--hostfile", help="DeepSpeed hostfile: one 'HOST slots=N' line per node."),
     include: str = typer.Option("", "--include", help="Only these hosts/slots, DeepSpeed syntax: 'node1@node2:0,1'."),
     exclude: str = typer.Option("", "--exclude", help="Leave out these hosts/slots (same syntax)."),
-    num_nodes: int = typer.Option(-1, "--num-nodes", help="Use the first N hosts of the hostfile.",
-                                   show_default=False),
-    num_gpus: int = typer.Option(-1, "--num-gpus", help="Processes per node (default: its slots).",
-                                  show_default=False),
-    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Address of node 0 that all nodes reach "
-                                                                       "(default: the first host)."),
+    num_nodes: int = typer.Option(-1, "--num-nodes", help="Use the first N hosts of the hostfile.", show_default=False),
+    num_gpus: int = typer.Option(-1, "--num-gpus", help="Processes per node (default: its slots).", show_default=False),
+    master_addr: Optional[str] = typer.Option(
+        None, "--master-addr", help="Address of node 0 that all nodes reach (default: the first host)."
+    ),
     master_port: int = typer.Option(29500, "--master-port", help="Free TCP port on node 0."),
-    no_ssh: bool = typer.Option(False, "--no-ssh", help="Start only this node (run the command on every node "
-                                                        "with its own --node-rank)."),
-    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="With --no-ssh: this node's line in the "
-                                                                      "hostfile, from 0."),
-    timeout: float = typer.Option(600.0, "--timeout", help="Seconds a collective waits for a silent node before "
-                                                           "the run stops with an error."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Check, print the plan and each node's command; "
-                                                          "start nothing."),
+    no_ssh: bool = typer.Option(
+        False, "--no-ssh", help="Start only this node (run the command on every node with its own --node-rank)."
+    ),
+    node_rank: Optional[int] = typer.Option(
+        None, "--node-rank", help="With --no-ssh: this node's line in the hostfile, from 0."
+    ),
+    timeout: float = typer.Option(
+        600.0, "--timeout", help="Seconds a collective waits for a silent node before the run stops with an error."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Check, print the plan and each node's command; start nothing."
+    ),
 ) -> None:
     """Run `llmcore train ...` on the nodes of a DeepSpeed hostfile (the training command follows `--`).
 
     Example: llmcore launch --hostfile hostfile -- train pretrain --deepspeed zero2 --data shards/pretrain --out runs/pre
     """
-    plan = make_plan(hostfile, list(ctx.args), include, exclude, num_nodes, num_gpus, master_addr, master_port,
-                     no_ssh, node_rank, timeout)
+    plan = make_plan(
+        hostfile,
+        list(ctx.args),
+        include,
+        exclude,
+        num_nodes,
+        num_gpus,
+        master_addr,
+        master_port,
+        no_ssh,
+        node_rank,
+        timeout,
+    )
     typer.echo(describe(plan))
     if dry_run:
         typer.echo("commands (dry run, nothing started):")
@@ -483,22 +580,37 @@ def launch_command(
             typer.echo(f"[node {i}: {host}] {cmd}")
         if not plan.no_ssh:
             typer.echo(f"[started here] {shlex.join(runner_command(plan))}")
-            typer.echo("(the base64 token is `python -m llmcore.launch.node`'s input: "
-                       + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items()))
-                       + " llmcore " + shlex.join(plan.train_args) + ")")
+            typer.echo(
+                "(the base64 token is `python -m llmcore.launch.node`'s input: "
+                + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(plan.env.items()))
+                + " llmcore "
+                + shlex.join(plan.train_args)
+                + ")"
+            )
         return
     env = runner_env(plan)
     sys.stdout.flush()
     proc = subprocess.run(runner_command(plan), env=env)
     if proc.returncode != 0:
         where = f"node {plan.node_rank}" if plan.no_ssh else "the launch"
-        raise LLMCoreError(f"training failed on {where} (exit {proc.returncode}; the message is above); fix the "
-                           "cause and rerun with --resume in the training flags to continue from the last checkpoint")
+        raise LLMCoreError(
+            f"training failed on {where} (exit {proc.returncode}; the message is above); fix the "
+            "cause and rerun with --resume in the training flags to continue from the last checkpoint"
+        )
 
 
 def register(app: typer.Typer) -> None:
     app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(launch_command)
 
 
-__all__ = ["parse_hostfile", "check_master_addr", "make_plan", "describe", "node_commands", "runner_command",
-           "runner_env", "deepspeed_env_lines", "register"]
+__all__ = [
+    "parse_hostfile",
+    "check_master_addr",
+    "make_plan",
+    "describe",
+    "node_commands",
+    "runner_command",
+    "runner_env",
+    "deepspeed_env_lines",
+    "register",
+]

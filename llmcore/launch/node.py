@@ -32,10 +32,14 @@ def decode_payload(token: str) -> tuple[list[str], dict[str, str]]:
     try:
         if not token.startswith(PREFIX):
             raise ValueError("no prefix")
-        obj = json.loads(base64.urlsafe_b64decode(token[len(PREFIX):].encode("ascii")))
+        obj = json.loads(base64.urlsafe_b64decode(token[len(PREFIX) :].encode("ascii")))
         argv, env = obj["argv"], obj["env"]
-        if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv) and isinstance(env, dict)
-                and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+        if not (
+            isinstance(argv, list)
+            and all(isinstance(a, str) for a in argv)
+            and isinstance(env, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+        ):
             raise ValueError("wrong types")
     except (ValueError, KeyError, TypeError, UnicodeError, binascii.Error) as err:
         raise LLMCoreError(f"llmcore.launch.node: not a launch payload ({err})") from None

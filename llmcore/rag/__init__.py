@@ -21,5 +21,15 @@ from llmcore.rag.embedders import Embedder, get_embedder, register_embedder
 from llmcore.rag.retriever import Passage, Retriever
 from llmcore.rag.store import read_manifest
 
-__all__ = ["Passage", "Retriever", "build_index", "read_manifest", "answer_messages", "fit_passages",
-           "DEFAULT_SYSTEM", "Embedder", "get_embedder", "register_embedder"]
+__all__ = [
+    "Passage",
+    "Retriever",
+    "build_index",
+    "read_manifest",
+    "answer_messages",
+    "fit_passages",
+    "DEFAULT_SYSTEM",
+    "Embedder",
+    "get_embedder",
+    "register_embedder",
+]

@@ -41,8 +41,11 @@ def answer_messages(question: str, passages: list[Passage], system: str | None =
     """Chat messages asking the model to answer `question` from `passages` (best first)."""
     if not question or not question.strip():
         raise LLMCoreError("empty question")
-    user = f"参考资料：\n{_context(passages)}\n\n问题：{question.strip()}\n请根据参考资料回答。" if passages else \
-        f"问题：{question.strip()}"
+    user = (
+        f"参考资料：\n{_context(passages)}\n\n问题：{question.strip()}\n请根据参考资料回答。"
+        if passages
+        else f"问题：{question.strip()}"
+    )
     return [{"role": "system", "content": system or DEFAULT_SYSTEM}, {"role": "user", "content": user}]
 
 
@@ -51,8 +54,9 @@ def prompt_ids(tokenizer: Any, question: str, passages: list[Passage], system: s
     return tokenizer.encode_prompt(answer_messages(question, passages, system))
 
 
-def fit_passages(tokenizer: Any, question: str, passages: list[Passage], max_prompt_tokens: int,
-                 system: str | None = None) -> list[Passage]:
+def fit_passages(
+    tokenizer: Any, question: str, passages: list[Passage], max_prompt_tokens: int, system: str | None = None
+) -> list[Passage]:
     """The longest prefix of `passages` (the last one possibly cut short) whose prompt fits the budget."""
     kept = list(passages)
     while kept and len(prompt_ids(tokenizer, question, kept, system)) > max_prompt_tokens:
@@ -79,9 +83,18 @@ def fit_passages(tokenizer: Any, question: str, passages: list[Passage], max_pro
     return kept
 
 
-def answer_stream(model: Any, tokenizer: Any, question: str, passages: list[Passage], system: str | None = None,
-                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                  repetition_penalty: float = 1.1, seed: int | None = 0) -> Iterator[str]:
+def answer_stream(
+    model: Any,
+    tokenizer: Any,
+    question: str,
+    passages: list[Passage],
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.1,
+    seed: int | None = 0,
+) -> Iterator[str]:
     """Stream the model's answer text piece by piece (passages already fitted to the model)."""
     import torch
 
@@ -92,8 +105,16 @@ def answer_stream(model: Any, tokenizer: Any, question: str, passages: list[Pass
     gen = torch.Generator(device=model.embed_tokens.weight.device)
     if seed is not None:
         gen.manual_seed(seed)
-    tokens = stream_generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             repetition_penalty=repetition_penalty, eos_id=tokenizer.eos_id, generator=gen)
+    tokens = stream_generate(
+        model,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        eos_id=tokenizer.eos_id,
+        generator=gen,
+    )
     yield from stream_text(tokenizer, tokens)
 
 

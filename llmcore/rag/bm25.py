@@ -24,7 +24,7 @@ def terms(text: str) -> list[str]:
     t = text.lower()
     words = _WORD.findall(t)
     cjk = _DROP.sub("", _WORD.sub(" ", t))
-    grams = [cjk[i:i + 2] for i in range(len(cjk) - 1)] if len(cjk) > 1 else list(cjk)
+    grams = [cjk[i : i + 2] for i in range(len(cjk) - 1)] if len(cjk) > 1 else list(cjk)
     return grams + words
 
 

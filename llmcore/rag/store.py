@@ -121,8 +121,10 @@ def read_manifest(index_dir: str | Path, flag: str = "--index") -> dict[str, Any
         raise LLMCoreError(f"{flag} {d}: not an llmcore RAG index (manifest format is not {FORMAT!r})")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise LLMCoreError(f"{flag} {d}: index format version {version!r}, this llmcore "
-                           f"({llmcore.__version__}) reads version {FORMAT_VERSION}; rebuild it with `llmcore rag index`")
+        raise LLMCoreError(
+            f"{flag} {d}: index format version {version!r}, this llmcore "
+            f"({llmcore.__version__}) reads version {FORMAT_VERSION}; rebuild it with `llmcore rag index`"
+        )
     _check_manifest(manifest, mpath)
     return manifest
 
@@ -147,16 +149,20 @@ def _check_manifest(manifest: dict[str, Any], mpath: Path) -> None:
         for key, (typ, lo) in keys.items():
             v = sec.get(key)
             if typ is int and (isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo)):
-                raise LLMCoreError(f"{mpath}: corrupted manifest ({section}.{key} = {v!r}, expected an integer"
-                                   f"{f' >= {lo}' if lo is not None else ''})")
+                raise LLMCoreError(
+                    f"{mpath}: corrupted manifest ({section}.{key} = {v!r}, expected an integer"
+                    f"{f' >= {lo}' if lo is not None else ''})"
+                )
             if typ is str and (not isinstance(v, str) or not v):
                 raise LLMCoreError(f"{mpath}: corrupted manifest ({section}.{key} = {v!r}, expected a string)")
     if manifest.get("space") != "cosine":
         raise LLMCoreError(f"{mpath}: corrupted manifest (space {manifest.get('space')!r}, expected 'cosine')")
     c = manifest["counts"]
     if c["passages"] + c["deleted"] > c["next_pid"]:
-        raise LLMCoreError(f"{mpath}: corrupted manifest (counts: {c['passages']} passages + {c['deleted']} deleted "
-                           f"> next_pid {c['next_pid']})")
+        raise LLMCoreError(
+            f"{mpath}: corrupted manifest (counts: {c['passages']} passages + {c['deleted']} deleted "
+            f"> next_pid {c['next_pid']})"
+        )
 
 
 def verify_files(index_dir: Path, manifest: dict[str, Any], checksums: bool = True, flag: str = "--index") -> None:
@@ -179,15 +185,24 @@ def verify_files(index_dir: Path, manifest: dict[str, Any], checksums: bool = Tr
 def passages_schema() -> Any:
     import pyarrow as pa
 
-    return pa.schema([("pid", pa.int64()), ("doc_id", pa.string()), ("start", pa.int32()), ("end", pa.int32()),
-                      ("title", pa.string()), ("text", pa.large_string())])
+    return pa.schema(
+        [
+            ("pid", pa.int64()),
+            ("doc_id", pa.string()),
+            ("start", pa.int32()),
+            ("end", pa.int32()),
+            ("title", pa.string()),
+            ("text", pa.large_string()),
+        ]
+    )
 
 
 def write_passages(path: Path, cols: dict[str, Any]) -> None:
     import pyarrow as pa
 
-    table = pa.table({name: pa.array(cols[name], type=passages_schema().field(name).type)
-                      for name in passages_schema().names})
+    table = pa.table(
+        {name: pa.array(cols[name], type=passages_schema().field(name).type) for name in passages_schema().names}
+    )
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=65536)
 
@@ -205,8 +220,10 @@ def read_passages(path: Path) -> Any:
         raise LLMCoreError(f"{path}: corrupted passages file ({str(err).splitlines()[0][:200]})") from None
     expected = passages_schema()
     if not table.schema.equals(expected):
-        raise LLMCoreError(f"{path}: corrupted passages file (columns {table.schema.names}, expected "
-                           f"{expected.names} with their types)")
+        raise LLMCoreError(
+            f"{path}: corrupted passages file (columns {table.schema.names}, expected "
+            f"{expected.names} with their types)"
+        )
     pids = table.column("pid").to_numpy()
     if len(pids) > 1 and not (np.diff(pids) > 0).all():
         raise LLMCoreError(f"{path}: corrupted passages file (pids are not strictly increasing)")
@@ -230,8 +247,9 @@ def check_hnsw_file(path: Path, *, dim: int, elements: int, deleted: int, m: int
     import mmap
 
     def bad(why: str) -> LLMCoreError:
-        return LLMCoreError(f"{path}: not a valid HNSW index for this manifest ({why}); rebuild it with "
-                            "`llmcore rag index`")
+        return LLMCoreError(
+            f"{path}: not a valid HNSW index for this manifest ({why}); rebuild it with `llmcore rag index`"
+        )
 
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -248,8 +266,9 @@ def check_hnsw_file(path: Path, *, dim: int, elements: int, deleted: int, m: int
 
 
 def _check_hnsw(buf: Any, bad: Any, *, dim: int, elements: int, deleted: int, m: int, pids: np.ndarray) -> None:
-    (off0, max_el, count, per_el, label_off, data_off, max_level, enter, max_m, max_m0, hm, _mult,
-     _efc) = _HNSW_HEADER.unpack_from(buf, 0)
+    (off0, max_el, count, per_el, label_off, data_off, max_level, enter, max_m, max_m0, hm, _mult, _efc) = (
+        _HNSW_HEADER.unpack_from(buf, 0)
+    )
     links0 = 4 + 4 * max_m0
     links_up = 4 + 4 * max_m
     if count != elements:
@@ -273,8 +292,9 @@ def _check_hnsw(buf: Any, bad: Any, *, dim: int, elements: int, deleted: int, m:
     rows = max(1, (64 << 20) // per_el)  # about 64 MB of records per block
     for r0 in range(0, count, rows):
         n = min(rows, count - r0)
-        rec = np.frombuffer(buf, dtype=np.uint8, count=n * per_el, offset=_HNSW_HEADER.size + r0 * per_el
-                            ).reshape(n, per_el)
+        rec = np.frombuffer(buf, dtype=np.uint8, count=n * per_el, offset=_HNSW_HEADER.size + r0 * per_el).reshape(
+            n, per_el
+        )
         n_links = rec[:, 0:2].copy().view("<u2").ravel()
         if (n_links > max_m0).any():
             raise bad("a level-0 link count is larger than M0")
@@ -320,7 +340,7 @@ def _check_hnsw(buf: Any, bad: Any, *, dim: int, elements: int, deleted: int, m:
         n = int(words[at]) & 0xFFFF
         if n > max_m:
             raise bad(f"element {i}: level {lvl} link count {n} is larger than M")
-        nb = words[at + 1:at + 1 + n]
+        nb = words[at + 1 : at + 1 + n]
         if (nb >= count).any() or (levels[nb] < lvl).any():
             raise bad(f"element {i}: a level-{lvl} neighbour is out of range")
 
@@ -330,8 +350,14 @@ def load_hnsw(path: Path, manifest: dict[str, Any], pids: np.ndarray, max_elemen
     hnsw = load_hnswlib()
     c = manifest["counts"]
     dim = int(manifest["embedder"]["dim"])
-    check_hnsw_file(path, dim=dim, elements=c["passages"] + c["deleted"], deleted=c["deleted"],
-                    m=int(manifest["hnsw"]["m"]), pids=pids)
+    check_hnsw_file(
+        path,
+        dim=dim,
+        elements=c["passages"] + c["deleted"],
+        deleted=c["deleted"],
+        m=int(manifest["hnsw"]["m"]),
+        pids=pids,
+    )
     index = hnsw.Index(space="cosine", dim=dim)
     try:
         index.load_index(str(path), max_elements=max_elements)
@@ -351,7 +377,24 @@ def write_manifest(tmp: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "INDEX_FILE", "PASSAGES_FILE", "OWN_FILES", "DEFAULT_EF",
-           "load_hnswlib", "install_index", "is_index_dir", "index_dir_problem", "read_manifest",
-           "verify_files", "passages_schema", "write_passages", "read_passages", "check_hnsw_file", "load_hnsw",
-           "write_manifest"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "INDEX_FILE",
+    "PASSAGES_FILE",
+    "OWN_FILES",
+    "DEFAULT_EF",
+    "load_hnswlib",
+    "install_index",
+    "is_index_dir",
+    "index_dir_problem",
+    "read_manifest",
+    "verify_files",
+    "passages_schema",
+    "write_passages",
+    "read_passages",
+    "check_hnsw_file",
+    "load_hnsw",
+    "write_manifest",
+]

@@ -55,8 +55,9 @@ def read_rl_rows(path: str | Path) -> list[RLRow]:
             raise DataError("no user message before the assistant turn", where, line)
         gt = rec.get("gt")
         if gt is not None:
-            ok = isinstance(gt, str) or (isinstance(gt, list) and all(isinstance(g, (str, int, float))
-                                                                     and not isinstance(g, bool) for g in gt))
+            ok = isinstance(gt, str) or (
+                isinstance(gt, list) and all(isinstance(g, (str, int, float)) and not isinstance(g, bool) for g in gt)
+            )
             if not ok:
                 raise DataError("gt must be a string or a list of strings/numbers", where, line)
         sample = {k: v for k, v in rec.items() if k != "conversations"}

@@ -113,8 +113,10 @@ class RLTrainer:
         self.group = cfg.num_generations if algo == "grpo" else 1
         self.run_dir = Path(cfg.out)
         if cfg.deepspeed and "zero3" in str(cfg.deepspeed):
-            raise LLMCoreError("RL runs generate with full weights on every process: use --deepspeed zero1 or zero2 "
-                               "(ZeRO-3 would gather every layer at every sampled token)")
+            raise LLMCoreError(
+                "RL runs generate with full weights on every process: use --deepspeed zero1 or zero2 "
+                "(ZeRO-3 would gather every layer at every sampled token)"
+            )
         self.rows = read_rl_rows(cfg.data)
         self.engine = make_engine(cfg)
         eng = self.engine
@@ -134,8 +136,10 @@ class RLTrainer:
 
         cfg, eng = self.cfg, self.engine
         if cfg.global_batch_size % self.group:
-            raise LLMCoreError(f"--global-batch-size {cfg.global_batch_size} (responses per step) must be a multiple "
-                               f"of --num-generations {self.group}")
+            raise LLMCoreError(
+                f"--global-batch-size {cfg.global_batch_size} (responses per step) must be a multiple "
+                f"of --num-generations {self.group}"
+            )
         self.prompts_per_step = cfg.global_batch_size // self.group
         if self.prompts_per_step % self.world:
             raise LLMCoreError(f"{self.prompts_per_step} prompts per step do not split over {self.world} processes")
@@ -146,15 +150,21 @@ class RLTrainer:
         else:
             mini = cfg.mini_batch_size or cfg.global_batch_size
             if cfg.global_batch_size % mini or mini % self.world:
-                raise LLMCoreError(f"--mini-batch-size {mini} must divide --global-batch-size {cfg.global_batch_size} "
-                                   f"and split over {self.world} processes")
+                raise LLMCoreError(
+                    f"--mini-batch-size {mini} must divide --global-batch-size {cfg.global_batch_size} "
+                    f"and split over {self.world} processes"
+                )
             per_update = mini // self.world
             self.mini_per_rank = per_update
         if per_update % micro:
-            raise LLMCoreError(f"--micro-batch-size {micro} must divide the {per_update} responses each process "
-                               "contributes to an optimizer step")
+            raise LLMCoreError(
+                f"--micro-batch-size {micro} must divide the {per_update} responses each process "
+                "contributes to an optimizer step"
+            )
         self.accum = per_update // micro
-        self.total_steps = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1) * len(self.rows) / self.prompts_per_step))
+        self.total_steps = cfg.max_steps or max(
+            1, math.ceil((cfg.epochs or 1) * len(self.rows) / self.prompts_per_step)
+        )
 
         self.ckpts = checkpoint_manager(self.run_dir, self.rank, self.world, eng.barrier)
         resume_from = None
@@ -165,20 +175,26 @@ class RLTrainer:
             if resume_from is None:
                 raise LLMCoreError(f"--resume: {self.run_dir} has no complete checkpoint yet")
         elif self.ckpts.has_checkpoints():
-            raise LLMCoreError(f"--out {self.run_dir} already holds a run; pass --resume to continue it or choose "
-                               "another --out")
+            raise LLMCoreError(
+                f"--out {self.run_dir} already holds a run; pass --resume to continue it or choose another --out"
+            )
         if not cfg.init:
             raise LLMCoreError(f"{self.stage.name} starts from a trained model: pass --init RUN_DIR (the SFT run)")
-        init_model, self.tok = load_model_and_tokenizer(cfg.init, eng.device, attn_backend=cfg.attn_backend,
-                                                        flag="--init")
+        init_model, self.tok = load_model_and_tokenizer(
+            cfg.init, eng.device, attn_backend=cfg.attn_backend, flag="--init"
+        )
         self.eos_id = self.tok.eos_id
-        policy = load_model(resume_from, device=eng.device, attn_backend=cfg.attn_backend,
-                            with_tokenizer=False)[0] if resume_from is not None else init_model
+        policy = (
+            load_model(resume_from, device=eng.device, attn_backend=cfg.attn_backend, with_tokenizer=False)[0]
+            if resume_from is not None
+            else init_model
+        )
         policy.train()
         if cfg.beta:
             if resume_from is None:
-                init_model = load_model(cfg.init, device=eng.device, attn_backend=cfg.attn_backend,
-                                        with_tokenizer=False)[0]
+                init_model = load_model(
+                    cfg.init, device=eng.device, attn_backend=cfg.attn_backend, with_tokenizer=False
+                )[0]
             self.ref = init_model.eval().requires_grad_(False)
         else:
             self.ref = None
@@ -190,8 +206,9 @@ class RLTrainer:
             state = load_file(str(resume_from / VALUE_HEAD_FILE))
             module.value_head.load_state_dict(state)  # type: ignore[union-attr]
         eng.prepare(module, self.accum)
-        self.rewards: list[Reward] = parse_rewards([s for s in cfg.reward.split(",") if s.strip()] if cfg.reward else [],
-                                                   cfg.reward_model, device=eng.device)
+        self.rewards: list[Reward] = parse_rewards(
+            [s for s in cfg.reward.split(",") if s.strip()] if cfg.reward else [], cfg.reward_model, device=eng.device
+        )
         self.step = 0
         if resume_from is not None:
             eng.load_state(resume_from)
@@ -209,21 +226,36 @@ class RLTrainer:
         panels += [tuple(f"reward/{r.name}" for r in self.rewards)] if len(self.rewards) > 1 else []
         if self.algo == "ppo":
             panels.append(("value_loss",))
-        self.metrics = MetricsLogger(self.run_dir, self.rank == 0, self.total_steps, self.step, cfg.quiet,
-                                     {"project": cfg.wandb_project, "config": cfg.to_dict()} if cfg.wandb else None,
-                                     title=f"{self.stage.name}: {self.run_dir.name}", panels=tuple(panels),
-                                     loss_unit="policy loss")
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            self.rank == 0,
+            self.total_steps,
+            self.step,
+            cfg.quiet,
+            {"project": cfg.wandb_project, "config": cfg.to_dict()} if cfg.wandb else None,
+            title=f"{self.stage.name}: {self.run_dir.name}",
+            panels=tuple(panels),
+            loss_unit="policy loss",
+        )
         del read_metrics
 
     def _write_run_files(self, policy: nn.Module) -> None:
         from llmcore.io import atomic_dir, write_json
 
-        write_json(self.run_dir / "config.json", {
-            "stage": self.stage.name, "model": policy.config.to_dict(), "train": self.cfg.to_dict(),
-            "tokenizer_fingerprint": self.tok.fingerprint, "engine": self.engine.kind,
-            "device": str(self.engine.device), "world_size": self.world, "accumulation": self.accum,
-            "total_steps": self.total_steps,
-        })
+        write_json(
+            self.run_dir / "config.json",
+            {
+                "stage": self.stage.name,
+                "model": policy.config.to_dict(),
+                "train": self.cfg.to_dict(),
+                "tokenizer_fingerprint": self.tok.fingerprint,
+                "engine": self.engine.kind,
+                "device": str(self.engine.device),
+                "world_size": self.world,
+                "accumulation": self.accum,
+                "total_steps": self.total_steps,
+            },
+        )
         tok_dir = self.run_dir / "tokenizer"
         if not (tok_dir / "tokenizer.json").is_file():
             with atomic_dir(tok_dir) as tmp:
@@ -269,9 +301,16 @@ class RLTrainer:
         module.eval()
         responses: list[list[int]] = [[] for _ in prompts]
         with eng.autocast():
-            for tok, active in generate_steps(module, prompts, max_new_tokens=cfg.max_new_tokens,
-                                              temperature=cfg.temperature, top_p=cfg.top_p, eos_id=self.eos_id,
-                                              generator=gen, pad_id=self.tok.pad_id):
+            for tok, active in generate_steps(
+                module,
+                prompts,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                eos_id=self.eos_id,
+                generator=gen,
+                pad_id=self.tok.pad_id,
+            ):
                 for i in torch.nonzero(active).flatten().tolist():
                     responses[i].append(int(tok[i]))
         module.train(was_training)
@@ -282,11 +321,12 @@ class RLTrainer:
         ids_t = torch.full((n, width), self.tok.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width - 1), dtype=torch.float32)
         for i, (p, r) in enumerate(zip(prompts, responses)):
-            ids_t[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-            mask[i, len(p) - 1:len(p) - 1 + len(r)] = 1.0
+            ids_t[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+            mask[i, len(p) - 1 : len(p) - 1 + len(r)] = 1.0
         pos = torch.arange(width).unsqueeze(0).expand(n, width).contiguous()
-        return Rollout(ids_t, pos, mask, [len(p) for p in prompts], [len(r) for r in responses], truncated, texts,
-                       expanded)
+        return Rollout(
+            ids_t, pos, mask, [len(p) for p in prompts], [len(r) for r in responses], truncated, texts, expanded
+        )
 
     def score(self, ro: Rollout) -> None:
         totals, parts = [], {r.name: [] for r in self.rewards}
@@ -326,9 +366,9 @@ class RLTrainer:
             if vals is not None and values is not None:
                 vals[sl, :w] = values.float().cpu()
             if self.ref is not None and ref is not None:
-                ids = ro.ids[sl, :w + 1].to(self.engine.device)
+                ids = ro.ids[sl, : w + 1].to(self.engine.device)
                 with self.engine.autocast():
-                    rl = self.ref(ids, position_ids=ro.pos[sl, :w + 1].to(self.engine.device)).logits
+                    rl = self.ref(ids, position_ids=ro.pos[sl, : w + 1].to(self.engine.device)).logits
                 ref[sl, :w] = token_logps(rl[:, :-1], ids[:, 1:]).float().cpu()
         return old, ref, vals
 
@@ -344,11 +384,13 @@ class RLTrainer:
         old, ref, old_values = self._reference_passes(ro)
         mask = ro.mask
         local_tokens = float(mask.sum())
-        sums = eng.all_sum(torch.tensor([local_tokens, float(len(ro.texts))], dtype=torch.float64,
-                                        device=eng.device)).cpu()
+        sums = eng.all_sum(
+            torch.tensor([local_tokens, float(len(ro.texts))], dtype=torch.float64, device=eng.device)
+        ).cpu()
         global_tokens, global_rows = float(sums[0]), float(sums[1])
-        lr = lr_at(self.step, self.total_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_schedule,
-                   cfg.decay_fraction)
+        lr = lr_at(
+            self.step, self.total_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.lr_schedule, cfg.decay_fraction
+        )
         n = mask.shape[0]
         acc = {"policy_loss": 0.0, "clipped": 0.0, "kl": 0.0, "value_loss": 0.0, "updates": 0.0}
         grad_norm = torch.tensor(float("nan"))
@@ -360,9 +402,18 @@ class RLTrainer:
                 logp, _, aux = self._forward(ro, sl)
                 w = logp.shape[1]
                 m = mask[sl, :w].to(eng.device)
-                pl = policy_loss(logp, old[sl, :w].to(eng.device), adv[sl].to(eng.device), m, denom, loss=cfg.loss,
-                                 epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
-                                 ref_logp=ref[sl, :w].to(eng.device) if ref is not None else None)
+                pl = policy_loss(
+                    logp,
+                    old[sl, :w].to(eng.device),
+                    adv[sl].to(eng.device),
+                    m,
+                    denom,
+                    loss=cfg.loss,
+                    epsilon=cfg.epsilon,
+                    epsilon_high=cfg.epsilon_high,
+                    beta=cfg.beta,
+                    ref_logp=ref[sl, :w].to(eng.device) if ref is not None else None,
+                )
                 eng.backward(pl.loss + aux / len(slices))
                 acc["policy_loss"] += float(pl.loss.detach()) / self.world
                 acc["clipped"] += float(pl.clipped)
@@ -377,18 +428,35 @@ class RLTrainer:
         # Everything a process measured, summed over processes in one all-reduce.
         resp_tokens = float(sum(ro.resp_lens))
         parts = [float(sum(v)) for v in ro.reward_parts.values()]
-        vec = torch.tensor([float(ro.rewards.sum()), float((ro.rewards ** 2).sum()), resp_tokens,
-                            float(sum(ro.truncated)), acc["clipped"], acc["kl"], acc["policy_loss"], acc["value_loss"],
-                            *parts], dtype=torch.float64, device=eng.device)
+        vec = torch.tensor(
+            [
+                float(ro.rewards.sum()),
+                float((ro.rewards**2).sum()),
+                resp_tokens,
+                float(sum(ro.truncated)),
+                acc["clipped"],
+                acc["kl"],
+                acc["policy_loss"],
+                acc["value_loss"],
+                *parts,
+            ],
+            dtype=torch.float64,
+            device=eng.device,
+        )
         vec = eng.all_sum(vec).cpu().tolist()
         mean_r = vec[0] / global_rows
         stats = {
-            "step": self.step + 1, "lr": lr, "loss": vec[6] if self.algo == "grpo" else vec[6] / max(acc["updates"], 1),
-            "reward": mean_r, "reward_std": math.sqrt(max(vec[1] / global_rows - mean_r ** 2, 0.0)),
-            "response_len": vec[2] / global_rows, "truncated": vec[3] / global_rows,
+            "step": self.step + 1,
+            "lr": lr,
+            "loss": vec[6] if self.algo == "grpo" else vec[6] / max(acc["updates"], 1),
+            "reward": mean_r,
+            "reward_std": math.sqrt(max(vec[1] / global_rows - mean_r**2, 0.0)),
+            "response_len": vec[2] / global_rows,
+            "truncated": vec[3] / global_rows,
             "clip_frac": vec[4] / max(global_tokens * max(acc["updates"], 1), 1.0),
             "kl": vec[5] / max(global_tokens * max(acc["updates"], 1), 1.0),
-            "grad_norm": float(grad_norm), "rollout_tokens_per_s": vec[2] / max(t_rollout, 1e-9),
+            "grad_norm": float(grad_norm),
+            "rollout_tokens_per_s": vec[2] / max(t_rollout, 1e-9),
             "update_tokens_per_s": float(ro.ids.numel()) * self.world / max(t_update, 1e-9),
         }
         for (name, _), v in zip(ro.reward_parts.items(), vec[8:]):
@@ -401,8 +469,15 @@ class RLTrainer:
         self.step += 1
         return stats
 
-    def _ppo_updates(self, ro: Rollout, old: torch.Tensor, ref: torch.Tensor | None, old_values: torch.Tensor | None,
-                     lr: float, acc: dict[str, float]) -> torch.Tensor:
+    def _ppo_updates(
+        self,
+        ro: Rollout,
+        old: torch.Tensor,
+        ref: torch.Tensor | None,
+        old_values: torch.Tensor | None,
+        lr: float,
+        acc: dict[str, float],
+    ) -> torch.Tensor:
         cfg, eng = self.cfg, self.engine
         mask = ro.mask
         n = mask.shape[0]
@@ -418,25 +493,40 @@ class RLTrainer:
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, self.mini_per_rank):
-                idx = order[start:start + self.mini_per_rank]
+                idx = order[start : start + self.mini_per_rank]
                 sub_tokens = float(mask[idx].sum())
-                total_tokens = float(eng.all_sum(torch.tensor([sub_tokens], dtype=torch.float64,
-                                                              device=eng.device)).cpu()[0])
+                total_tokens = float(
+                    eng.all_sum(torch.tensor([sub_tokens], dtype=torch.float64, device=eng.device)).cpu()[0]
+                )
                 denom = max(total_tokens, 1.0) / self.world
                 kl_sum = 0.0
-                micro = [idx[i:i + cfg.micro_batch_size] for i in range(0, len(idx), cfg.micro_batch_size)]
+                micro = [idx[i : i + cfg.micro_batch_size] for i in range(0, len(idx), cfg.micro_batch_size)]
                 for j, rows in enumerate(micro):
                     sub = Rollout(ro.ids[rows], ro.pos[rows], mask[rows], [], [], [], [], [])
                     logp, values, aux = self._forward(sub, slice(0, len(rows)))
                     w = logp.shape[1]
                     m = mask[rows, :w].to(eng.device)
                     o = old[rows, :w].to(eng.device)
-                    pl = policy_loss(logp, o, adv[rows, :w].to(eng.device), m, denom, loss="grpo",
-                                     epsilon=cfg.epsilon, beta=cfg.beta,
-                                     ref_logp=ref[rows, :w].to(eng.device) if ref is not None else None)
+                    pl = policy_loss(
+                        logp,
+                        o,
+                        adv[rows, :w].to(eng.device),
+                        m,
+                        denom,
+                        loss="grpo",
+                        epsilon=cfg.epsilon,
+                        beta=cfg.beta,
+                        ref_logp=ref[rows, :w].to(eng.device) if ref is not None else None,
+                    )
                     assert values is not None
-                    vl = value_loss(values, old_values[rows, :w].to(eng.device), returns[rows, :w].to(eng.device), m,
-                                    denom, cfg.value_clip)
+                    vl = value_loss(
+                        values,
+                        old_values[rows, :w].to(eng.device),
+                        returns[rows, :w].to(eng.device),
+                        m,
+                        denom,
+                        cfg.value_clip,
+                    )
                     eng.backward(pl.loss + cfg.vf_coef * vl + aux / len(micro))
                     kl_sum += float(approx_kl(logp.detach(), o, m))
                     acc["policy_loss"] += float(pl.loss.detach()) / self.world
@@ -466,7 +556,9 @@ class RLTrainer:
                 if self.rank == 0:
                     save_model(policy_of(module), d)
                     if isinstance(module, PolicyWithValue):
-                        state = {k: v.detach().float().cpu().contiguous() for k, v in module.value_head.state_dict().items()}
+                        state = {
+                            k: v.detach().float().cpu().contiguous() for k, v in module.value_head.state_dict().items()
+                        }
                         atomic_write(d / VALUE_HEAD_FILE, lambda p: save_file(state, str(p)))
 
         state = {"step": self.step, "tokens": self.tokens, "stage": self.stage.name, "total_steps": self.total_steps}
@@ -483,7 +575,8 @@ class RLTrainer:
             f"{self.stage.name}: {self.total_steps:,} steps x {self.prompts_per_step} prompts x {self.group} "
             f"responses (up to {cfg.max_new_tokens} new tokens) from {len(self.rows):,} rows on {self.engine.device}; "
             f"rewards: {', '.join(f'{r.name}:{r.weight:g}' for r in self.rewards)}"
-            + (f"; resumed from step {self.step}" if self.step else ""))
+            + (f"; resumed from step {self.step}" if self.step else "")
+        )
         self.ckpts.clean_partial()
         last: dict[str, float] = {}
         checkpoint = None
@@ -492,12 +585,20 @@ class RLTrainer:
             while self.step < stop_at:
                 last = self.train_step()
                 if not all(math.isfinite(v) for k, v in last.items() if k in ("loss", "reward")):
-                    raise LLMCoreError(f"step {self.step}: the loss or reward is not finite ({last.get('loss')}, "
-                                       f"{last.get('reward')}); lower --lr or check the rewards")
+                    raise LLMCoreError(
+                        f"step {self.step}: the loss or reward is not finite ({last.get('loss')}, "
+                        f"{last.get('reward')}); lower --lr or check the rewards"
+                    )
                 if self.step % cfg.log_every == 0 or self.step == stop_at:
                     self.metrics.log(last)
-                    self.metrics.progress(self.step, last["loss"], last["lr"], last["update_tokens_per_s"],
-                                          time.perf_counter() - t_start, self.step - start_step)
+                    self.metrics.progress(
+                        self.step,
+                        last["loss"],
+                        last["lr"],
+                        last["update_tokens_per_s"],
+                        time.perf_counter() - t_start,
+                        self.step - start_step,
+                    )
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < stop_at:
                     checkpoint = self.save()
             checkpoint = self.save()
@@ -507,10 +608,19 @@ class RLTrainer:
             if self.lock is not None:
                 self.lock.release()
         elapsed = time.perf_counter() - t_start
-        return RunSummary(stage=self.stage.name, run_dir=self.run_dir, steps=self.step, total_steps=self.total_steps,
-                          tokens=self.tokens, loss=float(last.get("loss", float("nan"))), eval_loss=None,
-                          tokens_per_s=self.tokens / max(elapsed, 1e-9), elapsed_s=elapsed, checkpoint=checkpoint,
-                          reports_perplexity=False)
+        return RunSummary(
+            stage=self.stage.name,
+            run_dir=self.run_dir,
+            steps=self.step,
+            total_steps=self.total_steps,
+            tokens=self.tokens,
+            loss=float(last.get("loss", float("nan"))),
+            eval_loss=None,
+            tokens_per_s=self.tokens / max(elapsed, 1e-9),
+            elapsed_s=elapsed,
+            checkpoint=checkpoint,
+            reports_perplexity=False,
+        )
 
 
 __all__ = ["RLTrainer", "PolicyWithValue", "Rollout", "VALUE_HEAD_FILE"]

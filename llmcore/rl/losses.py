@@ -58,9 +58,18 @@ class PolicyLoss:
     kl: torch.Tensor  # summed per-token KL to the reference over counted tokens (a sum)
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                denom: float, loss: str = "cispo", epsilon: float = 0.2, epsilon_high: float = 5.0,
-                beta: float = 0.0, ref_logp: torch.Tensor | None = None) -> PolicyLoss:
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    denom: float,
+    loss: str = "cispo",
+    epsilon: float = 0.2,
+    epsilon_high: float = 5.0,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+) -> PolicyLoss:
     """GRPO or CISPO per-token loss, token-level normalised (see the module docstring).
 
     `advantages` is (N,) (one per response, GRPO) or (N, R) (per token, PPO)."""
@@ -82,12 +91,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     if beta and ref_logp is not None:
         kl = kl_k3(logp, ref_logp)
         per_token = per_token + beta * kl
-    return PolicyLoss((per_token * mask).sum() / denom, (was_clipped * mask).sum().detach(),
-                      (kl * mask).sum().detach())
+    return PolicyLoss((per_token * mask).sum() / denom, (was_clipped * mask).sum().detach(), (kl * mask).sum().detach())
 
 
-def gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens: `(advantages, returns)`, both (N, R).
 
     delta_t = r_t + gamma V_{t+1} - V_t (V past the last counted token is 0);
@@ -114,8 +123,14 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return (x - mean) * torch.rsqrt(var + eps) * m
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               denom: float, clip: float = 0.2) -> torch.Tensor:
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    denom: float,
+    clip: float = 0.2,
+) -> torch.Tensor:
     """PPO's clipped value loss, 0.5 max((V - R)^2, (clip(V, V_old +- clip) - R)^2), summed over
     counted tokens / denom."""
     m = mask.to(values.dtype)
@@ -129,12 +144,18 @@ def approx_kl(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) ->
     return (0.5 * (logp - old_logp) ** 2 * mask.to(logp.dtype)).sum()
 
 
-def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    denom: float, clip: float = 0.2, beta: float = 0.0,
-                    ref_logp: torch.Tensor | None = None) -> PolicyLoss:
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    denom: float,
+    clip: float = 0.2,
+    beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+) -> PolicyLoss:
     """PPO's clipped surrogate with per-token advantages (the GRPO formula with eps = clip)."""
-    return policy_loss(logp, old_logp, advantages, mask, denom, loss="grpo", epsilon=clip, beta=beta,
-                       ref_logp=ref_logp)
+    return policy_loss(logp, old_logp, advantages, mask, denom, loss="grpo", epsilon=clip, beta=beta, ref_logp=ref_logp)
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -142,5 +163,16 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-__all__ = ["LOSSES", "group_advantages", "kl_k3", "PolicyLoss", "policy_loss", "gae", "whiten", "value_loss",
-           "approx_kl", "ppo_policy_loss", "token_logps"]
+__all__ = [
+    "LOSSES",
+    "group_advantages",
+    "kl_k3",
+    "PolicyLoss",
+    "policy_loss",
+    "gae",
+    "whiten",
+    "value_loss",
+    "approx_kl",
+    "ppo_policy_loss",
+    "token_logps",
+]

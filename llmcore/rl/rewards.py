@@ -75,7 +75,7 @@ def exact_reward(prompt: list[dict], response: str, sample: dict) -> float:
 def repetition_penalty(text: str, n: int = 3, cap: float = 0.5) -> float:
     """MiniMind's `rep_penalty`: the share of repeated word n-grams, scaled so it reaches `cap`."""
     toks = re.findall(r"\w+|[^\w\s]", text.lower())
-    grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+    grams = [tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)]
     return min(cap, (len(grams) - len(set(grams))) * cap * 2 / len(grams)) if grams else 0.0
 
 
@@ -142,8 +142,13 @@ class RewardModel:
     def __call__(self, prompt: list[dict], response: str, sample: dict) -> float:
         messages = [*prompt, {"role": "assistant", "content": answer_of(response)}]
         text = self.tok.apply_chat_template(messages, tokenize=False)
-        ids = self.tok(text, return_tensors="pt", add_special_tokens=False, truncation=True,
-                       max_length=getattr(self.tok, "model_max_length", 4096) or 4096)["input_ids"].to(self.device)
+        ids = self.tok(
+            text,
+            return_tensors="pt",
+            add_special_tokens=False,
+            truncation=True,
+            max_length=getattr(self.tok, "model_max_length", 4096) or 4096,
+        )["input_ids"].to(self.device)
         with self.torch.no_grad():
             return float(self.model(input_ids=ids).logits[0, 0])
 
@@ -195,11 +200,14 @@ def score(rewards: Sequence[Reward], prompt: list[dict], response: str, sample: 
             raise
         except Exception as err:
             where = sample.get("source", "a row")
-            raise LLMCoreError(f"reward {r.name} raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                               f" (scoring {where})") from None
+            raise LLMCoreError(
+                f"reward {r.name} raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                f" (scoring {where})"
+            ) from None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-            raise LLMCoreError(f"reward {r.name} returned {v!r} for {sample.get('source', 'a row')}; "
-                               "a reward must be a finite number")
+            raise LLMCoreError(
+                f"reward {r.name} returned {v!r} for {sample.get('source', 'a row')}; a reward must be a finite number"
+            )
         values[r.name] = float(v)
     return values
 
@@ -208,5 +216,17 @@ def total(rewards: Sequence[Reward], values: dict[str, float]) -> float:
     return sum(r.weight * values[r.name] for r in rewards)
 
 
-__all__ = ["RewardFn", "Reward", "BUILTIN", "answer_of", "gt_hits", "exact_reward", "format_reward",
-           "repetition_penalty", "RewardModel", "parse_rewards", "score", "total"]
+__all__ = [
+    "RewardFn",
+    "Reward",
+    "BUILTIN",
+    "answer_of",
+    "gt_hits",
+    "exact_reward",
+    "format_reward",
+    "repetition_penalty",
+    "RewardModel",
+    "parse_rewards",
+    "score",
+    "total",
+]

@@ -36,8 +36,10 @@ class RLStage(Stage):
     def check_data(self, cfg: "TrainConfig") -> None:
         path = Path(cfg.data)
         if not path.is_file():
-            raise LLMCoreError(f"--data {cfg.data}: no such file ({self.name} reads a jsonl of conversations such as "
-                               "MiniMind's rlaif.jsonl or agent_rl.jsonl)")
+            raise LLMCoreError(
+                f"--data {cfg.data}: no such file ({self.name} reads a jsonl of conversations such as "
+                "MiniMind's rlaif.jsonl or agent_rl.jsonl)"
+            )
 
     def build_objective(self, ctx: ObjectiveContext) -> "Objective":
         # Never reached: run() below replaces the Trainer, whose objectives see fixed batches.
@@ -54,23 +56,35 @@ class RLStage(Stage):
         return RLTrainer(self, cfg, self.algo).run()
 
 
-GRPO = register_stage(RLStage(
-    name="grpo", shard_kind="rl", algo="grpo",
-    summary="GRPO/CISPO: sample a group of responses per prompt, score them with rewards, raise the better ones.",
-    example="llmcore train grpo --data rlaif.jsonl --init runs/sft --out runs/grpo --reward format",
-    defaults=_defaults(lr=3e-7, micro_batch_size=6, global_batch_size=12, seq_len=768, epochs=1.0, beta=0.1),
-    settings=RL_SETTINGS + ("num_generations", "loss", "epsilon", "epsilon_high"),
-    needs_init="the policy starts from it (an SFT run) and it is the frozen reference of the KL term",
-    reports_perplexity=False, loss_unit="policy loss"))
+GRPO = register_stage(
+    RLStage(
+        name="grpo",
+        shard_kind="rl",
+        algo="grpo",
+        summary="GRPO/CISPO: sample a group of responses per prompt, score them with rewards, raise the better ones.",
+        example="llmcore train grpo --data rlaif.jsonl --init runs/sft --out runs/grpo --reward format",
+        defaults=_defaults(lr=3e-7, micro_batch_size=6, global_batch_size=12, seq_len=768, epochs=1.0, beta=0.1),
+        settings=RL_SETTINGS + ("num_generations", "loss", "epsilon", "epsilon_high"),
+        needs_init="the policy starts from it (an SFT run) and it is the frozen reference of the KL term",
+        reports_perplexity=False,
+        loss_unit="policy loss",
+    )
+)
 
-PPO = register_stage(RLStage(
-    name="ppo", shard_kind="rl", algo="ppo",
-    summary="PPO: one response per prompt, a value head, GAE advantages and clipped updates.",
-    example="llmcore train ppo --data rlaif.jsonl --init runs/sft --out runs/ppo --reward format",
-    defaults=_defaults(lr=3e-7, micro_batch_size=2, global_batch_size=2, seq_len=768, epochs=1.0, beta=0.02),
-    settings=RL_SETTINGS + ("epsilon", "ppo_epochs", "mini_batch_size", "gamma", "lam", "value_clip", "vf_coef",
-                            "early_stop_kl"),
-    needs_init="the policy starts from it (an SFT run) and it is the frozen reference of the KL term",
-    reports_perplexity=False, loss_unit="policy loss"))
+PPO = register_stage(
+    RLStage(
+        name="ppo",
+        shard_kind="rl",
+        algo="ppo",
+        summary="PPO: one response per prompt, a value head, GAE advantages and clipped updates.",
+        example="llmcore train ppo --data rlaif.jsonl --init runs/sft --out runs/ppo --reward format",
+        defaults=_defaults(lr=3e-7, micro_batch_size=2, global_batch_size=2, seq_len=768, epochs=1.0, beta=0.02),
+        settings=RL_SETTINGS
+        + ("epsilon", "ppo_epochs", "mini_batch_size", "gamma", "lam", "value_clip", "vf_coef", "early_stop_kl"),
+        needs_init="the policy starts from it (an SFT run) and it is the frozen reference of the KL term",
+        reports_perplexity=False,
+        loss_unit="policy loss",
+    )
+)
 
 __all__ = ["RLStage", "GRPO", "PPO", "RL_SETTINGS"]

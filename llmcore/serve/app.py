@@ -106,7 +106,7 @@ class _ChatShape:
     def pieces(self, text: str | None) -> list[dict[str, Any]]:
         """The deltas of one text event (None: the end of the text)."""
         out = []
-        for kind, value in (self.parser.feed(text) if text is not None else self.parser.finish()):
+        for kind, value in self.parser.feed(text) if text is not None else self.parser.finish():
             if kind == "tool_call":
                 if self.parallel or not self.calls:
                     out.append({"tool_calls": [value.to_openai(index=len(self.calls))]})
@@ -122,12 +122,14 @@ class _ChatShape:
         return {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
 
     def choices(self, results: list[Result], _ids: list[list[int]]) -> list[dict[str, Any]]:
-        (text, finish, _n, _scored), = results
+        ((text, finish, _n, _scored),) = results
         self.pieces(text)
         self.pieces(None)
         parser, calls = self.parser, self.calls
-        message: dict[str, Any] = {"role": "assistant", "content": parser.content if parser.content or not calls
-                                   else None}
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": parser.content if parser.content or not calls else None,
+        }
         if parser.reasoning is not None:
             message["reasoning_content"] = parser.reasoning
         if calls:
@@ -167,8 +169,12 @@ class _CompletionShape:
                     offsets.append(at)
                     at += len(t)
                 top = scored["top_logprobs"]
-                logprobs = {"tokens": tokens, "token_logprobs": scored["token_logprobs"][first:],
-                            "top_logprobs": top[first:] if top is not None else None, "text_offset": offsets}
+                logprobs = {
+                    "tokens": tokens,
+                    "token_logprobs": scored["token_logprobs"][first:],
+                    "top_logprobs": top[first:] if top is not None else None,
+                    "text_offset": offsets,
+                }
             if self.echo:
                 text = (prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt_ids)) + text
             choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
@@ -188,6 +194,7 @@ class _Prepared:
 
 # -- the request path shared by both routes -------------------------------------------------------
 
+
 class _Api:
     """What the routes share: the scheduler, the options, body reading, budgets, queueing, streaming."""
 
@@ -197,16 +204,19 @@ class _Api:
         tokenizer = engine.tokenizer
         # No token decodes to more characters than this, so text of more than `max_token_chars * context`
         # characters cannot fit the context: refused before any encoding or embedding work.
-        self.max_token_chars = max(1, max((len(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)),
-                                          default=1))
+        self.max_token_chars = max(1, max((len(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)), default=1))
 
     # -- checks --
 
     def check_size(self, chars: int, what: str, param: str) -> None:
         context = self.engine.context
         if chars > self.max_token_chars * context:
-            raise ApiError(400, f"{what} holds {chars} characters, more than fit this model's context of "
-                                f"{context} tokens", param=param, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"{what} holds {chars} characters, more than fit this model's context of {context} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     async def read_json(self, request: Any) -> dict[str, Any]:
         from starlette.requests import ClientDisconnect
@@ -237,31 +247,49 @@ class _Api:
         if model is None:
             return  # lenient: the one model served
         if model != name:
-            raise ApiError(404, f"the model {model!r} does not exist; this server has {name!r}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist; this server has {name!r}",
+                param="model",
+                code="model_not_found",
+            )
 
     def resolve_max_tokens(self, prompt_ids: list[int], params: SamplingParams, default: int) -> None:
         context = self.engine.context
         room = context - len(prompt_ids)
         if room < 1:
-            raise ApiError(400, f"the prompt is {len(prompt_ids)} tokens; this model's context is {context} "
-                                "tokens, which leaves no room for a reply", param="messages",
-                           code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt is {len(prompt_ids)} tokens; this model's context is {context} "
+                "tokens, which leaves no room for a reply",
+                param="messages",
+                code="context_length_exceeded",
+            )
         if params.max_tokens is None:
             params.max_tokens = min(default, room)
         elif params.max_tokens > room:
-            raise ApiError(400, f"max_tokens ({params.max_tokens}) + the prompt ({len(prompt_ids)} tokens) is more "
-                                f"than this model's context of {context} tokens; use max_tokens <= {room}",
-                           param="max_tokens", code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"max_tokens ({params.max_tokens}) + the prompt ({len(prompt_ids)} tokens) is more "
+                f"than this model's context of {context} tokens; use max_tokens <= {room}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
 
     def model_card(self) -> dict[str, Any]:
-        return {"id": self.options.model_name, "object": "model", "created": self.created, "owned_by": "llmcore",
-                "context_length": self.engine.context}
+        return {
+            "id": self.options.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "llmcore",
+            "context_length": self.engine.context,
+        }
 
     # -- the routes' own parts: a body to prompt ids --
 
-    def chat_ids(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                 thinking: bool = False) -> list[int]:
+    def chat_ids(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, thinking: bool = False
+    ) -> list[int]:
         import jinja2
 
         from llmcore.chat_format import prompt_ids
@@ -288,24 +316,28 @@ class _Api:
             raise ApiError(400, "the last user message (the question) is empty", param="messages")
         system = next((m["content"] for m in messages if m["role"] == "system"), None)
         history = [m for m in messages[:last] if m["role"] != "system"]
-        reserve = params.max_tokens if params.max_tokens is not None else min(options.default_max_tokens,
-                                                                              context // 2)
+        reserve = params.max_tokens if params.max_tokens is not None else min(options.default_max_tokens, context // 2)
         # A question that cannot fit is refused before it is embedded (embedding cost grows with its length).
         n_question = len(await run_in_threadpool(self.tokenizer.encode_text, question))
         if n_question + reserve >= context:
-            raise ApiError(400, f"the question is {n_question} tokens; with {reserve} for the reply it does not fit "
-                                f"this model's context of {context} tokens", param="messages",
-                           code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the question is {n_question} tokens; with {reserve} for the reply it does not fit "
+                f"this model's context of {context} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
         # The Retriever is safe to share across threads (it locks only its index call; docs/INTERNALS.md).
         passages = await run_in_threadpool(options.retriever.search, question, options.rag_k)
         history_tokens = len(await run_in_threadpool(self.chat_ids, history)) if history else 0
         try:
-            fitted = await run_in_threadpool(fit_passages, self.tokenizer, question, passages,
-                                             context - reserve - history_tokens, system)
+            fitted = await run_in_threadpool(
+                fit_passages, self.tokenizer, question, passages, context - reserve - history_tokens, system
+            )
         except LLMCoreError as err:
             raise ApiError(400, str(err), param="messages", code="context_length_exceeded") from None
         grounded = answer_messages(question, fitted, system)
-        return grounded[:-1] + history + grounded[-1:] + messages[last + 1:]
+        return grounded[:-1] + history + grounded[-1:] + messages[last + 1 :]
 
     async def prepare_chat(self, body: dict[str, Any]) -> _Prepared:
         from starlette.concurrency import run_in_threadpool
@@ -315,11 +347,18 @@ class _Api:
         params = parse_sampling(body, chat=True)
         chat = parse_chat_options(body, self.tokenizer, self.options.thinking)
         if len(messages) > context:  # every message takes at least one token of the template
-            raise ApiError(400, f"{len(messages)} messages cannot fit this model's context of {context} "
-                                "tokens", param="messages", code="context_length_exceeded")
-        self.check_size(sum(len(m["content"]) + len(json.dumps(m.get("tool_calls", ""), ensure_ascii=False))
-                            for m in messages) + len(json.dumps(chat.tools or "", ensure_ascii=False)),
-                        "the messages", "messages")
+            raise ApiError(
+                400,
+                f"{len(messages)} messages cannot fit this model's context of {context} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        self.check_size(
+            sum(len(m["content"]) + len(json.dumps(m.get("tool_calls", ""), ensure_ascii=False)) for m in messages)
+            + len(json.dumps(chat.tools or "", ensure_ascii=False)),
+            "the messages",
+            "messages",
+        )
         if self.options.retriever is not None:
             messages = await self.rag_messages(messages, params)
         # a long prompt must not stall other clients
@@ -350,8 +389,9 @@ class _Api:
             self.resolve_max_tokens(ids, p, DEFAULT_COMPLETION_MAX_TOKENS)
             all_ids.append(ids)
             all_params.append(p)
-        return _Prepared(all_ids, all_params, _CompletionShape(prompts, params.echo, tokenizer), params.stream,
-                         params.include_usage)
+        return _Prepared(
+            all_ids, all_params, _CompletionShape(prompts, params.echo, tokenizer), params.stream, params.include_usage
+        )
 
     # -- the shared path: queue, then stream or collect --
 
@@ -366,10 +406,12 @@ class _Api:
         started = self.start_all(prep)
         rid, now = f"{prep.shape.id_prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
         if prep.stream:
-            (job, events), = started
-            return StreamingResponse(self.stream(job, events, rid, now, prep.shape, len(prep.ids[0]),
-                                                 prep.include_usage, t0),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            ((job, events),) = started
+            return StreamingResponse(
+                self.stream(job, events, rid, now, prep.shape, len(prep.ids[0]), prep.include_usage, t0),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
         tasks = [asyncio.ensure_future(self.collect(request, job, events)) for job, events in started]
         try:
             results = await asyncio.gather(*tasks)
@@ -378,10 +420,24 @@ class _Api:
                 task.cancel()
         choices = prep.shape.choices(results, prep.ids)
         n_prompt, n_total = sum(len(ids) for ids in prep.ids), sum(r[2] for r in results)
-        log.info("%s: %d prompt(s), %d prompt + %d completion tokens in %.2fs (%s)", rid, len(results), n_prompt,
-                 n_total, time.perf_counter() - t0, ", ".join(r[1] for r in results))
-        return {"id": rid, "object": prep.shape.object, "created": now, "model": self.options.model_name,
-                "system_fingerprint": None, "choices": choices, "usage": _usage(n_prompt, n_total)}
+        log.info(
+            "%s: %d prompt(s), %d prompt + %d completion tokens in %.2fs (%s)",
+            rid,
+            len(results),
+            n_prompt,
+            n_total,
+            time.perf_counter() - t0,
+            ", ".join(r[1] for r in results),
+        )
+        return {
+            "id": rid,
+            "object": prep.shape.object,
+            "created": now,
+            "model": self.options.model_name,
+            "system_fingerprint": None,
+            "choices": choices,
+            "usage": _usage(n_prompt, n_total),
+        }
 
     def start_all(self, prep: _Prepared) -> list[tuple[Job, "asyncio.Queue[Event]"]]:
         """Queue one job per prompt; when the queue fills part way, the ones already queued are dropped."""
@@ -396,8 +452,9 @@ class _Api:
             raise
         return started
 
-    def start(self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop
-              ) -> tuple[Job, "asyncio.Queue[Event]"]:
+    def start(
+        self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop
+    ) -> tuple[Job, "asyncio.Queue[Event]"]:
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
@@ -440,14 +497,29 @@ class _Api:
         finally:
             job.cancelled.set()  # a no-op once done; frees the row if this handler is cancelled
 
-    async def stream(self, job: Job, events: "asyncio.Queue[Event]", rid: str, now: int, shape: Any,
-                     n_prompt: int, include_usage: bool, t0: float) -> AsyncIterator[bytes]:
+    async def stream(
+        self,
+        job: Job,
+        events: "asyncio.Queue[Event]",
+        rid: str,
+        now: int,
+        shape: Any,
+        n_prompt: int,
+        include_usage: bool,
+        t0: float,
+    ) -> AsyncIterator[bytes]:
         """SSE chunks of one request: `shape.pieces(text)` turns each text event (None at the end) into
         chunk payloads; `shape.finish_reason` may rename the final reason."""
 
         def chunk(payload: Any, finish: str | None) -> dict[str, Any]:
-            return {"id": rid, "object": shape.chunk_object, "created": now, "model": self.options.model_name,
-                    "system_fingerprint": None, "choices": [shape.chunk_choice(payload, finish)]}
+            return {
+                "id": rid,
+                "object": shape.chunk_object,
+                "created": now,
+                "model": self.options.model_name,
+                "system_fingerprint": None,
+                "choices": [shape.chunk_choice(payload, finish)],
+            }
 
         try:
             first = shape.first()
@@ -468,8 +540,14 @@ class _Api:
                     yield _sse(final)
                     if include_usage:
                         yield _sse({**chunk(None, None), "choices": [], "usage": usage})
-                    log.info("%s: %d prompt + %d completion tokens in %.2fs (%s)", rid, n_prompt, event[2],
-                             time.perf_counter() - t0, event[1])
+                    log.info(
+                        "%s: %d prompt + %d completion tokens in %.2fs (%s)",
+                        rid,
+                        n_prompt,
+                        event[2],
+                        time.perf_counter() - t0,
+                        event[1],
+                    )
                     break
                 else:
                     yield _sse(ApiError(503, event[1], type_="server_error").body())
@@ -480,6 +558,7 @@ class _Api:
 
 
 # -- the app ----------------------------------------------------------------------------------------
+
 
 def _add_error_handlers(app: Any) -> None:
     """Every error is `{"error": {...}}`: ApiError as given, FastAPI's own as 4xx, anything else a bare 500."""
@@ -541,8 +620,12 @@ def _wrap(app: Any, engine: BatchScheduler, options: ServerOptions) -> Any:
         from starlette.middleware.cors import CORSMiddleware
 
         # Outermost, so a browser's preflight (which never carries the key) is answered here.
-        asgi = CORSMiddleware(asgi, allow_origins=options.cors_origins, allow_methods=["GET", "POST", "OPTIONS"],
-                              allow_headers=["Authorization", "Content-Type"])
+        asgi = CORSMiddleware(
+            asgi,
+            allow_origins=options.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return asgi
 
 

@@ -49,16 +49,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class RunningServer:
     """A uvicorn server on its own thread (for tests and benchmarks): `.url`, `.stop()`."""
 
-    def __init__(self, app: Any, sock: socket.socket, engine: BatchScheduler | None = None, log_level: str = "warning") -> None:
+    def __init__(
+        self, app: Any, sock: socket.socket, engine: BatchScheduler | None = None, log_level: str = "warning"
+    ) -> None:
         import uvicorn
 
         self.sock, self.engine = sock, engine
         host, port = sock.getsockname()[:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2,
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True,
-                                       name="llmcore-serve-http")
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2, access_log=False)
+        )
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True, name="llmcore-serve-http"
+        )
 
     def start(self, timeout: float = 30.0) -> "RunningServer":
         self.thread.start()
@@ -98,12 +102,26 @@ def is_loopback(address: str) -> bool:
         return address == "localhost"
 
 
-def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          api_key: str | None = None, model_name: str | None = None, tokenizer_dir: str | Path | None = None,
-          rag: str | Path | None = None, rag_k: int = 3, max_batch: int = 8, max_queue: int = 256,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info", ui: bool = True,
-          cors_origins: list[str] | None = None, default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS,
-          on_ready: Callable[[str], None] | None = None, thinking: bool = False) -> None:
+def serve(
+    ckpt: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    api_key: str | None = None,
+    model_name: str | None = None,
+    tokenizer_dir: str | Path | None = None,
+    rag: str | Path | None = None,
+    rag_k: int = 3,
+    max_batch: int = 8,
+    max_queue: int = 256,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    log_level: str = "info",
+    ui: bool = True,
+    cors_origins: list[str] | None = None,
+    default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS,
+    on_ready: Callable[[str], None] | None = None,
+    thinking: bool = False,
+) -> None:
     """Load the checkpoint and serve it until interrupted (Ctrl-C / SIGTERM)."""
     try:
         import uvicorn
@@ -125,11 +143,15 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
     sock = bind_socket(host, port)  # before the slow loads: a taken port or bad host fails at once
     try:
         if api_key is None and not is_loopback(sock.getsockname()[0]):
-            raise LLMCoreError(f"--host {host} is reachable from other machines: set --api-key (or "
-                               "LLMCORE_API_KEY), or bind 127.0.0.1 (a key-less server answers only this machine)")
+            raise LLMCoreError(
+                f"--host {host} is reachable from other machines: set --api-key (or "
+                "LLMCORE_API_KEY), or bind 127.0.0.1 (a key-less server answers only this machine)"
+            )
         retriever = open_retriever(rag) if rag is not None else None
         # A tokenizer is required, and --tokenizer must fit the model (vocab size, special ids, stored vocabulary).
-        model, tok = load_model_and_tokenizer(ckpt, dev, attn_backend=default_attn_backend(dev), tokenizer=tokenizer_dir)
+        model, tok = load_model_and_tokenizer(
+            ckpt, dev, attn_backend=default_attn_backend(dev), tokenizer=tokenizer_dir
+        )
         if thinking:
             from llmcore.chat_format import check_thinking
 
@@ -139,15 +161,28 @@ def serve(ckpt: str | Path, host: str = "127.0.0.1", port: int = 8000, device: s
         raise
     name = model_name or Path(ckpt).expanduser().resolve().name
     engine = BatchScheduler(model, tok, max_batch=max_batch, max_queue=max_queue).start()
-    app = create_app(engine, ServerOptions(model_name=name, api_key=api_key, max_body_bytes=max_body_bytes,
-                                           retriever=retriever, rag_k=rag_k, cors_origins=list(cors_origins or []), ui=ui,
-                                           default_max_tokens=default_max_tokens, thinking=thinking))
+    app = create_app(
+        engine,
+        ServerOptions(
+            model_name=name,
+            api_key=api_key,
+            max_body_bytes=max_body_bytes,
+            retriever=retriever,
+            rag_k=rag_k,
+            cors_origins=list(cors_origins or []),
+            ui=ui,
+            default_max_tokens=default_max_tokens,
+            thinking=thinking,
+        ),
+    )
     bound_port = sock.getsockname()[1]
     url = f"http://{host}:{bound_port}/v1"
     if on_ready is not None:
-        on_ready(f"serving {name!r} on {dev} at {url} (batch up to {max_batch}, queue {max_queue}"
-                 f"{', API key required' if api_key else ''}{', RAG ' + str(rag) if rag else ''})"
-                 f"{'; chat page at ' + url[:-len('/v1')] + '/' if ui else ''}")
+        on_ready(
+            f"serving {name!r} on {dev} at {url} (batch up to {max_batch}, queue {max_queue}"
+            f"{', API key required' if api_key else ''}{', RAG ' + str(rag) if rag else ''})"
+            f"{'; chat page at ' + url[: -len('/v1')] + '/' if ui else ''}"
+        )
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
@@ -165,33 +200,53 @@ def register(app: Any) -> None:
     @app.command("serve")
     def serve_cmd(
         ckpt: Path = typer.Option(..., "--ckpt", help="run dir, checkpoint dir or exported HF folder"),
-        host: str = typer.Option("127.0.0.1", "--host", help="address to bind; anything but 127.0.0.1 is reachable "
-                                 "from other machines"),
+        host: str = typer.Option(
+            "127.0.0.1", "--host", help="address to bind; anything but 127.0.0.1 is reachable from other machines"
+        ),
         port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0 = any free one)"),
         device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="LLMCORE_API_KEY",
-                                              help="require 'Authorization: Bearer KEY' on every request"),
-        model_name: Optional[str] = typer.Option(None, "--model-name", help="model id clients use "
-                                                 "(default: the --ckpt folder's name)"),
+        api_key: Optional[str] = typer.Option(
+            None, "--api-key", envvar="LLMCORE_API_KEY", help="require 'Authorization: Bearer KEY' on every request"
+        ),
+        model_name: Optional[str] = typer.Option(
+            None, "--model-name", help="model id clients use (default: the --ckpt folder's name)"
+        ),
         tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer dir (default: the checkpoint's)"),
-        rag: Optional[Path] = typer.Option(None, "--rag", help="index dir from `llmcore rag index`: chat answers "
-                                           "get the top passages as context, as `rag query --answer`"),
+        rag: Optional[Path] = typer.Option(
+            None,
+            "--rag",
+            help="index dir from `llmcore rag index`: chat answers "
+            "get the top passages as context, as `rag query --answer`",
+        ),
         rag_k: int = typer.Option(3, "--rag-k", help="passages retrieved per question with --rag"),
-        max_batch: int = typer.Option(8, "--max-batch", help="requests with the same sampling settings that run "
-                                      "together as one batch (1 = strictly one at a time)"),
-        default_max_tokens: int = typer.Option(DEFAULT_CHAT_MAX_TOKENS, "--default-max-tokens",
-                                               help="reply length of a chat request that sets no max_tokens "
-                                                    "(capped by the context left)"),
+        max_batch: int = typer.Option(
+            8,
+            "--max-batch",
+            help="requests with the same sampling settings that run together as one batch (1 = strictly one at a time)",
+        ),
+        default_max_tokens: int = typer.Option(
+            DEFAULT_CHAT_MAX_TOKENS,
+            "--default-max-tokens",
+            help="reply length of a chat request that sets no max_tokens (capped by the context left)",
+        ),
         max_queue: int = typer.Option(256, "--max-queue", help="requests that may wait; more get 429"),
-        max_body_bytes: int = typer.Option(DEFAULT_MAX_BODY_BYTES, "--max-body-bytes",
-                                           help="larger request bodies get 413"),
+        max_body_bytes: int = typer.Option(
+            DEFAULT_MAX_BODY_BYTES, "--max-body-bytes", help="larger request bodies get 413"
+        ),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: debug, info, warning, error"),
-        cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", help="a web page origin allowed to "
-                                                        "call the API from a browser (repeatable; '*' = any)"),
+        cors_origin: Optional[list[str]] = typer.Option(
+            None,
+            "--cors-origin",
+            help="a web page origin allowed to call the API from a browser (repeatable; '*' = any)",
+        ),
         no_ui: bool = typer.Option(False, "--no-ui", help="do not serve the chat page at / (the API is unchanged)"),
-        thinking: bool = typer.Option(False, "--thinking", help="chat requests open the think block (MiniMind-3's "
-                                      "open_thinking) unless they send chat_template_kwargs {\"open_thinking\": false}; "
-                                      "the reasoning is returned as reasoning_content"),
+        thinking: bool = typer.Option(
+            False,
+            "--thinking",
+            help="chat requests open the think block (MiniMind-3's "
+            'open_thinking) unless they send chat_template_kwargs {"open_thinking": false}; '
+            "the reasoning is returned as reasoning_content",
+        ),
     ) -> None:
         """Serve a checkpoint over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models.
 
@@ -204,8 +259,23 @@ def register(app: Any) -> None:
         log.setLevel(logging.DEBUG if log_level == "trace" else getattr(logging, log_level.upper()))
         if api_key is None and os.environ.get("LLMCORE_API_KEY") is not None:
             api_key = os.environ["LLMCORE_API_KEY"]  # set but empty: click treats it as unset; refused below
-        serve(ckpt, host=host, port=port, device=device, api_key=api_key, model_name=model_name,
-              tokenizer_dir=tokenizer, rag=rag, rag_k=rag_k, max_batch=max_batch, max_queue=max_queue,
-              max_body_bytes=max_body_bytes, log_level=log_level, cors_origins=cors_origin, ui=not no_ui,
-              default_max_tokens=default_max_tokens, thinking=thinking,
-              on_ready=lambda line: typer.echo(line, err=True))
+        serve(
+            ckpt,
+            host=host,
+            port=port,
+            device=device,
+            api_key=api_key,
+            model_name=model_name,
+            tokenizer_dir=tokenizer,
+            rag=rag,
+            rag_k=rag_k,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_body_bytes=max_body_bytes,
+            log_level=log_level,
+            cors_origins=cors_origin,
+            ui=not no_ui,
+            default_max_tokens=default_max_tokens,
+            thinking=thinking,
+            on_ready=lambda line: typer.echo(line, err=True),
+        )

@@ -41,8 +41,14 @@ CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
 class ApiError(Exception):
     """A request the server refuses: turned into `{"error": {...}}` with `status`."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -51,6 +57,7 @@ class ApiError(Exception):
 
 
 # -- request parsing ------------------------------------------------------------------------------
+
 
 @dataclass
 class SamplingParams:
@@ -77,8 +84,9 @@ class SamplingParams:
         return ("sample", self.temperature, self.top_k, self.top_p, self.repetition_penalty)
 
 
-def _number(body: dict[str, Any], name: str, default: Any, lo: float, hi: float, integer: bool = False,
-            lo_open: bool = False) -> Any:
+def _number(
+    body: dict[str, Any], name: str, default: Any, lo: float, hi: float, integer: bool = False, lo_open: bool = False
+) -> Any:
     value = body.get(name)
     if value is None:
         return default
@@ -97,8 +105,9 @@ def check_text(value: str, where: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ApiError(400, f"{where} holds the lone surrogate {value[err.start]!r}, which is not valid Unicode "
-                            "text", param=where) from None
+        raise ApiError(
+            400, f"{where} holds the lone surrogate {value[err.start]!r}, which is not valid Unicode text", param=where
+        ) from None
     return value
 
 
@@ -131,8 +140,9 @@ def parse_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
         raise ApiError(400, "only n=1 is supported", param="n")
     for penalty in ("presence_penalty", "frequency_penalty"):
         if _number(body, penalty, 0.0, -2.0, 2.0) != 0.0:
-            raise ApiError(400, f"'{penalty}' is not supported (use 0, or the 'repetition_penalty' extension)",
-                           param=penalty)
+            raise ApiError(
+                400, f"'{penalty}' is not supported (use 0, or the 'repetition_penalty' extension)", param=penalty
+            )
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -155,8 +165,9 @@ def parse_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
             raise ApiError(400, "'logprobs' is not supported", param="logprobs")
         for legacy in ("functions", "function_call"):
             if body.get(legacy) is not None:
-                raise ApiError(400, f"'{legacy}' (the deprecated function-calling API) is not supported; use "
-                                    "'tools'", param=legacy)
+                raise ApiError(
+                    400, f"'{legacy}' (the deprecated function-calling API) is not supported; use 'tools'", param=legacy
+                )
         fmt = body.get("response_format")
         if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
             raise ApiError(400, "only response_format {'type': 'text'} is supported", param="response_format")
@@ -164,8 +175,12 @@ def parse_sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
         logprobs = body.get("logprobs")
         if logprobs is not None:
             if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS:
-                raise ApiError(400, f"'logprobs' must be an integer from 0 to {MAX_LOGPROBS} (the top tokens to list "
-                                    f"per position), got {logprobs!r}", param="logprobs")
+                raise ApiError(
+                    400,
+                    f"'logprobs' must be an integer from 0 to {MAX_LOGPROBS} (the top tokens to list "
+                    f"per position), got {logprobs!r}",
+                    param="logprobs",
+                )
             p.logprobs = logprobs
         p.echo = _flag(body, "echo")
         if p.stream and (p.logprobs is not None or p.echo):
@@ -198,18 +213,28 @@ def parse_chat_options(body: dict[str, Any], tokenizer: Any, default_thinking: b
             raise ApiError(400, "'tools' must be a list of {'type': 'function', 'function': {...}}", param="tools")
         for i, t in enumerate(tools):
             fn = t.get("function") if isinstance(t, dict) else None
-            if not (isinstance(t, dict) and t.get("type") == "function" and isinstance(fn, dict)
-                    and isinstance(fn.get("name"), str) and fn["name"]):
-                raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., ...}}}} "
-                                    "(only function tools are supported)", param=f"tools[{i}]")
+            if not (
+                isinstance(t, dict)
+                and t.get("type") == "function"
+                and isinstance(fn, dict)
+                and isinstance(fn.get("name"), str)
+                and fn["name"]
+            ):
+                raise ApiError(
+                    400,
+                    f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., ...}}}} "
+                    "(only function tools are supported)",
+                    param=f"tools[{i}]",
+                )
             check_text(json.dumps(t, ensure_ascii=False), f"tools[{i}]")
     choice = body.get("tool_choice")
     if choice is not None and choice not in ("none", "auto"):
         raise ApiError(400, f"tool_choice {choice!r} is not supported; use 'auto' or 'none'", param="tool_choice")
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
-        raise ApiError(400, f"'parallel_tool_calls' must be true or false, got {parallel!r}",
-                       param="parallel_tool_calls")
+        raise ApiError(
+            400, f"'parallel_tool_calls' must be true or false, got {parallel!r}", param="parallel_tool_calls"
+        )
     o.parallel_tool_calls = parallel is not False
     if tools and choice != "none":  # "none": the model is not told about the tools (and none are parsed)
         if not template_has_tools(tokenizer):
@@ -221,14 +246,19 @@ def parse_chat_options(body: dict[str, Any], tokenizer: Any, default_thinking: b
             raise ApiError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
         for key, value in kwargs.items():
             if key not in ("open_thinking", "enable_thinking"):
-                raise ApiError(400, f"chat_template_kwargs: only 'open_thinking' (or its alias 'enable_thinking') "
-                                    f"is supported, got {str(key)[:50]!r}", param="chat_template_kwargs")
+                raise ApiError(
+                    400,
+                    f"chat_template_kwargs: only 'open_thinking' (or its alias 'enable_thinking') "
+                    f"is supported, got {str(key)[:50]!r}",
+                    param="chat_template_kwargs",
+                )
             if not isinstance(value, bool):
                 raise ApiError(400, f"chat_template_kwargs.{key} must be true or false", param="chat_template_kwargs")
             o.thinking = value
     if o.thinking and not template_has_thinking(tokenizer):
-        raise ApiError(400, "this model's chat template has no thinking mode (no 'open_thinking')",
-                       param="chat_template_kwargs")
+        raise ApiError(
+            400, "this model's chat template has no thinking mode (no 'open_thinking')", param="chat_template_kwargs"
+        )
     return o
 
 
@@ -241,8 +271,9 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
         at = f"{where}[{j}]"
         fn = call.get("function") if isinstance(call, dict) else None
         if not (isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]):
-            raise ApiError(400, f"{at} must be {{'type': 'function', 'function': {{'name': ..., 'arguments': ...}}}}",
-                           param=at)
+            raise ApiError(
+                400, f"{at} must be {{'type': 'function', 'function': {{'name': ..., 'arguments': ...}}}}", param=at
+            )
         args = fn.get("arguments", "{}")
         if isinstance(args, str):
             try:
@@ -251,8 +282,10 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
                 raise ApiError(400, f"{at}.function.arguments is not JSON", param=f"{at}.function.arguments") from None
         if not isinstance(args, dict):
             raise ApiError(400, f"{at}.function.arguments must be a JSON object", param=f"{at}.function.arguments")
-        entry: dict[str, Any] = {"type": "function",
-                                 "function": {"name": check_text(fn["name"], f"{at}.function.name"), "arguments": args}}
+        entry: dict[str, Any] = {
+            "type": "function",
+            "function": {"name": check_text(fn["name"], f"{at}.function.name"), "arguments": args},
+        }
         if isinstance(call.get("id"), str):
             entry["id"] = call["id"]
         out.append(entry)
@@ -275,8 +308,9 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             raise ApiError(400, f"{where} must be an object with 'role' and 'content'", param=where)
         role = m.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:  # a list or object role is unhashable
-            raise ApiError(400, f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {role!r}",
-                           param=f"{where}.role")
+            raise ApiError(
+                400, f"{where}.role must be one of {sorted(CHAT_ROLES)}, got {role!r}", param=f"{where}.role"
+            )
         content = m.get("content")
         if isinstance(content, list):
             parts = []
@@ -289,8 +323,10 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             content = ""
         if not isinstance(content, str):
             raise ApiError(400, f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
-        msg: dict[str, Any] = {"role": "system" if role == "developer" else role,
-                               "content": check_text(content, f"{where}.content")}
+        msg: dict[str, Any] = {
+            "role": "system" if role == "developer" else role,
+            "content": check_text(content, f"{where}.content"),
+        }
         if role == "assistant" and m.get("tool_calls") is not None:
             msg["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
         if role == "assistant" and m.get("reasoning_content") is not None:
@@ -304,8 +340,9 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _token_ids(value: Any) -> bool:
-    return (isinstance(value, list) and bool(value)
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
 
 
 def parse_prompts(body: dict[str, Any]) -> list[str | list[int]]:
@@ -317,9 +354,12 @@ def parse_prompts(body: dict[str, Any]) -> list[str | list[int]]:
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_ids(p) for p in prompt):
         prompts = list(prompt)
     else:
-        raise ApiError(400, "'prompt' is required: a string, a non-empty list of token ids, or a list of those",
-                       param="prompt")
+        raise ApiError(
+            400, "'prompt' is required: a string, a non-empty list of token ids, or a list of those", param="prompt"
+        )
     if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
-    return [check_text(p, f"prompt[{i}]" if len(prompts) > 1 else "prompt") if isinstance(p, str) else list(p)
-            for i, p in enumerate(prompts)]
+    return [
+        check_text(p, f"prompt[{i}]" if len(prompts) > 1 else "prompt") if isinstance(p, str) else list(p)
+        for i, p in enumerate(prompts)
+    ]

@@ -65,8 +65,9 @@ def _holdback(text: str, stops: list[str]) -> int:
 class _Row:
     """Per-request decoding state: tokens so far, text sent, stop strings, budget."""
 
-    def __init__(self, job: Job, tokenizer: Any, scorer: Callable[[list[int], int], dict[str, Any]] | None = None
-                 ) -> None:
+    def __init__(
+        self, job: Job, tokenizer: Any, scorer: Callable[[list[int], int], dict[str, Any]] | None = None
+    ) -> None:
         self.job, self.tokenizer, self.scorer = job, tokenizer, scorer
         self.ids: list[int] = []
         self.sent = ""
@@ -75,7 +76,7 @@ class _Row:
 
     def _send_upto(self, text: str) -> None:
         if len(text) > len(self.sent) and text.startswith(self.sent):
-            self.job.emit(("text", text[len(self.sent):]))
+            self.job.emit(("text", text[len(self.sent) :]))
             self.sent = text
 
     def _first_stop(self, text: str) -> int:
@@ -97,7 +98,7 @@ class _Row:
             self._send_upto(text[:cut])
             self._end("stop")
             return
-        self._send_upto(text[:len(text) - _holdback(text, self.job.params.stop)])
+        self._send_upto(text[: len(text) - _holdback(text, self.job.params.stop)])
         if self.produced >= self.job.max_tokens:
             self.finish("length")
 
@@ -165,8 +166,12 @@ class BatchScheduler:
             if self._closed:
                 raise ApiError(503, "the server is shutting down", type_="server_error")
             if len(self._pending) >= self.max_queue:
-                raise ApiError(429, f"too many requests waiting ({self.max_queue}); retry later",
-                               type_="rate_limit_error", code="queue_full")
+                raise ApiError(
+                    429,
+                    f"too many requests waiting ({self.max_queue}); retry later",
+                    type_="rate_limit_error",
+                    code="queue_full",
+                )
             self._pending.append(job)
             self._cv.notify()
 
@@ -190,8 +195,12 @@ class BatchScheduler:
             while self._pending:
                 job = self._pending.popleft()
                 fits = max(longest, len(job.prompt_ids)) + max(budget, job.max_tokens) <= self.context
-                if (len(batch) < self.max_batch and not job.cancelled.is_set() and fits
-                        and job.params.batch_key() == key):
+                if (
+                    len(batch) < self.max_batch
+                    and not job.cancelled.is_set()
+                    and fits
+                    and job.params.batch_key() == key
+                ):
                     batch.append(job)
                     longest, budget = max(longest, len(job.prompt_ids)), max(budget, job.max_tokens)
                 elif not job.cancelled.is_set():
@@ -251,10 +260,17 @@ class BatchScheduler:
         else:
             generator.seed()
         rows = [_Row(job, self.tokenizer, self.score) for job in batch]
-        steps = generate_steps(self.model, [job.prompt_ids for job in batch],
-                               max_new_tokens=max(job.max_tokens for job in batch), temperature=p.temperature,
-                               top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty,
-                               eos_id=self.eos_id, generator=generator)
+        steps = generate_steps(
+            self.model,
+            [job.prompt_ids for job in batch],
+            max_new_tokens=max(job.max_tokens for job in batch),
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            repetition_penalty=p.repetition_penalty,
+            eos_id=self.eos_id,
+            generator=generator,
+        )
         try:
             for tokens, _active in steps:
                 if self._closed:  # shutting down: end the running rows now rather than at their budget

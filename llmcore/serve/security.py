@@ -36,8 +36,9 @@ class _AuthMiddleware:
             # Two Authorization headers are ambiguous (proxies disagree on which one counts): refused.
             repeated = sum(1 for k, _ in raw if k == b"authorization") > 1
             if repeated or not hmac.compare_digest(given, self.key):
-                err = ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer KEY'",
-                               code="invalid_api_key")
+                err = ApiError(
+                    401, "missing or incorrect API key: send 'Authorization: Bearer KEY'", code="invalid_api_key"
+                )
                 await _refuse(err, scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -56,7 +57,7 @@ def host_names_this_server(host_header: str) -> bool:
 
     host = host_header.strip().lower()
     if host.startswith("["):  # [::1]:8000
-        host = host[1:host.find("]")] if "]" in host else host
+        host = host[1 : host.find("]")] if "]" in host else host
     elif host.count(":") == 1:
         host = host.split(":", 1)[0]
     try:
@@ -80,15 +81,31 @@ class _LocalOnlyMiddleware:
             headers = dict(scope.get("headers") or [])
             host = headers.get(b"host", b"").decode("latin-1")
             if host and not host_names_this_server(host):
-                await _refuse(ApiError(403, f"Host {host[:100]!r} does not name this server; a server without "
-                                            "--api-key answers only localhost and IP addresses",
-                                       code="host_not_allowed"), scope, receive, send)
+                await _refuse(
+                    ApiError(
+                        403,
+                        f"Host {host[:100]!r} does not name this server; a server without "
+                        "--api-key answers only localhost and IP addresses",
+                        code="host_not_allowed",
+                    ),
+                    scope,
+                    receive,
+                    send,
+                )
                 return
             if scope.get("method") == "POST":
                 ctype = headers.get(b"content-type", b"").decode("latin-1").split(";", 1)[0].strip().lower()
                 if ctype != "application/json":
-                    await _refuse(ApiError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
-                                           code="unsupported_media_type"), scope, receive, send)
+                    await _refuse(
+                        ApiError(
+                            415,
+                            f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                            code="unsupported_media_type",
+                        ),
+                        scope,
+                        receive,
+                        send,
+                    )
                     return
         await self.app(scope, receive, send)
 
@@ -99,8 +116,12 @@ def check_api_key(api_key: str | None) -> None:
     if api_key is None:
         return
     if not api_key.strip():
-        raise LLMCoreError("--api-key (or LLMCORE_API_KEY) is empty, which would turn authentication off; "
-                           "set a key, or unset LLMCORE_API_KEY and drop --api-key for a local key-less server")
+        raise LLMCoreError(
+            "--api-key (or LLMCORE_API_KEY) is empty, which would turn authentication off; "
+            "set a key, or unset LLMCORE_API_KEY and drop --api-key for a local key-less server"
+        )
     if api_key != api_key.strip() or not api_key.isprintable() or not api_key.isascii():
-        raise LLMCoreError("--api-key (or LLMCORE_API_KEY) must be printable ASCII without surrounding spaces "
-                           "(it travels in an HTTP header)")
+        raise LLMCoreError(
+            "--api-key (or LLMCORE_API_KEY) must be printable ASCII without surrounding spaces "
+            "(it travels in an HTTP header)"
+        )

@@ -9,6 +9,21 @@ from llmcore.train.engine import shutdown_distributed
 from llmcore.train.stages import Stage, all_stages, get_stage, register_stage
 from llmcore.train.trainer import RunSummary, Trainer, TrainHooks, TrainingDiverged, TrainingInterrupted, lr_at, train
 
-__all__ = ["TrainConfig", "Stage", "all_stages", "get_stage", "register_stage", "build_config",
-           "load_config_file", "load_toml", "train", "Trainer", "RunSummary", "TrainHooks", "TrainingDiverged",
-           "TrainingInterrupted", "lr_at", "shutdown_distributed"]
+__all__ = [
+    "TrainConfig",
+    "Stage",
+    "all_stages",
+    "get_stage",
+    "register_stage",
+    "build_config",
+    "load_config_file",
+    "load_toml",
+    "train",
+    "Trainer",
+    "RunSummary",
+    "TrainHooks",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "lr_at",
+    "shutdown_distributed",
+]

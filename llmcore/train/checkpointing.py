@@ -31,6 +31,7 @@ from llmcore.io import install_dir, read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
+
 def rank_suffix(rank: int) -> str:
     """Rank 0 keeps the names of the run-dir contract; other ranks add `_rankN`."""
     return "" if rank == 0 else f"_rank{rank}"
@@ -43,8 +44,13 @@ def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -82,8 +88,9 @@ def rescale_loader_state(saved: dict[str, Any], loader: Any) -> dict[str, Any]:
     mine = loader.state_dict()
     for key in ("mode", "seq_len", "seed", "shuffle", "num_docs", "fingerprint"):
         if saved.get(key) != mine.get(key):
-            raise LLMCoreError(f"loader state does not match this run ({key}: saved {saved.get(key)!r} vs now "
-                               f"{mine.get(key)!r})")
+            raise LLMCoreError(
+                f"loader state does not match this run ({key}: saved {saved.get(key)!r} vs now {mine.get(key)!r})"
+            )
     per_step_saved = int(saved["world_size"]) * int(saved["micro_batch_size"])
     per_step = int(mine["world_size"]) * int(mine["micro_batch_size"])
     epoch, step = int(saved["epoch"]), int(saved["step"])
@@ -92,9 +99,11 @@ def rescale_loader_state(saved: dict[str, Any], loader: Any) -> dict[str, Any]:
         new_step = int(loader.steps_per_epoch)
     else:
         if row % per_step:
-            raise LLMCoreError(f"the checkpoint stopped at global row {row} of its epoch, which {mine['world_size']} "
-                               f"process(es) x micro batch {mine['micro_batch_size']} cannot continue at; "
-                               "resume with a world size and micro batch that divide it")
+            raise LLMCoreError(
+                f"the checkpoint stopped at global row {row} of its epoch, which {mine['world_size']} "
+                f"process(es) x micro batch {mine['micro_batch_size']} cannot continue at; "
+                "resume with a world size and micro batch that divide it"
+            )
         new_step = row // per_step
     return {**mine, "epoch": epoch, "step": new_step}
 
@@ -130,15 +139,18 @@ class RunDirLock:
 
         key = str(self.run_dir.resolve())
         if key in _HELD:
-            raise LLMCoreError(f"--out {self.run_dir} is in use by another training in this process; wait for it to "
-                               "end or choose another --out")
+            raise LLMCoreError(
+                f"--out {self.run_dir} is in use by another training in this process; wait for it to "
+                "end or choose another --out"
+            )
         try:
             self._created = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as err:
-            raise LLMCoreError(f"--out {self.run_dir}: cannot create the run dir there "
-                               f"({err.strerror or err})") from None
+            raise LLMCoreError(
+                f"--out {self.run_dir}: cannot create the run dir there ({err.strerror or err})"
+            ) from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -148,8 +160,10 @@ class RunDirLock:
             except OSError:
                 pass
             os.close(fd)
-            raise LLMCoreError(f"--out {self.run_dir} is in use by another training "
-                               f"({holder or 'holder unknown'}); wait for it to end or choose another --out") from None
+            raise LLMCoreError(
+                f"--out {self.run_dir} is in use by another training "
+                f"({holder or 'holder unknown'}); wait for it to end or choose another --out"
+            ) from None
         info = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode("utf-8") + b"\n", 0)
@@ -182,8 +196,9 @@ class CheckpointManager:
     """Saves and finds the step dirs of one run dir. All processes call `save`; rank 0 owns the
     shared files and the rename, the others only write their own loader/RNG state."""
 
-    def __init__(self, run_dir: Path, rank: int = 0, world: int = 1,
-                 barrier: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, run_dir: Path, rank: int = 0, world: int = 1, barrier: Callable[[], None] = lambda: None
+    ) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.rank, self.world = rank, world
         self.barrier = barrier
@@ -222,9 +237,16 @@ class CheckpointManager:
         self.barrier()
 
     # -- save ----------------------------------------------------------------------------------
-    def save(self, step: int, write_model: Callable[[Path], None], write_engine: Callable[[Path], None],
-             loader_state: dict[str, Any], trainer_state: dict[str, Any], keep_last: int,
-             on_file: Callable[[Path], None] | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        write_model: Callable[[Path], None],
+        write_engine: Callable[[Path], None],
+        loader_state: dict[str, Any],
+        trainer_state: dict[str, Any],
+        keep_last: int,
+        on_file: Callable[[Path], None] | None = None,
+    ) -> Path:
         """Write step-N completely, point `latest` at it, then drop all but the newest `keep_last`.
 
         `write_model(dir)` and `write_engine(dir)` run on every rank (ZeRO-3 gathers on all) and
@@ -234,8 +256,17 @@ class CheckpointManager:
         final = self.root / f"step-{step}"
         tmp = self.root / f".step-{step}.tmp"
         try:
-            return self._save(step, final, tmp, write_model, write_engine, loader_state, trainer_state,
-                              keep_last, on_file or (lambda p: None))
+            return self._save(
+                step,
+                final,
+                tmp,
+                write_model,
+                write_engine,
+                loader_state,
+                trainer_state,
+                keep_last,
+                on_file or (lambda p: None),
+            )
         except OSError as err:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -243,12 +274,22 @@ class CheckpointManager:
             hint = " (the disk is full)" if err.errno == errno.ENOSPC else ""
             prev = self.steps()
             kept = f"the previous checkpoint step-{prev[-1]} is intact" if prev else "no earlier checkpoint exists"
-            raise LLMCoreError(f"checkpoint step-{step} could not be written: {what}{hint}; nothing was replaced, "
-                               f"{kept}") from None
+            raise LLMCoreError(
+                f"checkpoint step-{step} could not be written: {what}{hint}; nothing was replaced, {kept}"
+            ) from None
 
-    def _save(self, step: int, final: Path, tmp: Path, write_model: Callable[[Path], None],
-              write_engine: Callable[[Path], None], loader_state: dict[str, Any], trainer_state: dict[str, Any],
-              keep_last: int, notify: Callable[[Path], None]) -> Path:
+    def _save(
+        self,
+        step: int,
+        final: Path,
+        tmp: Path,
+        write_model: Callable[[Path], None],
+        write_engine: Callable[[Path], None],
+        loader_state: dict[str, Any],
+        trainer_state: dict[str, Any],
+        keep_last: int,
+        notify: Callable[[Path], None],
+    ) -> Path:
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
@@ -300,8 +341,9 @@ class CheckpointManager:
             shutil.rmtree(self.root / f"step-{s}", ignore_errors=True)
 
     # -- load ----------------------------------------------------------------------------------
-    def load_side_state(self, step_dir: Path, loader: Any | None = None
-                        ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    def load_side_state(
+        self, step_dir: Path, loader: Any | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """(trainer_state, loader_state, rng_state) of this rank from a complete step dir.
 
         Written by another number of processes (an elastic resume), the loader state is rank 0's
@@ -318,8 +360,11 @@ class CheckpointManager:
                 raise LLMCoreError(f"{step_dir} was written by {saved_world} process(es); this run has {self.world}")
             loader_state = rescale_loader_state(read_json(step_dir / "loader_state.json"), loader)
             if self.rank == 0:
-                log.info("resuming a checkpoint of %d process(es) on %d: continuing at the same global data position",
-                         saved_world, self.world)
+                log.info(
+                    "resuming a checkpoint of %d process(es) on %d: continuing at the same global data position",
+                    saved_world,
+                    self.world,
+                )
         rng_path = step_dir / f"rng_state{sfx}.pt"
         if not rng_path.is_file() and self.rank >= saved_world:
             rng_path = step_dir / "rng_state.pt"

@@ -34,14 +34,31 @@ DPO_LOGP = ("sum", "mean")
 REF_LOGPS = ("model", "precompute")
 
 
-def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, minimum: float | None = None,
-            maximum: float | None = None, positive: bool = False, cli: bool = True) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    positive: bool = False,
+    cli: bool = True,
+) -> Any:
     """Declare one training setting: its default, help text and the checks its values must pass.
 
     `minimum`/`maximum`: values outside are refused; `positive`: values <= 0 are refused; `choices`: the only
     strings allowed; `cli=False`: settable from a config file or Python only (no flag)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum,
-                                            "maximum": maximum, "positive": positive, "cli": cli})
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "choices": choices,
+            "minimum": minimum,
+            "maximum": maximum,
+            "positive": positive,
+            "cli": cli,
+        },
+    )
 
 
 @dataclass
@@ -50,124 +67,201 @@ class TrainConfig:
 
     data: str = setting("", "Shard dir made by `llmcore prep`.")
     out: str = setting("", "Run dir to create (or continue with --resume).")
-    model: str | None = setting(None, "Preset for fresh weights (`llmcore model info NAME`): tiny, demo, "
-                                      "minimind2-small, minimind2, minimind2-moe.")
+    model: str | None = setting(
+        None,
+        "Preset for fresh weights (`llmcore model info NAME`): tiny, demo, minimind2-small, minimind2, minimind2-moe.",
+    )
     init: str | None = setting(None, "Run dir or checkpoint to start from (DPO: also the frozen reference).")
     tokenizer: str | None = setting(None, "Tokenizer dir, when the shard manifest's path is gone.")
     seq_len: int | None = setting(None, "Tokens per row.", positive=True)
     micro_batch_size: int | None = setting(None, "Rows (DPO: pairs) per forward pass per process.", positive=True)
-    global_batch_size: int | None = setting(None, "Rows per optimizer step; accumulation = global / (micro x processes).",
-                                            positive=True)
+    global_batch_size: int | None = setting(
+        None, "Rows per optimizer step; accumulation = global / (micro x processes).", positive=True
+    )
     # The bounds keep values inside what the fp32 optimizer state can hold (1e39 overflows it).
     lr: float | None = setting(None, "Peak learning rate.", positive=True, maximum=1e30)
-    min_lr: float | None = setting(None, "Floor of the cosine or WSD decay (default: lr/10, as MiniMind).", minimum=0,
-                                   maximum=1e30)
+    min_lr: float | None = setting(
+        None, "Floor of the cosine or WSD decay (default: lr/10, as MiniMind).", minimum=0, maximum=1e30
+    )
     warmup_steps: int = setting(0, "Linear warmup steps from 0 (MiniMind uses none).", minimum=0)
     weight_decay: float = setting(0.01, "AdamW decay of 2-D weights (not norms, biases, embeddings).", minimum=0)
     adam_beta1: float = setting(0.9, "AdamW beta1, in [0, 1).", minimum=0)
     adam_beta2: float = setting(0.999, "AdamW beta2, in [0, 1).", minimum=0)
     adam_eps: float = setting(1e-8, "AdamW epsilon.", minimum=0)
     grad_clip: float = setting(1.0, "Max gradient norm (0: off).", minimum=0)
-    optimizer: str = setting("adamw", "adamw (MiniMind's) or muon (torch.optim.Muon, Nesterov, on the hidden weight "
-                                      "matrices; AdamW at --lr on embeddings, norms and MoE routers); plain engine "
-                                      "only.", choices=("adamw", "muon"))
-    muon_lr: float = setting(0.02, "Muon: peak learning rate of the hidden matrices (scaled by "
-                                   "sqrt(max(1, rows/cols)); follows the same schedule as --lr).", positive=True,
-                             maximum=1e30)
+    optimizer: str = setting(
+        "adamw",
+        "adamw (MiniMind's) or muon (torch.optim.Muon, Nesterov, on the hidden weight "
+        "matrices; AdamW at --lr on embeddings, norms and MoE routers); plain engine "
+        "only.",
+        choices=("adamw", "muon"),
+    )
+    muon_lr: float = setting(
+        0.02,
+        "Muon: peak learning rate of the hidden matrices (scaled by "
+        "sqrt(max(1, rows/cols)); follows the same schedule as --lr).",
+        positive=True,
+        maximum=1e30,
+    )
     muon_momentum: float = setting(0.95, "Muon: Nesterov momentum, in [0, 1).", minimum=0)
-    muon_weight_decay: float = setting(0.0, "Muon: decoupled weight decay of the hidden matrices (p *= 1 - lr*wd).",
-                                       minimum=0)
-    lr_schedule: str = setting("cosine", "cosine (MiniMind's: warmup, then cosine to --min-lr) or wsd (warmup, flat "
-                                         "at --lr, then linear to --min-lr over the last --decay-fraction of steps).",
-                               choices=("cosine", "wsd"))
-    decay_fraction: float = setting(0.2, "wsd: share of the steps spent decaying to --min-lr.", positive=True,
-                                    maximum=1)
+    muon_weight_decay: float = setting(
+        0.0, "Muon: decoupled weight decay of the hidden matrices (p *= 1 - lr*wd).", minimum=0
+    )
+    lr_schedule: str = setting(
+        "cosine",
+        "cosine (MiniMind's: warmup, then cosine to --min-lr) or wsd (warmup, flat "
+        "at --lr, then linear to --min-lr over the last --decay-fraction of steps).",
+        choices=("cosine", "wsd"),
+    )
+    decay_fraction: float = setting(
+        0.2, "wsd: share of the steps spent decaying to --min-lr.", positive=True, maximum=1
+    )
     epochs: float | None = setting(None, "Passes over the data.", positive=True)
     max_steps: int | None = setting(None, "Optimizer steps (overrides --epochs).", positive=True)
-    device: str = setting("auto", "auto (the local rank's GPU, else cuda:0 when CUDA is there, else cpu), cpu, "
-                                  "cuda or cuda:N.")
-    dtype: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16 (autocast, fp32 master "
-                                 "weights).", choices=DTYPES)
-    packing: str | None = setting(None, "packed (the document stream cut into full rows), bestfit (whole documents "
-                                        "placed into rows by best-fit decreasing; no document that fits a row is "
-                                        "cut) or padded (one per row, MiniMind's layout).", choices=PACKINGS)
-    on_long: str = setting("truncate", "SFT: a conversation longer than a row is truncated at the end and counted "
-                                       "(truncate) or refused (fail).", choices=("truncate", "fail"))
-    attn_backend: str = setting("auto", "auto (triton on CUDA, sdpa on CPU), eager, sdpa or triton.",
-                                choices=("auto", *BACKENDS))
+    device: str = setting(
+        "auto", "auto (the local rank's GPU, else cuda:0 when CUDA is there, else cpu), cpu, cuda or cuda:N."
+    )
+    dtype: str = setting(
+        "auto",
+        "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16 (autocast, fp32 master weights).",
+        choices=DTYPES,
+    )
+    packing: str | None = setting(
+        None,
+        "packed (the document stream cut into full rows), bestfit (whole documents "
+        "placed into rows by best-fit decreasing; no document that fits a row is "
+        "cut) or padded (one per row, MiniMind's layout).",
+        choices=PACKINGS,
+    )
+    on_long: str = setting(
+        "truncate",
+        "SFT: a conversation longer than a row is truncated at the end and counted (truncate) or refused (fail).",
+        choices=("truncate", "fail"),
+    )
+    attn_backend: str = setting(
+        "auto", "auto (triton on CUDA, sdpa on CPU), eager, sdpa or triton.", choices=("auto", *BACKENDS)
+    )
     compile: bool = setting(False, "torch.compile the model.")
     eval_every: int = setting(0, "Evaluate every N steps (0: only at the end, when --eval-docs > 0).", minimum=0)
     eval_docs: int = setting(0, "Documents held out for evaluation.", minimum=0)
     # A default run keeps its work: MiniMind saves every 1000 steps, HF Trainer every 500; the time
     # bound covers slow steps (a big model on a small device), where 1000 steps can be a day.
-    save_every: int = setting(1000, "Checkpoint every N steps (0: no step-based saves); there is always one at "
-                                    "the end and on Ctrl-C/SIGTERM.", minimum=0)
-    save_minutes: float = setting(30.0, "Also checkpoint when this many minutes of training have passed since the "
-                                        "last checkpoint (0: off).", minimum=0)
+    save_every: int = setting(
+        1000,
+        "Checkpoint every N steps (0: no step-based saves); there is always one at the end and on Ctrl-C/SIGTERM.",
+        minimum=0,
+    )
+    save_minutes: float = setting(
+        30.0,
+        "Also checkpoint when this many minutes of training have passed since the last checkpoint (0: off).",
+        minimum=0,
+    )
     keep_last: int = setting(2, "Checkpoints to keep.", positive=True)
-    resume: bool = setting(False, "Continue from RUN_DIR's latest checkpoint, with its saved settings; flags may "
-                                  "change only what keeps the run exact (--max-steps, logging, saving ...).")
-    allow_lr_change: bool = setting(False, "With --resume: accept a changed learning-rate schedule or optimizer "
-                                           "setting (--lr, --min-lr, --warmup-steps, --weight-decay, --adam-*, "
-                                           "--grad-clip, --muon-*, --lr-schedule, --decay-fraction).")
+    resume: bool = setting(
+        False,
+        "Continue from RUN_DIR's latest checkpoint, with its saved settings; flags may "
+        "change only what keeps the run exact (--max-steps, logging, saving ...).",
+    )
+    allow_lr_change: bool = setting(
+        False,
+        "With --resume: accept a changed learning-rate schedule or optimizer "
+        "setting (--lr, --min-lr, --warmup-steps, --weight-decay, --adam-*, "
+        "--grad-clip, --muon-*, --lr-schedule, --decay-fraction).",
+    )
     wandb: bool = setting(False, "Log to Weights & Biases (offline unless configured).")
     wandb_project: str = setting("llmcore", "wandb project name.")
     seed: int = setting(42, "Seed for init, data order and RNG.", minimum=0)
-    deepspeed: str | None = setting(None, "DeepSpeed config: a name (zero0, zero1, zero2, zero3, zero3-offload) or a "
-                                          "JSON file.")
+    deepspeed: str | None = setting(
+        None, "DeepSpeed config: a name (zero0, zero1, zero2, zero3, zero3-offload) or a JSON file."
+    )
     log_every: int = setting(10, "Write metrics every N steps.", positive=True)
-    repeat_warning: float = setting(4.0, "Warn at the start when the run passes over its data more than this many "
-                                         "times.", positive=True)
-    peak_tflops: float | None = setting(None, "The device's dense bf16 peak in TFLOP/s for the `mfu` metric "
-                                              "(default: known for common GPUs).", positive=True)
+    repeat_warning: float = setting(
+        4.0, "Warn at the start when the run passes over its data more than this many times.", positive=True
+    )
+    peak_tflops: float | None = setting(
+        None,
+        "The device's dense bf16 peak in TFLOP/s for the `mfu` metric (default: known for common GPUs).",
+        positive=True,
+    )
     # DPO (the stage registry shows these only for the stages that name them)
-    beta: float | None = setting(None, "DPO: strength of the KL constraint (0.1). GRPO/PPO: weight of the per-token KL "
-                                       "to the frozen --init model (GRPO 0.1, PPO 0.02; 0 loads no reference).",
-                                 minimum=0)
+    beta: float | None = setting(
+        None,
+        "DPO: strength of the KL constraint (0.1). GRPO/PPO: weight of the per-token KL "
+        "to the frozen --init model (GRPO 0.1, PPO 0.02; 0 loads no reference).",
+        minimum=0,
+    )
     dpo_logp: str = setting("sum", "DPO: sum or mean log-prob per response.", choices=DPO_LOGP)
-    ref_logps: str = setting("model", "DPO: model (frozen reference each step) or precompute (one pass, then dropped).",
-                             choices=REF_LOGPS)
+    ref_logps: str = setting(
+        "model", "DPO: model (frozen reference each step) or precompute (one pass, then dropped).", choices=REF_LOGPS
+    )
     # LoRA (train lora)
     lora_rank: int = setting(16, "LoRA: rank of the adapters (MiniMind: 16).", positive=True)
-    lora_alpha: float | None = setting(None, "LoRA: scale numerator; the update is alpha/rank * B @ A (default: the "
-                                             "rank, so scale 1 as MiniMind).", positive=True)
-    lora_targets: str = setting("attention", "LoRA: attention (q/k/v/o projections), all-linear, or layer names "
-                                             "separated by commas (e.g. q_proj,v_proj,gate_proj).")
+    lora_alpha: float | None = setting(
+        None,
+        "LoRA: scale numerator; the update is alpha/rank * B @ A (default: the rank, so scale 1 as MiniMind).",
+        positive=True,
+    )
+    lora_targets: str = setting(
+        "attention",
+        "LoRA: attention (q/k/v/o projections), all-linear, or layer names "
+        "separated by commas (e.g. q_proj,v_proj,gate_proj).",
+    )
     # Knowledge distillation (train distill)
     teacher: str | None = setting(None, "Distillation: the teacher's run dir or checkpoint (same tokenizer).")
-    kd_alpha: float = setting(0.5, "Distillation: weight of the cross-entropy term; the KL term gets 1 - alpha.",
-                              minimum=0, maximum=1)
-    kd_temperature: float = setting(1.5, "Distillation: softmax temperature of the KL term (its gradient is "
-                                         "scaled by T^2).", positive=True)
+    kd_alpha: float = setting(
+        0.5, "Distillation: weight of the cross-entropy term; the KL term gets 1 - alpha.", minimum=0, maximum=1
+    )
+    kd_temperature: float = setting(
+        1.5, "Distillation: softmax temperature of the KL term (its gradient is scaled by T^2).", positive=True
+    )
     # Reinforcement learning (train grpo, train ppo): rollouts, rewards, policy updates
-    num_generations: int = setting(6, "GRPO: responses sampled per prompt (the group its advantages are "
-                                      "normalised in).", minimum=2)
-    loss: str = setting("cispo", "GRPO: cispo (clipped, detached importance weight; MiniMind's default) or grpo "
-                                 "(PPO-style clipped ratio).", choices=("cispo", "grpo"))
+    num_generations: int = setting(
+        6, "GRPO: responses sampled per prompt (the group its advantages are normalised in).", minimum=2
+    )
+    loss: str = setting(
+        "cispo",
+        "GRPO: cispo (clipped, detached importance weight; MiniMind's default) or grpo (PPO-style clipped ratio).",
+        choices=("cispo", "grpo"),
+    )
     epsilon: float = setting(0.2, "GRPO/PPO: clip range of the probability ratio (1 - eps, 1 + eps).", positive=True)
     epsilon_high: float = setting(5.0, "CISPO: upper bound of the importance weight.", positive=True)
-    reward: str = setting("format", "RL: rewards to sum, comma-separated NAME[:WEIGHT]: exact (answer == gt), "
-                                    "format (MiniMind's rules), model (with --reward-model), module:function.")
-    reward_model: str | None = setting(None, "RL: a transformers sequence-classification model folder scoring the "
-                                             "conversation (name `model` in --reward sets its weight).")
+    reward: str = setting(
+        "format",
+        "RL: rewards to sum, comma-separated NAME[:WEIGHT]: exact (answer == gt), "
+        "format (MiniMind's rules), model (with --reward-model), module:function.",
+    )
+    reward_model: str | None = setting(
+        None,
+        "RL: a transformers sequence-classification model folder scoring the "
+        "conversation (name `model` in --reward sets its weight).",
+    )
     max_new_tokens: int = setting(1024, "RL: longest response sampled (tokens).", positive=True)
     temperature: float = setting(0.8, "RL: sampling temperature of rollouts.", positive=True)
     top_p: float = setting(1.0, "RL: nucleus sampling of rollouts.", positive=True, maximum=1)
-    thinking_ratio: float = setting(0.9, "RL: share of prompts rendered with the template's open_thinking (the "
-                                         "prompt ends in <think>).", minimum=0, maximum=1)
+    thinking_ratio: float = setting(
+        0.9,
+        "RL: share of prompts rendered with the template's open_thinking (the prompt ends in <think>).",
+        minimum=0,
+        maximum=1,
+    )
     ppo_epochs: int = setting(2, "PPO: passes over each rollout batch.", positive=True)
-    mini_batch_size: int | None = setting(None, "PPO: responses per optimizer step within a rollout batch (default: "
-                                                "the whole batch).", positive=True)
+    mini_batch_size: int | None = setting(
+        None, "PPO: responses per optimizer step within a rollout batch (default: the whole batch).", positive=True
+    )
     gamma: float = setting(1.0, "PPO: GAE discount.", minimum=0, maximum=1)
     lam: float = setting(0.95, "PPO: GAE lambda.", minimum=0, maximum=1)
     value_clip: float = setting(0.2, "PPO: clip range of the value update.", positive=True)
     vf_coef: float = setting(0.5, "PPO: weight of the value loss.", minimum=0)
-    early_stop_kl: float = setting(0.25, "PPO: stop a step's updates once the approximate KL to the rollout policy "
-                                         "exceeds this (0: never).", minimum=0)
+    early_stop_kl: float = setting(
+        0.25,
+        "PPO: stop a step's updates once the approximate KL to the rollout policy exceeds this (0: never).",
+        minimum=0,
+    )
     # Stop after this many optimizer steps of *this* invocation while keeping the schedule of the full
     # run (the LR schedule still spans max_steps). Useful to train in slices; tests use it to interrupt.
-    stop_after: int | None = setting(None, "Stop after N steps of this invocation (the schedule still spans the run).",
-                                     positive=True)
+    stop_after: int | None = setting(
+        None, "Stop after N steps of this invocation (the schedule still spans the run).", positive=True
+    )
     quiet: bool = setting(False, "No progress output except the summary.")
 
     # ------------------------------------------------------------------------------------------
@@ -187,8 +281,9 @@ class TrainConfig:
         norm = {str(k).replace("-", "_"): v for k, v in d.items()}
         unknown = sorted(set(norm) - set(known))
         if unknown:
-            raise LLMCoreError(f"{source}: unknown training setting(s): {', '.join(unknown)}; "
-                               f"known: {', '.join(sorted(known))}")
+            raise LLMCoreError(
+                f"{source}: unknown training setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         values = self.to_dict()
         for k, v in norm.items():
             if v is not None:
@@ -245,7 +340,9 @@ class TrainConfig:
         if check_paths and not self.out:
             raise LLMCoreError("--out RUN_DIR is required")
         if self.model and self.init:
-            raise LLMCoreError("give either --model PRESET (fresh weights) or --init RUN_DIR (start from a run), not both")
+            raise LLMCoreError(
+                "give either --model PRESET (fresh weights) or --init RUN_DIR (start from a run), not both"
+            )
         if self.min_lr is not None and self.lr is not None and self.min_lr > self.lr:
             raise LLMCoreError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
         if not self.muon_momentum < 1:
@@ -319,8 +416,10 @@ def settings_help() -> dict[str, str]:
 
 # YAML 1.2's float syntax. PyYAML implements YAML 1.1, whose floats need a dot, so `lr: 1e-3` (how
 # every paper and recipe writes a learning rate) would be read as the string "1e-3".
-_YAML12_FLOAT = (r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-                 r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_YAML12_FLOAT = (
+    r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+    r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
 
 
 def _yaml_loader(yaml: Any) -> Any:
@@ -330,13 +429,16 @@ def _yaml_loader(yaml: Any) -> Any:
     class Loader(yaml.SafeLoader):
         pass
 
-    Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
-                                      for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.yaml_implicit_resolvers = {
+        k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_YAML12_FLOAT), list("-+0123456789."))
     # Integers keep their own (earlier-registered) resolver: a plain `1000` is still an int.
     for first in "-+0123456789":
-        Loader.yaml_implicit_resolvers[first] = sorted(Loader.yaml_implicit_resolvers.get(first, []),
-                                                       key=lambda r: r[0] != "tag:yaml.org,2002:int")
+        Loader.yaml_implicit_resolvers[first] = sorted(
+            Loader.yaml_implicit_resolvers.get(first, []), key=lambda r: r[0] != "tag:yaml.org,2002:int"
+        )
     return Loader
 
 
@@ -374,8 +476,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 load_toml = load_config_file
 
 
-def build_config(stage: str, cli: dict[str, Any], config_file: str | Path | None = None, *,
-                 check_paths: bool = True) -> TrainConfig:
+def build_config(
+    stage: str, cli: dict[str, Any], config_file: str | Path | None = None, *, check_paths: bool = True
+) -> TrainConfig:
     """Stage defaults < config file < CLI flags (entries that are None count as not given), resolved.
 
     With --resume into a run dir that has a config.json, the run's saved settings take the place of
@@ -406,11 +509,35 @@ PER_INVOCATION = ("resume", "stop_after", "quiet", "allow_lr_change")  # never t
 # DeepSpeed) says it again instead of inheriting it; a change is still reported.
 WHERE = ("device", "deepspeed")
 # Changes that make the continued run differ from the one the checkpoint belongs to: refused.
-RESUME_FIXED = ("model", "init", "seq_len", "global_batch_size", "packing", "seed", "eval_docs", "on_long",
-                "beta", "dpo_logp", "optimizer")
+RESUME_FIXED = (
+    "model",
+    "init",
+    "seq_len",
+    "global_batch_size",
+    "packing",
+    "seed",
+    "eval_docs",
+    "on_long",
+    "beta",
+    "dpo_logp",
+    "optimizer",
+)
 # The learning-rate schedule and the optimizer: changed only with --allow-lr-change.
-RESUME_OPTIMIZER = ("lr", "min_lr", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
-                    "grad_clip", "muon_lr", "muon_momentum", "muon_weight_decay", "lr_schedule", "decay_fraction")
+RESUME_OPTIMIZER = (
+    "lr",
+    "min_lr",
+    "warmup_steps",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
+    "grad_clip",
+    "muon_lr",
+    "muon_momentum",
+    "muon_weight_decay",
+    "lr_schedule",
+    "decay_fraction",
+)
 
 
 def saved_settings(run_dir: Path) -> dict[str, Any] | None:
@@ -435,8 +562,13 @@ def _same_data(old: str, new: str) -> bool:
         a, b = (json.loads((Path(d) / "manifest.json").read_text(encoding="utf-8")) for d in (old, new))
     except (OSError, ValueError):
         return False
-    return isinstance(a, dict) and isinstance(b, dict) and bool(a.get("shards")) and \
-        a.get("shards") == b.get("shards") and a.get("kind") == b.get("kind")
+    return (
+        isinstance(a, dict)
+        and isinstance(b, dict)
+        and bool(a.get("shards"))
+        and a.get("shards") == b.get("shards")
+        and a.get("kind") == b.get("kind")
+    )
 
 
 def _shown(value: Any) -> str:
@@ -454,8 +586,10 @@ def check_resume(saved_run: dict[str, Any], stage_name: str, cfg: TrainConfig, r
     if not isinstance(saved, dict):
         return []
     if saved_run.get("stage") not in (None, stage_name):
-        raise LLMCoreError(f"--resume: {run_dir} is a `train {saved_run.get('stage')}` run, not `train {stage_name}`; "
-                           f"to train {stage_name} on top of it, start a new run with --init {run_dir}")
+        raise LLMCoreError(
+            f"--resume: {run_dir} is a `train {saved_run.get('stage')}` run, not `train {stage_name}`; "
+            f"to train {stage_name} on top of it, start a new run with --init {run_dir}"
+        )
     now = cfg.to_dict()
     refused, optimizer, applied = [], [], []
     for name in sorted(set(saved) & set(now)):
@@ -475,14 +609,27 @@ def check_resume(saved_run: dict[str, Any], stage_name: str, cfg: TrainConfig, r
         else:
             applied.append(change)
     if refused:
-        raise LLMCoreError(f"--resume would change what {run_dir} trains, so it would no longer continue the same run: "
-                           f"{'; '.join(refused)}. Drop those flags to continue it, or start a new run "
-                           f"(--init {run_dir} to start from its weights)")
+        raise LLMCoreError(
+            f"--resume would change what {run_dir} trains, so it would no longer continue the same run: "
+            f"{'; '.join(refused)}. Drop those flags to continue it, or start a new run "
+            f"(--init {run_dir} to start from its weights)"
+        )
     if optimizer:
-        raise LLMCoreError(f"--resume changes the learning-rate schedule or optimizer of {run_dir} mid-run "
-                           f"({'; '.join(optimizer)}); pass --allow-lr-change to do that, or drop the flags")
+        raise LLMCoreError(
+            f"--resume changes the learning-rate schedule or optimizer of {run_dir} mid-run "
+            f"({'; '.join(optimizer)}); pass --allow-lr-change to do that, or drop the flags"
+        )
     return applied
 
 
-__all__ = ["TrainConfig", "build_config", "check_resume", "saved_settings", "load_config_file", "load_toml", "setting",
-           "flag_name", "settings_help"]
+__all__ = [
+    "TrainConfig",
+    "build_config",
+    "check_resume",
+    "saved_settings",
+    "load_config_file",
+    "load_toml",
+    "setting",
+    "flag_name",
+    "settings_help",
+]

@@ -71,8 +71,10 @@ def autocast_ctx(dtype: str, device: torch.device | str = "cpu") -> contextlib.A
 
 # ZeRO flattens each group into 1-D partitions (stage 1/2) or shards the matrices (stage 3), and Muon
 # needs each whole matrix; DeepSpeed's own Muon falls back to SGD at stage 0. Refused, not approximated.
-MUON_DEEPSPEED = ("--optimizer muon runs on the plain engine only (one process): DeepSpeed ZeRO splits the "
-                  "matrices Muon orthogonalises; drop --deepspeed or use --optimizer adamw")
+MUON_DEEPSPEED = (
+    "--optimizer muon runs on the plain engine only (one process): DeepSpeed ZeRO splits the "
+    "matrices Muon orthogonalises; drop --deepspeed or use --optimizer adamw"
+)
 
 
 class _EngineBase:
@@ -169,8 +171,13 @@ class PlainEngine(_EngineBase):
         # Plain tensors and Python scalars only, so torch.load(weights_only=True) can read it back;
         # moved to the CPU so a checkpoint written on a GPU resumes anywhere.
         state = self.optimizer.state_dict()
-        state = {"state": {k: {n: (t.to("cpu") if torch.is_tensor(t) else t) for n, t in v.items()}
-                           for k, v in state["state"].items()}, "param_groups": state["param_groups"]}
+        state = {
+            "state": {
+                k: {n: (t.to("cpu") if torch.is_tensor(t) else t) for n, t in v.items()}
+                for k, v in state["state"].items()
+            },
+            "param_groups": state["param_groups"],
+        }
         torch.save(state, step_dir / "optimizer.pt")
 
     def load_state(self, step_dir: Path) -> None:
@@ -187,8 +194,11 @@ class PlainEngine(_EngineBase):
                     if f"master/{n}" in state:
                         with torch.no_grad():
                             p.copy_(state[f"master/{n}"].to(p.device, p.dtype))
-                    sd["state"][idx] = {"step": torch.tensor(step), "exp_avg": state[f"exp_avg/{n}"],
-                                        "exp_avg_sq": state[f"exp_avg_sq/{n}"]}
+                    sd["state"][idx] = {
+                        "step": torch.tensor(step),
+                        "exp_avg": state[f"exp_avg/{n}"],
+                        "exp_avg_sq": state[f"exp_avg_sq/{n}"],
+                    }
                     idx += 1
             self.optimizer.load_state_dict(sd)
             return
@@ -240,11 +250,15 @@ def init_distributed(device: torch.device) -> tuple[int, int, bool]:
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
             standalone = True
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port()))
+            os.environ.update(
+                RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+            )
             atexit.register(release_standalone)
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
-                                   timeout=datetime.timedelta(seconds=dist_timeout_s()))
+        deepspeed.init_distributed(
+            dist_backend="nccl" if device.type == "cuda" else "gloo",
+            verbose=False,
+            timeout=datetime.timedelta(seconds=dist_timeout_s()),
+        )
     return dist.get_rank(), dist.get_world_size(), standalone
 
 
@@ -298,15 +312,26 @@ def peer_errors(what: str) -> Iterator[None]:
         import torch.distributed as dist
 
         text = str(err)
-        markers = ("connection closed", "connection reset", "timed out", "timeout", "gloo", "nccl", "broken pipe",
-                   "socket", "peer")
+        markers = (
+            "connection closed",
+            "connection reset",
+            "timed out",
+            "timeout",
+            "gloo",
+            "nccl",
+            "broken pipe",
+            "socket",
+            "peer",
+        )
         if not (isinstance(err, getattr(dist, "DistError", ())) or any(m in text.lower() for m in markers)):
             raise
         _PEER_LOST = True
-        raise LLMCoreError(f"lost contact with another process of this run during {what} (a node died, was "
-                           f"killed or stopped answering within {dist_timeout_s():g}s): {_first_sentence(text)}; "
-                           "restart the run "
-                           "with --resume to continue from its last checkpoint") from None
+        raise LLMCoreError(
+            f"lost contact with another process of this run during {what} (a node died, was "
+            f"killed or stopped answering within {dist_timeout_s():g}s): {_first_sentence(text)}; "
+            "restart the run "
+            "with --resume to continue from its last checkpoint"
+        ) from None
 
 
 def release_standalone() -> None:
@@ -341,8 +366,10 @@ def _is_auto(v: Any) -> bool:
 def _check_agrees(path: Any, ds: dict[str, Any], key: str, value: Any, flag: str, ours: Any) -> None:
     v = ds.get(key)
     if not _is_auto(v) and v != value:
-        raise LLMCoreError(f"--deepspeed {path} sets {key} {v!r}, but {flag} {ours} gives {value!r}; "
-                           f"remove it from the JSON (llmcore fills it in) or change {flag.split()[0]}")
+        raise LLMCoreError(
+            f"--deepspeed {path} sets {key} {v!r}, but {flag} {ours} gives {value!r}; "
+            f"remove it from the JSON (llmcore fills it in) or change {flag.split()[0]}"
+        )
 
 
 def build_ds_config(path: str | Path, cfg: TrainConfig, world: int, accum: int, dtype: str) -> dict[str, Any]:
@@ -359,16 +386,24 @@ def build_ds_config(path: str | Path, cfg: TrainConfig, world: int, accum: int, 
         raise LLMCoreError(f"--deepspeed {path}: expected a JSON object")
     mb = cfg.micro_batch_size
     _check_agrees(path, ds, "train_micro_batch_size_per_gpu", mb, "--micro-batch-size", mb)
-    _check_agrees(path, ds, "gradient_accumulation_steps", accum, "--global-batch-size",
-                  f"{cfg.global_batch_size} / (micro batch {mb} x {world} process(es))")
+    _check_agrees(
+        path,
+        ds,
+        "gradient_accumulation_steps",
+        accum,
+        "--global-batch-size",
+        f"{cfg.global_batch_size} / (micro batch {mb} x {world} process(es))",
+    )
     _check_agrees(path, ds, "train_batch_size", mb * accum * world, "--global-batch-size", cfg.global_batch_size)
     _check_agrees(path, ds, "gradient_clipping", cfg.grad_clip, "--grad-clip", cfg.grad_clip)
     for section, name in (("fp16", "fp16"), ("bf16", "bf16")):
         enabled = ds.get(section, {}).get("enabled", False) if isinstance(ds.get(section), dict) else False
         if enabled not in (False, "auto") and name != dtype:
-            raise LLMCoreError(f"--deepspeed {path} enables {section}, but --dtype {cfg.dtype} runs {dtype}; "
-                               f"remove the {section} section (llmcore sets precision from --dtype) or pass "
-                               f"--dtype {name}" + (" (fp16 is not supported; use bf16)" if name == "fp16" else ""))
+            raise LLMCoreError(
+                f"--deepspeed {path} enables {section}, but --dtype {cfg.dtype} runs {dtype}; "
+                f"remove the {section} section (llmcore sets precision from --dtype) or pass "
+                f"--dtype {name}" + (" (fp16 is not supported; use bf16)" if name == "fp16" else "")
+            )
     ds["train_micro_batch_size_per_gpu"] = mb
     ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = mb * accum * world
@@ -377,13 +412,21 @@ def build_ds_config(path: str | Path, cfg: TrainConfig, world: int, accum: int, 
         raise LLMCoreError(f"--deepspeed {path}: only the AdamW optimizer is supported, got {opt.get('type')!r}")
     opt["type"] = "AdamW"
     params = opt.setdefault("params", {})
-    for key, flag, ours in (("lr", "--lr", cfg.lr), ("eps", "--adam-eps", cfg.adam_eps),
-                            ("weight_decay", "--weight-decay", cfg.weight_decay),
-                            ("betas", "--adam-beta1/--adam-beta2", [cfg.adam_beta1, cfg.adam_beta2])):
+    for key, flag, ours in (
+        ("lr", "--lr", cfg.lr),
+        ("eps", "--adam-eps", cfg.adam_eps),
+        ("weight_decay", "--weight-decay", cfg.weight_decay),
+        ("betas", "--adam-beta1/--adam-beta2", [cfg.adam_beta1, cfg.adam_beta2]),
+    ):
         _check_agrees(path, params, key, ours if key != "betas" else list(ours), flag, ours)
     # torch_adam: torch.optim.AdamW, the same update as the plain engine (no fused C++ op to build).
-    params.update(lr=cfg.lr, betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_eps,
-                  weight_decay=cfg.weight_decay, torch_adam=True)
+    params.update(
+        lr=cfg.lr,
+        betas=[cfg.adam_beta1, cfg.adam_beta2],
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+        torch_adam=True,
+    )
     params.setdefault("adam_w_mode", True)
     ds.pop("scheduler", None)  # the Trainer sets the LR every step
     ds["gradient_clipping"] = cfg.grad_clip
@@ -409,8 +452,9 @@ def read_optimizer_pt(step_dir: Path) -> dict[str, Any]:
         raise LLMCoreError(f"{path}: cannot be read safely ({first})") from None
 
 
-def named_optimizer_state(step_dir: Path, module: torch.nn.Module, weight_decay: float
-                          ) -> tuple[dict[str, torch.Tensor], float]:
+def named_optimizer_state(
+    step_dir: Path, module: torch.nn.Module, weight_decay: float
+) -> tuple[dict[str, torch.Tensor], float]:
     """The optimizer state of a checkpoint as `{"exp_avg/NAME": t, "exp_avg_sq/NAME": t,
     ["master/NAME": t]}` and the step, from either engine's file: optimizer.safetensors (DeepSpeed)
     or optimizer.pt (plain engine; its parameters are numbered in `param_groups(module)` order)."""
@@ -440,8 +484,7 @@ def read_optimizer_safetensors(step_dir: Path) -> tuple[dict[str, torch.Tensor],
     path = step_dir / "optimizer.safetensors"
     if not path.is_file():
         if (step_dir / "optimizer.pt").is_file():
-            raise LLMCoreError(f"{step_dir}: written without --deepspeed (optimizer.pt); resume it without "
-                               "--deepspeed")
+            raise LLMCoreError(f"{step_dir}: written without --deepspeed (optimizer.pt); resume it without --deepspeed")
         raise LLMCoreError(f"{step_dir}: no optimizer state (optimizer.safetensors is missing)")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -474,7 +517,8 @@ class DeepSpeedEngine(_EngineBase):
         self.ds_config = build_ds_config(self.config_path, self.cfg, self.world, accum, self.dtype)
         self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, self.cfg.weight_decay), config=self.ds_config)
+            model=model, model_parameters=param_groups(model, self.cfg.weight_decay), config=self.ds_config
+        )
         self.module = self.engine.module
         if self.cfg.compile:
             self.engine.compile()
@@ -524,8 +568,10 @@ class DeepSpeedEngine(_EngineBase):
         if self.stage == 3:
             import deepspeed
 
-            with peer_errors("gathering the weights"), \
-                    deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            with (
+                peer_errors("gathering the weights"),
+                deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None),
+            ):
                 yield self.module
         else:
             yield self.module
@@ -547,13 +593,16 @@ class DeepSpeedEngine(_EngineBase):
         other groups stay empty; relinking here fixes that for ZeRO-1/2 and bf16."""
         basic = self._basic_optimizer()
         if step is not None:
-            flats = list(getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None) or
-                         [p for g in basic.param_groups for p in g["params"]])
+            flats = list(
+                getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None)
+                or [p for g in basic.param_groups for p in g["params"]]
+            )
             for p in flats:  # ZeRO-3 keeps its flat fp32 partitions outside the optimizer's groups
                 st = basic.state[p]
                 if "exp_avg" not in st:
-                    st.update(step=torch.tensor(float(step)), exp_avg=torch.zeros_like(p),
-                              exp_avg_sq=torch.zeros_like(p))
+                    st.update(
+                        step=torch.tensor(float(step)), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p)
+                    )
         opt = self.engine.optimizer
         if hasattr(opt, "_hp_optimizer_states_linked") and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
             if all("exp_avg" in basic.state[p] for g in basic.param_groups for p in g["params"]):
@@ -606,10 +655,14 @@ class DeepSpeedEngine(_EngineBase):
                         tensors[f"{prefix}/{name}"] = t
         if self.rank == 0:
             steps = [float(st["step"]) for st in self._basic_optimizer().state.values() if "step" in st]
-            meta = {"format": "llmcore-optimizer-1", "engine": "deepspeed", "zero_stage": str(self.stage),
-                    "world_size": str(self.world), "step": repr(max(steps) if steps else 0.0)}
-            atomic_write(step_dir / "optimizer.safetensors",
-                         lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+            meta = {
+                "format": "llmcore-optimizer-1",
+                "engine": "deepspeed",
+                "zero_stage": str(self.stage),
+                "world_size": str(self.world),
+                "step": repr(max(steps) if steps else 0.0),
+            }
+            atomic_write(step_dir / "optimizer.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load_state(self, step_dir: Path) -> None:
         state, step = named_optimizer_state(step_dir, self.module, self.cfg.weight_decay)
@@ -628,8 +681,9 @@ class DeepSpeedEngine(_EngineBase):
                     self._set_full(p, key, t, step)
             for st in self._basic_optimizer().state.values():
                 if "step" in st:
-                    st["step"] = torch.tensor(step) if not torch.is_tensor(st["step"]) else \
-                        torch.full_like(st["step"], step)
+                    st["step"] = (
+                        torch.tensor(step) if not torch.is_tensor(st["step"]) else torch.full_like(st["step"], step)
+                    )
             self.engine.global_steps = int(step)
             self.engine.global_samples = int(step) * self.engine.train_batch_size()
 
@@ -649,5 +703,15 @@ def make_engine(cfg: TrainConfig) -> PlainEngine | DeepSpeedEngine:
     return PlainEngine(None, cfg)
 
 
-__all__ = ["PlainEngine", "DeepSpeedEngine", "make_engine", "param_groups", "autocast_ctx", "resolve_dtype",
-           "init_distributed", "shutdown_distributed", "free_port", "build_ds_config"]
+__all__ = [
+    "PlainEngine",
+    "DeepSpeedEngine",
+    "make_engine",
+    "param_groups",
+    "autocast_ctx",
+    "resolve_dtype",
+    "init_distributed",
+    "shutdown_distributed",
+    "free_port",
+    "build_ds_config",
+]

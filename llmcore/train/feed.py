@@ -30,8 +30,9 @@ _DONE = object()
 class DeviceFeed:
     """Wraps a loader (`llmcore.train.protocols.Loader`); yields `(device_batch, host_stats)`."""
 
-    def __init__(self, loader: Any, device: torch.device, stats: Callable[[dict[str, Any]], dict[str, int]],
-                 depth: int = 2) -> None:
+    def __init__(
+        self, loader: Any, device: torch.device, stats: Callable[[dict[str, Any]], dict[str, int]], depth: int = 2
+    ) -> None:
         self.loader = loader
         self.device = device
         self.stats = stats

@@ -52,10 +52,19 @@ def _fmt_tokens(n: float) -> str:
 class MetricsLogger:
     """Writes metrics on rank 0 only; every other rank gets a logger whose methods do nothing."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, quiet: bool,
-                 wandb_cfg: dict[str, Any] | None = None, title: str = "",
-                 panels: tuple[tuple[str, ...], ...] = (), loss_unit: str = "nats/token",
-                 chance_loss: float | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        quiet: bool,
+        wandb_cfg: dict[str, Any] | None = None,
+        title: str = "",
+        panels: tuple[tuple[str, ...], ...] = (),
+        loss_unit: str = "nats/token",
+        chance_loss: float | None = None,
+    ) -> None:
         self.enabled = enabled
         self.chance_loss = chance_loss
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -74,8 +83,9 @@ class MetricsLogger:
         if not quiet and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                            desc="train", leave=True)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train", leave=True
+            )
         if wandb_cfg is not None:
             self._init_wandb(run_dir, wandb_cfg)
 
@@ -90,8 +100,14 @@ class MetricsLogger:
         id_file = Path(run_dir) / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         write_text(id_file, run_id + "\n")
-        self.wandb = wandb.init(project=wcfg["project"], id=run_id, resume="allow", dir=str(run_dir),
-                                config=wcfg.get("config"), name=Path(run_dir).name)
+        self.wandb = wandb.init(
+            project=wcfg["project"],
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=wcfg.get("config"),
+            name=Path(run_dir).name,
+        )
 
     @staticmethod
     def truncate(run_dir: Path, after_step: int) -> None:
@@ -110,8 +126,9 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=int(record["step"]))
 
-    def progress(self, step: int, loss: float, lr: float, tokens_per_s: float, elapsed: float,
-                 steps_done: int, extra: str = "") -> None:
+    def progress(
+        self, step: int, loss: float, lr: float, tokens_per_s: float, elapsed: float, steps_done: int, extra: str = ""
+    ) -> None:
         """The bar's postfix, or (no bar: a pipe, a job log) one INFO line
         `step N/T loss ... lr ... tok/s elapsed h:mm:ss eta h:mm:ss`; `extra` (a stage's own
         numbers, e.g. DPO's reward accuracy) follows the loss."""
@@ -122,12 +139,15 @@ class MetricsLogger:
         more = f" ({extra})" if extra else ""
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix_str(f"loss {loss:.4f}{more} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s",
-                                     refresh=False)
+            self.bar.set_postfix_str(
+                f"loss {loss:.4f}{more} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s", refresh=False
+            )
             self.bar.refresh()
         else:
-            log.info(f"step {step}/{self.total} loss {loss:.4f}{more} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s "
-                     f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}")
+            log.info(
+                f"step {step}/{self.total} loss {loss:.4f}{more} lr {lr:.2e} {_fmt_tokens(tokens_per_s)} tok/s "
+                f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}"
+            )
 
     def message(self, text: str) -> None:
         """One INFO line on the `llmcore.train.metrics` logger (rank 0 only; not with --quiet)."""
@@ -144,8 +164,14 @@ class MetricsLogger:
         """loss.png: loss, learning rate and the stage's own metrics against tokens seen."""
         if not self.enabled:
             return
-        plot_losses(self.path, self.plot_path, title=self.title, panels=self.panels, loss_unit=self.loss_unit,
-                    chance_loss=self.chance_loss)
+        plot_losses(
+            self.path,
+            self.plot_path,
+            title=self.title,
+            panels=self.panels,
+            loss_unit=self.loss_unit,
+            chance_loss=self.chance_loss,
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -159,9 +185,14 @@ class MetricsLogger:
             self.wandb = None
 
 
-def plot_losses(metrics_path: Path, out_path: Path, title: str = "",
-                panels: tuple[tuple[str, ...], ...] = (), loss_unit: str = "nats/token",
-                chance_loss: float | None = None) -> None:
+def plot_losses(
+    metrics_path: Path,
+    out_path: Path,
+    title: str = "",
+    panels: tuple[tuple[str, ...], ...] = (),
+    loss_unit: str = "nats/token",
+    chance_loss: float | None = None,
+) -> None:
     """One PNG, panels sharing the x axis (tokens seen): train and eval loss (nats/token), the
     learning rate, then one panel per group of stage metrics (DPO: reward accuracy; margins).
     `chance_loss`: the loss of a model that has learnt nothing (DPO: ln 2), drawn as a dashed line,
@@ -175,8 +206,13 @@ def plot_losses(metrics_path: Path, out_path: Path, title: str = "",
         plt.close(fig)
 
 
-def loss_figure(metrics_path: Path, title: str = "", panels: tuple[tuple[str, ...], ...] = (),
-                loss_unit: str = "nats/token", chance_loss: float | None = None) -> Any:
+def loss_figure(
+    metrics_path: Path,
+    title: str = "",
+    panels: tuple[tuple[str, ...], ...] = (),
+    loss_unit: str = "nats/token",
+    chance_loss: float | None = None,
+) -> Any:
     """The matplotlib figure `plot_losses` writes."""
     import matplotlib
 
@@ -188,8 +224,9 @@ def loss_figure(metrics_path: Path, title: str = "", panels: tuple[tuple[str, ..
     steps = [r for r in rows if "loss" in r and "eval_loss" not in r and math.isfinite(r["loss"])]
     evals = [r for r in rows if "eval_loss" in r and math.isfinite(r["eval_loss"])]
     n = 2 + len(panels)
-    fig, axes = plt.subplots(n, 1, figsize=(8, 2.2 + 1.9 * n), sharex=True,
-                             gridspec_kw={"height_ratios": [2.2] + [1] * (n - 1)})
+    fig, axes = plt.subplots(
+        n, 1, figsize=(8, 2.2 + 1.9 * n), sharex=True, gridspec_kw={"height_ratios": [2.2] + [1] * (n - 1)}
+    )
     loss_ax, lr_ax = axes[0], axes[1]
     if steps:
         loss_ax.plot([r["tokens"] for r in steps], [r["loss"] for r in steps], lw=1, label="train loss")

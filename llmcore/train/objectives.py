@@ -36,16 +36,18 @@ def masked_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 
     `labels` are already shifted by the loader (label t is the token after input t)."""
     v = logits.shape[-1]
-    total = F.cross_entropy(logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                            reduction="sum")
+    total = F.cross_entropy(
+        logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return total, (labels != IGNORE_INDEX).sum()
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(label) per position, 0 where the label is -100; shape (rows, T)."""
     v = logits.shape[-1]
-    nll = F.cross_entropy(logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                          reduction="none")
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, v), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
     return -nll.view(labels.shape)
 
 
@@ -64,8 +66,9 @@ class LMObjective:
     def count(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
-    def __call__(self, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any], denom: float,
-                 n_micro: int, world: int) -> StepTerms:
+    def __call__(
+        self, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any], denom: float, n_micro: int, world: int
+    ) -> StepTerms:
         out = forward(batch)
         ce_sum, _ = masked_ce_sum(out.logits, batch["labels"])
         aux = out.aux_loss.float()
@@ -100,9 +103,14 @@ class DPOObjective:
     beta*(pi_r - ref_r), accuracy = mean(chosen > rejected), margin = mean(chosen - rejected).
     """
 
-    def __init__(self, beta: float, average_logp: bool, ref_model: torch.nn.Module | None = None,
-                 ref_cache: dict[bytes, float] | None = None,
-                 autocast: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self,
+        beta: float,
+        average_logp: bool,
+        ref_model: torch.nn.Module | None = None,
+        ref_cache: dict[bytes, float] | None = None,
+        autocast: Callable[[], Any] | None = None,
+    ) -> None:
         if (ref_model is None) == (ref_cache is None):
             raise ValueError("DPOObjective needs exactly one of ref_model or ref_cache")
         self.beta = beta
@@ -122,16 +130,18 @@ class DPOObjective:
             missing = [k for k in keys if k not in self.ref_cache]
             if missing:
                 raise RuntimeError(f"{len(missing)} rows have no precomputed reference log-prob")
-            return torch.tensor([self.ref_cache[k] for k in keys], dtype=torch.float32,
-                                device=batch["input_ids"].device)
+            return torch.tensor(
+                [self.ref_cache[k] for k in keys], dtype=torch.float32, device=batch["input_ids"].device
+            )
         assert self.ref_model is not None
         ctx = self.autocast() if self.autocast is not None else contextlib.nullcontext()
         with ctx:
             out = self.ref_model(batch["input_ids"], position_ids=model_positions(batch))
         return sequence_logps(out.logits, batch["labels"], self.average)
 
-    def __call__(self, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any], denom: float,
-                 n_micro: int, world: int) -> StepTerms:
+    def __call__(
+        self, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any], denom: float, n_micro: int, world: int
+    ) -> StepTerms:
         b = int(batch["num_pairs"])
         has_response = (batch["labels"] != IGNORE_INDEX).any(dim=1)
         empty = ~(has_response[:b] & has_response[b:])
@@ -139,8 +149,10 @@ class DPOObjective:
             # A response cut off entirely by --seq-len gives pi == ref, loss ln 2 and no gradient:
             # the pair silently teaches nothing, so say so once.
             self._warned_empty = True
-            log.warning(f"warning: {int(empty.sum())} of {b} DPO pairs in a batch have no response tokens within "
-                        "the sequence length (prompt too long); they contribute no gradient. Raise --seq-len.")
+            log.warning(
+                f"warning: {int(empty.sum())} of {b} DPO pairs in a batch have no response tokens within "
+                "the sequence length (prompt too long); they contribute no gradient. Raise --seq-len."
+            )
         ref = self.reference_logps(batch)
         out = forward(batch)
         pi = sequence_logps(out.logits, batch["labels"], self.average)
@@ -160,8 +172,9 @@ class DPOObjective:
         return StepTerms(loss, terms)
 
 
-def dpo_terms(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
-              beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_terms(
+    pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO loss and the implicit rewards of the chosen and rejected responses (detached)."""
     logits = (pi_c - pi_r) - (ref_c - ref_r)
     losses = -F.logsigmoid(beta * logits)
@@ -171,8 +184,9 @@ def dpo_terms(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r
 
 
 @torch.no_grad()
-def precompute_reference(ref_model: torch.nn.Module, batches: Any, average: bool,
-                         autocast: Callable[[], Any] | None = None) -> dict[bytes, float]:
+def precompute_reference(
+    ref_model: torch.nn.Module, batches: Any, average: bool, autocast: Callable[[], Any] | None = None
+) -> dict[bytes, float]:
     """Reference log-prob of every row the loader can produce, keyed by `row_key`, so DPO can drop
     the reference model after one pass over the data."""
     cache: dict[bytes, float] = {}
@@ -205,8 +219,9 @@ class DistillObjective:
     terms, kd_loss already times T^2) and `top1_agreement` (share of loss tokens where the student's
     argmax is the teacher's)."""
 
-    def __init__(self, teacher: torch.nn.Module, alpha: float, temperature: float,
-                 autocast: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self, teacher: torch.nn.Module, alpha: float, temperature: float, autocast: Callable[[], Any] | None = None
+    ) -> None:
         self.teacher = teacher
         self.alpha, self.temperature = float(alpha), float(temperature)
         self.autocast = autocast
@@ -220,8 +235,9 @@ class DistillObjective:
         with ctx:
             return self.teacher(batch["input_ids"], position_ids=model_positions(batch)).logits
 
-    def __call__(self, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any], denom: float,
-                 n_micro: int, world: int) -> StepTerms:
+    def __call__(
+        self, forward: Callable[[dict[str, Any]], Any], batch: dict[str, Any], denom: float, n_micro: int, world: int
+    ) -> StepTerms:
         t_logits = self.teacher_logits(batch)
         out = forward(batch)
         labels = batch["labels"]
@@ -229,13 +245,17 @@ class DistillObjective:
         keep = (labels != IGNORE_INDEX).reshape(-1)
         v = out.logits.shape[-1]
         s_sel, t_sel = out.logits.reshape(-1, v)[keep], t_logits.reshape(-1, v)[keep]
-        kd_sum = self.temperature ** 2 * kd_kl_sum(s_sel, t_sel, self.temperature)
+        kd_sum = self.temperature**2 * kd_kl_sum(s_sel, t_sel, self.temperature)
         agree = (s_sel.detach().argmax(-1) == t_sel.argmax(-1)).float().sum()
         ce_part, kd_part = ce_sum / denom, kd_sum / denom
         aux_part = out.aux_loss.float() / (n_micro * world)
         part = self.alpha * ce_part + (1.0 - self.alpha) * kd_part + aux_part
-        terms = {"loss": part.detach(), "ce_loss": ce_part.detach(), "kd_loss": kd_part.detach(),
-                 "top1_agreement": agree / denom}
+        terms = {
+            "loss": part.detach(),
+            "ce_loss": ce_part.detach(),
+            "kd_loss": kd_part.detach(),
+            "top1_agreement": agree / denom,
+        }
         if out.aux_loss.requires_grad or float(out.aux_loss) != 0.0:
             terms["aux_loss"] = aux_part.detach()
         # x world: the data-parallel engine averages gradients over processes; the global loss is a sum.

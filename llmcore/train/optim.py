@@ -104,17 +104,26 @@ class MuonAdamW:
         groups = sd.get("param_groups", [])
         kinds = [g.get("optimizer", "adamw") for g in groups]
         if kinds != ["adamw"] * len(self.adamw.param_groups) + ["muon"] * len(self.muon.param_groups):
-            raise LLMCoreError("the checkpoint's optimizer state is not this run's --optimizer muon groups "
-                               f"(saved groups: {', '.join(kinds) or 'none'})")
+            raise LLMCoreError(
+                "the checkpoint's optimizer state is not this run's --optimizer muon groups "
+                f"(saved groups: {', '.join(kinds) or 'none'})"
+            )
         na = len(self.adamw.param_groups)
         offset = sum(len(g["params"]) for g in groups[:na])
         strip = lambda g: {k: v for k, v in g.items() if k != "optimizer"}  # noqa: E731
         a_ids = {i for g in groups[:na] for i in g["params"]}
-        self.adamw.load_state_dict({"state": {k: v for k, v in sd["state"].items() if int(k) in a_ids},
-                                    "param_groups": [strip(g) for g in groups[:na]]})
-        self.muon.load_state_dict({
-            "state": {int(k) - offset: v for k, v in sd["state"].items() if int(k) not in a_ids},
-            "param_groups": [dict(strip(g), params=[i - offset for i in g["params"]]) for g in groups[na:]]})
+        self.adamw.load_state_dict(
+            {
+                "state": {k: v for k, v in sd["state"].items() if int(k) in a_ids},
+                "param_groups": [strip(g) for g in groups[:na]],
+            }
+        )
+        self.muon.load_state_dict(
+            {
+                "state": {int(k) - offset: v for k, v in sd["state"].items() if int(k) not in a_ids},
+                "param_groups": [dict(strip(g), params=[i - offset for i in g["params"]]) for g in groups[na:]],
+            }
+        )
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Any, fused: bool = False) -> torch.optim.Optimizer | MuonAdamW:
@@ -126,16 +135,24 @@ def make_optimizer(model: torch.nn.Module, cfg: Any, fused: bool = False) -> tor
     groups = adamw_groups([(n, p) for n, p in named if id(p) not in muon_ids], cfg.weight_decay)
     for g in groups:
         g["base_lr"] = cfg.lr
-    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                              fused=fused or None)
+    adamw = torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=fused or None
+    )
     if kind != "muon":
         return adamw
     if not muon_named:
-        raise LLMCoreError("--optimizer muon: no hidden weight matrix trains in this run (LoRA trains only its "
-                           "adapters); use --optimizer adamw")
-    muon = torch.optim.Muon([{"params": [p for _, p in muon_named], "base_lr": cfg.muon_lr}], lr=cfg.muon_lr,
-                            weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum, nesterov=True,
-                            adjust_lr_fn=MUON_ADJUST_LR)
+        raise LLMCoreError(
+            "--optimizer muon: no hidden weight matrix trains in this run (LoRA trains only its "
+            "adapters); use --optimizer adamw"
+        )
+    muon = torch.optim.Muon(
+        [{"params": [p for _, p in muon_named], "base_lr": cfg.muon_lr}],
+        lr=cfg.muon_lr,
+        weight_decay=cfg.muon_weight_decay,
+        momentum=cfg.muon_momentum,
+        nesterov=True,
+        adjust_lr_fn=MUON_ADJUST_LR,
+    )
     return MuonAdamW(adamw, muon)
 
 

@@ -67,8 +67,9 @@ class Objective(Protocol):
 
     def count(self, batch: Batch) -> int: ...
 
-    def __call__(self, forward: Callable[[Batch], Any], batch: Batch, denom: float, n_micro: int,
-                 world: int) -> StepTerms: ...
+    def __call__(
+        self, forward: Callable[[Batch], Any], batch: Batch, denom: float, n_micro: int, world: int
+    ) -> StepTerms: ...
 
 
 @runtime_checkable

@@ -125,8 +125,9 @@ class Stage(ABC):
         if self.needs_init and not cfg.init:
             raise LLMCoreError(f"{self.name} needs --init RUN_DIR: {self.needs_init}")
         if self.needs_init_or_model and not cfg.init and not cfg.model:
-            raise LLMCoreError(f"{self.name} starts from a trained model: pass --init RUN_DIR "
-                               "(or --model PRESET for fresh weights)")
+            raise LLMCoreError(
+                f"{self.name} starts from a trained model: pass --init RUN_DIR (or --model PRESET for fresh weights)"
+            )
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,10 @@ class LanguageModelStage(Stage):
     def validate(self, cfg: "TrainConfig") -> None:
         super().validate(cfg)
         if cfg.packing not in self.packings:
-            raise LLMCoreError(f"--packing {cfg.packing}: {self.name} rows are {' or '.join(self.packings)} "
-                               "(a conversation is never split across rows)")
+            raise LLMCoreError(
+                f"--packing {cfg.packing}: {self.name} rows are {' or '.join(self.packings)} "
+                "(a conversation is never split across rows)"
+            )
 
     def build_objective(self, ctx: ObjectiveContext) -> "Objective":
         from llmcore.train.objectives import LMObjective
@@ -167,8 +170,12 @@ class PreferenceStage(Stage):
         from llmcore.train.objectives import DPOObjective, precompute_reference
 
         cfg = ctx.cfg
-        ref, _ = load_model(cfg.init, device=ctx.device, attn_backend=cfg.attn_backend,  # type: ignore[arg-type]
-                            with_tokenizer=False)
+        ref, _ = load_model(
+            cfg.init,
+            device=ctx.device,
+            attn_backend=cfg.attn_backend,  # type: ignore[arg-type]
+            with_tokenizer=False,
+        )
         ref = ref.float().eval()
         ref.requires_grad_(False)
         average = cfg.dpo_logp == "mean"
@@ -203,8 +210,9 @@ class DistillStage(LanguageModelStage):
     def validate(self, cfg: "TrainConfig") -> None:
         super().validate(cfg)
         if not cfg.teacher:
-            raise LLMCoreError(f"{self.name} needs --teacher RUN_DIR (the model whose token distributions the "
-                               "student learns)")
+            raise LLMCoreError(
+                f"{self.name} needs --teacher RUN_DIR (the model whose token distributions the student learns)"
+            )
         if not Path(cfg.teacher).exists():
             raise LLMCoreError(f"--teacher {cfg.teacher}: no such run dir or checkpoint")
 
@@ -213,8 +221,12 @@ class DistillStage(LanguageModelStage):
         from llmcore.train.objectives import DistillObjective
 
         cfg = ctx.cfg
-        teacher, teacher_tok = load_model(cfg.teacher, device=ctx.device,  # type: ignore[arg-type]
-                                          attn_backend=cfg.attn_backend, with_tokenizer=True)
+        teacher, teacher_tok = load_model(
+            cfg.teacher,
+            device=ctx.device,  # type: ignore[arg-type]
+            attn_backend=cfg.attn_backend,
+            with_tokenizer=True,
+        )
         check_same_tokenizer(cfg.teacher, teacher, teacher_tok, ctx.model, ctx.tokenizer)  # type: ignore[arg-type]
         # The student's precision: fp32 weights, the engine's autocast around the forward.
         teacher = teacher.float().eval()
@@ -229,16 +241,22 @@ def check_same_tokenizer(teacher_path: str, teacher: Any, teacher_tok: Any, stud
 
     t, s = teacher.config, unwrap_model(student).config
     if t.vocab_size != s.vocab_size:
-        raise LLMCoreError(f"--teacher {teacher_path} has a vocabulary of {t.vocab_size} tokens, the student "
-                           f"{s.vocab_size}; distillation needs one tokenizer for both")
+        raise LLMCoreError(
+            f"--teacher {teacher_path} has a vocabulary of {t.vocab_size} tokens, the student "
+            f"{s.vocab_size}; distillation needs one tokenizer for both"
+        )
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(t, name) != getattr(s, name):
-            raise LLMCoreError(f"--teacher {teacher_path} has {name} {getattr(t, name)}, the student "
-                               f"{getattr(s, name)}; distillation needs one tokenizer for both")
+            raise LLMCoreError(
+                f"--teacher {teacher_path} has {name} {getattr(t, name)}, the student "
+                f"{getattr(s, name)}; distillation needs one tokenizer for both"
+            )
     if teacher_tok is not None and tokenizer is not None and teacher_tok.fingerprint != tokenizer.fingerprint:
-        raise LLMCoreError(f"--teacher {teacher_path} was trained with another tokenizer than --data (fingerprint "
-                           f"{teacher_tok.fingerprint[:12]}... vs {tokenizer.fingerprint[:12]}...); distillation "
-                           "needs one tokenizer for both")
+        raise LLMCoreError(
+            f"--teacher {teacher_path} was trained with another tokenizer than --data (fingerprint "
+            f"{teacher_tok.fingerprint[:12]}... vs {tokenizer.fingerprint[:12]}...); distillation "
+            "needs one tokenizer for both"
+        )
 
 
 # MiniMind's published recipes (jingyaogong/minimind trainer/train_pretrain.py, train_full_sft.py,
@@ -276,53 +294,106 @@ def _defaults(**kw: Any) -> Mapping[str, Any]:
     return MappingProxyType(kw)
 
 
-PRETRAIN = register_stage(LanguageModelStage(
-    name="pretrain", shard_kind="pretrain", summary="Pretraining: next-token loss on every token.",
-    example="llmcore train pretrain --data shards/pretrain --model minimind2-small --out runs/pre",
-    defaults=_defaults(lr=5e-4, micro_batch_size=32, global_batch_size=256, seq_len=512, epochs=1.0,
-                       packing="packed"),
-    settings=("packing",), default_model="minimind2-small"))
+PRETRAIN = register_stage(
+    LanguageModelStage(
+        name="pretrain",
+        shard_kind="pretrain",
+        summary="Pretraining: next-token loss on every token.",
+        example="llmcore train pretrain --data shards/pretrain --model minimind2-small --out runs/pre",
+        defaults=_defaults(
+            lr=5e-4, micro_batch_size=32, global_batch_size=256, seq_len=512, epochs=1.0, packing="packed"
+        ),
+        settings=("packing",),
+        default_model="minimind2-small",
+    )
+)
 
-SFT = register_stage(LanguageModelStage(
-    name="sft", shard_kind="sft", summary="Supervised fine-tuning: loss on the assistant's tokens only.",
-    example="llmcore train sft --data shards/sft --init runs/pre --out runs/sft",
-    defaults=_defaults(lr=1e-5, micro_batch_size=16, global_batch_size=16, seq_len=768, epochs=2.0,
-                       packing="bestfit"),
-    settings=("packing", "on_long"), needs_init_or_model=True, packings=("bestfit", "padded")))
+SFT = register_stage(
+    LanguageModelStage(
+        name="sft",
+        shard_kind="sft",
+        summary="Supervised fine-tuning: loss on the assistant's tokens only.",
+        example="llmcore train sft --data shards/sft --init runs/pre --out runs/sft",
+        defaults=_defaults(
+            lr=1e-5, micro_batch_size=16, global_batch_size=16, seq_len=768, epochs=2.0, packing="bestfit"
+        ),
+        settings=("packing", "on_long"),
+        needs_init_or_model=True,
+        packings=("bestfit", "padded"),
+    )
+)
 
-DPO = register_stage(PreferenceStage(
-    name="dpo", shard_kind="dpo", summary="DPO: preference pairs against a frozen reference model.",
-    example="llmcore train dpo --data shards/dpo --init runs/sft --out runs/dpo --beta 0.1",
-    defaults=_defaults(lr=4e-8, micro_batch_size=4, global_batch_size=4, seq_len=1024, epochs=1.0, beta=0.1),
-    settings=("beta", "dpo_logp", "ref_logps"),
-    needs_init="the policy starts from it and it is the frozen reference model",
-    eval_key="dpo_loss", reports_perplexity=False, loss_unit="nats/pair",
-    plot_panels=(("rewards/accuracy",), ("rewards/margin", "rewards/chosen", "rewards/rejected"))))
+DPO = register_stage(
+    PreferenceStage(
+        name="dpo",
+        shard_kind="dpo",
+        summary="DPO: preference pairs against a frozen reference model.",
+        example="llmcore train dpo --data shards/dpo --init runs/sft --out runs/dpo --beta 0.1",
+        defaults=_defaults(lr=4e-8, micro_batch_size=4, global_batch_size=4, seq_len=1024, epochs=1.0, beta=0.1),
+        settings=("beta", "dpo_logp", "ref_logps"),
+        needs_init="the policy starts from it and it is the frozen reference model",
+        eval_key="dpo_loss",
+        reports_perplexity=False,
+        loss_unit="nats/pair",
+        plot_panels=(("rewards/accuracy",), ("rewards/margin", "rewards/chosen", "rewards/rejected")),
+    )
+)
 
 # MiniMind's train_lora.py: lr 1e-4, rank 16 adapters, on the SFT data; the rest as full SFT.
-LORA = register_stage(LoRAStage(
-    name="lora", shard_kind="sft", other_shard_kinds=("pretrain",),
-    summary="LoRA: low-rank adapters on a frozen model (SFT or pretrain shards); saves only the adapters.",
-    example="llmcore train lora --data shards/sft --init runs/sft --out runs/lora",
-    defaults=_defaults(lr=1e-4, micro_batch_size=16, global_batch_size=16, seq_len=768, epochs=2.0,
-                       packing="bestfit"),
-    settings=("packing", "on_long", "lora_rank", "lora_alpha", "lora_targets"),
-    needs_init="the adapters train on top of its (frozen) weights", packings=("bestfit", "padded")))
+LORA = register_stage(
+    LoRAStage(
+        name="lora",
+        shard_kind="sft",
+        other_shard_kinds=("pretrain",),
+        summary="LoRA: low-rank adapters on a frozen model (SFT or pretrain shards); saves only the adapters.",
+        example="llmcore train lora --data shards/sft --init runs/sft --out runs/lora",
+        defaults=_defaults(
+            lr=1e-4, micro_batch_size=16, global_batch_size=16, seq_len=768, epochs=2.0, packing="bestfit"
+        ),
+        settings=("packing", "on_long", "lora_rank", "lora_alpha", "lora_targets"),
+        needs_init="the adapters train on top of its (frozen) weights",
+        packings=("bestfit", "padded"),
+    )
+)
 
 # MiniMind's train_distillation.py: alpha 0.5 (CE weight), T 1.5, lr 5e-6 for a student that starts
 # from a trained model (a fresh --model student wants a pretraining lr such as 5e-4), on SFT data.
-DISTILL = register_stage(DistillStage(
-    name="distill", shard_kind="sft", other_shard_kinds=("pretrain",),
-    summary="Knowledge distillation: a*CE + (1-a)*T^2*KL(teacher||student) on SFT or pretrain shards.",
-    example="llmcore train distill --data shards/sft --teacher runs/big --init runs/small --out runs/kd",
-    defaults=_defaults(lr=5e-6, micro_batch_size=16, global_batch_size=16, seq_len=768, epochs=2.0,
-                       packing="bestfit"),
-    settings=("packing", "on_long", "teacher", "kd_alpha", "kd_temperature"), needs_init_or_model=True,
-    packings=("bestfit", "padded"), plot_panels=(("kd_loss", "ce_loss"), ("top1_agreement",))))
+DISTILL = register_stage(
+    DistillStage(
+        name="distill",
+        shard_kind="sft",
+        other_shard_kinds=("pretrain",),
+        summary="Knowledge distillation: a*CE + (1-a)*T^2*KL(teacher||student) on SFT or pretrain shards.",
+        example="llmcore train distill --data shards/sft --teacher runs/big --init runs/small --out runs/kd",
+        defaults=_defaults(
+            lr=5e-6, micro_batch_size=16, global_batch_size=16, seq_len=768, epochs=2.0, packing="bestfit"
+        ),
+        settings=("packing", "on_long", "teacher", "kd_alpha", "kd_temperature"),
+        needs_init_or_model=True,
+        packings=("bestfit", "padded"),
+        plot_panels=(("kd_loss", "ce_loss"), ("top1_agreement",)),
+    )
+)
 
-__all__ = ["Stage", "LanguageModelStage", "PreferenceStage", "LoRAStage", "DistillStage", "ObjectiveContext",
-           "FullWeights", "register_stage", "get_stage", "all_stages", "stage_only_settings", "check_same_tokenizer",
-           "PRETRAIN", "SFT", "DPO", "LORA", "DISTILL"]
+__all__ = [
+    "Stage",
+    "LanguageModelStage",
+    "PreferenceStage",
+    "LoRAStage",
+    "DistillStage",
+    "ObjectiveContext",
+    "FullWeights",
+    "register_stage",
+    "get_stage",
+    "all_stages",
+    "stage_only_settings",
+    "check_same_tokenizer",
+    "PRETRAIN",
+    "SFT",
+    "DPO",
+    "LORA",
+    "DISTILL",
+]
 
 # RL stages (grpo, ppo) live in llmcore.rl.stages; importing them here registers them with the rest.
 from llmcore.rl import stages as _rl_stages  # noqa: E402,F401

@@ -82,8 +82,9 @@ class StopSignals:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        logging.getLogger(__name__).warning("%s: finishing this step and saving a checkpoint (again to quit at once)",
-                                            signal.Signals(signum).name)
+        logging.getLogger(__name__).warning(
+            "%s: finishing this step and saving a checkpoint (again to quit at once)", signal.Signals(signum).name
+        )
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -137,9 +138,11 @@ class RunSummary:
             ref = f" (a uniform guess scores ln {self.vocab_size} = {math.log(self.vocab_size):.2f})"
         elif self.rewards is not None:
             ref = f" (ln 2 = {math.log(2):.4f} = chance)" + reward_words(self.rewards)
-        return (f"done: {self.stage} {self.steps}/{self.total_steps} steps, {self.tokens:,} tokens, "
-                f"loss {self.loss:.4f}{ev}{ref}, {self.tokens_per_s:,.0f} tok/s, {format_duration(self.elapsed_s)} "
-                f"-> {self.run_dir}")
+        return (
+            f"done: {self.stage} {self.steps}/{self.total_steps} steps, {self.tokens:,} tokens, "
+            f"loss {self.loss:.4f}{ev}{ref}, {self.tokens_per_s:,.0f} tok/s, {format_duration(self.elapsed_s)} "
+            f"-> {self.run_dir}"
+        )
 
 
 def reward_words(rewards: dict[str, float]) -> str:
@@ -154,8 +157,15 @@ def reward_words(rewards: dict[str, float]) -> str:
     return out
 
 
-def lr_at(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int, schedule: str = "cosine",
-          decay_fraction: float = 0.2) -> float:
+def lr_at(
+    step: int,
+    total_steps: int,
+    lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    schedule: str = "cosine",
+    decay_fraction: float = 0.2,
+) -> float:
     """LR for optimizer step `step` (0-based): linear warmup to `lr`, then cosine down to `min_lr`
     at the last step; or `schedule="wsd"`: warmup, flat at `lr`, then linear down to `min_lr` over
     the last D = max(1, round(decay_fraction * total_steps)) steps (never inside the warmup), reaching
@@ -186,12 +196,14 @@ def find_resume_point(cfg: TrainConfig, ckpts: CheckpointManager, run_dir: Path)
         if cfg.resume and (run_dir / "config.json").is_file() and ckpts.rank == 0:
             logging.getLogger(__name__).warning(
                 "--resume: %s has no checkpoint yet (its run stopped before the first save); starting at step 0",
-                run_dir)
+                run_dir,
+            )
         return None
     if not cfg.resume:
         names = ", ".join(f"step-{s}" for s in ckpts.steps()) or "checkpoints/latest"
-        raise LLMCoreError(f"--out {run_dir} already holds checkpoints ({names}); "
-                           "pass --resume to continue it or choose another --out")
+        raise LLMCoreError(
+            f"--out {run_dir} already holds checkpoints ({names}); pass --resume to continue it or choose another --out"
+        )
     found, skipped = ckpts.resume_point()
     if ckpts.rank == 0:
         for name, why in skipped:
@@ -215,8 +227,12 @@ def check_resume_settings(cfg: TrainConfig, stage: Stage, run_dir: Path, rank: i
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         if rank == 0:
-            log.warning("--resume: cannot read %s (%s), so the settings of this command cannot be compared with the "
-                        "run's; check they are the same", path, type(err).__name__)
+            log.warning(
+                "--resume: cannot read %s (%s), so the settings of this command cannot be compared with the "
+                "run's; check they are the same",
+                path,
+                type(err).__name__,
+            )
         return
     if not isinstance(saved, dict):
         return
@@ -231,9 +247,11 @@ def open_shards(cfg: TrainConfig, stage: Stage) -> Any:
 
     reader = ShardReader(cfg.data)
     if reader.kind not in stage.shard_kinds:
-        raise LLMCoreError(f"--data {cfg.data} holds {reader.kind} shards, but `train {stage.name}` needs "
-                           f"{' or '.join(stage.shard_kinds)} shards (make them with `llmcore prep "
-                           f"{stage.shard_kind}`)")
+        raise LLMCoreError(
+            f"--data {cfg.data} holds {reader.kind} shards, but `train {stage.name}` needs "
+            f"{' or '.join(stage.shard_kinds)} shards (make them with `llmcore prep "
+            f"{stage.shard_kind}`)"
+        )
     reader.verify()  # checksums, counts, ids below the vocab: a bad shard is one line naming it, before training
     return reader
 
@@ -268,12 +286,14 @@ def resolve_tokenizer(cfg: TrainConfig, reader: Any, run_dir: Path, resuming: bo
             return tok
         if source == "--tokenizer":
             raise LLMCoreError(f"--tokenizer {path}: no tokenizer.json there")
-    raise LLMCoreError(f"cannot find the tokenizer of {reader.path} (manifest names {manifest_path!r}); "
-                       "pass --tokenizer DIR")
+    raise LLMCoreError(
+        f"cannot find the tokenizer of {reader.path} (manifest names {manifest_path!r}); pass --tokenizer DIR"
+    )
 
 
-def build_model(cfg: TrainConfig, reader: Any, resume_from: Path | None,
-                model_hook: ModelHook | None = None) -> torch.nn.Module:
+def build_model(
+    cfg: TrainConfig, reader: Any, resume_from: Path | None, model_hook: ModelHook | None = None
+) -> torch.nn.Module:
     """Fresh weights from a preset or the --init run's, then the stage's model hook (`convert`:
     e.g. adapters on a frozen base); resuming, the hook loads the checkpoint's model back. fp32
     master weights on the CPU (the engine moves them to its device)."""
@@ -292,25 +312,32 @@ def build_model(cfg: TrainConfig, reader: Any, resume_from: Path | None,
             try:
                 reader.check_tokenizer(init_tok)
             except LLMCoreError as err:
-                raise LLMCoreError(f"--init {cfg.init} was trained with another tokenizer than --data: {err}") \
-                    from None
+                raise LLMCoreError(f"--init {cfg.init} was trained with another tokenizer than --data: {err}") from None
     else:
         special = reader.manifest.get("tokenizer", {}).get("special_ids", {})
         mcfg = ModelConfig.from_preset(
-            cfg.model, attn_backend=cfg.attn_backend, vocab_size=shard_vocab,
-            pad_token_id=int(special.get("pad", 0)), bos_token_id=int(special.get("bos", 1)),
-            eos_token_id=int(special.get("eos", 2)))
+            cfg.model,
+            attn_backend=cfg.attn_backend,
+            vocab_size=shard_vocab,
+            pad_token_id=int(special.get("pad", 0)),
+            bos_token_id=int(special.get("bos", 1)),
+            eos_token_id=int(special.get("eos", 2)),
+        )
         # Same seed on every process: ZeRO partitions one identical initial model.
         torch.manual_seed(cfg.seed)
         model = LLM(mcfg)
     if resume_from is None:
         model = hook.convert(model)
     if model.config.vocab_size < shard_vocab:
-        raise LLMCoreError(f"model vocab size {model.config.vocab_size} is smaller than the shards' "
-                           f"tokenizer vocab {shard_vocab}; use a model made for this tokenizer")
+        raise LLMCoreError(
+            f"model vocab size {model.config.vocab_size} is smaller than the shards' "
+            f"tokenizer vocab {shard_vocab}; use a model made for this tokenizer"
+        )
     if cfg.seq_len > model.config.max_position_embeddings:
-        raise LLMCoreError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
-                           f"{model.config.max_position_embeddings}")
+        raise LLMCoreError(
+            f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+            f"{model.config.max_position_embeddings}"
+        )
     model = model.float()
     model.train()
     return model
@@ -336,7 +363,8 @@ def build_data(cfg: TrainConfig, stage: Stage, reader: Any, rank: int, world: in
     if cfg.global_batch_size % (cfg.micro_batch_size * world):
         raise LLMCoreError(
             f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
-            f"{cfg.micro_batch_size} x {world} process(es) = {cfg.micro_batch_size * world}")
+            f"{cfg.micro_batch_size} x {world} process(es) = {cfg.micro_batch_size * world}"
+        )
     accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
     n_docs = len(reader)
     if cfg.eval_docs >= n_docs:
@@ -345,18 +373,31 @@ def build_data(cfg: TrainConfig, stage: Stage, reader: Any, rank: int, world: in
     mode = stage.loader_mode(cfg)
 
     def loader_for(idx: Any, r: int, w: int, shuffle: bool = True) -> Any:
-        return make_loader(reader, mode, cfg.seq_len, cfg.micro_batch_size, seed=cfg.seed,
-                           rank=r, world_size=w, doc_indices=idx, shuffle=shuffle, on_long=cfg.on_long)
+        return make_loader(
+            reader,
+            mode,
+            cfg.seq_len,
+            cfg.micro_batch_size,
+            seed=cfg.seed,
+            rank=r,
+            world_size=w,
+            doc_indices=idx,
+            shuffle=shuffle,
+            on_long=cfg.on_long,
+        )
 
     loader = loader_for(train_idx, rank, world)
     if loader.docs_without_loss == len(loader.docs):
-        raise LLMCoreError(f"--data {cfg.data}: no conversation keeps an assistant token within --seq-len "
-                           f"{cfg.seq_len} (each is truncated at the end to fit a row); raise --seq-len")
+        raise LLMCoreError(
+            f"--data {cfg.data}: no conversation keeps an assistant token within --seq-len "
+            f"{cfg.seq_len} (each is truncated at the end to fit a row); raise --seq-len"
+        )
     steps_per_epoch = loader.steps_per_epoch // accum
     if steps_per_epoch < 1:
         raise LLMCoreError(
             f"--data gives only {loader.steps_per_epoch} micro batches per process per epoch, fewer than "
-            f"the {accum} one global batch needs; lower --global-batch-size or --seq-len")
+            f"the {accum} one global batch needs; lower --global-batch-size or --seq-len"
+        )
     if cfg.max_steps is not None:
         total = cfg.max_steps
     else:
@@ -364,31 +405,45 @@ def build_data(cfg: TrainConfig, stage: Stage, reader: Any, rank: int, world: in
     return RunData(train_idx, eval_idx, loader_for, loader, accum, steps_per_epoch, total)
 
 
-def build_objective(stage: Stage, cfg: TrainConfig, engine: Engine, data: RunData, model: Any = None,
-                    tokenizer: Any = None) -> Objective:
-    return stage.build_objective(ObjectiveContext(cfg=cfg, autocast=engine.autocast, device=engine.device,
-                                                  make_loader=data.make_loader, train_idx=data.train_idx,
-                                                  eval_idx=data.eval_idx, model=model, tokenizer=tokenizer))
+def build_objective(
+    stage: Stage, cfg: TrainConfig, engine: Engine, data: RunData, model: Any = None, tokenizer: Any = None
+) -> Objective:
+    return stage.build_objective(
+        ObjectiveContext(
+            cfg=cfg,
+            autocast=engine.autocast,
+            device=engine.device,
+            make_loader=data.make_loader,
+            train_idx=data.train_idx,
+            eval_idx=data.eval_idx,
+            model=model,
+            tokenizer=tokenizer,
+        )
+    )
 
 
-def write_run_files(run_dir: Path, stage: Stage, cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
-                    engine: Engine, data: RunData) -> None:
+def write_run_files(
+    run_dir: Path, stage: Stage, cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, engine: Engine, data: RunData
+) -> None:
     """config.json (what this run is) and the tokenizer copy, so the run dir alone serves generate,
     chat, eval and export."""
     from llmcore.io import atomic_dir
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", {
-        "stage": stage.name,
-        "model": model.config.to_dict(),
-        "train": cfg.to_dict(),
-        "tokenizer_fingerprint": tokenizer.fingerprint,
-        "engine": engine.kind,
-        "device": str(engine.device),
-        "world_size": engine.world,
-        "accumulation": data.accum,
-        "total_steps": data.total_steps,
-    })
+    write_json(
+        run_dir / "config.json",
+        {
+            "stage": stage.name,
+            "model": model.config.to_dict(),
+            "train": cfg.to_dict(),
+            "tokenizer_fingerprint": tokenizer.fingerprint,
+            "engine": engine.kind,
+            "device": str(engine.device),
+            "world_size": engine.world,
+            "accumulation": data.accum,
+            "total_steps": data.total_steps,
+        },
+    )
     tok_dir = run_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         with atomic_dir(tok_dir) as tmp:
@@ -411,9 +466,22 @@ def resolve_backend(cfg: TrainConfig, device: torch.device) -> TrainConfig:
 class Trainer:
     """A built run: `Trainer.from_config(stage, cfg)` makes it, `run()` trains."""
 
-    def __init__(self, stage: Stage, cfg: TrainConfig, engine: Engine, run_dir: Path, ckpts: CheckpointManager,
-                 resume_from: Path | None, reader: Any, tokenizer: Any, model: torch.nn.Module, data: RunData,
-                 objective: Objective, hooks: TrainHooks, model_hook: ModelHook | None = None) -> None:
+    def __init__(
+        self,
+        stage: Stage,
+        cfg: TrainConfig,
+        engine: Engine,
+        run_dir: Path,
+        ckpts: CheckpointManager,
+        resume_from: Path | None,
+        reader: Any,
+        tokenizer: Any,
+        model: torch.nn.Module,
+        data: RunData,
+        objective: Objective,
+        hooks: TrainHooks,
+        model_hook: ModelHook | None = None,
+    ) -> None:
         from llmcore.train.stages import FullWeights
 
         self.stage, self.cfg, self.engine = stage, cfg, engine
@@ -472,8 +540,21 @@ class Trainer:
         data = build_data(cfg, st, reader, engine.rank, engine.world)
         objective = build_objective(st, cfg, engine, data, model, tokenizer)
         engine.prepare(model, data.accum)
-        trainer = cls(st, cfg, engine, run_dir, ckpts, resume_from, reader, tokenizer, model, data, objective,
-                      hooks or TrainHooks(), model_hook)
+        trainer = cls(
+            st,
+            cfg,
+            engine,
+            run_dir,
+            ckpts,
+            resume_from,
+            reader,
+            tokenizer,
+            model,
+            data,
+            objective,
+            hooks or TrainHooks(),
+            model_hook,
+        )
         if resume_from is not None:
             trainer.restore(resume_from)
         elif engine.rank == 0:
@@ -521,8 +602,15 @@ class Trainer:
             counts = torch.tensor([count, real], dtype=torch.float64, device=self.engine.device)
             count, real = (int(x) for x in self.engine.all_sum(counts).tolist())
         denom = max(float(count), 1.0)
-        lr = lr_at(self.step, self.total_steps, self.cfg.lr, self.cfg.min_lr, self.cfg.warmup_steps,
-                   self.cfg.lr_schedule, self.cfg.decay_fraction)
+        lr = lr_at(
+            self.step,
+            self.total_steps,
+            self.cfg.lr,
+            self.cfg.min_lr,
+            self.cfg.warmup_steps,
+            self.cfg.lr_schedule,
+            self.cfg.decay_fraction,
+        )
         sums: dict[str, torch.Tensor] = {}
         for i, (batch, _) in enumerate(micro):
             out = self.objective(self.engine.forward, batch, denom, self.accum, self.world)
@@ -532,9 +620,15 @@ class Trainer:
             if i < self.accum - 1:
                 self.engine.micro_step_end(False, lr)
         terms = self._global_sums(sums)
-        record: dict[str, Any] = {"step": self.step + 1, "loss": terms.pop("loss"), "lr": lr,
-                                  "tokens": self.tokens + int(real), "grad_norm": None,
-                                  "epoch": self.feed.epoch, **terms}
+        record: dict[str, Any] = {
+            "step": self.step + 1,
+            "loss": terms.pop("loss"),
+            "lr": lr,
+            "tokens": self.tokens + int(real),
+            "grad_norm": None,
+            "epoch": self.feed.epoch,
+            **terms,
+        }
         if self.sync_every == 1:
             # Read before the optimizer step: a non-finite loss stops the run with the weights untouched.
             self._check_finite("loss", float(record["loss"]), record["step"], zero_grad=True)
@@ -554,8 +648,10 @@ class Trainer:
         except LLMCoreError:
             pass
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
-        raise TrainingDiverged(f"{what} is {value} at step {step}; training stopped and nothing was saved from this "
-                               f"state ({where}). Lower --lr or check the data.")
+        raise TrainingDiverged(
+            f"{what} is {value} at step {step}; training stopped and nothing was saved from this "
+            f"state ({where}). Lower --lr or check the data."
+        )
 
     def _read(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Device values of pending records as Python floats, checked in step order."""
@@ -615,11 +711,24 @@ class Trainer:
                 if self.rank == 0:
                     self.model_hook.save(module, d)
 
-        state = {"step": self.step, "tokens": self.tokens, "epoch": self.feed.epoch,
-                 "stage": self.stage.name, "total_steps": self.total_steps, "eval_loss": self.last_eval,
-                 "eval_step": self.last_eval_step}
-        return self.ckpts.save(self.step, write_model, eng.save_state, self.feed.state_dict(), state,
-                               self.cfg.keep_last, on_file=self.hooks.on_save_file)
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "epoch": self.feed.epoch,
+            "stage": self.stage.name,
+            "total_steps": self.total_steps,
+            "eval_loss": self.last_eval,
+            "eval_step": self.last_eval_step,
+        }
+        return self.ckpts.save(
+            self.step,
+            write_model,
+            eng.save_state,
+            self.feed.state_dict(),
+            state,
+            self.cfg.keep_last,
+            on_file=self.hooks.on_save_file,
+        )
 
     def plan_lines(self) -> list[str]:
         """What the run will do, said once at the start: steps, tokens per step, tokens in the data and
@@ -627,24 +736,32 @@ class Trainer:
         loader = self.data.loader
         rows_per_step = self.cfg.global_batch_size
         epochs = self.total_steps / self.steps_per_epoch
-        lines = [f"{self.stage.name}: {self.total_steps:,} steps x {rows_per_step} rows of {self.cfg.seq_len} tokens "
-                 f"({rows_per_step * self.cfg.seq_len:,} token slots per step) on {self.engine.device}; the training "
-                 f"data holds {loader.tokens_per_epoch:,} tokens in {len(loader.docs):,} {self._unit()} = "
-                 f"{self.steps_per_epoch:,} steps per epoch, so this run makes {epochs:.2f} epochs"]
+        lines = [
+            f"{self.stage.name}: {self.total_steps:,} steps x {rows_per_step} rows of {self.cfg.seq_len} tokens "
+            f"({rows_per_step * self.cfg.seq_len:,} token slots per step) on {self.engine.device}; the training "
+            f"data holds {loader.tokens_per_epoch:,} tokens in {len(loader.docs):,} {self._unit()} = "
+            f"{self.steps_per_epoch:,} steps per epoch, so this run makes {epochs:.2f} epochs"
+        ]
         if getattr(loader, "long_docs", 0) and loader.mode != "packed":
             # Name --on-long only where this stage's command has it (`train dpo` has not).
             fix = "; --on-long fail refuses them" if "on_long" in self.stage.settings else ""
-            lines.append(f"note: {loader.long_docs:,} {self._unit()} are longer than a row of {self.cfg.seq_len + 1} "
-                         f"tokens and are cut (conversations: truncated at the end{fix})")
+            lines.append(
+                f"note: {loader.long_docs:,} {self._unit()} are longer than a row of {self.cfg.seq_len + 1} "
+                f"tokens and are cut (conversations: truncated at the end{fix})"
+            )
         if getattr(loader, "docs_without_loss", 0):
-            lines.append(f"warning: {loader.docs_without_loss:,} conversations keep no assistant token after the cut "
-                         "and teach nothing; raise --seq-len")
+            lines.append(
+                f"warning: {loader.docs_without_loss:,} conversations keep no assistant token after the cut "
+                "and teach nothing; raise --seq-len"
+            )
         if self.step:
             lines.append(f"resumed from step {self.step} (checkpoint {self.resume_from})")
         if epochs > self.cfg.repeat_warning:
-            lines.append(f"warning: the run passes over its data {epochs:.1f} times (more than --repeat-warning "
-                         f"{self.cfg.repeat_warning:g}); a small model memorises repeated data: lower --max-steps or "
-                         "--epochs, or add data")
+            lines.append(
+                f"warning: the run passes over its data {epochs:.1f} times (more than --repeat-warning "
+                f"{self.cfg.repeat_warning:g}); a small model memorises repeated data: lower --max-steps or "
+                "--epochs, or add data"
+            )
         return lines
 
     def _chance_loss(self) -> float | None:
@@ -668,24 +785,30 @@ class Trainer:
             return signum, time_due
         if not at_sync:
             return None, False
-        flags = torch.tensor([float(signum is not None), float(time_due)], dtype=torch.float64,
-                             device=self.engine.device)
+        flags = torch.tensor(
+            [float(signum is not None), float(time_due)], dtype=torch.float64, device=self.engine.device
+        )
         flags = self.engine.all_sum(flags).cpu()
         return ((signum or signal.SIGTERM) if flags[0] > 0 else None), bool(flags[1] > 0)
 
     def _first_step_line(self, first_s: float) -> str:
         """After the first step of this invocation: its time and what the rest takes at that pace."""
         left = self.total_steps - self.step
-        line = (f"first step took {first_s:.2f} s; at that pace the {left:,} remaining steps take about "
-                f"{format_duration(first_s * left)} (the first step includes start-up; the progress lines refine it)")
+        line = (
+            f"first step took {first_s:.2f} s; at that pace the {left:,} remaining steps take about "
+            f"{format_duration(first_s * left)} (the first step includes start-up; the progress lines refine it)"
+        )
         if self.engine.device.type == "cpu" and first_s * left > 3600 and self.cfg.model not in (None, "tiny"):
             # The README's main command on a laptop: say so now, not after a day.
             line += f"; {self.cfg.model} is slow on a CPU: --model tiny trains in minutes, a GPU runs this one"
         return line
 
     def _speed_fields(self, tokens_per_s: float, step_s: float) -> dict[str, Any]:
-        out: dict[str, Any] = {"tokens_per_s": tokens_per_s, "step_s": step_s,
-                               "peak_mem_gb": round(peak_memory_gb(self.engine.device), 3)}
+        out: dict[str, Any] = {
+            "tokens_per_s": tokens_per_s,
+            "step_s": step_s,
+            "peak_mem_gb": round(peak_memory_gb(self.engine.device), 3),
+        }
         if self.peak_tflops:
             # Per process: each rank's tokens on its own device.
             out["mfu"] = tokens_per_s / max(self.world, 1) * self.flops_per_token / (self.peak_tflops * 1e12)
@@ -693,15 +816,27 @@ class Trainer:
 
     def run(self) -> RunSummary:
         cfg = self.cfg
-        wandb_cfg = {"project": cfg.wandb_project, "config": {"stage": self.stage.name, **cfg.to_dict()}} \
-            if cfg.wandb else None
+        wandb_cfg = (
+            {"project": cfg.wandb_project, "config": {"stage": self.stage.name, **cfg.to_dict()}} if cfg.wandb else None
+        )
         mc = self.model.config
         n_params = sum(p.numel() for p in self.model.parameters())
-        title = (f"{self.run_dir.name}: {self.stage.name}, {n_params / 1e6:.1f}M-parameter model "
-                 f"(d{mc.hidden_size} x {mc.num_hidden_layers} layers), {self.device_name}")
-        metrics = MetricsLogger(self.run_dir, self.rank == 0, self.total_steps, self.step, cfg.quiet, wandb_cfg,
-                                title=title, panels=self.stage.plot_panels, loss_unit=self.stage.loss_unit,
-                                chance_loss=self._chance_loss())
+        title = (
+            f"{self.run_dir.name}: {self.stage.name}, {n_params / 1e6:.1f}M-parameter model "
+            f"(d{mc.hidden_size} x {mc.num_hidden_layers} layers), {self.device_name}"
+        )
+        metrics = MetricsLogger(
+            self.run_dir,
+            self.rank == 0,
+            self.total_steps,
+            self.step,
+            cfg.quiet,
+            wandb_cfg,
+            title=title,
+            panels=self.stage.plot_panels,
+            loss_unit=self.stage.loss_unit,
+            chance_loss=self._chance_loss(),
+        )
         start_step, t_start = self.step, time.perf_counter()
         thr = Throughput(self.engine.device)
         run_tokens0 = self.tokens
@@ -751,14 +886,22 @@ class Trainer:
                 if log_now or progress_now:
                     elapsed = time.perf_counter() - t_start
                     rate = record.get("tokens_per_s") if log_now else (self.tokens - run_tokens0) / max(elapsed, 1e-9)
-                    metrics.progress(self.step, record["loss"], record["lr"], rate, elapsed, self.step - start_step,
-                                     extra=reward_words(record).lstrip(", ").replace(" (chance 50%)", ""))
+                    metrics.progress(
+                        self.step,
+                        record["loss"],
+                        record["lr"],
+                        rate,
+                        elapsed,
+                        self.step - start_step,
+                        extra=reward_words(record).lstrip(", ").replace(" (chance 50%)", ""),
+                    )
                     last_progress_t = time.monotonic()
                 if first and not last:
                     metrics.message(self._first_step_line(time.perf_counter() - t_start))
                 if eval_now:
-                    metrics.message(f"step {self.step}: evaluating on {len(self.eval_idx):,} held-out "
-                                    f"{self._unit()} ...")
+                    metrics.message(
+                        f"step {self.step}: evaluating on {len(self.eval_idx):,} held-out {self._unit()} ..."
+                    )
                     ev = self.evaluate()
                     self.last_eval = ev["eval_loss"]
                     self.last_eval_record = ev
@@ -789,11 +932,21 @@ class Trainer:
             last_loss = float(record["loss"])  # nothing ran now (a finished run resumed): the run's last step
         rewards = {k: float(v) for rec in (record, ev_record) if rec for k, v in rec.items() if "rewards/" in k}
         summary = RunSummary(
-            stage=self.stage.name, run_dir=self.run_dir, steps=self.step, total_steps=self.total_steps,
-            tokens=self.tokens, loss=last_loss, eval_loss=self.last_eval, eval_step=self.last_eval_step,
-            tokens_per_s=(self.tokens - run_tokens0) / max(elapsed, 1e-9), elapsed_s=elapsed,
-            checkpoint=last_ckpt, reports_perplexity=self.stage.reports_perplexity,
-            vocab_size=int(self.model.config.vocab_size), rewards=rewards or None)
+            stage=self.stage.name,
+            run_dir=self.run_dir,
+            steps=self.step,
+            total_steps=self.total_steps,
+            tokens=self.tokens,
+            loss=last_loss,
+            eval_loss=self.last_eval,
+            eval_step=self.last_eval_step,
+            tokens_per_s=(self.tokens - run_tokens0) / max(elapsed, 1e-9),
+            elapsed_s=elapsed,
+            checkpoint=last_ckpt,
+            reports_perplexity=self.stage.reports_perplexity,
+            vocab_size=int(self.model.config.vocab_size),
+            rewards=rewards or None,
+        )
         return summary
 
     def _last_logged(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

@@ -23,8 +23,10 @@ PAGES = {
     "/ui/style.css": ("style.css", "text/css; charset=utf-8"),
 }
 INFO_PATH = "/ui/info"
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-       "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 SECURITY_HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-content-type-options", b"nosniff"),
@@ -52,8 +54,7 @@ class _PageMiddleware:
             await self.app(scope, receive, send)
             return
         body, ctype = page
-        headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()),
-                   *SECURITY_HEADERS]
+        headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode()), *SECURITY_HEADERS]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
@@ -73,16 +74,21 @@ def page_info(engine: Any, options: Any) -> dict[str, Any]:
     """What the page shows and needs: model id, device, context, whether a key is needed, thinking."""
     from llmcore.chat_format import template_has_thinking
 
-    return {"model": options.model_name, "device": model_device(engine), "context_length": int(engine.context),
-            "api_key_required": options.api_key is not None,
-            "thinking_available": template_has_thinking(engine.tokenizer),
-            "thinking": bool(getattr(options, "thinking", False)),
-            "rag": getattr(options, "retriever", None) is not None}
+    return {
+        "model": options.model_name,
+        "device": model_device(engine),
+        "context_length": int(engine.context),
+        "api_key_required": options.api_key is not None,
+        "thinking_available": template_has_thinking(engine.tokenizer),
+        "thinking": bool(getattr(options, "thinking", False)),
+        "rag": getattr(options, "retriever", None) is not None,
+    }
 
 
 def mount_ui(app: Any, asgi: Any, info: Callable[[], dict[str, Any]]) -> Any:
     """Add `GET /ui/info` to the FastAPI `app` (behind whatever checks wrap it in `asgi`) and return
     `asgi` wrapped so that `/` and `/ui/*` serve the page."""
+
     async def ui_info():  # no annotations: FastAPI would read them
         return info()
 
