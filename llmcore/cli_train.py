@@ -32,7 +32,7 @@ def _distributed_up() -> bool:
 def _finish_distributed(code: int, message: str | None = None) -> None:
     """End a DeepSpeed process: print, tear the process group down, and leave with os._exit, because
     torch's gloo teardown at interpreter exit aborts some finished processes (SIGABRT)."""
-    from llmcore.train.engine import shutdown_distributed
+    from llmcore.train.distributed import shutdown_distributed
 
     if message:
         typer.echo(message, err=True)

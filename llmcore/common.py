@@ -1,5 +1,5 @@
 """Device resolution: the one place llmcore decides where a model runs and with which attention backend
-(the process group is `llmcore.train.engine`'s).
+(the process group is `llmcore.train.distributed`'s).
 
 Invariants:
 - `resolve_device("auto")` is the local rank's GPU under a launcher (LOCAL_RANK set), else `cuda:0`

@@ -461,8 +461,8 @@ def test_sigterm_to_two_processes_saves_one_checkpoint_from_both(shards, tmp_pat
     own loader/RNG state) and exit 143; rank 0 prints the line once."""
     pytest.importorskip("deepspeed", reason="deepspeed not installed")
     from llmcore.checkpoint import checkpoint_problem
-    from llmcore.launch import deepspeed_config_path
-    from llmcore.train.engine import free_port
+    from llmcore.train.deepspeed_config import deepspeed_config_path
+    from llmcore.train.distributed import free_port
 
     out = tmp_path / "run"
     cmd = [

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from llmcore.errors import LLMCoreError
-from llmcore.launch import deepspeed_config_path
 from llmcore.launch.cli import deepspeed_env_lines, describe, make_plan, node_commands, parse_hostfile
 from llmcore.launch.node import decode_payload
-from llmcore.train.engine import build_ds_config
+from llmcore.train.deepspeed_config import build_ds_config, deepspeed_config_path
 
 from test_train_common import tiny_cfg
 

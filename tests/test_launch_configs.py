@@ -1,4 +1,5 @@
-"""The DeepSpeed configs ship inside the package and are chosen by name (or given as a file)."""
+"""The DeepSpeed configs ship inside the package, beside the engine (`llmcore/train/ds_configs/`), and
+are chosen by name (or given as a file)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llmcore.errors import LLMCoreError
-from llmcore.launch import CONFIG_DIR, DEEPSPEED_CONFIGS, deepspeed_config_path
+from llmcore.train.deepspeed_config import CONFIG_DIR, DEEPSPEED_CONFIGS, deepspeed_config_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,8 +51,9 @@ def test_unknown_names_and_missing_files_are_one_clear_error(spec):
 def test_configs_are_package_data():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     setuptools = project["tool"]["setuptools"]
-    assert {"llmcore.launch", "llmcore.launch.configs"} <= set(setuptools["packages"])
-    assert "*.json" in setuptools["package-data"]["llmcore.launch.configs"]
+    assert "llmcore.train" in setuptools["packages"]
+    assert "ds_configs/*.json" in setuptools["package-data"]["llmcore.train"]
+    assert CONFIG_DIR == ROOT / "llmcore" / "train" / "ds_configs"
     assert sorted(p.stem for p in CONFIG_DIR.glob("*.json")) == sorted(DEEPSPEED_CONFIGS)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from llmcore.train import train
-from llmcore.train.engine import free_port
+from llmcore.train.distributed import free_port
 
 from test_train_common import ROOT, losses, tiny_cfg
 

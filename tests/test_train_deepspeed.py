@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from llmcore.launch import deepspeed_config_path
 from llmcore.train import train
-from llmcore.train.engine import free_port
+from llmcore.train.deepspeed_config import deepspeed_config_path
+from llmcore.train.distributed import free_port
 
 from test_train_common import ROOT, losses, tiny_cfg
 

@@ -147,7 +147,7 @@ def test_distill_needs_a_teacher(shards, tmp_path):
 
 def test_zero1_gives_the_plain_engine_losses(shards, tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed not installed")
-    from llmcore.launch import deepspeed_config_path
+    from llmcore.train.deepspeed_config import deepspeed_config_path
 
     runs = {}
     for name, ds in (("plain", None), ("zero1", str(deepspeed_config_path("zero1")))):

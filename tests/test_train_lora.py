@@ -233,7 +233,7 @@ def _has_deepspeed() -> bool:
 
 @pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed not installed")
 def test_zero2_matches_plain_engine_and_resumes(shards, tmp_path, lora_run):
-    from llmcore.launch import deepspeed_config_path
+    from llmcore.train.deepspeed_config import deepspeed_config_path
 
     ds = str(deepspeed_config_path("zero2"))
     out = tmp_path / "z2"

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from llmcore.checkpoint import load_model
-from llmcore.launch import deepspeed_config_path
 from llmcore.train import TrainHooks, train
+from llmcore.train.deepspeed_config import deepspeed_config_path
 
 from test_train_common import ROOT, assert_same_weights, losses, pretrained_run, tiny_cfg
 

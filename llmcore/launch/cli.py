@@ -309,8 +309,8 @@ def make_plan(
 ) -> Plan:
     """Check everything a launch needs, in order (hostfile, filters, master, node rank, training
     flags, DeepSpeed config vs flags); raises a one-line LLMCoreError on the first problem."""
-    from llmcore.launch import deepspeed_config_path
-    from llmcore.train.engine import build_ds_config, resolve_dtype
+    from llmcore.train.deepspeed_config import build_ds_config, deepspeed_config_path
+    from llmcore.train.engine import resolve_dtype
 
     hosts = parse_hostfile(hostfile)
     resources = _filter_resources(hosts, include, exclude, num_nodes, num_gpus)

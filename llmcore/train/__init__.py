@@ -5,7 +5,7 @@ Importing this package never imports deepspeed; only a run with `--deepspeed` do
 """
 
 from llmcore.train.config import TrainConfig, build_config, load_config_file, load_toml
-from llmcore.train.engine import shutdown_distributed
+from llmcore.train.distributed import shutdown_distributed
 from llmcore.train.stages import Stage, all_stages, get_stage, register_stage
 from llmcore.train.trainer import RunSummary, Trainer, TrainHooks, TrainingDiverged, TrainingInterrupted, lr_at, train
 

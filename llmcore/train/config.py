@@ -348,7 +348,7 @@ class TrainConfig:
         if not self.muon_momentum < 1:
             raise LLMCoreError(f"--muon-momentum must be in [0, 1), got {self.muon_momentum}")
         if self.optimizer == "muon" and self.deepspeed is not None:
-            from llmcore.train.engine import MUON_DEEPSPEED
+            from llmcore.train.deepspeed_config import MUON_DEEPSPEED
 
             raise LLMCoreError(MUON_DEEPSPEED)
         for name in ("adam_beta1", "adam_beta2"):
@@ -357,7 +357,7 @@ class TrainConfig:
         if check_paths and self.init is not None and not Path(self.init).exists():
             raise LLMCoreError(f"--init {self.init}: no such run dir or checkpoint")
         if self.deepspeed is not None:
-            from llmcore.launch import deepspeed_config_path
+            from llmcore.train.deepspeed_config import deepspeed_config_path
 
             deepspeed_config_path(self.deepspeed)
         from llmcore.common import resolve_device

@@ -131,7 +131,5 @@ class Engine(Protocol):
 
     def barrier(self) -> None: ...
 
-    def close(self) -> None: ...
-
 
 __all__ = ["Batch", "model_positions", "Loader", "Objective", "ModelHook", "Engine", "StepTerms"]
