@@ -2,8 +2,8 @@
 
 Modules: `harness` (machine facts, interleaved timing, medians and spread, ratios, load monitor,
 the json/md/png writer), `corpus` (shared sample data, pretrain_hq-shaped rows), one module per
-subcommand (`kernels`, `train`, `data`, `generate`, `scale`), `report` (index page, README block,
-GPU target summary) and `cli` (`register(app)`).
+subcommand (`kernels`, `train`, `data`, `generate`, `serve`, `rag`, `verify`, `scale`, `recipe`),
+`report` (index page, README block, GPU target summary) and `cli` (`register(app)`).
 
 Invariants: each subcommand returns a `BenchResult` and writes
 `<name>-<device>-<date>.{json,md,png}`; every ratio in a result is computed from two measurements

