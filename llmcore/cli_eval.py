@@ -1,11 +1,11 @@
-"""CLI: the `llmcore eval` group. `llmcore eval --ckpt RUN --data SHARDS` (loss and perplexity, the
-`loss` command, also the default when no command is named) and `llmcore eval bench` (multiple-choice
-benchmarks, `llmcore.eval_bench`)."""
+"""CLI: the `llmcore eval` group. `llmcore eval --ckpt RUN --data SHARDS` (the held-out loss as the
+run's stage scores it, `llmcore.evaluate`: the `loss` command, also the default when no command is
+named) and `llmcore eval bench` (multiple-choice benchmarks, `llmcore.eval_bench`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import click
 import typer
@@ -21,6 +21,51 @@ class _LossByDefault(TyperGroup):
         if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
             args = ["loss", *args]
         return super().parse_args(ctx, args)
+
+
+def loss_command(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Run dir, checkpoint dir or exported HF folder."),
+    data: Path = typer.Option(..., "--data", help="Shard dir (pretrain, sft or dpo) to score."),
+    stage: Optional[str] = typer.Option(
+        None,
+        "--stage",
+        help="Score as this training stage does (its rows and objective; default: the run's stage when it "
+        "trains on --data's kind, else the stage of that kind).",
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Rows per forward pass (default: the run's micro batch size)."
+    ),
+    seq_len: Optional[int] = typer.Option(
+        None, "--seq-len", help="Tokens per row (default: the run's; the stage's default for an HF folder)."
+    ),
+    packing: Optional[str] = typer.Option(
+        None,
+        "--packing",
+        help="Row layout of a pretrain/SFT stage: packed (pretrain only), bestfit or padded (default: the run's).",
+    ),
+    max_batches: Optional[int] = typer.Option(None, "--max-batches", help="Stop after N batches."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Held-out loss (and perplexity) of a model on a shard dir, as its training stage scores it.
+
+    Prints eval_loss as the run's metrics.jsonl logs it: on the documents a run held out (`llmcore prep
+    split` with its --eval-docs and --seed) the same number for the same checkpoint.
+
+    Example: llmcore eval --ckpt runs/sft --data shards/sft_heldout
+    """
+    from llmcore.evaluate import evaluate
+
+    res = evaluate(
+        ckpt,
+        data,
+        stage=stage,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        packing=packing,
+        max_batches=max_batches,
+        device=device,
+    )
+    typer.echo(res.line())
 
 
 def bench_command(
@@ -71,7 +116,7 @@ def bench_command(
         typer.echo(f"wrote {out}/results.json, predictions.jsonl, results.png")
 
 
-def register(app: typer.Typer, loss_command: Callable[..., Any]) -> None:
+def register(app: typer.Typer) -> None:
     """Add the `eval` group (`loss`, the default, and `bench`) to the root app."""
     group = typer.Typer(
         cls=_LossByDefault,

@@ -3,7 +3,7 @@
 The train commands are derived, not written: one option per `TrainConfig` field (its name, type,
 help and checks come from the field's `setting(...)` declaration), shown for a stage unless another
 stage claims the setting as its own, with the default that stage uses. The work is in
-`llmcore.train.train` and `llmcore.evaluate.evaluate`.
+`llmcore.train.train`; the `eval` group is `llmcore.cli_eval`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Any, Optional
 
 import typer
 
-from llmcore.common import DEVICE_HELP
 from llmcore.errors import LLMCoreError
 
 
@@ -225,35 +224,6 @@ def _make_train_command(stage: Any) -> Any:
     return command
 
 
-def eval_command(
-    ckpt: Path = typer.Option(..., "--ckpt", help="Run dir, checkpoint dir or exported HF folder."),
-    data: Path = typer.Option(..., "--data", help="Pretrain or SFT shard dir."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward pass."),
-    seq_len: Optional[int] = typer.Option(
-        None, "--seq-len", help="Tokens per row (default: the run's training seq len; 512 for an exported HF folder)."
-    ),
-    packed: bool = typer.Option(True, "--packed/--padded", help="Pack documents into rows or pad one per row."),
-    max_batches: Optional[int] = typer.Option(None, "--max-batches", help="Stop after N batches."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-) -> None:
-    """Loss and perplexity over the loss tokens of a shard dir.
-
-    Example: llmcore eval --ckpt runs/pre --data shards/pretrain_eval
-    """
-    from llmcore.evaluate import evaluate
-
-    res = evaluate(
-        ckpt,
-        data,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        packing="packed" if packed else "padded",
-        max_batches=max_batches,
-        device=device,
-    )
-    typer.echo(res.line())
-
-
 def register(app: typer.Typer) -> None:
     """Add `train STAGE` for every registered stage, and `eval`, to the root app."""
     from llmcore.train.stages import all_stages
@@ -268,4 +238,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(group, name="train")
     from llmcore.cli_eval import register as register_eval
 
-    register_eval(app, eval_command)
+    register_eval(app)

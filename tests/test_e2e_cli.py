@@ -339,8 +339,10 @@ def user_path(work: Path, pre_jsonl: Path, sft_jsonl: Path, dpo_jsonl: Path, pro
 
     # -- eval
     def eval_loss(ckpt: str) -> float:
-        # --seq-len explicit: an exported folder has no run config to take the run's from
-        out = cli(work, "eval", "--ckpt", ckpt, "--data", "shards/sft", "--seq-len", CHAT_SEQ).stdout
+        # --seq-len and --batch-size explicit: an exported folder has no run config to take the run's from
+        out = cli(
+            work, "eval", "--ckpt", ckpt, "--data", "shards/sft", "--seq-len", CHAT_SEQ, "--batch-size", "2"
+        ).stdout
         words = out.split()
         loss, ppl = float(words[words.index("loss") + 1]), float(words[words.index("perplexity") + 1])
         assert math.isfinite(loss) and 0 < loss < 2 * math.log(n_vocab), out

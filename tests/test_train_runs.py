@@ -1,9 +1,12 @@
-"""End-to-end stage runs and what they leave: run dir files, metrics, plot, eval, DPO metrics, wandb."""
+"""End-to-end stage runs and what they leave: run dir files, metrics, plot, eval, DPO metrics, wandb.
+`llmcore eval` on a run's held-out documents must print the eval_loss the run logged (the trainer's
+eval loop with the stage's rows), and equal a per-document oracle written apart from the loaders."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ import torch
 from llmcore.checkpoint import load_model
 from llmcore.cli import main
 from llmcore.data_prep.shards import ShardReader
+from llmcore.data_prep.split import split_shards
+from llmcore.errors import LLMCoreError
 from llmcore.evaluate import evaluate
 from llmcore.train import train
 from llmcore.train.metrics import read_metrics
@@ -52,6 +57,54 @@ def test_pretrain_run_dir_contents_and_learning(shards, tmp_path):
     assert s.eval_loss == evals[-1]["eval_loss"]
     model, tok = load_model(out)
     assert tok.fingerprint == cfg["tokenizer_fingerprint"]
+    # `llmcore eval` on the documents the run held out scores each kept checkpoint as the run did.
+    _, heldout = held_out(shards["pretrain"], 20, 3, tmp_path)
+    for ev in evals:
+        res = evaluate(out / "checkpoints" / f"step-{ev['step']}", heldout, device="cpu", progress=False)
+        assert res.stage == "pretrain" and res.layout == "packed"
+        assert res.loss == pytest.approx(ev["eval_loss"], abs=1e-6)
+        assert res.perplexity == pytest.approx(ev["eval_ppl"], rel=1e-6)
+
+
+def held_out(src, eval_docs: int, seed: int, tmp_path):
+    """`llmcore prep split` of `src`: (train dir, held-out dir) with the documents a run with these
+    --eval-docs and --seed holds out."""
+    tr, ev = tmp_path / "split-train", tmp_path / "split-eval"
+    split_shards(src, eval_docs, tr, ev, seed=seed)
+    return tr, ev
+
+
+def printed_eval(capsys, args) -> tuple[float, str]:
+    """`llmcore eval ARGS` in this process: (the eval_loss it prints as `loss`, its stdout)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", *args])
+    out = capsys.readouterr().out
+    assert (exc.value.code or 0) == 0, out
+    return float(re.search(r"^loss (\S+)", out, re.M).group(1)), out
+
+
+def test_sft_eval_reproduces_the_runs_logged_eval_loss(shards, tmp_path, capsys):
+    """An SFT run (best-fit rows) logs eval_loss on its held-out conversations; `llmcore eval` on the
+    same conversations (`prep split`) and checkpoint finds the stage in config.json and prints the
+    same number. Packed rows, which SFT training refuses (and the old eval used), are refused."""
+    out = tmp_path / "sft"
+    train(
+        "sft",
+        tiny_cfg("sft", shards, out, init=str(pretrained_run()), max_steps=2, eval_docs=16, save_every=1, eval_every=1),
+    )
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    _, heldout = held_out(shards["sft"], 16, 3, tmp_path)
+    for ev in evals:
+        ckpt = out / "checkpoints" / f"step-{ev['step']}"
+        res = evaluate(ckpt, heldout, device="cpu", progress=False)
+        assert (res.stage, res.layout, res.rows, res.seq_len) == ("sft", "bestfit", 2, 128)
+        assert res.loss == pytest.approx(ev["eval_loss"], abs=1e-6)
+        assert res.perplexity == pytest.approx(ev["eval_ppl"], rel=1e-6)
+    printed, text = printed_eval(capsys, ["--ckpt", str(out), "--data", str(heldout), "--device", "cpu"])
+    assert printed == pytest.approx(evals[-1]["eval_loss"], abs=1e-6) and "perplexity " in text
+    with pytest.raises(LLMCoreError, match="--packing packed: sft rows are bestfit or padded"):
+        evaluate(out, heldout, packing="packed", device="cpu", progress=False)
 
 
 def per_document_ce(model, shard_dir, seq_len: int) -> tuple[float, int]:
@@ -73,20 +126,21 @@ def per_document_ce(model, shard_dir, seq_len: int) -> tuple[float, int]:
     return total, count
 
 
-def test_evaluate_equals_per_document_masked_ce_and_cli_prints_it(shards, capsys):
+@pytest.mark.parametrize("packing", ["padded", "bestfit"])
+def test_evaluate_equals_per_document_masked_ce_and_cli_prints_it(shards, capsys, packing):
+    """Scored as SFT (a pretrain run on SFT shards: the stage of the data's kind), one row per
+    conversation or several per best-fit row, eval_loss is the oracle's per-conversation CE."""
     run = pretrained_run()
     # seq_len 64 cuts about 80 of the 120 conversations: the oracle cuts them the same way.
-    res = evaluate(run, shards["sft"], batch_size=3, seq_len=64, packing="padded")
+    res = evaluate(run, shards["sft"], batch_size=3, seq_len=64, packing=packing, progress=False)
     model, _ = load_model(run)
     total, n = per_document_ce(model.float().eval(), shards["sft"], 64)
-    assert res.tokens == n
-    assert res.loss == pytest.approx(total / n, rel=1e-5)
-    assert res.perplexity == pytest.approx(math.exp(res.loss))
-    with pytest.raises(SystemExit) as exc:
-        main(["eval", "--ckpt", str(run), "--data", str(shards["pretrain"]), "--batch-size", "4"])
-    assert (exc.value.code or 0) == 0
-    out = capsys.readouterr().out
-    assert "loss " in out and "perplexity " in out
+    assert (res.stage, res.layout, res.items) == ("sft", packing, n)
+    assert res.loss == pytest.approx(total / n, rel=1e-6)
+    assert res.perplexity == pytest.approx(math.exp(total / n), rel=1e-6)
+    args = ["--ckpt", str(run), "--data", str(shards["sft"]), "--seq-len", "64", "--packing", packing]
+    printed, text = printed_eval(capsys, args + ["--batch-size", "4", "--device", "cpu"])
+    assert printed == pytest.approx(total / n, abs=2e-6) and "perplexity " in text
 
 
 def test_sft_from_pretrain_loss_is_only_over_assistant_tokens(shards, tmp_path):
@@ -125,6 +179,14 @@ def test_dpo_logs_trl_metrics_and_moves_rewards(shards, tmp_path, ref_logps):
     assert rows[0]["rewards/chosen"] == pytest.approx(0, abs=1e-5)
     assert rows[-1]["rewards/margin"] != pytest.approx(0, abs=1e-6)
     assert s.eval_loss is not None
+    # `llmcore eval` scores the held-out pairs as the run did: pairs rows, the run's reference.
+    (ev,) = [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
+    _, heldout = held_out(shards["dpo"], 8, 3, tmp_path)
+    res = evaluate(out, heldout, device="cpu", progress=False)
+    assert (res.stage, res.layout, res.items, res.unit) == ("dpo", "pairs", 8, "pairs")
+    assert res.perplexity is None
+    for key, value in res.metrics.items():
+        assert value == pytest.approx(ev[key], abs=1e-6), key
 
 
 def test_dpo_precomputed_reference_matches_reference_model(shards, tmp_path):

@@ -32,12 +32,12 @@ from typing import Any, Callable
 
 import torch
 
-from llmcore.data_prep.loaders import first_rows
 from llmcore.errors import LLMCoreError
 from llmcore.io import write_json
 from llmcore.train.checkpointing import CheckpointManager, RunDirLock, set_rng_state
 from llmcore.train.config import TrainConfig
 from llmcore.train.engine import make_engine
+from llmcore.train.evaluation import eval_metrics, eval_sums
 from llmcore.train.feed import DeviceFeed
 from llmcore.train.metrics import MetricsLogger, format_duration
 from llmcore.train.objectives import perplexity
@@ -356,20 +356,12 @@ class RunData:
     total_steps: int
 
 
-def build_data(cfg: TrainConfig, stage: Stage, reader: Any, rank: int, world: int) -> RunData:
-    """Batch arithmetic, the held-out split and this rank's loader; the run's length in steps."""
-    from llmcore.data_prep.loaders import make_loader, train_eval_split
+def stage_loaders(cfg: TrainConfig, stage: Stage, reader: Any) -> Callable[..., Any]:
+    """A run's loader factory `(doc_indices, rank, world, shuffle=True) -> Loader` over `reader`: the
+    stage's row layout (`stage.loader_mode(cfg)`) at the run's seq len, micro batch size, seed and
+    --on-long. Training, the trainer's eval and `llmcore eval` all take their loaders from it."""
+    from llmcore.data_prep.loaders import make_loader
 
-    if cfg.global_batch_size % (cfg.micro_batch_size * world):
-        raise LLMCoreError(
-            f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
-            f"{cfg.micro_batch_size} x {world} process(es) = {cfg.micro_batch_size * world}"
-        )
-    accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
-    n_docs = len(reader)
-    if cfg.eval_docs >= n_docs:
-        raise LLMCoreError(f"--eval-docs {cfg.eval_docs} leaves no training documents (the shards hold {n_docs})")
-    train_idx, eval_idx = train_eval_split(n_docs, cfg.eval_docs, cfg.seed) if cfg.eval_docs > 0 else (None, None)
     mode = stage.loader_mode(cfg)
 
     def loader_for(idx: Any, r: int, w: int, shuffle: bool = True) -> Any:
@@ -386,6 +378,24 @@ def build_data(cfg: TrainConfig, stage: Stage, reader: Any, rank: int, world: in
             on_long=cfg.on_long,
         )
 
+    return loader_for
+
+
+def build_data(cfg: TrainConfig, stage: Stage, reader: Any, rank: int, world: int) -> RunData:
+    """Batch arithmetic, the held-out split and this rank's loader; the run's length in steps."""
+    from llmcore.data_prep.loaders import train_eval_split
+
+    if cfg.global_batch_size % (cfg.micro_batch_size * world):
+        raise LLMCoreError(
+            f"--global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
+            f"{cfg.micro_batch_size} x {world} process(es) = {cfg.micro_batch_size * world}"
+        )
+    accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
+    n_docs = len(reader)
+    if cfg.eval_docs >= n_docs:
+        raise LLMCoreError(f"--eval-docs {cfg.eval_docs} leaves no training documents (the shards hold {n_docs})")
+    train_idx, eval_idx = train_eval_split(n_docs, cfg.eval_docs, cfg.seed) if cfg.eval_docs > 0 else (None, None)
+    loader_for = stage_loaders(cfg, stage, reader)
     loader = loader_for(train_idx, rank, world)
     if loader.docs_without_loss == len(loader.docs):
         raise LLMCoreError(
@@ -666,42 +676,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss on the held-out documents (mean over all their loss tokens / pairs, all processes).
+        """Loss on the held-out documents (mean over all their loss tokens / pairs, all processes):
+        `llmcore.train.evaluation`, the loop `llmcore eval` runs too.
 
         Runs the model uncompiled even under --compile (`force_eager`): no-grad, eval mode and the
         trimmed last batch are each a new guard, so the compiled training graph would recompile
         (20-60 s per graph on a GPU) for a pass that is run rarely."""
         assert self.eval_idx is not None
+        loader = self.data.make_loader(self.eval_idx, self.rank, self.world, shuffle=False)
         self.engine.train(False)
         try:
             with torch.compiler.set_stance("force_eager"):
-                totals = self._eval_sums()
+                sums = eval_sums(self.objective, self.engine.forward, loader, self.engine.device)
         finally:
             self.engine.train(True)
-        n = max(totals.pop("_count"), 1.0)
-        res = {"eval_loss": totals.pop(self.stage.eval_key) / n}
-        for k, v in totals.items():
-            res[f"eval_{k}"] = v / n
-        if self.stage.reports_perplexity:
-            res["eval_ppl"] = perplexity(res["eval_loss"])
-        return res
-
-    def _eval_sums(self) -> dict[str, float]:
-        """Summed eval terms and the item count over the held-out documents, all processes."""
-        ld = self.data.make_loader(self.eval_idx, self.rank, self.world, shuffle=False)
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
-        for step in range(ld.steps_per_epoch):
-            batch = first_rows(next(ld), ld.unwrapped_rows(step))
-            if batch is None:
-                continue
-            count += self.objective.count(batch)
-            out = self.objective(self.engine.forward, self.engine.to_device(batch), 1.0, 1, 1)
-            for k, v in out.terms.items():
-                if k not in ("loss", "aux_loss"):
-                    sums[k] = sums.get(k, 0) + v.double()
-        sums["_count"] = torch.tensor(float(count), dtype=torch.float64, device=self.engine.device)
-        return {k: float(v) for k, v in self._global_sums(sums).items()}
+        return eval_metrics(self.stage, {k: float(v) for k, v in self._global_sums(sums).items()})
 
     def save(self) -> Path:
         eng = self.engine
