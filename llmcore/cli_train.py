@@ -15,7 +15,7 @@ import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import typer
 
@@ -89,7 +89,7 @@ def _options(stage: Any) -> list[inspect.Parameter]:
     hints = __import__("typing").get_type_hints(TrainConfig)
     params = []
     for f in fields(TrainConfig):
-        if not f.metadata.get("cli", True) or f.name in claimed:
+        if f.name in claimed:
             continue
         typ = base_type(hints[f.name])
         flag = flag_name(f.name)
@@ -168,13 +168,42 @@ def interrupted_line(stopped: Any, command: str) -> str:
     return f"stopped by {name} at step {stopped.step}/{stopped.total_steps}: {where}; resume with: {command}"
 
 
+def _split_params(params: dict[str, Any]) -> tuple[dict[str, Any], Any, bool]:
+    """A train command's parsed parameters as (settings flags, --config file, --print-config)."""
+    params = dict(params)
+    config_file = params.pop("config")
+    print_config = bool(params.pop("print_config"))
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()}, config_file, print_config
+
+
+def parse_train_flags(stage_name: str, argv: Sequence[str]) -> Any:
+    """The resolved `TrainConfig` of `llmcore train STAGE_NAME ARGV...`, parsed by that command's own
+    options (the command `llmcore train` registers, so every flag, default and check means the same)
+    and resolved as the command resolves it (`build_config`); --print-config is ignored. Used by
+    `llmcore launch` to check a run before starting it. Raises LLMCoreError for an unknown stage, a
+    usage error (unknown flag, bad value type) or a bad setting."""
+    from llmcore.train import build_config
+    from llmcore.train.stages import get_stage
+
+    stage = get_stage(stage_name)
+    one = typer.Typer()
+    one.command(stage.name)(_make_train_command(stage))
+    command = typer.main.get_command(one)  # one command and no callback: the command itself
+    try:
+        ctx = command.make_context(f"llmcore train {stage.name}", list(argv))
+    except Exception as err:  # click's usage errors (unknown option, a value of the wrong type)
+        if not hasattr(err, "format_message"):
+            raise
+        raise LLMCoreError(f"train {stage.name}: {err.format_message()}") from None
+    flags, config_file, _ = _split_params(ctx.params)
+    return build_config(stage.name, flags, config_file)
+
+
 def _make_train_command(stage: Any) -> Any:
     def command(**kwargs: Any) -> None:
         from llmcore.train import TrainingInterrupted, build_config, train
 
-        config_file = kwargs.pop("config")
-        print_config = kwargs.pop("print_config")
-        flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
+        flags, config_file, print_config = _split_params(kwargs)
         if print_config:
             typer.echo(
                 config_as_toml(build_config(stage.name, flags, config_file, check_paths=False), stage.name), nl=False

@@ -4,7 +4,8 @@
 Invariants:
 - `resolve_device("auto")` is the local rank's GPU under a launcher (LOCAL_RANK set), else `cuda:0`
   when CUDA is there, else the CPU. An explicit `cuda`/`cuda:N` without CUDA (or past the device
-  count) is an LLMCoreError naming the flag, never a traceback.
+  count) is an LLMCoreError naming the flag, never a traceback. `check_device_spec` checks the
+  spelling only and asks the machine nothing (what settings validation may use).
 - Every command that runs a model (train, eval, generate, chat, serve, rag --answer, bench) resolves
   its `--device` here, so they all agree on what `auto` means.
 - `default_attn_backend(device)` is `triton` on CUDA (our kernels) and `sdpa` elsewhere;
@@ -33,30 +34,39 @@ def local_rank() -> int:
         raise LLMCoreError(f"LOCAL_RANK={os.environ['LOCAL_RANK']!r} is not an integer") from None
 
 
+def check_device_spec(spec: str | None, flag: str = "--device") -> str:
+    """`spec` in its normal form (`auto`, `cpu`, `cuda` or `cuda:N`), or LLMCoreError naming `flag`. A
+    check of the value only: the machine is not asked, so a GPU run's flags can be checked on a
+    machine without one (`llmcore launch` on a login node)."""
+    text = (spec or "auto").strip().lower()
+    if text in ("auto", "cpu", "cuda"):
+        return text
+    if text.startswith("cuda:"):
+        if not text.split(":", 1)[1].isdigit():
+            raise LLMCoreError(f"{flag} {spec}: expected cuda:N with N a GPU index")
+        return text
+    raise LLMCoreError(f"{flag} {spec!r}: expected auto, cpu, cuda or cuda:N")
+
+
 def resolve_device(spec: str | torch.device | None = "auto", flag: str = "--device") -> torch.device:
     """The torch.device a command runs on; raises LLMCoreError for a device that is not there."""
     if isinstance(spec, torch.device):
         spec = str(spec)
-    text = (spec or "auto").strip().lower()
+    text = check_device_spec(spec, flag)
     if text == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank() % max(torch.cuda.device_count(), 1))
         return torch.device("cpu")
     if text == "cpu":
         return torch.device("cpu")
-    if text == "cuda" or text.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise LLMCoreError(f"{flag} {spec}: CUDA is not available on this machine (use --device cpu or auto)")
-        if text == "cuda":
-            return torch.device("cuda", local_rank() % torch.cuda.device_count())
-        index_text = text.split(":", 1)[1]
-        if not index_text.isdigit():
-            raise LLMCoreError(f"{flag} {spec}: expected cuda:N with N a GPU index")
-        index = int(index_text)
-        if index >= torch.cuda.device_count():
-            raise LLMCoreError(f"{flag} {spec}: this machine has {torch.cuda.device_count()} GPU(s)")
-        return torch.device("cuda", index)
-    raise LLMCoreError(f"{flag} {spec!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise LLMCoreError(f"{flag} {spec}: CUDA is not available on this machine (use --device cpu or auto)")
+    if text == "cuda":
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    index = int(text.split(":", 1)[1])
+    if index >= torch.cuda.device_count():
+        raise LLMCoreError(f"{flag} {spec}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return torch.device("cuda", index)
 
 
 def to_device(batch: dict[str, Any], device: torch.device | str | None) -> dict[str, Any]:
@@ -98,6 +108,7 @@ def device_name(device: torch.device) -> str:
 __all__ = [
     "DEVICE_HELP",
     "local_rank",
+    "check_device_spec",
     "resolve_device",
     "to_device",
     "default_attn_backend",

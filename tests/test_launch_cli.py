@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import json
 import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
+from llmcore.cli_train import parse_train_flags
 from llmcore.errors import LLMCoreError
 from llmcore.launch.cli import deepspeed_env_lines, describe, make_plan, node_commands, parse_hostfile
 from llmcore.launch.node import decode_payload
 from llmcore.train.deepspeed_config import build_ds_config, deepspeed_config_path
+from llmcore.train.stages import get_stage
 
-from test_train_common import tiny_cfg
+from test_train_common import run_cli, tiny_cfg
 
 
 def _hostfile(tmp_path: Path, text: str) -> Path:
@@ -233,3 +237,54 @@ def test_include_and_exclude_use_deepspeeds_syntax(shards, tmp_path):
     assert plan.world == 8 and list(plan.resources) == ["node1", "node3"]
     with pytest.raises(LLMCoreError, match="--include node9"):
         make_plan(hf, _train(shards, tmp_path / "run"), include="node9", master_addr="10.0.0.1")
+
+
+def test_a_login_node_plans_a_gpu_run_that_only_the_nodes_can_run(shards, tmp_path, capsys):
+    """The training flags are checked as values: `--device cuda` and a --data that exists only on the
+    nodes print the plan on a machine with neither (a login node; here: this CPU machine). The run
+    itself looks at the machine: on this machine `train ... --device cuda` is one line, and its run
+    dir is not created."""
+    from typer.testing import CliRunner
+
+    from llmcore.cli import app
+
+    hf = _hostfile(tmp_path, "node1 slots=1\nnode2 slots=1\n")
+    on_the_nodes = tmp_path / "only-on-the-nodes" / "shards"
+    flags = ["--device", "cuda", "--out", str(tmp_path / "run"), "--global-batch-size", "4"]
+    argv = _train({"pretrain": on_the_nodes}, tmp_path / "run", *flags)
+    res = CliRunner().invoke(app, ["launch", "--hostfile", str(hf), "--dry-run", "--", *argv])
+    assert res.exit_code == 0, res.output
+    assert "2 node(s), world size 2" in res.output and "[node 1: node2]" in res.output
+    assert decode_payload(shlex.split(res.output.split("[node 0: node1]")[1].splitlines()[1])[-1])[0] == argv
+    if torch.cuda.is_available():
+        return  # the rest is the error of a machine without CUDA
+    code, out, err = run_cli(_train(shards, tmp_path / "run", *flags, "--max-steps", "1"), capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: --device cuda: CUDA is not available") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_launch_parses_training_flags_with_the_train_commands_own_options(shards, tmp_path):
+    """`parse_train_flags` is `llmcore train STAGE`'s parser: the settings it gives are the ones the
+    train command's --print-config shows for the same flags (stage defaults, derived min_lr and the
+    flags' own values), and its usage errors are one line naming the stage."""
+    from typer.testing import CliRunner
+
+    from llmcore.cli import app
+
+    run = tmp_path / "base"
+    argv = ["--data", str(shards["sft"]), "--out", str(tmp_path / "dpo"), "--init", str(run), "--beta", "0.25"]
+    argv += ["--deepspeed", "zero1", "--no-compile", "--micro-batch-size", "3"]
+    cfg = parse_train_flags("dpo", argv)
+    shown = CliRunner().invoke(app, ["train", "dpo", *argv, "--print-config"])
+    assert shown.exit_code == 0, shown.output
+    printed = tomllib.loads(shown.output)
+    assert {k: v for k, v in cfg.to_dict().items() if v is not None} == printed
+    assert (cfg.beta, cfg.micro_batch_size, cfg.compile, cfg.deepspeed) == (0.25, 3, False, "zero1")
+    assert cfg.lr == get_stage("dpo").defaults["lr"] and cfg.min_lr == pytest.approx(cfg.lr / 10)
+    with pytest.raises(LLMCoreError) as err:
+        parse_train_flags("dpo", [*argv, "--micro-batch-size", "two"])
+    assert str(err.value).startswith("train dpo: ") and "--micro-batch-size" in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(LLMCoreError, match="unknown stage 'nope'; expected one of pretrain"):
+        parse_train_flags("nope", argv)

@@ -141,8 +141,11 @@ def test_teacher_with_another_vocabulary_is_one_line(shards, tmp_path, capsys):
 def test_distill_needs_a_teacher(shards, tmp_path):
     with pytest.raises(LLMCoreError, match="distill needs --teacher"):
         tiny_cfg("sft", shards, tmp_path / "x", model="tiny").resolved("distill")
+    # The settings are values; the teacher's path is looked at when the run starts, before its run dir exists.
+    cfg = tiny_cfg("sft", shards, tmp_path / "x", model="tiny", teacher=str(tmp_path / "nope")).resolved("distill")
     with pytest.raises(LLMCoreError, match="--teacher .*: no such run dir"):
-        tiny_cfg("sft", shards, tmp_path / "x", model="tiny", teacher=str(tmp_path / "nope")).resolved("distill")
+        train("distill", cfg)
+    assert not (tmp_path / "x").exists()
 
 
 def test_zero1_gives_the_plain_engine_losses(shards, tmp_path):

@@ -66,6 +66,36 @@ def test_data_kind_must_match_stage(shards, tmp_path):
         train("dpo", tiny_cfg("dpo", shards, tmp_path / "r2", data=str(shards["pretrain"]), init=str(pretrained_run())))
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--data", "{missing}"], "error: --data {missing}: no such shard directory"),
+        (["--init", "{missing}"], "error: --init {missing}: no such run dir or checkpoint"),
+        (["--deepspeed", "{missing}"], "error: --deepspeed {missing}: no such DeepSpeed config"),
+    ],
+)
+def test_settings_are_values_and_the_run_looks_at_the_disk(shards, tmp_path, capsys, flags, message):
+    """build_config checks values only (a login node checks a run whose paths exist on other
+    machines); `llmcore train` looks at the paths when it starts: one line, before the run dir is made."""
+    missing = str(tmp_path / "missing")
+    flags = [f.format(missing=missing) for f in flags]
+    given = {
+        "data": str(shards["pretrain"]),
+        "out": str(tmp_path / "run"),
+        "model": None if "--init" in flags else "tiny",
+    }
+    given[flags[0][2:]] = flags[1]
+    cfg = build_config("pretrain", given)
+    assert getattr(cfg, flags[0][2:]) == missing
+    args = ["train", "pretrain", "--out", str(tmp_path / "run"), "--max-steps", "1", "--quiet"]
+    args += ["--data", str(shards["pretrain"])] if "--data" not in flags else []
+    args += ["--model", "tiny"] if "--init" not in flags else []
+    code, out, err = run_cli(args + flags, capsys)
+    assert code == 2 and out == "" and err.startswith(message.format(missing=missing))
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_init_run_with_another_tokenizer_is_refused(shards, tmp_path):
     # A run trained on shards from tok_other cannot continue on shards made with tok.
     other = tmp_path / "other"

@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 import typer
 
+from llmcore.cli_train import parse_train_flags
 from llmcore.errors import LLMCoreError
 
 _LINE_RE = re.compile(r"^(\S+)\s+slots=(\S+)\s*$")
@@ -206,40 +207,20 @@ def _filter_resources(
 
 
 def resolve_training(train_args: list[str]) -> tuple[str, Any]:
-    """(stage, resolved TrainConfig) of `train STAGE FLAGS...`, parsed by the same command
-    `llmcore train` uses, so every flag means what it means there."""
-    from llmcore.cli import app
-    from llmcore.train import build_config
-
+    """(stage, resolved TrainConfig) of `train STAGE FLAGS...`, parsed by the training command's own
+    parser (`cli_train.parse_train_flags`), so every flag means what it means there."""
     if len(train_args) < 2 or train_args[0] != "train":
         raise LLMCoreError(
             "expected the training command after `--`, e.g. "
             "llmcore launch --hostfile H -- train pretrain --deepspeed zero2 --data D --out RUN"
         )
     stage = train_args[1]
-    group = typer.main.get_command(app)
-    train_group = group.commands["train"]  # type: ignore[attr-defined]
-    cmd = train_group.commands.get(stage)
-    if cmd is None:
-        raise LLMCoreError(f"train {stage}: unknown stage; expected one of {', '.join(train_group.commands)}")
-    try:
-        ctx = cmd.make_context(f"llmcore train {stage}", list(train_args[2:]))
-    except Exception as err:  # click's (or typer's vendored click's) usage errors
-        if not hasattr(err, "format_message"):
-            raise
-        raise LLMCoreError(f"train {stage}: {err.format_message()}") from None
-    params = dict(ctx.params)
-    config_file = params.pop("config", None)
-    params.pop("print_config", None)
-    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()}
-    cfg = build_config(stage, flags, config_file)
+    cfg = parse_train_flags(stage, train_args[2:])
     if cfg.deepspeed is None:
         raise LLMCoreError(
             "llmcore launch runs DeepSpeed: add --deepspeed NAME (zero1, zero2, zero3, zero3-offload) "
             "to the training flags"
         )
-    if not cfg.out:
-        raise LLMCoreError(f"train {stage}: --out is required")
     return stage, cfg
 
 

@@ -53,6 +53,7 @@ class RLStage(Stage):
     def run(self, cfg: "TrainConfig", hooks: Any = None) -> Any:
         from llmcore.rl.loop import RLTrainer
 
+        self.check_inputs(cfg)
         return RLTrainer(self, cfg, self.algo).run()
 
 

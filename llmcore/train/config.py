@@ -25,8 +25,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from llmcore.common import check_device_spec
 from llmcore.errors import LLMCoreError
 from llmcore.model import BACKENDS
+from llmcore.train.deepspeed_config import MUON_DEEPSPEED
 
 DTYPES = ("auto", "fp32", "bf16")
 PACKINGS = ("packed", "bestfit", "padded")
@@ -42,12 +44,11 @@ def setting(
     minimum: float | None = None,
     maximum: float | None = None,
     positive: bool = False,
-    cli: bool = True,
 ) -> Any:
     """Declare one training setting: its default, help text and the checks its values must pass.
 
     `minimum`/`maximum`: values outside are refused; `positive`: values <= 0 are refused; `choices`: the only
-    strings allowed; `cli=False`: settable from a config file or Python only (no flag)."""
+    strings allowed. Every setting is a flag of the stages it belongs to and a config-file key."""
     return field(
         default=default,
         metadata={
@@ -56,7 +57,6 @@ def setting(
             "minimum": minimum,
             "maximum": maximum,
             "positive": positive,
-            "cli": cli,
         },
     )
 
@@ -292,9 +292,11 @@ class TrainConfig:
 
     def resolved(self, stage: str | Any, check_paths: bool = True) -> "TrainConfig":
         """Fill the stage's defaults into unset fields and validate every value; raises LLMCoreError.
-        `check_paths=False` (`--print-config`) checks values only: --data, --out and --init may be
-        missing, so a stage's defaults can be shown on their own."""
-        from llmcore.train.stages import get_stage
+        Values only: nothing on disk or on the machine is looked at (the run does that when it starts:
+        `Stage.check_inputs`, the engine's device), so a GPU run's settings check on a login node.
+        `check_paths=False` (`--print-config`): --data, --out and --init may be missing, so a stage's
+        defaults can be shown on their own."""
+        from llmcore.train.stages import get_stage  # stages.py imports this module (cycle)
 
         st = get_stage(stage) if isinstance(stage, str) else stage
         values = self.to_dict()
@@ -308,15 +310,14 @@ class TrainConfig:
             values["min_lr"] = values["lr"] / 10
         cfg = TrainConfig(**values)
         cfg.validate(check_paths)
-        if check_paths:
-            st.check_data(cfg)
         if check_paths or cfg.init or cfg.model:
             st.validate(cfg)
         return cfg
 
     def validate(self, check_paths: bool = True) -> None:
-        """Stage-independent checks: each field's declared type, range and choices, then the few
-        relations between fields (and, with `check_paths`, the required and existing paths).
+        """Stage-independent checks of the values: each field's declared type, range and choices, then
+        the few relations between fields (and, with `check_paths`, that --data and --out are given).
+        Whether paths exist and the device is there is the run's to find out, not this method's.
         Stage-specific rules live on the stage object."""
         for f in fields(self):
             value = getattr(self, f.name)
@@ -348,21 +349,11 @@ class TrainConfig:
         if not self.muon_momentum < 1:
             raise LLMCoreError(f"--muon-momentum must be in [0, 1), got {self.muon_momentum}")
         if self.optimizer == "muon" and self.deepspeed is not None:
-            from llmcore.train.deepspeed_config import MUON_DEEPSPEED
-
             raise LLMCoreError(MUON_DEEPSPEED)
         for name in ("adam_beta1", "adam_beta2"):
             if not getattr(self, name) < 1:
                 raise LLMCoreError(f"{flag_name(name)} must be in [0, 1), got {getattr(self, name)}")
-        if check_paths and self.init is not None and not Path(self.init).exists():
-            raise LLMCoreError(f"--init {self.init}: no such run dir or checkpoint")
-        if self.deepspeed is not None:
-            from llmcore.train.deepspeed_config import deepspeed_config_path
-
-            deepspeed_config_path(self.deepspeed)
-        from llmcore.common import resolve_device
-
-        resolve_device(self.device)
+        check_device_spec(self.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,10 +399,6 @@ def check_type(name: str, value: Any, source: str) -> Any:
 
 def _type_words(t: type) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(t, t.__name__)
-
-
-def settings_help() -> dict[str, str]:
-    return {f.name: f.metadata["help"] for f in fields(TrainConfig)}
 
 
 # YAML 1.2's float syntax. PyYAML implements YAML 1.1, whose floats need a dot, so `lr: 1e-3` (how
@@ -471,9 +458,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         rest = {k: v for k, v in data.items() if k != "train"}
         data = {**rest, **data["train"]}
     return data
-
-
-load_toml = load_config_file
 
 
 def build_config(
@@ -628,8 +612,6 @@ __all__ = [
     "check_resume",
     "saved_settings",
     "load_config_file",
-    "load_toml",
     "setting",
     "flag_name",
-    "settings_help",
 ]

@@ -209,10 +209,13 @@ class DeepSpeedEngine(_EngineBase):
     kind = "deepspeed"
 
     def __init__(self, cfg: TrainConfig) -> None:
+        # The device and the config file are looked at before the group is joined: a wrong one is
+        # one line, not a rendezvous the other processes wait on.
         device = resolve_device(cfg.device)
+        config_path = deepspeed_config_path(cfg.deepspeed)  # type: ignore[arg-type]
         rank, world, self.standalone = init_distributed(device)
         super().__init__(cfg, device, rank, world)
-        self.config_path = deepspeed_config_path(cfg.deepspeed)  # type: ignore[arg-type]
+        self.config_path = config_path
 
     def prepare(self, model: torch.nn.Module, accum: int) -> None:
         import deepspeed

@@ -110,6 +110,15 @@ class Stage(ABC):
         if not Path(cfg.data).is_dir():
             raise LLMCoreError(f"--data {cfg.data}: no such shard directory")
 
+    def check_inputs(self, cfg: "TrainConfig") -> None:
+        """The paths this run reads are there (`check_data`, then --init): called when the run starts
+        (`Trainer.from_config`, a stage's own `run`), before a process group is joined or the run dir
+        is locked. Settings validation (`validate`) never looks at the disk: it also runs where the
+        paths are not (`llmcore launch` on a login node)."""
+        self.check_data(cfg)
+        if cfg.init is not None and not Path(cfg.init).exists():
+            raise LLMCoreError(f"--init {cfg.init}: no such run dir or checkpoint")
+
     def run(self, cfg: "TrainConfig", hooks: Any = None) -> Any:
         """Train a resolved config into `cfg.out` and return the `RunSummary`: the Trainer's loop
         (a stage with a loop of its own, such as RL's rollouts, overrides this)."""
@@ -213,6 +222,9 @@ class DistillStage(LanguageModelStage):
             raise LLMCoreError(
                 f"{self.name} needs --teacher RUN_DIR (the model whose token distributions the student learns)"
             )
+
+    def check_inputs(self, cfg: "TrainConfig") -> None:
+        super().check_inputs(cfg)
         if not Path(cfg.teacher).exists():
             raise LLMCoreError(f"--teacher {cfg.teacher}: no such run dir or checkpoint")
 

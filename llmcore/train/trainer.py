@@ -521,6 +521,7 @@ class Trainer:
     @classmethod
     def from_config(cls, stage: str | Stage, cfg: TrainConfig, hooks: TrainHooks | None = None) -> "Trainer":
         st = get_stage(stage) if isinstance(stage, str) else stage
+        st.check_inputs(cfg)  # before joining a process group or locking (and creating) the run dir
         engine = make_engine(cfg)
         cfg = resolve_backend(cfg, engine.device)
         engine.cfg = cfg
