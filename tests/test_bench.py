@@ -163,16 +163,6 @@ def test_bench_generate_quick(tmp_path: Path) -> None:
     assert len(d["ratios"]) == 2 and all("KV cache vs no cache" in r["name"] for r in d["ratios"])
 
 
-def test_bench_scale_quick(tmp_path: Path, shared_data: Path) -> None:
-    run_cli(["bench", "scale", "--quick", "--device", "cpu", "--out", str(tmp_path), "--data-dir", str(shared_data)])
-    d = load_and_check(tmp_path, "scale")
-    curves = d["extra"]["curves"]
-    assert len(curves) == 2 and curves[0]["params"] < curves[1]["params"]
-    for c in curves:
-        assert c["eval"] and c["train"] and c["best_eval_loss"] == min(p[1] for p in c["eval"])
-    assert d["extra"]["conclusions"]
-
-
 def test_bench_user_error_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from llmcore.cli import main
 

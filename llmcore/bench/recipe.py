@@ -22,6 +22,7 @@ that never reaches the target counts as needing the whole budget (share 1.0) and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,7 +32,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -84,8 +85,7 @@ def run_recipe(
 ) -> BenchResult:
     """The recipe comparison (see the module docstring); returns the result, not yet written."""
     from llmcore.data_prep.prep import prep
-    from llmcore.model import PRESETS
-    from llmcore.train import TrainConfig, Trainer, TrainHooks
+    from llmcore.train import TrainConfig
 
     cuda = device.type == "cuda"
     ddir = shared_data_dir(data_dir)
@@ -126,7 +126,6 @@ def run_recipe(
     try:
         shards = work / "shards"
         prep("pretrain", [write_jsonl(rows, work / "rows.jsonl")], tok_dir, shards, workers=1)
-        PRESETS[name] = {**PRESETS[preset], **(QUICK_SHAPE if quick else {})}
         runs: list[dict[str, Any]] = []
         res.extra["runs"] = runs  # filled as runs finish, so a stopped benchmark keeps the finished ones
         for seed in range(seeds):
@@ -151,7 +150,8 @@ def run_recipe(
                     attn_backend="sdpa" if not cuda else "auto",
                     **knobs,
                 )
-                runs.append(_train_one(Trainer, TrainHooks, cfg, recipe, seed, evals))
+                with model_preset(name, preset, QUICK_SHAPE if quick else {}):
+                    runs.append({"recipe": recipe, "seed": seed, **train_with_curves(cfg, evals)})
                 r = runs[-1]
                 log.info(
                     "%s seed %d: final held-out loss %.4f after %s tokens, %.0f training s",
@@ -164,13 +164,31 @@ def run_recipe(
         _summarise(res, runs, seeds)
         res.plot = _plot
     finally:
-        PRESETS.pop(name, None)
         shutil.rmtree(work, ignore_errors=True)
     return res
 
 
-def _train_one(Trainer: Any, TrainHooks: Any, cfg: Any, recipe: str, seed: int, evals: int) -> dict[str, Any]:
-    """One run: held-out curve as (tokens, training seconds, loss) and the train curve."""
+@contextlib.contextmanager
+def model_preset(name: str, base: str, overrides: dict[str, Any]) -> Iterator[str]:
+    """`name` registered as preset `base` with `overrides` while the block runs (a TrainConfig names
+    its model by preset; a benchmark's shapes exist only for the runs that use them)."""
+    from llmcore.model import PRESETS
+
+    PRESETS[name] = {**PRESETS[base], **overrides}
+    try:
+        yield name
+    finally:
+        PRESETS.pop(name, None)
+
+
+def train_with_curves(cfg: Any, evals: int) -> dict[str, Any]:
+    """Pretrain one run of `cfg` (a TrainConfig) with `evals` held-out evaluations spread evenly
+    over its steps (the last at its end). Returns the held-out curve as [(tokens, training seconds,
+    loss), ...], the train curve as [(tokens, loss), ...] (every step: cfg.log_every must be 1),
+    tokens, steps, training seconds (wall time less evaluations and saves) and the final held-out
+    loss. Shared by `bench recipe` and `bench scale`."""
+    from llmcore.train import Trainer, TrainHooks
+
     probe = cfg.resolved("pretrain")
     times: dict[int, float] = {}
     paused = [0.0]
@@ -196,8 +214,6 @@ def _train_one(Trainer: Any, TrainHooks: Any, cfg: Any, recipe: str, seed: int, 
     held = [(r["tokens"], times.get(r["step"], float("nan")), r["eval_loss"]) for r in recs if "eval_loss" in r]
     train = [(r["tokens"], r["loss"]) for r in recs if "loss" in r and "eval_loss" not in r]
     return {
-        "recipe": recipe,
-        "seed": seed,
         "held_out": held,
         "train": train,
         "tokens": summary.tokens,
@@ -377,9 +393,27 @@ def register(bench_app: Any) -> None:
         )
 
 
+def targets_for(res: BenchResult) -> None:
+    """The shares and target of a run stopped part-way (a deadline: gpu_check.sh's recipe phase),
+    from the seeds whose two recipes both finished (seeds run in order, so those are the first
+    ones); a finished result already has them and is left as it is."""
+    if res.measurements:
+        return
+    runs = res.extra.get("runs", [])
+    done = {r["seed"] for r in runs if r["recipe"] == "minimind"} & {
+        r["seed"] for r in runs if r["recipe"] == "llmcore"
+    }
+    complete = 0
+    while complete in done:
+        complete += 1
+    if complete:
+        _summarise(res, [r for r in runs if r["seed"] < complete], complete)
+        res.note(f"stopped part-way: the shares are over the {complete} seed(s) whose two runs both finished")
+
+
 def plot_for(res: BenchResult) -> Any:
     """The plot function for a result of this benchmark (used to redraw from json)."""
     return _plot
 
 
-__all__ = ["run_recipe", "crossing", "RECIPES", "plot_for"]
+__all__ = ["run_recipe", "crossing", "RECIPES", "plot_for", "targets_for", "train_with_curves", "model_preset"]

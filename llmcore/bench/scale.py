@@ -1,27 +1,31 @@
-"""`llmcore bench scale`: the model-size study. Several model sizes train on the same small corpus
-for several epochs; held-out documents are evaluated along the way; the report plots train and
-held-out loss against tokens seen and against parameters, and says (from the numbers) where the
-bigger model stops paying, when it starts to overfit, and what that means for choosing a size.
+"""`llmcore bench scale`: what a bigger model does on a small corpus. Five or more model sizes,
+spanning at least 30x in non-embedding parameters, train on the same small corpus for several
+epochs with the held-out loss measured twice per epoch; the result gives, per size, the held-out
+minimum and the epoch it happened in, and says (from the curves) where a larger model stops
+helping and where it starts memorising (its train loss keeps falling while its held-out loss rises).
 
-Corpus: the CMRC2018 dev passages (Chinese Wikipedia, `../shared/data/rag/`) with MiniMind's
-tokenizer; a fixed share of the documents is held out (never trained on). Sizes: the `demo` preset
-(hidden 192, 4 layers, 6 heads / 2 KV heads) and the same depth at 2x and 4x its width (heads
-scaled so head dim stays 32); on a GPU also 8x width and 2x depth at 4x width. Every size gets the
-same corpus, epochs, sequence length, batch, warmup and cosine schedule; the peak LR scales as
-1/width from the demo's 2e-3 (the usual rule for Adam at fixed depth).
+Parameters are counted without the embedding (Kaplan et al. 2020, "Scaling Laws for Neural
+Language Models": loss follows the non-embedding count; with MiniMind's 6,400-token vocabulary the
+tied table is most of a small model and would hide the part that grows). Totals are reported too.
 
-The budget (`--budget-minutes`) bounds the whole study: a short probe measures each size's
-tokens/s, then the corpus is sized so that every size that fits can run all epochs (with the
-evaluations) inside the budget; sizes that would not fit are left out and named. The plan and the
-probe speeds are in the results.
+Corpus: the first `--documents` pretrain_hq-shaped rows (257-519 characters) cut from the CMRC2018
+dev passages with MiniMind's tokenizer (`llmcore.bench.corpus`); `--held-out` of them are never
+trained on (the trainer's `--eval-docs` split, by seed). Sizes: on a CPU, the `demo` preset's
+family (hidden 192, 4 layers, head dim 32) from hidden 32 x 2 layers to 256 x 4; on a GPU the
+`minimind-3` family (head dim 96, QK-norm, MLP ceil(pi * hidden / 64) * 64) from 192 x 4 to
+minimind-3 itself (768 x 8). Every size gets the same rows in the same order, the same batch,
+sequence length, epochs and schedule (AdamW, 10 warmup steps, cosine to lr/10); the peak LR is
+2e-3 x 192 / hidden (the demo's swept 2e-3 at 192, and MiniMind's 5e-4 at 768: the usual 1/width
+rule for Adam). The runs go smallest first; `--budget-minutes` skips (and names) a size whose
+estimated time (the last size's seconds scaled by training FLOPs per token) would pass it.
 
-Invariants: every size sees the same training documents in the same order (same seed) and is
-evaluated on the same held-out documents; no loss is reported that was not computed by the run.
+Invariants: every loss reported was computed by a run; the minima, epochs and verdicts are
+functions of the stored curves (`summarise` re-derives them from a result's json, and from a run
+stopped part-way, which keeps the sizes that finished).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -29,100 +33,142 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from llmcore.bench.corpus import cmrc_passages, minimind_tokenizer_dir, pretrain_hq_rows, shared_data_dir, write_jsonl
-from llmcore.bench.harness import BenchResult, fmt
+from llmcore.bench.harness import BenchResult
+from llmcore.bench.recipe import model_preset, train_with_curves
 
 log = logging.getLogger(__name__)
 
-BASE_LR = 2e-3  # the demo preset's pretraining LR (chosen by sweep in the demo)
+REFERENCE_LR, REFERENCE_HIDDEN = 2e-3, 192  # the demo preset's swept pretraining LR at its width
+NOISE = 0.03  # nats/token: differences below this are not called (one seed per size; see README)
+EVALS_PER_EPOCH = 2
+WARMUP_STEPS = 10
 
 
 @dataclass(frozen=True)
 class Size:
+    """One model shape: `base` preset with this hidden size, depth and heads (head dim kept)."""
+
     name: str
+    base: str
     hidden: int
     layers: int
     heads: int
     kv_heads: int
 
     def overrides(self) -> dict[str, Any]:
-        return dict(
+        shape: dict[str, Any] = dict(
             hidden_size=self.hidden,
             num_hidden_layers=self.layers,
             num_attention_heads=self.heads,
             num_key_value_heads=self.kv_heads,
         )
+        if self.base == "minimind-3":  # the preset fixes 768's MLP; MiniMind's rule per width
+            shape["intermediate_size"] = math.ceil(self.hidden * math.pi / 64) * 64
+        return shape
+
+    def params(self, vocab: int) -> dict[str, int]:
+        """Total and non-embedding parameter counts (the tied table counted once, as embedding)."""
+        from llmcore.model import ModelConfig, param_report
+
+        report = param_report(ModelConfig.from_preset(self.base, vocab_size=vocab, **self.overrides()))
+        return {"total": int(report["total"]), "non_embedding": int(report["total"] - report["embedding"])}
+
+    def lr(self) -> float:
+        return REFERENCE_LR * REFERENCE_HIDDEN / self.hidden
+
+
+CPU_SIZES = [
+    Size("32x2", "demo", 32, 2, 2, 1),
+    Size("48x2", "demo", 48, 2, 3, 1),
+    Size("96x3", "demo", 96, 3, 3, 1),
+    Size("128x4", "demo", 128, 4, 4, 2),
+    Size("192x4 (demo)", "demo", 192, 4, 6, 2),
+    Size("256x4", "demo", 256, 4, 8, 2),
+]
+GPU_SIZES = [
+    Size("192x4", "minimind-3", 192, 4, 2, 1),
+    Size("192x8", "minimind-3", 192, 8, 2, 1),
+    Size("384x8", "minimind-3", 384, 8, 4, 2),
+    Size("576x8", "minimind-3", 576, 8, 6, 3),
+    Size("768x8 (minimind-3)", "minimind-3", 768, 8, 8, 4),
+]
+QUICK_SIZES = [Size("toy 16x1", "demo", 16, 1, 1, 1), Size("toy 32x1", "demo", 32, 1, 2, 1)]
 
 
 def default_sizes(device: torch.device, quick: bool) -> list[Size]:
-    if quick:
-        return [Size("toy 1x", 32, 2, 2, 1), Size("toy 2x width", 64, 2, 4, 2)]
-    sizes = [Size("demo (1x)", 192, 4, 6, 2), Size("2x width", 384, 4, 12, 4), Size("4x width", 768, 4, 24, 8)]
-    if device.type == "cuda":
-        sizes += [Size("4x width, 2x depth", 768, 8, 24, 8), Size("8x width", 1536, 4, 48, 16)]
-    return sizes
+    return QUICK_SIZES if quick else GPU_SIZES if device.type == "cuda" else CPU_SIZES
 
 
-def param_count(size: Size, vocab: int) -> int:
-    from llmcore.model import ModelConfig, param_report
-
-    return int(param_report(ModelConfig.from_preset("demo", vocab_size=vocab, **size.overrides()))["total"])
-
-
-def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    with (run_dir / "metrics.jsonl").open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def flops_per_token(size: Size, vocab: int) -> float:
+    """Training FLOPs per token, 6 x (non-embedding parameters + the tied head's vocab x hidden);
+    attention's seq-length term is left out (the same seq for every size)."""
+    return 6.0 * (size.params(vocab)["non_embedding"] + vocab * size.hidden)
 
 
 def run_scale(
     device: torch.device,
     quick: bool = False,
-    budget_minutes: float | None = None,
     epochs: int | None = None,
+    documents: int | None = None,
+    held_out: int | None = None,
     seq_len: int | None = None,
     batch: int | None = None,
-    eval_share: float = 0.1,
+    budget_minutes: float | None = None,
+    sizes: list[Size] | None = None,
     data_dir: str | Path | None = None,
     seed: int = 0,
     command: str | None = None,
 ) -> BenchResult:
     """The scale study (see the module docstring); returns the result, not yet written."""
     from llmcore.data_prep.prep import prep
-    from llmcore.data_prep.shards import ShardReader
     from llmcore.data_prep.tokenizer import load_tokenizer
-    from llmcore.train import TrainConfig, Trainer
+    from llmcore.errors import LLMCoreError
+    from llmcore.train import TrainConfig
 
     cuda = device.type == "cuda"
     ddir = shared_data_dir(data_dir)
     tok_dir = minimind_tokenizer_dir(ddir)
-    budget_s = 60 * (budget_minutes if budget_minutes is not None else (0.4 if quick else (6.0 if cuda else 15.0)))
-    epochs = epochs or (2 if quick else (8 if cuda else 4))
+    rows = pretrain_hq_rows(cmrc_passages(ddir), seed=seed)
+    epochs = epochs or (3 if quick else (8 if cuda else 10))
+    documents = documents or (16 if quick else (len(rows) if cuda else 80))
+    held_out = held_out or (4 if quick else (max(4, documents // 10) if cuda else 16))
     seq_len = seq_len or (64 if quick else (512 if cuda else 256))
-    batch = batch or (8 if quick else (32 if cuda else 8))
-    sizes = default_sizes(device, quick)
-    tok = load_tokenizer(tok_dir)
-    vocab = tok.vocab_size
-    t_start = time.perf_counter()
-    passages = pretrain_hq_rows(cmrc_passages(ddir), seed=seed)
-    if quick:  # toy documents: --quick tests the study's machinery, not what it finds
-        passages = [p[:120] for p in passages[:12]]
-    lengths = [len(t) + 2 for t in tok.encode_batch(passages)]
-    work = Path(tempfile.mkdtemp(prefix="llmcore-bench-scale-"))
+    batch = batch or (4 if quick else (16 if cuda else 4))
+    sizes = sizes or default_sizes(device, quick)
+    if not 0 < documents <= len(rows):
+        raise LLMCoreError(f"--documents {documents}: the corpus has {len(rows)} rows")
+    if not 0 < held_out < documents:
+        raise LLMCoreError(f"--held-out {held_out}: must be between 1 and --documents - 1 ({documents - 1})")
+    docs = rows[:documents]
+    if quick:  # toy rows: --quick tests the study's machinery, not what it finds
+        docs = [d[:100] for d in docs]
+    vocab = load_tokenizer(tok_dir).vocab_size
+    budget_s = 60 * budget_minutes if budget_minutes else math.inf
+    counts = {s.name: s.params(vocab) for s in sizes}
     settings = {
-        "corpus": "pretrain_hq-shaped rows (257-519 chars) cut from the CMRC2018 dev passages",
+        "corpus": f"the first {documents} pretrain_hq-shaped rows (257-519 chars) cut from the CMRC2018 dev passages"
+        + (" (cut to 100 chars: --quick)" if quick else ""),
+        "held_out_documents": held_out,
         "epochs": epochs,
+        "evaluations_per_epoch": EVALS_PER_EPOCH,
         "seq_len": seq_len,
         "batch": batch,
-        "eval_share": eval_share,
-        "budget_minutes": round(budget_s / 60, 2),
-        "lr": f"{BASE_LR} x 192/hidden",
-        "schedule": "warmup 5% then cosine to lr/10",
+        "optimizer": "AdamW",
+        "lr": f"{REFERENCE_LR} x {REFERENCE_HIDDEN}/hidden",
+        "schedule": f"warmup {WARMUP_STEPS} steps, then cosine to lr/10",
+        "noise": NOISE,
         "tokenizer": "MiniMind's (vocab 6400)",
+        "budget_minutes": budget_minutes,
         "seed": seed,
+        "threads": torch.get_num_threads(),
+        "sizes": [
+            {"name": s.name, "hidden": s.hidden, "layers": s.layers, "heads": s.heads, **counts[s.name]} for s in sizes
+        ],
     }
     res = BenchResult(
         "scale",
@@ -130,367 +176,380 @@ def run_scale(
         settings,
         quick=quick,
         command=command,
-        title="Scale study: model size against a small corpus (train and held-out loss)",
+        title="Scale study: a bigger model on a small corpus (held-out loss per epoch, per size)",
     )
+    non_emb = [counts[s.name]["non_embedding"] for s in sizes]
+    res.extra["span_non_embedding"] = max(non_emb) / min(non_emb)
+    curves: list[dict[str, Any]] = []
+    res.extra["curves"] = curves  # filled as sizes finish, so a stopped study keeps the finished ones
+    work = Path(tempfile.mkdtemp(prefix="llmcore-bench-scale-"))
+    t_start = time.perf_counter()
     try:
-
-        def config(
-            size: Size,
-            shards: Path,
-            out: Path,
-            eval_docs: int,
-            max_steps: int | None,
-            total_epochs: float,
-            eval_every: int,
-        ) -> Any:
-            lr = BASE_LR * 192 / size.hidden if not quick else 3e-3
+        shards = work / "shards"
+        prep("pretrain", [write_jsonl(docs, work / "corpus.jsonl")], tok_dir, shards, workers=1)
+        res.extra["corpus"] = corpus_split(shards, held_out, seed)
+        last: tuple[Size, float] | None = None
+        for size in sorted(sizes, key=lambda s: counts[s.name]["non_embedding"]):
+            if last is not None:
+                estimate = last[1] * flops_per_token(size, vocab) / flops_per_token(last[0], vocab)
+                left = budget_s - (time.perf_counter() - t_start)
+                if estimate > left:
+                    res.note(f"{size.name} skipped: about {estimate:.0f}s estimated, {left:.0f}s of the budget left")
+                    continue
             cfg = TrainConfig(
                 data=str(shards),
-                out=str(out),
-                model="demo",
+                out=str(work / f"run-{size.hidden}x{size.layers}"),
+                model="bench-scale-model",
                 seq_len=seq_len,
                 micro_batch_size=batch,
                 global_batch_size=batch,
-                lr=lr,
-                epochs=float(total_epochs),
-                max_steps=max_steps,
-                eval_docs=eval_docs,
-                eval_every=eval_every,
-                log_every=1 if not cuda else 5,
+                epochs=float(epochs),
+                eval_docs=held_out,
+                log_every=1,
                 device=str(device),
                 quiet=True,
                 seed=seed,
                 packing="packed",
                 save_every=0,
-            )
-            return cfg
-
-        # 1. probe: tokens/s of each size on the whole corpus (3 timed steps after 1 warm-up).
-        all_shards = work / "probe-shards"
-        if not quick:
-            prep("pretrain", [write_jsonl(passages, work / "all.jsonl")], tok_dir, all_shards, workers=1)
-        probe: dict[str, float] = {}
-        for size in sizes:
-            if quick:  # --quick keeps every size whatever its speed, so there is nothing to plan
-                probe[size.name] = float("nan")
-                continue
-            cfg = config(size, all_shards, work / f"probe-{size.hidden}-{size.layers}", 0, 10**6, 1.0, 0).resolved(
-                "pretrain"
-            )
-            trainer = _trainer_for(Trainer, cfg, size)
-            trainer.train_step()
-            t0, tokens0 = time.perf_counter(), trainer.tokens
-            for _ in range(3):
-                trainer.train_step()
-            if cuda:
-                torch.cuda.synchronize(device)
-            probe[size.name] = (trainer.tokens - tokens0) / (time.perf_counter() - t0)
-            trainer.feed.close()
-            del trainer
-            log.info("probe %s: %s tokens/s", size.name, fmt(probe[size.name]))
-        res.extra["probe_tokens_per_s"] = {k: (None if v != v else v) for k, v in probe.items()}
-
-        # 2. plan: the largest corpus (whole passages, in file order) that lets every size that fits run all epochs.
-        left = budget_s - (time.perf_counter() - t_start) - (5 if quick else 20)  # leave time for writing
-        # Held-out evaluations (4 per epoch, each redrawing loss.png), the final checkpoint, start-up: measured
-        # 2.4x the probe time on the shared 2-core CPU, about 1.25x on a GPU.
-        overhead = 1.25 if cuda else 2.0
-        chosen = list(sizes)
-        corpus_tokens = sum(lengths)
-        min_docs = 8 if quick else 40
-        min_tokens = sum(lengths[:min_docs])
-        while len(chosen) > 1 and not quick:  # --quick keeps every size: it tests the study's machinery
-            per_token = sum(overhead * epochs / probe[s.name] for s in chosen)
-            if left / per_token >= min_tokens:
-                break
-            res.note(
-                f"{chosen[-1].name} left out: the budget of {budget_s / 60:.1f} min cannot fit {epochs} epochs of "
-                f"even {min_docs} documents with it (probe: {fmt(probe[chosen[-1].name])} tokens/s)"
-            )
-            chosen.pop()
-        fit = min_tokens if quick else left / sum(overhead * epochs / probe[s.name] for s in chosen)
-        if fit < min_tokens:
-            res.warn(
-                f"the budget of {budget_s / 60:.1f} min is too short for {epochs} epochs of {min_docs} documents "
-                f"even for {chosen[0].name}; running that minimum anyway"
-            )
-        corpus_tokens = max(min_tokens, min(corpus_tokens, int(fit)))
-        n_docs, acc = 0, 0
-        for n in lengths:
-            if acc + n > corpus_tokens and n_docs >= min_docs:
-                break
-            acc += n
-            n_docs += 1
-        docs = passages[:n_docs]
-        eval_docs = max(2, int(round(eval_share * n_docs)))
-        shards = work / "corpus-shards"
-        prep("pretrain", [write_jsonl(docs, work / "corpus.jsonl")], tok_dir, shards, workers=1)
-        reader = ShardReader(shards)
-        from llmcore.data_prep.loaders import train_eval_split
-
-        train_idx, eval_idx = train_eval_split(len(reader), eval_docs, seed)
-        doc_len = reader.lengths()
-        train_tokens, eval_tokens = int(doc_len[train_idx].sum()), int(doc_len[eval_idx].sum())
-        steps_per_epoch = max(1, math.ceil(train_tokens / (seq_len + 1) / batch))
-        eval_every = max(1, steps_per_epoch // (1 if quick else 4))
-        res.extra["plan"] = {
-            "documents": n_docs,
-            "train_documents": len(train_idx),
-            "eval_documents": len(eval_idx),
-            "train_tokens": train_tokens,
-            "eval_tokens": eval_tokens,
-            "steps_per_epoch": steps_per_epoch,
-            "eval_every_steps": eval_every,
-            "sizes": [s.name for s in chosen],
-        }
-        log.info(
-            "scale plan: %d documents (%s train tokens, %s held-out tokens), %d epochs, sizes %s",
-            n_docs,
-            f"{train_tokens:,}",
-            f"{eval_tokens:,}",
-            epochs,
-            ", ".join(s.name for s in chosen),
-        )
-
-        # 3. train each size on the same documents.
-        curves: list[dict[str, Any]] = []
-        for size in chosen:
-            elapsed = time.perf_counter() - t_start
-            estimate = 0.0 if quick else overhead * epochs * train_tokens / probe[size.name]
-            if size is not chosen[0] and not quick and elapsed + estimate > budget_s + 30:
-                res.note(
-                    f"{size.name} skipped: {estimate:.0f}s estimated, {budget_s - elapsed:.0f}s of the budget left"
-                )
-                continue
-            out = work / f"run-{size.hidden}-{size.layers}"
-            cfg = config(size, shards, out, eval_docs, None, epochs, eval_every).resolved("pretrain")
-            log.info(
-                "training %s (%s parameters, lr %.2g) for %d epochs",
-                size.name,
-                f"{param_count(size, vocab):,}",
-                cfg.lr,
-                epochs,
+                save_minutes=0.0,
+                attn_backend="auto" if cuda else "sdpa",
+                optimizer="adamw",
+                lr=size.lr(),
+                lr_schedule="cosine",
+                warmup_steps=WARMUP_STEPS,
             )
             t0 = time.perf_counter()
-            trainer = _trainer_for(Trainer, cfg, size)
-            summary = trainer.run()
-            seconds = time.perf_counter() - t0
-            recs = _metrics(out)
-            train_pts = [(r["tokens"], r["loss"]) for r in recs if "loss" in r and "eval_loss" not in r]
-            eval_pts = [(r["tokens"], r["eval_loss"]) for r in recs if "eval_loss" in r]
-            n_params = param_count(size, vocab)
-            best = min(eval_pts, key=lambda p: p[1])
-            curves.append(
-                {
-                    "size": size.name,
-                    "hidden": size.hidden,
-                    "layers": size.layers,
-                    "params": n_params,
-                    "train": _smooth(train_pts, max(1, eval_every // cfg.log_every)),
-                    "eval": eval_pts,
-                    "best_eval_loss": best[1],
-                    "best_eval_tokens": best[0],
-                    "final_eval_loss": eval_pts[-1][1],
-                    "final_train_loss": _tail_mean(train_pts, max(1, steps_per_epoch // 2)),
-                    "seconds": seconds,
-                    "tokens_per_s": summary.tokens_per_s,
-                    "lr": cfg.lr,
-                    "epochs_at_best": best[0] / max(train_tokens, 1),
-                }
-            )
+            with model_preset("bench-scale-model", size.base, size.overrides()):
+                run = train_with_curves(cfg, epochs * EVALS_PER_EPOCH)
+            last = (size, time.perf_counter() - t0)
+            curve = {"size": size.name, "hidden": size.hidden, "layers": size.layers, "lr": size.lr()}
+            curve.update(counts[size.name], epochs=epochs, **run)
+            curves.append(curve)
             res.measure(
-                f"{size.name}: best held-out loss",
-                "loss",
-                "nats/token",
-                [best[1]],
-                higher_is_better=False,
-                params=n_params,
-            )
-            res.measure(
-                f"{size.name}: training speed", "throughput", "tokens/s", [summary.tokens_per_s], params=n_params
-            )
-            log.info(
-                "%s: best held-out loss %.3f at %.1f epochs, final %.3f, train %.3f (%.0fs)",
-                size.name,
-                best[1],
-                curves[-1]["epochs_at_best"],
-                eval_pts[-1][1],
-                curves[-1]["final_train_loss"],
-                seconds,
-            )
-        res.extra["curves"] = curves
-        base = curves[0]["size"] if curves else None
-        for c in curves[1:]:
-            res.ratio(
-                f"best held-out loss: {c['size']} vs {base}",
-                f"{c['size']}: best held-out loss",
-                f"{base}: best held-out loss",
-                what="loss ratio (below 1: the bigger model is better)",
-            )
-        _conclusions(res, curves, train_tokens)
-        res.table(
-            "Sizes",
-            [
-                "size",
-                "parameters",
-                "tokens / parameter (1 epoch)",
-                "best held-out loss",
-                "at epoch",
-                "final held-out",
-                "final train",
-                "gap (held-out - train)",
+                f"{size.name}: training speed",
+                "throughput",
                 "tokens/s",
-                "time s",
-            ],
-            [
-                [
-                    c["size"],
-                    f"{c['params']:,}",
-                    f"{train_tokens / c['params']:.2f}",
-                    f"{c['best_eval_loss']:.3f}",
-                    f"{c['epochs_at_best']:.1f}",
-                    f"{c['final_eval_loss']:.3f}",
-                    f"{c['final_train_loss']:.3f}",
-                    f"{c['final_eval_loss'] - c['final_train_loss']:+.3f}",
-                    fmt(c["tokens_per_s"]),
-                    f"{c['seconds']:.0f}",
-                ]
-                for c in curves
-            ],
-        )
+                [run["tokens"] / run["seconds"]],
+                params=counts[size.name]["total"],
+            )
+            _log(size, curve_summary(curve))
+        summarise(res)
         res.plot = _plot
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return res
 
 
-def _trainer_for(Trainer: Any, cfg: Any, size: Size) -> Any:
-    """A pretraining Trainer whose model is the demo preset with this size's shape."""
-    import dataclasses
+def corpus_split(shards: Path, held_out: int, seed: int) -> dict[str, int]:
+    """Documents and tokens on each side of the trainer's held-out split (the same function and seed
+    the trainer uses for `--eval-docs`)."""
+    from llmcore.data_prep.loaders import train_eval_split
+    from llmcore.data_prep.shards import ShardReader
 
-    from llmcore.model import PRESETS
-
-    # TrainConfig names a preset; this size is registered under its own name only while the model is built.
-    name = f"bench-scale-{size.hidden}x{size.layers}"
-    PRESETS[name] = {**PRESETS["demo"], **size.overrides()}
-    try:
-        return Trainer.from_config("pretrain", dataclasses.replace(cfg, model=name))
-    finally:
-        PRESETS.pop(name, None)
-
-
-def _smooth(points: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
-    """Mean of each `window` consecutive logged train losses (at the window's last token count)."""
-    out = []
-    for i in range(0, len(points) - window + 1, window):
-        chunk = points[i : i + window]
-        out.append((chunk[-1][0], sum(p[1] for p in chunk) / len(chunk)))
-    return out or points
+    lengths = ShardReader(shards).lengths()
+    train_idx, eval_idx = train_eval_split(len(lengths), held_out, seed)
+    return {
+        "documents": len(lengths),
+        "train_documents": len(train_idx),
+        "eval_documents": len(eval_idx),
+        "train_tokens": int(lengths[train_idx].sum()),
+        "eval_tokens": int(lengths[eval_idx].sum()),
+    }
 
 
-def _tail_mean(points: list[tuple[int, float]], n: int) -> float:
-    tail = points[-n:]
-    return sum(p[1] for p in tail) / max(len(tail), 1)
-
-
-def _conclusions(res: BenchResult, curves: list[dict[str, Any]], train_tokens: int) -> None:
-    """What the numbers say, as sentences built from them (README shows these)."""
-    lines: list[str] = []
-    for prev, cur in zip(curves, curves[1:]):
-        gain = prev["best_eval_loss"] - cur["best_eval_loss"]
-        ratio = cur["params"] / prev["params"]
-        verdict = "pays" if gain > 0.02 else "makes no difference beyond noise (0.02)" if gain > -0.02 else "does worse"
-        lines.append(
-            f"{cur['size']} ({cur['params'] / 1e6:.1f}M parameters, {ratio:.1f}x {prev['size']}): best held-out "
-            f"loss {cur['best_eval_loss']:.3f} vs {prev['best_eval_loss']:.3f} ({gain:+.3f} nats/token): "
-            f"the bigger model {verdict}."
-        )
-    for c in curves:
-        epochs = res.settings["epochs"]
-        rise = c["final_eval_loss"] - c["best_eval_loss"]
-        if rise > 0.01 and c["epochs_at_best"] < epochs - 0.3:
-            lines.append(
-                f"{c['size']} starts to overfit after about {c['epochs_at_best']:.1f} epochs: its held-out loss "
-                f"then rises by {rise:.3f} while its train loss keeps falling (final gap "
-                f"{c['final_eval_loss'] - c['final_train_loss']:+.3f})."
-            )
-        else:
-            lines.append(
-                f"{c['size']} did not overfit within {epochs} epochs (held-out loss at its best at the end, "
-                f"gap {c['final_eval_loss'] - c['final_train_loss']:+.3f})."
-            )
-    if curves:
-        best = min(curves, key=lambda c: c["best_eval_loss"])
-        lines.append(
-            f"Best held-out loss: {best['size']} ({best['params'] / 1e6:.1f}M parameters), "
-            f"{train_tokens / best['params']:.4f} training tokens per parameter per epoch. Chinchilla's rule of "
-            f"thumb is about 20 tokens per parameter (over all epochs); at {train_tokens:,} tokens per "
-            "epoch, sizes far above that ratio memorise the corpus before they generalise: choose the "
-            "size where the held-out curve's minimum stops improving, and stop training at that minimum."
-        )
-    res.extra["conclusions"] = lines
-    for line in lines:
-        res.note(line)
-    res.note("One seed per size; differences below about 0.02 nats/token are within run-to-run noise at these sizes.")
-
-
-def targets_for(res: BenchResult) -> None:
-    """Re-derive the conclusions of a finished study from its stored curves (no training)."""
-    old = set(res.extra.get("conclusions", [])) | {n for n in res.notes if n.startswith("One seed per size")}
-    res.notes[:] = [n for n in res.notes if n not in old]
-    _conclusions(res, res.extra.get("curves", []), res.extra.get("plan", {}).get("train_tokens", 0))
-
-
-def _plot(res: BenchResult, fig: Any) -> None:
-    curves = res.extra.get("curves", [])
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    ax1 = fig.add_subplot(1, 2, 1)
-    train_tokens = res.extra.get("plan", {}).get("train_tokens", 1)
-    for c, color in zip(curves, colors):
-        ax1.plot([p[0] / 1e6 for p in c["train"]], [p[1] for p in c["train"]], ls="--", color=color, lw=1)
-        ax1.plot(
-            [p[0] / 1e6 for p in c["eval"]],
-            [p[1] for p in c["eval"]],
-            ls="-",
-            marker="o",
-            ms=3,
-            color=color,
-            label=f"{c['size']} ({c['params'] / 1e6:.1f}M)",
-        )
-        ax1.plot([c["best_eval_tokens"] / 1e6], [c["best_eval_loss"]], marker="*", ms=12, color=color)
-    ax1.set_xlabel(f"training tokens seen (millions; one epoch = {train_tokens / 1e6:.2f}M)")
-    ax1.set_ylabel("loss (nats/token)")
-    ax1.set_title("held-out loss (solid, ★ = minimum) and train loss (dashed)", fontsize=10)
-    ax1.legend(fontsize=8)
-    ax2 = fig.add_subplot(1, 2, 2)
-    params = [c["params"] / 1e6 for c in curves]
-    ax2.plot(params, [c["best_eval_loss"] for c in curves], marker="*", ms=10, label="best held-out loss")
-    ax2.plot(params, [c["final_eval_loss"] for c in curves], marker="o", label="final held-out loss")
-    ax2.plot(params, [c["final_train_loss"] for c in curves], marker="s", ls="--", label="final train loss")
-    for c in curves:
-        ax2.annotate(
-            c["size"],
-            (c["params"] / 1e6, c["final_train_loss"]),
-            textcoords="offset points",
-            xytext=(4, -12),
-            fontsize=8,
-        )
-    ax2.set_xscale("log")
-    ax2.set_xlabel("parameters (millions, log scale)")
-    ax2.set_ylabel("loss (nats/token)")
-    ax2.set_title(f"after {res.settings['epochs']} epochs, against model size", fontsize=10)
-    ax2.legend(fontsize=8)
-    plan = res.extra.get("plan", {})
-    fig.suptitle(
-        f"Scale study: {plan.get('train_documents', '?')} rows cut from CMRC2018 passages ({train_tokens:,} tokens) for "
-        f"{res.settings['epochs']} epochs, {plan.get('eval_documents', '?')} held out",
-        fontsize=11,
+def _log(size: Size, s: dict[str, Any]) -> None:
+    log.info(
+        "%s: held-out minimum %.3f in epoch %d, final held-out %.3f, train %.3f -> %.3f (%s)",
+        size.name,
+        s["best_loss"],
+        s["best_epoch"],
+        s["final_loss"],
+        s["train_at_best"],
+        s["train_final"],
+        "memorising" if s["memorising"] else "not memorising",
     )
 
 
-__all__ = ["run_scale", "Size", "default_sizes"]
+def train_loss_at(train: list[Any], held_out: list[Any], index: int) -> float:
+    """Mean train loss over the steps between held-out evaluation `index - 1` and `index` (one
+    step's loss is one batch's, too noisy to compare; the window is 1/EVALS_PER_EPOCH epoch)."""
+    index %= len(held_out)
+    hi = held_out[index][0]
+    lo = held_out[index - 1][0] if index > 0 else -1
+    window = [loss for tokens, loss in train if lo < tokens <= hi]
+    return sum(window) / len(window) if window else math.nan
+
+
+def curve_summary(curve: dict[str, Any], noise: float = NOISE) -> dict[str, Any]:
+    """One size's held-out minimum, the epoch it happened in, and whether it memorises: after the
+    minimum its held-out loss rises by more than `noise` while its train loss falls by more than
+    `noise` (both from the curves, not assumed)."""
+    held = curve["held_out"]
+    tokens_per_epoch = curve["tokens"] / curve["epochs"]
+    best = min(range(len(held)), key=lambda i: held[i][2])
+    at_epochs = held[best][0] / tokens_per_epoch
+    train_best, train_final = train_loss_at(curve["train"], held, best), train_loss_at(curve["train"], held, -1)
+    rise = held[-1][2] - held[best][2]
+    return {
+        "best_loss": held[best][2],
+        "best_tokens": held[best][0],
+        "best_epochs": at_epochs,  # epochs of training done at the minimum (fractional)
+        "best_epoch": max(1, math.ceil(at_epochs - 1e-9)),  # the (1-based) epoch it happened in
+        "final_loss": held[-1][2],
+        "rise_after_best": rise,
+        "train_at_best": train_best,
+        "train_final": train_final,
+        "memorising": rise > noise and train_best - train_final > noise,
+    }
+
+
+def size_verdicts(curves: list[dict[str, Any]], noise: float = NOISE) -> dict[str, Any]:
+    """Across sizes (smallest first): the best size, the first size that does not beat every smaller
+    one's held-out minimum by more than `noise` ("stops helping"), and the first that memorises."""
+    ordered = sorted(curves, key=lambda c: c["non_embedding"])
+    summaries = [curve_summary(c, noise) for c in ordered]
+    stops = None
+    for i in range(1, len(ordered)):
+        best_smaller = min(s["best_loss"] for s in summaries[:i])
+        if summaries[i]["best_loss"] > best_smaller - noise:
+            stops = ordered[i]["size"]
+            break
+    memorises = next((c["size"] for c, s in zip(ordered, summaries) if s["memorising"]), None)
+    best = min(range(len(ordered)), key=lambda i: summaries[i]["best_loss"]) if ordered else None
+    return {
+        "best": ordered[best]["size"] if best is not None else None,
+        "stops_helping": stops,
+        "first_memorising": memorises,
+        "summaries": {c["size"]: s for c, s in zip(ordered, summaries)},
+    }
+
+
+def summarise(res: BenchResult) -> None:
+    """Measurements of the held-out minima, the sizes table and the conclusions, from the stored
+    curves (idempotent: what an earlier call wrote is replaced)."""
+    curves = sorted(res.extra.get("curves", []), key=lambda c: c["non_embedding"])
+    noise = res.settings.get("noise", NOISE)
+    res.measurements[:] = [m for m in res.measurements if m["metric"] != "loss"]
+    res.tables[:] = [t for t in res.tables if t["title"] != "Sizes"]
+    old = set(res.extra.get("conclusions", []))
+    res.notes[:] = [n for n in res.notes if n not in old]
+    if not curves:
+        res.extra["conclusions"] = []
+        return
+    v = size_verdicts(curves, noise)
+    res.extra["verdicts"] = v
+    first = curves[0]
+    res.extra["plan"] = {  # what the report's paragraph reads
+        **res.extra.get("corpus", {}),
+        "eval_every_steps": first["eval_every"],
+        "steps_per_epoch": round(first["steps"] / first["epochs"], 1),
+        "sizes": [c["size"] for c in curves],
+    }
+    rows = []
+    for c in curves:
+        s = v["summaries"][c["size"]]
+        res.measure(
+            f"{c['size']}: held-out minimum",
+            "loss",
+            "nats/token",
+            [s["best_loss"]],
+            higher_is_better=False,
+            params=c["total"],
+            non_embedding=c["non_embedding"],
+            epoch=s["best_epoch"],
+        )
+        rows.append(
+            [
+                c["size"],
+                f"{c['non_embedding']:,}",
+                f"{c['total']:,}",
+                f"{c['tokens'] / c['epochs'] / c['non_embedding']:.2f}",
+                f"{s['best_loss']:.3f}",
+                f"{s['best_epoch']} ({s['best_epochs']:.1f})",
+                f"{s['final_loss']:.3f} ({s['rise_after_best']:+.3f})",
+                f"{s['train_at_best']:.3f} -> {s['train_final']:.3f}",
+                "yes" if s["memorising"] else "no",
+                f"{c['lr']:.2g}",
+                f"{c['tokens'] / c['seconds']:,.0f}",
+                f"{c['seconds']:.0f}",
+            ]
+        )
+    res.table(
+        "Sizes",
+        [
+            "size",
+            "non-embedding params",
+            "total params",
+            "train tokens per non-emb. param (1 epoch)",
+            "held-out minimum",
+            "in epoch (epochs done)",
+            "final held-out (rise)",
+            "train loss at min -> end",
+            "memorising",
+            "lr",
+            "tokens/s",
+            "training s",
+        ],
+        rows,
+    )
+    lines = []
+    span = curves[-1]["non_embedding"] / curves[0]["non_embedding"]
+    epochs = curves[0]["epochs"]
+    lines.append(
+        f"{len(curves)} sizes, {span:.0f}x in non-embedding parameters "
+        f"({curves[-1]['total'] / curves[0]['total']:.0f}x in total), {epochs} epochs of "
+        f"{curves[0]['tokens'] / epochs:,.0f} training tokens each."
+    )
+    best = v["summaries"][v["best"]]
+    lines.append(f"Lowest held-out loss: {v['best']}, {best['best_loss']:.3f} in epoch {best['best_epoch']}.")
+    if v["stops_helping"]:
+        i = next(k for k, c in enumerate(curves) if c["size"] == v["stops_helping"])
+        s, prev = v["summaries"][curves[i]["size"]], min(v["summaries"][c["size"]]["best_loss"] for c in curves[:i])
+        lines.append(
+            f"Larger models stop helping at {v['stops_helping']}: its held-out minimum {s['best_loss']:.3f} is not "
+            f"lower than the smaller sizes' best {prev:.3f} by more than the noise ({noise})."
+        )
+    else:
+        lines.append(f"Every larger size lowered the held-out minimum by more than the noise ({noise}).")
+    for c in curves:
+        s = v["summaries"][c["size"]]
+        if s["memorising"]:
+            lines.append(
+                f"{c['size']} memorises: held-out minimum in epoch {s['best_epoch']}, then its held-out loss rises "
+                f"by {s['rise_after_best']:.3f} while its train loss falls from {s['train_at_best']:.3f} to "
+                f"{s['train_final']:.3f}."
+            )
+    if v["first_memorising"] is None:
+        lines.append(f"No size memorised within {epochs} epochs (held-out never rose by more than {noise}).")
+    res.extra["conclusions"] = lines
+    for line in lines:
+        res.note(line)
+
+
+def targets_for(res: BenchResult) -> None:
+    """Re-derive the minima, table and conclusions of a study (finished or stopped) from its curves."""
+    summarise(res)
+
+
+def _plot(res: BenchResult, fig: Any) -> None:
+    curves = sorted(res.extra.get("curves", []), key=lambda c: c["non_embedding"])
+    if not curves:
+        return
+    v = res.extra.get("verdicts") or size_verdicts(curves, res.settings.get("noise", NOISE))
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    ax1 = fig.add_subplot(1, 2, 1)
+    for i, c in enumerate(curves):
+        color = cmap(i / max(1, len(curves) - 1))
+        per_epoch = c["tokens"] / c["epochs"]
+        held = c["held_out"]
+        ax1.plot(
+            [p[0] / per_epoch for p in held],
+            [p[2] for p in held],
+            marker="o",
+            ms=3,
+            color=color,
+            label=f"{c['size']} ({c['non_embedding'] / 1e6:.2g}M non-emb.)",
+        )
+        train = [(p[0] / per_epoch, train_loss_at(c["train"], held, k)) for k, p in enumerate(held)]
+        ax1.plot([t[0] for t in train], [t[1] for t in train], ls="--", lw=1, color=color)
+        s = v["summaries"][c["size"]]
+        ax1.plot([s["best_epochs"]], [s["best_loss"]], marker="*", ms=13, color=color, mec="black")
+    ax1.set_xlabel("epochs")
+    ax1.set_ylabel("loss (nats/token)")
+    ax1.set_title("held-out (solid, ★ minimum) and train loss (dashed)", fontsize=10)
+    ax1.legend(fontsize=7)
+    ax2 = fig.add_subplot(1, 2, 2)
+    x = [c["non_embedding"] for c in curves]
+    summ = [v["summaries"][c["size"]] for c in curves]
+    ax2.plot(x, [s["best_loss"] for s in summ], marker="*", ms=10, label="held-out minimum")
+    ax2.plot(x, [s["final_loss"] for s in summ], marker="o", label="final held-out")
+    ax2.plot(x, [s["train_final"] for s in summ], marker="s", ls="--", label="final train")
+    for c, s in zip(curves, summ):
+        ax2.annotate(
+            f"ep {s['best_epoch']}" + (" mem." if s["memorising"] else ""),
+            (c["non_embedding"], s["best_loss"]),
+            textcoords="offset points",
+            xytext=(4, 6),
+            fontsize=7,
+        )
+    if v.get("stops_helping"):
+        xs = next(c["non_embedding"] for c in curves if c["size"] == v["stops_helping"])
+        ax2.axvline(xs, color="gray", ls=":", lw=1, label=f"stops helping ({v['stops_helping']})")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("non-embedding parameters (log scale)")
+    ax2.set_ylabel("loss (nats/token)")
+    ax2.set_title(f"against size, after {curves[0]['epochs']} epochs", fontsize=10)
+    ax2.legend(fontsize=7)
+    fig.suptitle(
+        f"Scale study: {curves[0]['tokens'] / curves[0]['epochs']:,.0f} training tokens "
+        f"({res.settings.get('held_out_documents')} rows held out), {curves[0]['epochs']} epochs, AdamW lr ∝ 1/width",
+        fontsize=11,
+    )
 
 
 def plot_for(res: BenchResult) -> Any:
     """The plot function for a result of this benchmark (used to redraw from json)."""
     return _plot
+
+
+def register(bench_app: Any) -> None:
+    """Add `llmcore bench scale` to the bench CLI group (one line in `llmcore.bench.cli`)."""
+    import typer
+
+    from llmcore.bench import cli
+
+    @bench_app.command("scale")
+    def scale_cmd(
+        device: str = cli._DEVICE,
+        out: Path = cli._OUT,
+        quick: bool = cli._QUICK,
+        data_dir: Optional[Path] = cli._DATA,
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per size (default 10 CPU, 8 GPU)."),
+        documents: Optional[int] = typer.Option(
+            None, "--documents", help="Rows in the corpus, held-out ones included (default 80 CPU, all 682 GPU)."
+        ),
+        held_out: Optional[int] = typer.Option(
+            None, "--held-out", help="Rows never trained on (default 16 CPU, a tenth GPU)."
+        ),
+        seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default 256 CPU, 512 GPU)."),
+        batch: Optional[int] = typer.Option(None, "--batch", help="Rows per step (default 4 CPU, 16 GPU)."),
+        budget_minutes: Optional[float] = typer.Option(
+            None, "--budget-minutes", help="Skip a size whose estimated time would pass this (default: no bound)."
+        ),
+    ) -> None:
+        """A bigger model on a small corpus: held-out loss per epoch for 5+ sizes (30x+ in non-embedding
+        parameters); per size the held-out minimum and its epoch; where larger stops helping and memorises.
+
+        Example: llmcore bench scale --device cpu
+        """
+        cli._run(
+            "scale",
+            lambda: run_scale(
+                cli._device(device),
+                quick,
+                epochs,
+                documents,
+                held_out,
+                seq_len,
+                batch,
+                budget_minutes,
+                data_dir=data_dir,
+                command=cli._command(),
+            ),
+            out,
+        )
+
+
+__all__ = [
+    "run_scale",
+    "Size",
+    "default_sizes",
+    "curve_summary",
+    "size_verdicts",
+    "summarise",
+    "train_loss_at",
+    "CPU_SIZES",
+    "GPU_SIZES",
+]
