@@ -28,7 +28,7 @@ from typing import Any, Literal
 from llmcore.common import check_device_spec
 from llmcore.errors import LLMCoreError
 from llmcore.model import BACKENDS
-from llmcore.train.deepspeed_config import MUON_DEEPSPEED
+from llmcore.train.optim import check_muon_deepspeed
 
 DTYPES = ("auto", "fp32", "bf16")
 PACKINGS = ("packed", "bestfit", "padded")
@@ -349,7 +349,7 @@ class TrainConfig:
         if not self.muon_momentum < 1:
             raise LLMCoreError(f"--muon-momentum must be in [0, 1), got {self.muon_momentum}")
         if self.optimizer == "muon" and self.deepspeed is not None:
-            raise LLMCoreError(MUON_DEEPSPEED)
+            check_muon_deepspeed(self.deepspeed, self.grad_clip)  # ZeRO-1/2 only, --grad-clip 0
         for name in ("adam_beta1", "adam_beta2"):
             if not getattr(self, name) < 1:
                 raise LLMCoreError(f"{flag_name(name)} must be in [0, 1), got {getattr(self, name)}")

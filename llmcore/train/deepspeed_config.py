@@ -20,18 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from llmcore.errors import LLMCoreError
 
-if TYPE_CHECKING:  # config.py imports MUON_DEEPSPEED from here
+if TYPE_CHECKING:  # config.py imports this module (through optim.py)
     from llmcore.train.config import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
 DEEPSPEED_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero3-offload")
-
-# ZeRO flattens each group into 1-D partitions (stage 1/2) or shards the matrices (stage 3), and Muon
-# needs each whole matrix; DeepSpeed's own Muon falls back to SGD at stage 0. Refused, not approximated.
-MUON_DEEPSPEED = (
-    "--optimizer muon runs on the plain engine only (one process): DeepSpeed ZeRO splits the "
-    "matrices Muon orthogonalises; drop --deepspeed or use --optimizer adamw"
-)
 
 
 def deepspeed_config_path(name_or_path: str | Path) -> Path:
@@ -140,4 +133,4 @@ def build_ds_config(path: str | Path, cfg: TrainConfig, world: int, accum: int, 
     return ds
 
 
-__all__ = ["CONFIG_DIR", "DEEPSPEED_CONFIGS", "MUON_DEEPSPEED", "build_ds_config", "deepspeed_config_path"]
+__all__ = ["CONFIG_DIR", "DEEPSPEED_CONFIGS", "build_ds_config", "deepspeed_config_path"]

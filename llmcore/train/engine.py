@@ -31,9 +31,17 @@ import torch
 
 from llmcore.common import resolve_device, to_device
 from llmcore.errors import LLMCoreError
-from llmcore.train.deepspeed_config import MUON_DEEPSPEED, build_ds_config, deepspeed_config_path
+from llmcore.train.deepspeed_config import build_ds_config, deepspeed_config_path
 from llmcore.train.distributed import active_dist, init_distributed, peer_errors
-from llmcore.train.optim import make_optimizer, set_lr
+from llmcore.train.optim import (
+    MuonAdamW,
+    check_muon_zero,
+    gather_zero_momentum,
+    make_optimizer,
+    scatter_zero_momentum,
+    set_lr,
+    zero_muon_optimizer,
+)
 from llmcore.train.optim_state import (
     gather_named_state,
     named_optimizer_state,
@@ -176,6 +184,8 @@ class PlainEngine(_EngineBase):
     def load_state(self, step_dir: Path) -> None:
         if not (step_dir / "optimizer.pt").is_file() and (step_dir / "optimizer.safetensors").is_file():
             # Written by a DeepSpeed run (any world size, any ZeRO stage): the name-keyed full state.
+            if isinstance(self.optimizer, MuonAdamW):
+                raise LLMCoreError(f"{step_dir}: a --deepspeed Muon checkpoint resumes with --deepspeed zero1 or zero2")
             state, step = named_optimizer_state(step_dir, plain_state_order(self.module, self.cfg.weight_decay))
             names = {p: n for n, p in self.module.named_parameters()}
             sd = self.optimizer.state_dict()
@@ -220,13 +230,21 @@ class DeepSpeedEngine(_EngineBase):
     def prepare(self, model: torch.nn.Module, accum: int) -> None:
         import deepspeed
 
-        if getattr(self.cfg, "optimizer", "adamw") != "adamw":
-            raise LLMCoreError(MUON_DEEPSPEED)
         self.ds_config = build_ds_config(self.config_path, self.cfg, self.world, accum, self.dtype)
-        self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, self.cfg.weight_decay), config=self.ds_config
-        )
+        zero = self.ds_config.get("zero_optimization", {})
+        self.stage = int(zero.get("stage", 0))
+        self.muon = self.cfg.optimizer == "muon"
+        if self.muon:
+            # DeepSpeed's ZeRO-1/2 Muon, handed over built (llmcore/train/optim.py), not from the JSON.
+            check_muon_zero(zero, self.cfg.grad_clip, str(self.cfg.deepspeed))
+            self.ds_config.pop("optimizer", None)
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=zero_muon_optimizer(model, self.cfg), config=self.ds_config
+            )
+        else:
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, model_parameters=param_groups(model, self.cfg.weight_decay), config=self.ds_config
+            )
         self.module = self.engine.module
         if self.cfg.compile:
             self.engine.compile()
@@ -250,8 +268,7 @@ class DeepSpeedEngine(_EngineBase):
             raise RuntimeError("DeepSpeed's gradient accumulation count is out of step with the Trainer")
         norm: Any = None
         if boundary:
-            for g in self.engine.optimizer.param_groups:
-                g["lr"] = lr
+            set_lr(self.engine.optimizer, lr, self.cfg.lr)  # Muon's group: --muon-lr times the schedule
             if self.stage == 0:
                 params = [p for p in self.module.parameters() if p.grad is not None]
                 if self.cfg.grad_clip > 0:
@@ -289,6 +306,8 @@ class DeepSpeedEngine(_EngineBase):
     def save_state(self, step_dir: Path) -> None:
         with peer_errors("gathering the optimizer state"):
             tensors = gather_named_state(self.engine, self.module, keep=self.rank == 0)
+            if self.muon:
+                tensors.update(gather_zero_momentum(self.engine.optimizer, self.module, keep=self.rank == 0))
         if self.rank == 0:
             meta = {
                 "engine": "deepspeed",
@@ -299,6 +318,8 @@ class DeepSpeedEngine(_EngineBase):
             write_optimizer_safetensors(step_dir, tensors, meta)
 
     def load_state(self, step_dir: Path) -> None:
+        if self.muon and not (step_dir / "optimizer.safetensors").is_file():
+            raise LLMCoreError(f"{step_dir}: a Muon checkpoint of the plain engine resumes without --deepspeed")
         state, step = named_optimizer_state(step_dir, plain_state_order(self.module, self.cfg.weight_decay))
         with peer_errors("restoring the optimizer state"):
             scatter_named_state(
@@ -310,6 +331,8 @@ class DeepSpeedEngine(_EngineBase):
                 relink=self.stage > 0 or self.dtype == "bf16",
                 source=step_dir / "optimizer.safetensors",
             )
+            if self.muon:
+                scatter_zero_momentum(self.engine.optimizer, self.module, state, step_dir / "optimizer.safetensors")
             self.engine.global_steps = int(step)
             self.engine.global_samples = int(step) * self.engine.train_batch_size()
 

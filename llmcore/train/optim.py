@@ -1,5 +1,5 @@
-"""The optimizers of the plain engine: AdamW (MiniMind's) or Muon on the hidden matrices + AdamW on
-the rest (`--optimizer muon`, as modded-nanogpt and nanochat).
+"""The optimizers of both engines: AdamW (MiniMind's) or Muon on the hidden matrices + AdamW on the
+rest (`--optimizer muon`, as modded-nanogpt and nanochat).
 
 Which parameter goes where (`optimizer_groups`):
 - Muon: every trainable 2-D `.weight` under `layers.` — the attention projections (q/k/v/o) and the
@@ -21,23 +21,53 @@ factor. Weight decay: AdamW as before (`--weight-decay` on 2-D weights that are 
 with Muon that leaves only an untied head), decoupled `--muon-weight-decay` (default 0, as Keller's
 Muon) on the Muon group: param *= 1 - lr * wd before the update.
 
-The update itself is `torch.optim.Muon`'s (no second copy here); `MuonAdamW` only steps the two
+Plain engine: the update itself is `torch.optim.Muon`'s (no second copy here); `MuonAdamW` steps the two
 torch optimizers together and keeps one state dict in torch's format (int-keyed state, groups with
 `params` index lists, AdamW's groups first), so `optimizer.pt` stays loadable with
 `torch.load(weights_only=True)` and resumes exactly.
+
+Under DeepSpeed (`--deepspeed` with ZeRO stage 1 or 2) the same update is DeepSpeed's own ZeRO Muon
+(`deepspeed.runtime.zero.muon`): `zero_muon_optimizer` hands DeepSpeed a `MuonWithAuxAdam` built
+from the groups above (each parameter tagged `use_muon`), with `torch.optim.AdamW` as its AdamW.
+ZeRO-1/2 all-reduces each Muon matrix's whole gradient to every rank whose partition holds part
+of it, and that rank runs Muon's update on the whole matrix before keeping its slice: momentum
+m = mu m + (1-mu) g, Nesterov u = (1-mu) g + mu m, the same quintic Newton-Schulz (5 steps, same
+coefficients, normalised by |u|_F + 1e-7; `MUON_NS_METHOD`), times sqrt(max(1, A/B)); then
+param *= 1 - lr wd and param -= lr * update. So both engines take the same step; only the
+Newton-Schulz precision differs (torch's bf16 against DeepSpeed's fp16, or fp32 on a CPU without
+fp16 matmuls): losses agree to ~3e-5 over a few steps (tests/test_train_muon_zero.py). With
+`--dtype bf16` DeepSpeed keeps the momentum in the gradients' dtype, bf16. What is refused, in one
+line each (`check_muon_zero`; `check_muon_deepspeed` when the config is resolved), because
+DeepSpeed's Muon there is not this update:
+- ZeRO-0 and ZeRO-3 (ZeRO-3 shards the matrices and runs a different sub-group path; stage 0
+  wraps no ZeRO optimizer), and optimizer offload (a separate CPU path);
+- `--grad-clip` > 0: ZeRO clips after Muon has replaced the gradient by its orthogonalised
+  update, so the clip would shrink Muon's step by the update's norm instead of clipping the
+  gradient; with Muon under DeepSpeed, pass `--grad-clip 0`.
+Each Muon matrix's momentum lives in a flat per-rank buffer laid out over the whole parameters of
+that rank's partition (`zero_muon_momentum`); `gather_zero_momentum` / `scatter_zero_momentum`
+turn it into / from one full tensor per parameter name for the checkpoint.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Iterator
 
 import torch
 
 from llmcore.errors import LLMCoreError
+from llmcore.train.deepspeed_config import DEEPSPEED_CONFIGS, deepspeed_config_path
 
 OPTIMIZERS = ("adamw", "muon")
 LR_SCHEDULES = ("cosine", "wsd")
 MUON_ADJUST_LR = "original"
+MUON_ZERO_STAGES = (1, 2)
+# DeepSpeed's "gram" Newton-Schulz applies the same quintic polynomial through the Gram matrix X X^T
+# (exact in exact arithmetic; one restart keeps it so in half precision) and runs in fp16 where the
+# accelerator has it, else fp32: closer to the published iteration than its "standard" (bf16 with a
+# rounding after every op: measured, about twice the deviation of torch's from a float64 iteration).
+MUON_NS_METHOD = "gram"
 
 
 def is_muon_param(name: str, p: torch.nn.Parameter) -> bool:
@@ -156,6 +186,144 @@ def make_optimizer(model: torch.nn.Module, cfg: Any, fused: bool = False) -> tor
     return MuonAdamW(adamw, muon)
 
 
+def offloads_optimizer(zero: dict[str, Any]) -> bool:
+    """Whether a `zero_optimization` section moves the optimizer state off the accelerator."""
+    off = zero.get("offload_optimizer")
+    return isinstance(off, dict) and str(off.get("device", "none")).lower() not in ("none", "")
+
+
+def check_muon_zero(zero: dict[str, Any], grad_clip: float, config: str) -> None:
+    """Refuse, in one line, the DeepSpeed settings under which DeepSpeed's Muon is not Muon's update
+    (see the module docstring). `zero`: the config's `zero_optimization` section; `config`: the
+    --deepspeed value, for the message."""
+    stage = int(zero.get("stage", 0))
+    if stage not in MUON_ZERO_STAGES:
+        raise LLMCoreError(
+            f"--optimizer muon with --deepspeed {config}: ZeRO stage {stage} is not supported "
+            "(DeepSpeed's Muon is Muon's update only under ZeRO-1/2); use --deepspeed zero1 or zero2"
+        )
+    if offloads_optimizer(zero):
+        raise LLMCoreError(
+            f"--optimizer muon with --deepspeed {config}: optimizer offload is not supported "
+            "with Muon; remove offload_optimizer from the config"
+        )
+    if grad_clip > 0:
+        raise LLMCoreError(
+            f"--optimizer muon with --deepspeed needs --grad-clip 0 (got {grad_clip:g}): ZeRO clips "
+            "Muon's orthogonalised update, not the gradient, which would shrink Muon's step"
+        )
+
+
+def check_muon_deepspeed(deepspeed: str, grad_clip: float) -> None:
+    """The part of `check_muon_zero` the settings decide before the run: --grad-clip, and the stage
+    of a shipped config (`--deepspeed NAME`, package data). A JSON path of the user's is checked by
+    the engine when it reads the file (settings are checked without looking at the machine)."""
+    zero: dict[str, Any] = {"stage": 1}  # a stage check_muon_zero accepts: the file decides later
+    if deepspeed in DEEPSPEED_CONFIGS:
+        shipped = json.loads(deepspeed_config_path(deepspeed).read_text())
+        zero = shipped.get("zero_optimization", {})
+    check_muon_zero(zero, grad_clip, deepspeed)
+
+
+def zero_muon_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    """DeepSpeed's `MuonWithAuxAdam` for ZeRO-1/2 with exactly `make_optimizer`'s groups, rates and
+    decay: Muon (Nesterov, `MUON_NS_METHOD`) on `is_muon_param`, torch's AdamW on the rest. Tags
+    every trainable parameter's `use_muon`, which ZeRO reads to run Muon on the whole matrix."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for n, p in named:
+        p.use_muon = is_muon_param(n, p)  # type: ignore[attr-defined]
+    muon = [p for _, p in named if p.use_muon]  # type: ignore[attr-defined]
+    if not muon:
+        raise LLMCoreError(
+            "--optimizer muon: no hidden weight matrix trains in this run (LoRA trains only its "
+            "adapters); use --optimizer adamw"
+        )
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    groups = adamw_groups([(n, p) for n, p in named if not p.use_muon], cfg.weight_decay)  # type: ignore[attr-defined]
+    for g in groups:
+        g.update(use_muon=False, lr=cfg.lr, base_lr=cfg.lr, betas=betas, eps=cfg.adam_eps)
+    groups.append(
+        {
+            "params": muon,
+            "use_muon": True,
+            "lr": cfg.muon_lr,
+            "base_lr": cfg.muon_lr,
+            "momentum": cfg.muon_momentum,
+            "weight_decay": cfg.muon_weight_decay,
+            "ns_method": MUON_NS_METHOD,
+        }
+    )
+    return MuonWithAuxAdam(
+        groups,
+        adam_optimizer=torch.optim.AdamW,
+        adam_optimizer_kwargs={"lr": cfg.lr, "betas": betas, "eps": cfg.adam_eps},
+    )
+
+
+def zero_muon_momentum(zero_optimizer: Any, create: bool = False) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(parameter, view of its momentum) for every Muon matrix this rank's ZeRO-1/2 partitions hold.
+
+    DeepSpeed keeps one flat momentum buffer per Muon group and rank, laid out over the *whole*
+    parameters of `params_in_partition` in order (a matrix split across ranks has a full copy on
+    each: every one of them runs the update on the whole matrix). `create`: make zero buffers
+    where a fresh engine has none yet (before its first step), to load a checkpoint into.
+    This reads DeepSpeed privates (`params_in_partition`, the flat group's `momentum_buffer`):
+    only the pinned DeepSpeed version guards it."""
+    basic = zero_optimizer.optimizer
+    for i, params in enumerate(zero_optimizer.params_in_partition):
+        if not params or not basic.param_groups[i].get("use_muon", False):
+            continue
+        flat = basic.param_groups[i]["params"][0]
+        state = basic.state[flat]
+        if "momentum_buffer" not in state:
+            if not create:
+                continue
+            state["momentum_buffer"] = torch.zeros(sum(p.numel() for p in params), dtype=flat.dtype, device=flat.device)
+        buf, offset = state["momentum_buffer"], 0
+        for p in params:
+            yield p, buf.narrow(0, offset, p.numel()).view(p.shape)
+            offset += p.numel()
+
+
+def gather_zero_momentum(zero_optimizer: Any, module: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
+    """`{"momentum_buffer/NAME": full fp32 momentum}` for every Muon matrix, on the CPU; empty before
+    the first step. A collective (every rank calls it); only ranks with `keep` collect."""
+    import torch.distributed as dist
+
+    local = {id(p): m for p, m in zero_muon_momentum(zero_optimizer)}
+    named = [(n, p) for n, p in module.named_parameters() if getattr(p, "use_muon", False)]
+    device = next(iter(local.values())).device if local else named[0][1].device
+    world = dist.get_world_size()
+    # The lowest rank holding a matrix sends it; every copy is the same (each holder ran the update).
+    holder = torch.tensor([dist.get_rank() if id(p) in local else world for _, p in named], device=device)
+    dist.all_reduce(holder, op=dist.ReduceOp.MIN)
+    out: dict[str, torch.Tensor] = {}
+    for (name, p), h in zip(named, holder.tolist()):
+        if h == world:  # no rank has momentum yet: no step taken
+            continue
+        t = local[id(p)].float().clone() if h == dist.get_rank() else torch.zeros(p.shape, device=device)
+        dist.all_reduce(t)
+        if keep:
+            out[f"momentum_buffer/{name}"] = t.cpu().contiguous()
+    return out
+
+
+def scatter_zero_momentum(
+    zero_optimizer: Any, module: torch.nn.Module, state: dict[str, torch.Tensor], source: Any
+) -> None:
+    """Write `momentum_buffer/NAME` tensors into this rank's ZeRO-1/2 Muon buffers; a matrix without
+    one is an LLMCoreError naming `source` (the checkpoint file). Local: no collective."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    for p, m in zero_muon_momentum(zero_optimizer, create=True):
+        t = state.get(f"momentum_buffer/{names[id(p)]}")
+        if t is None:
+            raise LLMCoreError(f"{source} has no Muon momentum for {names[id(p)]} (written with --optimizer adamw?)")
+        with torch.no_grad():
+            m.copy_(t.to(m.device, m.dtype))
+
+
 def set_lr(optimizer: Any, lr: float, base_lr: float) -> None:
     """Apply the schedule's `lr` (for a group whose base is `base_lr`, i.e. --lr): a group with the
     same base gets `lr` itself, any other (Muon's) its own base times lr / base_lr."""
@@ -165,4 +333,20 @@ def set_lr(optimizer: Any, lr: float, base_lr: float) -> None:
         g["lr"] = lr if b == base_lr else b * scale
 
 
-__all__ = ["OPTIMIZERS", "LR_SCHEDULES", "MuonAdamW", "make_optimizer", "set_lr", "group_names", "is_muon_param"]
+__all__ = [
+    "OPTIMIZERS",
+    "LR_SCHEDULES",
+    "MUON_ZERO_STAGES",
+    "MuonAdamW",
+    "check_muon_deepspeed",
+    "check_muon_zero",
+    "gather_zero_momentum",
+    "group_names",
+    "is_muon_param",
+    "make_optimizer",
+    "offloads_optimizer",
+    "scatter_zero_momentum",
+    "set_lr",
+    "zero_muon_momentum",
+    "zero_muon_optimizer",
+]

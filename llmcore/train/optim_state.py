@@ -5,7 +5,8 @@ Formats (neither can run code when read):
 - `optimizer.pt` (plain engine): the torch optimizer's state dict with every tensor on the CPU, read
   back with `torch.load(weights_only=True)`; parameters are numbered in the optimizer's group order.
 - `optimizer.safetensors` (DeepSpeed, any ZeRO stage and world size): `master/NAME` (fp32 master
-  weight), `exp_avg/NAME`, `exp_avg_sq/NAME` per parameter name, and in the metadata `format`
+  weight), `exp_avg/NAME`, `exp_avg_sq/NAME` per parameter name (a Muon matrix of `--optimizer muon`
+  under ZeRO-1/2 has `momentum_buffer/NAME` instead of the two moments: optim.py), and in the metadata `format`
   (`OPTIMIZER_FORMAT`), `engine`, `zero_stage`, `world_size` and `step`.
 `named_optimizer_state` reads either one into the name-keyed form, so a checkpoint resumes on any
 world size, any ZeRO stage, or the plain engine.
@@ -131,10 +132,12 @@ def link_zero_state(ds_engine: Any, step: float | None = None) -> None:
     This touches DeepSpeed privates (`fp32_partitioned_groups_flat`, `_hp_optimizer_states_linked`,
     `_lazy_init_hp_params_optimizer_state`): only the pinned DeepSpeed version guards it."""
     basic = basic_optimizer(ds_engine)
+    # Muon's groups (`--optimizer muon`, ZeRO-1/2) keep a momentum buffer, not AdamW moments (optim.py).
+    adamw = [g for g in basic.param_groups if not g.get("use_muon", False)]
     if step is not None:
         flats = list(
             getattr(ds_engine.optimizer, "fp32_partitioned_groups_flat", None)
-            or [p for g in basic.param_groups for p in g["params"]]
+            or [p for g in adamw for p in g["params"]]
         )
         for p in flats:  # ZeRO-3 keeps its flat fp32 partitions outside the optimizer's groups
             st = basic.state[p]
@@ -142,7 +145,7 @@ def link_zero_state(ds_engine: Any, step: float | None = None) -> None:
                 st.update(step=torch.tensor(float(step)), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
     opt = ds_engine.optimizer
     if hasattr(opt, "_hp_optimizer_states_linked") and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
-        if all("exp_avg" in basic.state[p] for g in basic.param_groups for p in g["params"]):
+        if all("exp_avg" in basic.state[p] for g in adamw for p in g["params"]):
             opt._hp_optimizer_states_linked = False
             opt._lazy_init_hp_params_optimizer_state()
 
@@ -184,13 +187,16 @@ def _set_full(
 
 def gather_named_state(ds_engine: Any, module: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
     """The full name-keyed state (`master/NAME`, `exp_avg/NAME`, `exp_avg_sq/NAME`) of a DeepSpeed
-    engine's trainable parameters. A collective: every rank calls it; only ranks with `keep` collect."""
+    engine's trainable parameters. A collective: every rank calls it; only ranks with `keep` collect.
+    A Muon matrix (`use_muon`) has no AdamW moments: its momentum is `optim.gather_zero_momentum`'s."""
     tensors: dict[str, torch.Tensor] = {}
     link_zero_state(ds_engine)
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         for prefix, key in _NAMED_KEYS:
+            if key is not None and getattr(p, "use_muon", False):
+                continue
             t = _full(ds_engine, p, key)
             if keep and t is not None:
                 tensors[f"{prefix}/{name}"] = t
@@ -222,6 +228,8 @@ def scatter_named_state(
         if not p.requires_grad:
             continue
         for prefix, key in _NAMED_KEYS:
+            if key is not None and getattr(p, "use_muon", False):
+                continue  # Muon's momentum: optim.scatter_zero_momentum
             t = state.get(f"{prefix}/{name}")
             if t is None:
                 if prefix == "master":
