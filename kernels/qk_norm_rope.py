@@ -19,7 +19,9 @@ transpose ``dn1 = dy1*c1 + dy2*s2``, ``dn2 = dy2*c2 - dy1*s1``; then RMSNorm's b
 program writes one fp32 partial row, torch sums them in fp32 (deterministic).
 
 Layout: one program handles a block of tokens and all heads of q (or k), so each table row and
-the weight are loaded once per program and reused across heads. Math in fp32; outputs keep the
+the weight are loaded once per program and reused across heads; one kernel serves both directions
+(``BACKWARD``), and the block's loads and the rotation are ``llmcore.kernels.rope``'s
+(``rope_block``, ``rotate``). Math in fp32; outputs keep the
 inputs' dtypes. ``cos``/``sin`` are constants (no gradient).
 
 Registered with torch as ``torch.ops.llmcore.qk_norm_rope`` and
@@ -35,58 +37,12 @@ import triton
 import triton.language as tl
 
 from llmcore.kernels._runtime import cast_rtne, check_device, needs_bf16_fix
-from llmcore.kernels.rope import check_positions, rope_args, token_blocks
+from llmcore.kernels.rope import check_positions, rope_args, rope_block, rotate, token_blocks
 
 # The plain-PyTorch side lives in llmcore.reference (one copy, shared with the model's eager path).
 from llmcore.reference import qk_norm_rope_reference
 
 __all__ = ["qk_norm_rope", "qk_norm_rope_reference"]
-
-
-@triton.jit
-def _load_block(
-    X,
-    W,
-    COS,
-    SIN,
-    POS,
-    pid,
-    n_tokens,
-    seq_len,
-    n_heads,
-    half_dim,
-    stride_table,
-    HAS_POS: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-):
-    """A program's tokens: element offsets and mask into the contiguous (tokens, heads, head_dim)
-    tensors, both halves of x (fp32), of the weight and of the table rows (broadcast over heads)."""
-    tok = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    tok_ok = tok < n_tokens
-    if HAS_POS:
-        pos = tl.load(POS + tok, mask=tok_ok, other=0).to(tl.int64)
-    else:
-        pos = tok % seq_len
-    d = tl.arange(0, BLOCK_HALF)
-    d_ok = d < half_dim
-    tab_mask = tok_ok[:, None] & d_ok[None, :]
-    tab = pos[:, None] * stride_table + d[None, :]
-    c1 = tl.load(COS + tab, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
-    c2 = tl.load(COS + tab + half_dim, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
-    s1 = tl.load(SIN + tab, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
-    s2 = tl.load(SIN + tab + half_dim, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
-    w1 = tl.load(W + d, mask=d_ok, other=0.0).to(tl.float32)[None, None, :]
-    w2 = tl.load(W + half_dim + d, mask=d_ok, other=0.0).to(tl.float32)[None, None, :]
-
-    h = tl.arange(0, BLOCK_H)
-    head_dim = 2 * half_dim
-    offs = tok[:, None, None] * (n_heads * head_dim) + h[None, :, None] * head_dim + d[None, None, :]
-    mask = tok_ok[:, None, None] & (h < n_heads)[None, :, None] & d_ok[None, None, :]
-    x1 = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X + offs + half_dim, mask=mask, other=0.0).to(tl.float32)
-    return offs, mask, x1, x2, w1, w2, c1, c2, s1, s2
 
 
 @triton.jit
@@ -98,64 +54,11 @@ def _rstd(x1, x2, half_dim, eps):
 
 
 @triton.jit
-def _qk_norm_rope_fwd_kernel(
+def _qk_norm_rope_kernel(
     X,
     W,
     Y,
-    COS,
-    SIN,
-    POS,
-    n_tokens,
-    seq_len,
-    n_heads,
-    half_dim,
-    stride_table,
-    eps,
-    HAS_POS: tl.constexpr,
-    ROUND_N: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
-    FIX_BF16: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    offs, mask, x1, x2, w1, w2, c1, c2, s1, s2 = _load_block(
-        X,
-        W,
-        COS,
-        SIN,
-        POS,
-        pid,
-        n_tokens,
-        seq_len,
-        n_heads,
-        half_dim,
-        stride_table,
-        HAS_POS,
-        BLOCK_T,
-        BLOCK_H,
-        BLOCK_HALF,
-    )
-    rstd = _rstd(x1, x2, half_dim, eps)
-    # The normalised vector is rounded to the input dtype before the weight, and the weighted one
-    # again when the weight has that dtype too (the product is then computed in it), as eager does.
-    n1 = cast_rtne(x1 * rstd, Y.dtype.element_ty, FIX_BF16).to(tl.float32) * w1
-    n2 = cast_rtne(x2 * rstd, Y.dtype.element_ty, FIX_BF16).to(tl.float32) * w2
-    if ROUND_N:
-        n1 = cast_rtne(n1, Y.dtype.element_ty, FIX_BF16).to(tl.float32)
-        n2 = cast_rtne(n2, Y.dtype.element_ty, FIX_BF16).to(tl.float32)
-    y1 = n1 * c1 - n2 * s1
-    y2 = n2 * c2 + n1 * s2
-    tl.store(Y + offs, cast_rtne(y1, Y.dtype.element_ty, FIX_BF16), mask=mask)
-    tl.store(Y + offs + half_dim, cast_rtne(y2, Y.dtype.element_ty, FIX_BF16), mask=mask)
-
-
-@triton.jit
-def _qk_norm_rope_bwd_kernel(
     DY,
-    X,
-    W,
-    DX,
     DW_PARTIAL,
     COS,
     SIN,
@@ -167,55 +70,59 @@ def _qk_norm_rope_bwd_kernel(
     stride_table,
     eps,
     HAS_POS: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    ROUND_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     FIX_BF16: tl.constexpr,
 ):
+    """Forward: Y = X normalised, weighted and rotated (DY and DW_PARTIAL are not read). BACKWARD:
+    Y = dX for the upstream gradient DY, and this program's row of dW partial sums in DW_PARTIAL."""
     pid = tl.program_id(0)
-    offs, mask, x1, x2, w1, w2, c1, c2, s1, s2 = _load_block(
-        X,
-        W,
-        COS,
-        SIN,
-        POS,
-        pid,
-        n_tokens,
-        seq_len,
-        n_heads,
-        half_dim,
-        stride_table,
-        HAS_POS,
-        BLOCK_T,
-        BLOCK_H,
-        BLOCK_HALF,
+    offs, mask, x1, x2, c1, c2, s1, s2 = rope_block(
+        X, COS, SIN, POS, pid, n_tokens, seq_len, n_heads, half_dim, stride_table, HAS_POS, BLOCK_T, BLOCK_H, BLOCK_HALF
     )
-    dy1 = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-    dy2 = tl.load(DY + offs + half_dim, mask=mask, other=0.0).to(tl.float32)
-    # Transposed rotation: the gradient reaching the normalised, weighted vector.
-    dn1 = dy1 * c1 + dy2 * s2
-    dn2 = dy2 * c2 - dy1 * s1
-    rstd = _rstd(x1, x2, half_dim, eps)
-    xhat1 = x1 * rstd
-    xhat2 = x2 * rstd
-    # The weight multiplied the rounded normalised vector in the forward; its gradient uses it too.
-    xr1 = cast_rtne(xhat1, X.dtype.element_ty, FIX_BF16).to(tl.float32)
-    xr2 = cast_rtne(xhat2, X.dtype.element_ty, FIX_BF16).to(tl.float32)
-    dw1 = tl.sum(tl.sum(dn1 * xr1, axis=1), axis=0)
-    dw2 = tl.sum(tl.sum(dn2 * xr2, axis=1), axis=0)
-    g1 = dn1 * w1
-    g2 = dn2 * w2
-    # d/dx of x*rstd(x): the mean term is the projection through rstd's dependence on x.
-    proj = (tl.sum(g1 * xhat1 + g2 * xhat2, axis=2) / (2 * half_dim))[:, :, None]
-    dx1 = rstd * (g1 - xhat1 * proj)
-    dx2 = rstd * (g2 - xhat2 * proj)
-    tl.store(DX + offs, cast_rtne(dx1, DX.dtype.element_ty, FIX_BF16), mask=mask)
-    tl.store(DX + offs + half_dim, cast_rtne(dx2, DX.dtype.element_ty, FIX_BF16), mask=mask)
+    # The weight is shared by all heads: loaded once per program, broadcast over tokens and heads.
     d = tl.arange(0, BLOCK_HALF)
     d_ok = d < half_dim
-    row = DW_PARTIAL + pid.to(tl.int64) * (2 * half_dim)
-    tl.store(row + d, dw1, mask=d_ok)
-    tl.store(row + half_dim + d, dw2, mask=d_ok)
+    w1 = tl.load(W + d, mask=d_ok, other=0.0).to(tl.float32)[None, None, :]
+    w2 = tl.load(W + half_dim + d, mask=d_ok, other=0.0).to(tl.float32)[None, None, :]
+    rstd = _rstd(x1, x2, half_dim, eps)
+    if BACKWARD:
+        dy1 = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        dy2 = tl.load(DY + offs + half_dim, mask=mask, other=0.0).to(tl.float32)
+        # Transposed rotation: the gradient reaching the normalised, weighted vector.
+        dn1, dn2 = rotate(dy1, dy2, c1, c2, s1, s2, True)
+        xhat1 = x1 * rstd
+        xhat2 = x2 * rstd
+        # The weight multiplied the rounded normalised vector in the forward; its gradient uses it too.
+        xr1 = cast_rtne(xhat1, X.dtype.element_ty, FIX_BF16).to(tl.float32)
+        xr2 = cast_rtne(xhat2, X.dtype.element_ty, FIX_BF16).to(tl.float32)
+        dw1 = tl.sum(tl.sum(dn1 * xr1, axis=1), axis=0)
+        dw2 = tl.sum(tl.sum(dn2 * xr2, axis=1), axis=0)
+        g1 = dn1 * w1
+        g2 = dn2 * w2
+        # d/dx of x*rstd(x): the mean term is the projection through rstd's dependence on x.
+        proj = (tl.sum(g1 * xhat1 + g2 * xhat2, axis=2) / (2 * half_dim))[:, :, None]
+        dx1 = rstd * (g1 - xhat1 * proj)
+        dx2 = rstd * (g2 - xhat2 * proj)
+        tl.store(Y + offs, cast_rtne(dx1, Y.dtype.element_ty, FIX_BF16), mask=mask)
+        tl.store(Y + offs + half_dim, cast_rtne(dx2, Y.dtype.element_ty, FIX_BF16), mask=mask)
+        row = DW_PARTIAL + pid.to(tl.int64) * (2 * half_dim)
+        tl.store(row + d, dw1, mask=d_ok)
+        tl.store(row + half_dim + d, dw2, mask=d_ok)
+    else:
+        # The normalised vector is rounded to the input dtype before the weight, and the weighted one
+        # again when the weight has that dtype too (the product is then computed in it), as eager does.
+        n1 = cast_rtne(x1 * rstd, Y.dtype.element_ty, FIX_BF16).to(tl.float32) * w1
+        n2 = cast_rtne(x2 * rstd, Y.dtype.element_ty, FIX_BF16).to(tl.float32) * w2
+        if ROUND_N:
+            n1 = cast_rtne(n1, Y.dtype.element_ty, FIX_BF16).to(tl.float32)
+            n2 = cast_rtne(n2, Y.dtype.element_ty, FIX_BF16).to(tl.float32)
+        y1, y2 = rotate(n1, n2, c1, c2, s1, s2, False)
+        tl.store(Y + offs, cast_rtne(y1, Y.dtype.element_ty, FIX_BF16), mask=mask)
+        tl.store(Y + offs + half_dim, cast_rtne(y2, Y.dtype.element_ty, FIX_BF16), mask=mask)
 
 
 def _launch(
@@ -234,34 +141,36 @@ def _launch(
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_t, block_h, block_half = token_blocks(n_heads, head_dim, interpreted)
     n_programs = triton.cdiv(n_tokens, block_t)
-    common = dict(
-        HAS_POS=pos is not None,
-        BLOCK_T=block_t,
-        BLOCK_H=block_h,
-        BLOCK_HALF=block_half,
-        FIX_BF16=needs_bf16_fix(interpreted, x.dtype),
-        num_warps=4,
-    )
-    table_args = (
-        cos,
-        sin,
-        pos if pos is not None else x,
-        n_tokens,
-        seq_len,
-        n_heads,
-        head_dim // 2,
-        cos.stride(0),
-        float(eps),
-    )
-    if dy is None:
-        if n_tokens:
-            _qk_norm_rope_fwd_kernel[(n_programs,)](
-                x, weight, out, *table_args, ROUND_N=weight.dtype == x.dtype, **common
-            )
-        return out, None
-    dw_partial = torch.zeros((max(n_programs, 1), head_dim), dtype=torch.float32, device=x.device)
+    backward = dy is not None
+    dw_partial = torch.zeros((max(n_programs, 1), head_dim), dtype=torch.float32, device=x.device) if backward else x
     if n_tokens:
-        _qk_norm_rope_bwd_kernel[(n_programs,)](dy, x, weight, out, dw_partial, *table_args, **common)
+        # The forward reads neither DY nor DW_PARTIAL: x stands in for both pointers (as for POS).
+        _qk_norm_rope_kernel[(n_programs,)](
+            x,
+            weight,
+            out,
+            dy if dy is not None else x,
+            dw_partial,
+            cos,
+            sin,
+            pos if pos is not None else x,
+            n_tokens,
+            seq_len,
+            n_heads,
+            head_dim // 2,
+            cos.stride(0),
+            float(eps),
+            HAS_POS=pos is not None,
+            BACKWARD=backward,
+            ROUND_N=not backward and weight.dtype == x.dtype,
+            BLOCK_T=block_t,
+            BLOCK_H=block_h,
+            BLOCK_HALF=block_half,
+            FIX_BF16=needs_bf16_fix(interpreted, x.dtype),
+            num_warps=4,
+        )
+    if not backward:
+        return out, None
     return out, dw_partial.sum(dim=0).to(weight.dtype)
 
 
@@ -281,7 +190,7 @@ def _qk_norm_rope_op(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise and rotate q and k; new contiguous tensors in their dtypes."""
-    interpreted = check_device(_qk_norm_rope_fwd_kernel, q, k, q_weight, k_weight, cos, sin)
+    interpreted = check_device(_qk_norm_rope_kernel, q, k, q_weight, k_weight, cos, sin)
     check_positions(position_ids, cos.shape[0], "qk_norm_rope")
     cos, sin = cos.contiguous(), sin.contiguous()
     q_out, _ = _launch(q.contiguous(), q_weight.contiguous(), cos, sin, position_ids, eps, interpreted)
@@ -308,7 +217,7 @@ def _qk_norm_rope_bwd(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dq_weight, dk_weight)`` in the inputs' shapes and dtypes (recomputes the norms)."""
-    interpreted = check_device(_qk_norm_rope_fwd_kernel, dq, dk, q, k, q_weight, k_weight, cos, sin)
+    interpreted = check_device(_qk_norm_rope_kernel, dq, dk, q, k, q_weight, k_weight, cos, sin)
     cos, sin = cos.contiguous(), sin.contiguous()
     dq_in, dqw = _launch(
         q.contiguous(), q_weight.contiguous(), cos, sin, position_ids, eps, interpreted, dy=dq.contiguous()

@@ -12,7 +12,8 @@ One program handles a block of tokens and all heads of q (or k), so each table r
 once per token and reused across heads (GQA: q and k simply have different head counts).
 Math in fp32; outputs keep the inputs' dtypes. ``cos``/``sin`` are constants (no gradient).
 The tables (``rope_tables``) and the reference (``apply_rope_reference``) are re-exported from
-``llmcore.reference``.
+``llmcore.reference``. ``rope_block`` (a block's token offsets, x halves and table rows) and
+``rotate`` (the rotation or its transpose) are the one copy the fused QK-norm + RoPE kernel uses too.
 
 Registered with torch as ``torch.ops.llmcore.rope(q, k, cos, sin, position_ids, backward)``, one
 op for both directions whose gradient is itself with ``backward`` flipped, with a fake (shape)
@@ -31,6 +32,64 @@ from llmcore.kernels._runtime import cast_rtne, check_device, needs_bf16_fix, ne
 from llmcore.reference import apply_rope_reference, rope_tables, rotate_half
 
 __all__ = ["apply_rope", "apply_rope_reference", "rope_tables", "rotate_half"]
+
+
+@triton.jit
+def rope_block(
+    X,
+    COS,
+    SIN,
+    POS,
+    pid,
+    n_tokens,
+    seq_len,
+    n_heads,
+    half_dim,
+    stride_table,
+    HAS_POS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """Program `pid`'s block of tokens: the element offsets and mask into the contiguous (tokens,
+    heads, head_dim) tensors, both halves of X (fp32), and the table rows of the tokens' positions
+    (fp32, broadcast over heads). Positions are POS's, else the index within the row (token %
+    seq_len). Shared by the RoPE and the fused QK-norm + RoPE kernels."""
+    tok = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    tok_ok = tok < n_tokens
+    if HAS_POS:
+        pos = tl.load(POS + tok, mask=tok_ok, other=0).to(tl.int64)
+    else:
+        pos = tok % seq_len
+    d = tl.arange(0, BLOCK_HALF)
+    d_ok = d < half_dim
+    tab_mask = tok_ok[:, None] & d_ok[None, :]
+    tab = pos[:, None] * stride_table + d[None, :]
+    c1 = tl.load(COS + tab, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
+    c2 = tl.load(COS + tab + half_dim, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
+    s1 = tl.load(SIN + tab, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
+    s2 = tl.load(SIN + tab + half_dim, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
+
+    h = tl.arange(0, BLOCK_H)
+    head_dim = 2 * half_dim
+    offs = tok[:, None, None] * (n_heads * head_dim) + h[None, :, None] * head_dim + d[None, None, :]
+    mask = tok_ok[:, None, None] & (h < n_heads)[None, :, None] & d_ok[None, None, :]
+    x1 = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + offs + half_dim, mask=mask, other=0.0).to(tl.float32)
+    return offs, mask, x1, x2, c1, c2, s1, s2
+
+
+@triton.jit
+def rotate(x1, x2, c1, c2, s1, s2, BACKWARD: tl.constexpr):
+    """The rotate-half rotation of the halves (x1, x2) by the table halves, or (BACKWARD) its
+    transpose, which carries a gradient back through it (the module docstring's formulas)."""
+    if BACKWARD:
+        y1 = x1 * c1 + x2 * s2
+        y2 = x2 * c2 - x1 * s1
+    else:
+        y1 = x1 * c1 - x2 * s1
+        y2 = x2 * c2 + x1 * s2
+    return y1, y2
 
 
 @triton.jit
@@ -54,33 +113,10 @@ def _rope_kernel(
 ):
     # X and Y are contiguous (tokens, heads, head_dim) with head_dim = 2 * half_dim.
     pid = tl.program_id(0)
-    tok = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    tok_ok = tok < n_tokens
-    if HAS_POS:
-        pos = tl.load(POS + tok, mask=tok_ok, other=0).to(tl.int64)
-    else:
-        pos = tok % seq_len
-    d = tl.arange(0, BLOCK_HALF)
-    d_ok = d < half_dim
-    tab_mask = tok_ok[:, None] & d_ok[None, :]
-    tab = pos[:, None] * stride_table + d[None, :]
-    c1 = tl.load(COS + tab, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
-    c2 = tl.load(COS + tab + half_dim, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
-    s1 = tl.load(SIN + tab, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
-    s2 = tl.load(SIN + tab + half_dim, mask=tab_mask, other=0.0).to(tl.float32)[:, None, :]
-
-    h = tl.arange(0, BLOCK_H)
-    head_dim = 2 * half_dim
-    offs = tok[:, None, None] * (n_heads * head_dim) + h[None, :, None] * head_dim + d[None, None, :]
-    mask = tok_ok[:, None, None] & (h < n_heads)[None, :, None] & d_ok[None, None, :]
-    x1 = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(X + offs + half_dim, mask=mask, other=0.0).to(tl.float32)
-    if BACKWARD:
-        y1 = x1 * c1 + x2 * s2
-        y2 = x2 * c2 - x1 * s1
-    else:
-        y1 = x1 * c1 - x2 * s1
-        y2 = x2 * c2 + x1 * s2
+    offs, mask, x1, x2, c1, c2, s1, s2 = rope_block(
+        X, COS, SIN, POS, pid, n_tokens, seq_len, n_heads, half_dim, stride_table, HAS_POS, BLOCK_T, BLOCK_H, BLOCK_HALF
+    )
+    y1, y2 = rotate(x1, x2, c1, c2, s1, s2, BACKWARD)
     tl.store(Y + offs, cast_rtne(y1, Y.dtype.element_ty, FIX_BF16), mask=mask)
     tl.store(Y + offs + half_dim, cast_rtne(y2, Y.dtype.element_ty, FIX_BF16), mask=mask)
 

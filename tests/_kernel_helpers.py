@@ -18,12 +18,27 @@ import torch
 import triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The dtypes below fp32 the kernels are checked in here (fp16 only where the compiled kernels run).
+LOW_PRECISION = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.bfloat16]
 _TRITON_PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 cpu_only = pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA the compiled kernels run; the error is for CPU tensors")
 needs_ptxas = pytest.mark.skipif(
     shutil.which("ptxas") is None and not _TRITON_PTXAS.exists(), reason="Triton's bundled ptxas not found"
 )
+
+
+def packed_positions(batch: int, seq: int, doc_lengths: list[int]) -> torch.Tensor:
+    """Per-document positions restarting at 0, as the packed loader yields them: each row holds
+    documents of `doc_lengths`, then one running to the row's end."""
+    rows = []
+    for _ in range(batch):
+        pos, lengths = [], list(doc_lengths)
+        while len(pos) < seq:
+            n = lengths.pop(0) if lengths else seq
+            pos.extend(range(n))
+        rows.append(pos[:seq])
+    return torch.tensor(rows, device=DEVICE)
 
 
 def _run_compiled(code: str, timeout: int, **env_overrides: str) -> subprocess.CompletedProcess:

@@ -8,9 +8,16 @@ import torch
 
 from llmcore.kernels import qk_norm_rope, qk_norm_rope_reference, rope_tables
 
-from _kernel_helpers import DEVICE, assert_compiles_for_sm90, assert_refuses_cpu_tensors, cpu_only, needs_ptxas
+from _kernel_helpers import (
+    DEVICE,
+    LOW_PRECISION,
+    assert_compiles_for_sm90,
+    assert_refuses_cpu_tensors,
+    cpu_only,
+    needs_ptxas,
+    packed_positions,
+)
 
-LOW_PRECISION = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.bfloat16]
 # bf16: the kernel keeps fp32 between the rotation's and the norm's backward where eager rounds.
 TOL = {torch.float32: (2e-5, 1e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
 
@@ -26,17 +33,6 @@ def _inputs(batch, seq, heads, kv_heads, head_dim, dtype, seed=0):
     return [t.to(DEVICE, dtype) for t in (q, k, qw, kw, dq, dk)]
 
 
-def _packed_positions(batch, seq, doc_lengths):
-    rows = []
-    for _ in range(batch):
-        pos, lengths = [], list(doc_lengths)
-        while len(pos) < seq:
-            n = lengths.pop(0) if lengths else seq
-            pos.extend(range(n))
-        rows.append(pos[:seq])
-    return torch.tensor(rows, device=DEVICE)
-
-
 def _run(fn, q, k, qw, kw, dq, dk, cos, sin, pos, eps):
     q, k, qw, kw = (t.detach().clone().requires_grad_(True) for t in (q, k, qw, kw))
     q_out, k_out = fn(q, k, qw, kw, cos, sin, pos, eps)
@@ -50,7 +46,7 @@ NAMES = ("q_out", "k_out", "dq", "dk", "dq_weight", "dk_weight")
 def _check(dtype, heads, kv_heads, head_dim, packed, batch=3, seq=37, eps=1e-6, seed=0):
     cos, sin = rope_tables(head_dim, max_positions=64, theta=1e6, device=DEVICE)
     q, k, qw, kw, dq, dk = _inputs(batch, seq, heads, kv_heads, head_dim, dtype, seed=seed)
-    pos = _packed_positions(batch, seq, [5, 20, 3]) if packed else None
+    pos = packed_positions(batch, seq, [5, 20, 3]) if packed else None
     got = _run(qk_norm_rope, q, k, qw, kw, dq, dk, cos, sin, pos, eps)
     # The reference in the kernel's dtype (same roundings), and in fp32 for the gradients of low precision.
     want = _run(qk_norm_rope_reference, q, k, qw, kw, dq, dk, cos, sin, pos, eps)
@@ -101,7 +97,7 @@ def test_reference_equals_float64_formula():
     batch, seq, heads, head_dim, eps, theta = 2, 9, 3, 12, 1e-6, 1e4
     cos, sin = rope_tables(head_dim, 32, theta=theta, device=DEVICE)
     q, k, qw, kw, _, _ = _inputs(batch, seq, heads, 1, head_dim, torch.float32, seed=3)
-    pos = _packed_positions(batch, seq, [4])
+    pos = packed_positions(batch, seq, [4])
     got_q, _ = qk_norm_rope_reference(q, k, qw, kw, cos, sin, pos, eps)
     x = q.double()
     normed = x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) / head_dim + eps) * qw.double()
@@ -129,7 +125,7 @@ def test_qk_norm_rope_rejects_bad_inputs():
 def test_qk_norm_rope_compiles_whole_and_opcheck():
     cos, sin = rope_tables(24, 32, device=DEVICE)
     q, k, qw, kw, _, _ = _inputs(2, 7, 4, 2, 24, torch.float32, seed=5)
-    pos = _packed_positions(2, 7, [3])
+    pos = packed_positions(2, 7, [3])
 
     def fn(a, b, c, d):
         return qk_norm_rope(a, b, c, d, cos, sin, pos, 1e-6)
@@ -171,10 +167,10 @@ def test_qk_norm_rope_compiles_for_sm90():
                 table = dict(COS="*fp32", SIN="*fp32", POS="*i64", n_tokens=4096, seq_len=512, n_heads=heads,
                              half_dim=hd // 2, stride_table=hd, eps=1e-6)
                 flags = dict(HAS_POS=True, BLOCK_T=bt, BLOCK_H=bh, BLOCK_HALF=bhalf, FIX_BF16=False)
-                print(compile_for_cuda(m._qk_norm_rope_fwd_kernel, dict(X=dt, W=dt, Y=dt, **table),
-                                       dict(flags, ROUND_N=True)))
-                print(compile_for_cuda(m._qk_norm_rope_bwd_kernel,
-                                       dict(DY=dt, X=dt, W=dt, DX=dt, DW_PARTIAL="*fp32", **table), flags))
+                dirs = dict(X=dt, W=dt, Y=dt, DY=dt, DW_PARTIAL="*fp32", **table)
+                for backward in (False, True):
+                    print(compile_for_cuda(m._qk_norm_rope_kernel, dirs,
+                                           dict(flags, BACKWARD=backward, ROUND_N=not backward)))
     """)
 
 

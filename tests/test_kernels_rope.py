@@ -9,9 +9,16 @@ import torch
 
 from llmcore.kernels import apply_rope, apply_rope_reference, rope_tables
 
-from _kernel_helpers import DEVICE, assert_compiles_for_sm90, assert_refuses_cpu_tensors, cpu_only, needs_ptxas
+from _kernel_helpers import (
+    DEVICE,
+    LOW_PRECISION,
+    assert_compiles_for_sm90,
+    assert_refuses_cpu_tensors,
+    cpu_only,
+    needs_ptxas,
+    packed_positions,
+)
 
-LOW_PRECISION = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.bfloat16]
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1.6e-2), torch.float16: (2e-3, 2e-3)}
 
 
@@ -22,18 +29,6 @@ def _qk(batch, seq, heads, kv_heads, head_dim, dtype, seed=0):
     dq = torch.randn(q.shape, generator=gen)
     dk = torch.randn(k.shape, generator=gen)
     return [t.to(DEVICE, dtype) for t in (q, k, dq, dk)]
-
-
-def _packed_positions(batch, seq, doc_lengths):
-    """Per-document positions restarting at 0, as the packed loader yields them."""
-    rows = []
-    for _ in range(batch):
-        pos, lengths = [], list(doc_lengths)
-        while len(pos) < seq:
-            n = lengths.pop(0) if lengths else seq
-            pos.extend(range(n))
-        rows.append(pos[:seq])
-    return torch.tensor(rows, device=DEVICE)
 
 
 def _run(fn, q, k, dq, dk, cos, sin, pos):
@@ -56,7 +51,7 @@ def test_rope_matches_reference(dtype, heads, kv_heads, packed):
     batch, seq, head_dim = 3, 37, 64
     cos, sin = rope_tables(head_dim, max_positions=128, theta=1e6, device=DEVICE)
     q, k, dq, dk = _qk(batch, seq, heads, kv_heads, head_dim, dtype)
-    pos = _packed_positions(batch, seq, [5, 20, 3]) if packed else None
+    pos = packed_positions(batch, seq, [5, 20, 3]) if packed else None
     got = _run(apply_rope, q, k, dq, dk, cos, sin, pos)
     if dtype == torch.float32:
         want = _run(apply_rope_reference, q, k, dq, dk, cos, sin, pos)
@@ -105,7 +100,7 @@ def test_rope_reference_equals_explicit_rotation():
     # Independent formula: rotate each pair (x_i, x_{i+D/2}) by angle p * theta^(-2i/D), in float64.
     batch, seq, heads, head_dim, theta = 2, 9, 3, 16, 1e6
     q, k, _, _ = _qk(batch, seq, heads, 1, head_dim, torch.float32, seed=6)
-    pos = _packed_positions(batch, seq, [4])
+    pos = packed_positions(batch, seq, [4])
     cos, sin = rope_tables(head_dim, max_positions=32, theta=theta, device=DEVICE)
     half = head_dim // 2
     freqs = torch.tensor([theta ** (-2.0 * i / head_dim) for i in range(half)], dtype=torch.float64, device=DEVICE)
