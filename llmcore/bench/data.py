@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from llmcore.bench.corpus import minimind_tokenizer_dir, need, read_texts, shared_data_dir, write_jsonl
-from llmcore.bench.harness import BenchResult, bar_panel, cpu_seconds_with_children, fmt, interleaved
+from llmcore.bench.harness import BenchResult, cpu_seconds_with_children, interleaved
+from llmcore.bench.report import bar_panel, fmt
 from llmcore.errors import LLMCoreError
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from llmcore.bench.harness import BenchResult, fmt, interleaved
+from llmcore.bench.harness import BenchResult, interleaved
+from llmcore.bench.report import fmt
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The shared benchmark harness: machine facts, interleaved timing, medians with spread, ratios
-measured in one run, a load monitor, and the three result files (json, md, png).
+measured in one run, a load monitor, and the three result files (json, md, png; drawn by `report`).
 
 Invariants (every `llmcore bench` subcommand relies on them):
 - A measurement is a named case with one sample per repeat; its summary is the median with the
@@ -29,7 +29,6 @@ import datetime as _dt
 import logging
 import os
 import platform
-import re
 import statistics
 import threading
 import time
@@ -39,7 +38,8 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
-from llmcore.io import atomic_write, write_json, write_text
+from llmcore.bench.report import default_plot, render_markdown, render_png, slug
+from llmcore.io import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +163,6 @@ def device_tag(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     return slug(torch.cuda.get_device_name(device))
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
 def synchronize(device: torch.device) -> None:
@@ -619,7 +615,7 @@ class BenchResult:
                     log.warning("%s plot failed (%s); drawing the plain one", self.name, error_line(err))
                     fig.clf()
                     fig.manual_layout = False
-            _default_plot(data, fig)
+            default_plot(data, fig)
 
         render_png(data, paths["png"], draw, figsize=self.figsize)
         write_text(paths["md"], render_markdown(data, paths["png"].name))
@@ -634,222 +630,9 @@ def current_result() -> BenchResult | None:
     return _CURRENT["result"]
 
 
-# ----------------------------------------------------------------------------------------------
-# rendering
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    """A number for a table: thousands separators for big ones, 3 significant digits otherwise."""
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return f"{x:,}"
-    if isinstance(x, float):
-        if x != x:
-            return "-"
-        if abs(x) >= 1000:
-            return f"{x:,.0f}"
-        return f"{x:.{digits}g}"
-    return str(x)
-
-
-def machine_line(m: dict[str, Any]) -> str:
-    parts = [
-        f"CPU {m['cpu']} ({m['cpu_count']} cores visible, torch threads {m['torch_threads']}"
-        + (f", {' '.join(m['cpu_flags'])}" if m.get("cpu_flags") else "")
-        + ")"
-    ]
-    if m.get("gpu"):
-        parts.append(
-            f"GPU {m['gpu']} ({m.get('gpu_memory_gb')} GiB, sm {m.get('gpu_capability')}, cuDNN {m.get('cudnn')})"
-        )
-    parts.append(
-        f"torch {m['torch']}, triton {m.get('triton') or '-'}, CUDA {m.get('cuda') or '-'}, Python {m['python']}"
-    )
-    return "; ".join(parts)
-
-
-def md_table(columns: list[str], rows: list[list[Any]]) -> list[str]:
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
-    return out
-
-
-def render_markdown(d: dict[str, Any], png_name: str) -> str:
-    lines = [f"# {d['title']}", ""]
-    if d.get("quick"):
-        lines += ["**Quick run** (`--quick`: toy sizes to test the benchmark itself; the numbers mean little).", ""]
-    if d.get("command"):
-        lines += [f"Command: `{d['command']}`", ""]
-    load = d.get("load") or {}
-    lines += [
-        f"Run {d['started']} UTC, {d['elapsed_s']} s. Machine: {machine_line(d['machine'])}.",
-        f"Load (1-minute average) during the run: mean {load.get('load_1min_mean')}, max "
-        f"{load.get('load_1min_max')} on {load.get('cpu_count')} CPUs.",
-        "",
-    ]
-    if d.get("interrupted"):
-        lines += [
-            f"> **Interrupted:** {d['interrupted']}. Everything below was measured before that; what "
-            "is missing was not measured.",
-            "",
-        ]
-    for w in d["warnings"]:
-        lines += [f"> **Warning:** {w}", ""]
-    if d.get("failures"):
-        lines += (
-            ["## Failed (not measured)", ""]
-            + md_table(["part", "error"], [[f["what"], f["error"].replace("|", "/")] for f in d["failures"]])
-            + [""]
-        )
-    lines += [
-        "Settings: " + ", ".join(f"{k} `{v}`" for k, v in d["settings"].items()),
-        "",
-        f"![{d['bench']}]({png_name})",
-        "",
-    ]
-    if d["targets"]:
-        lines += ["## Targets", ""]
-        lines += md_table(
-            ["target", "measured", "threshold", "verdict"],
-            [
-                [
-                    t["name"],
-                    fmt(t["value"]) + (t["unit"] if t["value"] is not None else ""),
-                    ("≥ " if t["higher_is_better"] else "≤ ") + fmt(t["threshold"]) + t["unit"],
-                    f"**{t['verdict']}**",
-                ]
-                for t in d["targets"]
-            ],
-        )
-        lines.append("")
-    if d["ratios"]:
-        lines += ["## Ratios (both sides measured in this run)", ""]
-        lines += md_table(
-            ["ratio", "value", "min .. max", "numerator", "denominator", "how"],
-            [
-                [
-                    r["name"],
-                    f"{fmt(r['value'])}x",
-                    f"{fmt(r['min'])} .. {fmt(r['max'])}" if r.get("min") is not None else "-",
-                    r["numerator"],
-                    r["denominator"],
-                    r["method"],
-                ]
-                for r in d["ratios"]
-            ],
-        )
-        lines.append("")
-    for t in d["tables"]:
-        lines += [f"## {t['title']}", ""] + md_table(t["columns"], t["rows"]) + [""]
-    if d["measurements"]:
-        cpu = any("per_cpu_second" in m for m in d["measurements"])
-        cols = ["case", "metric", "median", "unit", "min .. max", "n"] + (
-            ["per CPU-second", "CPU share"] if cpu else []
-        )
-        rows = []
-        for m in d["measurements"]:
-            row = [m["case"], m["metric"], fmt(m["median"]), m["unit"], f"{fmt(m['min'])} .. {fmt(m['max'])}", m["n"]]
-            if cpu:
-                pc, sh = m.get("per_cpu_second"), m.get("cpu_share")
-                row += [fmt(pc["median"]) if pc else "-", fmt(sh["median"]) if sh else "-"]
-            rows.append(row)
-        lines += [
-            "## All measurements",
-            "",
-            "Medians over the interleaved repeats; min .. max is the spread."
-            + (
-                " CPU share = CPU-seconds / wall seconds / torch threads (below 1: the process waited for "
-                "the cores or for I/O)."
-                if cpu
-                else ""
-            ),
-            "",
-        ]
-        lines += md_table(cols, rows) + [""]
-    if d["notes"]:
-        lines += ["## Notes", ""] + [f"- {n}" for n in d["notes"]] + [""]
-    return "\n".join(lines)
-
-
-def render_png(
-    d: dict[str, Any], path: Path, draw: Callable[[Any], None], figsize: tuple[float, float] = (12, 5.5)
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=figsize)
-    try:
-        draw(fig)
-        sub = f"{d['machine'].get('gpu') or d['machine']['cpu']} · torch {d['machine']['torch']} · {d['date']}"
-        if d.get("quick"):
-            sub += " · QUICK RUN (toy sizes)"
-        if d["warnings"]:
-            sub += " · machine busy: wall times noisy"
-        fig.text(0.5, 0.005, sub, ha="center", va="bottom", fontsize=8, color="dimgray")
-        if not getattr(fig, "manual_layout", False):  # a plot that placed its own axes keeps them
-            fig.tight_layout(rect=(0, 0.03, 1, 1))
-        atomic_write(path, lambda p: fig.savefig(p, dpi=110))
-    finally:
-        plt.close(fig)
-
-
-def _default_plot(d: dict[str, Any], fig: Any) -> None:
-    ax = fig.add_subplot(1, 1, 1)
-    ms = d["measurements"][:30]
-    ax.barh([m["case"] for m in ms], [m["median"] or 0 for m in ms])
-    ax.set_xlabel(ms[0]["unit"] if ms else "")
-    ax.set_title(d["title"])
-
-
-def bar_panel(
-    ax: Any,
-    labels: list[str],
-    values: list[float | None],
-    spreads: list[tuple[float, float] | None],
-    title: str,
-    xlabel: str,
-    colors: list[str] | None = None,
-    texts: list[str] | None = None,
-    ref_line: float | None = None,
-    ref_label: str | None = None,
-) -> None:
-    """A horizontal bar chart with min..max whiskers and each value written at its bar's end."""
-    ys = list(range(len(labels)))[::-1]
-    vals = [v or 0.0 for v in values]
-    ax.barh(ys, vals, color=colors or "tab:blue", alpha=0.85)
-    for i, (y, v, s) in enumerate(zip(ys, values, spreads)):
-        if v is None:
-            ax.text(0, y, " not measured", va="center", fontsize=8, color="gray")
-            continue
-        if s is not None and s[0] is not None and s[1] is not None:
-            ax.plot([s[0], s[1]], [y, y], color="black", lw=1)
-        ax.text(
-            max(v, s[1] if s and s[1] is not None else v),
-            y,
-            " " + (texts[i] if texts else fmt(v)),
-            va="center",
-            fontsize=8,
-        )
-    if ref_line is not None:
-        ax.axvline(ref_line, color="gray", ls="--", lw=1, label=ref_label)
-        if ref_label:
-            ax.legend(fontsize=8, loc="lower right")
-    ax.set_yticks(ys)
-    ax.set_yticklabels(labels, fontsize=8)
-    ax.set_xlabel(xlabel)
-    ax.set_title(title, fontsize=10)
-    ax.margins(x=0.18)
-
-
 __all__ = [
     "machine_info",
     "device_tag",
-    "slug",
     "percentile",
     "quick_or_full",
     "summarize",
@@ -857,12 +640,6 @@ __all__ = [
     "interleaved",
     "LoadMonitor",
     "BenchResult",
-    "render_markdown",
-    "render_png",
-    "fmt",
-    "md_table",
-    "machine_line",
-    "bar_panel",
     "cpu_model",
     "synchronize",
     "cpu_seconds_with_children",

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from llmcore import reference
-from llmcore.bench.harness import BenchResult, fmt, summarize
+from llmcore.bench.harness import BenchResult, summarize
+from llmcore.bench.report import fmt
 from llmcore.errors import LLMCoreError
 
 log = logging.getLogger(__name__)

@@ -41,7 +41,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from llmcore.bench.harness import BenchResult, fmt, interleaved, percentile, quick_or_full
+from llmcore.bench.harness import BenchResult, interleaved, percentile, quick_or_full
+from llmcore.bench.report import fmt
 from llmcore.errors import LLMCoreError
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,6 @@
-"""`llmcore bench report` and `llmcore bench targets`: pages built from the results files only.
+"""How results look: one result's md and png (`render_markdown`, `render_png`, drawn for
+`BenchResult.write`, with the table and bar helpers the benchmarks share), and `llmcore bench
+report` and `llmcore bench targets`: pages built from the results files only.
 
 - `build_index(results_dir)` writes `results_dir/README.md`: every result (newest first per
   benchmark and device) with its headline numbers, its targets and its plot.
@@ -16,15 +18,236 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from llmcore.bench.harness import fmt, machine_line, md_table, render_png, slug
 from llmcore.errors import LLMCoreError
-from llmcore.io import write_json, write_text
+from llmcore.io import atomic_write, write_json, write_text
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 ORDER = ("train", "kernels", "data", "generate", "serve", "rag", "verify", "scale")
+
+
+def slug(text: str) -> str:
+    """`text` as a file-name part: lower case, runs of other characters as one `-` (`nvidia-h200`)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+# ----------------------------------------------------------------------------------------------
+# rendering: one result's md and png (`BenchResult.write`), and the pieces the pages share
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number for a table: thousands separators for big ones, 3 significant digits otherwise."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        if x != x:
+            return "-"
+        if abs(x) >= 1000:
+            return f"{x:,.0f}"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    parts = [
+        f"CPU {m['cpu']} ({m['cpu_count']} cores visible, torch threads {m['torch_threads']}"
+        + (f", {' '.join(m['cpu_flags'])}" if m.get("cpu_flags") else "")
+        + ")"
+    ]
+    if m.get("gpu"):
+        parts.append(
+            f"GPU {m['gpu']} ({m.get('gpu_memory_gb')} GiB, sm {m.get('gpu_capability')}, cuDNN {m.get('cudnn')})"
+        )
+    parts.append(
+        f"torch {m['torch']}, triton {m.get('triton') or '-'}, CUDA {m.get('cuda') or '-'}, Python {m['python']}"
+    )
+    return "; ".join(parts)
+
+
+def md_table(columns: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+    return out
+
+
+def render_markdown(d: dict[str, Any], png_name: str) -> str:
+    lines = [f"# {d['title']}", ""]
+    if d.get("quick"):
+        lines += ["**Quick run** (`--quick`: toy sizes to test the benchmark itself; the numbers mean little).", ""]
+    if d.get("command"):
+        lines += [f"Command: `{d['command']}`", ""]
+    load = d.get("load") or {}
+    lines += [
+        f"Run {d['started']} UTC, {d['elapsed_s']} s. Machine: {machine_line(d['machine'])}.",
+        f"Load (1-minute average) during the run: mean {load.get('load_1min_mean')}, max "
+        f"{load.get('load_1min_max')} on {load.get('cpu_count')} CPUs.",
+        "",
+    ]
+    if d.get("interrupted"):
+        lines += [
+            f"> **Interrupted:** {d['interrupted']}. Everything below was measured before that; what "
+            "is missing was not measured.",
+            "",
+        ]
+    for w in d["warnings"]:
+        lines += [f"> **Warning:** {w}", ""]
+    if d.get("failures"):
+        lines += (
+            ["## Failed (not measured)", ""]
+            + md_table(["part", "error"], [[f["what"], f["error"].replace("|", "/")] for f in d["failures"]])
+            + [""]
+        )
+    lines += [
+        "Settings: " + ", ".join(f"{k} `{v}`" for k, v in d["settings"].items()),
+        "",
+        f"![{d['bench']}]({png_name})",
+        "",
+    ]
+    if d["targets"]:
+        lines += ["## Targets", ""]
+        lines += md_table(
+            ["target", "measured", "threshold", "verdict"],
+            [
+                [
+                    t["name"],
+                    fmt(t["value"]) + (t["unit"] if t["value"] is not None else ""),
+                    ("≥ " if t["higher_is_better"] else "≤ ") + fmt(t["threshold"]) + t["unit"],
+                    f"**{t['verdict']}**",
+                ]
+                for t in d["targets"]
+            ],
+        )
+        lines.append("")
+    if d["ratios"]:
+        lines += ["## Ratios (both sides measured in this run)", ""]
+        lines += md_table(
+            ["ratio", "value", "min .. max", "numerator", "denominator", "how"],
+            [
+                [
+                    r["name"],
+                    f"{fmt(r['value'])}x",
+                    f"{fmt(r['min'])} .. {fmt(r['max'])}" if r.get("min") is not None else "-",
+                    r["numerator"],
+                    r["denominator"],
+                    r["method"],
+                ]
+                for r in d["ratios"]
+            ],
+        )
+        lines.append("")
+    for t in d["tables"]:
+        lines += [f"## {t['title']}", ""] + md_table(t["columns"], t["rows"]) + [""]
+    if d["measurements"]:
+        cpu = any("per_cpu_second" in m for m in d["measurements"])
+        cols = ["case", "metric", "median", "unit", "min .. max", "n"] + (
+            ["per CPU-second", "CPU share"] if cpu else []
+        )
+        rows = []
+        for m in d["measurements"]:
+            row = [m["case"], m["metric"], fmt(m["median"]), m["unit"], f"{fmt(m['min'])} .. {fmt(m['max'])}", m["n"]]
+            if cpu:
+                pc, sh = m.get("per_cpu_second"), m.get("cpu_share")
+                row += [fmt(pc["median"]) if pc else "-", fmt(sh["median"]) if sh else "-"]
+            rows.append(row)
+        lines += [
+            "## All measurements",
+            "",
+            "Medians over the interleaved repeats; min .. max is the spread."
+            + (
+                " CPU share = CPU-seconds / wall seconds / torch threads (below 1: the process waited for "
+                "the cores or for I/O)."
+                if cpu
+                else ""
+            ),
+            "",
+        ]
+        lines += md_table(cols, rows) + [""]
+    if d["notes"]:
+        lines += ["## Notes", ""] + [f"- {n}" for n in d["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def render_png(
+    d: dict[str, Any], path: Path, draw: Callable[[Any], None], figsize: tuple[float, float] = (12, 5.5)
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=figsize)
+    try:
+        draw(fig)
+        sub = f"{d['machine'].get('gpu') or d['machine']['cpu']} · torch {d['machine']['torch']} · {d['date']}"
+        if d.get("quick"):
+            sub += " · QUICK RUN (toy sizes)"
+        if d["warnings"]:
+            sub += " · machine busy: wall times noisy"
+        fig.text(0.5, 0.005, sub, ha="center", va="bottom", fontsize=8, color="dimgray")
+        if not getattr(fig, "manual_layout", False):  # a plot that placed its own axes keeps them
+            fig.tight_layout(rect=(0, 0.03, 1, 1))
+        atomic_write(path, lambda p: fig.savefig(p, dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def default_plot(d: dict[str, Any], fig: Any) -> None:
+    ax = fig.add_subplot(1, 1, 1)
+    ms = d["measurements"][:30]
+    ax.barh([m["case"] for m in ms], [m["median"] or 0 for m in ms])
+    ax.set_xlabel(ms[0]["unit"] if ms else "")
+    ax.set_title(d["title"])
+
+
+def bar_panel(
+    ax: Any,
+    labels: list[str],
+    values: list[float | None],
+    spreads: list[tuple[float, float] | None],
+    title: str,
+    xlabel: str,
+    colors: list[str] | None = None,
+    texts: list[str] | None = None,
+    ref_line: float | None = None,
+    ref_label: str | None = None,
+) -> None:
+    """A horizontal bar chart with min..max whiskers and each value written at its bar's end."""
+    ys = list(range(len(labels)))[::-1]
+    vals = [v or 0.0 for v in values]
+    ax.barh(ys, vals, color=colors or "tab:blue", alpha=0.85)
+    for i, (y, v, s) in enumerate(zip(ys, values, spreads)):
+        if v is None:
+            ax.text(0, y, " not measured", va="center", fontsize=8, color="gray")
+            continue
+        if s is not None and s[0] is not None and s[1] is not None:
+            ax.plot([s[0], s[1]], [y, y], color="black", lw=1)
+        ax.text(
+            max(v, s[1] if s and s[1] is not None else v),
+            y,
+            " " + (texts[i] if texts else fmt(v)),
+            va="center",
+            fontsize=8,
+        )
+    if ref_line is not None:
+        ax.axvline(ref_line, color="gray", ls="--", lw=1, label=ref_label)
+        if ref_label:
+            ax.legend(fontsize=8, loc="lower right")
+    ax.set_yticks(ys)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.margins(x=0.18)
+
+
+# ----------------------------------------------------------------------------------------------
+# pages built from many results
 
 
 def load_results(results_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
@@ -93,7 +316,7 @@ def replot(results_dir: str | Path) -> list[Path]:
     the stored ratios where the benchmark defines how (nothing is re-measured)."""
     from importlib import import_module
 
-    from llmcore.bench.harness import BenchResult
+    from llmcore.bench.harness import BenchResult  # harness imports this module for its rendering
 
     done = []
     for p, d in load_results(results_dir):
@@ -433,6 +656,14 @@ def targets_summary(
 
 
 __all__ = [
+    "fmt",
+    "md_table",
+    "machine_line",
+    "bar_panel",
+    "render_markdown",
+    "render_png",
+    "default_plot",
+    "slug",
     "replot",
     "build_index",
     "readme_block",

@@ -40,7 +40,8 @@ from typing import Any, Callable
 import torch
 
 from llmcore.bench.corpus import minimind_tokenizer_dir, shared_data_dir
-from llmcore.bench.harness import BenchResult, bar_panel, fmt, interleaved, percentile, quick_or_full, stop_requested
+from llmcore.bench.harness import BenchResult, interleaved, percentile, quick_or_full, stop_requested
+from llmcore.bench.report import bar_panel, fmt
 from llmcore.chat import chat_prompt_ids
 from llmcore.checkpoint import load_model_and_tokenizer, save_model
 from llmcore.common import default_attn_backend

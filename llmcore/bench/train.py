@@ -43,16 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from llmcore.bench.corpus import cmrc_passages, minimind_tokenizer_dir, pretrain_hq_rows, shared_data_dir, write_jsonl
-from llmcore.bench.harness import (
-    BenchResult,
-    bar_panel,
-    error_line,
-    fault_point,
-    fmt,
-    interleaved,
-    stop_requested,
-    summarize,
-)
+from llmcore.bench.harness import BenchResult, error_line, fault_point, interleaved, stop_requested, summarize
+from llmcore.bench.report import bar_panel, fmt
 from llmcore.errors import LLMCoreError
 
 log = logging.getLogger(__name__)

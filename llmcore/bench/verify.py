@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmcore.bench.harness import BenchResult, bar_panel, fmt, interleaved, quick_or_full
+from llmcore.bench.harness import BenchResult, interleaved, quick_or_full
+from llmcore.bench.report import bar_panel, fmt
 from llmcore.data_prep.format import FORMAT, FORMAT_VERSION, MANIFEST_FILE
 from llmcore.data_prep.kinds import get_kind
 from llmcore.data_prep.prep import _ShardWriter
