@@ -121,7 +121,8 @@ def register(app: typer.Typer) -> None:
     group = typer.Typer(
         cls=_LossByDefault,
         no_args_is_help=True,
-        help="Score a model: loss/perplexity on a shard dir (default), or a multiple-choice benchmark.\n\n"
+        help="Score a model: its held-out loss on a shard dir as its training stage scores it (default), "
+        "or a multiple-choice benchmark.\n\n"
         "Example: llmcore eval --ckpt runs/pre --data shards/pretrain_eval\n\n"
         "Example: llmcore eval bench --ckpt runs/dpo --task cmmlu --data cmmlu/",
     )
