@@ -43,7 +43,8 @@ DeepSpeed's Muon there is not this update:
   wraps no ZeRO optimizer), and optimizer offload (a separate CPU path);
 - `--grad-clip` > 0: ZeRO clips after Muon has replaced the gradient by its orthogonalised
   update, so the clip would shrink Muon's step by the update's norm instead of clipping the
-  gradient; with Muon under DeepSpeed, pass `--grad-clip 0`.
+  gradient; with Muon under DeepSpeed, pass `--grad-clip 0`. (For the same reason the norm
+  DeepSpeed reports, the trainer's `grad_norm`, is the norm of the update there, not of the gradient.)
 Each Muon matrix's momentum lives in a flat per-rank buffer laid out over the whole parameters of
 that rank's partition (`zero_muon_momentum`); `gather_zero_momentum` / `scatter_zero_momentum`
 turn it into / from one full tensor per parameter name for the checkpoint.
