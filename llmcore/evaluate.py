@@ -90,7 +90,10 @@ def eval_stage(name: str | None, run_stage: str | None, data: str | Path, kind: 
     """The stage that scores `kind` shards: `--stage`, else the run's stage when it trains on that
     kind, else the first stage registered with it as its own kind."""
     if name is not None:
-        st = get_stage(name)
+        try:
+            st = get_stage(name)
+        except LLMCoreError as err:
+            raise LLMCoreError(f"--stage {name}: {err}") from None
         if kind not in st.shard_kinds:
             raise LLMCoreError(
                 f"--data {data} holds {kind} shards; --stage {st.name} scores {' or '.join(st.shard_kinds)} shards"
@@ -116,8 +119,8 @@ def eval_config(
     if not same and st.needs_init:
         where = f"a {run_stage} run" if run_stage else "not a run dir"
         raise LLMCoreError(
-            f"scoring {st.shard_kind} shards as {st.name} needs a {st.name} run dir, whose --init is "
-            f"{st.needs_init}; --ckpt {ckpt} is {where}"
+            f"scoring {st.shard_kind} shards as {st.name} needs a {st.name} run dir (its --init: {st.needs_init}); "
+            f"--ckpt {ckpt} is {where}"
         )
     values = dict(saved) if same else {k: v for k, v in saved.items() if k not in stage_only_settings()}
     if not values.get("init") and not values.get("model"):

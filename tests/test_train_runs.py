@@ -140,6 +140,20 @@ def test_evaluate_equals_per_document_masked_ce_and_cli_prints_it(shards, capsys
     assert printed == pytest.approx(total / n, abs=2e-6) and "perplexity " in text
 
 
+@pytest.mark.parametrize(
+    "data, stage, message",
+    [
+        ("sft", "nope", "--stage nope: unknown stage 'nope'"),
+        ("sft", "grpo", "holds sft shards; --stage grpo scores rl shards"),
+        # DPO pairs need the DPO run's reference (its --init): a pretrain run has none to give.
+        ("dpo", None, "scoring dpo shards as dpo needs a dpo run dir"),
+    ],
+)
+def test_eval_refuses_a_stage_it_cannot_score_in_one_line(shards, data, stage, message):
+    with pytest.raises(LLMCoreError, match=re.escape(message)):
+        evaluate(pretrained_run(), shards[data], stage=stage, device="cpu", progress=False)
+
+
 def test_sft_from_pretrain_loss_is_only_over_assistant_tokens(shards, tmp_path):
     """Step 1's loss (the forward before any update) over one global batch holding every SFT
     document once equals the per-document oracle over the assistant tokens only: a loss that also
