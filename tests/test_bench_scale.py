@@ -34,7 +34,6 @@ def fake_curve(name: str, non_embedding: int, held: list[float], train: list[flo
         "total": non_embedding + VOCAB * 8,
         "hidden": 8,
         "layers": 1,
-        "lr": 1e-3,
         "epochs": epochs,
         "held_out": held_out,
         "train": train_pts,
@@ -116,7 +115,6 @@ def test_minimind3_width_is_minimind3():
     """The GPU family's largest size is MiniMind-3 itself: MiniMind's published parameter count."""
     largest = max(GPU_SIZES, key=lambda s: s.hidden * s.layers)
     assert largest.params(VOCAB)["total"] == 63_912_192
-    assert largest.lr() == pytest.approx(5e-4)  # MiniMind's pretraining LR at its own width
 
 
 def test_bench_scale_quick(tmp_path: Path, shared_data: Path) -> None:

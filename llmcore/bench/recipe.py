@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import shutil
+import signal
 import statistics
 import tempfile
 import time
@@ -36,6 +37,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from llmcore.bench import harness
 from llmcore.bench.corpus import cmrc_passages, minimind_tokenizer_dir, pretrain_hq_rows, shared_data_dir, write_jsonl
 from llmcore.bench.harness import BenchResult
 
@@ -187,7 +189,7 @@ def train_with_curves(cfg: Any, evals: int) -> dict[str, Any]:
     loss), ...], the train curve as [(tokens, loss), ...] (every step: cfg.log_every must be 1),
     tokens, steps, training seconds (wall time less evaluations and saves) and the final held-out
     loss. Shared by `bench recipe` and `bench scale`."""
-    from llmcore.train import Trainer, TrainHooks
+    from llmcore.train import Trainer, TrainHooks, TrainingInterrupted
 
     probe = cfg.resolved("pretrain")
     times: dict[int, float] = {}
@@ -208,7 +210,13 @@ def train_with_curves(cfg: Any, evals: int) -> dict[str, Any]:
 
     trainer.evaluate, trainer.save = timed(trainer.evaluate), timed(trainer.save)
     t0 = time.perf_counter()
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    except TrainingInterrupted as stop:
+        # The trainer's own SIGINT/SIGTERM handler ended this run (a deadline: gpu_check.sh's timeout):
+        # stop the benchmark the way its CLI expects, so the runs that finished are written.
+        harness.request_stop(f"stopped by {signal.Signals(stop.signum).name} during a training run")
+        raise KeyboardInterrupt from stop
     with (Path(cfg.out) / "metrics.jsonl").open(encoding="utf-8") as f:
         recs = [json.loads(line) for line in f if line.strip()]
     held = [(r["tokens"], times.get(r["step"], float("nan")), r["eval_loss"]) for r in recs if "eval_loss" in r]

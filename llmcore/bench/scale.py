@@ -11,12 +11,15 @@ tied table is most of a small model and would hide the part that grows). Totals 
 Corpus: the first `--documents` pretrain_hq-shaped rows (257-519 characters) cut from the CMRC2018
 dev passages with MiniMind's tokenizer (`llmcore.bench.corpus`); `--held-out` of them are never
 trained on (the trainer's `--eval-docs` split, by seed). Sizes: on a CPU, the `demo` preset's
-family (hidden 192, 4 layers, head dim 32) from hidden 32 x 2 layers to 256 x 4; on a GPU the
+family (head dim 16-32) from hidden 32 x 2 layers to the demo itself (192 x 4); on a GPU the
 `minimind-3` family (head dim 96, QK-norm, MLP ceil(pi * hidden / 64) * 64) from 192 x 4 to
 minimind-3 itself (768 x 8). Every size gets the same rows in the same order, the same batch,
-sequence length, epochs and schedule (AdamW, 10 warmup steps, cosine to lr/10); the peak LR is
-2e-3 x 192 / hidden (the demo's swept 2e-3 at 192, and MiniMind's 5e-4 at 768: the usual 1/width
-rule for Adam). The runs go smallest first; `--budget-minutes` skips (and names) a size whose
+sequence length, epochs and recipe: llmcore's (`bench recipe`'s LLMCORE: Muon 0.02 on the hidden
+matrices, AdamW 2e-3 on embeddings and norms, WSD), the same rates at every width (Muon's update
+is orthogonalised, so its rate needs no 1/width rule; AdamW at a fixed width-independent rate on the
+embedding, as Adam's embedding rate in muP). AdamW + cosine was tried first on the CPU and stayed on
+the unigram plateau (held-out ~6.9 at every size): a study of memorisation needs models that learn
+past it within the budget. The runs go smallest first; `--budget-minutes` skips (and names) a size whose
 estimated time (the last size's seconds scaled by training FLOPs per token) would pass it.
 
 Invariants: every loss reported was computed by a run; the minima, epochs and verdicts are
@@ -39,14 +42,12 @@ import torch
 
 from llmcore.bench.corpus import cmrc_passages, minimind_tokenizer_dir, pretrain_hq_rows, shared_data_dir, write_jsonl
 from llmcore.bench.harness import BenchResult
-from llmcore.bench.recipe import model_preset, train_with_curves
+from llmcore.bench.recipe import LLMCORE, model_preset, train_with_curves
 
 log = logging.getLogger(__name__)
 
-REFERENCE_LR, REFERENCE_HIDDEN = 2e-3, 192  # the demo preset's swept pretraining LR at its width
 NOISE = 0.03  # nats/token: differences below this are not called (one seed per size; see README)
 EVALS_PER_EPOCH = 2
-WARMUP_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,6 @@ class Size:
         report = param_report(ModelConfig.from_preset(self.base, vocab_size=vocab, **self.overrides()))
         return {"total": int(report["total"]), "non_embedding": int(report["total"] - report["embedding"])}
 
-    def lr(self) -> float:
-        return REFERENCE_LR * REFERENCE_HIDDEN / self.hidden
-
 
 CPU_SIZES = [
     Size("32x2", "demo", 32, 2, 2, 1),
@@ -88,7 +86,6 @@ CPU_SIZES = [
     Size("96x3", "demo", 96, 3, 3, 1),
     Size("128x4", "demo", 128, 4, 4, 2),
     Size("192x4 (demo)", "demo", 192, 4, 6, 2),
-    Size("256x4", "demo", 256, 4, 8, 2),
 ]
 GPU_SIZES = [
     Size("192x4", "minimind-3", 192, 4, 2, 1),
@@ -134,9 +131,9 @@ def run_scale(
     ddir = shared_data_dir(data_dir)
     tok_dir = minimind_tokenizer_dir(ddir)
     rows = pretrain_hq_rows(cmrc_passages(ddir), seed=seed)
-    epochs = epochs or (3 if quick else (8 if cuda else 10))
-    documents = documents or (16 if quick else (len(rows) if cuda else 80))
-    held_out = held_out or (4 if quick else (max(4, documents // 10) if cuda else 16))
+    epochs = epochs or (3 if quick else 8)
+    documents = documents or (16 if quick else (len(rows) if cuda else 40))
+    held_out = held_out or (4 if quick else (max(4, documents // 10) if cuda else 8))
     seq_len = seq_len or (64 if quick else (512 if cuda else 256))
     batch = batch or (4 if quick else (16 if cuda else 4))
     sizes = sizes or default_sizes(device, quick)
@@ -158,9 +155,7 @@ def run_scale(
         "evaluations_per_epoch": EVALS_PER_EPOCH,
         "seq_len": seq_len,
         "batch": batch,
-        "optimizer": "AdamW",
-        "lr": f"{REFERENCE_LR} x {REFERENCE_HIDDEN}/hidden",
-        "schedule": f"warmup {WARMUP_STEPS} steps, then cosine to lr/10",
+        "recipe": {**LLMCORE, "min_lr": "lr/10"},
         "noise": NOISE,
         "tokenizer": "MiniMind's (vocab 6400)",
         "budget_minutes": budget_minutes,
@@ -213,16 +208,13 @@ def run_scale(
                 save_every=0,
                 save_minutes=0.0,
                 attn_backend="auto" if cuda else "sdpa",
-                optimizer="adamw",
-                lr=size.lr(),
-                lr_schedule="cosine",
-                warmup_steps=WARMUP_STEPS,
+                **LLMCORE,
             )
             t0 = time.perf_counter()
             with model_preset("bench-scale-model", size.base, size.overrides()):
                 run = train_with_curves(cfg, epochs * EVALS_PER_EPOCH)
             last = (size, time.perf_counter() - t0)
-            curve = {"size": size.name, "hidden": size.hidden, "layers": size.layers, "lr": size.lr()}
+            curve = {"size": size.name, "hidden": size.hidden, "layers": size.layers}
             curve.update(counts[size.name], epochs=epochs, **run)
             curves.append(curve)
             res.measure(
@@ -369,7 +361,6 @@ def summarise(res: BenchResult) -> None:
                 f"{s['final_loss']:.3f} ({s['rise_after_best']:+.3f})",
                 f"{s['train_at_best']:.3f} -> {s['train_final']:.3f}",
                 "yes" if s["memorising"] else "no",
-                f"{c['lr']:.2g}",
                 f"{c['tokens'] / c['seconds']:,.0f}",
                 f"{c['seconds']:.0f}",
             ]
@@ -386,7 +377,6 @@ def summarise(res: BenchResult) -> None:
             "final held-out (rise)",
             "train loss at min -> end",
             "memorising",
-            "lr",
             "tokens/s",
             "training s",
         ],
@@ -484,7 +474,7 @@ def _plot(res: BenchResult, fig: Any) -> None:
     ax2.legend(fontsize=7)
     fig.suptitle(
         f"Scale study: {curves[0]['tokens'] / curves[0]['epochs']:,.0f} training tokens "
-        f"({res.settings.get('held_out_documents')} rows held out), {curves[0]['epochs']} epochs, AdamW lr ∝ 1/width",
+        f"({res.settings.get('held_out_documents')} rows held out), {curves[0]['epochs']} epochs, Muon + WSD",
         fontsize=11,
     )
 
@@ -506,12 +496,12 @@ def register(bench_app: Any) -> None:
         out: Path = cli._OUT,
         quick: bool = cli._QUICK,
         data_dir: Optional[Path] = cli._DATA,
-        epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per size (default 10 CPU, 8 GPU)."),
+        epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per size (default 8)."),
         documents: Optional[int] = typer.Option(
-            None, "--documents", help="Rows in the corpus, held-out ones included (default 80 CPU, all 682 GPU)."
+            None, "--documents", help="Rows in the corpus, held-out ones included (default 40 CPU, all 682 GPU)."
         ),
         held_out: Optional[int] = typer.Option(
-            None, "--held-out", help="Rows never trained on (default 16 CPU, a tenth GPU)."
+            None, "--held-out", help="Rows never trained on (default 8 CPU, a tenth GPU)."
         ),
         seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per row (default 256 CPU, 512 GPU)."),
         batch: Optional[int] = typer.Option(None, "--batch", help="Rows per step (default 4 CPU, 16 GPU)."),
