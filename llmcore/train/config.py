@@ -92,8 +92,8 @@ class TrainConfig:
     optimizer: str = setting(
         "adamw",
         "adamw (MiniMind's) or muon (torch.optim.Muon, Nesterov, on the hidden weight "
-        "matrices; AdamW at --lr on embeddings, norms and MoE routers); plain engine "
-        "only.",
+        "matrices; AdamW at --lr on embeddings, norms and MoE routers); plain engine, or "
+        "--deepspeed zero1/zero2 with --grad-clip 0.",
         choices=("adamw", "muon"),
     )
     muon_lr: float = setting(
