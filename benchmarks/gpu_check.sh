@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check (issues 4, 8, 13, 27): one call on one H100/H200, about 7.5 minutes of a 15-minute
-# device allowance (so a rerun fits), no network, no install. It returns results whatever happens
+# The GPU check (issues 4, 8, 13, 26, 27): one call on one H100/H200, at most 8.5 minutes of a
+# 15-minute device allowance (the machine's start and a short rerun must fit too), no network, no install. It returns results whatever happens
 # to one part, and always ends with a summary of what was and was not measured.
 #
 #     bash benchmarks/gpu_check.sh                        # all phases, CUDA
@@ -14,16 +14,21 @@
 #                 pyarrow, tokenizers, safetensors, matplotlib, pytest, llmcore.*) and finds the
 #                 sample data; says plainly what is missing and which phases that skips
 #   kernel-tests  CUDA correctness of the Triton kernels (tests/test_kernels_*.py, fp32/bf16/fp16,
-#                 autotuning off)                                                     75
+#                 autotuning off)                                                     60
 #   kernels       `llmcore bench kernels`: flash attention vs SDPA/cuDNN/eager/compile, RoPE and
-#                 RMSNorm vs eager/compile, bf16, seq 512-4096, against measured peaks  110
+#                 RMSNorm vs eager/compile, bf16, seq 512-4096, against measured peaks  90
 #   train         `llmcore bench train`: minimind2-small (targets) then minimind-3 (head dim 96,
-#                 QK-norm) at seq 512, MiniMind-style loop vs llmcore loops           150
-#   train-tests   tests/test_gpu.py (training runs on CUDA): whatever time is left      90
+#                 QK-norm) at seq 512, MiniMind-style loop vs llmcore loops           120
+#   recipe        `llmcore bench recipe`: minimind-3, MiniMind's AdamW + cosine vs Muon + WSD, 2 seeds,
+#                 4 epochs of the CMRC2018 rows at batch 16 x 512 (stopped: the seeds that finished) 70
+#   scale         `llmcore bench scale`: 5 sizes of the minimind-3 family (192x4 .. 768x8, 32x in
+#                 non-embedding parameters), 6 epochs of the same rows; --budget-minutes skips the
+#                 largest sizes that would not fit (named)                           80
+#   train-tests   tests/test_gpu.py (training runs on CUDA): whatever time is left      45
 #   summary       PASS/FAIL per design-card target from this run's results only, what failed, what
 #                 was cut short, what was skipped; written to benchmarks/results/gpu-<card>.{md,json,png}
 #
-# Time: one deadline, GPU_CHECK_TOTAL_S (450) from the start, of which GPU_CHECK_SUMMARY_S (30) is
+# Time: one deadline, GPU_CHECK_TOTAL_S (510) from the start, of which GPU_CHECK_SUMMARY_S (30) is
 # kept for the summary. A phase gets min(its limit, time left - summary reserve - grace) and is
 # skipped (and named) when that is under GPU_CHECK_MIN_PHASE_S (20). At its limit a benchmark gets
 # SIGTERM and writes what it measured so far (marked interrupted; a loop or shape that raises is
@@ -46,7 +51,8 @@
 # do not change it; the summary says what happened).
 #
 # Rehearsal knobs (tests/test_gpu_check.py): GPU_CHECK_KERNEL_TESTS / GPU_CHECK_TRAIN_TESTS (pytest
-# arguments), GPU_CHECK_KERNELS_ARGS / GPU_CHECK_TRAIN_ARGS (extra bench flags), GPU_CHECK_FORCE_SHIM,
+# arguments), GPU_CHECK_KERNELS_ARGS / GPU_CHECK_TRAIN_ARGS / GPU_CHECK_RECIPE_ARGS / GPU_CHECK_SCALE_ARGS
+# (bench flags; the recipe's and scale's replace the GPU sizing above, which --quick leaves out), GPU_CHECK_FORCE_SHIM,
 # and LLMCORE_BENCH_FAULT="raise:TEXT" / "hang:TEXT" (a loop or measurement that fails or hangs).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -79,14 +85,17 @@ fi
 
 PY=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-PHASES=${GPU_CHECK_PHASES:-kernel-tests kernels train train-tests}
+PHASES=${GPU_CHECK_PHASES:-kernel-tests kernels train recipe scale train-tests}
 RESULTS=${GPU_CHECK_RESULTS:-benchmarks/results}
-TOTAL_S=${GPU_CHECK_TOTAL_S:-450}
+TOTAL_S=${GPU_CHECK_TOTAL_S:-510}
 RESERVE_S=${GPU_CHECK_SUMMARY_S:-30}
 GRACE_S=${GPU_CHECK_GRACE_S:-10}
 MIN_PHASE_S=${GPU_CHECK_MIN_PHASE_S:-20}
 QUICK=""
 [ -n "${GPU_CHECK_QUICK:-}" ] && QUICK="--quick"
+# The GPU sizing of the recipe and scale phases (see the header); a --quick rehearsal uses the toy defaults.
+RECIPE_ARGS=${GPU_CHECK_RECIPE_ARGS-$([ -z "$QUICK" ] && echo "--seeds 2 --batch 16")}
+SCALE_ARGS=${GPU_CHECK_SCALE_ARGS-$([ -z "$QUICK" ] && echo "--epochs 6")}
 KERNEL_TESTS=${GPU_CHECK_KERNEL_TESTS:-tests/test_kernels_rmsnorm.py tests/test_kernels_rope.py tests/test_kernels_flash_attention.py}
 TRAIN_TESTS=${GPU_CHECK_TRAIN_TESTS:-tests/test_gpu.py}
 started=$(date +%s)
@@ -144,7 +153,9 @@ run_phase() {  # run_phase NAME SIGNAL CMD...: run CMD under LIMIT, its output a
         nfail=$(grep -c '^ *"error": ' "$bench_json")  # only a failure entry has an "error" key
         [ "$nfail" -gt 0 ] && status="$status, $nfail part(s) FAILED (see the summary)"
         [ "$rc" -eq 137 ] && status="$status, partial results written before the kill"
-    elif [ "$name" = "kernels" ] || [ "$name" = "train" ]; then
+    elif [ "$name" != "${name%tests}" ] || [ "$name" = "versions" ]; then
+        :
+    else
         status="$status, no results written"
     fi
     if [ "$name" != "${name%tests}" ]; then  # pytest's own count of what ran
@@ -160,6 +171,10 @@ budget() {  # seconds a benchmark may plan for: its limit less a margin for one 
     local b=$(( LIMIT - 30 ))
     [ "$b" -lt $(( LIMIT / 2 )) ] && b=$(( LIMIT / 2 ))
     echo "$b"
+}
+
+budget_minutes() {  # budget() in minutes, for benchmarks whose bound is --budget-minutes
+    awk -v s="$(budget)" 'BEGIN { printf "%.2f", s / 60 }'
 }
 
 versions() {
@@ -276,14 +291,14 @@ main() {
     MISSING=""
     if versions; then
         case " $PHASES " in *" kernel-tests "*)
-            if needs kernel-tests pytest triton llmcore.kernels && plan kernel-tests 75; then
+            if needs kernel-tests pytest triton llmcore.kernels && plan kernel-tests 60; then
                 # shellcheck disable=SC2086
                 run_phase kernel-tests INT env LLMCORE_KERNELS_AUTOTUNE=0 $PY $PYFLAGS -m pytest -q -ra \
                     -p no:cacheprovider --durations=10 --junitxml="$RUN/kernel-tests.xml" $KERNEL_TESTS
             fi
         esac
         case " $PHASES " in *" kernels "*)
-            if needs kernels typer triton llmcore.bench.kernels && plan kernels 110; then
+            if needs kernels typer triton llmcore.bench.kernels && plan kernels 90; then
                 # shellcheck disable=SC2086
                 run_phase kernels TERM $PY $PYFLAGS -m llmcore.bench kernels --device "$DEVICE" --out "$RUN" \
                     --budget-s "$(budget)" $QUICK ${GPU_CHECK_KERNELS_ARGS:-}
@@ -293,14 +308,34 @@ main() {
             if [ -z "${DATA:-}" ]; then
                 echo "!!! train skipped: no sample data (see the versions phase)"
                 record train "SKIPPED (no sample data: run --stage-data and carry .cache/shared-data)" 0
-            elif needs train typer pyarrow tokenizers llmcore.bench.train && plan train 150; then
+            elif needs train typer pyarrow tokenizers llmcore.bench.train && plan train 120; then
                 # shellcheck disable=SC2086
                 run_phase train TERM $PY $PYFLAGS -m llmcore.bench train --device "$DEVICE" --out "$RUN" \
                     --budget-s "$(budget)" --data-dir "$DATA" $QUICK ${GPU_CHECK_TRAIN_ARGS:-}
             fi
         esac
+        case " $PHASES " in *" recipe "*)
+            if [ -z "${DATA:-}" ]; then
+                echo "!!! recipe skipped: no sample data (see the versions phase)"
+                record recipe "SKIPPED (no sample data: run --stage-data and carry .cache/shared-data)" 0
+            elif needs recipe typer pyarrow tokenizers llmcore.train && plan recipe 70; then
+                # shellcheck disable=SC2086
+                run_phase recipe TERM $PY $PYFLAGS -m llmcore.bench recipe --device "$DEVICE" --out "$RUN" \
+                    --data-dir "$DATA" $QUICK $RECIPE_ARGS
+            fi
+        esac
+        case " $PHASES " in *" scale "*)
+            if [ -z "${DATA:-}" ]; then
+                echo "!!! scale skipped: no sample data (see the versions phase)"
+                record scale "SKIPPED (no sample data: run --stage-data and carry .cache/shared-data)" 0
+            elif needs scale typer pyarrow tokenizers llmcore.train && plan scale 80; then
+                # shellcheck disable=SC2086
+                run_phase scale TERM $PY $PYFLAGS -m llmcore.bench scale --device "$DEVICE" --out "$RUN" \
+                    --data-dir "$DATA" --budget-minutes "$(budget_minutes)" $QUICK $SCALE_ARGS
+            fi
+        esac
         case " $PHASES " in *" train-tests "*)
-            if needs train-tests pytest llmcore.train && plan train-tests 90; then
+            if needs train-tests pytest llmcore.train && plan train-tests 45; then
                 # shellcheck disable=SC2086
                 run_phase train-tests INT $PY $PYFLAGS -m pytest -q -ra -p no:cacheprovider --durations=10 \
                     --junitxml="$RUN/train-tests.xml" $TRAIN_TESTS

@@ -8,6 +8,8 @@ deadline, with:
   loops still measured;
 - the kernels phase hanging in a measurement (`hang:...`) until its deadline stops it: what it
   measured before is written, marked interrupted;
+- the recipe phase stopped at a short limit (what finished is written, marked interrupted) and the
+  scale phase run to its end under the --budget-minutes the script derives from its limit;
 - every phase's limit (cut to the overall deadline) plus its grace ending before the summary's
   reserve, a phase with too little time skipped and named, the whole script inside its deadline.
 Each ends in a summary naming what was and was not measured. The script's CUDA paths (timing code)
@@ -78,7 +80,7 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path: Path, shared_data: Path) -> None:
     assert staged.returncode == 0, staged.stderr
     assert (repo / ".cache" / "shared-data" / "minimind_tokenizer" / "tokenizer.json").is_file()
 
-    total, reserve, grace = 150, 12, 10
+    total, reserve, grace = 250, 25, 10
     env.update(
         {
             "PYTHON": sys.executable,
@@ -91,6 +93,9 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path: Path, shared_data: Path) -> None:
             "GPU_CHECK_GRACE_S": str(grace),
             "GPU_CHECK_MIN_PHASE_S": "15",
             "GPU_CHECK_KERNELS_S": "25",
+            "GPU_CHECK_RECIPE_S": "15",
+            "GPU_CHECK_SCALE_S": "45",
+            "GPU_CHECK_SCALE_ARGS": "--epochs 1 --documents 8 --held-out 2",
             "GPU_CHECK_TRAIN_TESTS_S": "1",
             "GPU_CHECK_KERNEL_TESTS": "tests/test_kernels_rmsnorm.py -k reference_is_hf_llama_formula",
             "GPU_CHECK_TRAIN_TESTS": "tests/test_gpu.py",
@@ -114,7 +119,7 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path: Path, shared_data: Path) -> None:
     assert elapsed <= total + 5, f"the script took {elapsed:.0f}s, over its {total}s deadline\n{log[-3000:]}"
     # Every phase started with a limit that, with its grace, ends before the summary's reserve.
     starts = re.findall(r"^=== \[(\d+)s\] ([a-z-]+) \(limit (\d+)s\)", log, re.M)
-    assert [name for _, name, _ in starts] == ["kernel-tests", "kernels", "train"], starts
+    assert [name for _, name, _ in starts] == ["kernel-tests", "kernels", "train", "recipe", "scale"], starts
     for at, name, limit in starts:
         assert int(at) + int(limit) + grace <= total - reserve, (name, at, limit)
     assert proc.returncode == 1, log[-3000:]  # a part failed and a phase was stopped: said in the exit status
@@ -124,13 +129,16 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path: Path, shared_data: Path) -> None:
     assert f"sample data: {repo / '.cache' / 'shared-data'}" in log
 
     rows = _summary_rows(log)
-    assert list(rows) == ["versions", "kernel-tests", "kernels", "train", "train-tests"], rows
+    assert list(rows) == ["versions", "kernel-tests", "kernels", "train", "recipe", "scale", "train-tests"], rows
     assert rows["versions"].startswith("ok")
     assert rows["kernel-tests"].startswith("ok") and "1 passed" in rows["kernel-tests"]
     # Stopped at its limit (or, on a loaded machine, killed after the grace once its files were written).
     assert rows["kernels"].startswith("STOPPED") or "partial results written before the kill" in rows["kernels"], rows
     assert "1 part(s) FAILED" in rows["train"], rows
-    assert rows["train-tests"].startswith("SKIPPED (no time left: 1s"), rows
+    # recipe: stopped at its 15 s limit; scale: run to its end, or on a loaded machine stopped at its limit.
+    assert rows["recipe"].startswith(("STOPPED", "KILLED")), rows
+    assert rows["scale"].startswith(("ok", "STOPPED", "KILLED")), rows
+    assert rows["train-tests"].startswith("SKIPPED (no time left: "), rows
 
     run = Path(log.split("results of this run: ")[1].split()[0])
     kernels = json.loads(next(run.glob("kernels-cpu-*.json")).read_text())
@@ -142,6 +150,18 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path: Path, shared_data: Path) -> None:
     loops = {m["loop"] for m in train["measurements"] if m["metric"] == "throughput"}
     assert loops == {"minimind-style (padded, sdpa, fp32)", "llmcore sdpa padded fp32"}, loops
     assert any(r["numerator"] == "tiny llmcore sdpa padded fp32" for r in train["ratios"])
+    # What a stopped benchmark wrote is marked interrupted (on a loaded machine it may be stopped
+    # before its result exists: then the status says "no results written").
+    for recipe_json in run.glob("recipe-cpu-*.json"):
+        assert "SIGTERM" in json.loads(recipe_json.read_text())["interrupted"]
+    scale_limit = int(next(limit for _, name, limit in starts if name == "scale"))
+    budget_s = max(scale_limit - 30, scale_limit // 2)  # the script's budget(), passed in minutes
+    assert f"--budget-minutes {budget_s / 60:.2f} --quick --epochs 1 --documents 8 --held-out 2" in log
+    for scale_json in run.glob("scale-cpu-*.json"):
+        scale = json.loads(scale_json.read_text())
+        assert scale["settings"]["budget_minutes"] == pytest.approx(budget_s / 60, abs=0.01)
+        assert scale["settings"]["epochs"] == 1 and scale["settings"]["held_out_documents"] == 2
+        assert scale["interrupted"] or scale["extra"]["curves"]
 
     # The summary names what was measured, what failed and what was cut short, in the log and the md.
     summary = json.loads(next((run / "summary").glob("gpu-*.json")).read_text())
@@ -169,9 +189,8 @@ def test_gpu_check_without_a_gpu_still_ends_with_a_summary(tmp_path: Path) -> No
     assert "gpu_check.sh needs a CUDA device" in log and "nothing was measured" in log
     rows = _summary_rows(log)
     assert rows["versions"].startswith("FAILED")
-    assert [rows[p] for p in ("kernel-tests", "kernels", "train", "train-tests")] == [
-        "SKIPPED (the versions phase failed)"
-    ] * 4
+    phases = ("kernel-tests", "kernels", "train", "recipe", "scale", "train-tests")
+    assert [rows[p] for p in phases] == ["SKIPPED (the versions phase failed)"] * len(phases)
 
 
 def test_interleaved_drops_a_failing_case_and_measures_the_rest() -> None:
