@@ -177,5 +177,6 @@ def test_weight_decay_only_on_2d_non_embedding_weights():
     assert all(p.dim() == 2 and "embed" not in names[id(p)] for p in decay["params"])
     assert any("embed" in names[id(p)] for p in no_decay["params"])
     assert any("norm" in names[id(p)] for p in no_decay["params"])
-    engine = PlainEngine(model, tiny_cfg("pretrain", build_shards(), "unused").resolved("pretrain"))
+    engine = PlainEngine(tiny_cfg("pretrain", build_shards(), "unused").resolved("pretrain"))
+    engine.prepare(model, accum=1)
     assert len(engine.optimizer.param_groups) == 2

@@ -138,12 +138,10 @@ class PlainEngine(_EngineBase):
 
     kind = "plain"
 
-    def __init__(self, model: torch.nn.Module | None, cfg: TrainConfig, device: torch.device | None = None) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise LLMCoreError("more than one process needs DeepSpeed: add --deepspeed zero2")
-        super().__init__(cfg, device if device is not None else resolve_device(cfg.device), 0, 1)
-        if model is not None:
-            self.prepare(model, 1)
+        super().__init__(cfg, resolve_device(cfg.device), 0, 1)
 
     def prepare(self, model: torch.nn.Module, accum: int) -> None:
         self.module = model.to(self.device)
@@ -344,7 +342,7 @@ def make_engine(cfg: TrainConfig) -> PlainEngine | DeepSpeedEngine:
     """The engine a resolved config asks for; joins the process group for DeepSpeed runs."""
     if cfg.deepspeed is not None:
         return DeepSpeedEngine(cfg)
-    return PlainEngine(None, cfg)
+    return PlainEngine(cfg)
 
 
 __all__ = [
