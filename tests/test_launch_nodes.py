@@ -9,6 +9,7 @@ Runs share one 1-process reference (global batch 6 = micro 1 x accumulation 3 x 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -191,7 +192,8 @@ def test_two_nodes_zero3_matches_and_the_run_dir_serves_generate_eval_export(sha
     new = generate(model, [tok.encode("the cat")], max_new_tokens=5)
     assert len(new) == 1 and len(new[0]) >= 1
     res = evaluate(out, shards["pretrain"], batch_size=2, seq_len=48, max_batches=2, device="cpu")
-    assert res.loss == pytest.approx(res.loss) and res.loss < 10
+    # Smoke only (the eval value itself is held to the run's logged eval_loss in test_train_runs): finite, sane.
+    assert math.isfinite(res.loss) and res.loss < 10
     hf = export_hf(out, tmp_path / "hf")
     assert (Path(hf) / "config.json").is_file()
     back, _ = load_model(hf)
