@@ -16,13 +16,11 @@ import atexit
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, TextIO
-
-import torch
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from llmcore.chat_format import OutputParser, check_thinking, prompt_ids
 from llmcore.errors import LLMCoreError
-from llmcore.generate import stream_generate
+from llmcore.generate import check_sampling, seeded_generator, stream_generate
 from llmcore.model import LLM
 
 
@@ -43,6 +41,18 @@ def stream_text(tokenizer: Any, token_iter: Iterator[int]) -> Iterator[str]:
         yield text[len(emitted) :]
 
 
+def stream_reply(
+    model: LLM, tokenizer: Any, prompt_ids: Sequence[int], seed: int | None = None, **sampling: Any
+) -> Iterator[str]:
+    """The model's continuation of `prompt_ids` as text pieces, sampled with `seed` (None: fresh entropy);
+    `sampling` as `generate_steps` (max_new_tokens, temperature, top_k, top_p, repetition_penalty); the
+    tokenizer's eos ends it."""
+    tokens = stream_generate(
+        model, prompt_ids, eos_id=tokenizer.eos_id, generator=seeded_generator(model, seed), **sampling
+    )
+    yield from stream_text(tokenizer, tokens)
+
+
 class ChatSession:
     """A conversation with one model; `reply()` appends the user message and the model's answer."""
 
@@ -59,8 +69,6 @@ class ChatSession:
         seed: int | None = None,
         thinking: bool = False,
     ) -> None:
-        from llmcore.generate import check_sampling
-
         check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
         if thinking:
             check_thinking(tokenizer)
@@ -80,9 +88,7 @@ class ChatSession:
             repetition_penalty=repetition_penalty,
             eos_id=tokenizer.eos_id,
         )
-        self.generator = torch.Generator(device=model.embed_tokens.weight.device)
-        if seed is not None:
-            self.generator.manual_seed(seed)
+        self.generator = seeded_generator(model, seed)
         self.messages: list[dict[str, str]] = []
 
     def reset(self) -> None:

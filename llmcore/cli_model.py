@@ -147,11 +147,9 @@ def generate_cmd(
 
     Example: llmcore generate --ckpt runs/pre --prompt "The capital of China is" --max-new-tokens 50 --temperature 0
     """
-    import torch
 
-    from llmcore.chat import chat_prompt_ids, stream_text
+    from llmcore.chat import chat_prompt_ids, stream_reply
     from llmcore.checkpoint import load_model_and_tokenizer
-    from llmcore.generate import stream_generate
 
     model, tok = load_model_and_tokenizer(ckpt, device, tokenizer=tokenizer)
     # Pretraining documents start with bos (`<|im_start|>`), so a plain prompt does too; the chat
@@ -159,21 +157,18 @@ def generate_cmd(
     if thinking and not chat:
         raise LLMCoreError("--thinking needs --chat (thinking is a setting of the chat template)")
     ids = chat_prompt_ids(tok, prompt, thinking=thinking) if chat else [tok.bos_id] + tok.encode(prompt)
-    gen = torch.Generator(device=model.embed_tokens.weight.device)
-    if seed is not None:
-        gen.manual_seed(seed)
-    tokens = stream_generate(
+    pieces = stream_reply(
         model,
+        tok,
         ids,
+        seed=seed,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         repetition_penalty=repetition_penalty,
-        eos_id=tok.eos_id,
-        generator=gen,
     )
-    for piece in stream_text(tok, tokens):
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

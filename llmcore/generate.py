@@ -196,6 +196,17 @@ def generate(
     return out
 
 
+def seeded_generator(model: LLM, seed: int | None) -> torch.Generator:
+    """A sampling generator on the model's device: seeded (reproducible) or, for `seed=None`, from fresh
+    entropy (torch's default seed is a constant, so an unseeded generator would repeat every run's samples)."""
+    generator = torch.Generator(device=model.embed_tokens.weight.device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
 def stream_generate(model: LLM, prompt_ids: Sequence[int], **kwargs: object) -> Iterator[int]:
     """Iterator over the new tokens of one prompt (eos not included), one at a time as they are produced.
 

@@ -7,7 +7,14 @@ import torch
 
 from llmcore.chat import stream_text
 from llmcore.errors import LLMCoreError
-from llmcore.generate import apply_repetition_penalty, filter_logits, generate, sample_next, stream_generate
+from llmcore.generate import (
+    apply_repetition_penalty,
+    filter_logits,
+    generate,
+    sample_next,
+    seeded_generator,
+    stream_generate,
+)
 from llmcore.model import LLM, ModelConfig
 
 
@@ -117,6 +124,18 @@ def test_sampling_is_reproducible_with_a_seed() -> None:
         )
 
     assert run(1) == run(1) and run(1) != run(2)
+
+
+def test_seeded_generator_repeats_a_seed_and_draws_fresh_without_one() -> None:
+    model = tiny()
+    # A seed gives torch's own seeded stream; None must not fall back to torch's constant default seed
+    # (every unseeded chat or generate run would then sample the same replies).
+    assert torch.equal(
+        torch.rand(8, generator=seeded_generator(model, 3)), torch.rand(8, generator=torch.Generator().manual_seed(3))
+    )
+    fresh = [torch.rand(8, generator=seeded_generator(model, None)) for _ in range(2)]
+    assert not torch.equal(fresh[0], fresh[1])
+    assert not torch.equal(fresh[0], torch.rand(8, generator=torch.Generator()))
 
 
 def test_repetition_penalty() -> None:

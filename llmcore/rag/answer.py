@@ -96,26 +96,18 @@ def answer_stream(
     seed: int | None = 0,
 ) -> Iterator[str]:
     """Stream the model's answer text piece by piece (passages already fitted to the model)."""
-    import torch
+    from llmcore.chat import stream_reply
 
-    from llmcore.chat import stream_text
-    from llmcore.generate import stream_generate
-
-    ids = prompt_ids(tokenizer, question, passages, system)
-    gen = torch.Generator(device=model.embed_tokens.weight.device)
-    if seed is not None:
-        gen.manual_seed(seed)
-    tokens = stream_generate(
+    yield from stream_reply(
         model,
-        ids,
+        tokenizer,
+        prompt_ids(tokenizer, question, passages, system),
+        seed=seed,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
         repetition_penalty=repetition_penalty,
-        eos_id=tokenizer.eos_id,
-        generator=gen,
     )
-    yield from stream_text(tokenizer, tokens)
 
 
 __all__ = ["DEFAULT_SYSTEM", "answer_messages", "prompt_ids", "fit_passages", "answer_stream"]

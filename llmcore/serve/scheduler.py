@@ -247,18 +247,13 @@ class BatchScheduler:
         return {"tokens": [decode([i]) for i in ids], "token_logprobs": [None] + actual, "top_logprobs": top}
 
     def _generate(self, batch: list[Job]) -> None:
-        import torch
 
-        from llmcore.generate import generate_steps
+        from llmcore.generate import generate_steps, seeded_generator
 
         p = batch[0].params
         self.batches_run += 1
         self.max_batch_seen = max(self.max_batch_seen, len(batch))
-        generator = torch.Generator(device=self.model.embed_tokens.weight.device)
-        if p.seed is not None:
-            generator.manual_seed(p.seed)
-        else:
-            generator.seed()
+        generator = seeded_generator(self.model, p.seed)
         rows = [_Row(job, self.tokenizer, self.score) for job in batch]
         steps = generate_steps(
             self.model,
