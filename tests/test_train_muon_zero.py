@@ -32,8 +32,10 @@ LR, MUON_LR, MU, WD, MUON_WD = 1e-3, 0.02, 0.95, 0.1, 0.1
 
 
 def _env() -> dict[str, str]:
+    # Without the rendezvous variables an in-process DeepSpeed run of this session may have left set.
+    left = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in left},
         "OMP_NUM_THREADS": "1",
         "DS_ACCELERATOR": "cpu",
         # DeepSpeed compiles its Muon update with torch.compile; on CPU that costs minutes of C++
@@ -174,9 +176,19 @@ def _zero2(shards, out: Path, *extra: str) -> None:
     _torchrun(args)
 
 
-def test_zero2_muon_matches_one_process_and_resumes_exactly(shards, tmp_path):
-    from llmcore.train import train
+def _rewind(run: Path, copy: Path) -> None:
+    """`run` copied to `copy` as it was when its step-2 checkpoint was written (4-step runs)."""
     from llmcore.train.metrics import MetricsLogger
+
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-4")
+    (copy / "checkpoints" / "latest").write_text("step-2\n")
+    MetricsLogger.truncate(copy, 2)
+
+
+def test_zero2_muon_matches_one_process_and_resumes_exactly(shards, tmp_path, monkeypatch):
+    from llmcore.train import train
+    from llmcore.train.deepspeed_config import deepspeed_config_path
     from llmcore.train.optim_state import read_optimizer_safetensors
 
     train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "plain", **KW))
@@ -197,17 +209,23 @@ def test_zero2_muon_matches_one_process_and_resumes_exactly(shards, tmp_path):
     assert {"exp_avg/embed_tokens.weight", "exp_avg_sq/norm.weight"} <= state.keys()
     # Exact resume: from the step-2 checkpoint, 2 more steps == 4 uninterrupted steps, bit for bit.
     # (The run is copied and rewound to step 2: one 2-process launch fewer than a --stop-after run.)
-    shutil.copytree(tmp_path / "full", tmp_path / "cut")
-    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-4")
-    (tmp_path / "cut" / "checkpoints" / "latest").write_text("step-2\n")
-    MetricsLogger.truncate(tmp_path / "cut", 2)
-    # ZeRO's momentum is not the plain engine's state: resuming there is one line, nothing written.
-    with pytest.raises(LLMCoreError, match="a --deepspeed Muon checkpoint resumes with --deepspeed zero1 or zero2"):
-        train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "cut", resume=True, **KW))
-    assert losses(tmp_path / "cut") == full[:2]  # nothing written
+    _rewind(tmp_path / "full", tmp_path / "cut")
+    shutil.copytree(tmp_path / "cut", tmp_path / "zero_to_plain")
     _zero2(shards, tmp_path / "cut", "--resume")
     assert losses(tmp_path / "cut") == full
     assert_same_weights(tmp_path / "cut", tmp_path / "full")
+    # Across engines (same checkpoint files, per parameter name): the plain engine continues the
+    # ZeRO-2 run, ZeRO-2 (here one in-process rank, last: it leaves a process group) the plain run.
+    train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "zero_to_plain", resume=True, **KW))
+    _rewind(tmp_path / "plain", tmp_path / "plain_to_zero")
+    ds = str(deepspeed_config_path("zero2"))
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # as TORCHDYNAMO_DISABLE in _env()
+    train("pretrain", tiny_cfg("pretrain", shards, tmp_path / "plain_to_zero", resume=True, deepspeed=ds, **KW))
+    for run in ("zero_to_plain", "plain_to_zero"):
+        got = losses(tmp_path / run)
+        assert [s for s, _ in got] == [1, 2, 3, 4], run
+        for (_, a), (_, b) in zip(got[2:], plain[2:]):
+            assert a == pytest.approx(b, abs=2e-4), run
 
 
 # -- refusals --------------------------------------------------------------------------------------

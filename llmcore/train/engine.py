@@ -37,6 +37,7 @@ from llmcore.train.optim import (
     MuonAdamW,
     check_muon_zero,
     gather_zero_momentum,
+    group_names,
     make_optimizer,
     scatter_zero_momentum,
     set_lr,
@@ -72,8 +73,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def plain_state_order(model: torch.nn.Module, weight_decay: float) -> list[str]:
-    """The parameter names in the order an AdamW `optimizer.pt` numbers them (`param_groups` order)."""
+def plain_state_order(model: torch.nn.Module, weight_decay: float, optimizer: str = "adamw") -> list[str]:
+    """The parameter names in the order the plain engine's `optimizer.pt` numbers them: AdamW's
+    `param_groups` order; with `optimizer` muon, `MuonAdamW`'s (AdamW's groups, then Muon's)."""
+    if optimizer == "muon":
+        groups = group_names(model, "muon")
+        return [n for key in ("adamw_decay", "adamw_no_decay", "muon") for n in groups.get(key, [])]
     names = {p: n for n, p in model.named_parameters()}
     return [names[p] for g in param_groups(model, weight_decay) for p in g["params"]]
 
@@ -182,9 +187,7 @@ class PlainEngine(_EngineBase):
     def load_state(self, step_dir: Path) -> None:
         if not (step_dir / "optimizer.pt").is_file() and (step_dir / "optimizer.safetensors").is_file():
             # Written by a DeepSpeed run (any world size, any ZeRO stage): the name-keyed full state.
-            if isinstance(self.optimizer, MuonAdamW):
-                raise LLMCoreError(f"{step_dir}: a --deepspeed Muon checkpoint resumes with --deepspeed zero1 or zero2")
-            state, step = named_optimizer_state(step_dir, plain_state_order(self.module, self.cfg.weight_decay))
+            state, step = named_optimizer_state(step_dir, [])
             names = {p: n for n, p in self.module.named_parameters()}
             sd = self.optimizer.state_dict()
             sd["state"] = {}
@@ -195,11 +198,17 @@ class PlainEngine(_EngineBase):
                     if f"master/{n}" in state:
                         with torch.no_grad():
                             p.copy_(state[f"master/{n}"].to(p.device, p.dtype))
-                    sd["state"][idx] = {
-                        "step": torch.tensor(step),
-                        "exp_avg": state[f"exp_avg/{n}"],
-                        "exp_avg_sq": state[f"exp_avg_sq/{n}"],
-                    }
+                    muon = isinstance(self.optimizer, MuonAdamW) and idx >= self.optimizer.adamw_size
+                    keys = ("momentum_buffer",) if muon else ("exp_avg", "exp_avg_sq")
+                    missing = [k for k in keys if f"{k}/{n}" not in state]
+                    if missing:
+                        raise LLMCoreError(
+                            f"{step_dir}/optimizer.safetensors has no {missing[0]} for {n} "
+                            f"(written with another --optimizer than {self.cfg.optimizer})"
+                        )
+                    sd["state"][idx] = {k: state[f"{k}/{n}"] for k in keys}
+                    if not muon:
+                        sd["state"][idx]["step"] = torch.tensor(step)
                     idx += 1
             self.optimizer.load_state_dict(sd)
             return
@@ -316,9 +325,8 @@ class DeepSpeedEngine(_EngineBase):
             write_optimizer_safetensors(step_dir, tensors, meta)
 
     def load_state(self, step_dir: Path) -> None:
-        if self.muon and not (step_dir / "optimizer.safetensors").is_file():
-            raise LLMCoreError(f"{step_dir}: a Muon checkpoint of the plain engine resumes without --deepspeed")
-        state, step = named_optimizer_state(step_dir, plain_state_order(self.module, self.cfg.weight_decay))
+        order = plain_state_order(self.module, self.cfg.weight_decay, self.cfg.optimizer)
+        state, step = named_optimizer_state(step_dir, order, self.cfg.optimizer)
         with peer_errors("restoring the optimizer state"):
             scatter_named_state(
                 self.engine,

@@ -108,6 +108,11 @@ class MuonAdamW:
         self.adamw, self.muon = adamw, muon
 
     @property
+    def adamw_size(self) -> int:
+        """How many parameters AdamW holds: the state dict numbers Muon's from here on."""
+        return sum(len(g["params"]) for g in self.adamw.param_groups)
+
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.adamw.param_groups + self.muon.param_groups
 
@@ -125,7 +130,7 @@ class MuonAdamW:
 
     def state_dict(self) -> dict[str, Any]:
         a, m = self.adamw.state_dict(), self.muon.state_dict()
-        offset = sum(len(g["params"]) for g in a["param_groups"])
+        offset = self.adamw_size
         state = {**a["state"], **{int(k) + offset: v for k, v in m["state"].items()}}
         groups = [dict(g, optimizer="adamw") for g in a["param_groups"]]
         groups += [dict(g, optimizer="muon", params=[i + offset for i in g["params"]]) for g in m["param_groups"]]

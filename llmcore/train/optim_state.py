@@ -93,20 +93,29 @@ def read_optimizer_safetensors(step_dir: Path) -> tuple[dict[str, torch.Tensor],
     return state, meta
 
 
-def named_optimizer_state(step_dir: Path, pt_order: Sequence[str]) -> tuple[dict[str, torch.Tensor], float]:
+def named_optimizer_state(
+    step_dir: Path, pt_order: Sequence[str], optimizer: str = "adamw"
+) -> tuple[dict[str, torch.Tensor], float]:
     """The optimizer state of a checkpoint as `{"exp_avg/NAME": t, "exp_avg_sq/NAME": t,
-    ["master/NAME": t]}` and the step, from either engine's file: optimizer.safetensors (DeepSpeed)
-    or optimizer.pt (plain engine), whose numbered parameters are named by `pt_order` (the parameter
-    names in the plain optimizer's group order)."""
+    ["master/NAME": t]}` (a Muon matrix: `{"momentum_buffer/NAME": t}`) and the step, from either
+    engine's file: optimizer.safetensors (DeepSpeed) or optimizer.pt (plain engine), whose numbered
+    parameters are named by `pt_order` (the parameter names in the plain optimizer's group order for
+    `optimizer`; an optimizer.pt written with the other --optimizer is an LLMCoreError)."""
     if (step_dir / "optimizer.safetensors").is_file():
         state, meta = read_optimizer_safetensors(step_dir)
         return state, float(meta.get("step", 0.0))
     raw = read_optimizer_pt(step_dir)
+    saved = "muon" if any(g.get("optimizer") == "muon" for g in raw.get("param_groups", [])) else "adamw"
+    if saved != optimizer:
+        raise LLMCoreError(f"{step_dir}/optimizer.pt was written with --optimizer {saved}, not {optimizer}")
     out: dict[str, torch.Tensor] = {}
     step = 0.0
     try:
         for idx, st in raw["state"].items():
             n = pt_order[int(idx)]
+            if "momentum_buffer" in st:  # torch.optim.Muon's state (--optimizer muon): no step count
+                out[f"momentum_buffer/{n}"] = st["momentum_buffer"]
+                continue
             out[f"exp_avg/{n}"], out[f"exp_avg_sq/{n}"] = st["exp_avg"], st["exp_avg_sq"]
             step = float(st["step"])
     except (KeyError, IndexError, TypeError, ValueError) as err:
