@@ -2,7 +2,7 @@
 engine's): the update of a hidden matrix really is Newton-Schulz-orthogonalised Nesterov momentum
 (checked against a float64 iteration from the published formula, 2 processes, both stages); a
 2-process ZeRO-2 run gives the plain engine's Muon losses; a ZeRO-2 Muon run resumes exactly from
-its safetensors checkpoint; ZeRO-0/3, optimizer offload and gradient clipping are refused in one line.
+its safetensors checkpoint, and Muon checkpoints continue across the two engines; ZeRO-0/3, optimizer offload and gradient clipping are refused in one line.
 
 Run as a script (`torchrun --nproc_per_node 2 tests/test_train_muon_zero.py`), this file is the child
 of `test_zero_update_is_newton_schulz_of_nesterov_momentum`."""
