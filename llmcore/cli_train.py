@@ -218,26 +218,33 @@ def _make_train_command(stage: Any) -> Any:
                 raise typer.Exit(stopped.exit_code) from None
             typer.echo(summary.line())
             return
-        # DeepSpeed: once the process group is up, every exit path tears it down and leaves through
-        # os._exit; errors before that (bad flags) take the normal path of the root CLI.
+        # DeepSpeed: once this run has brought the process group up, every exit path tears it down and
+        # leaves through os._exit; errors before that (bad flags) take the normal path of the root CLI.
+        # A group that was already up (the command called in a process that holds one, as a library
+        # or a test does) is not this command's to end: it returns or raises as a plain run does.
+        group_was_up = _distributed_up()
+
+        def owns_group() -> bool:
+            return not group_was_up and _distributed_up()
+
         try:
             summary = train(stage.name, cfg)
         except TrainingInterrupted as stopped:
             line = interrupted_line(stopped, resume_command(stage.name, flags, config_file))
-            if not _distributed_up():
+            if not owns_group():
                 typer.echo(line, err=True)
                 raise typer.Exit(stopped.exit_code) from None
             _finish_distributed(stopped.exit_code, line if _is_rank0() else None)
         except LLMCoreError as err:
-            if not _distributed_up():
+            if not owns_group():
                 raise
             _finish_distributed(2, f"error: {err}")
         except KeyboardInterrupt:
-            if not _distributed_up():
+            if not owns_group():
                 raise
             _finish_distributed(130, "interrupted")
         except BaseException:
-            if not _distributed_up():
+            if not owns_group():
                 raise
             import traceback
 
@@ -245,7 +252,8 @@ def _make_train_command(stage: Any) -> Any:
             _finish_distributed(1)
         if _is_rank0():
             typer.echo(summary.line())
-        _finish_distributed(0)
+        if owns_group():
+            _finish_distributed(0)
 
     command.__signature__ = inspect.Signature(_options(stage))  # type: ignore[attr-defined]
     command.__doc__ = f"{stage.summary}\n\nExample: {stage.example}"
