@@ -288,3 +288,25 @@ def test_launch_parses_training_flags_with_the_train_commands_own_options(shards
     assert "\n" not in str(err.value)
     with pytest.raises(LLMCoreError, match="unknown stage 'nope'; expected one of pretrain"):
         parse_train_flags("nope", argv)
+
+
+def test_a_train_error_in_a_process_that_already_holds_a_group_raises_instead_of_exiting(shards, tmp_path, capsys):
+    """The train command ends (os._exit) only a process group it brought up itself: called where a group
+    is already up (a library or a test that ran DeepSpeed in-process), an error is the usual one line and
+    exit code 2, and the calling process lives on (it used to be killed with os._exit(2))."""
+    import torch.distributed as dist
+
+    from llmcore.train.distributed import free_port
+
+    ours = not dist.is_initialized()
+    if ours:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        code, out, err = run_cli(_train(shards, tmp_path / "run", "--device", "cuda", "--max-steps", "1"), capsys)
+    finally:
+        if ours:
+            dist.destroy_process_group()
+    if torch.cuda.is_available():
+        pytest.skip("the error this checks is that of a machine without CUDA")
+    assert code == 2 and out == "" and err.startswith("error: --device cuda")
+    assert not (tmp_path / "run").exists()
