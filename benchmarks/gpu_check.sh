@@ -21,7 +21,7 @@
 #                 QK-norm) at seq 512, MiniMind-style loop vs llmcore loops           120
 #   recipe        `llmcore bench recipe`: minimind-3, MiniMind's AdamW + cosine vs Muon + WSD, 2 seeds,
 #                 4 epochs of the CMRC2018 rows at batch 16 x 512 (stopped: the seeds that finished) 70
-#   scale         `llmcore bench scale`: 5 sizes of the minimind-3 family (192x4 .. 768x8, 32x in
+#   scale         `llmcore bench scale`: 5 sizes of the minimind-3 family (192x4 .. 768x8, 31x in
 #                 non-embedding parameters), 6 epochs of the same rows; --budget-minutes skips the
 #                 largest sizes that would not fit (named)                           80
 #   train-tests   tests/test_gpu.py (training runs on CUDA): whatever time is left      45

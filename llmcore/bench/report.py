@@ -444,9 +444,10 @@ def readme_block(results_dir: str | Path, readme_dir: str | Path) -> str:
                 f"The study trained {len(d.get('extra', {}).get('curves', []))} sizes on the same "
                 f"{plan.get('train_documents')} pretrain_hq-shaped rows ({fmt(plan.get('train_tokens'))} tokens) for "
                 f"{d['settings'].get('epochs')} epochs and evaluated {plan.get('eval_documents')} held-out rows "
-                f"({fmt(plan.get('eval_tokens'))} tokens) every {plan.get('eval_every_steps')} steps ({plan.get('steps_per_epoch')} per epoch). Left: held-out loss (solid, ★ at "
-                "its minimum) and train loss (dashed) against tokens seen; right: the same against parameters. "
-                "What the numbers say:",
+                f"({fmt(plan.get('eval_tokens'))} tokens) every {plan.get('eval_every_steps')} steps "
+                f"({plan.get('steps_per_epoch')} steps per epoch). Left: held-out loss (solid, ★ at its minimum) and "
+                "train loss (dashed) against epochs; right: held-out minimum, final held-out and final train loss "
+                "against non-embedding parameters. What the numbers say:",
                 "",
             ]
             lines += [f"- {c}" for c in d.get("extra", {}).get("conclusions", [])] + [""]

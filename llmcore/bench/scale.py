@@ -392,6 +392,19 @@ def summarise(res: BenchResult) -> None:
     )
     best = v["summaries"][v["best"]]
     lines.append(f"Lowest held-out loss: {v['best']}, {best['best_loss']:.3f} in epoch {best['best_epoch']}.")
+    summ = [v["summaries"][c["size"]] for c in curves]
+    lines.append(
+        "Held-out minimum by size (epoch): "
+        + ", ".join(f"{c['size']} {s['best_loss']:.3f} ({s['best_epoch']})" for c, s in zip(curves, summ))
+        + "; each step up in size changes it by "
+        + ", ".join(f"{b['best_loss'] - a['best_loss']:+.3f}" for a, b in zip(summ, summ[1:]))
+        + "."
+    )
+    lines.append(
+        "Gap between final held-out and train loss, by size: "
+        + ", ".join(f"{s['final_loss'] - s['train_final']:.2f}" for s in summ)
+        + " nats/token (what a size learns beyond the held-out gain is specific to the training rows)."
+    )
     if v["stops_helping"]:
         i = next(k for k, c in enumerate(curves) if c["size"] == v["stops_helping"])
         s, prev = v["summaries"][curves[i]["size"]], min(v["summaries"][c["size"]]["best_loss"] for c in curves[:i])
