@@ -128,3 +128,13 @@ def test_bench_scale_quick(tmp_path: Path, shared_data: Path) -> None:
         assert s["best_loss"] == min(p[2] for p in c["held_out"])
         assert d["extra"]["verdicts"]["summaries"][c["size"]]["best_epoch"] == s["best_epoch"]
     assert d["extra"]["conclusions"] and all(line in d["notes"] for line in d["extra"]["conclusions"])
+
+
+def test_sizes_flag_picks_default_sizes_by_shape():
+    from llmcore.bench.scale import pick_sizes
+    from llmcore.errors import LLMCoreError
+
+    cpu = torch.device("cpu")
+    assert [s.name for s in pick_sizes("128x4, 192x4", cpu, False)] == ["128x4", "192x4 (demo)"]
+    with pytest.raises(LLMCoreError, match="--sizes '256x4': choose from 32x2, 48x2"):
+        pick_sizes("256x4", cpu, False)

@@ -101,6 +101,19 @@ def default_sizes(device: torch.device, quick: bool) -> list[Size]:
     return QUICK_SIZES if quick else GPU_SIZES if device.type == "cuda" else CPU_SIZES
 
 
+def pick_sizes(names: str, device: torch.device, quick: bool) -> list[Size]:
+    """The default sizes named in `names` ("128x4,192x4": hidden x layers, as in the size names)."""
+    from llmcore.errors import LLMCoreError
+
+    sizes = default_sizes(device, quick)
+    by_shape = {s.name.split()[0]: s for s in sizes}
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in by_shape]
+    if unknown or not wanted:
+        raise LLMCoreError(f"--sizes {names!r}: choose from {', '.join(by_shape)}")
+    return [by_shape[n] for n in wanted]
+
+
 def flops_per_token(size: Size, vocab: int) -> float:
     """Training FLOPs per token, 6 x (non-embedding parameters + the tied head's vocab x hidden);
     attention's seq-length term is left out (the same seq for every size)."""
@@ -521,6 +534,9 @@ def register(bench_app: Any) -> None:
         budget_minutes: Optional[float] = typer.Option(
             None, "--budget-minutes", help="Skip a size whose estimated time would pass this (default: no bound)."
         ),
+        sizes: Optional[str] = typer.Option(
+            None, "--sizes", help="Only these of the default sizes, e.g. 128x4,192x4 (default: all)."
+        ),
     ) -> None:
         """A bigger model on a small corpus: held-out loss per epoch for 5+ sizes (30x+ in non-embedding
         parameters); per size the held-out minimum and its epoch; where larger stops helping and memorises.
@@ -538,6 +554,7 @@ def register(bench_app: Any) -> None:
                 seq_len,
                 batch,
                 budget_minutes,
+                pick_sizes(sizes, cli._device(device), quick) if sizes else None,
                 data_dir=data_dir,
                 command=cli._command(),
             ),
