@@ -399,7 +399,7 @@ def summarise(res: BenchResult) -> None:
     span = curves[-1]["non_embedding"] / curves[0]["non_embedding"]
     epochs = curves[0]["epochs"]
     lines.append(
-        f"{len(curves)} sizes, {span:.0f}x in non-embedding parameters "
+        f"{len(curves)} size{'s' if len(curves) > 1 else ''}, {span:.0f}x in non-embedding parameters "
         f"({curves[-1]['total'] / curves[0]['total']:.0f}x in total), {epochs} epochs of "
         f"{curves[0]['tokens'] / epochs:,.0f} training tokens each."
     )
@@ -409,8 +409,12 @@ def summarise(res: BenchResult) -> None:
     lines.append(
         "Held-out minimum by size (epoch): "
         + ", ".join(f"{c['size']} {s['best_loss']:.3f} ({s['best_epoch']})" for c, s in zip(curves, summ))
-        + "; each step up in size changes it by "
-        + ", ".join(f"{b['best_loss'] - a['best_loss']:+.3f}" for a, b in zip(summ, summ[1:]))
+        + (
+            "; each step up in size changes it by "
+            + ", ".join(f"{b['best_loss'] - a['best_loss']:+.3f}" for a, b in zip(summ, summ[1:]))
+            if len(summ) > 1
+            else ""
+        )
         + "."
     )
     lines.append(
@@ -418,7 +422,9 @@ def summarise(res: BenchResult) -> None:
         + ", ".join(f"{s['final_loss'] - s['train_final']:.2f}" for s in summ)
         + " nats/token (what a size learns beyond the held-out gain is specific to the training rows)."
     )
-    if v["stops_helping"]:
+    if len(curves) == 1:
+        pass  # one size (--sizes): nothing to compare
+    elif v["stops_helping"]:
         i = next(k for k, c in enumerate(curves) if c["size"] == v["stops_helping"])
         s, prev = v["summaries"][curves[i]["size"]], min(v["summaries"][c["size"]]["best_loss"] for c in curves[:i])
         lines.append(
