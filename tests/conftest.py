@@ -1,6 +1,13 @@
-"""Shared test setup: Triton in interpreter mode without a GPU, caches inside the project, and the
-fixtures several modules use (real data, the synthetic shards, one intra-op thread). Plain helpers
-live in test_train_common.py and _kernel_helpers.py."""
+"""Shared test setup: Triton in interpreter mode without a GPU, caches inside the project, one
+intra-op thread, and the fixtures several modules use (real data, the synthetic shards). Plain helpers
+live in test_train_common.py and _kernel_helpers.py.
+
+One thread for the whole run (OMP_NUM_THREADS=1 unless the caller set it, so every `llmcore`
+subprocess a test starts inherits it): the models here are tiny, and on a 2-core machine two OpenMP
+threads spin-wait for each other whenever anything else holds a core (a server thread, a child
+process, another pytest worker). Measured on the 2-core machine: test_rl_train.py took 334 s with
+torch's default two threads and 42 s with one.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Before torch is imported, so its OpenMP pool starts with one thread (and child processes inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 # Must happen before anything imports triton: without a GPU, Triton only runs in its interpreter.
 try:
@@ -49,9 +60,9 @@ def minimind_tok_dir(shared_data: Path) -> Path:
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread for the test (modules opt in with `pytestmark =
-    pytest.mark.usefixtures("one_thread")`): on a busy 2-core machine two threads spin against each
-    other and tiny-model steps get ~20x slower. Restored afterwards."""
+    """One intra-op thread for the test even when the run was started with OMP_NUM_THREADS above 1
+    (modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`): their tiny-model
+    steps get ~10x slower when two threads spin against each other. Restored afterwards."""
     import torch
 
     n = torch.get_num_threads()
