@@ -94,6 +94,9 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path: Path, shared_data: Path) -> None:
             "GPU_CHECK_MIN_PHASE_S": "15",
             "GPU_CHECK_KERNELS_S": "25",
             "GPU_CHECK_RECIPE_S": "15",
+            # Eight seeds: far more than 15 s of work even on an idle machine (two seeds can finish in
+            # 12 s, and a deadline that lands during the exit leaves a complete, unmarked result).
+            "GPU_CHECK_RECIPE_ARGS": "--seeds 8",
             "GPU_CHECK_SCALE_S": "45",
             "GPU_CHECK_SCALE_ARGS": "--epochs 1 --documents 8 --held-out 2",
             "GPU_CHECK_TRAIN_TESTS_S": "1",
