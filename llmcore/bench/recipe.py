@@ -87,7 +87,6 @@ def run_recipe(
 ) -> BenchResult:
     """The recipe comparison (see the module docstring); returns the result, not yet written."""
     from llmcore.data_prep.prep import prep
-    from llmcore.train import TrainConfig
 
     cuda = device.type == "cuda"
     ddir = shared_data_dir(data_dir)
@@ -133,23 +132,16 @@ def run_recipe(
         for seed in range(seeds):
             for recipe, knobs in RECIPES.items():
                 out = work / f"{recipe}-{seed}"
-                cfg = TrainConfig(
-                    data=str(shards),
-                    out=str(out),
-                    model=name,
+                cfg = curve_run_config(
+                    shards,
+                    out,
+                    name,
+                    device,
                     seq_len=seq_len,
-                    micro_batch_size=batch,
-                    global_batch_size=batch,
-                    epochs=float(epochs),
+                    batch=batch,
+                    epochs=epochs,
                     eval_docs=eval_docs,
-                    log_every=1,
-                    device=str(device),
-                    quiet=True,
                     seed=seed,
-                    packing="packed",
-                    save_every=0,
-                    save_minutes=0.0,
-                    attn_backend="sdpa" if not cuda else "auto",
                     **knobs,
                 )
                 with model_preset(name, preset, QUICK_SHAPE if quick else {}):
@@ -181,6 +173,46 @@ def model_preset(name: str, base: str, overrides: dict[str, Any]) -> Iterator[st
         yield name
     finally:
         PRESETS.pop(name, None)
+
+
+def curve_run_config(
+    shards: Path,
+    out: Path,
+    model: str,
+    device: torch.device,
+    *,
+    seq_len: int,
+    batch: int,
+    epochs: float,
+    eval_docs: int,
+    seed: int,
+    **recipe: Any,
+) -> Any:
+    """The TrainConfig of one benchmark pretraining run for `train_with_curves` (shared by `bench
+    recipe` and `bench scale`): packed rows, one optimizer step per batch, every step logged, no
+    saves, sdpa on CPU (the triton backend only runs in the interpreter there); `recipe` holds the
+    optimizer and schedule settings."""
+    from llmcore.train import TrainConfig
+
+    return TrainConfig(
+        data=str(shards),
+        out=str(out),
+        model=model,
+        seq_len=seq_len,
+        micro_batch_size=batch,
+        global_batch_size=batch,
+        epochs=float(epochs),
+        eval_docs=eval_docs,
+        log_every=1,
+        device=str(device),
+        quiet=True,
+        seed=seed,
+        packing="packed",
+        save_every=0,
+        save_minutes=0.0,
+        attn_backend="auto" if device.type == "cuda" else "sdpa",
+        **recipe,
+    )
 
 
 def train_with_curves(cfg: Any, evals: int) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import torch
 
 from llmcore.bench.corpus import cmrc_passages, minimind_tokenizer_dir, pretrain_hq_rows, shared_data_dir, write_jsonl
 from llmcore.bench.harness import BenchResult
-from llmcore.bench.recipe import LLMCORE, model_preset, train_with_curves
+from llmcore.bench.recipe import LLMCORE, curve_run_config, model_preset, train_with_curves
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,6 @@ def run_scale(
     from llmcore.data_prep.prep import prep
     from llmcore.data_prep.tokenizer import load_tokenizer
     from llmcore.errors import LLMCoreError
-    from llmcore.train import TrainConfig
 
     cuda = device.type == "cuda"
     ddir = shared_data_dir(data_dir)
@@ -204,23 +203,16 @@ def run_scale(
                 if estimate > left:
                     res.note(f"{size.name} skipped: about {estimate:.0f}s estimated, {left:.0f}s of the budget left")
                     continue
-            cfg = TrainConfig(
-                data=str(shards),
-                out=str(work / f"run-{size.hidden}x{size.layers}"),
-                model="bench-scale-model",
+            cfg = curve_run_config(
+                shards,
+                work / f"run-{size.hidden}x{size.layers}",
+                "bench-scale-model",
+                device,
                 seq_len=seq_len,
-                micro_batch_size=batch,
-                global_batch_size=batch,
-                epochs=float(epochs),
+                batch=batch,
+                epochs=epochs,
                 eval_docs=held_out,
-                log_every=1,
-                device=str(device),
-                quiet=True,
                 seed=seed,
-                packing="packed",
-                save_every=0,
-                save_minutes=0.0,
-                attn_backend="auto" if cuda else "sdpa",
                 **LLMCORE,
             )
             t0 = time.perf_counter()
